@@ -1,0 +1,641 @@
+"""Supervised fine-tuning (SFT) of a causal LM on prompt/completion pairs.
+
+The first stage of the RLHF pipeline: teach the model the format of good responses by
+maximum likelihood on demonstrations. The loss covers completion tokens only; the prompt
+is context. The default task, randomwalks, runs offline on a CPU in a couple of minutes:
+
+    python sft.py                                    # randomwalks, fresh 6-layer GPT-2
+    python sft.py --task jsonl --data demos.jsonl --model gpt2
+    python sft.py --task hh --model EleutherAI/pythia-160m   # needs the network
+
+The trained model and its tokenizer land in the run directory (`runs/<run name>/`), loadable
+with plain `AutoModelForCausalLM.from_pretrained(run_dir)` and by the other scripts.
+"""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+import tyro
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+
+@dataclass
+class Args:
+    exp_name: str = "sft"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    seed: int = 1
+    """seed of python, numpy and torch (model init, data order, dropout)"""
+    task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: built-in offline graph task; jsonl: `{"prompt", "completion"}` records from --data;
+    hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the hub unless --data is given)"""
+    data: Optional[str] = None
+    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet for tldr)"""
+    model: Optional[str] = None
+    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
+    device: str = "auto"
+    """torch device; auto picks cuda when present, else cpu"""
+    output_dir: Optional[str] = None
+    """where the run directory goes; default runs/<run name>"""
+
+    max_length: int = 512
+    """longest prompt+completion in tokens (capped at the model's context)"""
+    overlong: Literal["truncate", "skip"] = "truncate"
+    """examples longer than --max-length: truncate (cut the prompt from the left, then the completion from the right) or skip them"""
+    eval_fraction: float = 0.1
+    """fraction of the examples held out for the eval loss"""
+
+    num_epochs: int = 30
+    """passes over the training split"""
+    batch_size: int = 100
+    """examples per optimizer step (summed over gradient-accumulation micro-batches)"""
+    micro_batch_size: int = 100
+    """examples per forward/backward pass; batch size must be a multiple of it"""
+    learning_rate: float = 1e-3
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warm-up: cosine or linear to zero, or constant"""
+    warmup_steps: int = 20
+    """optimizer steps of linear learning-rate warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+
+    eval_every: int = 50
+    """optimizer steps between evaluations (and at the end)"""
+    eval_samples_per_start: int = 50
+    """randomwalks: sampled walks per start node at each evaluation"""
+    eval_generations: int = 8
+    """held-out prompts whose greedy completions are shown at each evaluation"""
+    max_new_tokens: int = 64
+    """generation budget for the sample completions (randomwalks uses its own: 10)"""
+    save_every: int = 0
+    """optimizer steps between checkpoints; 0 saves only the final model"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: Optional[str] = None
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project: str = "rlhf"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The randomwalks task (trlX's examples/randomwalks): walks on a random directed graph whose
+# node 0 is the goal. The data are random walks, so behaviour cloning scores what they score
+# (mean optimality 0.35); RLHF can push towards shortest paths, which are known exactly.
+# ---------------------------------------------------------------------------------------------
+RANDOMWALKS_SEED = 1000
+RANDOMWALKS_NODES = 21
+RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
+
+
+def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    rng = np.random.RandomState(seed)
+    while True:  # redraw until every node has a way out
+        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[0, :] = False  # the goal is absorbing
+    adjacency[0, 0] = True
+    walks = []
+    for _ in range(n_walks):
+        node = rng.randint(n_nodes)
+        while node == 0:
+            node = rng.randint(n_nodes)
+        walk = [node]
+        for _ in range(max_nodes - 1):
+            node = rng.choice(np.nonzero(adjacency[node])[0])
+            walk.append(node)
+            if node == 0:
+                break
+        walks.append(walk)
+    return adjacency, walks
+
+
+def node_letter(node: int) -> str:
+    return chr(ord("a") + int(node))
+
+
+def shortest_path_nodes(adjacency) -> list:
+    """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
+    backwards from the goal; None where the goal is unreachable."""
+    n = len(adjacency)
+    nodes = [None] * n
+    nodes[0] = 1
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        for previous in np.nonzero(adjacency[:, node])[0]:
+            if nodes[previous] is None:
+                nodes[previous] = nodes[node] + 1
+                queue.append(previous)
+    return nodes
+
+
+def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NODES) -> float:
+    """(max_nodes - length) / (max_nodes - shortest length) for a walk written as letters, start included.
+
+    The walk is scanned up to its first visit of the goal (what follows is ignored); length counts
+    nodes, start included. An unknown letter or a missing edge before the goal, or never reaching
+    it, makes the walk invalid: 0. A shortest path scores 1."""
+    nodes = [ord(letter) - ord("a") for letter in walk]
+    if not nodes or not 0 < nodes[0] < len(adjacency) or shortest[nodes[0]] is None:
+        return 0.0
+    for position in range(1, len(nodes)):
+        if not 0 <= nodes[position] < len(adjacency) or not adjacency[nodes[position - 1], nodes[position]]:
+            return 0.0
+        if nodes[position] == 0:
+            return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
+    return 0.0
+
+
+def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per node letter (token id = node index), then EOS, pad and unknown."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
+    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
+    """trlX's model for this task: GPT-2 with 6 layers, 144 hidden, 12 heads, context 16, GPT-2's dropout."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every task becomes a list of (prompt, completion) strings.
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str) -> list:
+    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    if not os.path.isfile(path):
+        fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
+        return pyarrow.parquet.read_table(path).to_pylist()
+    records = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    fail(f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object")
+                if not isinstance(record, dict):
+                    fail(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read data file {path!r}: {error}")
+    return records
+
+
+def require_fields(records: list, fields: tuple, path: str):
+    for number, record in enumerate(records, 1):
+        for field in fields:
+            if not isinstance(record.get(field), str):
+                problem = "is missing" if field not in record else "is not a string"
+                fail(f"{path}, record {number}: field {field!r} {problem}; every record needs {', '.join(repr(f) for f in fields)}")
+
+
+def hh_example(dialogue: str):
+    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+    marker = "\n\nAssistant:"
+    cut = dialogue.rfind(marker)
+    if cut < 0:
+        return None
+    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+
+
+def tldr_example(record: dict):
+    """OpenAI's summarize-from-feedback prompt format: post in, " summary" out."""
+    prompt = f"SUBREDDIT: r/{record['subreddit']}\n\nTITLE: {record['title']}\n\nPOST: {record['post']}\n\nTL;DR:"
+    return prompt, " " + record["summary"].strip()
+
+
+def download(task: str) -> list:
+    """Fetch the upstream training files from the Hugging Face hub (online only) and return their paths."""
+    from huggingface_hub import snapshot_download
+
+    repo, patterns = {
+        "hh": ("Anthropic/hh-rlhf", ["*/train.jsonl.gz"]),
+        "tldr": ("vwxyzjn/summarize_from_feedback_tldr_3_filtered", ["data/train-*"]),
+    }[task]
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
+    except Exception as error:  # offline, gated, renamed: all end the same way for the user
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in sorted(names)]
+    return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
+
+
+def load_examples(task: str, data: Optional[str]) -> list:
+    """(prompt, completion) pairs for a text task."""
+    if task == "jsonl" and data is None:
+        fail("--task jsonl needs --data PATH (a file of {\"prompt\": ..., \"completion\": ...} lines)")
+    paths = [data] if data else download(task)
+    examples, unusable = [], 0
+    for path in paths:
+        records = read_records(path)
+        if task == "jsonl":
+            require_fields(records, ("prompt", "completion"), path)
+            examples += [(r["prompt"], r["completion"]) for r in records]
+        elif task == "hh":
+            require_fields(records, ("chosen",), path)
+            pairs = [hh_example(r["chosen"]) for r in records]
+            unusable += sum(p is None for p in pairs)
+            examples += [p for p in pairs if p is not None]
+        elif task == "tldr":
+            require_fields(records, ("subreddit", "title", "post", "summary"), path)
+            examples += [tldr_example(r) for r in records]
+    if unusable:
+        print(f"skipped {unusable} dialogues without an '\\n\\nAssistant:' turn")
+    if not examples:
+        fail(f"no examples in {', '.join(paths)}; the file is empty or every record was filtered out")
+    return examples
+
+
+def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
+    """Token ids of prompt + completion + EOS, and the prompt's length (its tokens get no loss).
+
+    Prompt and completion are tokenized apart so the boundary is exact (BOS, if the tokenizer
+    adds one, goes on the prompt). Over-long examples are skipped, or truncated keeping what is
+    learned: the prompt loses tokens from its left first, the completion from its right after."""
+    sequences, too_long = [], 0
+    for prompt, completion in examples:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(completion_ids) > max_length:
+            too_long += 1
+            if overlong == "skip":
+                continue
+            completion_ids = completion_ids[: max_length - 1]  # keep at least one prompt token as context
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(completion_ids)) :]
+        if not prompt_ids:
+            prompt_ids = [tokenizer.eos_token_id]  # an empty prompt still needs one position to predict from
+        sequences.append((prompt_ids + completion_ids, len(prompt_ids)))
+    if too_long:
+        action = "skipped" if overlong == "skip" else "truncated"
+        print(f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see --overlong)")
+    if not sequences:
+        fail(f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong truncate")
+    return sequences
+
+
+def collate(sequences: list, pad_token_id: int, device):
+    """Right-padded batch; labels are -100 on prompt and padding so only completion tokens carry loss."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def completion_loss_sum(model, input_ids, attention_mask, labels):
+    """Summed cross-entropy of the completion tokens (the caller divides by the batch's token count,
+    so that gradient accumulation over micro-batches equals one big batch exactly)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast, fp64 kept
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def accumulate_gradients(model, batch: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
+    """Backward over the batch in micro-batches; returns the batch's mean completion-token loss.
+
+    Each micro-batch's summed loss is divided by the whole batch's completion-token count, not its
+    own, so the accumulated gradient equals the one-big-batch gradient exactly."""
+    batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+    batch_loss = 0.0
+    for start in range(0, len(batch), micro_batch_size):
+        input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
+        with autocast:
+            loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
+        loss.backward()
+        batch_loss += loss.item()
+    return batch_loss
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def model_context(config):
+    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
+    """Completion token ids for each prompt (left-padded batch, KV cache), cut before the first EOS.
+    temperature 0 is greedy; otherwise plain sampling from the full distribution (no top-k / top-p)."""
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
+    context = model_context(model.config)
+    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
+    # top_k=0 matters: left unset, generate() falls back to top-k 50, which is not the policy's distribution.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    was_training = model.training
+    model.eval()
+    output = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
+    model.train(was_training)
+    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints and logging
+# ---------------------------------------------------------------------------------------------
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
+    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    if not steps:
+        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
+    return os.path.join(folder, steps[-1])
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, keep: int):
+    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
+    leaves a broken checkpoint where --resume would find it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:08d}")
+    temporary = final + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(os.path.join(folder, old))
+
+
+def save_final(run_dir: str, model, tokenizer):
+    """save_pretrained into the run directory itself; files are written aside and moved in with
+    config.json last, so a directory that has a config.json holds a complete model."""
+    temporary = os.path.join(run_dir, ".final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+    os.rmdir(temporary)
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
+    """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
+    import wandb
+
+    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
+    except Exception as error:
+        print(f"wandb could not start online ({type(error).__name__}); logging offline to {run_dir}/wandb")
+        return wandb.init(**kwargs, mode="offline")
+
+
+def load_model(name: str, device):
+    """A causal LM from a local directory or a hub name, with one clear line when it cannot be had."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {name!r} has no EOS token; completions need one to end")
+    if tokenizer.pad_token_id is None:  # padding is masked out of the loss, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    # 1. Check the arithmetic and the inputs before anything is written.
+    if args.batch_size % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.task != "randomwalks" and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # 2. Data and model.
+    if args.task == "randomwalks":
+        adjacency, walks = generate_random_walks()
+        shortest = shortest_path_nodes(adjacency)
+        walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
+        examples = [(walk[0], walk[1:]) for walk in walk_strings]
+        dataset_optimality = float(np.mean([walk_optimality(w, adjacency, shortest) for w in walk_strings]))
+    else:
+        examples = load_examples(args.task, args.data)
+    if checkpoint:
+        model, tokenizer = load_model(checkpoint, device)
+    elif args.model:
+        model, tokenizer = load_model(args.model, device)
+    else:
+        tokenizer = randomwalks_tokenizer()
+        model = randomwalks_model(tokenizer).to(device)
+    context = model_context(model.config)
+    max_length = min(args.max_length, context) if context else args.max_length
+    sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_eval = max(1, int(len(sequences) * args.eval_fraction))
+    eval_sequences = [sequences[i] for i in order[:n_eval]]
+    train_sequences = [sequences[i] for i in order[n_eval:]]
+    eval_prompts = [examples[i][0] for i in order[:n_eval]][: args.eval_generations]
+    steps_per_epoch = len(train_sequences) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training examples; lower it")
+    total_steps = steps_per_epoch * args.num_epochs
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    step, wandb_id = 0, None
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
+        if changed:
+            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+        print(f"resuming {run_dir} from step {step}")
+    else:
+        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def evaluate(step):
+        """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
+        Sampling runs on a forked RNG with a fixed seed: evaluation never perturbs training, and
+        every evaluation draws comparable samples."""
+        model.eval()
+        metrics, total_loss, total_tokens = {}, 0.0, 0
+        with torch.no_grad(), autocast:
+            for start in range(0, len(eval_sequences), args.micro_batch_size):
+                input_ids, attention_mask, labels = collate(eval_sequences[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                total_loss += completion_loss_sum(model, input_ids, attention_mask, labels).item()
+                total_tokens += int((labels[:, 1:] != -100).sum())
+        metrics["eval/loss"] = total_loss / total_tokens
+        rows = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            if args.task == "randomwalks":
+                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
+                    prompts = [s for s in starts for _ in range(repeats)]
+                    completions = generate(model, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                    walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
+                    scores = [walk_optimality(w, adjacency, shortest) for w in walks]
+                    metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
+                    metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for s in scores]))
+                    if name == "greedy":
+                        rows = [[step, w[0], w[1:], s] for w, s in zip(walks, scores)]
+            else:
+                completions = generate(model, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
+                rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
+        model.train()
+        return metrics, rows
+
+    # 4. The loop: one optimizer step per batch, accumulated over micro-batches.
+    model.train()
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0)
+    tokens_seen, started = 0, time.time()
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        batch = [train_sequences[i] for i in indices]
+        batch_loss = accumulate_gradients(model, batch, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
+        tokens_seen += sum(len(ids) for ids, _ in batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        tokens_per_second = tokens_seen / (time.time() - started)
+        progress.update(1)
+        progress.set_postfix(loss=f"{batch_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
+        metrics = {"train/loss": batch_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch}
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics, rows = evaluate(step)
+            metrics.update(eval_metrics)
+            progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+            if wandb_run:
+                import wandb
+
+                metrics["samples"] = wandb.Table(columns=["step", "prompt", "completion", "score"], data=rows)
+        if wandb_run:
+            wandb_run.log(metrics, step=step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            trainer_state = {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, args.keep_checkpoints)
+    progress.close()
+
+    # 5. The result, loadable by plain transformers and by the other scripts.
+    save_final(run_dir, model, tokenizer)
+    summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    if args.task == "randomwalks":
+        summary["dataset/optimality"] = dataset_optimality
+    with open(os.path.join(run_dir, "metrics.json"), "w") as file:
+        json.dump({"step": step, **summary}, file, indent=1)
+    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    if wandb_run:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

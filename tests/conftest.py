@@ -1,0 +1,73 @@
+"""Shared test helpers: tiny models and tokenizers built in code, so no test needs the network."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+sys.path.insert(0, ROOT)
+
+
+def run_script(*argv, cwd=None, env=None, timeout=600):
+    """Run one of the top-level scripts in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def text_tokenizer(pad_token=True):
+    """A byte-level BPE tokenizer trained in code on the fixture texts (a stand-in for GPT-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for name in os.listdir(FIXTURES):
+        with open(os.path.join(FIXTURES, name)) as file:
+            texts += [value for line in file for value in json.loads(line).values()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>"] + (["<|pad|>"] if pad_token else [])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>" if pad_token else None)
+
+
+def tiny_config(family: str, vocab_size: int, eos_token_id: int):
+    """The smallest model of each family that still has every part (GQA for Llama, parallel residual for
+    NeoX), without dropout so that runs can be compared exactly."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id)
+    if family == "gpt2":
+        return GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if family == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=64, **common)
+    if family == "gpt-neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                             hidden_dropout=0.0, attention_dropout=0.0, **common)
+    raise ValueError(family)
+
+
+def save_tiny_model(path, family="gpt2", tokenizer=None, seed=0):
+    """A tiny randomly initialised causal LM of the given family, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer or text_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), tokenizer.eos_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")

@@ -1,0 +1,253 @@
+"""sft.py: data parsing, loss masking, training, checkpoints with exact resume, and bad input."""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sft
+from conftest import FIXTURES, ROOT, run_script, save_tiny_model, text_tokenizer
+
+
+def quick_args(tmp_path, **overrides):
+    """A few-second randomwalks run."""
+    settings = dict(output_dir=str(tmp_path / "run"), num_epochs=1, eval_every=1000, eval_samples_per_start=2, warmup_steps=2)
+    return sft.Args(**{**settings, **overrides})
+
+
+def final_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as file:
+        return json.load(file)
+
+
+# --- data ---------------------------------------------------------------------------------------
+def test_hh_parser_on_upstream_format(tmp_path):
+    examples = sft.load_examples("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
+    assert len(examples) == 4
+    prompt, completion = examples[1]  # a multi-turn dialogue: the prompt keeps every earlier turn
+    assert prompt == "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?\n\nHuman: Science fiction.\n\nAssistant:"
+    assert completion == " Try The Left Hand of Darkness by Ursula K. Le Guin."
+    # The hub ships gzip-compressed JSON lines; the same parser reads them.
+    compressed = tmp_path / "train.jsonl.gz"
+    with open(os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), "rb") as source, gzip.open(compressed, "wb") as target:
+        target.write(source.read())
+    assert sft.load_examples("hh", str(compressed)) == examples
+    assert sft.hh_example("no assistant turn here") is None
+
+
+def test_tldr_parser_on_upstream_format():
+    examples = sft.load_examples("tldr", os.path.join(FIXTURES, "tldr-train.jsonl"))
+    assert len(examples) == 4
+    prompt, completion = examples[0]
+    assert prompt.startswith("SUBREDDIT: r/relationships\n\nTITLE: My roommate keeps eating my food\n\nPOST: We agreed")
+    assert prompt.endswith("How do I bring it up?\n\nTL;DR:")
+    assert completion == " roommate eats my groceries, how do I talk to them without a fight?"
+
+
+def test_jsonl_parser():
+    examples = sft.load_examples("jsonl", os.path.join(FIXTURES, "demos.jsonl"))
+    assert examples[1] == ("Q: Capital of France?\nA:", " Paris")
+
+
+def test_tokenize_examples_appends_eos_and_truncates_from_the_left_of_the_prompt(capsys):
+    tokenizer = sft.randomwalks_tokenizer()
+    eos = tokenizer.eos_token_id
+    sequences = sft.tokenize_examples(tokenizer, [("bc", "da"), ("bcdefg", "hij")], max_length=6, overlong="truncate")
+    assert sequences[0] == ([1, 2, 3, 0, eos], 2)
+    assert sequences[1] == ([5, 6, 7, 8, 9, eos], 2)  # "efg" lost "bcd"; the completion is whole
+    assert "1 of 2 examples are longer than --max-length 6" in capsys.readouterr().out
+    assert sft.tokenize_examples(tokenizer, [("bc", "da"), ("bcdefg", "hij")], 6, "skip") == [([1, 2, 3, 0, eos], 2)]
+    # A completion longer than the budget keeps one prompt token and is cut on the right.
+    assert sft.tokenize_examples(tokenizer, [("bc", "defghij")], 4, "truncate") == [([2, 3, 4, 5], 1)]
+
+
+# --- loss ---------------------------------------------------------------------------------------
+class FixedLogits(torch.nn.Module):
+    """Stands in for a model: returns a logits tensor we can take gradients against."""
+
+    def __init__(self, batch, width, vocab):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(batch, width, vocab, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask):
+        return type("Output", (), {"logits": self.logits})
+
+
+def test_loss_covers_completion_tokens_only():
+    tokenizer = sft.randomwalks_tokenizer()
+    sequences = sft.tokenize_examples(tokenizer, [("bcd", "ea"), ("f", "ghija")], 16, "truncate")
+    input_ids, attention_mask, labels = sft.collate(sequences, tokenizer.pad_token_id, "cpu")
+    assert labels.tolist()[0] == [-100, -100, -100, 4, 0, 21, -100]  # prompt and padding carry no label
+    model = FixedLogits(2, input_ids.shape[1], len(tokenizer))
+    loss = sft.completion_loss_sum(model, input_ids, attention_mask, labels)
+    loss.backward()
+    # Positions whose next token is prompt or padding get exactly zero gradient.
+    predicts_completion = torch.zeros(input_ids.shape, dtype=torch.bool)
+    predicts_completion[:, :-1] = labels[:, 1:] != -100
+    gradient_norm = model.logits.grad.abs().sum(-1)
+    assert (gradient_norm[~predicts_completion] == 0).all()
+    assert (gradient_norm[predicts_completion] > 0).all()
+    # And the value is the plain sum of completion-token negative log-likelihoods.
+    log_probs = torch.log_softmax(model.logits.detach(), -1)
+    expected = -sum(log_probs[b, t - 1, input_ids[b, t]] for b in range(2) for t in range(1, input_ids.shape[1]) if labels[b, t] != -100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    examples = sft.load_examples("tldr", os.path.join(FIXTURES, "tldr-train.jsonl"))
+    batch = sft.tokenize_examples(tokenizer, examples, 64, "truncate")  # unequal lengths and completion sizes
+    gradients, losses = [], []
+    for micro_batch_size in (4, 3, 1):
+        model.zero_grad()
+        losses.append(sft.accumulate_gradients(model, batch, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert gradients[0].abs().max() > 1e-3
+    for loss, gradient in zip(losses[1:], gradients[1:]):
+        assert loss == pytest.approx(losses[0], rel=1e-12)
+        assert torch.allclose(gradient, gradients[0], rtol=1e-10, atol=1e-13)
+
+
+# --- training -----------------------------------------------------------------------------------
+def test_loss_decreases_and_model_reloads(tmp_path):
+    args = quick_args(tmp_path, num_epochs=2)
+    sft.main(args)
+    metrics = final_metrics(args.output_dir)
+    assert metrics["eval/loss"] < 2.0  # a fresh model starts at log(24) = 3.18
+    model = AutoModelForCausalLM.from_pretrained(args.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
+    assert tokenizer("sda")["input_ids"] == [18, 3, 0]
+    assert model.config.n_layer == 6 and model.config.n_embd == 144
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox"])
+def test_model_families_train_on_text(tmp_path, family):
+    model_dir = save_tiny_model(tmp_path / "model", family)
+    args = sft.Args(task="hh", data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), model=model_dir, output_dir=str(tmp_path / "run"),
+                    num_epochs=3, batch_size=2, micro_batch_size=1, eval_fraction=0.25, learning_rate=3e-3, warmup_steps=1,
+                    max_new_tokens=4, eval_generations=1)
+    sft.main(args)
+    reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
+    assert reloaded.config.model_type == family.replace("-", "_")
+    assert final_metrics(args.output_dir)["step"] == 3
+
+
+def test_tokenizer_without_pad_token_is_handled(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model", "gpt2", tokenizer=text_tokenizer(pad_token=False))
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    args = sft.Args(task="jsonl", data=os.path.join(FIXTURES, "demos.jsonl"), model=model_dir, output_dir=str(tmp_path / "run"),
+                    num_epochs=1, batch_size=3, micro_batch_size=3, eval_fraction=0.25, max_new_tokens=2, eval_generations=1)
+    sft.main(args)
+    assert os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
+
+
+def test_smoke_run_with_wandb_offline(tmp_path):
+    result = run_script("sft.py", "--num-epochs", "1", "--eval-every", "5", "--eval-samples-per-start", "2", "--track",
+                        "--output-dir", str(tmp_path / "run"), cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 5: loss" in result.stdout
+    run_dir = tmp_path / "run"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json"} <= set(os.listdir(run_dir))
+    assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
+    assert set(final_metrics(run_dir)) >= {"eval/loss", "eval/optimality_greedy", "eval/optimality_sampled", "eval/valid_walks_sampled"}
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def test_resume_after_kill_is_bitwise_exact(tmp_path):
+    # 18 steps an epoch: the kill lands mid-epoch, and the second epoch's shuffle must be replayed.
+    flags = ["--num-epochs", "2", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "10", "--eval-every", "15", "--eval-samples-per-start", "2"]
+    reference = run_script("sft.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    # Same run, killed with SIGKILL as soon as its first checkpoint exists.
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(killed_dir)],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_00000010").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed_dir / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+
+    resumed = run_script("sft.py", *flags, "--resume", str(killed_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    actual = load_file(killed_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert len(os.listdir(killed_dir / "checkpoints")) <= 2  # --keep-checkpoints
+
+
+def test_interrupted_checkpoint_write_is_not_picked_up(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000020.tmp").mkdir(parents=True)  # what a kill mid-write leaves
+    (run_dir / "checkpoints" / "step_00000010").mkdir()
+    (run_dir / "checkpoints" / "step_00000010" / "trainer_state.pt").write_bytes(b"")
+    assert sft.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000010")
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def expect_error(args, *fragments):
+    with pytest.raises(SystemExit) as error:
+        sft.main(args)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not os.path.exists(args.output_dir), "a failed run must not leave a half-written run directory"
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def text_args(tmp_path, data, **overrides):
+    return sft.Args(**{"task": "jsonl", "data": data, "model": str(tmp_path), "output_dir": str(tmp_path / "run"), **overrides})
+
+
+def test_bad_data_files(tmp_path, tiny_gpt2):
+    expect_error(text_args(tmp_path, str(tmp_path / "missing.jsonl")), "missing.jsonl", "does not exist")
+    expect_error(sft.Args(task="jsonl", model=tiny_gpt2, output_dir=str(tmp_path / "run")), "--data")
+    bad_bytes = tmp_path / "latin1.jsonl"
+    bad_bytes.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    expect_error(text_args(tmp_path, str(bad_bytes)), "cannot read")
+    malformed = write(tmp_path / "malformed.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    expect_error(text_args(tmp_path, malformed), "line 2", "not valid JSON")
+    missing = write(tmp_path / "missing_field.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    expect_error(text_args(tmp_path, missing), "record 2", "'completion' is missing")
+    expect_error(text_args(tmp_path, write(tmp_path / "empty.jsonl", "\n")), "no examples")
+
+
+def test_overlong_examples_all_skipped(tmp_path, tiny_gpt2):
+    data = os.path.join(FIXTURES, "demos.jsonl")
+    expect_error(text_args(tmp_path, data, model=tiny_gpt2, max_length=3, overlong="skip"), "exceed --max-length 3")
+
+
+def test_bad_model_batch_and_resume(tmp_path, tiny_gpt2):
+    data = os.path.join(FIXTURES, "demos.jsonl")
+    expect_error(text_args(tmp_path, data, model=str(tmp_path / "no-such-model")), "no-such-model", "no such directory")
+    expect_error(quick_args(tmp_path, batch_size=100, micro_batch_size=30), "--batch-size 100", "--micro-batch-size 30")
+    expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
+    expect_error(sft.Args(task="hh", output_dir=str(tmp_path / "run")), "--model")
+
+
+def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
+    malformed = write(tmp_path / "bad.jsonl", "{not json}\n")
+    result = run_script("sft.py", "--task", "jsonl", "--data", malformed, "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {malformed}, line 1: not valid JSON (Expecting property name enclosed in double quotes); each line must be one JSON object"]
