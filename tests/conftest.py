@@ -26,10 +26,18 @@ def text_tokenizer(pad_token=True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (dict, list)):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from strings(item)
+
     texts = []
-    for name in os.listdir(FIXTURES):
-        with open(os.path.join(FIXTURES, name)) as file:
-            texts += [value for line in file for value in json.loads(line).values()]
+    for name in sorted(os.listdir(FIXTURES)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(FIXTURES, name)) as file:
+                texts += [text for line in file if line.strip() for text in strings(json.loads(line))]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

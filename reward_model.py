@@ -1,0 +1,735 @@
+"""Reward model training: a scalar score for a response, learned from human comparisons.
+
+The reward model stands in for the human in RLHF. It is a causal LM backbone with a linear head
+on the hidden state of the last real token, trained on pairs where one response was preferred
+(Bradley-Terry: -log sigmoid(r_chosen - r_rejected)). The default task runs offline on a CPU:
+
+    python reward_model.py                                  # randomwalks, fresh 6-layer GPT-2
+    python reward_model.py --model runs/sft                 # start from sft.py's checkpoint
+    python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
+    python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
+
+The run directory holds a model that `AutoModelForSequenceClassification.from_pretrained(run_dir)`
+loads (num_labels=1), with the mean and std of its scores on held-out responses in its config
+(`reward_mean`, `reward_std`) so that a consumer can normalise rewards.
+"""
+
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+import tyro
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+
+@dataclass
+class Args:
+    exp_name: str = "reward_model"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    seed: int = 1
+    """seed of python, numpy and torch (head init, pair sampling, data order)"""
+    task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: built-in offline pairs of walks; jsonl: `{"prompt", "chosen", "rejected"}` records (optional "margin") from --data;
+    hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download from the hub unless --data is given)"""
+    data: Optional[str] = None
+    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    model: Optional[str] = None
+    """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for randomwalks"""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
+    device: str = "auto"
+    """torch device; auto picks cuda when present, else cpu"""
+    output_dir: Optional[str] = None
+    """where the run directory goes; default runs/<run name>"""
+
+    max_length: int = 512
+    """longest prompt+response in tokens (capped at the model's context); longer prompts lose tokens on the left, responses are never cut"""
+    eval_fraction: float = 0.1
+    """fraction of the pairs held out for evaluation and for the score statistics"""
+    randomwalks_pairs: int = 4000
+    """randomwalks: number of training pairs drawn (held-out pairs come from held-out walks)"""
+
+    num_epochs: int = 3
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step (summed over gradient-accumulation micro-batches)"""
+    micro_batch_size: int = 64
+    """pairs per forward/backward pass (chosen and rejected go through together); batch size must be a multiple of it"""
+    learning_rate: float = 1e-3
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warm-up: cosine or linear to zero, or constant"""
+    warmup_steps: int = 10
+    """optimizer steps of linear learning-rate warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+
+    eval_every: int = 50
+    """optimizer steps between evaluations (and at the end)"""
+    save_every: int = 0
+    """optimizer steps between checkpoints; 0 saves only the final model"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: Optional[str] = None
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project: str = "rlhf"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The randomwalks task (trlX's examples/randomwalks), as in sft.py. Preference pairs are two walks
+# from the same start whose optimality differs; the more optimal one is chosen.
+# ---------------------------------------------------------------------------------------------
+RANDOMWALKS_SEED = 1000
+RANDOMWALKS_NODES = 21
+RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
+
+
+def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    rng = np.random.RandomState(seed)
+    while True:  # redraw until every node has a way out
+        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[0, :] = False  # the goal is absorbing
+    adjacency[0, 0] = True
+    walks = []
+    for _ in range(n_walks):
+        node = rng.randint(n_nodes)
+        while node == 0:
+            node = rng.randint(n_nodes)
+        walk = [node]
+        for _ in range(max_nodes - 1):
+            node = rng.choice(np.nonzero(adjacency[node])[0])
+            walk.append(node)
+            if node == 0:
+                break
+        walks.append(walk)
+    return adjacency, walks
+
+
+def node_letter(node: int) -> str:
+    return chr(ord("a") + int(node))
+
+
+def shortest_path_nodes(adjacency) -> list:
+    """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
+    backwards from the goal; None where the goal is unreachable."""
+    n = len(adjacency)
+    nodes = [None] * n
+    nodes[0] = 1
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        for previous in np.nonzero(adjacency[:, node])[0]:
+            if nodes[previous] is None:
+                nodes[previous] = nodes[node] + 1
+                queue.append(previous)
+    return nodes
+
+
+def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NODES) -> float:
+    """(max_nodes - length) / (max_nodes - shortest length) for a walk written as letters, start included.
+
+    The walk is scanned up to its first visit of the goal (what follows is ignored); length counts
+    nodes, start included. An unknown letter or a missing edge before the goal, or never reaching
+    it, makes the walk invalid: 0. A shortest path scores 1."""
+    nodes = [ord(letter) - ord("a") for letter in walk]
+    if not nodes or not 0 < nodes[0] < len(adjacency) or shortest[nodes[0]] is None:
+        return 0.0
+    for position in range(1, len(nodes)):
+        if not 0 <= nodes[position] < len(adjacency) or not adjacency[nodes[position - 1], nodes[position]]:
+            return 0.0
+        if nodes[position] == 0:
+            return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
+    return 0.0
+
+
+def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per node letter (token id = node index), then EOS, pad and unknown."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
+    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def randomwalks_model(tokenizer) -> GPT2ForSequenceClassification:
+    """The task's GPT-2 (6 layers, 144 hidden, 12 heads, context 16) with a scalar head."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12, num_labels=1,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2ForSequenceClassification(without_dropout(config))
+
+
+def perturb_walk(walk: list, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NODES) -> list:
+    """A corrupted copy of a walk: a node replaced by a random one (usually a missing edge), or the
+    walk cut before its end (usually never reaching the goal). Gives the reward model bad walks
+    of the kind a policy produces, which the random-walk data alone has too few of."""
+    if len(walk) < 2:
+        return walk
+    if rng.rand() < 0.5:
+        position = rng.randint(1, len(walk))
+        return walk[:position] + [rng.randint(n_nodes)] + walk[position + 1 :]
+    return walk[: rng.randint(1, len(walk))]
+
+
+def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.random.RandomState) -> list:
+    """Preference pairs from the walks and one perturbed copy of each: two walks from the same
+    start with different optimality, drawn uniformly over starts, then over walks."""
+    pool = walks + [perturb_walk(walk, rng) for walk in walks]
+    by_start = {}
+    for walk in pool:
+        letters = "".join(node_letter(n) for n in walk)
+        by_start.setdefault(letters[0], []).append((letters, walk_optimality(letters, adjacency, shortest)))
+    starts = sorted(s for s, group in by_start.items() if len({score for _, score in group}) > 1)
+    pairs = []
+    while len(pairs) < n_pairs:
+        group = by_start[starts[rng.randint(len(starts))]]
+        (walk_a, score_a), (walk_b, score_b) = (group[i] for i in rng.choice(len(group), 2, replace=False))
+        if score_a != score_b:
+            chosen, rejected = (walk_a, walk_b) if score_a > score_b else (walk_b, walk_a)
+            pairs.append({"prompt": chosen[0], "chosen": chosen[1:], "rejected": rejected[1:], "margin": 0.0})
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every task becomes a list of {"prompt", "chosen", "rejected", "margin"} pairs, where
+# chosen and rejected are the two responses to the same prompt.
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str) -> list:
+    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    if not os.path.isfile(path):
+        fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
+        return pyarrow.parquet.read_table(path).to_pylist()
+    records = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    fail(f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object")
+                if not isinstance(record, dict):
+                    fail(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read data file {path!r}: {error}")
+    return records
+
+
+def hh_example(dialogue: str):
+    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+    marker = "\n\nAssistant:"
+    cut = dialogue.rfind(marker)
+    if cut < 0:
+        return None
+    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+
+
+def tldr_prompt(info: dict) -> str:
+    """OpenAI's summarize-from-feedback prompt format (the same as sft.py's tldr task)."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def download(task: str) -> list:
+    """Fetch the upstream training comparisons from the Hugging Face hub (online only) and return their paths."""
+    from huggingface_hub import snapshot_download
+
+    repo, patterns = {
+        "hh": ("Anthropic/hh-rlhf", ["*/train.jsonl.gz"]),
+        "tldr": ("openai/summarize_from_feedback", ["comparisons/train/*.parquet"]),
+    }[task]
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
+    except Exception as error:  # offline, gated, renamed: all end the same way for the user
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in sorted(names)]
+    return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
+
+
+def load_pairs(task: str, data: Optional[str]) -> list:
+    """Preference pairs for a text task. Pairs whose two responses are identical carry no preference
+    and are dropped with a count (hh-rlhf has some); so are pairs the format cannot split."""
+    if task == "jsonl" and data is None:
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "chosen": ..., "rejected": ...} lines)')
+    paths = [data] if data else download(task)
+    pairs, unusable = [], 0
+    for path in paths:
+        records = read_records(path)
+        if task == "jsonl":
+            require_fields(records, ("prompt", "chosen", "rejected"), path)
+            for number, record in enumerate(records, 1):
+                for field in ("prompt", "chosen", "rejected"):
+                    if not isinstance(record[field], str):
+                        fail(f"{path}, record {number}: field {field!r} must be a string, got {type(record[field]).__name__}")
+                margin = record.get("margin", 0.0)
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                    fail(f"{path}, record {number}: 'margin' must be a finite number, got {margin!r}")
+                pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"], "margin": float(margin)})
+        elif task == "hh":
+            require_fields(records, ("chosen", "rejected"), path)
+            for record in records:
+                chosen, rejected = hh_example(record["chosen"]), hh_example(record["rejected"])
+                if chosen is None or rejected is None or chosen[0] != rejected[0]:
+                    unusable += 1  # no final assistant reply, or the dialogues differ before it
+                    continue
+                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1], "margin": 0.0})
+        elif task == "tldr":
+            require_fields(records, ("info", "summaries", "choice"), path)
+            for record in records:
+                info, summaries = record["info"], record["summaries"]
+                if not info.get("post") or len(summaries) != 2 or record["choice"] not in (0, 1):
+                    unusable += 1  # the comparisons also hold CNN/DM articles, which have no post
+                    continue
+                choice = record["choice"]
+                pairs.append({"prompt": tldr_prompt(info), "chosen": " " + summaries[choice]["text"].strip(),
+                              "rejected": " " + summaries[1 - choice]["text"].strip(), "margin": 0.0})
+    identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
+    pairs = [pair for pair in pairs if pair["chosen"] != pair["rejected"]]
+    if unusable:
+        print(f"skipped {unusable} records that do not form a pair of replies to one prompt")
+    if identical:
+        print(f"dropped {identical} pairs whose chosen and rejected responses are identical (no preference to learn)")
+    if not pairs:
+        fail(f"no preference pairs in {', '.join(paths)}; the file is empty or no record has two different responses")
+    return pairs
+
+
+def require_fields(records: list, fields: tuple, path: str):
+    for number, record in enumerate(records, 1):
+        for field in fields:
+            if field not in record or record[field] is None:
+                fail(f"{path}, record {number}: field {field!r} is missing; every record needs {', '.join(repr(f) for f in fields)}")
+
+
+def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
+    """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
+    what is judged, and its last token is where the score is read), and whether the prompt was cut.
+    None if the response alone does not fit."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(response_ids) >= max_length:
+        return None
+    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
+    return prompt_ids[excess:] + response_ids, excess > 0
+
+
+def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
+    """(chosen ids, rejected ids, margin) per pair, reporting how many prompts were truncated."""
+    tokenized, truncated, too_long = [], 0, 0
+    for pair in pairs:
+        sides = [tokenize_pair_side(tokenizer, pair["prompt"], pair[key], max_length) for key in ("chosen", "rejected")]
+        if None in sides:
+            too_long += 1
+            continue
+        truncated += sides[0][1] or sides[1][1]
+        tokenized.append((sides[0][0], sides[1][0], pair["margin"]))
+    if truncated:
+        print(f"{truncated} of {len(pairs)} pairs are longer than --max-length {max_length} tokens: their prompts were cut on the left")
+    if too_long:
+        print(f"skipped {too_long} pairs with a response of {max_length} tokens or more (raise --max-length to keep them)")
+    if not tokenized:
+        fail(f"no pairs left: every response is longer than --max-length {max_length}; raise it")
+    return tokenized
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: backbone + scalar head, scored at the last real token.
+# ---------------------------------------------------------------------------------------------
+def without_dropout(config):
+    """A copy of the config with every dropout probability set to 0: a reward model is a regression
+    whose scores must not depend on a dropout draw, in training or when PPO queries it."""
+    config = config.__class__.from_dict(config.to_dict())
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+    return config
+
+
+def init_head(model, seed: int):
+    """The score head, std 1/sqrt(hidden + 1) and zero bias (Stiennon et al.), so initial scores have unit scale."""
+    head = model.score
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1] + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def load_model(name: str, device, seed: int):
+    """A sequence-classification model (num_labels=1) from a causal LM or reward model directory or hub name."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+        is_reward_model = getattr(config, "num_labels", None) == 1 and any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=without_dropout(config), dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if tokenizer.pad_token_id is None:  # pooling reads the last non-pad token, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        fail(f"the tokenizer of {name!r} has neither a pad nor an EOS token; add a pad token to it")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not is_reward_model:
+        init_head(model, seed)
+    return model.to(device), tokenizer
+
+
+def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
+    """input_ids, attention_mask and position_ids of a padded batch. Positions follow the attention
+    mask, so a left-padded sequence sees the same positions as a right-padded one and scores the same."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        columns = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
+        input_ids[row, columns] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, columns] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.Tensor:
+    """Scalar score of each sequence, read at its last real token (the transformers class finds the
+    rightmost non-pad token, so a pad token must not occur inside the text)."""
+    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0]
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None) -> torch.Tensor:
+    """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU. Normalise with
+    the statistics in the model's config: (score - config.reward_mean) / config.reward_std."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    max_length = max_length or model_context(model.config) or 1 << 30
+    device = next(model.parameters()).device
+    sequences = []
+    for prompt, response in zip(prompts, responses):
+        tokenized = tokenize_pair_side(tokenizer, prompt, response, max_length)
+        sequences.append(tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
+    was_training = model.training
+    model.eval()
+    scores = torch.cat([forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).float().cpu() for i in range(0, len(sequences), batch_size)])
+    model.train(was_training)
+    return scores
+
+
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood per pair, -log sigmoid(r_chosen - r_rejected - margin)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores - margins)
+
+
+def pair_scores(model, pairs: list, pad_token_id: int, device):
+    """Chosen and rejected scores of a micro-batch of pairs, from one forward pass over both."""
+    scores = forward_scores(model, [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def model_context(config):
+    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation with average ranks for ties (the Pearson correlation of the ranks)."""
+    def ranks(values):
+        values = np.asarray(values, dtype=np.float64)
+        order = np.argsort(values, kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values), dtype=np.float64)
+        for value in np.unique(values):  # ties share the mean of their ranks
+            tied = values == value
+            result[tied] = result[tied].mean()
+        return result
+
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints and logging (as in sft.py)
+# ---------------------------------------------------------------------------------------------
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
+    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    if not steps:
+        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
+    return os.path.join(folder, steps[-1])
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, keep: int):
+    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
+    leaves a broken checkpoint where --resume would find it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:08d}")
+    temporary = final + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(os.path.join(folder, old))
+
+
+def save_final(run_dir: str, model, tokenizer):
+    """save_pretrained into the run directory itself; files are written aside and moved in with
+    config.json last, so a directory that has a config.json holds a complete model."""
+    temporary = os.path.join(run_dir, ".final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+    os.rmdir(temporary)
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
+    """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
+    import wandb
+
+    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
+    except Exception as error:
+        print(f"wandb could not start online ({type(error).__name__}); logging offline to {run_dir}/wandb")
+        return wandb.init(**kwargs, mode="offline")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    # 1. Check the arithmetic and the inputs before anything is written.
+    if args.batch_size % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.task != "randomwalks" and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # 2. Preference pairs, split before pairing for randomwalks so no held-out walk is seen in training.
+    if args.task == "randomwalks":
+        adjacency, walks = generate_random_walks()
+        shortest = shortest_path_nodes(adjacency)
+        n_eval_walks = int(len(walks) * args.eval_fraction)
+        rng = np.random.RandomState(args.seed)
+        train_pairs = randomwalks_pairs(walks[n_eval_walks:], args.randomwalks_pairs, adjacency, shortest, rng)
+        eval_pairs = randomwalks_pairs(walks[:n_eval_walks], max(1, int(args.randomwalks_pairs * args.eval_fraction)), adjacency, shortest, rng)
+        # Held-out walks, and corrupted copies of them, scored against their true optimality after training.
+        eval_walks = ["".join(node_letter(n) for n in walk) for walk in walks[:n_eval_walks]]
+        perturbed_walks = ["".join(node_letter(n) for n in perturb_walk(walk, rng)) for walk in walks[:n_eval_walks]]
+    else:
+        pairs = load_pairs(args.task, args.data)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, int(len(pairs) * args.eval_fraction))
+        eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    if checkpoint:
+        model, tokenizer = load_model(checkpoint, device, args.seed)
+    elif args.model:
+        model, tokenizer = load_model(args.model, device, args.seed)
+    else:
+        tokenizer = randomwalks_tokenizer()
+        model = randomwalks_model(tokenizer)
+        init_head(model, args.seed)
+        model.to(device)
+    context = model_context(model.config)
+    max_length = min(args.max_length, context) if context else args.max_length
+    train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
+    eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)
+    steps_per_epoch = len(train_sequences) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
+    total_steps = steps_per_epoch * args.num_epochs
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    step, wandb_id = 0, None
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
+        if changed:
+            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+        print(f"resuming {run_dir} from step {step}")
+    else:
+        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def evaluate():
+        """Pairwise accuracy, margin and score distribution on the held-out pairs."""
+        model.eval()
+        chosen, rejected = [], []
+        with torch.no_grad(), autocast:
+            for start in range(0, len(eval_sequences), args.micro_batch_size):
+                c, r = pair_scores(model, eval_sequences[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                chosen.append(c)
+                rejected.append(r)
+        model.train()
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        margins = torch.tensor([p[2] for p in eval_sequences])
+        both = torch.cat([chosen, rejected])
+        metrics = {
+            "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(), "eval/accuracy": (chosen > rejected).float().mean().item(),
+            "eval/margin": (chosen - rejected).mean().item(), "eval/chosen_score": chosen.mean().item(),
+            "eval/rejected_score": rejected.mean().item(), "eval/score_mean": both.mean().item(), "eval/score_std": both.std().item(),
+        }
+        return metrics, both
+
+    # 4. The loop: one optimizer step per batch of pairs, accumulated over micro-batches.
+    model.train()
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0)
+    metrics, started = {}, time.time()
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        batch = [train_sequences[i] for i in indices]
+        batch_loss, batch_correct = 0.0, 0
+        for start in range(0, len(batch), args.micro_batch_size):
+            micro_batch = batch[start : start + args.micro_batch_size]
+            with autocast:
+                chosen, rejected = pair_scores(model, micro_batch, tokenizer.pad_token_id, device)
+                # Summed over the micro-batch, divided by the batch size: accumulation equals one big batch.
+                loss = pairwise_loss(chosen, rejected, torch.tensor([p[2] for p in micro_batch], device=device)).sum() / len(batch)
+            loss.backward()
+            batch_loss += loss.item()
+            batch_correct += int((chosen > rejected).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        progress.update(1)
+        progress.set_postfix(loss=f"{batch_loss:.4f}", accuracy=f"{batch_correct / len(batch):.3f}")
+        metrics = {"train/loss": batch_loss, "train/accuracy": batch_correct / len(batch), "train/grad_norm": float(grad_norm),
+                   "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": step * args.batch_size / (time.time() - started), "train/epoch": step / steps_per_epoch}
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics, eval_scores = evaluate()
+            metrics.update(eval_metrics)
+            progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+            if wandb_run:
+                import wandb
+
+                metrics["eval/scores"] = wandb.Histogram(eval_scores.numpy())
+        if wandb_run:
+            wandb_run.log(metrics, step=step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            trainer_state = {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, args.keep_checkpoints)
+    progress.close()
+
+    # 5. Score statistics on held-out chosen and rejected responses, stored with the model so that
+    # a consumer (ppo.py) can normalise rewards to zero mean and unit variance.
+    summary = {k: v for k, v in metrics.items() if k.startswith("eval/") and not k.endswith("/scores")}
+    model.config.reward_mean, model.config.reward_std = summary["eval/score_mean"], summary["eval/score_std"]
+    if args.task == "randomwalks":
+        # Corrupted walks are mostly invalid: a block of ties at optimality 0 that the model, rightly,
+        # still grades (a walk that breaks one edge scores above one that wanders), so their
+        # correlation is lower and reported apart.
+        for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
+            scores = score(model, tokenizer, [w[0] for w in evaluated], [w[1:] for w in evaluated], batch_size=256)
+            summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
+    save_final(run_dir, model, tokenizer)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as file:
+        json.dump({"step": step, **summary}, file, indent=1)
+    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    if wandb_run:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
