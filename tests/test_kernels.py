@@ -1,0 +1,378 @@
+"""kernels.py against naive references written here, independently of the code under test.
+
+Everything runs eagerly (compile=False) except test_compiled_matches_eager, which compiles the two
+chunk bodies once on small shapes and checks that new shapes do not recompile.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import kernels
+
+F64 = torch.float64
+
+
+# -----------------------------------------------------------------------------
+# naive references
+
+
+def naive_logprobs(logits, labels, temperature=1.0, ignore_index=-100):
+    """log_softmax over the full vocabulary, then gather; entropy as sum of -p log p."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    ignored = labels == ignore_index
+    logprob = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = torch.special.entr(logp.exp()).sum(-1)
+    return logprob.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+def naive_fused(hidden, weight, labels, temperature=1.0, bias=None, ignore_index=-100):
+    return naive_logprobs(F.linear(hidden, weight, bias), labels, temperature, ignore_index)
+
+
+def loop_gae(values, rewards, mask, gamma, lam):
+    """The plain reverse loop over the real tokens of each row (a hole is skipped over)."""
+    advantages = torch.zeros_like(values)
+    for b in range(values.shape[0]):
+        last_advantage, next_value = 0.0, 0.0
+        for t in reversed(mask[b].nonzero().flatten().tolist()):
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            last_advantage = delta + gamma * lam * last_advantage
+            advantages[b, t] = last_advantage
+            next_value = values[b, t]
+    return advantages, (advantages + values) * mask
+
+
+def batched_loop_gae(values, rewards, mask, gamma, lam):
+    """The textbook loop (as in lm-human-preference-details) for masks of real tokens then padding."""
+    values, rewards = values * mask, rewards * mask
+    length = values.shape[1]
+    advantages = torch.zeros_like(values)
+    last_advantage = 0.0
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages[:, t] = last_advantage
+    return advantages * mask, (advantages + values) * mask
+
+
+def make_inputs(n, h, v, dtype=F64, bias=True, ignore=(), seed=0, shape=None):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=generator, dtype=F64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=generator, dtype=F64) / h ** 0.5 * 3).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=generator, dtype=F64).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, v, (n,), generator=generator)
+    labels[list(ignore)] = -100
+    if shape is not None:
+        hidden = hidden.detach().view(*shape, h).requires_grad_()
+        labels = labels.view(shape)
+    return hidden, weight, b, labels
+
+
+def forward_backward(fn, hidden, weight, bias, labels, seed=1):
+    """Outputs and the gradients of a random linear combination of logprob and entropy."""
+    logprob, entropy = fn(hidden, weight, labels, bias)
+    generator = torch.Generator().manual_seed(seed)
+    g1 = torch.randn(logprob.shape, generator=generator, dtype=F64)
+    g2 = torch.randn(logprob.shape, generator=generator, dtype=F64)
+    loss = (logprob.double() * g1).sum() + (entropy.double() * g2).sum()
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    return logprob, entropy, torch.autograd.grad(loss, inputs)
+
+
+def ours(**options):
+    options = {"compile": False, **options}
+    return lambda h, w, y, b: kernels.fused_logprobs(h, w, y, bias=b, return_entropy=True, **options)
+
+
+def naive(temperature=1.0):
+    return lambda h, w, y, b: naive_fused(h, w, y, temperature, b)
+
+
+# -----------------------------------------------------------------------------
+# fused_logprobs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunks", [(5, 7), (64, 1000), (1, 3)])
+def test_fused_matches_naive_fp64(temperature, bias, chunks):
+    # 37 tokens, 53 vocabulary entries: no chunk size above divides either.
+    inputs = make_inputs(37, 8, 53, bias=bias, ignore=(3, 20))
+    ours_out = forward_backward(ours(temperature=temperature, chunk_size=chunks[0], vocab_chunk_size=chunks[1]), *inputs)
+    ref_out = forward_backward(naive(temperature), *inputs)
+    torch.testing.assert_close(ours_out[0], ref_out[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_out[1], ref_out[1], rtol=0, atol=1e-12)
+    for ours_grad, ref_grad in zip(ours_out[2], ref_out[2]):
+        torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_fused_gradcheck():
+    hidden, weight, bias, labels = make_inputs(6, 4, 11, ignore=(2,))
+    fn = lambda h, w, b: kernels.fused_logprobs(h, w, labels, 0.8, bias=b, chunk_size=4, vocab_chunk_size=5,
+                                                return_entropy=True, compile=False)
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_fused_batch_shape_and_single_token():
+    for shape in [(3, 5), (1, 1)]:
+        n = shape[0] * shape[1]
+        inputs = make_inputs(n, 6, 19, shape=shape)
+        ours_out = forward_backward(ours(chunk_size=4, vocab_chunk_size=8), *inputs)
+        ref_out = forward_backward(naive(), *inputs)
+        assert ours_out[0].shape == shape and ours_out[2][0].shape == (*shape, 6)
+        torch.testing.assert_close(ours_out[0], ref_out[0], rtol=0, atol=1e-12)
+        for ours_grad, ref_grad in zip(ours_out[2], ref_out[2]):
+            torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_ignored_tokens_give_zero_and_no_gradient():
+    hidden, weight, bias, labels = make_inputs(9, 4, 13, ignore=range(9))
+    logprob, entropy, grads = forward_backward(ours(chunk_size=4), hidden, weight, bias, labels)
+    assert logprob.abs().max() == 0 and entropy.abs().max() == 0
+    assert all(g.abs().max() == 0 for g in grads)
+    # One ignored token: its hidden state receives no gradient even from an unmasked loss.
+    hidden, weight, bias, labels = make_inputs(9, 4, 13, ignore=(4,))
+    *_, grads = forward_backward(ours(chunk_size=4), hidden, weight, bias, labels)
+    assert grads[0][4].abs().max() == 0 and grads[0][3].abs().max() > 0
+
+
+def test_logprob_only_entropy_only_and_frozen_weight():
+    hidden, weight, bias, labels = make_inputs(10, 5, 17, ignore=(1,))
+    ref_logprob, ref_entropy = naive_fused(hidden, weight, labels, 1.3, bias)
+    logprob = kernels.fused_logprobs(hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6, compile=False)
+    _, entropy = kernels.fused_logprobs(hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6,
+                                        return_entropy=True, compile=False)
+    for out, ref in [(logprob, ref_logprob), (entropy, ref_entropy)]:
+        got = torch.autograd.grad(out.sum(), (hidden, weight, bias))
+        want = torch.autograd.grad(ref.sum(), (hidden, weight, bias), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    frozen = weight.detach()
+    logprob = kernels.fused_logprobs(hidden, frozen, labels, chunk_size=4, compile=False)
+    (grad,) = torch.autograd.grad(logprob.sum(), hidden)
+    (want,) = torch.autograd.grad(naive_fused(hidden, frozen, labels)[0].sum(), hidden)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+
+
+def test_fused_fp32_and_bf16():
+    # The reference is fp64 on the same (rounded) inputs.
+    for dtype, atol, grad_tol in [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.1, 3e-2)]:
+        hidden, weight, bias, labels = make_inputs(50, 32, 301, dtype=dtype, ignore=(7,))
+        logprob, entropy, grads = forward_backward(ours(temperature=0.9, chunk_size=16, vocab_chunk_size=128),
+                                                   hidden, weight, bias, labels)
+        assert logprob.dtype == torch.float32 and [g.dtype for g in grads] == [dtype] * 3
+        promoted = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+        ref_logprob, ref_entropy, ref_grads = forward_backward(naive(0.9), *promoted, labels)
+        torch.testing.assert_close(logprob.double(), ref_logprob, rtol=0, atol=atol)
+        torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=atol)
+        for grad, ref in zip(grads, ref_grads):
+            assert (grad.double() - ref).norm() / ref.norm() < grad_tol
+
+
+def test_bf16_matches_what_generation_sampled_from():
+    # bf16 logits as the model computes them, upcast, then divided by the temperature.
+    hidden, weight, bias, labels = make_inputs(40, 16, 97, dtype=torch.bfloat16)
+    logprob = kernels.fused_logprobs(hidden, weight, labels, 0.7, bias=bias, chunk_size=40, vocab_chunk_size=97, compile=False)
+    ref, _ = naive_logprobs(F.linear(hidden, weight, bias).float(), labels, 0.7)
+    torch.testing.assert_close(logprob, ref, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# logprobs_from_logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_from_logits_matches_naive(temperature):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 29, generator=generator, dtype=F64) * 4).requires_grad_()
+    labels = torch.randint(0, 29, (3, 7), generator=generator)
+    labels[1, 2] = -100
+    logprob, entropy = kernels.logprobs_from_logits(logits, labels, temperature, return_entropy=True, chunk_size=4, compile=False)
+    ref_logprob, ref_entropy = naive_logprobs(logits, labels, temperature)
+    torch.testing.assert_close(logprob, ref_logprob, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=0, atol=1e-12)
+    g1, g2 = torch.randn(3, 7, generator=generator, dtype=F64), torch.randn(3, 7, generator=generator, dtype=F64)
+    (grad,) = torch.autograd.grad((logprob * g1 + entropy * g2).sum(), logits)
+    (ref,) = torch.autograd.grad((ref_logprob * g1 + ref_entropy * g2).sum(), logits)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
+    assert grad[1, 2].abs().max() == 0
+    fn = lambda x: kernels.logprobs_from_logits(x, labels[:2, :3], temperature, return_entropy=True, chunk_size=4, compile=False)
+    assert torch.autograd.gradcheck(fn, (logits[:2, :3].detach().requires_grad_(),))
+
+
+def test_logprobs_from_logits_bf16_and_filtered_tokens():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 40, generator=generator).bfloat16().requires_grad_()
+    labels = torch.randint(0, 40, (11,), generator=generator)
+    logprob = kernels.logprobs_from_logits(logits, labels, chunk_size=3, compile=False)
+    (grad,) = torch.autograd.grad(logprob.sum(), logits)
+    ref_logprob, _ = naive_logprobs(logits, labels)
+    (ref,) = torch.autograd.grad(ref_logprob.sum(), logits)
+    assert logprob.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logprob, ref_logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    # top-k filtered logits (-inf) keep a finite entropy and gradient
+    filtered = logits.detach().double().masked_fill(torch.arange(40) >= 30, float("-inf")).requires_grad_()
+    labels = labels.clamp(max=29)
+    logprob, entropy = kernels.logprobs_from_logits(filtered, labels, return_entropy=True, chunk_size=4, compile=False)
+    ref_logprob, ref_entropy = naive_logprobs(filtered, labels)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(entropy.sum() + logprob.sum(), filtered)
+    assert torch.isfinite(grad).all() and grad[:, 30:].abs().max() == 0
+
+
+# -----------------------------------------------------------------------------
+# compilation
+
+
+def test_compile_switch(monkeypatch):
+    monkeypatch.setenv("KERNELS_COMPILE", "0")
+    assert kernels._maybe_compile(kernels._chunk_stats, None) is kernels._chunk_stats
+    assert kernels._maybe_compile(kernels._chunk_stats, True) is not kernels._chunk_stats
+    monkeypatch.setenv("KERNELS_COMPILE", "1")
+    assert kernels._maybe_compile(kernels._chunk_stats, False) is kernels._chunk_stats
+
+
+def test_compiled_matches_eager():
+    from torch._dynamo.utils import counters
+
+    def run(compile, n, v):
+        inputs = make_inputs(n, 16, v, dtype=torch.float32, ignore=(2,))
+        return forward_backward(ours(temperature=0.8, chunk_size=8, vocab_chunk_size=48, compile=compile), *inputs)
+
+    for n, v in [(21, 100), (30, 150)]:  # the second shape must reuse the dynamic graphs
+        compiled, eager = run(True, n, v), run(False, n, v)
+        torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-5)
+        for a, b in zip(compiled[2], eager[2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if n == 21:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 2  # the stats and the gradient chunk bodies were compiled
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+# -----------------------------------------------------------------------------
+# tensor parallel: a vocabulary sharded over two gloo processes equals the dense computation
+
+
+def _sharded_worker(rank, world_size, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        hidden, weight, bias, labels = make_inputs(13, 6, 22, ignore=(5,), seed=3)
+        ref = forward_backward(naive(0.9), hidden, weight, bias, labels)
+        shard = slice(rank * 11, (rank + 1) * 11)
+        local = [x.detach()[shard].clone().requires_grad_() for x in (weight, bias)]
+        got = forward_backward(ours(temperature=0.9, chunk_size=4, vocab_chunk_size=4, group=dist.group.WORLD),
+                               hidden, local[0], local[1], labels)
+        torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2][0], ref[2][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2][1], ref[2][1][shard], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[2][2], ref[2][2][shard], rtol=0, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_sharded_matches_dense():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port), nprocs=2)
+
+
+# -----------------------------------------------------------------------------
+# gae
+
+
+def random_lengths_mask(batch, length, generator):
+    lengths = torch.randint(0, length + 1, (batch,), generator=generator)
+    lengths[0], lengths[1] = 0, length  # an all-masked row and a full one
+    return torch.arange(length) < lengths[:, None]
+
+
+@pytest.mark.parametrize("length", [1, 2, 37, 1024])
+def test_gae_matches_loop_fp64(length):
+    generator = torch.Generator().manual_seed(length)
+    values = torch.randn(64, length, generator=generator, dtype=F64)
+    rewards = torch.randn(64, length, generator=generator, dtype=F64)
+    mask = random_lengths_mask(64, length, generator)
+    for gamma, lam in [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0), (0.9, 0.0)]:
+        advantages, returns = kernels.gae(values, rewards, mask, gamma, lam)
+        ref_advantages, ref_returns = batched_loop_gae(values, rewards, mask, gamma, lam)
+        torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
+        torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
+        assert advantages[~mask].abs().max() == 0 and returns[~mask].abs().max() == 0
+
+
+def test_gae_mask_with_holes_skips_masked_tokens():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(16, 40, generator=generator, dtype=F64)
+    rewards = torch.randn(16, 40, generator=generator, dtype=F64)
+    mask = torch.rand(16, 40, generator=generator) < 0.6
+    mask[0] = False
+    advantages, returns = kernels.gae(values, rewards, mask, 0.99, 0.9)
+    ref_advantages, ref_returns = loop_gae(values, rewards, mask, 0.99, 0.9)
+    torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
+    torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
+
+
+def test_gae_fp32_and_float_mask():
+    generator = torch.Generator().manual_seed(1)
+    values, rewards = torch.randn(2, 8, 300, generator=generator, dtype=F64)
+    mask = random_lengths_mask(8, 300, generator)
+    advantages, returns = kernels.gae(values.float(), rewards.float(), mask.float(), 0.99, 0.95)
+    ref_advantages, ref_returns = batched_loop_gae(values, rewards, mask, 0.99, 0.95)
+    assert advantages.dtype == torch.float32
+    torch.testing.assert_close(advantages.double(), ref_advantages, rtol=0, atol=1e-4)
+    torch.testing.assert_close(returns.double(), ref_returns, rtol=0, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# masked statistics
+
+
+def test_masked_mean_and_var():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, generator=generator, dtype=F64)
+    mask = torch.rand(5, 9, generator=generator) < 0.5
+    mask[0], mask[1], mask[2] = False, True, False
+    mask[2, 3] = True  # a single real token
+    real = x[mask]
+    torch.testing.assert_close(kernels.masked_mean(x, mask), real.mean())
+    torch.testing.assert_close(kernels.masked_var(x, mask, unbiased=True), real.var(correction=1))
+    torch.testing.assert_close(kernels.masked_var(x, mask, unbiased=False), real.var(correction=0))
+    # per row: empty rows give 0, a single token gives 0 unbiased
+    rows = [x[i][mask[i]] for i in range(5)]
+    mean = torch.stack([r.mean() if len(r) else torch.tensor(0.0, dtype=F64) for r in rows])
+    var = torch.stack([r.var(correction=1) if len(r) > 1 else torch.tensor(0.0, dtype=F64) for r in rows])
+    torch.testing.assert_close(kernels.masked_mean(x, mask, dim=1), mean)
+    torch.testing.assert_close(kernels.masked_var(x, mask, unbiased=True, dim=1), var)
+    # NaN in padding does not leak
+    poisoned = x.masked_fill(~mask, float("nan"))
+    torch.testing.assert_close(kernels.masked_mean(poisoned, mask), real.mean())
+    empty = torch.zeros_like(mask)
+    assert kernels.masked_mean(x, empty) == 0 and kernels.masked_var(x, empty) == 0
+
+
+def test_masked_whiten():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=generator, dtype=F64) * 3 + 2
+    mask = torch.rand(6, 10, generator=generator) < 0.7
+    real = x[mask]
+    mean, var = real.mean(), real.var(correction=0)
+    whitened = kernels.masked_whiten(x, mask)
+    torch.testing.assert_close(whitened[mask], (real - mean) / torch.sqrt(var + 1e-8))
+    assert whitened[~mask].abs().max() == 0
+    rescaled = kernels.masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(rescaled[mask], (real - mean) / torch.sqrt(var + 1e-8) + mean)
+    assert torch.isfinite(kernels.masked_whiten(x, torch.zeros_like(mask))).all()
+    assert kernels.masked_whiten(x.float(), mask).dtype == torch.float32
