@@ -20,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass

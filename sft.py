@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass

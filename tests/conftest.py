@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 sys.path.insert(0, ROOT)
+# Scripts run their kernels eagerly in tests (a first compile costs 15-25 s); tests/test_kernels.py
+# compiles explicitly where it checks the compiled path.
+os.environ.setdefault("KERNELS_COMPILE", "0")
 
 
 def run_script(*argv, cwd=None, env=None, timeout=600):
@@ -19,6 +24,35 @@ def run_script(*argv, cwd=None, env=None, timeout=600):
         [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def kill_and_resume(script, flags, tmp_path, checkpoint):
+    """The exact-resume experiment: run the script to the end; run it again and SIGKILL it as soon as
+    checkpoints/<checkpoint> exists; resume that run. Returns (uninterrupted run dir, resumed run dir)."""
+    reference = run_script(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--output-dir", str(killed)],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / checkpoint).exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    resumed = run_script(script, *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    return tmp_path / "reference", killed
+
+
+def assert_same_weights(first, second, name="model.safetensors"):
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(os.path.join(first, name)), load_file(os.path.join(second, name))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ from the uninterrupted run's"
 
 
 def text_tokenizer(pad_token=True):

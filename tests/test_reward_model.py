@@ -3,19 +3,14 @@
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import reward_model as rm
-from conftest import FIXTURES, ROOT, run_script, save_tiny_model
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model
 
 
 def quick_args(tmp_path, **overrides):
@@ -160,22 +155,8 @@ def test_smoke_run_with_wandb_offline(tmp_path):
 
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
     flags = ["--randomwalks-pairs", "640", "--num-epochs", "2", "--batch-size", "32", "--micro-batch-size", "16", "--save-every", "8", "--eval-every", "15"]
-    reference = run_script("reward_model.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "reward_model.py"), *flags, "--output-dir", str(killed_dir)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_00000008").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (killed_dir / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    resumed = run_script("reward_model.py", *flags, "--resume", str(killed_dir), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, actual = load_file(tmp_path / "reference" / "model.safetensors"), load_file(killed_dir / "model.safetensors")
-    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    reference, resumed = kill_and_resume("reward_model.py", flags, tmp_path, "step_00000008")
+    assert_same_weights(reference, resumed)
 
 
 # --- bad input ----------------------------------------------------------------------------------

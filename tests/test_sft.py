@@ -3,19 +3,13 @@
 import gzip
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
-from conftest import FIXTURES, ROOT, run_script, save_tiny_model, text_tokenizer
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer
 
 
 def quick_args(tmp_path, **overrides):
@@ -166,29 +160,9 @@ def test_smoke_run_with_wandb_offline(tmp_path):
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
     # 18 steps an epoch: the kill lands mid-epoch, and the second epoch's shuffle must be replayed.
     flags = ["--num-epochs", "2", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "10", "--eval-every", "15", "--eval-samples-per-start", "2"]
-    reference = run_script("sft.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-
-    # Same run, killed with SIGKILL as soon as its first checkpoint exists.
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(killed_dir)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_00000010").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (killed_dir / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-
-    resumed = run_script("sft.py", *flags, "--resume", str(killed_dir), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
-    expected = load_file(tmp_path / "reference" / "model.safetensors")
-    actual = load_file(killed_dir / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
-    assert len(os.listdir(killed_dir / "checkpoints")) <= 2  # --keep-checkpoints
+    reference, resumed = kill_and_resume("sft.py", flags, tmp_path, "step_00000010")
+    assert_same_weights(reference, resumed)
+    assert len(os.listdir(resumed / "checkpoints")) <= 2  # --keep-checkpoints
 
 
 def test_interrupted_checkpoint_write_is_not_picked_up(tmp_path):

@@ -1,0 +1,305 @@
+"""ppo.py: the update's pieces against hand computations, Hydra and LoRA references, critic-free
+advantages, exact resume, bad input, and short runs of every variant."""
+
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import kernels
+import ppo
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, tiny_config
+
+
+@pytest.fixture(scope="module")
+def walk_policy(tmp_path_factory):
+    """A tiny GPT-2 with the randomwalks tokenizer: a policy the scripts accept."""
+    return save_tiny_model(tmp_path_factory.mktemp("policy"), "gpt2", tokenizer=ppo.randomwalks_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def text_reward_model(tmp_path_factory):
+    """A tiny reward model with a text tokenizer unlike the randomwalks one."""
+    path = tmp_path_factory.mktemp("rm")
+    tokenizer = text_tokenizer()
+    config = tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def quick_args(tmp_path, policy, **overrides):
+    settings = dict(model=policy, output_dir=str(tmp_path / "run"), num_updates=2, batch_size=8, mini_batch_size=4, micro_batch_size=2,
+                    ppo_epochs=2, eval_every=100, eval_samples_per_start=1)
+    return ppo.Args(**{**settings, **overrides})
+
+
+def assert_close(actual, expected, atol):
+    assert torch.allclose(actual.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=atol), (actual, expected)
+
+
+def last_update(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as file:
+        return json.load(file)
+
+
+# --- the pieces of the update, by hand ----------------------------------------------------------
+def test_rewards_advantages_and_returns_with_padding():
+    # Two responses: the first has 2 real tokens then padding, the second 3.
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    kl = torch.tensor([[0.1, 0.2, 7.0], [0.0, -0.1, 0.3]], dtype=torch.float64)
+    scores = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    rewards = ppo.token_rewards(scores, kl, mask, beta=0.5)
+    assert_close(rewards, [[-0.05, -0.1 + 1.0, 0.0], [0.0, 0.05, -0.15 - 1.0]], 1e-15)
+    values = torch.tensor([[0.5, 0.2, 9.0], [0.1, 0.3, -0.2]], dtype=torch.float64)
+    gamma, lam = 0.9, 0.8
+    advantages, returns = kernels.gae(values, rewards, mask, gamma, lam)
+    # Row 0 by hand: the value after the last real token is 0, the padding's 9.0 is never read.
+    delta1 = 0.9 - 0.2
+    delta0 = -0.05 + gamma * 0.2 - 0.5
+    expected0 = [delta0 + gamma * lam * delta1, delta1, 0.0]
+    # Row 1 by hand.
+    d2 = -1.15 - (-0.2)
+    d1 = 0.05 + gamma * (-0.2) - 0.3
+    d0 = 0.0 + gamma * 0.3 - 0.1
+    expected1 = [d0 + gamma * lam * (d1 + gamma * lam * d2), d1 + gamma * lam * d2, d2]
+    assert_close(advantages, [expected0, expected1], 1e-12)
+    assert_close(returns, [[expected0[0] + 0.5, expected0[1] + 0.2, 0.0], [e + v for e, v in zip(expected1, [0.1, 0.3, -0.2])]], 1e-12)
+
+
+def test_policy_and_value_losses_by_hand():
+    args = ppo.Args(cliprange=0.2, cliprange_value=0.5, vf_coef=0.5, loss_aggregation="token")
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    old_logprobs = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    logprobs = torch.tensor([[-1.0 + math.log(1.5), -2.0 + math.log(0.9), 5.0]], dtype=torch.float64)  # ratios 1.5 and 0.9
+    advantages = torch.tensor([[2.0, -1.0, 4.0]], dtype=torch.float64)
+    old_values = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[1.0, 1.2, 3.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 0.0, 9.0]], dtype=torch.float64)
+    loss, stats = ppo.ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args, normaliser=2.0)
+    # Token 0: max(-2 * 1.5, -2 * 1.2) = -2.4 (clipped). Token 1: max(1 * 0.9, 1 * 0.9) = 0.9.
+    policy_loss = (-2.4 + 0.9) / 2
+    # Token 0: value moved 1.0 > 0.5, so clipped 0.5: max((1-2)^2, (0.5-2)^2) = 2.25. Token 1: max(1.44, 1.44).
+    value_loss = 0.5 * (2.25 + 1.44) / 2
+    assert loss.item() == pytest.approx(policy_loss + 0.5 * value_loss, rel=1e-12)
+    assert stats["policy/clip_fraction"].item() == pytest.approx(0.5)
+    assert stats["value/clip_fraction"].item() == pytest.approx(0.5)
+    assert stats["policy/approx_kl"].item() == pytest.approx(((1.5 - 1 - math.log(1.5)) + (0.9 - 1 - math.log(0.9))) / 2, rel=1e-12)
+    # Per-sequence aggregation: the mean over each sequence's real tokens, then over sequences.
+    args.loss_aggregation = "sequence"
+    per_sequence, _ = ppo.ppo_losses(logprobs, old_logprobs, advantages, None, None, None, mask, args, normaliser=1.0)
+    assert per_sequence.item() == pytest.approx((-2.4 + 0.9) / 2, rel=1e-12)
+
+
+def test_kl_controller():
+    fixed = ppo.KLController(0.1, None, 10000)
+    fixed.update(100.0, 256)
+    assert fixed.value == 0.1
+    adaptive = ppo.KLController(0.1, 6.0, 10000)
+    adaptive.update(9.0, 256)  # error = clip(9/6 - 1) = 0.2
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    adaptive.update(5.7, 256)  # error = -0.05
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000) * (1 - 0.05 * 256 / 10000))
+
+
+def test_kl_estimators():
+    logprobs, ref_logprobs = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert ppo.kl_per_token(logprobs, ref_logprobs, "k1").tolist() == pytest.approx([0.5, -1.0])
+    r = torch.exp(ref_logprobs - logprobs)
+    assert ppo.kl_per_token(logprobs, ref_logprobs, "k3").tolist() == pytest.approx((r - 1 - torch.log(r)).tolist())
+
+
+def test_running_moments_match_the_whole_sample():
+    moments = ppo.RunningMoments()
+    chunks = [torch.randn(n) * 3 + 1 for n in (5, 1, 17, 8)]
+    for chunk in chunks:
+        moments.update(chunk)
+    everything = torch.cat(chunks).double()
+    assert moments.mean == pytest.approx(everything.mean().item(), rel=1e-12)
+    assert moments.std == pytest.approx(everything.std().item(), rel=1e-12)
+
+
+def test_truncate_at_eos():
+    eos, pad = 9, 0
+    responses = torch.tensor([[3, 9, 4, 9], [3, 4, 5, 6], [9, 2, 2, 2]])
+    truncated, mask, has_eos = ppo.truncate_at_eos(responses, eos, pad)
+    assert truncated.tolist() == [[3, 9, 0, 0], [3, 4, 5, 6], [9, 0, 0, 0]]
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_critic_free_advantages_on_a_hand_computed_group():
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]], dtype=torch.bool)
+    kl = torch.tensor([[0.2, 0.2], [0.4, 9.0], [0.0, 0.0], [0.1, 0.1]], dtype=torch.float64)
+    scores = torch.tensor([1.0, 2.0, 0.0, 3.0], dtype=torch.float64)
+    beta = 0.5
+    reward = [1.0 - 0.2, 2.0 - 0.2, 0.0, 3.0 - 0.1]  # score - beta * summed KL over real tokens; groups of 2
+    rloo = ppo.critic_free_advantages("rloo", scores, kl, mask, beta, 2, 1.0)
+    assert_close(rloo, [[reward[0] - reward[1]] * 2, [reward[1] - reward[0], 0.0], [reward[2] - reward[3]] * 2, [reward[3] - reward[2]] * 2], 1e-12)
+    grpo = ppo.critic_free_advantages("grpo", scores, kl, mask, beta, 2, 1.0)
+    std = lambda a, b: abs(a - b) / math.sqrt(2)  # unbiased std of two numbers
+    first = (reward[0] - (reward[0] + reward[1]) / 2) / (std(reward[0], reward[1]) + 1e-8)
+    assert grpo[0].tolist() == pytest.approx([first, first], abs=1e-7) and grpo[1, 1].item() == 0.0
+    assert grpo[:2, 0].sum().item() == pytest.approx(0.0, abs=1e-9)
+    reinforce = ppo.critic_free_advantages("reinforce++", scores, kl, mask, beta, 2, 1.0)
+    returns = torch.tensor([[-0.1 + 0.9, 0.9], [1.8, 0.0], [0.0, 0.0], [-0.05 + 2.95, 2.95]], dtype=torch.float64)  # gamma 1
+    real = returns[mask]
+    assert reinforce[mask].tolist() == pytest.approx(((real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8)).tolist(), abs=1e-12)
+    assert reinforce[1, 1].item() == 0.0
+
+
+# --- Hydra and LoRA references ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox"])
+def test_hydra_reference_equals_policy_at_init_and_only_the_top_trains(tmp_path, family):
+    tokenizer = text_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_config(family, len(tokenizer), tokenizer.eos_token_id)
+    config.num_hidden_layers = 4
+    policy = AutoModelForCausalLM.from_config(config).double()
+    reference = ppo.make_hydra(policy, num_layers_unfrozen=2)
+    ids = torch.randint(0, len(tokenizer), (2, 9))
+    assert torch.equal(policy(ids).logits, reference(ids).logits)
+    shared = [p for p in reference.parameters() if any(p is q for q in policy.parameters())]
+    assert 0 < len(shared) < len(list(reference.parameters()))  # bottom shared, top copied
+    policy(ids).logits.sum().backward()
+    layers = ppo.decoder_layers(policy)
+    assert all(p.grad is None for layer in layers[:2] for p in layer.parameters())
+    assert all(p.grad is not None for layer in layers[2:] for p in layer.parameters())
+    assert policy.get_input_embeddings().weight.grad is None
+    assert all(p.grad is None for p in reference.parameters())
+    # Training the top moves the policy away from its reference.
+    with torch.no_grad():
+        for p in layers[3].parameters():
+            p.add_(0.1)
+    assert not torch.allclose(policy(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_reference_is_the_base_and_the_merged_save_is_the_adapted_model(tmp_path, family):
+    tokenizer = text_tokenizer()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), tokenizer.eos_token_id)).double()
+    policy = AutoModelForCausalLM.from_config(base.config).double()
+    policy.load_state_dict(base.state_dict())
+    adapters = ppo.add_lora(policy, rank=4, alpha=8, targets="all")
+    ids = torch.randint(0, len(tokenizer), (2, 7))
+    assert torch.equal(policy(ids).logits, base(ids).logits)  # B = 0: the adapted model starts as the base
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {n for n, _ in policy.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for adapter in adapters:
+            adapter.lora_B.normal_()  # as if trained
+    adapted = policy(ids).logits
+    assert not torch.allclose(adapted, base(ids).logits)
+    with ppo.adapters_disabled(adapters):
+        assert torch.equal(policy(ids).logits, base(ids).logits)
+    ppo.merge_lora(policy).save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
+    assert not any("lora" in name for name in merged.state_dict())
+    assert torch.allclose(merged(ids).logits, adapted, atol=1e-10)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [
+    {}, {"num_layers_unfrozen": 1}, {"lora_rank": 4}, {"advantage": "grpo", "samples_per_prompt": 4},
+    {"advantage": "rloo", "samples_per_prompt": 2}, {"advantage": "reinforce++"}, {"loss_aggregation": "sequence", "kl_estimator": "k3", "target_kl": 1.0, "scale_rewards": True},
+    {"dtype": "bf16"},
+])
+def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, walk_policy, variant):
+    args = quick_args(tmp_path, walk_policy, **variant)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0
+    assert {"eval/optimality_greedy", "eval/optimality_sampled", "eval/kl"} <= set(metrics)
+    reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
+    assert not any("lora" in name for name in reloaded.state_dict())
+    assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
+
+
+def test_reward_model_with_another_tokenizer_and_critic_from_it(tmp_path, walk_policy, text_reward_model, capsys):
+    args = quick_args(tmp_path, walk_policy, reward_model=text_reward_model, value_model=text_reward_model, eval_every=2)
+    ppo.main(args)
+    assert "the reward model's tokenizer differs from the policy's" in capsys.readouterr().out
+    metrics = last_update(args.output_dir)
+    assert 0.0 <= metrics["eval/win_rate"] <= 1.0 and "eval/optimality_sampled" in metrics  # true metric measured at eval
+
+
+def write_reward_fn(tmp_path, body):
+    path = tmp_path / "my_reward.py"
+    path.write_text(f"def reward(prompts, responses):\n    {body}\n")
+    return f"{path}:reward"
+
+
+def test_missing_eos_penalty(tmp_path, walk_policy):
+    # Two new tokens never fit a walk and its EOS for a fresh model... unless EOS comes first; the
+    # constant reward makes the mean score 1 - penalty * (fraction without EOS).
+    args = quick_args(tmp_path, walk_policy, task="randomwalks", reward_fn=write_reward_fn(tmp_path, "return [1.0] * len(responses)"),
+                      missing_eos_penalty=0.25, max_new_tokens=2, num_updates=1)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)["last_update"]
+    assert metrics["objective/score"] == pytest.approx(1.0 - 0.25 * (1 - metrics["objective/eos_fraction"]), abs=1e-6)
+    assert metrics["objective/eos_fraction"] < 1.0
+
+
+def expect_error(args, *fragments):
+    with pytest.raises(SystemExit) as error:
+        ppo.main(args)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_reward_functions(tmp_path, walk_policy):
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [1.0]")), "returned 1 scores for 8 responses")
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [float('nan')] * len(responses)")), "non-finite")
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return ['good'] * len(responses)")), "list of numbers")
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=str(tmp_path / "absent.py") + ":reward"), "could not be loaded")
+
+
+def test_bad_flags(tmp_path, walk_policy):
+    expect_error(quick_args(tmp_path, walk_policy, mini_batch_size=3), "not a multiple")
+    expect_error(quick_args(tmp_path, walk_policy, advantage="rloo"), "--samples-per-prompt 2")
+    expect_error(quick_args(tmp_path, walk_policy, lora_rank=4, num_layers_unfrozen=1), "pick one")
+    expect_error(quick_args(tmp_path, walk_policy, num_layers_unfrozen=7), "between 1 and")
+    expect_error(quick_args(tmp_path, walk_policy, lora_rank=4, lora_target_modules="nothing_here"), "matched no linear layer")
+    expect_error(quick_args(tmp_path, None), "--model is required")
+    expect_error(quick_args(tmp_path, walk_policy, task="jsonl", data=str(tmp_path / "x.jsonl")), "no built-in reward")
+    expect_error(quick_args(tmp_path, walk_policy, reward_model=str(tmp_path / "no-rm")), "no such directory")
+
+
+def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
+    flags = ["--model", walk_policy, "--num-updates", "12", "--batch-size", "16", "--mini-batch-size", "8", "--micro-batch-size", "4",
+             "--save-every", "3", "--eval-every", "5", "--eval-samples-per-start", "1", "--samples-per-prompt", "2", "--scale-rewards", "--target-kl", "1"]
+    reference, resumed = kill_and_resume("ppo.py", flags, tmp_path, "step_00000003")
+    assert_same_weights(reference, resumed)
+    expected, actual = (torch.load(run / "value_head.pt")["value_head"] for run in (reference, resumed))
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_smoke_run_with_wandb_offline(tmp_path, walk_policy):
+    result = run_script("ppo.py", "--model", walk_policy, "--num-updates", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "4",
+                        "--eval-every", "1", "--eval-samples-per-start", "1", "--track", "--output-dir", str(tmp_path / "run"), cwd=tmp_path,
+                        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "update 1: score_greedy" in result.stdout
+    assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "run" / "wandb"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run").config.model_type == "gpt2"
+
+
+def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
+    prompts = ppo.load_prompts("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
+    assert prompts[0] == "\n\nHuman: What is a good way to learn to cook?\n\nAssistant:"
+    compressed = tmp_path / "train.jsonl.gz"  # the hub's format
+    compressed.write_bytes(gzip.compress(open(os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), "rb").read()))
+    assert ppo.load_prompts("hh", str(compressed)) == prompts
+    args = quick_args(tmp_path, tiny_gpt2, task="hh", data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), max_new_tokens=4, eval_prompts=1,
+                      reward_fn=write_reward_fn(tmp_path, "return [float(len(r)) / 10 for r in responses]"), lora_rank=2)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0 and "eval/score_sampled" in metrics
