@@ -1,0 +1,821 @@
+"""Implicit Language Q-Learning (ILQL): offline RLHF from a fixed dataset of scored responses.
+
+ILQL (Snell et al. 2022, as implemented in trlX) never generates during training. It fits, on
+the LM's last hidden state, a value head V and Q heads over the vocabulary by offline
+Q-learning (an expectile V loss keeps Q from trusting actions the data never took, and a CQL term
+pushes down the Q of untaken tokens), while the LM itself learns by (advantage-weighted)
+behaviour cloning. At generation the LM's log-probs are shifted by beta * (Q - V), steering the
+cloned policy towards high-return tokens. The default task, randomwalks, runs offline on a CPU
+in under a minute:
+
+    python ilql.py                                           # randomwalks, fresh 6-layer GPT-2
+    python ilql.py --task jsonl --data scored.jsonl --model gpt2
+    python ilql.py --task hh --model EleutherAI/pythia-160m  # needs the network
+
+The run directory (`runs/<run name>/`) receives the LM and its tokenizer, loadable with plain
+`AutoModelForCausalLM.from_pretrained(run_dir)`, and the V/Q heads in `ilql_heads.safetensors`;
+`load_trained(run_dir)` returns all three ready for `generate`.
+"""
+
+import copy
+import gzip
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+import tyro
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+@dataclass
+class Args:
+    exp_name: str = "ilql"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    seed: int = 1
+    """seed of python, numpy and torch (model and head init, data order, dropout, evaluation samples)"""
+    task: Literal["randomwalks", "jsonl", "hh"] = "randomwalks"
+    """randomwalks: built-in offline graph task, rewarded by optimality; jsonl: `{"prompt", "response", "reward"}` records from --data;
+    hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is given)"""
+    data: Optional[str] = None
+    """local data file: required for --task jsonl; for hh a local copy in the upstream format (.jsonl or .jsonl.gz)"""
+    model: Optional[str] = None
+    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast for the forward pass (weights, heads and optimizer stay fp32)"""
+    device: str = "auto"
+    """torch device; auto picks cuda when present, else cpu"""
+    output_dir: Optional[str] = None
+    """where the run directory goes; default runs/<run name>"""
+
+    max_length: int = 512
+    """longest prompt+response in tokens (capped at the model's context)"""
+    overlong: Literal["truncate", "skip"] = "truncate"
+    """examples longer than --max-length: truncate (cut the prompt from the left, then the response from the right) or skip them"""
+
+    num_epochs: int = 20
+    """passes over the dataset"""
+    batch_size: int = 100
+    """examples per optimizer step (summed over gradient-accumulation micro-batches)"""
+    micro_batch_size: int = 100
+    """examples per forward/backward pass; batch size must be a multiple of it"""
+    learning_rate: float = 2e-4
+    """peak learning rate of AdamW (betas 0.9, 0.95 as in trlX)"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    """decay after warm-up: cosine or linear to zero, or constant"""
+    warmup_steps: int = 0
+    """optimizer steps of linear learning-rate warm-up"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+
+    tau: Optional[float] = None
+    """expectile of the V loss (towards 1, V approaches the max of Q over the data's actions); default 0.7, or trlX's 0.8 for randomwalks"""
+    gamma: float = 0.99
+    """discount per token"""
+    cql_scale: float = 0.1
+    """weight of the CQL loss (cross-entropy of each Q head's values against the taken token)"""
+    awac_scale: float = 1.0
+    """weight of the LM's advantage-weighted cross-entropy on the taken tokens"""
+    beta: float = 0.0
+    """AWAC temperature: LM cross-entropy weights are exp(beta * (min target Q - V)); 0 is plain behaviour cloning"""
+    alpha: Optional[float] = None
+    """Polyak rate of the target Q heads, target = alpha * q + (1 - alpha) * target; default 0.001, or trlX's 0.1 for randomwalks"""
+    steps_for_target_sync: int = 5
+    """optimizer steps between two Polyak updates of the target Q heads"""
+    two_qs: bool = True
+    """two Q heads whose minimum is used (clipped double Q-learning); --no-two-qs for one"""
+
+    eval_every: int = 50
+    """optimizer steps between evaluations (and at the end)"""
+    eval_betas: tuple[float, ...] = (0.0, 1.0, 4.0, 100.0)
+    """generation betas swept at each evaluation: log-probs are shifted by beta * (min target Q - V)"""
+    top_k: int = 10
+    """sampling at evaluation keeps the k best tokens after the shift (0 keeps all)"""
+    temperature: float = 1.0
+    """sampling temperature at evaluation (greedy decoding is evaluated as well)"""
+    eval_samples_per_start: int = 50
+    """randomwalks: sampled walks per start node and beta at each evaluation"""
+    eval_generations: int = 8
+    """text tasks: prompts whose greedy completions are shown for each beta at each evaluation"""
+    max_new_tokens: int = 64
+    """generation budget for text tasks (randomwalks uses its own: 9)"""
+    save_every: int = 0
+    """optimizer steps between checkpoints; 0 saves only the final model"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: Optional[str] = None
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project: str = "rlhf"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The randomwalks task (trlX's examples/randomwalks): walks on a random directed graph whose
+# node 0 is the goal. The data are random walks (mean optimality 0.35), each rewarded with its
+# optimality; ILQL should find the shortest paths, which are known exactly.
+# ---------------------------------------------------------------------------------------------
+RANDOMWALKS_SEED = 1000
+RANDOMWALKS_NODES = 21
+RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
+
+
+def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    rng = np.random.RandomState(seed)
+    while True:  # redraw until every node has a way out
+        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[0, :] = False  # the goal is absorbing
+    adjacency[0, 0] = True
+    walks = []
+    for _ in range(n_walks):
+        node = rng.randint(n_nodes)
+        while node == 0:
+            node = rng.randint(n_nodes)
+        walk = [node]
+        for _ in range(max_nodes - 1):
+            node = rng.choice(np.nonzero(adjacency[node])[0])
+            walk.append(node)
+            if node == 0:
+                break
+        walks.append(walk)
+    return adjacency, walks
+
+
+def node_letter(node: int) -> str:
+    return chr(ord("a") + int(node))
+
+
+def shortest_path_nodes(adjacency) -> list:
+    """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
+    backwards from the goal; None where the goal is unreachable."""
+    n = len(adjacency)
+    nodes = [None] * n
+    nodes[0] = 1
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        for previous in np.nonzero(adjacency[:, node])[0]:
+            if nodes[previous] is None:
+                nodes[previous] = nodes[node] + 1
+                queue.append(previous)
+    return nodes
+
+
+def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NODES) -> float:
+    """(max_nodes - length) / (max_nodes - shortest length) for a walk written as letters, start included.
+
+    The walk is scanned up to its first visit of the goal (what follows is ignored); length counts
+    nodes, start included. An unknown letter or a missing edge before the goal, or never reaching
+    it, makes the walk invalid: 0. A shortest path scores 1."""
+    nodes = [ord(letter) - ord("a") for letter in walk]
+    if not nodes or not 0 < nodes[0] < len(adjacency) or shortest[nodes[0]] is None:
+        return 0.0
+    for position in range(1, len(nodes)):
+        if not 0 <= nodes[position] < len(adjacency) or not adjacency[nodes[position - 1], nodes[position]]:
+            return 0.0
+        if nodes[position] == 0:
+            return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
+    return 0.0
+
+
+def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per node letter (token id = node index), then EOS, pad and unknown."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
+    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
+    """trlX's model for this task: GPT-2 with 6 layers, 144 hidden, 12 heads, context 16, GPT-2's dropout."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every task becomes a list of (prompt, response, reward).
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str) -> list:
+    """Records of a .jsonl or .jsonl.gz file; malformed lines are named by number."""
+    if not os.path.isfile(path):
+        fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    records = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    fail(f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object")
+                if not isinstance(record, dict):
+                    fail(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read data file {path!r}: {error}")
+    return records
+
+
+def require_fields(records: list, fields: tuple, path: str):
+    for number, record in enumerate(records, 1):
+        for field in fields:
+            if not isinstance(record.get(field), str):
+                problem = "is missing" if field not in record else "is not a string"
+                fail(f"{path}, record {number}: field {field!r} {problem}; every record needs {', '.join(repr(f) for f in fields)}")
+
+
+def scored_example(record: dict, number: int, path: str):
+    """(prompt, response, reward) of a jsonl record, with one clear line for each way it can be wrong."""
+    for field in ("prompt", "response"):
+        if not isinstance(record.get(field), str):
+            problem = "is missing" if field not in record else "is not a string"
+            fail(f"{path}, record {number}: field {field!r} {problem}; every record needs 'prompt', 'response' and 'reward'")
+    if not record["response"]:
+        fail(f"{path}, record {number}: 'response' is empty; ILQL needs at least one response token to act on")
+    reward = record.get("reward")
+    if "reward" not in record:
+        fail(f"{path}, record {number}: field 'reward' is missing; every record needs 'prompt', 'response' and 'reward'")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        fail(f"{path}, record {number}: 'reward' is {json.dumps(reward)}, not a number")
+    if not math.isfinite(reward):
+        fail(f"{path}, record {number}: 'reward' is {reward}; rewards must be finite numbers")
+    return record["prompt"], record["response"], float(reward)
+
+
+def hh_example(dialogue: str):
+    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+    marker = "\n\nAssistant:"
+    cut = dialogue.rfind(marker)
+    if cut < 0:
+        return None
+    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+
+
+def download_hh() -> list:
+    """Fetch Anthropic/hh-rlhf's training files from the Hugging Face hub (online only) and return their paths."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download("Anthropic/hh-rlhf", repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
+    except Exception as error:  # offline, gated, renamed: all end the same way for the user
+        fail(f"could not download Anthropic/hh-rlhf ({type(error).__name__}); without a network pass --data with a local copy")
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".jsonl.gz"))
+
+
+def load_examples(task: str, data: Optional[str]) -> list:
+    """(prompt, response, reward) triples of a text task."""
+    if task == "jsonl" and data is None:
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "response": ..., "reward": ...} lines)')
+    paths = [data] if data else download_hh()
+    examples, unusable = [], 0
+    for path in paths:
+        records = read_records(path)
+        if task == "jsonl":
+            examples += [scored_example(record, number, path) for number, record in enumerate(records, 1)]
+        else:  # hh: both dialogues of a pair share the prompt; the preferred reply earns +1, the other -1
+            require_fields(records, ("chosen", "rejected"), path)
+            for record in records:
+                for field, reward in (("chosen", 1.0), ("rejected", -1.0)):
+                    pair = hh_example(record[field])
+                    if pair is None or not pair[1].strip():
+                        unusable += 1
+                    else:
+                        examples.append((*pair, reward))
+    if unusable:
+        print(f"skipped {unusable} dialogues without an '\\n\\nAssistant:' turn or with an empty final reply")
+    if not examples:
+        fail(f"no examples in {', '.join(paths)}; the file is empty or every record was filtered out")
+    return examples
+
+
+def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
+    """(token ids of prompt + response + EOS, the prompt's length, reward) of each example.
+
+    Prompt and response are tokenized apart so the boundary is exact (BOS, if the tokenizer adds
+    one, goes on the prompt); the response's tokens and the EOS are the actions. Over-long examples
+    are skipped, or truncated: the prompt loses tokens from its left first, the response from its
+    right after (the reward then lands on the last kept token)."""
+    sequences, too_long = [], 0
+    for prompt, response, reward in examples:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) > max_length:
+            too_long += 1
+            if overlong == "skip":
+                continue
+            response_ids = response_ids[: max_length - 1]  # keep at least one prompt token as context
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)) :]
+        if not prompt_ids:
+            prompt_ids = [tokenizer.eos_token_id]  # an empty prompt still needs one position to act from
+        sequences.append((prompt_ids + response_ids, len(prompt_ids), reward))
+    if too_long:
+        action = "skipped" if overlong == "skip" else "truncated"
+        print(f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see --overlong)")
+    if not sequences:
+        fail(f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong truncate")
+    return sequences
+
+
+def normalize_returns(sequences: list) -> list:
+    """Returns z-scored over the dataset, as trlX does (population std; a constant reward becomes 0)."""
+    rewards = np.array([reward for _, _, reward in sequences], dtype=np.float64)
+    returns = (rewards - rewards.mean()) / (rewards.std() + np.finfo(np.float64).eps)
+    return [(ids, prompt_length, float(r)) for (ids, prompt_length, _), r in zip(sequences, returns)]
+
+
+def collate(sequences: list, pad_token_id: int, device):
+    """Right-padded batch, and over the T - 1 positions that predict a next token:
+
+    action_mask[b, t]: position t is a state that acts, i.e. token t + 1 belongs to the response
+    (EOS included); rewards[b, t]: the sequence's return on its last action, 0 elsewhere. The
+    position of the last token (the EOS) is the terminal state: no action, value 0."""
+    width = max(len(ids) for ids, _, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    action_mask = torch.zeros((len(sequences), width - 1), dtype=torch.bool)
+    rewards = torch.zeros((len(sequences), width - 1))
+    for row, (ids, prompt_length, reward) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        action_mask[row, prompt_length - 1 : len(ids) - 1] = True
+        rewards[row, len(ids) - 2] = reward
+    return input_ids.to(device), attention_mask.to(device), action_mask.to(device), rewards.to(device)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def model_context(config):
+    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ILQL heads and loss
+# ---------------------------------------------------------------------------------------------
+def make_head(hidden_size: int, out: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(hidden_size, 2 * hidden_size), torch.nn.ReLU(), torch.nn.Linear(2 * hidden_size, out))
+
+
+class ILQLHeads(torch.nn.Module):
+    """V (hidden -> 2 hidden -> 1), one or two Q heads (hidden -> 2 hidden -> vocab), and target
+    copies of the Q heads that get no gradient and trail the Q heads by Polyak averaging."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, two_qs: bool = True):
+        super().__init__()
+        self.v_head = make_head(hidden_size, 1)
+        self.q_heads = torch.nn.ModuleList(make_head(hidden_size, vocab_size) for _ in range(2 if two_qs else 1))
+        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
+
+    def target_advantage(self, hidden):
+        """min over target Q heads minus V, for every token of the vocabulary: [..., vocab]."""
+        target_q = torch.stack([head(hidden) for head in self.target_q_heads]).min(0).values
+        return target_q - self.v_head(hidden)
+
+    @torch.no_grad()
+    def sync_target_q_heads(self, alpha: float):
+        for target_head, head in zip(self.target_q_heads, self.q_heads):
+            for target, source in zip(target_head.parameters(), head.parameters()):
+                target.copy_(alpha * source + (1 - alpha) * target)
+
+
+def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards, tau: float, gamma: float, beta: float) -> dict:
+    """Each ILQL loss term summed over the batch's actions (the caller divides by the number of
+    actions of the whole batch, so that gradient accumulation equals one big batch).
+
+    logits [B, T, vocab] and hidden [B, T, H] come from the LM; action_mask and rewards [B, T - 1]
+    from `collate`. The action at position t is token t + 1; the state after it is position t + 1,
+    which either acts again or is terminal (value 0)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+    hidden = hidden.to(heads.v_head[0].weight.dtype)  # the heads run in their own (fp32) precision
+    actions = input_ids[:, 1:][action_mask]  # [N] the taken tokens
+    states = hidden[:, :-1][action_mask]  # [N, H] the states that took them
+    values = heads.v_head(hidden).squeeze(-1)  # [B, T] V of every position
+    next_acts = F.pad(action_mask[:, 1:], (0, 1))  # [B, T - 1] the next state acts (else it is terminal or padding)
+    v = values[:, :-1][action_mask]
+    v_next = (values[:, 1:] * next_acts)[action_mask]
+
+    # 1. Q loss: each Q head's value of the taken token against r + gamma * V(next), V(next) detached.
+    target = rewards[action_mask] + gamma * v_next.detach()
+    qs = [head(states) for head in heads.q_heads]  # [N, vocab] each
+    q_taken = [q.gather(-1, actions[:, None]).squeeze(-1) for q in qs]
+    loss_q = sum(((q - target) ** 2).sum() for q in q_taken)
+
+    # 2. V loss: expectile regression of V on the (detached) min over target Q heads; tau > 0.5
+    #    penalises V below the target more than above, so V leans to the best actions in the data.
+    with torch.no_grad():
+        target_q = torch.stack([head(states).gather(-1, actions[:, None]).squeeze(-1) for head in heads.target_q_heads]).min(0).values
+    difference = target_q - v
+    expectile_weight = torch.full_like(difference, tau).masked_fill(difference < 0, 1 - tau)
+    loss_v = (expectile_weight * difference**2).sum()
+
+    # 3. CQL: cross-entropy of each Q head's values over the vocabulary against the taken token,
+    #    which pushes down Q of the tokens the data never took.
+    loss_cql = sum(F.cross_entropy(q, actions, reduction="sum") for q in qs)
+
+    # 4. AWAC: the LM's cross-entropy on the taken tokens, weighted by exp(beta * advantage).
+    weights = torch.exp(beta * (target_q - v.detach()))
+    loss_awac = (F.cross_entropy(logits[:, :-1][action_mask], actions, reduction="none") * weights).sum()
+
+    return {"q": loss_q, "v": loss_v, "cql": loss_cql, "awac": loss_awac,
+            "value": v.detach().sum(), "q_value": q_taken[0].detach().sum(), "advantage": (target_q - v.detach()).sum()}
+
+
+def accumulate_gradients(lm, heads, batch: list, args: Args, pad_token_id: int, device, autocast) -> dict:
+    """Backward over the batch in micro-batches; returns each loss term's mean over the batch's actions."""
+    batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
+    totals = {}
+    for start in range(0, len(batch), args.micro_batch_size):
+        input_ids, attention_mask, action_mask, rewards = collate(batch[start : start + args.micro_batch_size], pad_token_id, device)
+        with autocast:
+            output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        terms = ilql_loss(heads, output.logits, output.hidden_states[-1], input_ids, action_mask, rewards, args.tau, args.gamma, args.beta)
+        terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
+        (terms["loss"] / batch_actions).backward()
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: the LM's log-probs shifted by beta * (min target Q - V), one token at a time.
+# ---------------------------------------------------------------------------------------------
+def shifted_scores(logits, advantage, beta: float, top_k: int):
+    """log softmax(logits) + beta * advantage, with all but the top_k best set to -inf (0 keeps all)."""
+    scores = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1) + beta * advantage
+    if top_k:
+        kth_best = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    return scores
+
+
+@torch.no_grad()
+def generate(lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: float, temperature: float, top_k: int, device) -> list:
+    """Response token ids for each prompt, cut before the first EOS. A left-padded batch runs token
+    by token on the KV cache; each step samples from softmax(shifted scores / temperature), or
+    takes their argmax at temperature 0. With beta 0 and top_k 0 this is plain sampling from the LM."""
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
+    context = model_context(lm.config)
+    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
+    attention_mask = batch["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    step_ids, past, finished, tokens = batch["input_ids"], None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    was_training = lm.training
+    lm.eval()
+    for _ in range(max_new_tokens):
+        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past, use_cache=True, output_hidden_states=True)
+        past = output.past_key_values
+        scores = shifted_scores(output.logits[:, -1], heads.target_advantage(output.hidden_states[-1][:, -1].to(heads.v_head[0].weight.dtype)), beta, top_k)
+        if temperature > 0:
+            next_ids = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(-1)
+        else:
+            next_ids = scores.argmax(-1)
+        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == tokenizer.eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    lm.train(was_training)
+    output = torch.stack(tokens, 1).tolist()
+    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints and logging
+# ---------------------------------------------------------------------------------------------
+HEADS_FILE = "ilql_heads.safetensors"
+
+
+def load_model(name: str, device):
+    """A causal LM from a local directory or a hub name, with one clear line when it cannot be had."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
+    if tokenizer.pad_token_id is None:  # padding is masked out of the loss, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def new_heads(lm, two_qs: bool) -> ILQLHeads:
+    """Heads sized from the LM's output layer (its input is the last hidden state, its output the vocabulary)."""
+    vocab_size, hidden_size = lm.get_output_embeddings().weight.shape
+    return ILQLHeads(hidden_size, vocab_size, two_qs)
+
+
+def load_trained(path: str, device="cpu"):
+    """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`."""
+    from safetensors.torch import load_file
+
+    lm, tokenizer = load_model(path, device)
+    state = load_file(os.path.join(path, HEADS_FILE), device=str(device))
+    heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
+    heads.load_state_dict(state)
+    return lm, tokenizer, heads
+
+
+def save_model(folder: str, lm, tokenizer, heads):
+    from safetensors.torch import save_file
+
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
+    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    if not steps:
+        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
+    return os.path.join(folder, steps[-1])
+
+
+def save_checkpoint(run_dir: str, step: int, lm, tokenizer, heads, trainer_state: dict, keep: int):
+    """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
+    rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:08d}")
+    temporary = final + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    save_model(temporary, lm, tokenizer, heads)
+    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(os.path.join(folder, old))
+
+
+def save_final(run_dir: str, lm, tokenizer, heads):
+    """LM, tokenizer and heads into the run directory itself; files are written aside and moved in
+    with config.json last, so a directory that has a config.json holds a complete model."""
+    temporary = os.path.join(run_dir, ".final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    save_model(temporary, lm, tokenizer, heads)
+    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+    os.rmdir(temporary)
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
+    """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
+    import wandb
+
+    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
+    except Exception as error:
+        print(f"wandb could not start online ({type(error).__name__}); logging offline to {run_dir}/wandb")
+        return wandb.init(**kwargs, mode="offline")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    # 1. Settle the task-dependent defaults, check the arithmetic and the inputs before anything is written.
+    randomwalks = args.task == "randomwalks"
+    args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
+                   alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001)
+    if args.batch_size % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if not 0 < args.tau < 1:
+        fail(f"--tau {args.tau} must lie strictly between 0 and 1")
+    if not 0 < args.alpha <= 1:
+        fail(f"--alpha {args.alpha} must lie in (0, 1]")
+    if args.steps_for_target_sync < 1:
+        fail(f"--steps-for-target-sync {args.steps_for_target_sync} must be at least 1")
+    if not randomwalks and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # 2. Data, model and heads.
+    if randomwalks:
+        adjacency, walks = generate_random_walks()
+        shortest = shortest_path_nodes(adjacency)
+        walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
+        scores = [walk_optimality(w, adjacency, shortest) for w in walk_strings]
+        examples = [(walk[0], walk[1:], score) for walk, score in zip(walk_strings, scores)]
+        dataset_optimality = float(np.mean(scores))
+    else:
+        examples = load_examples(args.task, args.data)
+    if checkpoint:
+        lm, tokenizer, heads = load_trained(checkpoint, device)
+    else:
+        if args.model:
+            lm, tokenizer = load_model(args.model, device)
+        else:
+            tokenizer = randomwalks_tokenizer()
+            lm = randomwalks_model(tokenizer).to(device)
+        heads = new_heads(lm, args.two_qs).to(device)
+    context = model_context(lm.config)
+    max_length = min(args.max_length, context) if context else args.max_length
+    sequences = normalize_returns(tokenize_examples(tokenizer, examples, max_length, args.overlong))
+    eval_order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    eval_prompts = list(dict.fromkeys(examples[i][0] for i in eval_order))[: args.eval_generations]
+    steps_per_epoch = len(sequences) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} exceeds the {len(sequences)} examples; lower it")
+    total_steps = steps_per_epoch * args.num_epochs
+
+    # The target Q heads are not optimized: they only follow the Q heads by Polyak averaging.
+    parameters = list(lm.parameters()) + [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    def lr_factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    step, wandb_id = 0, None
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track", "output_dir") and getattr(args, k, v) != v}
+        if changed:
+            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+        print(f"resuming {run_dir} from step {step}")
+    else:
+        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def evaluate(step):
+        """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
+        sampled ones from every start node; text tasks: greedy responses to a few prompts. Sampling
+        runs on a forked RNG re-seeded for every beta: evaluation never perturbs training, and
+        every evaluation draws comparable samples."""
+        metrics, rows = {}, []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+            for beta in args.eval_betas:
+                torch.manual_seed(args.seed)
+                if randomwalks:
+                    starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                    for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
+                        prompts = [s for s in starts for _ in range(repeats)]
+                        responses = generate(lm, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device)
+                        walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
+                        scores = [walk_optimality(w, adjacency, shortest) for w in walks]
+                        metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean(scores))
+                        metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for s in scores]))
+                        if name == "greedy":
+                            rows += [[step, beta, w[0], w[1:], s] for w, s in zip(walks, scores)]
+                else:
+                    responses = generate(lm, heads, tokenizer, eval_prompts, args.max_new_tokens, beta, 0.0, 0, device)
+                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                    metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
+                    rows += [[step, beta, p, t, None] for p, t in zip(eval_prompts, texts)]
+        if randomwalks:
+            for name in ("greedy", "sampled"):
+                best = max(args.eval_betas, key=lambda beta: metrics[f"eval/optimality_{name}_beta{beta:g}"])
+                metrics[f"eval/best_optimality_{name}"] = metrics[f"eval/optimality_{name}_beta{best:g}"]
+                metrics[f"eval/best_beta_{name}"] = best
+        return metrics, rows
+
+    def report(step, metrics, rows):
+        """The sweep over betas as a table."""
+        if randomwalks:
+            lines = [f"step {step}: optimality by generation beta (dataset {dataset_optimality:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}"]
+            lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}" for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled"))
+                      for beta in args.eval_betas]
+        else:
+            lines = [f"step {step}: greedy response to {rows[0][2]!r} by generation beta"]
+            lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
+        return "\n".join(lines)
+
+    # 4. The loop: one optimizer step per batch, accumulated over micro-batches; the target Q heads
+    #    move towards the Q heads every --steps-for-target-sync steps.
+    lm.train()
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0)
+    tokens_seen, started = 0, time.time()
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(len(sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        batch = [sequences[i] for i in indices]
+        losses = accumulate_gradients(lm, heads, batch, args, tokenizer.pad_token_id, device, autocast)
+        tokens_seen += sum(len(ids) for ids, _, _ in batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % args.steps_for_target_sync == 0:
+            heads.sync_target_q_heads(args.alpha)
+
+        tokens_per_second = tokens_seen / (time.time() - started)
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses['loss']:.4f}", value=f"{losses['value']:.3f}", tokens_per_s=f"{tokens_per_second:.0f}")
+        metrics = {f"train/loss_{k}" if k in ("q", "v", "cql", "awac") else f"train/{k}": v for k, v in losses.items()}
+        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch})
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics, rows = evaluate(step)
+            metrics.update(eval_metrics)
+            progress.write(report(step, eval_metrics, rows))
+            if wandb_run:
+                import wandb
+
+                metrics["samples"] = wandb.Table(columns=["step", "beta", "prompt", "response", "score"], data=rows)
+        if wandb_run:
+            wandb_run.log(metrics, step=step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            trainer_state = {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
+                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            save_checkpoint(run_dir, step, lm, tokenizer, heads, trainer_state, args.keep_checkpoints)
+    progress.close()
+
+    # 5. The result: the LM loadable by plain transformers, the heads beside it.
+    save_final(run_dir, lm, tokenizer, heads)
+    summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    if randomwalks:
+        summary["dataset/optimality"] = dataset_optimality
+    with open(os.path.join(run_dir, "metrics.json"), "w") as file:
+        json.dump({"step": step, **summary}, file, indent=1)
+    shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary
+    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    if wandb_run:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

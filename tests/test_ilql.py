@@ -1,0 +1,354 @@
+"""ilql.py: each loss term against a hand-written loop, the target heads, generation, data, exact resume and bad input."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+import ilql
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script
+
+# Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
+# conftest.text_tokenizer reads as text-only records.
+SCORED = [
+    {"prompt": "Q: What is 2+2?\nA:", "response": " 4", "reward": 1},
+    {"prompt": "Q: What is 2+2?\nA:", "response": " 5", "reward": -1.5},
+    {"prompt": "Q: Capital of France?\nA:", "response": " Paris", "reward": 0.25},
+    {"prompt": "", "response": " Blue", "reward": 2e-3},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def tiny_randomwalks_model(path, seed=0):
+    """A 2-layer GPT-2 for the randomwalks tokenizer, with GPT-2's dropout so that exact resume needs the RNG states."""
+    tokenizer = ilql.randomwalks_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def double_heads(hidden_size=6, vocab_size=5, seed=0, two_qs=True):
+    """fp64 heads whose target Q heads differ from the Q heads (as they do after training), so min and detach matter."""
+    torch.manual_seed(seed)
+    heads = ilql.ILQLHeads(hidden_size, vocab_size, two_qs).double()
+    with torch.no_grad():
+        for parameter in heads.target_q_heads.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    return heads
+
+
+# --- loss ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def reference_losses(heads, logits, hidden, sequences, tau, gamma, beta):
+    """The four terms written the long way, one action at a time, from the method's definition."""
+    q_loss = v_loss = cql = awac = 0.0
+    for row, (ids, prompt_length, reward) in enumerate(sequences):
+        last = len(ids) - 1  # the terminal state: the position of the final token
+        for t in range(prompt_length - 1, last):  # the states that choose a response token
+            action, h = ids[t + 1], hidden[row, t]
+            value = heads.v_head(h)[0]
+            next_value = 0.0 if t + 1 == last else heads.v_head(hidden[row, t + 1])[0]
+            target = (reward if t + 1 == last else 0.0) + gamma * next_value
+            target_q = min(head(h)[action] for head in heads.target_q_heads)
+            for head in heads.q_heads:
+                q_loss += (head(h)[action] - target) ** 2
+                cql += -torch.log_softmax(head(h), -1)[action]
+            v_loss += (tau if target_q >= value else 1 - tau) * (target_q - value) ** 2
+            awac += -torch.log_softmax(logits[row, t], -1)[action] * math.exp(beta * (target_q - value))
+    return {"q": q_loss, "v": v_loss, "cql": cql, "awac": awac}
+
+
+@pytest.mark.parametrize("two_qs", [True, False])
+def test_loss_terms_match_a_hand_written_loop(two_qs):
+    # Row 0: a two-token prompt and a two-token response (its last token plays the EOS); the
+    # actions sit at positions 1 and 2, the terminal state at 3. Row 1: one prompt token, one
+    # response token, then padding (token 4).
+    sequences = [([3, 1, 2, 0], 2, 0.75), ([2, 1], 1, -1.25)]  # rewards exact in fp32, collate's dtype
+    input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu")
+    assert input_ids.tolist() == [[3, 1, 2, 0], [2, 1, 4, 4]] and attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert action_mask.tolist() == [[False, True, True], [True, False, False]]
+    assert rewards.tolist() == [[0.0, 0.0, 0.75], [-1.25, 0.0, 0.0]]  # the return sits on the last action
+    rewards = rewards.double()
+    heads = double_heads(two_qs=two_qs)
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    tau, gamma, beta = 0.8, 0.9, 0.5
+    terms = ilql.ilql_loss(heads, logits, hidden, input_ids, action_mask, rewards, tau, gamma, beta)
+    expected = reference_losses(heads, logits, hidden, sequences, tau, gamma, beta)
+    for name in ("q", "v", "cql", "awac"):
+        assert terms[name].item() == pytest.approx(float(expected[name]), rel=1e-12), name
+    # Each term trains only its own part: the Q target r + gamma * V(next), the V loss's target Q
+    # and the AWAC weights are all detached.
+    trains = {"q": {"q_heads"}, "v": {"v_head"}, "cql": {"q_heads"}, "awac": {"logits"}}
+    for name, expected_parts in trains.items():
+        parts = {"q_heads": list(heads.q_heads.parameters()), "v_head": list(heads.v_head.parameters()), "logits": [logits]}
+        for part, parameters in parts.items():
+            gradients = torch.autograd.grad(terms[name], parameters, retain_graph=True, allow_unused=True)
+            receives = any(g is not None and g.abs().sum() > 0 for g in gradients)
+            assert receives == (part in expected_parts), (name, part)
+    # Masking: positions that choose no response token (early prompt, terminal state, padding)
+    # receive no gradient at all.
+    sum(terms[name] for name in ("q", "v", "cql", "awac")).backward()
+    acting = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    for gradient in (logits.grad, hidden.grad):
+        norms = gradient.abs().sum(-1)
+        assert (norms[~acting] == 0).all() and (norms[acting] > 0).all()
+
+
+def test_v_loss_is_an_asymmetric_expectile():
+    # Heads with constant outputs make V and Q known numbers: V = 1 everywhere, target Q = 1 +- 0.5.
+    heads = ilql.ILQLHeads(4, 3, two_qs=True).double()
+    with torch.no_grad():
+        for head in [heads.v_head, *heads.q_heads, *heads.target_q_heads]:
+            head[2].weight.zero_()
+        heads.v_head[2].bias.fill_(1.0)
+    sequences = [([0, 1, 2], 1, 0.0)]  # two actions
+    input_ids, _, action_mask, rewards = ilql.collate(sequences, 0, "cpu")
+    logits, hidden = torch.zeros(1, 3, 3, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)
+    losses = {}
+    for offset in (0.5, -0.5):
+        with torch.no_grad():
+            heads.target_q_heads[0][2].bias.fill_(1.0 + offset)
+            heads.target_q_heads[1][2].bias.fill_(5.0)  # the min over target heads picks head 0
+        losses[offset] = ilql.ilql_loss(heads, logits, hidden, input_ids, action_mask, rewards.double(), 0.8, 0.99, 0.0)["v"].item()
+    assert losses[0.5] == pytest.approx(2 * 0.8 * 0.25, rel=1e-12)  # V below the target costs tau
+    assert losses[-0.5] == pytest.approx(2 * 0.2 * 0.25, rel=1e-12)  # V above it costs 1 - tau
+
+
+def test_returns_are_z_scored_over_the_dataset():
+    returns = [r for _, _, r in ilql.normalize_returns([([0, 1], 1, reward) for reward in (1.0, 2.0, 6.0)])]
+    assert sum(returns) == pytest.approx(0, abs=1e-12)
+    assert sum(r * r for r in returns) / 3 == pytest.approx(1, rel=1e-9)
+    assert returns[0] < returns[1] < returns[2]
+    assert [r for _, _, r in ilql.normalize_returns([([0, 1], 1, 3.0)] * 2)] == [0.0, 0.0]  # a constant reward carries nothing
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_randomwalks_model(tmp_path / "model"), dtype=torch.float64).eval()
+    tokenizer = ilql.randomwalks_tokenizer()
+    heads = ilql.new_heads(model, two_qs=True).double()
+    args = ilql.Args(tau=0.7, beta=0.3, batch_size=6)
+    batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("cd", "a", -1.0), ("e", "fghia", 0.5), ("f", "a", 0.0), ("g", "ha", 2.0), ("hij", "ka", -0.5)], 16, "truncate")
+    gradients, losses = [], []
+    for micro_batch_size in (6, 4, 1):
+        model.zero_grad()
+        heads.zero_grad()
+        losses.append(ilql.accumulate_gradients(model, heads, batch, ilql.replace(args, micro_batch_size=micro_batch_size), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        gradients.append(torch.cat([p.grad.flatten() for p in [*model.parameters(), *heads.v_head.parameters(), *heads.q_heads.parameters()]]))
+    assert gradients[0].abs().max() > 1e-3
+    for loss, gradient in zip(losses[1:], gradients[1:]):
+        assert loss["loss"] == pytest.approx(losses[0]["loss"], rel=1e-12)
+        assert torch.allclose(gradient, gradients[0], rtol=1e-10, atol=1e-13)
+
+
+# --- target heads -------------------------------------------------------------------------------
+def test_polyak_update_of_the_target_heads():
+    heads = double_heads()
+    q_before = [p.clone() for p in heads.q_heads.parameters()]
+    target_before = [p.clone() for p in heads.target_q_heads.parameters()]
+    heads.sync_target_q_heads(0.3)
+    for q, old_target, new_target, q_now in zip(q_before, target_before, heads.target_q_heads.parameters(), heads.q_heads.parameters()):
+        assert torch.allclose(new_target, 0.3 * q + 0.7 * old_target, rtol=1e-14, atol=0)
+        assert torch.equal(q_now, q)
+    # Fresh heads start with targets equal to the Q heads, and alpha 1 copies them.
+    fresh = ilql.ILQLHeads(6, 5)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.q_heads.parameters(), fresh.target_q_heads.parameters()))
+    heads.sync_target_q_heads(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(heads.q_heads.parameters(), heads.target_q_heads.parameters()))
+
+
+def test_target_heads_get_no_gradient(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_randomwalks_model(tmp_path / "model"))
+    tokenizer = ilql.randomwalks_tokenizer()
+    heads = ilql.new_heads(model, two_qs=True)
+    batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("c", "a", -1.0)], 16, "truncate")
+    ilql.accumulate_gradients(model, heads, batch, ilql.Args(tau=0.7, beta=1.0, micro_batch_size=2, batch_size=2), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*heads.v_head.parameters(), *heads.q_heads.parameters()])
+    assert all(p.grad is None and not p.requires_grad for p in heads.target_q_heads.parameters())
+
+
+# --- generation ---------------------------------------------------------------------------------
+def test_beta_zero_sampling_equals_plain_lm_sampling():
+    tokenizer = ilql.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    model = ilql.randomwalks_model(tokenizer).double().eval()
+    heads = double_heads(144, len(tokenizer))
+    prompts = ["b", "cde", "f", "ghij"] * 5  # unequal lengths: left padding must not change the result
+    torch.manual_seed(3)
+    ours = ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 1.0, 0, "cpu")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=9, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    output = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
+    plain = [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    assert ours == plain
+    assert len({tuple(ids) for ids in ours}) > 10  # the samples do differ from each other
+    # A non-zero beta changes what is drawn with the same seed.
+    torch.manual_seed(3)
+    assert ilql.generate(model, heads, tokenizer, prompts, 9, 5.0, 1.0, 0, "cpu") != ours
+
+
+def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
+    tokenizer = ilql.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    model = ilql.randomwalks_model(tokenizer).double().eval()
+    heads = double_heads(144, len(tokenizer))
+    hidden = torch.randn(3, 144, dtype=torch.float64)
+    logits = torch.randn(3, len(tokenizer), dtype=torch.float64)
+    advantage = torch.minimum(heads.target_q_heads[0](hidden), heads.target_q_heads[1](hidden)) - heads.v_head(hidden)
+    assert torch.allclose(heads.target_advantage(hidden), advantage, rtol=1e-14, atol=1e-14)
+    scores = ilql.shifted_scores(logits, advantage, 2.5, 0)
+    assert torch.allclose(scores, torch.log_softmax(logits, -1) + 2.5 * advantage, rtol=1e-14, atol=1e-14)
+    top = ilql.shifted_scores(logits, advantage, 2.5, 4)
+    assert (torch.isfinite(top).sum(-1) == 4).all()
+    assert torch.equal(top[torch.isfinite(top)], scores[torch.isfinite(top)])
+    assert torch.equal(torch.isfinite(top), scores >= scores.topk(4, -1).values[:, -1:])
+
+    # Greedy generation with the KV cache equals a loop that re-runs the whole prefix each step.
+    prompts, beta = ["b", "cde", "f"], 3.0
+    generated = ilql.generate(model, heads, tokenizer, prompts, 9, beta, 0.0, 10, "cpu")
+    for prompt, response in zip(prompts, generated):
+        ids = tokenizer(prompt)["input_ids"]
+        reference = []
+        with torch.no_grad():
+            for _ in range(9):
+                output = model(torch.tensor([ids]), output_hidden_states=True)
+                h = output.hidden_states[-1][0, -1]
+                step_scores = torch.log_softmax(output.logits[0, -1], -1) + beta * (torch.minimum(heads.target_q_heads[0](h), heads.target_q_heads[1](h)) - heads.v_head(h))
+                token = int(step_scores.topk(10).indices[0])
+                if token == tokenizer.eos_token_id:
+                    break
+                reference.append(token)
+                ids.append(token)
+        assert response == reference
+    assert generated != ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 0.0, 10, "cpu")  # the shift matters
+
+
+# --- data ---------------------------------------------------------------------------------------
+def test_jsonl_parser(tmp_path):
+    path = write_jsonl(tmp_path / "scored.jsonl", SCORED)
+    examples = ilql.load_examples("jsonl", path)
+    assert examples == [(r["prompt"], r["response"], float(r["reward"])) for r in SCORED]
+    sequences = ilql.tokenize_examples(ilql.randomwalks_tokenizer(), [("", "bc", 1.0)], 16, "truncate")
+    assert sequences == [([21, 1, 2, 21], 1, 1.0)]  # an empty prompt acts from an EOS; the response ends with one
+
+
+def test_hh_parser_gives_chosen_plus_one_and_rejected_minus_one():
+    examples = ilql.load_examples("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
+    assert len(examples) == 8
+    chosen, rejected = examples[2], examples[3]  # the second pair: a multi-turn dialogue
+    prompt = "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?\n\nHuman: Science fiction.\n\nAssistant:"
+    assert chosen == (prompt, " Try The Left Hand of Darkness by Ursula K. Le Guin.", 1.0)
+    assert rejected == (prompt, " I don't read.", -1.0)
+    assert [reward for _, _, reward in examples] == [1.0, -1.0] * 4
+
+
+# --- training runs ------------------------------------------------------------------------------
+def test_smoke_run_with_wandb_offline_and_reload(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("ilql.py", "--num-epochs", "1", "--eval-every", "5", "--eval-samples-per-start", "2", "--eval-betas", "0", "4", "--track",
+                        "--output-dir", str(run_dir), cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 5: optimality by generation beta" in result.stdout and "greedy  sampled    valid" in result.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json", ilql.HEADS_FILE, "metrics.json"} <= set(os.listdir(run_dir))
+    assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
+    with open(run_dir / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["step"] == 10 and metrics["dataset/optimality"] == pytest.approx(0.3515, abs=1e-4)
+    assert {"eval/optimality_greedy_beta0", "eval/optimality_sampled_beta4", "eval/best_optimality_greedy", "eval/best_beta_sampled"} <= set(metrics)
+
+    # The LM alone loads with plain transformers; with its heads it generates as at the end of training.
+    plain = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert plain.config.n_layer == 6 and plain.config.n_embd == 144
+    model, tokenizer, heads = ilql.load_trained(str(run_dir))
+    saved = load_file(run_dir / ilql.HEADS_FILE)
+    assert saved.keys() == heads.state_dict().keys() and len(heads.q_heads) == 2
+    adjacency, _ = ilql.generate_random_walks()
+    shortest = ilql.shortest_path_nodes(adjacency)
+    starts = [ilql.node_letter(n) for n in range(1, 21)]
+    responses = ilql.generate(model, heads, tokenizer, starts, 9, 4.0, 0.0, 10, "cpu")
+    greedy = sum(ilql.walk_optimality(s + tokenizer.decode(r), adjacency, shortest) for s, r in zip(starts, responses)) / 20
+    assert greedy == pytest.approx(metrics["eval/optimality_greedy_beta4"], abs=1e-12)
+
+
+def test_text_tasks_train(tmp_path, tiny_gpt2):
+    jsonl = write_jsonl(tmp_path / "scored.jsonl", SCORED)
+    for task, data in (("jsonl", jsonl), ("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))):
+        args = ilql.Args(task=task, data=data, model=tiny_gpt2, output_dir=str(tmp_path / task), num_epochs=2, batch_size=2, micro_batch_size=1,
+                         max_new_tokens=3, eval_generations=2, eval_betas=(0.0, 1.0), save_every=3)
+        ilql.main(args)
+        with open(tmp_path / task / "metrics.json") as file:
+            metrics = json.load(file)
+        assert metrics["step"] == 2 * (len(ilql.load_examples(task, data)) // 2)
+        assert {"eval/response_tokens_beta0", "eval/response_tokens_beta1"} <= set(metrics)
+        assert ilql.load_trained(str(tmp_path / task))[2].v_head[0].in_features == 32
+
+
+def test_resume_after_kill_is_bitwise_exact(tmp_path):
+    # 20 steps an epoch with dropout on: the kill lands mid-epoch, and the resumed run must restore
+    # the optimizer, the RNG, the target heads and the data order to match the uninterrupted one.
+    model = tiny_randomwalks_model(tmp_path / "model")
+    flags = ["--model", model, "--num-epochs", "2", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "13",
+             "--steps-for-target-sync", "3", "--eval-every", "15", "--eval-samples-per-start", "2", "--eval-betas", "1"]
+    reference, resumed = kill_and_resume("ilql.py", flags, tmp_path, "step_00000013")
+    for name in ("model.safetensors", ilql.HEADS_FILE):
+        assert_same_weights(reference, resumed, name)
+    initial = load_file(os.path.join(model, "model.safetensors"))
+    trained = load_file(resumed / "model.safetensors")
+    assert not any(torch.equal(initial[k], trained[k]) for k in initial if k.endswith(".weight"))  # the runs did train
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def expect_error(args, *fragments):
+    with pytest.raises(SystemExit) as error:
+        ilql.main(args)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not os.path.exists(args.output_dir), "a failed run must not leave a run directory"
+
+
+@pytest.mark.parametrize("record, fragments", [
+    ({"prompt": "a", "response": "b", "reward": "high"}, ["record 2", "'reward' is \"high\", not a number"]),
+    ({"prompt": "a", "response": "b", "reward": True}, ["record 2", "'reward' is true, not a number"]),
+    ({"prompt": "a", "response": "b"}, ["record 2", "'reward' is missing"]),
+    ('{"prompt": "a", "response": "b", "reward": NaN}', ["record 2", "'reward' is nan"]),
+    ('{"prompt": "a", "response": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
+    ({"prompt": "a", "response": "", "reward": 1}, ["record 2", "'response' is empty"]),
+    ({"prompt": "a", "reward": 1}, ["record 2", "'response' is missing"]),
+])
+def test_bad_records(tmp_path, record, fragments):
+    path = write_jsonl(tmp_path / "bad.jsonl", [SCORED[0], record])
+    expect_error(ilql.Args(task="jsonl", data=path, model=str(tmp_path), output_dir=str(tmp_path / "run")), path, *fragments)
+
+
+def test_bad_flags_and_files(tmp_path):
+    run = str(tmp_path / "run")
+    expect_error(ilql.Args(task="jsonl", model=str(tmp_path), output_dir=run), "--data")
+    expect_error(ilql.Args(task="jsonl", data=str(tmp_path / "missing.jsonl"), model=str(tmp_path), output_dir=run), "does not exist")
+    expect_error(ilql.Args(task="hh", output_dir=run), "--model")
+    expect_error(ilql.Args(output_dir=run, batch_size=100, micro_batch_size=30), "--micro-batch-size 30")
+    expect_error(ilql.Args(output_dir=run, tau=1.0), "--tau")
+    expect_error(ilql.Args(output_dir=run, resume=str(tmp_path)), "not a checkpoint")
+
+
+def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "response": "b", "reward": NaN}'])
+    result = run_script("ilql.py", "--task", "jsonl", "--data", path, "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {path}, record 1: 'reward' is nan; rewards must be finite numbers"]
+    assert not (tmp_path / "run").exists()
