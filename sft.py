@@ -548,6 +548,8 @@ def main(args: Args):
     else:
         run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = args.output_dir or os.path.join("runs", run_name)
+        if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
         os.makedirs(run_dir, exist_ok=True)
     tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None

@@ -298,10 +298,10 @@ def test_text_tasks_train(tmp_path, tiny_gpt2):
 
 
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
-    # 20 steps an epoch with dropout on: the kill lands mid-epoch, and the resumed run must restore
+    # 20 steps an epoch (100 in all, so the kill at step 13 has time to land) with dropout on: the kill lands mid-epoch, and the resumed run must restore
     # the optimizer, the RNG, the target heads and the data order to match the uninterrupted one.
     model = tiny_randomwalks_model(tmp_path / "model")
-    flags = ["--model", model, "--num-epochs", "2", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "13",
+    flags = ["--model", model, "--num-epochs", "5", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "13",
              "--steps-for-target-sync", "3", "--eval-every", "15", "--eval-samples-per-start", "2", "--eval-betas", "1"]
     reference, resumed = kill_and_resume("ilql.py", flags, tmp_path, "step_00000013")
     for name in ("model.safetensors", ilql.HEADS_FILE):

@@ -225,3 +225,11 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {malformed}, line 1: not valid JSON (Expecting property name enclosed in double quotes); each line must be one JSON object"]
+
+
+def test_an_output_dir_holding_a_run_is_refused(tmp_path):
+    args = quick_args(tmp_path)
+    sft.main(args)
+    with pytest.raises(SystemExit) as error:
+        sft.main(args)
+    assert "already holds a run" in str(error.value) and "--resume" in str(error.value)
