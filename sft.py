@@ -7,11 +7,13 @@ is context. The default task, randomwalks, runs offline on a CPU in a couple of 
     python sft.py                                    # randomwalks, fresh 6-layer GPT-2
     python sft.py --task jsonl --data demos.jsonl --model gpt2
     python sft.py --task hh --model EleutherAI/pythia-160m   # needs the network
+    torchrun --nproc_per_node 8 sft.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The trained model and its tokenizer land in the run directory (`runs/<run name>/`), loadable
 with plain `AutoModelForCausalLM.from_pretrained(run_dir)` and by the other scripts.
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -36,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import parallel
+
 
 @dataclass
 class Args:
@@ -54,6 +58,8 @@ class Args:
     """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -67,9 +73,9 @@ class Args:
     num_epochs: int = 30
     """passes over the training split"""
     batch_size: int = 100
-    """examples per optimizer step (summed over gradient-accumulation micro-batches)"""
+    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
     micro_batch_size: int = 100
-    """examples per forward/backward pass; batch size must be a multiple of it"""
+    """examples per forward/backward pass on one rank; batch_size / ranks must be a multiple of it"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -346,18 +352,22 @@ def completion_loss_sum(model, input_ids, attention_mask, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
 
-def accumulate_gradients(model, batch: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
-    """Backward over the batch in micro-batches; returns the batch's mean completion-token loss.
+def accumulate_gradients(model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
+    """Backward over this rank's share of the batch in micro-batches; returns its share of the
+    global batch's mean completion-token loss (the shares sum to the mean over ranks).
 
-    Each micro-batch's summed loss is divided by the whole batch's completion-token count, not its
-    own, so the accumulated gradient equals the one-big-batch gradient exactly."""
-    batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+    Each micro-batch's summed loss is divided by the completion-token count of the whole global
+    batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
+    data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
+    micro-batch's backward communicates (no_sync on the others)."""
     batch_loss = 0.0
-    for start in range(0, len(batch), micro_batch_size):
+    starts = range(0, len(batch), micro_batch_size)
+    for start in starts:
         input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
-        with autocast:
-            loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
-        loss.backward()
+        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+            with autocast:
+                loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
+            (loss * ranks).backward()
         batch_loss += loss.item()
     return batch_loss
 
@@ -405,32 +415,46 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(folder, steps[-1])
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, keep: int):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
-    leaves a broken checkpoint where --resume would find it."""
+    leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole model and the
+    shared state; every rank writes its own optimizer state (a slice of it under ZeRO) and RNG
+    states to rank_R.pt. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(os.path.join(folder, old))
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with model.gathered():
+        if grid.is_main:
+            model.module.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    if grid.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
 
 
-def save_final(run_dir: str, model, tokenizer):
+def save_final(run_dir: str, model, tokenizer, grid):
     """save_pretrained into the run directory itself; files are written aside and moved in with
-    config.json last, so a directory that has a config.json holds a complete model."""
-    temporary = os.path.join(run_dir, ".final.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-    os.rmdir(temporary)
+    config.json last, so a directory that has a config.json holds a complete model. All ranks call
+    it; rank 0 writes."""
+    with model.gathered():
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        model.module.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
 
 
 def rng_states() -> dict:
@@ -481,13 +505,16 @@ def load_model(name: str, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Check the arithmetic and the inputs before anything is written.
-    if args.batch_size % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
+    #    before anything is written.
+    grid = parallel.init_distributed(args.device)
+    device, ranks = grid.device, grid.dp_size
+    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
+    local_batch_size = args.batch_size // ranks
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -510,6 +537,8 @@ def main(args: Args):
         tokenizer = randomwalks_tokenizer()
         model = randomwalks_model(tokenizer).to(device)
     context = model_context(model.config)
+    if context and args.task != "randomwalks" and args.max_new_tokens >= context:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context; lower it")
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -522,7 +551,9 @@ def main(args: Args):
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training examples; lower it")
     total_steps = steps_per_epoch * args.num_epochs
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
+    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage)
+    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
@@ -536,68 +567,85 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
-        if changed:
+        if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        optimizer.load_state_dict(state["optimizer"])
+        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+        optimizer.load_state_dict(rank_state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        set_rng_states(rank_state["rng"])
         step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        print(f"resuming {run_dir} from step {step}")
+        if grid.is_main:
+            print(f"resuming {run_dir} from step {step}")
     else:
-        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        # Rank 0's clock names the run, so every rank agrees on the directory.
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
             fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        os.makedirs(run_dir, exist_ok=True)
-    tokenizer.save_pretrained(run_dir)
-    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+    if grid.is_main:
+        tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def evaluate(step):
         """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
-        Sampling runs on a forked RNG with a fixed seed: evaluation never perturbs training, and
-        every evaluation draws comparable samples."""
+        Each rank evaluates a share and the sums are reduced. Sampling runs on a forked RNG with a
+        fixed seed per rank: evaluation never perturbs training, and every evaluation draws
+        comparable samples. The whole model is gathered once (a no-op below ZeRO-3), so ranks
+        may run different numbers of forwards without per-block collectives."""
         model.eval()
-        metrics, total_loss, total_tokens = {}, 0.0, 0
-        with torch.no_grad(), autocast:
-            for start in range(0, len(eval_sequences), args.micro_batch_size):
-                input_ids, attention_mask, labels = collate(eval_sequences[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                total_loss += completion_loss_sum(model, input_ids, attention_mask, labels).item()
-                total_tokens += int((labels[:, 1:] != -100).sum())
-        metrics["eval/loss"] = total_loss / total_tokens
-        rows = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed)
-            if args.task == "randomwalks":
-                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
-                for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
-                    prompts = [s for s in starts for _ in range(repeats)]
-                    completions = generate(model, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
-                    walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
-                    scores = [walk_optimality(w, adjacency, shortest) for w in walks]
-                    metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
-                    metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for s in scores]))
-                    if name == "greedy":
-                        rows = [[step, w[0], w[1:], s] for w, s in zip(walks, scores)]
-            else:
-                completions = generate(model, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
-                rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
+        metrics, rows = {}, []
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, completion tokens
+        with model.gathered(), torch.no_grad():
+            with autocast:
+                shard = eval_sequences[grid.dp_rank :: ranks]
+                for start in range(0, len(shard), args.micro_batch_size):
+                    input_ids, attention_mask, labels = collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                    totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
+                    totals[1] += (labels[:, 1:] != -100).sum()
+            parallel.all_reduce_sum(totals, grid.dp_group)
+            metrics["eval/loss"] = (totals[0] / totals[1]).item()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(args.seed + grid.dp_rank)
+                if args.task == "randomwalks":
+                    starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                    for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
+                        prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: ranks]
+                        completions = generate(model.module, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                        walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
+                        scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
+                        scored = [pair for share in parallel.all_gather_objects(scored, grid.dp_group) for pair in share]
+                        metrics[f"eval/optimality_{name}"] = float(np.mean([s for _, s in scored]))
+                        metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
+                        if name == "greedy":
+                            rows = [[step, w[0], w[1:], s] for w, s in scored]
+                elif grid.is_main:
+                    completions = generate(model.module, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
+                    rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
         model.train()
         return metrics, rows
 
     # 4. The loop: one optimizer step per batch, accumulated over micro-batches.
     model.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     tokens_seen, started = 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
         batch = [train_sequences[i] for i in indices]
-        batch_loss = accumulate_gradients(model, batch, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
+        batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+        rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
+        batch_loss = accumulate_gradients(model, rank_share, batch_tokens, ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
+        batch_loss = parallel.all_reduce_sum(torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group).item()
         tokens_seen += sum(len(ids) for ids, _ in batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -610,7 +658,8 @@ def main(args: Args):
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(step)
             metrics.update(eval_metrics)
-            progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+            if grid.is_main:
+                progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
             if wandb_run:
                 import wandb
 
@@ -619,14 +668,17 @@ def main(args: Args):
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
+                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
             }
-            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, args.keep_checkpoints)
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 5. The result, loadable by plain transformers and by the other scripts.
-    save_final(run_dir, model, tokenizer)
+    save_final(run_dir, model, tokenizer, grid)
+    if not grid.is_main:
+        return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if args.task == "randomwalks":
         summary["dataset/optimality"] = dataset_optimality
@@ -639,4 +691,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with parallel.clean_exit():
+        main(tyro.cli(Args))

@@ -113,3 +113,24 @@ def save_tiny_model(path, family="gpt2", tokenizer=None, seed=0):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+def torchrun(script, *flags, nproc=2, cwd=None, timeout=600, extra=()):
+    """Launch a script as torchrun would on one machine with `nproc` processes (gloo on CPU)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *extra, os.path.join(ROOT, script), *flags]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def write_text_examples(path, n=48, seed=0):
+    """n prompt/completion records in the jsonl format, from the fixture vocabulary, so data
+    parallel tests have enough examples to split over ranks."""
+    import random
+
+    words = "the cat sat on mat a dog ran to park my friend said hello world post title summary".split()
+    rng = random.Random(seed)
+    with open(path, "w") as file:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+            completion = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+            file.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return str(path)

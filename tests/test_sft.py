@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import parallel
 import sft
 from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer
 
@@ -101,10 +102,12 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     examples = sft.load_examples("tldr", os.path.join(FIXTURES, "tldr-train.jsonl"))
     batch = sft.tokenize_examples(tokenizer, examples, 64, "truncate")  # unequal lengths and completion sizes
+    model = parallel.DataParallel(model)  # one process: the pass-through wrapper the script uses
+    batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
     gradients, losses = [], []
     for micro_batch_size in (4, 3, 1):
         model.zero_grad()
-        losses.append(sft.accumulate_gradients(model, batch, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        losses.append(sft.accumulate_gradients(model, batch, batch_tokens, 1, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert gradients[0].abs().max() > 1e-3
     for loss, gradient in zip(losses[1:], gradients[1:]):
