@@ -3,6 +3,11 @@
 import gzip
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples
 
 
 def quick_args(tmp_path, **overrides):
@@ -236,3 +241,86 @@ def test_an_output_dir_holding_a_run_is_refused(tmp_path):
     with pytest.raises(SystemExit) as error:
         sft.main(args)
     assert "already holds a run" in str(error.value) and "--resume" in str(error.value)
+
+
+# --- data parallel under torchrun -----------------------------------------------------------------
+DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2", "--eval-every", "5",
+                       "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.25", "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def text_run_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dp")
+    return ["--data", write_text_examples(folder / "data.jsonl"), "--model", save_tiny_model(folder / "tiny", "gpt2")]
+
+
+def max_weight_difference(first, second):
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_inputs):
+    """2 ranks x micro-batches of 2 = a global batch of 8: every ZeRO stage ends with the eval loss
+    and weights of one process on the same batches (up to fp32 summation order)."""
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs
+    single = run_script("sft.py", *flags, "--output-dir", str(tmp_path / "single"), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())["eval/loss"]
+    for stage in (0, 1, 2, 3):
+        run = torchrun("sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("saved ") == 1, "only rank 0 reports"
+        actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())["eval/loss"]
+        assert actual == pytest.approx(expected, rel=1e-6), f"ZeRO-{stage}"
+        assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}") < 1e-5, f"ZeRO-{stage}"
+    odd = torchrun("sft.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
+    assert odd.returncode != 0 and "does not split into 2 rank(s) x micro-batches" in odd.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inputs):
+    """ZeRO-2 on 2 ranks, the whole launcher killed after a checkpoint: the resumed run (each rank
+    reloading its own optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "2", "--save-every", "2", "--num-epochs", "6"]
+    reference = torchrun("sft.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(killed)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000004").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    process.wait()
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    resumed = torchrun("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "reference", killed)
+    wrong_world = run_script("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert wrong_world.returncode == 1 and "written by 2 process(es)" in wrong_world.stderr
+
+
+def test_two_nodes_equal_one_node(tmp_path, text_run_inputs):
+    """Multi-node launch as on a cluster, here two 'nodes' of one process each on loopback with
+    c10d rendezvous: the same run as one launcher with two processes."""
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "1"]
+    one_node = torchrun("sft.py", *flags, "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc_per_node", "1",
+                          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+                          os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(tmp_path / "two")],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for node in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    assert all(launcher.returncode == 0 for launcher in launchers), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
