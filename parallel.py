@@ -105,7 +105,7 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
         ("dp", [[layout(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]),
     ):
         for ranks in members:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[name] = group
     return Grid(rank, world_size, local_rank, device, dp, pp, tp, dp_rank, pp_rank, tp_rank, groups["dp"], groups["pp"], groups["tp"])

@@ -212,9 +212,13 @@ def memory_experiment(grid):
     return result
 
 
-def dead_rank_experiment(grid):
-    """Rank 1 dies before a collective; rank 0 must get a clear error, not hang."""
+def dead_rank_experiment(grid, stall=False):
+    """Rank 1 dies (or, with stall, stays alive but never joins) before a collective; rank 0 must
+    get a clear error, not hang."""
     if grid.rank == 1:
+        if stall:
+            time.sleep(12)
+            return None
         os._exit(3)
     started = time.time()
     try:
@@ -299,3 +303,10 @@ def test_dead_rank_gives_a_clear_error_within_the_timeout():
     assert result[0]["message"] is not None, "the collective succeeded without its peer"
     assert result[0]["message"].startswith("error: rank 0: a collective failed")
     assert result[0]["seconds"] < 60
+
+
+def test_stalled_rank_times_out_with_a_clear_error():
+    result = spawn(2, dead_rank_experiment, stall=True, timeout_s=3, timeout=120)
+    assert isinstance(result[0], dict), result[0]
+    assert result[0]["message"] is not None and result[0]["message"].startswith("error: rank 0: a collective failed")
+    assert 2 < result[0]["seconds"] < 10, "the timeout was not applied"
