@@ -433,6 +433,7 @@ class _FlatShard:
         self.free()
         self.seen = set()
         self.pending_reductions = []  # (work, output, flat gradient kept alive until the wait)
+        self.reduced = False  # reduce-scattered in the current backward
 
     @torch.no_grad()
     def gather(self):
@@ -460,6 +461,7 @@ class _FlatShard:
         work = dist.reduce_scatter_single(output, flat, op=dist.ReduceOp.AVG, group=self.group, async_op=True)
         self.pending_reductions.append((work, output, flat))
         self.seen = set()
+        self.reduced = True
 
     def wait_reductions(self):
         for work, output, _ in self.pending_reductions:
@@ -529,6 +531,7 @@ class FullyShardedDataParallel(nn.Module):
                 dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
         self._keep_gathered = 0
         self._callback_queued = False
+        self._in_flight = []  # flat shards whose reduce-scatter may still be running
         owner = {}  # parameter -> its _FlatShard
         units = []  # (module, the flat shards its forward needs)
         blocks = _blocks(module)
@@ -638,16 +641,23 @@ class FullyShardedDataParallel(nn.Module):
         flat.seen.add(param)
         if len(flat.seen) == len(flat.params):
             flat.reduce_gradients()
+            # Keep two reductions in flight at most: waiting for older ones releases their
+            # full-size gradient buffers, which would otherwise pile up to a whole model's worth.
+            self._in_flight.append(flat)
+            while len(self._in_flight) > 2:
+                self._in_flight.pop(0).wait_reductions()
 
     def _finish_backward(self):
         self._callback_queued = False
         for flat in self.flat_shards:
-            if flat.trainable and (flat.seen or not flat.pending_reductions):
+            if flat.trainable and not flat.reduced:
                 flat.reduce_gradients()  # parameters that got no gradient this backward
         for flat in self.flat_shards:
             flat.wait_reductions()
+            flat.reduced = False
             if not self._keep_gathered:
                 flat.free()
+        self._in_flight = []
 
     # -- optimizer -----------------------------------------------------------------------------
     def optimizer_parameters(self) -> list:

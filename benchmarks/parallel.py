@@ -1,0 +1,174 @@
+"""parallel.py against torch's own: our DDP vs torch.nn.parallel.DistributedDataParallel, our
+ZeRO-3 vs FSDP2 (torch.distributed.fsdp.fully_shard), ZeRO-1/2 for reference, on the same model,
+batch and optimizer, one after the other in the same processes.
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/parallel.py            # gloo on CPU
+    torchrun --standalone --nproc_per_node 8 benchmarks/parallel.py --layers 24 --hidden 2048   # NCCL
+
+Rank 0 prints a markdown table: median step time (forward, backward, clipping, AdamW step) and
+memory per rank, with ratios to the torch baseline of the same kind. Memory is measured twice:
+the state a rank keeps between steps (parameters, gradients, optimizer state, counted tensor by
+tensor, each storage once) and the peak during the steps (CUDA: max_memory_allocated; CPU: the
+resident-set high-water mark VmHWM, reset through /proc/self/clear_refs after malloc_trim), both
+relative to what was allocated before the model was built.
+"""
+
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parallel  # noqa: E402
+
+
+@dataclass
+class Args:
+    layers: int = 6
+    """GPT-2 blocks"""
+    hidden: int = 384
+    """model width"""
+    vocab: int = 8192
+    """vocabulary size"""
+    sequence: int = 128
+    """tokens per sequence"""
+    batch: int = 4
+    """sequences per rank per step"""
+    steps: int = 6
+    """timed steps (after two warm-up steps)"""
+    bf16: bool = False
+    """bf16 autocast (fp32 master weights), as the scripts' --dtype bf16"""
+
+
+def build_model(args: Args, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=max(1, args.hidden // 64), vocab_size=args.vocab,
+                        n_positions=args.sequence, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).to(device)
+
+
+def resident(field: str) -> int:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # VmHWM := current resident set
+    return resident("VmRSS")
+
+
+def peak_since(start: int, device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() - start
+    return resident("VmHWM") - start
+
+
+def state_bytes(model, optimizer, extra=()) -> int:
+    """Bytes of parameters, gradients and optimizer state this rank holds, each storage once."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = list(model.parameters()) + list(extra)
+    tensors += [t.grad for t in tensors if t.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    storages = {}
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        storage = t.untyped_storage()
+        storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def run_variant(name: str, args: Args, grid, batches):
+    device = grid.device
+    start = reset_peak(device)
+    model = build_model(args, device)
+    extra = []
+    if name == "torch DDP":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
+    elif name == "torch FSDP2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (grid.world_size,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
+    else:
+        stage = int(name[-1]) if name.startswith("ours ZeRO") else 0
+        wrapped = parallel.data_parallel(model, grid.dp_group, stage)
+        optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
+        clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
+        extra = wrapped.optimizer_parameters()
+        extra += [b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    times = []
+    for step, input_ids in enumerate(batches):
+        dist.barrier()
+        started = time.perf_counter()
+        with autocast:
+            loss = wrapped(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        clip()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        if step >= 2:
+            times.append(time.perf_counter() - started)
+    peak = peak_since(start, device)
+    held = state_bytes(model, optimizer, extra)
+    del wrapped, model, optimizer
+    gc.collect()
+    return statistics.median(times), held, peak
+
+
+def main(args: Args):
+    with parallel.clean_exit():
+        grid = parallel.init_distributed("auto")
+        assert grid.world_size > 1, "launch with torchrun --nproc_per_node 2 (or more)"
+        generator = torch.Generator().manual_seed(grid.rank)
+        batches = [torch.randint(0, args.vocab, (args.batch, args.sequence), generator=generator).to(grid.device) for _ in range(args.steps + 2)]
+        run_variant("ours DDP", args, grid, batches)  # warm-up: first-touch allocations and thread pools count for no one
+        rows = {}
+        for name in ("torch DDP", "ours DDP", "ours ZeRO-1", "ours ZeRO-2", "torch FSDP2", "ours ZeRO-3"):
+            rows[name] = run_variant(name, args, grid, batches)
+        if grid.is_main:
+            parameters = sum(p.numel() for p in build_model(args, torch.device("cpu")).parameters())
+            print(f"{grid.world_size} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, GPT-2 {args.layers} layers x {args.hidden}, "
+                  f"{parameters / 1e6:.1f}M parameters, {args.batch} x {args.sequence} tokens per rank, {'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
+            print("| variant | step time | vs baseline | state per rank | vs baseline | peak per rank | vs baseline |")
+            print("|---|---|---|---|---|---|---|")
+            for name, (seconds, held, peak) in rows.items():
+                baseline = rows["torch FSDP2" if name.endswith("ZeRO-3") else "torch DDP"]
+                print(f"| {name} | {seconds * 1000:.1f} ms | {seconds / baseline[0]:.2f}x | {held / 2**20:.1f} MiB | {held / baseline[1]:.2f}x "
+                      f"| {peak / 2**20:.1f} MiB | {peak / max(baseline[2], 1):.2f}x |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
