@@ -11,12 +11,14 @@ in under a minute:
     python ilql.py                                           # randomwalks, fresh 6-layer GPT-2
     python ilql.py --task jsonl --data scored.jsonl --model gpt2
     python ilql.py --task hh --model EleutherAI/pythia-160m  # needs the network
+    torchrun --nproc_per_node 8 ilql.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The run directory (`runs/<run name>/`) receives the LM and its tokenizer, loadable with plain
 `AutoModelForCausalLM.from_pretrained(run_dir)`, and the V/Q heads in `ilql_heads.safetensors`;
 `load_trained(run_dir)` returns all three ready for `generate`.
 """
 
+import contextlib
 import copy
 import gzip
 import json
@@ -36,6 +38,8 @@ import tqdm
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+import parallel
+
 
 @dataclass
 class Args:
@@ -54,6 +58,8 @@ class Args:
     """fp32, or bf16 autocast for the forward pass (weights, heads and optimizer stay fp32)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -65,9 +71,9 @@ class Args:
     num_epochs: int = 20
     """passes over the dataset"""
     batch_size: int = 100
-    """examples per optimizer step (summed over gradient-accumulation micro-batches)"""
+    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
     micro_batch_size: int = 100
-    """examples per forward/backward pass; batch size must be a multiple of it"""
+    """examples per forward/backward pass on one rank; batch_size / ranks must be a multiple of it"""
     learning_rate: float = 2e-4
     """peak learning rate of AdamW (betas 0.9, 0.95 as in trlX)"""
     weight_decay: float = 1e-6
@@ -455,20 +461,42 @@ def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards,
             "value": v.detach().sum(), "q_value": q_taken[0].detach().sum(), "advantage": (target_q - v.detach()).sum()}
 
 
-def accumulate_gradients(lm, heads, batch: list, args: Args, pad_token_id: int, device, autocast) -> dict:
-    """Backward over the batch in micro-batches; returns each loss term's mean over the batch's actions."""
-    batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
+def trained_modules(lm, heads: ILQLHeads) -> torch.nn.ModuleDict:
+    """What the optimizer trains, in one module for the data-parallel wrapper: the LM, the V head
+    and the Q heads. The target Q heads stay outside it (they get no gradient, only Polyak
+    updates), so they are whole on every rank at every ZeRO stage."""
+    return torch.nn.ModuleDict({"lm": lm, "v_head": heads.v_head, "q_heads": heads.q_heads})
+
+
+def accumulate_gradients(model, heads, batch: list, batch_actions: int, ranks: int, args: Args, pad_token_id: int, device, autocast) -> dict:
+    """Backward over this rank's share of the batch in micro-batches; returns its share of each
+    loss term's mean over the global batch's actions (the shares sum to the means over ranks).
+
+    `model` is the wrapped `trained_modules(lm, heads)`. Each micro-batch's summed loss is divided
+    by the action count of the whole global batch, not its own, so the accumulated gradient equals
+    the one-big-batch gradient exactly. The data-parallel reduction averages over ranks, hence the
+    factor `ranks`. Only the last micro-batch's backward communicates (no_sync on the others)."""
+    lm = model.module["lm"]
     totals = {}
-    for start in range(0, len(batch), args.micro_batch_size):
+    starts = range(0, len(batch), args.micro_batch_size)
+    for start in starts:
         input_ids, attention_mask, action_mask, rewards = collate(batch[start : start + args.micro_batch_size], pad_token_id, device)
-        with autocast:
-            output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        terms = ilql_loss(heads, output.logits, output.hidden_states[-1], input_ids, action_mask, rewards, args.tau, args.gamma, args.beta)
-        terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
-        (terms["loss"] / batch_actions).backward()
+        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+            with autocast:
+                output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            terms = ilql_loss(heads, output.logits, output.hidden_states[-1], input_ids, action_mask, rewards, args.tau, args.gamma, args.beta)
+            terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
+            (terms["loss"] / batch_actions * ranks).backward()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
     return totals
+
+
+def share(items: list, rank: int, ranks: int) -> list:
+    """Rank `rank`'s contiguous share of `items` for evaluation (the last ranks may get fewer, or
+    none); concatenating the shares in rank order gives back `items`."""
+    size = math.ceil(len(items) / ranks)
+    return items[rank * size : (rank + 1) * size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,30 +606,45 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(folder, steps[-1])
 
 
-def save_checkpoint(run_dir: str, step: int, lm, tokenizer, heads, trainer_state: dict, keep: int):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
-    rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it."""
+    rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
+    Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
+    optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt. All ranks must call
+    this (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    save_model(temporary, lm, tokenizer, heads)
-    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(os.path.join(folder, old))
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with model.gathered():
+        if grid.is_main:
+            save_model(temporary, model.module["lm"], tokenizer, heads)
+            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    if grid.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
 
 
-def save_final(run_dir: str, lm, tokenizer, heads):
+def save_final(run_dir: str, model, tokenizer, heads, grid):
     """LM, tokenizer and heads into the run directory itself; files are written aside and moved in
-    with config.json last, so a directory that has a config.json holds a complete model."""
-    temporary = os.path.join(run_dir, ".final.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    save_model(temporary, lm, tokenizer, heads)
-    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-    os.rmdir(temporary)
+    with config.json last, so a directory that has a config.json holds a complete model. All ranks
+    call it; rank 0 writes."""
+    with model.gathered():
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        save_model(temporary, model.module["lm"], tokenizer, heads)
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
 
 
 def rng_states() -> dict:
@@ -635,12 +678,16 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Settle the task-dependent defaults, check the arithmetic and the inputs before anything is written.
+    # 1. Join the other ranks (a no-op without torchrun); settle the task-dependent defaults, check
+    #    the arithmetic and the inputs before anything is written.
+    grid = parallel.init_distributed(args.device)
+    device, ranks = grid.device, grid.dp_size
     randomwalks = args.task == "randomwalks"
     args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
                    alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001)
-    if args.batch_size % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
+    local_batch_size = args.batch_size // ranks
     if not 0 < args.tau < 1:
         fail(f"--tau {args.tau} must lie strictly between 0 and 1")
     if not 0 < args.alpha <= 1:
@@ -650,7 +697,6 @@ def main(args: Args):
     if not randomwalks and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -685,9 +731,11 @@ def main(args: Args):
         fail(f"--batch-size {args.batch_size} exceeds the {len(sequences)} examples; lower it")
     total_steps = steps_per_epoch * args.num_epochs
 
-    # The target Q heads are not optimized: they only follow the Q heads by Polyak averaging.
-    parameters = list(lm.parameters()) + [p for p in heads.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    # The LM, V and Q heads are trained (and sharded under ZeRO); the target Q heads are not
+    # optimized: they only follow the Q heads by Polyak averaging, the same on every rank. Same
+    # seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
+    model = parallel.data_parallel(trained_modules(lm, heads), grid.dp_group, args.zero_stage)
+    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
     def lr_factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
@@ -701,47 +749,61 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track", "output_dir") and getattr(args, k, v) != v}
-        if changed:
+        if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        optimizer.load_state_dict(state["optimizer"])
+        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+        optimizer.load_state_dict(rank_state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        set_rng_states(rank_state["rng"])
         step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        print(f"resuming {run_dir} from step {step}")
+        if grid.is_main:
+            print(f"resuming {run_dir} from step {step}")
     else:
-        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        # Rank 0's clock names the run, so every rank agrees on the directory.
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
             fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        os.makedirs(run_dir, exist_ok=True)
-    tokenizer.save_pretrained(run_dir)
-    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+    if grid.is_main:
+        tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def evaluate(step):
         """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
-        sampled ones from every start node; text tasks: greedy responses to a few prompts. Sampling
-        runs on a forked RNG re-seeded for every beta: evaluation never perturbs training, and
-        every evaluation draws comparable samples."""
+        sampled ones from every start node; text tasks: greedy responses to a few prompts. Each
+        rank generates for a contiguous share of the prompts and the results are gathered in
+        order. Sampling runs on a forked RNG re-seeded (seed + rank) for every beta: evaluation
+        never perturbs training, and every evaluation draws comparable samples. The whole model
+        is gathered once (a no-op below ZeRO-3), so ranks may run different numbers of forwards
+        without per-block collectives."""
         metrics, rows = {}, []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
             for beta in args.eval_betas:
-                torch.manual_seed(args.seed)
+                torch.manual_seed(args.seed + grid.dp_rank)
                 if randomwalks:
                     starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
                     for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
-                        prompts = [s for s in starts for _ in range(repeats)]
-                        responses = generate(lm, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device)
+                        prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
+                        responses = generate(lm, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
                         walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
-                        scores = [walk_optimality(w, adjacency, shortest) for w in walks]
-                        metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean(scores))
-                        metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for s in scores]))
+                        scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
+                        scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
+                        metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean([s for _, s in scored]))
+                        metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for _, s in scored]))
                         if name == "greedy":
-                            rows += [[step, beta, w[0], w[1:], s] for w, s in zip(walks, scores)]
+                            rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
                 else:
-                    responses = generate(lm, heads, tokenizer, eval_prompts, args.max_new_tokens, beta, 0.0, 0, device)
+                    prompts = share(eval_prompts, grid.dp_rank, ranks)
+                    responses = generate(lm, heads, tokenizer, prompts, args.max_new_tokens, beta, 0.0, 0, device) if prompts else []
+                    responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
                     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
                     metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
                     rows += [[step, beta, p, t, None] for p, t in zip(eval_prompts, texts)]
@@ -763,24 +825,30 @@ def main(args: Args):
             lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
         return "\n".join(lines)
 
-    # 4. The loop: one optimizer step per batch, accumulated over micro-batches; the target Q heads
-    #    move towards the Q heads every --steps-for-target-sync steps.
-    lm.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0)
+    # 4. The loop: one optimizer step per batch; each rank takes a contiguous share of it,
+    #    accumulated over micro-batches; the target Q heads move towards the Q heads every
+    #    --steps-for-target-sync steps.
+    model.train()
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     tokens_seen, started = 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
         batch = [sequences[i] for i in indices]
-        losses = accumulate_gradients(lm, heads, batch, args, tokenizer.pad_token_id, device, autocast)
+        batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
+        rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
+        losses = accumulate_gradients(model, heads, rank_share, batch_actions, ranks, args, tokenizer.pad_token_id, device, autocast)
+        totals = parallel.all_reduce_sum(torch.tensor(list(losses.values()), dtype=torch.float64, device=device), grid.dp_group)
+        losses = dict(zip(losses, totals.tolist()))
         tokens_seen += sum(len(ids) for ids, _, _ in batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+        grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % args.steps_for_target_sync == 0:
-            heads.sync_target_q_heads(args.alpha)
+            with model.gathered():  # the Q heads whole under ZeRO-3 (a no-op below it)
+                heads.sync_target_q_heads(args.alpha)
 
         tokens_per_second = tokens_seen / (time.time() - started)
         progress.update(1)
@@ -790,7 +858,8 @@ def main(args: Args):
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(step)
             metrics.update(eval_metrics)
-            progress.write(report(step, eval_metrics, rows))
+            if grid.is_main:
+                progress.write(report(step, eval_metrics, rows))
             if wandb_run:
                 import wandb
 
@@ -799,14 +868,17 @@ def main(args: Args):
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
+                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
             }
-            save_checkpoint(run_dir, step, lm, tokenizer, heads, trainer_state, args.keep_checkpoints)
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 5. The result: the LM loadable by plain transformers, the heads beside it.
-    save_final(run_dir, lm, tokenizer, heads)
+    save_final(run_dir, model, tokenizer, heads, grid)
+    if not grid.is_main:
+        return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if randomwalks:
         summary["dataset/optimality"] = dataset_optimality
@@ -820,4 +892,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with parallel.clean_exit():
+        main(tyro.cli(Args))

@@ -8,12 +8,14 @@ on the hidden state of the last real token, trained on pairs where one response 
     python reward_model.py --model runs/sft                 # start from sft.py's checkpoint
     python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
     python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
+    torchrun --nproc_per_node 8 reward_model.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The run directory holds a model that `AutoModelForSequenceClassification.from_pretrained(run_dir)`
 loads (num_labels=1), with the mean and std of its scores on held-out responses in its config
 (`reward_mean`, `reward_std`) so that a consumer can normalise rewards.
 """
 
+import contextlib
 import gzip
 import json
 import math
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 import tqdm
 import tyro
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+import parallel
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Args:
     """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -63,9 +69,9 @@ class Args:
     num_epochs: int = 3
     """passes over the training pairs"""
     batch_size: int = 64
-    """pairs per optimizer step (summed over gradient-accumulation micro-batches)"""
+    """pairs per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
     micro_batch_size: int = 64
-    """pairs per forward/backward pass (chosen and rejected go through together); batch size must be a multiple of it"""
+    """pairs per forward/backward pass on one rank (chosen and rejected go through together); batch_size / ranks must be a multiple of it"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -468,6 +474,36 @@ def pair_scores(model, pairs: list, pad_token_id: int, device):
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
+def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast):
+    """Backward over this rank's share of the batch in micro-batches; returns its share of the
+    global batch's mean loss (the shares sum to the mean over ranks) and its count of pairs ranked
+    right.
+
+    Each micro-batch's summed loss is divided by the pair count of the whole global batch, not its
+    own, so the accumulated gradient equals the one-big-batch gradient exactly. The data-parallel
+    reduction averages over ranks, hence the factor `ranks`. Only the last micro-batch's backward
+    communicates (no_sync on the others)."""
+    batch_loss, batch_correct = 0.0, 0
+    starts = range(0, len(pairs), micro_batch_size)
+    for start in starts:
+        micro_batch = pairs[start : start + micro_batch_size]
+        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+            with autocast:
+                chosen, rejected = pair_scores(model, micro_batch, pad_token_id, device)
+                loss = pairwise_loss(chosen, rejected, torch.tensor([p[2] for p in micro_batch], device=device)).sum() / batch_pairs
+            (loss * ranks).backward()
+        batch_loss += loss.item()
+        batch_correct += int((chosen > rejected).sum())
+    return batch_loss, batch_correct
+
+
+def share(items: list, rank: int, ranks: int) -> list:
+    """Rank `rank`'s contiguous share of `items` for evaluation (the last ranks may get fewer, or
+    none); concatenating the shares in rank order gives back `items`."""
+    size = math.ceil(len(items) / ranks)
+    return items[rank * size : (rank + 1) * size]
+
+
 def model_context(config):
     """Longest sequence the model's position embeddings allow (None when the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -508,32 +544,46 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(folder, steps[-1])
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, keep: int):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
-    leaves a broken checkpoint where --resume would find it."""
+    leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole model and the
+    shared state; every rank writes its own optimizer state (a slice of it under ZeRO) and RNG
+    states to rank_R.pt. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(os.path.join(folder, old))
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with model.gathered():
+        if grid.is_main:
+            model.module.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    if grid.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
 
 
-def save_final(run_dir: str, model, tokenizer):
+def save_final(run_dir: str, model, tokenizer, grid):
     """save_pretrained into the run directory itself; files are written aside and moved in with
-    config.json last, so a directory that has a config.json holds a complete model."""
-    temporary = os.path.join(run_dir, ".final.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-    os.rmdir(temporary)
+    config.json last, so a directory that has a config.json holds a complete model. All ranks call
+    it; rank 0 writes."""
+    with model.gathered():
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        model.module.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
 
 
 def rng_states() -> dict:
@@ -567,13 +617,16 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Check the arithmetic and the inputs before anything is written.
-    if args.batch_size % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
+    #    before anything is written.
+    grid = parallel.init_distributed(args.device)
+    device, ranks = grid.device, grid.dp_size
+    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
+        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
+    local_batch_size = args.batch_size // ranks
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -613,7 +666,9 @@ def main(args: Args):
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
     total_steps = steps_per_epoch * args.num_epochs
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
+    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage)
+    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
@@ -627,36 +682,50 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
-        if changed:
+        if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        optimizer.load_state_dict(state["optimizer"])
+        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+        optimizer.load_state_dict(rank_state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        set_rng_states(rank_state["rng"])
         step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        print(f"resuming {run_dir} from step {step}")
+        if grid.is_main:
+            print(f"resuming {run_dir} from step {step}")
     else:
-        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        # Rank 0's clock names the run, so every rank agrees on the directory.
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
             fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        os.makedirs(run_dir, exist_ok=True)
-    tokenizer.save_pretrained(run_dir)
-    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+    if grid.is_main:
+        tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def evaluate():
-        """Pairwise accuracy, margin and score distribution on the held-out pairs."""
+        """Pairwise accuracy, margin and score distribution on the held-out pairs. Each rank scores
+        a contiguous share and the scores are gathered in order, so every rank computes the same
+        metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
+        different numbers of forwards without per-block collectives."""
         model.eval()
         chosen, rejected = [], []
-        with torch.no_grad(), autocast:
-            for start in range(0, len(eval_sequences), args.micro_batch_size):
-                c, r = pair_scores(model, eval_sequences[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                chosen.append(c)
-                rejected.append(r)
+        with model.gathered(), torch.no_grad(), autocast:
+            mine = share(eval_sequences, grid.dp_rank, ranks)
+            for start in range(0, len(mine), args.micro_batch_size):
+                c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
         model.train()
-        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
+        chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
+        rejected = torch.cat([r for _, rejected_share in shares for r in rejected_share])
         margins = torch.tensor([p[2] for p in eval_sequences])
         both = torch.cat([chosen, rejected])
         metrics = {
@@ -666,38 +735,34 @@ def main(args: Args):
         }
         return metrics, both
 
-    # 4. The loop: one optimizer step per batch of pairs, accumulated over micro-batches.
+    # 4. The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
+    #    accumulated over micro-batches.
     model.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     metrics, started = {}, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
         batch = [train_sequences[i] for i in indices]
-        batch_loss, batch_correct = 0.0, 0
-        for start in range(0, len(batch), args.micro_batch_size):
-            micro_batch = batch[start : start + args.micro_batch_size]
-            with autocast:
-                chosen, rejected = pair_scores(model, micro_batch, tokenizer.pad_token_id, device)
-                # Summed over the micro-batch, divided by the batch size: accumulation equals one big batch.
-                loss = pairwise_loss(chosen, rejected, torch.tensor([p[2] for p in micro_batch], device=device)).sum() / len(batch)
-            loss.backward()
-            batch_loss += loss.item()
-            batch_correct += int((chosen > rejected).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
+        batch_loss, batch_correct = accumulate_gradients(model, rank_share, len(batch), ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
+        totals = parallel.all_reduce_sum(torch.tensor([batch_loss, batch_correct], dtype=torch.float64, device=device), grid.dp_group).tolist()
+        batch_loss, batch_accuracy = totals[0], totals[1] / len(batch)
+        grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
         progress.update(1)
-        progress.set_postfix(loss=f"{batch_loss:.4f}", accuracy=f"{batch_correct / len(batch):.3f}")
-        metrics = {"train/loss": batch_loss, "train/accuracy": batch_correct / len(batch), "train/grad_norm": float(grad_norm),
+        progress.set_postfix(loss=f"{batch_loss:.4f}", accuracy=f"{batch_accuracy:.3f}")
+        metrics = {"train/loss": batch_loss, "train/accuracy": batch_accuracy, "train/grad_norm": float(grad_norm),
                    "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": step * args.batch_size / (time.time() - started), "train/epoch": step / steps_per_epoch}
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, eval_scores = evaluate()
             metrics.update(eval_metrics)
-            progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+            if grid.is_main:
+                progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
             if wandb_run:
                 import wandb
 
@@ -706,24 +771,30 @@ def main(args: Args):
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
-                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
+                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
             }
-            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, args.keep_checkpoints)
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 5. Score statistics on held-out chosen and rejected responses, stored with the model so that
     # a consumer (ppo.py) can normalise rewards to zero mean and unit variance.
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/") and not k.endswith("/scores")}
-    model.config.reward_mean, model.config.reward_std = summary["eval/score_mean"], summary["eval/score_std"]
+    model.module.config.reward_mean, model.module.config.reward_std = summary["eval/score_mean"], summary["eval/score_std"]
     if args.task == "randomwalks":
         # Corrupted walks are mostly invalid: a block of ties at optimality 0 that the model, rightly,
         # still grades (a walk that breaks one edge scores above one that wanders), so their
-        # correlation is lower and reported apart.
-        for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
-            scores = score(model, tokenizer, [w[0] for w in evaluated], [w[1:] for w in evaluated], batch_size=256)
-            summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
-    save_final(run_dir, model, tokenizer)
+        # correlation is lower and reported apart. Each rank scores a share of the walks.
+        with model.gathered():
+            for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
+                mine = share(evaluated, grid.dp_rank, ranks)
+                scores = score(model.module, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256) if mine else torch.zeros(0)
+                scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
+                summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
+    save_final(run_dir, model, tokenizer, grid)
+    if not grid.is_main:
+        return
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
         json.dump({"step": step, **summary}, file, indent=1)
     print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
@@ -733,4 +804,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with parallel.clean_exit():
+        main(tyro.cli(Args))

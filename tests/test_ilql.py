@@ -3,14 +3,20 @@
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import tyro
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import ilql
-from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script
+import parallel
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, torchrun
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
 # conftest.text_tokenizer reads as text-only records.
@@ -141,11 +147,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     heads = ilql.new_heads(model, two_qs=True).double()
     args = ilql.Args(tau=0.7, beta=0.3, batch_size=6)
     batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("cd", "a", -1.0), ("e", "fghia", 0.5), ("f", "a", 0.0), ("g", "ha", 2.0), ("hij", "ka", -0.5)], 16, "truncate")
+    wrapped = parallel.DataParallel(ilql.trained_modules(model, heads))  # one process: the pass-through wrapper the script uses
+    batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
     gradients, losses = [], []
     for micro_batch_size in (6, 4, 1):
         model.zero_grad()
         heads.zero_grad()
-        losses.append(ilql.accumulate_gradients(model, heads, batch, ilql.replace(args, micro_batch_size=micro_batch_size), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        losses.append(ilql.accumulate_gradients(wrapped, heads, batch, batch_actions, 1, ilql.replace(args, micro_batch_size=micro_batch_size), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
         gradients.append(torch.cat([p.grad.flatten() for p in [*model.parameters(), *heads.v_head.parameters(), *heads.q_heads.parameters()]]))
     assert gradients[0].abs().max() > 1e-3
     for loss, gradient in zip(losses[1:], gradients[1:]):
@@ -174,7 +182,8 @@ def test_target_heads_get_no_gradient(tmp_path):
     tokenizer = ilql.randomwalks_tokenizer()
     heads = ilql.new_heads(model, two_qs=True)
     batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("c", "a", -1.0)], 16, "truncate")
-    ilql.accumulate_gradients(model, heads, batch, ilql.Args(tau=0.7, beta=1.0, micro_batch_size=2, batch_size=2), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False))
+    wrapped = parallel.DataParallel(ilql.trained_modules(model, heads))
+    ilql.accumulate_gradients(wrapped, heads, batch, 4, 1, ilql.Args(tau=0.7, beta=1.0, micro_batch_size=2, batch_size=2), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*heads.v_head.parameters(), *heads.q_heads.parameters()])
     assert all(p.grad is None and not p.requires_grad for p in heads.target_q_heads.parameters())
 
@@ -352,3 +361,82 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {path}, record 1: 'reward' is nan; rewards must be finite numbers"]
     assert not (tmp_path / "run").exists()
+
+
+# --- data parallel under torchrun -----------------------------------------------------------------
+# A Llama, which has neither dropout nor biases: GPT-2's attention key biases get a gradient that is
+# exactly zero but for rounding (softmax ignores a shift common to all keys), which AdamW scales up
+# to steps of the learning rate, so runs that differ only in summation order drift apart there by
+# ~1e-5. Without such directions they agree to ~1e-7.
+DATA_PARALLEL_FLAGS = ["--num-epochs", "2", "--batch-size", "100", "--micro-batch-size", "25", "--learning-rate", "1e-2", "--steps-for-target-sync", "3",
+                       "--eval-every", "20", "--eval-samples-per-start", "2", "--eval-betas", "0", "4"]
+
+
+@pytest.fixture(scope="module")
+def randomwalks_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dp") / "llama"
+    tokenizer = ilql.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=16, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def max_weight_difference(first, second, name):
+    a, b = load_file(os.path.join(first, name)), load_file(os.path.join(second, name))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, randomwalks_llama):
+    """2 ranks x 2 micro-batches of 25 walks = a global batch of 100: every ZeRO stage ends with the
+    LM, the heads (target heads included) and the greedy evaluation of one process on the same
+    batches, up to fp32 summation order. Sampled walks differ by design (each rank samples from
+    seed + rank)."""
+    flags = DATA_PARALLEL_FLAGS + ["--model", randomwalks_llama]
+    ilql.main(tyro.cli(ilql.Args, args=[*flags, "--output-dir", str(tmp_path / "single")]))
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    greedy = {k: v for k, v in expected.items() if "greedy" in k}
+    assert expected["eval/optimality_greedy_beta4"] > 0.1  # it learned enough for greedy walks to tell a difference
+    for stage in (0, 1, 2, 3):
+        run = torchrun("ilql.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
+        actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())
+        assert actual.keys() == expected.keys()
+        assert {k: actual[k] for k in greedy} == pytest.approx(greedy, rel=1e-5), f"ZeRO-{stage}"
+        for name in ("model.safetensors", ilql.HEADS_FILE):
+            assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}", name) < 1e-5, f"ZeRO-{stage} {name}"
+
+
+def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
+    """ZeRO-3 on 2 ranks with dropout on, the whole launcher killed after a checkpoint: the resumed
+    run (each rank reloading its optimizer slice and RNG, rank 0's target heads) ends bitwise where
+    an uninterrupted one does."""
+    model = tiny_randomwalks_model(tmp_path / "model")
+    flags = ["--model", model, "--num-epochs", "3", "--batch-size", "100", "--micro-batch-size", "25", "--save-every", "4", "--steps-for-target-sync", "3",
+             "--eval-every", "100", "--eval-samples-per-start", "2", "--eval-betas", "1", "--zero-stage", "3"]
+    reference = torchrun("ilql.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "ilql.py"), *flags, "--output-dir", str(killed)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000004").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    process.wait()
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    resumed = torchrun("ilql.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    for name in ("model.safetensors", ilql.HEADS_FILE):
+        assert_same_weights(tmp_path / "reference", killed, name)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3; resume it with the same"):
+        ilql.main(tyro.cli(ilql.Args, args=[*flags, "--resume", str(killed)]))  # one process

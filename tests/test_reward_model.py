@@ -3,14 +3,21 @@
 import json
 import math
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import tyro
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import parallel
 import reward_model as rm
-from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun
 
 
 def quick_args(tmp_path, **overrides):
@@ -92,6 +99,22 @@ def test_randomwalks_pairs_prefer_the_more_optimal_walk():
     rejected_scores = [rm.walk_optimality(p["prompt"] + p["rejected"], adjacency, shortest) for p in pairs]
     chosen_scores = [rm.walk_optimality(p["prompt"] + p["chosen"], adjacency, shortest) for p in pairs]
     assert 0 in rejected_scores and 1.0 in chosen_scores and any(0 < s < 1 for s in chosen_scores)  # valid and invalid walks both appear
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
+    model, tokenizer = rm.load_model(tiny_gpt2, "cpu", seed=0)
+    model = parallel.DataParallel(model.double())  # one process: the pass-through wrapper the script uses
+    batch = rm.tokenize_pairs(tokenizer, rm.load_pairs("jsonl", os.path.join(FIXTURES, "preference-pairs.jsonl")), 64)
+    assert len(batch) >= 4 and any(margin for _, _, margin in batch)
+    gradients, results = [], []
+    for micro_batch_size in (len(batch), 3, 1):
+        model.zero_grad()
+        results.append(rm.accumulate_gradients(model, batch, len(batch), 1, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert gradients[0].abs().max() > 1e-3
+    for (loss, correct), gradient in zip(results[1:], gradients[1:]):
+        assert loss == pytest.approx(results[0][0], rel=1e-12) and correct == results[0][1]
+        assert torch.allclose(gradient, gradients[0], rtol=1e-10, atol=1e-13)
 
 
 # --- data parsers on upstream formats -----------------------------------------------------------
@@ -184,7 +207,7 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
     expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string")
     expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")), "no such directory")
     expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
-    expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5), "not a multiple")
+    expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5), "does not split into 1 rank(s) x micro-batches of --micro-batch-size 5")
     # Identical pairs among good ones are dropped with a count, not fatal.
     pairs = rm.load_pairs("jsonl", write_pairs(tmp_path, ['{"prompt": "p", "chosen": "x", "rejected": "x"}', '{"prompt": "p", "chosen": "a", "rejected": "b"}']))
     assert len(pairs) == 1 and "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().out
@@ -202,3 +225,89 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     result = run_script("reward_model.py", "--task", "jsonl", "--data", str(path), "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {path}, record 1: field 'rejected' is missing; every record needs 'prompt', 'chosen', 'rejected'"]
+
+
+# --- data parallel under torchrun -----------------------------------------------------------------
+# Llama has no bias anywhere: GPT-2's final layer-norm bias (which shifts every score alike, and the
+# Bradley-Terry loss ignores a common shift) and its attention key biases get a gradient that is
+# exactly zero but for rounding, which AdamW then scales up to steps of the learning rate, so two
+# runs that differ only in summation order drift apart there by ~1e-4 (one process with 1 thread
+# vs 2 does too). Without such directions the runs agree to ~1e-7.
+DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2", "--eval-every", "5",
+                       "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.2"]
+
+
+def write_preference_pairs(path, n=40, seed=0):
+    """n preference pairs in the jsonl format, from the fixture vocabulary, some with a margin."""
+    words = "the cat sat on mat a dog ran to park my friend said hello world post title summary".split()
+    rng = random.Random(seed)
+    with open(path, "w") as file:
+        for _ in range(n):
+            prompt, chosen, rejected = (" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) for _ in range(3))
+            file.write(json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected, "margin": rng.choice([0.0, 0.5])}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs_run_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dp")
+    return ["--data", write_preference_pairs(folder / "pairs.jsonl"), "--model", save_tiny_model(folder / "tiny", "llama")]
+
+
+def max_weight_difference(first, second):
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_inputs):
+    """2 ranks x 2 micro-batches of 2 pairs = a global batch of 8: every ZeRO stage ends with the
+    eval metrics and weights of one process on the same batches (up to fp32 summation order)."""
+    flags = DATA_PARALLEL_FLAGS + pairs_run_inputs
+    rm.main(tyro.cli(rm.Args, args=[*flags, "--output-dir", str(tmp_path / "single")]))  # one process, in this one
+    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
+    for stage in (0, 1, 2, 3):
+        run = torchrun("reward_model.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("saved ") == 1, "only rank 0 reports"
+        actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())
+        assert actual.keys() == expected.keys()
+        for key, value in expected.items():
+            assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"ZeRO-{stage} {key}"
+        assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}") < 1e-5, f"ZeRO-{stage}"
+        config = json.loads((tmp_path / f"zero{stage}" / "config.json").read_text())
+        assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(actual["eval/score_std"])
+    odd = torchrun("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
+    assert odd.returncode != 0 and "does not split into 2 rank(s) x micro-batches" in odd.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_inputs):
+    """ZeRO-1 on 2 ranks, the whole launcher killed after a checkpoint: the resumed run (each rank
+    reloading its own optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
+    flags = DATA_PARALLEL_FLAGS + pairs_run_inputs + ["--zero-stage", "1", "--save-every", "2", "--num-epochs", "8"]
+    reference = torchrun("reward_model.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "reward_model.py"), *flags,
+               "--output-dir", str(killed)]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000004").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    process.wait()
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    resumed = torchrun("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_same_weights(tmp_path / "reference", killed)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1; resume it with the same"):
+        rm.main(tyro.cli(rm.Args, args=[*flags, "--resume", str(killed)]))  # one process
