@@ -29,8 +29,8 @@ def _entry(rank, world, port, experiment, args, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        grid = parallel.init_distributed("cpu", timeout_s=args.get("timeout_s", 120))
-        result = experiment(grid, **{k: v for k, v in args.items() if k != "timeout_s"})
+        grid = parallel.init_distributed("cpu", tp=args.get("tp", 1), timeout_s=args.get("timeout_s", 120))
+        result = experiment(grid, **{k: v for k, v in args.items() if k not in ("timeout_s", "tp")})
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     except BaseException as error:  # report, never hang the parent
