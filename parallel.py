@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import math
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
@@ -938,6 +939,387 @@ def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> 
                 full.index_copy_(dim, rows, part)
             state[key] = full.t().contiguous() if module.conv1d and full.dim() == 2 else full
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallel: consecutive decoder layers on each rank of pp_group, micro-batches streamed
+# ---------------------------------------------------------------------------------------------
+# A stage is a Hugging Face causal LM with every module of the other stages removed. Only
+# activations travel: stage i sends the hidden states of a micro-batch to stage i + 1 as it
+# finishes its forward, and stage i + 1 sends their gradient back as it finishes its backward
+# (point-to-point, both directions posted together with batch_isend_irecv). Everything else a
+# decoder layer needs (the causal/padding mask, position ids, rotary cos/sin) is cheap and is
+# recomputed on every stage from the micro-batch itself, which every stage gets from its own data
+# loader: input_ids, attention_mask, labels (and position_ids where a script passes them).
+#
+# No shapes are sent and nothing is padded beyond what the data loader does: an activation of a
+# micro-batch is [rows, seq_len, hidden], rows and seq_len are input_ids.shape on every stage,
+# hidden is the config's and the dtype that of the stage's parameters (the residual stream stays
+# in the parameters' dtype under autocast), so each receiver allocates the right buffer by itself
+# and micro-batches of different lengths (the last, short one; length-bucketed batches) just work.
+#
+# Tied embeddings (GPT-2): the first stage keeps the token embedding, the last stage keeps the
+# same matrix as its LM head, a copy once the stages live in different processes (Megatron does
+# the same). Both start equal because every rank loads the same weights, and stay equal because
+# the schedules end by exchanging the two partial gradients between the first and the last stage
+# and adding them, so both copies get the whole gradient and take identical optimizer steps.
+_PIPELINE_LAYOUT = {
+    # model_type: (base model attribute, embedding modules, decoder layers, final norm, embedding dropout)
+    "gpt2": ("transformer", ("wte", "wpe"), "h", "ln_f", "drop"),
+    "llama": ("model", ("embed_tokens",), "layers", "norm", None),
+    "gpt_neox": ("gpt_neox", ("embed_in",), "layers", "final_layer_norm", "emb_dropout"),
+}
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """The decoder layers of `stage`: contiguous, as even as possible, the first num_layers %
+    stages stages taking one layer more (np.array_split's rule), e.g. 5 layers on 4 stages are
+    [0, 1], [2], [3], [4]. So the last stage, which also runs the final norm, the LM head and the
+    loss, never gets an extra layer. The price: under 1F1B the first stage holds the most
+    micro-batches in flight (pp), so its extra layer costs the most activation memory; a planner
+    that balances memory rather than time would put the extra layers in the middle."""
+    if not 1 <= stages <= num_layers:
+        raise SystemExit(f"error: --pp {stages} needs at least one decoder layer per stage; the model has {num_layers}")
+    size, extra = divmod(num_layers, stages)
+    start = stage * size + min(stage, extra)
+    return range(start, start + size + (stage < extra))
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """The idle fraction of a pipeline with equal stages and free communication, (p - 1) / (m + p - 1):
+    each stage idles p - 1 forward slots waiting for the first micro-batch and as many backward
+    slots draining the last, out of m + p - 1 slots each way. GPipe and 1F1B have the same bubble;
+    1F1B only caps the micro-batches in flight at p instead of m."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+class PipelineStage(nn.Module):
+    """This rank's stage of a GPT-2, Llama or GPT-NeoX causal LM, over the ranks of `group` (the
+    grid's pp_group; None is one stage holding everything). The model is pruned in place, like
+    tensor_parallel: the other stages' decoder layers become None in their ModuleList, and the
+    embeddings (not on the first stage), the final norm and the LM head (not on the last) become
+    None, so their parameters are freed and the stage's state_dict() is the subset of the dense
+    model's under the dense names (prefixed "model."). Every rank must load the same full weights
+    first; load with low_cpu_mem_usage / on the meta device where the whole model does not fit.
+
+    forward(x, attention_mask, position_ids): x is input_ids on the first stage and the previous
+    stage's hidden states elsewhere; returns hidden states, or on the last stage the logits (the
+    final-normed hidden states if compute_logits=False, for a loss that applies the head itself,
+    e.g. kernels.fused_logprobs with stage.head.weight). Missing position_ids default to 0..s-1,
+    as in the HF models."""
+
+    def __init__(self, model: nn.Module, group: Optional[dist.ProcessGroup] = None, compute_logits: bool = True):
+        super().__init__()
+        config = model.config
+        if config.model_type not in _PIPELINE_LAYOUT:
+            raise SystemExit(f"error: pipeline parallel knows the {', '.join(_PIPELINE_LAYOUT)} families, not {config.model_type!r}")
+        base_name, embedding_names, layers_name, norm_name, dropout_name = _PIPELINE_LAYOUT[config.model_type]
+        self.group, self.compute_logits, self.config = group, compute_logits, config
+        self.size = group_size(group)
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.size - 1
+        # Neighbours as global ranks: P2POp takes the peer's global rank.
+        self.prev_rank = dist.get_global_rank(group, self.rank - 1) if not self.is_first else None
+        self.next_rank = dist.get_global_rank(group, self.rank + 1) if not self.is_last else None
+        self.first_rank = dist.get_global_rank(group, 0) if group is not None else None
+        self.last_rank = dist.get_global_rank(group, self.size - 1) if group is not None else None
+
+        base = getattr(model, base_name)
+        head = model.get_output_embeddings()
+        head_name = next(name for name, module in model.named_children() if module is head)
+        all_layers = getattr(base, layers_name)
+        self.layer_indices = stage_layers(len(all_layers), self.size, self.rank)
+        self.tied = self.size > 1 and head.weight is model.get_input_embeddings().weight
+        if not self.is_first:
+            for name in embedding_names:
+                setattr(base, name, None)
+        for index in range(len(all_layers)):
+            if index not in self.layer_indices:
+                all_layers[index] = None
+        if not self.is_last:
+            setattr(base, norm_name, None)
+            setattr(model, head_name, None)
+        self.model = model  # the only registered child: parameter names stay the dense model's
+        # Unregistered handles on the kept modules, so that forward reads like the HF forward.
+        self._embeddings = [getattr(base, name) for name in embedding_names] if self.is_first else []
+        self._dropout = getattr(base, dropout_name) if dropout_name and self.is_first else None
+        self._layers = [all_layers[index] for index in self.layer_indices]
+        self._norm = getattr(base, norm_name) if self.is_last else None
+        self._head = head if self.is_last else None
+        self._rotary = getattr(base, "rotary_emb", None)  # buffers only; Llama and NeoX need it on every stage
+        if group is not None:
+            # Every stage must have cut the same model the same way; this first collective on the
+            # group also makes NCCL set the group up with every rank present, as its P2P requires.
+            shapes = all_gather_objects((config.model_type, len(all_layers), config.hidden_size), group)
+            assert len(set(shapes)) == 1, f"the pipeline stages were built from different models: {shapes}"
+
+    @property
+    def head(self) -> Optional[nn.Module]:
+        """The LM head (last stage only), for losses that apply it themselves."""
+        return self._head
+
+    @property
+    def tied_weight(self) -> Optional[nn.Parameter]:
+        """The tied embedding / LM head matrix on the first and last stages, when pipelined."""
+        if not self.tied:
+            return None
+        return self._embeddings[0].weight if self.is_first else self._head.weight if self.is_last else None
+
+    def activation(self, micro_batch: dict) -> tuple:
+        """(shape, dtype) of the hidden states a micro-batch sends between stages."""
+        rows, length = micro_batch["input_ids"].shape
+        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        return (rows, length, self.config.hidden_size), dtype
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        length = x.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=x.device).unsqueeze(0)
+        if self.is_first:
+            hidden = self._embeddings[0](x)
+            if len(self._embeddings) > 1:  # GPT-2's learned positions
+                hidden = hidden + self._embeddings[1](position_ids)
+            if self._dropout is not None:
+                hidden = self._dropout(hidden)
+        else:
+            hidden = x
+        # As the HF top-level forward builds them; the mask reads only the shape, dtype and device
+        # of `inputs_embeds`, which received hidden states share with the first stage's embeddings.
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+        extra = {"position_embeddings": self._rotary(hidden, position_ids=position_ids)} if self._rotary is not None else {}
+        for layer in self._layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **extra)
+        if self.is_last:
+            hidden = self._norm(hidden)
+            if self.compute_logits:
+                hidden = self._head(hidden)
+        return hidden
+
+
+def pipeline_stage(model: nn.Module, group: Optional[dist.ProcessGroup], compute_logits: bool = True) -> PipelineStage:
+    """PipelineStage(model, group): the scripts' spelling, as tensor_parallel(model, group)."""
+    return PipelineStage(model, group, compute_logits)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens) -> torch.Tensor:
+    """Next-token cross-entropy summed over a micro-batch's labelled tokens (-100 is ignored) and
+    divided by num_tokens, the labelled-token count of the WHOLE batch (every micro-batch of every
+    data-parallel rank), so that the micro-batch losses add up to the whole batch's mean and their
+    gradients to its gradient. The HF models' own loss, but in the logits' dtype when it is at
+    least fp32 (HF always uses fp32)."""
+    logits = logits[:, :-1].flatten(0, 1)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return nn.functional.cross_entropy(logits, labels[:, 1:].flatten().to(logits.device), ignore_index=-100, reduction="sum") / num_tokens
+
+
+def count_label_tokens(micro_batches: list, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The labelled tokens (label != -100, past the first position) of all micro-batches, summed over
+    `group` (pass the dp_group when the batch is split over data-parallel ranks): causal_lm_loss's
+    num_tokens."""
+    count = sum((mb["labels"][:, 1:] != -100).sum() for mb in micro_batches)
+    return all_reduce_sum(torch.as_tensor(count, dtype=torch.float64, device=micro_batches[0]["labels"].device), group)
+
+
+def _p2p(stage: PipelineStage, send_next=None, send_prev=None, recv_prev=None, recv_next=None) -> tuple:
+    """Post every send and receive of one step together and wait for all of them. recv_prev and
+    recv_next are (shape, dtype) of the buffer to receive into, or None. Posting both directions
+    in one batch is what keeps 1F1B's steady state (send an activation forward while receiving a
+    gradient from the same neighbour) free of deadlocks: neither side waits for the other's
+    receive before posting its own."""
+    ops, from_prev, from_next = [], None, None
+    if send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), stage.prev_rank, stage.group))
+    if recv_prev is not None:
+        from_prev = torch.empty(recv_prev[0], dtype=recv_prev[1], device=_device(stage))
+        ops.append(dist.P2POp(dist.irecv, from_prev, stage.prev_rank, stage.group))
+    if send_next is not None:
+        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), stage.next_rank, stage.group))
+    if recv_next is not None:
+        from_next = torch.empty(recv_next[0], dtype=recv_next[1], device=_device(stage))
+        ops.append(dist.P2POp(dist.irecv, from_next, stage.next_rank, stage.group))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return from_prev, from_next
+
+
+def _device(stage: PipelineStage) -> torch.device:
+    return next(stage.parameters()).device
+
+
+class _Runner:
+    """What both schedules share: one micro-batch's forward and backward on this stage, the
+    messages to the neighbours around them, the loss, the busy-time clock, and which backward is
+    the last (where a DataParallel-wrapped stage reduces gradients over its dp_group; every
+    earlier backward runs under no_sync)."""
+
+    def __init__(self, stage: nn.Module, micro_batches: list, loss_fn, timings: Optional[dict]):
+        self.wrapper = stage  # called for forward: a DataParallel wrapper forwards to the stage
+        self.stage = stage if isinstance(stage, PipelineStage) else stage.module
+        assert isinstance(self.stage, PipelineStage), "the schedules run a PipelineStage, optionally wrapped in DataParallel"
+        assert micro_batches, "a schedule needs at least one micro-batch"
+        # The tied-gradient exchange adds whole gradients; ZeRO-1/2 leave only a shard of them.
+        assert not (self.stage.tied and getattr(stage, "zero_stage", 0) >= 1), "tied embeddings across pipeline stages need zero_stage 0"
+        self.micro_batches, self.loss_fn, self.timings = micro_batches, loss_fn, timings
+        self.backwards_left = len(micro_batches)
+        self.total_loss = None
+        self.busy, self.order = 0.0, []
+        self.start = self._clock()
+
+    def _clock(self) -> float:
+        if self.timings is not None and _device(self.stage).type == "cuda":
+            torch.cuda.synchronize()  # only when timing: it stalls the host on every kernel
+        return time.perf_counter()
+
+    def receive_forward(self, index: int, send_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The first stage's input is the micro-batch's token ids, which need no gradient. Other
+        stages receive the previous stage's hidden states (while sending back a gradient, when
+        1F1B has one to send) and mark them as needing a gradient, which is what they send back."""
+        if self.stage.is_first:
+            _p2p(self.stage, send_prev=send_grad)
+            return self.micro_batches[index]["input_ids"]
+        x, _ = _p2p(self.stage, send_prev=send_grad, recv_prev=self.stage.activation(self.micro_batches[index]))
+        return x.requires_grad_()
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The stage's output for micro-batch `index` (on the last stage: its loss)."""
+        micro_batch = self.micro_batches[index]
+        began = self._clock()
+        self.order.append(("F", index))
+        y = self.wrapper(x, attention_mask=micro_batch.get("attention_mask"), position_ids=micro_batch.get("position_ids"))
+        if self.stage.is_last:
+            y = self.loss_fn(y, micro_batch)
+            loss = y.detach()
+            self.total_loss = loss if self.total_loss is None else self.total_loss + loss
+        self.busy += self._clock() - began
+        return y
+
+    def backward(self, index: int, x: torch.Tensor, y: torch.Tensor, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Backward of micro-batch `index` from its output (the loss on the last stage, else the
+        hidden states with the gradient the next stage sent); returns the input's gradient, or
+        None on the first stage."""
+        self.order.append(("B", index))
+        self.backwards_left -= 1
+        sync = self.backwards_left == 0 or not hasattr(self.wrapper, "no_sync")
+        began = self._clock()
+        with contextlib.nullcontext() if sync else self.wrapper.no_sync():
+            torch.autograd.backward(y, grad_tensors=None if self.stage.is_last else grad)
+        self.busy += self._clock() - began
+        if self.stage.is_first:
+            return None
+        return x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def finish(self, broadcast_loss: bool) -> Optional[torch.Tensor]:
+        """Tied embedding gradients, the loss, the timings."""
+        stage = self.stage
+        tied = stage.tied_weight
+        if tied is not None:
+            # First and last stage swap their partial gradients; a + b == b + a exactly, so both
+            # copies end bitwise equal.
+            grad = tied.grad if tied.grad is not None else torch.zeros_like(tied)
+            other = torch.empty_like(grad)
+            peer = stage.last_rank if stage.is_first else stage.first_rank
+            for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, grad.contiguous(), peer, stage.group),
+                                                   dist.P2POp(dist.irecv, other, peer, stage.group)]):
+                request.wait()
+            if tied.grad is None:
+                tied.grad = other
+            else:
+                tied.grad.add_(other)
+        loss = self.total_loss
+        if broadcast_loss:
+            loss = loss.to(torch.float64) if stage.is_last else torch.zeros((), dtype=torch.float64, device=_device(stage))
+            if stage.group is not None:
+                dist.broadcast(loss, src=stage.last_rank, group=stage.group)
+        if self.timings is not None:
+            total = self._clock() - self.start
+            self.timings.update(busy=self.busy, total=total, bubble=1.0 - self.busy / total if total > 0 else 0.0, order=self.order)
+        return loss
+
+
+def pipeline_afab(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """All forwards, then all backwards (GPipe), of the micro-batches on this stage; every stage of
+    the pipeline calls it with the same number of micro-batches (each its own copy of them).
+
+    micro_batches: dicts with input_ids and optionally attention_mask, position_ids, labels.
+    loss_fn(output, micro_batch) -> scalar, called on the last stage only; scale it so that the
+    micro-batch losses add up to the whole batch's loss (causal_lm_loss with count_label_tokens
+    does). Gradients accumulate into .grad (zero them between batches as usual); the tied
+    embedding's two copies are made whole at the end. Returns the summed loss: on every stage
+    (broadcast from the last, fp64) by default, on the last stage only with broadcast_loss=False
+    (None elsewhere). `timings`, a dict, receives this stage's busy seconds (forward and backward
+    compute), total seconds, the measured bubble 1 - busy / total (waiting for neighbours and
+    communicating count as idle) and the order of its steps, [("F" or "B", micro-batch), ...].
+
+    Simple, but stage i keeps the activations of all M micro-batches until the backwards start,
+    so memory grows with M."""
+    run = _Runner(stage, micro_batches, loss_fn, timings)
+    inputs, outputs = [], []
+    for index in range(len(micro_batches)):
+        x = run.receive_forward(index)
+        y = run.forward(index, x)
+        if not run.stage.is_last:
+            _p2p(run.stage, send_next=y.detach())
+        inputs.append(x)
+        outputs.append(y)
+    for index in range(len(micro_batches)):
+        grad = None
+        if not run.stage.is_last:
+            _, grad = _p2p(run.stage, recv_next=run.stage.activation(micro_batches[index]))
+        dx = run.backward(index, inputs[index], outputs[index], grad)
+        inputs[index] = outputs[index] = None  # the graph of a micro-batch dies with its backward
+        _p2p(run.stage, send_prev=dx)
+    return run.finish(broadcast_loss)
+
+
+def pipeline_1f1b(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """One forward, one backward (PipeDream-Flush, Megatron's default schedule); arguments and
+    result as pipeline_afab. Stage i runs pp - i - 1 warm-up forwards, then alternates one forward
+    and one backward, then drains the remaining backwards. The same bubble as GPipe, but a stage
+    never holds more than pp - i micro-batches' activations, whatever the number of micro-batches.
+
+    Each step's messages go in one batch: after a forward, the output goes to the next stage
+    while the gradient of the oldest micro-batch in flight comes back from it; after a backward,
+    the input gradient goes to the previous stage while the next micro-batch's activations come
+    from it."""
+    run = _Runner(stage, micro_batches, loss_fn, timings)
+    s, count = run.stage, len(micro_batches)
+    warmup = min(s.size - s.rank - 1, count)
+    inputs, outputs = [], []
+    for index in range(warmup):
+        x = run.receive_forward(index)
+        y = run.forward(index, x)
+        if not s.is_last:
+            _p2p(s, send_next=y.detach())
+        inputs.append(x)
+        outputs.append(y)
+    steady = count - warmup
+    x = run.receive_forward(warmup) if steady > 0 else None
+    for step in range(steady):
+        index, oldest = warmup + step, step  # forward micro-batch `index`, backward `oldest`
+        y = run.forward(index, x)
+        inputs.append(x)
+        outputs.append(y)
+        grad = None
+        if not s.is_last:
+            _, grad = _p2p(s, send_next=y.detach(), recv_next=s.activation(micro_batches[oldest]))
+        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
+        inputs[oldest] = outputs[oldest] = None
+        if step < steady - 1:
+            x = run.receive_forward(index + 1, send_grad=dx)
+        else:
+            _p2p(s, send_prev=dx)
+    for oldest in range(steady, count):
+        grad = None
+        if not s.is_last:
+            _, grad = _p2p(s, recv_next=s.activation(micro_batches[oldest]))
+        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
+        inputs[oldest] = outputs[oldest] = None
+        _p2p(s, send_prev=dx)
+    return run.finish(broadcast_loss)
 
 
 # ---------------------------------------------------------------------------------------------
