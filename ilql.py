@@ -736,6 +736,10 @@ def main(args: Args):
     # seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
     model = parallel.data_parallel(trained_modules(lm, heads), grid.dp_group, args.zero_stage)
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
+    # stream); the tensor-parallel ranks of one replica must draw the same ones.
+    if grid.dp_rank:
+        torch.manual_seed(args.seed + grid.dp_rank)
 
     def lr_factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:

@@ -198,6 +198,10 @@ class _Bucket:
                 param.data = self.flat_params[offset : offset + param.numel()].view_as(param)
             # The optimizer steps this view in place, i.e. this rank's slice of the flat parameters.
             self.shard = nn.Parameter(self.flat_params[rank * self.shard_size : (rank + 1) * self.shard_size])
+            # Tensor-parallel shards count fully in the gradient norm, replicated parameters 1/tp
+            # on each tp rank (see _clip_grads); the same weights, element by element.
+            weights = torch.cat([torch.full((p.numel(),), 1.0 if getattr(p, "tensor_parallel", False) else 0.0) for p in params])
+            self.tensor_parallel_elements = torch.cat([weights, weights.new_zeros(self.padded - numel)])[rank * self.shard_size : (rank + 1) * self.shard_size].to(self.device, self.dtype)
         self.seen = set()  # positions whose gradient arrived in this backward
         self.touched = set()  # ... in this accumulation cycle (since the last reduction)
         self.work = None
@@ -233,10 +237,12 @@ class DataParallel(nn.Module):
     each rank's mean over its share of the batch gives the gradient of the global mean.
     """
 
-    def __init__(self, module: nn.Module, group: Optional[dist.ProcessGroup] = None, zero_stage: int = 0, bucket_mb: float = 25.0):
+    def __init__(self, module: nn.Module, group: Optional[dist.ProcessGroup] = None, zero_stage: int = 0, bucket_mb: float = 25.0,
+                 tp_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         assert zero_stage in (0, 1, 2), "stage 3 is FullyShardedDataParallel"
         self.module, self.group, self.zero_stage = module, group, zero_stage
+        self.tp_group = tp_group  # the module's tensor-parallel group, for the gradient norm
         self.world = group_size(group)
         self.rank = dist.get_rank(group) if group is not None else 0
         self.sync_gradients = True
@@ -383,22 +389,39 @@ class DataParallel(nn.Module):
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole gradient (over all shards when sharded)."""
-        return _clip_grads(self.optimizer_parameters(), max_norm, self.group if self.zero_stage >= 1 and self.world > 1 else None)
+        sharded = self.zero_stage >= 1 and self.world > 1
+        if sharded and self.tp_group is not None:
+            parameters = [bucket.shard for bucket in self.buckets]
+            tp_fraction = [bucket.tensor_parallel_elements for bucket in self.buckets]
+        else:
+            parameters = self.optimizer_parameters()
+            tp_fraction = [float(getattr(p, "tensor_parallel", False)) for p in parameters]
+        return _clip_grads(parameters, max_norm, self.group if sharded else None, self.tp_group, tp_fraction)
 
 
-def _clip_grads(parameters: list, max_norm: float, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """Global-norm clipping of the parameters' gradients. Whole gradients (group None) go through
+def _clip_grads(parameters: list, max_norm: float, group: Optional[dist.ProcessGroup], tp_group=None, tp_fraction=None) -> torch.Tensor:
+    """Global-norm clipping of the parameters' gradients. Whole gradients (no group) go through
     torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was without the
-    wrapper. Sharded ones (each rank a disjoint slice) sum the squared norms over the group first,
-    then scale by the same factor torch uses, min(1, max_norm / (norm + 1e-6))."""
-    if group is None:
+    wrapper. Sharded ones (each rank a disjoint slice over `group`) sum the squared norms over the
+    group first. Under tensor parallelism, tp_fraction says (per parameter, or per element) which
+    gradients are shards of a split matrix (1.0) and which are replicated on every tp rank (0.0):
+    replicated squares are counted 1/tp on each rank, so summing over tp_group counts them once.
+    The scale is torch's, min(1, max_norm / (norm + 1e-6))."""
+    if group is None and tp_group is None:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    squares = torch.stack([torch.linalg.vector_norm(g) for g in grads]).square().sum() if grads else torch.zeros(())
-    dist.all_reduce(squares, group=group)
-    total_norm = squares.sqrt()
+    pairs = [(p.grad.detach(), f) for p, f in zip(parameters, tp_fraction or [1.0] * len(parameters)) if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64, device=pairs[0][0].device if pairs else None)
+    tp = group_size(tp_group)
+    for g, fraction in pairs:
+        weight = fraction + (1 - fraction) / tp  # 1 for shards, 1/tp for replicated
+        squares += (g.double().square() * weight).sum() if torch.is_tensor(weight) else g.double().square().sum() * weight
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    if tp_group is not None:
+        dist.all_reduce(squares, group=tp_group)
+    total_norm = squares.sqrt().to(pairs[0][0].dtype if pairs else torch.float32)
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
+    for g, _ in pairs:
         g.mul_(clip.to(g.dtype))
     return total_norm
 
@@ -676,12 +699,15 @@ class FullyShardedDataParallel(nn.Module):
         return _clip_grads(self.optimizer_parameters(), max_norm, self.group if self.world > 1 else None)
 
 
-def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0):
+def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0, tp_group: Optional[dist.ProcessGroup] = None):
     """The wrapper for a ZeRO stage: DataParallel for 0-2, FullyShardedDataParallel for 3. On one
-    rank both are pass-throughs, so scripts call them unconditionally."""
+    rank both are pass-throughs, so scripts call them unconditionally. tp_group: the group a
+    tensor-parallel module is split over (ZeRO-1/2 compose with it; ZeRO-3 does not)."""
     if zero_stage == 3:
+        if tp_group is not None:
+            raise SystemExit("error: --zero-stage 3 does not compose with tensor or pipeline parallelism; use --zero-stage 0, 1 or 2 with --tp/--pp")
         return FullyShardedDataParallel(module, group)
-    return DataParallel(module, group, zero_stage)
+    return DataParallel(module, group, zero_stage, tp_group=tp_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,6 +809,9 @@ class ColumnParallelLinear(nn.Module):
         self.register_buffer("rows", rows.clone(), persistent=False)
         self.weight = nn.Parameter(weight.detach()[rows].clone())
         self.bias = nn.Parameter(bias.detach()[rows].clone()) if bias is not None else None
+        for parameter in (self.weight, self.bias):
+            if parameter is not None:
+                parameter.tensor_parallel = True  # a shard: counted whole in the gradient norm
 
     def forward(self, x):
         y = nn.functional.linear(copy_to_group(x, self.group), self.weight, self.bias)
@@ -800,6 +829,7 @@ class RowParallelLinear(nn.Module):
         self.group, self.conv1d = group, conv1d
         self.register_buffer("columns", columns.clone(), persistent=False)
         self.weight = nn.Parameter(weight.detach()[:, columns].clone())
+        self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     def forward(self, x):
@@ -819,6 +849,7 @@ class VocabParallelEmbedding(nn.Module):
         rows = weight.shape[0] // world
         self.start, self.end = rank * rows, (rank + 1) * rows
         self.weight = nn.Parameter(weight.detach()[self.start : self.end].clone())
+        self.weight.tensor_parallel = True
 
     def forward(self, input_ids):
         outside = (input_ids < self.start) | (input_ids >= self.end)
@@ -910,13 +941,17 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
 
 def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> dict:
     """The dense model's state dict (or, with grads, its parameters' gradients) reassembled from
-    every rank's shards, in the dense model's layout; all ranks call it and get the same result.
+    every rank's shards, in the dense model's layout, each tied weight once; all ranks call it and
+    get the same result.
     For save_pretrained(state_dict=...) and for tests against a dense model."""
-    state = {}
+    state, seen = {}, set()
     world = dist.get_world_size(group) if group is not None else 1
     for name, module in model.named_modules():
         buffers = [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + ([] if grads else buffers):
+            if id(tensor) in seen:  # a tied weight is saved once, as save_pretrained does
+                continue
+            seen.add(id(tensor))
             key = f"{name}.{tensor_name}" if name else tensor_name
             tensor = (tensor.grad if grads else tensor).detach()
             sharded = isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))

@@ -60,6 +60,8 @@ class Args:
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data parallel takes the remaining ranks)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -429,8 +431,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
     parallel.barrier()
     torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
     with model.gathered():
+        state_dict = whole_state_dict(model.module, grid)
         if grid.is_main:
-            model.module.save_pretrained(temporary)
+            model.module.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
@@ -441,16 +444,23 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
             shutil.rmtree(os.path.join(folder, old))
 
 
+def whole_state_dict(model, grid) -> Optional[dict]:
+    """Under tensor parallelism the dense model's weights, reassembled from the shards (every rank
+    of the group must call it); otherwise None, and save_pretrained reads the model itself."""
+    return parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
+
+
 def save_final(run_dir: str, model, tokenizer, grid):
     """save_pretrained into the run directory itself; files are written aside and moved in with
     config.json last, so a directory that has a config.json holds a complete model. All ranks call
     it; rank 0 writes."""
     with model.gathered():
+        state_dict = whole_state_dict(model.module, grid)
         if not grid.is_main:
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        model.module.save_pretrained(temporary)
+        model.module.save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
@@ -507,7 +517,7 @@ def load_model(name: str, device):
 def main(args: Args):
     # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
     #    before anything is written.
-    grid = parallel.init_distributed(args.device)
+    grid = parallel.init_distributed(args.device, tp=args.tp)
     device, ranks = grid.device, grid.dp_size
     if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
         fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
@@ -552,8 +562,13 @@ def main(args: Args):
     total_steps = steps_per_epoch * args.num_epochs
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage)
+    model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
+    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group)
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
+    # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
+    # stream); the tensor-parallel ranks of one replica must draw the same ones.
+    if grid.dp_rank:
+        torch.manual_seed(args.seed + grid.dp_rank)
 
     def lr_factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
@@ -567,8 +582,8 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
+        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage or state["args"].get("tp", 1) != args.tp:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']} --tp {state['args'].get('tp', 1)}; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
@@ -626,7 +641,7 @@ def main(args: Args):
                         metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
                         if name == "greedy":
                             rows = [[step, w[0], w[1:], s] for w, s in scored]
-                elif grid.is_main:
+                elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
                     completions = generate(model.module, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
                     rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
         model.train()

@@ -258,26 +258,45 @@ def max_weight_difference(first, second):
     from safetensors.torch import load_file
 
     a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
+    assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_inputs):
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, text_run_inputs):
+    """The single-process run every multi-process layout must reproduce."""
+    folder = tmp_path_factory.mktemp("one-process")
+    single = run_script("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, "--output-dir", str(folder / "run"), cwd=folder)
+    assert single.returncode == 0, single.stderr[-2000:]
+    return folder / "run", json.loads((folder / "run" / "metrics.json").read_text())["eval/loss"]
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_inputs, one_process_run):
     """2 ranks x micro-batches of 2 = a global batch of 8: every ZeRO stage ends with the eval loss
     and weights of one process on the same batches (up to fp32 summation order)."""
     flags = DATA_PARALLEL_FLAGS + text_run_inputs
-    single = run_script("sft.py", *flags, "--output-dir", str(tmp_path / "single"), cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())["eval/loss"]
+    single, expected = one_process_run
     for stage in (0, 1, 2, 3):
         run = torchrun("sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())["eval/loss"]
         assert actual == pytest.approx(expected, rel=1e-6), f"ZeRO-{stage}"
-        assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}") < 1e-5, f"ZeRO-{stage}"
+        assert max_weight_difference(single, tmp_path / f"zero{stage}") < 1e-5, f"ZeRO-{stage}"
     odd = torchrun("sft.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
     assert odd.returncode != 0 and "does not split into 2 rank(s) x micro-batches" in odd.stderr
     assert not (tmp_path / "odd").exists()
+
+
+@pytest.mark.parametrize("flags, nproc", [(["--tp", "2"], 2), (["--tp", "2", "--zero-stage", "1"], 4)], ids=["tp2", "tp2xdp2-zero1"])
+def test_tensor_parallel_matches_one_process(tmp_path, text_run_inputs, one_process_run, flags, nproc):
+    """Attention heads, MLP and vocabulary split over 2 ranks (and, with 4 processes, 2 such
+    copies data-parallel under ZeRO-1): the same eval loss and saved dense weights."""
+    single, expected = one_process_run
+    run = torchrun("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/loss"] == pytest.approx(expected, rel=1e-6)
+    assert max_weight_difference(single, tmp_path / "run") < 1e-5
 
 
 def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inputs):
