@@ -177,7 +177,7 @@ class _Bucket:
     in one collective. Under ZeRO-1/2 the parameters live in one flat buffer too, and this rank
     owns the slice [rank * shard_size, (rank + 1) * shard_size) of it."""
 
-    def __init__(self, params: list, world: int, rank: int, zero_stage: int):
+    def __init__(self, params: list, world: int, rank: int, zero_stage: int, norm_weights: list):
         self.params = params
         self.offsets, numel = [], 0
         for param in params:
@@ -198,10 +198,9 @@ class _Bucket:
                 param.data = self.flat_params[offset : offset + param.numel()].view_as(param)
             # The optimizer steps this view in place, i.e. this rank's slice of the flat parameters.
             self.shard = nn.Parameter(self.flat_params[rank * self.shard_size : (rank + 1) * self.shard_size])
-            # Tensor-parallel shards count fully in the gradient norm, replicated parameters 1/tp
-            # on each tp rank (see _clip_grads); the same weights, element by element.
-            weights = torch.cat([torch.full((p.numel(),), 1.0 if getattr(p, "tensor_parallel", False) else 0.0) for p in params])
-            self.tensor_parallel_elements = torch.cat([weights, weights.new_zeros(self.padded - numel)])[rank * self.shard_size : (rank + 1) * self.shard_size].to(self.device, self.dtype)
+            # Each element's weight in the squared gradient norm (see _clip_grads), for this slice.
+            weights = torch.cat([torch.full((p.numel(),), float(w)) for p, w in zip(params, norm_weights)])
+            self.norm_weights = torch.cat([weights, weights.new_zeros(self.padded - numel)])[rank * self.shard_size : (rank + 1) * self.shard_size].to(self.device, self.dtype)
         self.seen = set()  # positions whose gradient arrived in this backward
         self.touched = set()  # ... in this accumulation cycle (since the last reduction)
         self.work = None
@@ -238,11 +237,12 @@ class DataParallel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, group: Optional[dist.ProcessGroup] = None, zero_stage: int = 0, bucket_mb: float = 25.0,
-                 tp_group: Optional[dist.ProcessGroup] = None):
+                 tp_group: Optional[dist.ProcessGroup] = None, pp_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         assert zero_stage in (0, 1, 2), "stage 3 is FullyShardedDataParallel"
         self.module, self.group, self.zero_stage = module, group, zero_stage
-        self.tp_group = tp_group  # the module's tensor-parallel group, for the gradient norm
+        # The groups the module itself is split over: the gradient norm sums over them too.
+        self.tp_group, self.pp_group = tp_group, pp_group
         self.world = group_size(group)
         self.rank = dist.get_rank(group) if group is not None else 0
         self.sync_gradients = True
@@ -261,10 +261,10 @@ class DataParallel(nn.Module):
             current.append(param)
             size += param.numel() * param.element_size()
             if size >= limit:
-                self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage))
+                self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current]))
                 current, size = [], 0
         if current:
-            self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage))
+            self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current]))
         self.where = {}  # parameter -> (bucket index, position in bucket)
         for b, bucket in enumerate(self.buckets):
             for i, param in enumerate(bucket.params):
@@ -387,38 +387,46 @@ class DataParallel(nn.Module):
         for work in works:
             work.wait()
 
+    def _norm_weight(self, param) -> float:
+        """How much of this parameter's squared gradient this rank counts in the global norm, so
+        that summing over the tensor- and pipeline-parallel groups counts every weight once: a
+        tensor-parallel shard counts fully; a parameter replicated on the tp ranks 1/tp on each;
+        the last pipeline stage's copy of a tied embedding not at all (the first stage's counts)."""
+        stage = self.module
+        if getattr(stage, "tied", False) and stage.is_last and param is stage.tied_weight:
+            return 0.0
+        if self.tp_group is not None and not getattr(param, "tensor_parallel", False):
+            return 1.0 / group_size(self.tp_group)
+        return 1.0
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip by the norm of the whole gradient (over all shards when sharded)."""
+        """Clip by the norm of the whole gradient: over the shards when sharded, and over the
+        tensor- and pipeline-parallel pieces of the model."""
         sharded = self.zero_stage >= 1 and self.world > 1
-        if sharded and self.tp_group is not None:
+        groups = [g for g in (self.group if sharded else None, self.tp_group, self.pp_group) if g is not None]
+        if sharded:
             parameters = [bucket.shard for bucket in self.buckets]
-            tp_fraction = [bucket.tensor_parallel_elements for bucket in self.buckets]
+            weights = [bucket.norm_weights for bucket in self.buckets]
         else:
             parameters = self.optimizer_parameters()
-            tp_fraction = [float(getattr(p, "tensor_parallel", False)) for p in parameters]
-        return _clip_grads(parameters, max_norm, self.group if sharded else None, self.tp_group, tp_fraction)
+            weights = [self._norm_weight(p) for p in parameters]
+        return _clip_grads(parameters, max_norm, groups, weights)
 
 
-def _clip_grads(parameters: list, max_norm: float, group: Optional[dist.ProcessGroup], tp_group=None, tp_fraction=None) -> torch.Tensor:
-    """Global-norm clipping of the parameters' gradients. Whole gradients (no group) go through
-    torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was without the
-    wrapper. Sharded ones (each rank a disjoint slice over `group`) sum the squared norms over the
-    group first. Under tensor parallelism, tp_fraction says (per parameter, or per element) which
-    gradients are shards of a split matrix (1.0) and which are replicated on every tp rank (0.0):
-    replicated squares are counted 1/tp on each rank, so summing over tp_group counts them once.
-    The scale is torch's, min(1, max_norm / (norm + 1e-6))."""
-    if group is None and tp_group is None:
+def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Optional[list] = None) -> torch.Tensor:
+    """Global-norm clipping of the parameters' gradients. When nothing is split over other ranks
+    (no groups), torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was
+    without the wrapper. Otherwise each rank sums its squared gradients, each parameter (or element)
+    weighted as `weights` says (see DataParallel._norm_weight), the sums are added over `groups`,
+    and every gradient is scaled as torch does, by min(1, max_norm / (norm + 1e-6))."""
+    if not groups:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    pairs = [(p.grad.detach(), f) for p, f in zip(parameters, tp_fraction or [1.0] * len(parameters)) if p.grad is not None]
+    pairs = [(p.grad.detach(), w) for p, w in zip(parameters, weights or [1.0] * len(parameters)) if p.grad is not None]
     squares = torch.zeros((), dtype=torch.float64, device=pairs[0][0].device if pairs else None)
-    tp = group_size(tp_group)
-    for g, fraction in pairs:
-        weight = fraction + (1 - fraction) / tp  # 1 for shards, 1/tp for replicated
-        squares += (g.double().square() * weight).sum() if torch.is_tensor(weight) else g.double().square().sum() * weight
-    if group is not None:
+    for g, weight in pairs:
+        squares += (g.double().square() * weight).sum()
+    for group in groups:
         dist.all_reduce(squares, group=group)
-    if tp_group is not None:
-        dist.all_reduce(squares, group=tp_group)
     total_norm = squares.sqrt().to(pairs[0][0].dtype if pairs else torch.float32)
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for g, _ in pairs:
@@ -696,18 +704,20 @@ class FullyShardedDataParallel(nn.Module):
         return optimizer
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return _clip_grads(self.optimizer_parameters(), max_norm, self.group if self.world > 1 else None)
+        return _clip_grads(self.optimizer_parameters(), max_norm, [self.group] if self.world > 1 else [])
 
 
-def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0, tp_group: Optional[dist.ProcessGroup] = None):
+def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0, tp_group: Optional[dist.ProcessGroup] = None,
+                  pp_group: Optional[dist.ProcessGroup] = None):
     """The wrapper for a ZeRO stage: DataParallel for 0-2, FullyShardedDataParallel for 3. On one
-    rank both are pass-throughs, so scripts call them unconditionally. tp_group: the group a
-    tensor-parallel module is split over (ZeRO-1/2 compose with it; ZeRO-3 does not)."""
+    rank both are pass-throughs, so scripts call them unconditionally. tp_group, pp_group: the
+    groups a tensor-parallel module or a pipeline stage is split over (ZeRO-1/2 compose with them;
+    ZeRO-3 does not)."""
     if zero_stage == 3:
-        if tp_group is not None:
+        if tp_group is not None or pp_group is not None:
             raise SystemExit("error: --zero-stage 3 does not compose with tensor or pipeline parallelism; use --zero-stage 0, 1 or 2 with --tp/--pp")
         return FullyShardedDataParallel(module, group)
-    return DataParallel(module, group, zero_stage, tp_group=tp_group)
+    return DataParallel(module, group, zero_stage, tp_group=tp_group, pp_group=pp_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1355,6 +1365,69 @@ def pipeline_1f1b(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss
         inputs[oldest] = outputs[oldest] = None
         _p2p(s, send_prev=dx)
     return run.finish(broadcast_loss)
+
+
+@torch.no_grad()
+def pipeline_forward(stage: nn.Module, micro_batches: list, statistic_fn) -> Optional[torch.Tensor]:
+    """Forward only (evaluation): each micro-batch goes through the stages in turn and the last
+    stage reduces its output with statistic_fn(output, micro_batch) -> a 1-d tensor of sums (e.g.
+    summed loss and token count). Returns the sum over micro-batches on every stage (fp64,
+    broadcast from the last). No activations are kept, so there is no schedule to speak of."""
+    module = stage if isinstance(stage, PipelineStage) else stage.module
+    total = None
+    for micro_batch in micro_batches:
+        if module.is_first:
+            x = micro_batch["input_ids"]
+        else:
+            x, _ = _p2p(module, recv_prev=module.activation(micro_batch))
+        y = stage(x, attention_mask=micro_batch.get("attention_mask"), position_ids=micro_batch.get("position_ids"))
+        if module.is_last:
+            value = statistic_fn(y, micro_batch).to(torch.float64)
+            total = value if total is None else total + value
+        else:
+            _p2p(module, send_next=y)
+    size = all_gather_objects(None if total is None else total.numel(), module.group)[-1] if module.group is not None else total.numel()
+    if module.group is not None:
+        total = total if module.is_last else torch.zeros(size, dtype=torch.float64, device=_device(module))
+        dist.broadcast(total, src=module.last_rank, group=module.group)
+    return total
+
+
+def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None) -> dict:
+    """The whole dense model's state dict on every stage: each stage's share (reassembled over
+    tp_group first when tensor-parallel) all-gathered over the pipeline group. For saving and for
+    generating, which this file does with a whole model rather than through the pipeline: a
+    token-by-token loop through p stages would idle p - 1 of them at every token, so gathering the
+    weights once (a full copy per rank for the duration, as ZeRO-3's gathered()) is both simpler
+    and faster for the short generations of evaluation and PPO rollouts."""
+    module = stage if isinstance(stage, PipelineStage) else stage.module
+    if tp_group is not None:
+        share = tensor_parallel_state_dict(module.model, tp_group)
+    else:
+        share = {k: v.detach() for k, v in module.model.state_dict().items()}
+    if module.group is None:
+        return share
+    state = {}
+    for part in all_gather_objects({k: v.cpu() for k, v in share.items()}, module.group):
+        state.update(part)
+    device = _device(module)
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """A whole dense copy of the pipelined model on this rank (see pipeline_state_dict), in eval
+    mode, e.g. for generate(); every rank of the pipeline group must call it."""
+    from transformers import AutoModelForCausalLM
+
+    module = stage if isinstance(stage, PipelineStage) else stage.module
+    state = pipeline_state_dict(stage, tp_group)
+    device = _device(module)
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    model = AutoModelForCausalLM.from_config(module.config, dtype=dtype).to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
+    model.tie_weights()
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

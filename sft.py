@@ -62,6 +62,8 @@ class Args:
     """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
     tp: int = 1
     """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the micro-batches)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -349,7 +351,11 @@ def collate(sequences: list, pad_token_id: int, device):
 def completion_loss_sum(model, input_ids, attention_mask, labels):
     """Summed cross-entropy of the completion tokens (the caller divides by the batch's token count,
     so that gradient accumulation over micro-batches equals one big batch exactly)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return loss_sum_from_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+
+
+def loss_sum_from_logits(logits, labels):
+    logits = logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast, fp64 kept
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
 
@@ -362,8 +368,18 @@ def accumulate_gradients(model, batch: list, batch_tokens: int, ranks: int, micr
     batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
     data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
     micro-batch's backward communicates (no_sync on the others)."""
-    batch_loss = 0.0
     starts = range(0, len(batch), micro_batch_size)
+    if isinstance(model.module, parallel.PipelineStage):
+        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
+        # computes the loss, and the sum comes back to every stage.
+        micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), collate(batch[start : start + micro_batch_size], pad_token_id, device))) for start in starts]
+
+        def loss_fn(logits, micro_batch):
+            return loss_sum_from_logits(logits, micro_batch["labels"]) / batch_tokens * ranks
+
+        with autocast:
+            return parallel.pipeline_1f1b(model, micro_batches, loss_fn).item() / ranks
+    batch_loss = 0.0
     for start in starts:
         input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
@@ -431,9 +447,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
     parallel.barrier()
     torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
     with model.gathered():
-        state_dict = whole_state_dict(model.module, grid)
+        saved, state_dict = whole_state_dict(model.module, grid)
         if grid.is_main:
-            model.module.save_pretrained(temporary, state_dict=state_dict)
+            saved.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
@@ -444,10 +460,13 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
             shutil.rmtree(os.path.join(folder, old))
 
 
-def whole_state_dict(model, grid) -> Optional[dict]:
-    """Under tensor parallelism the dense model's weights, reassembled from the shards (every rank
-    of the group must call it); otherwise None, and save_pretrained reads the model itself."""
-    return parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
+def whole_state_dict(model, grid) -> tuple:
+    """(an HF model to call save_pretrained on, the state dict to save or None for its own): under
+    pipeline parallelism a whole copy gathered from the stages; under tensor parallelism the dense
+    weights reassembled from the shards. Every rank must call it (it communicates)."""
+    if isinstance(model, parallel.PipelineStage):
+        return parallel.pipeline_gathered_model(model, grid.tp_group), None
+    return model, parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
 
 
 def save_final(run_dir: str, model, tokenizer, grid):
@@ -455,12 +474,12 @@ def save_final(run_dir: str, model, tokenizer, grid):
     config.json last, so a directory that has a config.json holds a complete model. All ranks call
     it; rank 0 writes."""
     with model.gathered():
-        state_dict = whole_state_dict(model.module, grid)
+        saved, state_dict = whole_state_dict(model.module, grid)
         if not grid.is_main:
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        model.module.save_pretrained(temporary, state_dict=state_dict)
+        saved.save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
@@ -517,7 +536,7 @@ def load_model(name: str, device):
 def main(args: Args):
     # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
     #    before anything is written.
-    grid = parallel.init_distributed(args.device, tp=args.tp)
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
     if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
         fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
@@ -562,8 +581,19 @@ def main(args: Args):
     total_steps = steps_per_epoch * args.num_epochs
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
+    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    if args.pp > 1 and args.zero_stage and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group)
+    if args.pp > 1:
+        model = parallel.pipeline_stage(model, grid.pp_group)
+    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+
+    def whole_model():
+        """An HF model to generate with or save: the model itself, or under --pp a whole copy
+        gathered from the stages (every rank of the pipeline must call it)."""
+        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
     # stream); the tensor-parallel ranks of one replica must draw the same ones.
@@ -582,8 +612,9 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage or state["args"].get("tp", 1) != args.tp:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']} --tp {state['args'].get('tp', 1)}; resume it with the same")
+        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
@@ -621,11 +652,16 @@ def main(args: Args):
         with model.gathered(), torch.no_grad():
             with autocast:
                 shard = eval_sequences[grid.dp_rank :: ranks]
-                for start in range(0, len(shard), args.micro_batch_size):
-                    input_ids, attention_mask, labels = collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                    totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
-                    totals[1] += (labels[:, 1:] != -100).sum()
+                micro_batches = [collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device) for start in range(0, len(shard), args.micro_batch_size)]
+                if args.pp > 1:
+                    micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), batch)) for batch in micro_batches]
+                    totals += parallel.pipeline_forward(model, micro_batches, lambda logits, mb: torch.stack([loss_sum_from_logits(logits, mb["labels"]).double(), (mb["labels"][:, 1:] != -100).sum().double()]))
+                else:
+                    for input_ids, attention_mask, labels in micro_batches:
+                        totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
+                        totals[1] += (labels[:, 1:] != -100).sum()
             parallel.all_reduce_sum(totals, grid.dp_group)
+            sampler = whole_model()
             metrics["eval/loss"] = (totals[0] / totals[1]).item()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(args.seed + grid.dp_rank)
@@ -633,7 +669,7 @@ def main(args: Args):
                     starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
                     for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
                         prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: ranks]
-                        completions = generate(model.module, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                        completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
                         walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
                         scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
                         scored = [pair for share in parallel.all_gather_objects(scored, grid.dp_group) for pair in share]
@@ -642,7 +678,7 @@ def main(args: Args):
                         if name == "greedy":
                             rows = [[step, w[0], w[1:], s] for w, s in scored]
                 elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
-                    completions = generate(model.module, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
+                    completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
                     rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
         model.train()
         return metrics, rows

@@ -288,10 +288,15 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_i
     assert not (tmp_path / "odd").exists()
 
 
-@pytest.mark.parametrize("flags, nproc", [(["--tp", "2"], 2), (["--tp", "2", "--zero-stage", "1"], 4)], ids=["tp2", "tp2xdp2-zero1"])
-def test_tensor_parallel_matches_one_process(tmp_path, text_run_inputs, one_process_run, flags, nproc):
-    """Attention heads, MLP and vocabulary split over 2 ranks (and, with 4 processes, 2 such
-    copies data-parallel under ZeRO-1): the same eval loss and saved dense weights."""
+LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2"], 4), (["--tp", "2", "--zero-stage", "1"], 4)]
+
+
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1"])
+def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, text_run_inputs, one_process_run, flags, nproc):
+    """Heads, MLP and vocabulary split over tensor-parallel ranks, layers over pipeline stages
+    (1F1B), and data parallel over what remains, on 2 and 4 processes: the same eval loss and the
+    same saved dense weights as one process (the tiny GPT-2 ties its embeddings, so the pipelined
+    runs also exercise the tied copy on the first and last stage)."""
     single, expected = one_process_run
     run = torchrun("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
