@@ -941,6 +941,8 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
     else:
         raise SystemExit(f"error: tensor parallel knows the gpt2, llama and gpt_neox families, not {family!r}")
     head = model.get_output_embeddings()
+    if head is None:  # a sequence-classification model: its small score head stays whole on every rank
+        return model
     vocab_rows = torch.arange(rank * config.vocab_size // world, (rank + 1) * config.vocab_size // world)
     new_head = ColumnParallelLinear(head.weight, head.bias, vocab_rows, group, gather_output=True)
     if getattr(config, "tie_word_embeddings", False):
@@ -1070,7 +1072,7 @@ class PipelineStage(nn.Module):
         self.last_rank = dist.get_global_rank(group, self.size - 1) if group is not None else None
 
         base = getattr(model, base_name)
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings() or model.score  # LM head, or a reward model's score head
         head_name = next(name for name, module in model.named_children() if module is head)
         all_layers = getattr(base, layers_name)
         self.layer_indices = stage_layers(len(all_layers), self.size, self.rank)
@@ -1417,13 +1419,11 @@ def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] 
 def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """A whole dense copy of the pipelined model on this rank (see pipeline_state_dict), in eval
     mode, e.g. for generate(); every rank of the pipeline group must call it."""
-    from transformers import AutoModelForCausalLM
-
     module = stage if isinstance(stage, PipelineStage) else stage.module
     state = pipeline_state_dict(stage, tp_group)
     device = _device(module)
     dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    model = AutoModelForCausalLM.from_config(module.config, dtype=dtype).to(device)
+    model = type(module.model)._from_config(module.config, dtype=dtype).to(device)  # the same class: causal LM or reward model
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
     model.tie_weights()
