@@ -12,6 +12,7 @@ in under a minute:
     python ilql.py --task jsonl --data scored.jsonl --model gpt2
     python ilql.py --task hh --model EleutherAI/pythia-160m  # needs the network
     torchrun --nproc_per_node 8 ilql.py --model ... --zero-stage 3   # data parallel, see parallel.py
+    torchrun --nproc_per_node 8 ilql.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
 
 The run directory (`runs/<run name>/`) receives the LM and its tokenizer, loadable with plain
 `AutoModelForCausalLM.from_pretrained(run_dir)`, and the V/Q heads in `ilql_heads.safetensors`;
@@ -33,6 +34,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tqdm
 import tyro
@@ -60,6 +62,10 @@ class Args:
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (the LM's attention heads, MLP and vocabulary split over them; the ILQL heads stay whole on every rank; data parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages per model copy under torchrun (the LM's decoder layers split in contiguous stages, 1F1B schedule over the micro-batches; the ILQL heads live on the last stage)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -468,17 +474,53 @@ def trained_modules(lm, heads: ILQLHeads) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict({"lm": lm, "v_head": heads.v_head, "q_heads": heads.q_heads})
 
 
+LOSS_TERMS = ("q", "v", "cql", "awac", "value", "q_value", "advantage", "loss")  # what ilql_loss returns, and the total
+
+
+def pipelined_stage(lm, heads: ILQLHeads, group) -> parallel.PipelineStage:
+    """The pipeline stage of the LM to train under --pp: it returns the final-normed hidden states
+    (compute_logits=False), and the last stage, which applies the LM head and the ILQL heads to
+    them in the loss, also holds the V and Q heads as children, so the data-parallel wrapper
+    reduces and steps them with the stage. The target Q heads stay outside, as in trained_modules."""
+    stage = parallel.pipeline_stage(lm, group, compute_logits=False)
+    if stage.is_last:
+        stage.v_head, stage.q_heads = heads.v_head, heads.q_heads
+    return stage
+
+
 def accumulate_gradients(model, heads, batch: list, batch_actions: int, ranks: int, args: Args, pad_token_id: int, device, autocast) -> dict:
     """Backward over this rank's share of the batch in micro-batches; returns its share of each
     loss term's mean over the global batch's actions (the shares sum to the means over ranks).
 
-    `model` is the wrapped `trained_modules(lm, heads)`. Each micro-batch's summed loss is divided
-    by the action count of the whole global batch, not its own, so the accumulated gradient equals
-    the one-big-batch gradient exactly. The data-parallel reduction averages over ranks, hence the
-    factor `ranks`. Only the last micro-batch's backward communicates (no_sync on the others)."""
-    lm = model.module["lm"]
+    `model` is the wrapped `trained_modules(lm, heads)`, or under --pp the wrapped
+    `pipelined_stage`. Each micro-batch's summed loss is divided by the action count of the whole
+    global batch, not its own, so the accumulated gradient equals the one-big-batch gradient
+    exactly. The data-parallel reduction averages over ranks, hence the factor `ranks`. Only the
+    last micro-batch's backward communicates (no_sync on the others)."""
     totals = {}
     starts = range(0, len(batch), args.micro_batch_size)
+    if isinstance(model.module, parallel.PipelineStage):
+        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
+        # applies the LM head and the ILQL heads to the final hidden states and computes the loss,
+        # and the sums of the terms come back to every stage.
+        stage = model.module
+        micro_batches = [dict(zip(("input_ids", "attention_mask", "action_mask", "rewards"), collate(batch[start : start + args.micro_batch_size], pad_token_id, device)))
+                         for start in starts]
+
+        def loss_fn(hidden, micro_batch):
+            logits = stage.head(hidden)  # under autocast, as the LM's own head runs outside the pipeline
+            with torch.autocast(torch.device(device).type, enabled=False):  # the ILQL heads run in fp32, as outside the pipeline
+                terms = ilql_loss(heads, logits, hidden, micro_batch["input_ids"], micro_batch["action_mask"], micro_batch["rewards"], args.tau, args.gamma, args.beta)
+                terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
+            return terms["loss"] / batch_actions * ranks
+
+        with autocast:
+            parallel.pipeline_1f1b(model, micro_batches, loss_fn, broadcast_loss=False)
+        sums = torch.tensor([totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device)  # zeros but on the last stage
+        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
+    lm = model.module["lm"]
     for start in starts:
         input_ids, attention_mask, action_mask, rewards = collate(batch[start : start + args.micro_batch_size], pad_token_id, device)
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
@@ -586,10 +628,11 @@ def load_trained(path: str, device="cpu"):
     return lm, tokenizer, heads
 
 
-def save_model(folder: str, lm, tokenizer, heads):
+def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None):
+    """The LM (with `state_dict` in place of its own when given), its tokenizer and the heads."""
     from safetensors.torch import save_file
 
-    lm.save_pretrained(folder)
+    lm.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
 
@@ -606,6 +649,27 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(folder, steps[-1])
 
 
+def whole_lm(model, grid) -> tuple:
+    """(an HF causal LM to call save_pretrained on, the state dict to save or None for its own) of
+    the wrapped trained modules: under pipeline parallelism a whole copy gathered from the stages;
+    under tensor parallelism the dense weights reassembled from the shards. Every rank must call
+    it (it communicates)."""
+    if isinstance(model.module, parallel.PipelineStage):
+        return parallel.pipeline_gathered_model(model.module, grid.tp_group), None
+    lm = model.module["lm"]
+    return lm, parallel.tensor_parallel_state_dict(lm, grid.tp_group) if grid.tp_group is not None else None
+
+
+def heads_from_last_stage(model, heads: ILQLHeads, grid):
+    """Under pipeline parallelism the heads train on the last stage only: copy them, target Q heads
+    included, to the other stages (which generate and save with them). Every rank calls it; a
+    no-op without --pp."""
+    if isinstance(model.module, parallel.PipelineStage) and grid.pp_group is not None:
+        with torch.no_grad():
+            for tensor in heads.state_dict().values():
+                dist.broadcast(tensor, src=model.module.last_rank, group=grid.pp_group)
+
+
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
     rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
@@ -620,9 +684,11 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
         os.makedirs(temporary)
     parallel.barrier()
     torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    heads_from_last_stage(model, heads, grid)
     with model.gathered():
+        lm, state_dict = whole_lm(model, grid)
         if grid.is_main:
-            save_model(temporary, model.module["lm"], tokenizer, heads)
+            save_model(temporary, lm, tokenizer, heads, state_dict)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
     if grid.is_main:
@@ -636,12 +702,14 @@ def save_final(run_dir: str, model, tokenizer, heads, grid):
     """LM, tokenizer and heads into the run directory itself; files are written aside and moved in
     with config.json last, so a directory that has a config.json holds a complete model. All ranks
     call it; rank 0 writes."""
+    heads_from_last_stage(model, heads, grid)
     with model.gathered():
+        lm, state_dict = whole_lm(model, grid)
         if not grid.is_main:
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        save_model(temporary, model.module["lm"], tokenizer, heads)
+        save_model(temporary, lm, tokenizer, heads, state_dict)
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
         os.rmdir(temporary)
@@ -680,7 +748,11 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 def main(args: Args):
     # 1. Join the other ranks (a no-op without torchrun); settle the task-dependent defaults, check
     #    the arithmetic and the inputs before anything is written.
-    grid = parallel.init_distributed(args.device)
+    if args.tp < 1 or args.pp < 1:
+        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
+    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
     randomwalks = args.task == "randomwalks"
     args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
@@ -734,7 +806,21 @@ def main(args: Args):
     # The LM, V and Q heads are trained (and sharded under ZeRO); the target Q heads are not
     # optimized: they only follow the Q heads by Polyak averaging, the same on every rank. Same
     # seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
-    model = parallel.data_parallel(trained_modules(lm, heads), grid.dp_group, args.zero_stage)
+    # Under --tp the LM is split and the heads are whole on every rank (they read the whole hidden
+    # state); under --pp the V and Q heads train on the last stage (see pipelined_stage).
+    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    if args.pp > 1 and args.zero_stage and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
+        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
+    lm = parallel.tensor_parallel(lm, grid.tp_group)  # a no-op unless --tp > 1
+    trained = pipelined_stage(lm, heads, grid.pp_group) if args.pp > 1 else trained_modules(lm, heads)
+    model = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+    last_stage = args.pp == 1 or model.module.is_last  # where the heads train
+
+    def whole_model():
+        """The LM to generate with: the (tensor-parallel) LM itself, or under --pp a whole copy
+        gathered from the stages (every rank of the pipeline must call it)."""
+        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
     # stream); the tensor-parallel ranks of one replica must draw the same ones.
@@ -753,8 +839,9 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
+        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track", "output_dir") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
@@ -787,8 +874,12 @@ def main(args: Args):
         order. Sampling runs on a forked RNG re-seeded (seed + rank) for every beta: evaluation
         never perturbs training, and every evaluation draws comparable samples. The whole model
         is gathered once (a no-op below ZeRO-3), so ranks may run different numbers of forwards
-        without per-block collectives."""
+        without per-block collectives. The tensor-parallel ranks of one replica generate together
+        (the same prompts and seed); under --pp every stage generates with a whole gathered copy
+        of the LM and the heads of the last stage."""
         metrics, rows = {}, []
+        heads_from_last_stage(model, heads, grid)
+        sampler = whole_model()  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
         with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
             for beta in args.eval_betas:
                 torch.manual_seed(args.seed + grid.dp_rank)
@@ -796,7 +887,7 @@ def main(args: Args):
                     starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
                     for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
                         prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
-                        responses = generate(lm, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
+                        responses = generate(sampler, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
                         walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
                         scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
                         scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
@@ -806,7 +897,7 @@ def main(args: Args):
                             rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
                 else:
                     prompts = share(eval_prompts, grid.dp_rank, ranks)
-                    responses = generate(lm, heads, tokenizer, prompts, args.max_new_tokens, beta, 0.0, 0, device) if prompts else []
+                    responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, 0.0, 0, device) if prompts else []
                     responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
                     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
                     metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
@@ -850,7 +941,7 @@ def main(args: Args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step % args.steps_for_target_sync == 0:
+        if step % args.steps_for_target_sync == 0 and last_stage:  # other stages get the heads when they need them
             with model.gathered():  # the Q heads whole under ZeRO-3 (a no-op below it)
                 heads.sync_target_q_heads(args.alpha)
 

@@ -9,6 +9,7 @@ on the hidden state of the last real token, trained on pairs where one response 
     python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
     python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
     torchrun --nproc_per_node 8 reward_model.py --model ... --zero-stage 3   # data parallel, see parallel.py
+    torchrun --nproc_per_node 8 reward_model.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
 
 The run directory holds a model that `AutoModelForSequenceClassification.from_pretrained(run_dir)`
 loads (num_labels=1), with the mean and std of its scores on held-out responses in its config
@@ -56,6 +57,10 @@ class Args:
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; the score head stays whole; data parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the micro-batches; the last stage scores)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -474,6 +479,28 @@ def pair_scores(model, pairs: list, pad_token_id: int, device):
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
+def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
+    """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
+    in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
+    sees both sides of every pair; with the margins."""
+    input_ids, attention_mask, position_ids = pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "margins": torch.tensor([p[2] for p in pairs], device=device)}
+
+
+def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
+    """Chosen and rejected scores of a pair_micro_batch from the score head's output at every token
+    ([rows, T, 1], what a pipeline's last stage computes): each row's score at its rightmost non-pad
+    token, the pooling of the transformers sequence-classification classes that forward_scores gets."""
+    input_ids = micro_batch["input_ids"]
+    non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
+    last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+    scores = logits[torch.arange(len(input_ids), device=logits.device), last, 0]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+    pairs = len(scores) // 2
+    return scores[:pairs], scores[pairs:]
+
+
 def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast):
     """Backward over this rank's share of the batch in micro-batches; returns its share of the
     global batch's mean loss (the shares sum to the mean over ranks) and its count of pairs ranked
@@ -483,8 +510,23 @@ def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro
     own, so the accumulated gradient equals the one-big-batch gradient exactly. The data-parallel
     reduction averages over ranks, hence the factor `ranks`. Only the last micro-batch's backward
     communicates (no_sync on the others)."""
-    batch_loss, batch_correct = 0.0, 0
     starts = range(0, len(pairs), micro_batch_size)
+    if isinstance(model.module, parallel.PipelineStage):
+        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
+        # pools the scores, computes the loss and counts the pairs ranked right, and the sums come
+        # back to every stage.
+        micro_batches = [pair_micro_batch(pairs[start : start + micro_batch_size], pad_token_id, device) for start in starts]
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+
+        def loss_fn(logits, micro_batch):
+            chosen, rejected = pooled_pair_scores(logits, micro_batch, pad_token_id)
+            correct.add_((chosen > rejected).sum())
+            return pairwise_loss(chosen, rejected, micro_batch["margins"]).sum() / batch_pairs * ranks
+
+        with autocast:
+            batch_loss = parallel.pipeline_1f1b(model, micro_batches, loss_fn).item() / ranks
+        return batch_loss, int(parallel.all_reduce_sum(correct, model.module.group).item())
+    batch_loss, batch_correct = 0.0, 0
     for start in starts:
         micro_batch = pairs[start : start + micro_batch_size]
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
@@ -558,8 +600,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
     parallel.barrier()
     torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
     with model.gathered():
+        saved, state_dict = whole_state_dict(model.module, grid)
         if grid.is_main:
-            model.module.save_pretrained(temporary)
+            saved.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
@@ -570,16 +613,26 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
             shutil.rmtree(os.path.join(folder, old))
 
 
+def whole_state_dict(model, grid) -> tuple:
+    """(an HF model to call save_pretrained on, the state dict to save or None for its own): under
+    pipeline parallelism a whole copy gathered from the stages; under tensor parallelism the dense
+    weights reassembled from the shards. Every rank must call it (it communicates)."""
+    if isinstance(model, parallel.PipelineStage):
+        return parallel.pipeline_gathered_model(model, grid.tp_group), None
+    return model, parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
+
+
 def save_final(run_dir: str, model, tokenizer, grid):
     """save_pretrained into the run directory itself; files are written aside and moved in with
     config.json last, so a directory that has a config.json holds a complete model. All ranks call
     it; rank 0 writes."""
     with model.gathered():
+        saved, state_dict = whole_state_dict(model.module, grid)
         if not grid.is_main:
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        model.module.save_pretrained(temporary)
+        saved.save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
@@ -619,7 +672,11 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 def main(args: Args):
     # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
     #    before anything is written.
-    grid = parallel.init_distributed(args.device)
+    if args.tp < 1 or args.pp < 1:
+        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
+    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
     if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
         fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
@@ -667,7 +724,18 @@ def main(args: Args):
     total_steps = steps_per_epoch * args.num_epochs
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage)
+    # The score head is never tied to the embeddings, so ZeRO-1/2 compose with --pp here.
+    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1; the score head stays whole
+    if args.pp > 1:
+        model = parallel.pipeline_stage(model, grid.pp_group)  # the last stage holds the final norm and the score head
+    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+
+    def whole_model():
+        """An HF model to score with: the model itself, or under --pp a whole copy gathered from
+        the stages (every rank of the pipeline must call it)."""
+        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
 
     def lr_factor(step):  # step counts finished optimizer steps
@@ -682,8 +750,9 @@ def main(args: Args):
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        if state["world_size"] != grid.world_size or state["args"]["zero_stage"] != args.zero_stage:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with --zero-stage {state['args']['zero_stage']}; resume it with the same")
+        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
@@ -713,15 +782,32 @@ def main(args: Args):
         """Pairwise accuracy, margin and score distribution on the held-out pairs. Each rank scores
         a contiguous share and the scores are gathered in order, so every rank computes the same
         metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
-        different numbers of forwards without per-block collectives."""
+        different numbers of forwards without per-block collectives. The tensor-parallel ranks and
+        pipeline stages of one replica score the same share together."""
         model.eval()
         chosen, rejected = [], []
         with model.gathered(), torch.no_grad(), autocast:
             mine = share(eval_sequences, grid.dp_rank, ranks)
-            for start in range(0, len(mine), args.micro_batch_size):
-                c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                chosen.append(c.cpu())
-                rejected.append(r.cpu())
+            starts = range(0, len(mine), args.micro_batch_size)
+            if args.pp > 1 and mine:
+                # The last stage writes each micro-batch's scores into their slots of one vector
+                # (the share's chosen scores, then its rejected ones); pipeline_forward adds the
+                # vectors (exactly: every slot is written once) and brings the sum to every stage.
+                def statistic_fn(logits, micro_batch):
+                    slots = torch.zeros(2, len(mine), dtype=torch.float64, device=logits.device)
+                    c, r = pooled_pair_scores(logits, micro_batch, tokenizer.pad_token_id)
+                    slots[0, micro_batch["start"] : micro_batch["start"] + len(c)] = c
+                    slots[1, micro_batch["start"] : micro_batch["start"] + len(r)] = r
+                    return slots.flatten()
+
+                micro_batches = [{**pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device), "start": start} for start in starts]
+                both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).float().cpu()
+                chosen, rejected = [both[0]], [both[1]]
+            elif args.pp == 1:
+                for start in starts:
+                    c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                    chosen.append(c.cpu())
+                    rejected.append(r.cpu())
         model.train()
         shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
         chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
@@ -785,11 +871,13 @@ def main(args: Args):
     if args.task == "randomwalks":
         # Corrupted walks are mostly invalid: a block of ties at optimality 0 that the model, rightly,
         # still grades (a walk that breaks one edge scores above one that wanders), so their
-        # correlation is lower and reported apart. Each rank scores a share of the walks.
+        # correlation is lower and reported apart. Each rank scores a share of the walks (under
+        # --pp with a whole copy of the model, gathered from the stages).
         with model.gathered():
+            scorer = whole_model()
             for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
                 mine = share(evaluated, grid.dp_rank, ranks)
-                scores = score(model.module, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256) if mine else torch.zeros(0)
+                scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256) if mine else torch.zeros(0)
                 scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
                 summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
     save_final(run_dir, model, tokenizer, grid)

@@ -352,6 +352,7 @@ def test_bad_flags_and_files(tmp_path):
     expect_error(ilql.Args(task="hh", output_dir=run), "--model")
     expect_error(ilql.Args(output_dir=run, batch_size=100, micro_batch_size=30), "--micro-batch-size 30")
     expect_error(ilql.Args(output_dir=run, tau=1.0), "--tau")
+    expect_error(ilql.Args(output_dir=run, tp=2), "launch with torchrun --nproc_per_node 2")
     expect_error(ilql.Args(output_dir=run, resume=str(tmp_path)), "not a checkpoint")
 
 
@@ -411,6 +412,44 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, randomwalk
             assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}", name) < 1e-5, f"ZeRO-{stage} {name}"
 
 
+# Tensor parallel splits the LM's matmuls and sums the pieces, so it rounds differently from one
+# process (weights ~5e-6 apart after the first AdamW step, against ~3e-7 for data parallel). At
+# DATA_PARALLEL_FLAGS' learning rate of 1e-2 that is enough for one ReLU unit of a Q head to cross
+# its kink on one state at step 4 (a jump in that unit's gradient), after which the runs drift
+# apart by ~1e-3; at 3e-3 nothing crosses and every layout below agrees to ~1e-6 (the
+# pipeline-only ones to ~1e-7, at either rate).
+PARALLEL_FLAGS = [*DATA_PARALLEL_FLAGS, "--learning-rate", "3e-3"]
+LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2", "--zero-stage", "2"], 4)]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, randomwalks_llama):
+    """The single-process run (in this process) every tensor/pipeline layout must reproduce: its
+    directory and greedy evaluation."""
+    folder = tmp_path_factory.mktemp("one-process") / "run"
+    ilql.main(tyro.cli(ilql.Args, args=[*PARALLEL_FLAGS, "--model", randomwalks_llama, "--output-dir", str(folder)]))
+    expected = json.loads((folder / "metrics.json").read_text())
+    assert expected["eval/optimality_greedy_beta4"] > 0.1  # it learned enough for greedy walks to tell a difference
+    return folder, {k: v for k, v in expected.items() if "greedy" in k}
+
+
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero2"])
+def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, randomwalks_llama, one_process_run, flags, nproc):
+    """The LM's heads, MLP and vocabulary split over tensor-parallel ranks (the ILQL heads whole on
+    each), its layers over pipeline stages (1F1B; the V and Q heads train on the last stage, which
+    hands them to the others for generating and saving; generation with the LM gathered whole),
+    and data parallel under ZeRO-2 over what remains: the greedy evaluation, the saved dense LM and
+    the heads (target heads included) of one process."""
+    single, greedy = one_process_run
+    run = torchrun("ilql.py", *PARALLEL_FLAGS, "--model", randomwalks_llama, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
+    actual = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {k: actual[k] for k in greedy} == pytest.approx(greedy, rel=1e-5)
+    for name in ("model.safetensors", ilql.HEADS_FILE):
+        assert max_weight_difference(single, tmp_path / "run", name) < 1e-5, name
+
+
 def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     """ZeRO-3 on 2 ranks with dropout on, the whole launcher killed after a checkpoint: the resumed
     run (each rank reloading its optimizer slice and RNG, rank 0's target heads) ends bitwise where
@@ -438,5 +477,5 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     for name in ("model.safetensors", ilql.HEADS_FILE):
         assert_same_weights(tmp_path / "reference", killed, name)
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3; resume it with the same"):
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3 --tp 1 --pp 1; resume it with the same"):
         ilql.main(tyro.cli(ilql.Args, args=[*flags, "--resume", str(killed)]))  # one process

@@ -208,6 +208,7 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
     expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")), "no such directory")
     expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
     expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5), "does not split into 1 rank(s) x micro-batches of --micro-batch-size 5")
+    expect_error(quick_args(tmp_path, pp=2), "launch with torchrun --nproc_per_node 2")
     # Identical pairs among good ones are dropped with a count, not fatal.
     pairs = rm.load_pairs("jsonl", write_pairs(tmp_path, ['{"prompt": "p", "chosen": "x", "rejected": "x"}', '{"prompt": "p", "chosen": "a", "rejected": "b"}']))
     assert len(pairs) == 1 and "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().out
@@ -262,27 +263,59 @@ def max_weight_difference(first, second):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_inputs):
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, pairs_run_inputs):
+    """The single-process run (in this process) every multi-process layout must reproduce: its
+    directory and metrics."""
+    folder = tmp_path_factory.mktemp("one-process") / "run"
+    rm.main(tyro.cli(rm.Args, args=[*DATA_PARALLEL_FLAGS, *pairs_run_inputs, "--output-dir", str(folder)]))
+    expected = json.loads((folder / "metrics.json").read_text())
+    assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
+    return folder, expected
+
+
+def assert_same_run(expected: dict, single, run_dir, what: str):
+    """Eval metrics, saved weights and saved score statistics of a multi-process run against one process."""
+    actual = json.loads((run_dir / "metrics.json").read_text())
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{what} {key}"
+    assert max_weight_difference(single, run_dir) < 1e-5, what
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(actual["eval/score_std"])
+    assert config["architectures"] == ["LlamaForSequenceClassification"]  # the dense reward model, whatever the layout
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_inputs, one_process_run):
     """2 ranks x 2 micro-batches of 2 pairs = a global batch of 8: every ZeRO stage ends with the
     eval metrics and weights of one process on the same batches (up to fp32 summation order)."""
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs
-    rm.main(tyro.cli(rm.Args, args=[*flags, "--output-dir", str(tmp_path / "single")]))  # one process, in this one
-    expected = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
+    single, expected = one_process_run
     for stage in (0, 1, 2, 3):
         run = torchrun("reward_model.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
-        actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())
-        assert actual.keys() == expected.keys()
-        for key, value in expected.items():
-            assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"ZeRO-{stage} {key}"
-        assert max_weight_difference(tmp_path / "single", tmp_path / f"zero{stage}") < 1e-5, f"ZeRO-{stage}"
-        config = json.loads((tmp_path / f"zero{stage}" / "config.json").read_text())
-        assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(actual["eval/score_std"])
+        assert_same_run(expected, single, tmp_path / f"zero{stage}", f"ZeRO-{stage}")
     odd = torchrun("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
     assert odd.returncode != 0 and "does not split into 2 rank(s) x micro-batches" in odd.stderr
     assert not (tmp_path / "odd").exists()
+
+
+LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2", "--zero-stage", "1"], 4)]
+
+
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero1"])
+def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, pairs_run_inputs, one_process_run, flags, nproc):
+    """Heads, MLP and vocabulary split over tensor-parallel ranks (the score head whole on each),
+    layers over pipeline stages (1F1B; the last stage pools the scores and computes the pairwise
+    loss, both sides of a pair in one micro-batch; eval through the forward-only pipeline), and
+    data parallel under ZeRO-1 over what remains, on 2 and 4 processes: the eval metrics, the saved
+    dense reward model and its score statistics of one process."""
+    single, expected = one_process_run
+    run = torchrun("reward_model.py", *DATA_PARALLEL_FLAGS, *pairs_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved ") == 1, "only rank 0 reports"
+    assert_same_run(expected, single, tmp_path / "run", " ".join(flags))
 
 
 def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_inputs):
@@ -309,5 +342,5 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_in
     assert "resuming" in resumed.stdout
     assert_same_weights(tmp_path / "reference", killed)
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1; resume it with the same"):
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1 --tp 1 --pp 1; resume it with the same"):
         rm.main(tyro.cli(rm.Args, args=[*flags, "--resume", str(killed)]))  # one process
