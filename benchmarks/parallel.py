@@ -1,6 +1,8 @@
 """parallel.py against torch's own: our DDP vs torch.nn.parallel.DistributedDataParallel, our
-ZeRO-3 vs FSDP2 (torch.distributed.fsdp.fully_shard), ZeRO-1/2 for reference, on the same model,
-batch and optimizer, one after the other in the same processes.
+ZeRO-3 vs FSDP2 (torch.distributed.fsdp.fully_shard), ZeRO-1/2 for reference, and our tensor
+parallel and pipeline (AFAB and 1F1B, with the measured bubble against the (p-1)/(m+p-1) bound)
+over all ranks, on the same model, global batch and optimizer, one after the other in the same
+processes.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/parallel.py            # gloo on CPU
     torchrun --standalone --nproc_per_node 8 benchmarks/parallel.py --layers 24 --hidden 2048   # NCCL
@@ -43,6 +45,8 @@ class Args:
     """sequences per rank per step"""
     steps: int = 6
     """timed steps (after two warm-up steps)"""
+    micro_batches: int = 8
+    """pipeline rows: micro-batches the global batch (batch x ranks sequences) is cut into"""
     bf16: bool = False
     """bf16 autocast (fp32 master weights), as the scripts' --dtype bf16"""
 
@@ -98,11 +102,52 @@ def state_bytes(model, optimizer, extra=()) -> int:
 
 
 def run_variant(name: str, args: Args, grid, batches):
+    """Median step time, bytes held, peak bytes (and for pipelines the measured bubble) of one
+    layout. Every layout does the same work per step: a global batch of batch x ranks sequences
+    (data parallel: each rank its rows; tensor parallel: every rank all rows; pipeline: all rows in
+    micro-batches)."""
     device = grid.device
     start = reset_peak(device)
     model = build_model(args, device)
-    extra = []
-    if name == "torch DDP":
+    extra, bubbles = [], []
+    world = dist.group.WORLD
+    global_batch = torch.cat(parallel.all_gather_objects(batches[0].cpu(), world)).to(device) if name.startswith(("ours TP", "ours PP")) else None
+    if name.startswith("ours PP"):
+        schedule = parallel.pipeline_1f1b if "1F1B" in name else parallel.pipeline_afab
+        wrapped = parallel.data_parallel(parallel.pipeline_stage(model, world), None, 0, pp_group=world)
+        optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
+        clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
+        tokens = global_batch.shape[0] * (global_batch.shape[1] - 1)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        times = []
+        for step in range(len(batches)):
+            micro_batches = [{"input_ids": rows, "labels": rows} for rows in global_batch.chunk(args.micro_batches)]
+            dist.barrier()
+            started = time.perf_counter()
+            timings = {}
+            with autocast:
+                schedule(wrapped, micro_batches, lambda logits, mb: parallel.causal_lm_loss(logits, mb["labels"], tokens), timings=timings)
+            clip()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier()
+            if step >= 2:
+                times.append(time.perf_counter() - started)
+                bubbles.append(timings["bubble"])
+        peak = peak_since(start, device)
+        held = state_bytes(wrapped.module, optimizer)
+        bubble = max(parallel.all_gather_objects(statistics.median(bubbles), world))  # the idlest stage
+        del wrapped, model, optimizer
+        gc.collect()
+        return statistics.median(times), held, peak, bubble
+    if name == "ours TP":
+        wrapped = parallel.data_parallel(parallel.tensor_parallel(model, world), None, 0, tp_group=world)
+        optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
+        clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
+        batches = [global_batch] * len(batches)
+    elif name == "torch DDP":
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -145,7 +190,7 @@ def run_variant(name: str, args: Args, grid, batches):
     held = state_bytes(model, optimizer, extra)
     del wrapped, model, optimizer
     gc.collect()
-    return statistics.median(times), held, peak
+    return statistics.median(times), held, peak, None
 
 
 def main(args: Args):
@@ -156,18 +201,20 @@ def main(args: Args):
         batches = [torch.randint(0, args.vocab, (args.batch, args.sequence), generator=generator).to(grid.device) for _ in range(args.steps + 2)]
         run_variant("ours DDP", args, grid, batches)  # warm-up: first-touch allocations and thread pools count for no one
         rows = {}
-        for name in ("torch DDP", "ours DDP", "ours ZeRO-1", "ours ZeRO-2", "torch FSDP2", "ours ZeRO-3"):
+        for name in ("torch DDP", "ours DDP", "ours ZeRO-1", "ours ZeRO-2", "torch FSDP2", "ours ZeRO-3", "ours TP", "ours PP AFAB", "ours PP 1F1B"):
             rows[name] = run_variant(name, args, grid, batches)
         if grid.is_main:
             parameters = sum(p.numel() for p in build_model(args, torch.device("cpu")).parameters())
             print(f"{grid.world_size} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, GPT-2 {args.layers} layers x {args.hidden}, "
                   f"{parameters / 1e6:.1f}M parameters, {args.batch} x {args.sequence} tokens per rank, {'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
-            print("| variant | step time | vs baseline | state per rank | vs baseline | peak per rank | vs baseline |")
-            print("|---|---|---|---|---|---|---|")
-            for name, (seconds, held, peak) in rows.items():
+            bound = parallel.bubble_fraction(grid.world_size, args.micro_batches)
+            print(f"Pipeline rows: {args.micro_batches} micro-batches on {grid.world_size} stages; the bubble bound (p-1)/(m+p-1) is {bound:.3f}.")
+            print("| variant | step time | vs baseline | state per rank | vs baseline | peak per rank | vs baseline | bubble |")
+            print("|---|---|---|---|---|---|---|---|")
+            for name, (seconds, held, peak, bubble) in rows.items():
                 baseline = rows["torch FSDP2" if name.endswith("ZeRO-3") else "torch DDP"]
                 print(f"| {name} | {seconds * 1000:.1f} ms | {seconds / baseline[0]:.2f}x | {held / 2**20:.1f} MiB | {held / baseline[1]:.2f}x "
-                      f"| {peak / 2**20:.1f} MiB | {peak / max(baseline[2], 1):.2f}x |")
+                      f"| {peak / 2**20:.1f} MiB | {peak / max(baseline[2], 1):.2f}x | {'' if bubble is None else f'{bubble:.3f} (bound {bound:.3f})'} |")
 
 
 if __name__ == "__main__":
