@@ -1491,10 +1491,10 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
 #     accumulator (4 B * s * b * h);
 #   - rm: a micro-batch of b pairs is 2b sequences (chosen and rejected in one forward), and its
 #     score head has no vocabulary-sized output;
-#   - ilql: the LM as for sft, plus the heads as ilql.py runs them (on the last stage, split by
-#     tp): every one of the 1 + 2 * n_q heads (V, Q, target Q) keeps its fp32 [tokens, 2h] hidden
-#     layer, and each Q and target Q head its fp32 [tokens, vocab] output, the trained Q heads'
-#     with a gradient of the same size: 4 * T * 2h * (1 + 2 n_q) / tp + 4 * T * vocab * 3 n_q / tp;
+#   - ilql: the LM as for sft, plus the heads as ilql.py runs them (on the last stage, whole on
+#     every tp rank): every one of the 1 + 2 * n_q heads (V, Q, target Q) keeps its fp32 [tokens,
+#     2h] hidden layer, and each Q and target Q head its fp32 [tokens, vocab] output, the trained
+#     Q heads' with a gradient of the same size: 4 * T * 2h * (1 + 2 n_q) + 4 * T * vocab * 3 n_q;
 #   - ppo: the policy's, plus as much again for a separate critic (the same trunk; policy and
 #     value losses are summed into one backward in ppo.py, so both sets are alive at once).
 # PPO's rollout (generation, then the scoring passes of policy, critic, reference and reward
@@ -1719,10 +1719,12 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
     if algorithm == "ilql" and last:
         heads, targets = ilql_head_parameters(policy, n_q)
         q_head = targets // n_q
-        trained = trained + [math.ceil((heads - n_q * q_head) / tp)] + [math.ceil(q_head / tp)] * n_q
-        frozen_bytes += 4 * math.ceil(targets / tp)
+        # ilql.py keeps its heads whole on every tensor-parallel rank (they take the whole hidden
+        # states), so nothing here is divided by tp.
+        trained = trained + [heads - n_q * q_head] + [q_head] * n_q
+        frozen_bytes += 4 * targets
         tokens, h = seq_len * micro_batch_size, policy.hidden
-        activations += 4 * tokens * 2 * h * (1 + 2 * n_q) / tp + 4 * tokens * math.ceil(policy.vocab / tp) * 3 * n_q
+        activations += 4 * tokens * 2 * h * (1 + 2 * n_q) + 4 * tokens * policy.vocab * 3 * n_q
     elif algorithm == "ppo":
         if value == "critic":
             trained = trained + stage_units(policy, tp, pp, stage, "value")

@@ -242,3 +242,12 @@ def test_cli_bad_input_is_one_error_line(argv, message, tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_ilql_heads_are_whole_on_every_tensor_parallel_rank():
+    """ilql.py keeps its V, Q and target Q heads whole under --tp: splitting the model over 2 ranks
+    halves the LM's share but not the heads' (the target heads are the frozen bytes)."""
+    shape = parallel.load_shape("llama-3-8b")
+    _, targets = parallel.ilql_head_parameters(shape, n_q=2)
+    one, two = (parallel.stage_memory("ilql", shape, dp=1, tp=tp, pp=1, zero=0, stage=0) for tp in (1, 2))
+    assert one.frozen == two.frozen == 4 * targets
