@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import math
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -152,9 +153,14 @@ def barrier():
 def clean_exit():
     """Wrap a script's main(): a collective that fails (a peer process died, or nothing arrived
     within the timeout) becomes one line and exit status 1 instead of a traceback per rank, and
-    the process group is torn down on the way out."""
+    the process group is torn down on the way out. After a run that succeeded under torchrun, the
+    process then leaves without the interpreter's teardown: gloo's worker threads outlive
+    destroy_process_group, and a rank finalizing beside them sometimes aborts (SIGABRT, "terminate
+    called without an active exception"), which torchrun would report as a failed run."""
+    distributed = False
     try:
         yield
+        distributed = dist.is_initialized()
     except RuntimeError as error:
         # gloo reports a dead peer as a plain RuntimeError, so judge by where it was raised.
         raised_in = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
@@ -166,6 +172,10 @@ def clean_exit():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,16 +10,26 @@ advantages, then PPO epochs over minibatches.
     python reward_model.py --model runs/sft --output-dir runs/rm   # 2. a reward model
     python ppo.py --model runs/sft --reward-model runs/rm     # 3. RLHF against it
     python ppo.py --model runs/sft                            # or against the true metric
+    torchrun --nproc_per_node 8 ppo.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 Memory savers: `--num-layers-unfrozen k` (Hydra: the reference shares the frozen bottom of the
 policy and copies only its top k layers), `--lora-rank r` (the reference is the policy with its
 adapters switched off), and critic-free advantages (`--advantage rloo|grpo|reinforce++`).
 Log-probs and entropies come from `kernels.fused_logprobs`, which never builds the vocabulary-sized
 logits; advantages from `kernels.gae`.
+
+Under torchrun the rollouts do not depend on the number of ranks: every rank builds the same
+prompts, the batch is cut into chunks of --generation-batch-size, each sampled with its own seed
+and dealt out to the ranks, and the responses are gathered so that every rank holds the whole
+batch. Each rank then computes log-probs and values for, and trains on, its share of each
+minibatch; gradients are averaged over ranks. N ranks give the single-process run on the same
+global batch, up to float rounding.
 """
 
+import contextlib
 import copy
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -41,6 +51,7 @@ import tyro
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 import kernels
+import parallel
 
 
 @dataclass
@@ -72,6 +83,8 @@ class Args:
     """fp32, or bf16 autocast for forward passes (weights and optimizer stay fp32)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters (and a reference copy)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -91,11 +104,15 @@ class Args:
     num_updates: int = 100
     """PPO updates (each: generate a batch, then optimise on it)"""
     batch_size: int = 128
-    """rollouts (responses) per update"""
+    """rollouts (responses) per update, over all ranks"""
     mini_batch_size: int = 32
-    """rollouts per optimizer step"""
+    """rollouts per optimizer step, over all ranks (each of N data-parallel ranks trains on mini_batch_size / N)"""
     micro_batch_size: int = 32
-    """rollouts per forward/backward pass (gradient accumulation inside a minibatch)"""
+    """rollouts per forward/backward pass on one rank (gradient accumulation inside a rank's share of a minibatch)"""
+    generation_batch_size: int = 64
+    """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter), each
+    sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks; make
+    batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
     learning_rate: float = 1e-4
@@ -389,9 +406,9 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
     return scores
 
 
-def load_reward_model(path: str, device, policy_tokenizer):
+def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True):
     """A reward model with its tokenizer and normalisation; texts are re-tokenized for it, so a
-    tokenizer that differs from the policy's is fine (and said once)."""
+    tokenizer that differs from the policy's is fine (and said once, when verbose)."""
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
     try:
@@ -404,10 +421,10 @@ def load_reward_model(path: str, device, policy_tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab() and verbose:
         print("note: the reward model's tokenizer differs from the policy's; responses are decoded to text and re-tokenized for it")
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
-    if not hasattr(model.config, "reward_mean"):
+    if not hasattr(model.config, "reward_mean") and verbose:
         print(f"note: {path} has no reward_mean/reward_std (not trained by reward_model.py); raw scores are used")
     model.requires_grad_(False)
     return model, tokenizer, mean, std
@@ -552,6 +569,17 @@ def make_hydra(policy, num_layers_unfrozen: int):
     return reference.requires_grad_(False).eval()
 
 
+def hydra_owned(reference, policy) -> torch.nn.Module:
+    """The modules of a Hydra reference that hold its own copied parameters (top blocks, final norm,
+    untied head), in one container: what ZeRO-3 shards for the reference. The shared trunk is the
+    policy's, sharded with it; sharding it twice would break it."""
+    shared = {id(p) for p in policy.parameters()}
+    layers = [layer for layer in decoder_layers(reference) if not any(id(p) in shared for p in layer.parameters())]
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    others = [m for m in reference.modules() if id(m) not in inside and any(p is not None and id(p) not in shared for p in m._parameters.values())]
+    return torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers), "others": torch.nn.ModuleList(others)})
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward passes: log-probs of the response tokens, their entropies, and values, without logits
 # ---------------------------------------------------------------------------------------------
@@ -566,10 +594,20 @@ def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temp
     kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).last_hidden_state
     hidden = hidden[:, prompt_length - 1 : -1]
-    head = model.get_output_embeddings()
-    result = kernels.fused_logprobs(hidden, head.weight, input_ids[:, prompt_length:], temperature=temperature, bias=head.bias, return_entropy=with_entropy)
+    result = head_logprobs(model.get_output_embeddings(), hidden, input_ids[:, prompt_length:], temperature, with_entropy)
     logprobs, entropy = result if with_entropy else (result, None)
     return logprobs, entropy, hidden
+
+
+def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, with_entropy: bool):
+    """kernels.fused_logprobs with the LM head's weight, run as the head module's forward for this
+    one call: hooks on the head then fire as for any module call, which ZeRO-3 needs (it gathers
+    the head's weight before the forward and again before the backward, and frees it after)."""
+    head.forward = lambda x: kernels.fused_logprobs(x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy)
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
 
 
 class Critic(torch.nn.Module):
@@ -733,6 +771,19 @@ def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False
     return F.pad(responses, (0, args.max_new_tokens - responses.shape[1]), value=tokenizer.pad_token_id)
 
 
+def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
+    """This rank's chunks (index, start, end) of `total` rows cut into pieces of chunk_size (the
+    last may be shorter), dealt out in order: rank r takes chunks [r * n // ranks, (r + 1) * n // ranks)."""
+    chunks = [(index, start, min(start + chunk_size, total)) for index, start in enumerate(range(0, total, chunk_size))]
+    return chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
+
+
+def chunk_seed(seed: int, stream: str, chunk: int) -> int:
+    """The torch seed of one generation chunk: a hash of (--seed, which generation, chunk index), so
+    a chunk samples the same tokens whichever rank draws it, and in a resumed run."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device):
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
@@ -751,34 +802,49 @@ def find_checkpoint(path: str) -> str:
     return os.path.join(folder, steps[-1])
 
 
-def save_checkpoint(run_dir: str, step: int, trainer_state: dict, keep: int):
-    """Write checkpoints/step_N/trainer_state.pt via a temporary directory and a rename, so a kill
-    mid-write never leaves a broken checkpoint where --resume would find it."""
+def save_checkpoint(run_dir: str, step: int, wrapper, shared_state, rank_state: dict, grid, keep: int):
+    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
+    leaves a broken checkpoint where --resume would find it. Rank 0 writes trainer_state.pt, the
+    dict shared_state() returns (the model states, taken with the parameters gathered); every rank
+    writes its own optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt. All
+    ranks must call this (ZeRO-3 gathers the parameters collectively)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
-    torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(os.path.join(folder, old))
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with wrapper.gathered():
+        if grid.is_main:
+            torch.save(shared_state(), os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    if grid.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
 
 
-def save_final(run_dir: str, policy, tokenizer, value_state: Optional[dict]):
+def save_final(run_dir: str, policy, tokenizer, value_modules: dict, wrapper, grid):
     """The policy with adapters merged, by save_pretrained into the run directory (config.json moved
     in last, so a directory with a config.json holds a complete model), and the value function
-    apart in value_head.pt."""
-    temporary = os.path.join(run_dir, ".final.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    merge_lora(policy).save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    if value_state is not None:
-        torch.save(value_state, os.path.join(temporary, "value_head.pt"))
-    for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-        os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-    os.rmdir(temporary)
+    ({name: module}) apart in value_head.pt. All ranks call it; rank 0 writes, with the
+    parameters gathered."""
+    with wrapper.gathered():
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        merge_lora(policy).save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        if value_modules:
+            # Cloned: under ZeRO the parameters are views into flat buffers that torch.save would write whole.
+            torch.save({name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in value_modules.items()}, os.path.join(temporary, "value_head.pt"))
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
 
 
 def rng_states() -> dict:
@@ -828,11 +894,21 @@ def load_policy(name: str, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 0. Sizes, checked once. Prompts per batch times samples per prompt is the batch.
+    # 0. Join the other ranks (a no-op without torchrun) and check the sizes once. Prompts per batch
+    #    times samples per prompt is the batch; batch and minibatch sizes count all ranks' rollouts.
+    grid = parallel.init_distributed(args.device)
+    device, ranks = grid.device, grid.dp_size
     critic_free = args.advantage != "gae"
-    for name, size, unit in (("--batch-size", args.batch_size, args.mini_batch_size), ("--mini-batch-size", args.mini_batch_size, args.micro_batch_size), ("--batch-size", args.batch_size, args.samples_per_prompt)):
+    for name, size, unit, what in (
+        ("--batch-size", args.batch_size, args.mini_batch_size, "--mini-batch-size"),
+        ("--mini-batch-size", args.mini_batch_size, ranks, "the number of data-parallel ranks"),
+        (f"--mini-batch-size / {ranks} rank(s) =", args.mini_batch_size // ranks, args.micro_batch_size, "--micro-batch-size"),
+        ("--batch-size", args.batch_size, args.samples_per_prompt, "--samples-per-prompt"),
+    ):
         if size % unit:
-            fail(f"{name} {size} is not a multiple of {unit} (mini-batch, micro-batch and samples per prompt must divide evenly)")
+            fail(f"{name} {size} is not a multiple of {what} ({unit}); mini-batches, ranks, micro-batches and samples per prompt must divide evenly")
+    if args.generation_batch_size < 1:
+        fail(f"--generation-batch-size {args.generation_batch_size} must be at least 1")
     if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
         fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
     if args.num_layers_unfrozen > 0 and args.lora_rank > 0:
@@ -844,13 +920,21 @@ def main(args: Args):
     if args.task != "randomwalks" and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     prompts_per_batch = args.batch_size // args.samples_per_prompt
+    local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
+    generation_chunk = min(args.generation_batch_size, args.batch_size)
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False) if checkpoint else None
+    if state is not None and (state.get("world_size", 1) != grid.world_size or state["args"].get("zero_stage", 0) != args.zero_stage):
+        fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with --zero-stage {state['args'].get('zero_stage', 0)}; resume it with the same")
+    chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
+    if chunks_per_batch % ranks and grid.is_main:
+        print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
+              f"so some ranks idle while others generate; a --generation-batch-size that divides {args.batch_size // ranks} avoids it")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 1. Prompts and the reward.
+    # 1. Prompts and the reward. The reward model is replicated on every rank (it only scores).
     if args.task == "randomwalks":
         adjacency, _ = generate_random_walks()
         shortest = shortest_path_nodes(adjacency)
@@ -862,12 +946,13 @@ def main(args: Args):
         eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     policy, tokenizer = load_policy(args.model, device)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
-    reward_model = load_reward_model(args.reward_model, reward_device, tokenizer) if args.reward_model else None
+    reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main) if args.reward_model else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task == "randomwalks" else 1.0)
 
     def raw_scores(prompts: list, responses: list) -> torch.Tensor:
-        """The score of each response before any penalty: reward model (normalised), user function, or task metric."""
+        """The score of each response before any penalty: reward model (normalised), user function, or task metric.
+        Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
         if reward_model is not None:
             model, rm_tokenizer, mean, std = reward_model
             scores = (score(model, rm_tokenizer, prompts, responses) - mean) / std
@@ -877,7 +962,8 @@ def main(args: Args):
             scores = torch.tensor([walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)])
         return scores.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip is not None else scores
 
-    # 2. Policy, reference and value function.
+    # 2. Policy, reference and value function; everything trained goes in one container, wrapped once
+    #    for data parallel (after a checkpoint's weights are loaded, so the wrapper shards those).
     adapters = []
     if args.lora_rank > 0:
         adapters = add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
@@ -894,12 +980,26 @@ def main(args: Args):
             value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device)
             torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no prior opinion of any state
             torch.nn.init.zeros_(value_head.bias)
-    value_modules = [m for m in (value_head, critic) if m is not None]
-    trainable = [p for p in policy.parameters() if p.requires_grad] + [p for m in value_modules for p in m.parameters()]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
+    value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        for module, module_state in zip(value_modules.values(), state["value"]):
+            module.load_state_dict(module_state)
+    wrapper = parallel.data_parallel(torch.nn.ModuleDict({"policy": policy, **value_modules}), grid.dp_group, args.zero_stage)
+    # Under ZeRO-3 a reference with weights of its own is sharded too and used only inside its
+    # gathered(); Hydra's shares the frozen trunk with the policy, so only its copied top is wrapped.
+    reference_wrapper = None
+    if args.zero_stage == 3 and reference is not None:
+        reference_wrapper = parallel.FullyShardedDataParallel(hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference, grid.dp_group)
+    reference_gathered = reference_wrapper.gathered if reference_wrapper is not None else contextlib.nullcontext
+    optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0)
     kl_controller = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    fork_devices = [device] if device.type == "cuda" else []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         if adapters:
@@ -910,75 +1010,98 @@ def main(args: Args):
     # 3. Run directory; a resumed run continues in its checkpoint's directory with every state restored.
     update, wandb_id = 0, None
     if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
-        if changed:
+        if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        policy.load_state_dict(state["policy"])
-        for module, module_state in zip(value_modules, state["value"]):
-            module.load_state_dict(module_state)
-        optimizer.load_state_dict(state["optimizer"])
+        rank_file = os.path.join(checkpoint, f"rank_{grid.rank}.pt")
+        # A checkpoint from before data parallel kept the optimizer and RNG states in trainer_state.pt.
+        rank_state = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {k: state[k] for k in ("optimizer", "rng")}
+        optimizer.load_state_dict(rank_state["optimizer"])
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
-        set_rng_states(state["rng"])
+        set_rng_states(rank_state["rng"])
         update, run_name, wandb_id = state["update"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        print(f"resuming {run_dir} from update {update}")
+        if grid.is_main:
+            print(f"resuming {run_dir} from update {update}")
     else:
-        run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        # Rank 0's clock names the run, so every rank agrees on the directory.
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
         if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
             fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        os.makedirs(run_dir, exist_ok=True)
-    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track else None
+        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+    state = None  # the model states are loaded; let them go
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 
     @torch.no_grad()
     def evaluate():
         """Scores of greedy and sampled responses to held-out prompts, their KL to the reference, and
-        (with a reward model) the win rate against the reference policy's own samples. Runs on a
-        forked RNG with a fixed seed, so it never changes training and evaluations compare."""
+        (with a reward model) the win rate against the reference policy's own samples. The prompts
+        are cut into chunks as in training, each chunk sampled with a fixed seed of its own on a
+        forked RNG (so evaluation never changes training, evaluations compare, and the result does
+        not depend on the number of ranks); ranks evaluate their chunks and gather the results.
+        The models are gathered once (a no-op below ZeRO-3), so ranks may run different numbers
+        of forwards without per-block collectives."""
         policy.eval()
         metrics, rows = {}, []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
-            torch.manual_seed(args.seed)
-            repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+        repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+        with wrapper.gathered(), reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
             for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
                 prompts = [p for p in eval_prompts for _ in range(copies)]
-                prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
-                responses, mask, _ = truncate_at_eos(generate(policy, prompt_ids, prompt_mask, args, tokenizer, greedy), tokenizer.eos_token_id, tokenizer.pad_token_id)
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                metrics[f"eval/score_{name}"] = raw_scores(prompts, texts).mean().item()
+                all_prompt_ids, all_prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
+                local = []
+                for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, ranks, grid.dp_rank):
+                    torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
+                    chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
+                    responses, mask, _ = truncate_at_eos(generate(policy, prompt_ids, prompt_mask, args, tokenizer, greedy), tokenizer.eos_token_id, tokenizer.pad_token_id)
+                    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                    result = {"text": texts, "score": raw_scores(chunk_prompts, texts).tolist()}
+                    if args.task == "randomwalks":
+                        result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
+                    if name == "sampled":
+                        input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
+                        logprobs = response_logprobs(policy, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
+                        kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1")
+                        result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
+                        if reward_model is not None:  # the trlX paper's metric: wins against the reference policy
+                            if adapters:
+                                with adapters_disabled(adapters):
+                                    reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)
+                            else:
+                                reference_responses = generate(reference, prompt_ids, prompt_mask, args, tokenizer)
+                            reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
+                            ours, theirs = raw_scores(chunk_prompts, texts), raw_scores(chunk_prompts, reference_texts)
+                            result["win"] = ((ours > theirs).float() + 0.5 * (ours == theirs).float()).tolist()
+                    local.append(result)
+                results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]  # chunk order
+
+                def mean(key):
+                    return torch.tensor([value for result in results for value in result[key]]).mean().item()
+
+                metrics[f"eval/score_{name}"] = mean("score")
                 if args.task == "randomwalks":
-                    optimality = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(prompts, texts)]
-                    metrics[f"eval/optimality_{name}"] = float(np.mean(optimality))
+                    metrics[f"eval/optimality_{name}"] = float(np.mean([value for result in results for value in result["optimality"]]))
                 if name == "sampled":
-                    input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-                    logprobs = response_logprobs(policy, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
-                    kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1")
-                    metrics["eval/kl"] = torch.where(mask, kl, 0.0).sum(-1).mean().item()
-                    if reward_model is not None:  # the trlX paper's metric: wins against the reference policy
-                        if adapters:
-                            with adapters_disabled(adapters):
-                                reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)
-                        else:
-                            reference_responses = generate(reference, prompt_ids, prompt_mask, args, tokenizer)
-                        reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
-                        ours, theirs = raw_scores(prompts, texts), raw_scores(prompts, reference_texts)
-                        metrics["eval/win_rate"] = ((ours > theirs).float() + 0.5 * (ours == theirs).float()).mean().item()
+                    metrics["eval/kl"] = mean("kl")
+                    if reward_model is not None:
+                        metrics["eval/win_rate"] = mean("win")
+                    texts = [text for result in results for text in result["text"]]
                     rows = [[update, p, t] for p, t in zip(prompts[:16], texts[:16])]
         policy.train()
         return metrics, rows
 
     # 4. The loop.
-    policy.train()  # dropout is switched off below for every forward pass that PPO compares
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
-    progress = tqdm.tqdm(total=args.num_updates, initial=update, desc="ppo", dynamic_ncols=True, mininterval=1.0)
+    policy.train()  # dropout was switched off above for every forward pass that PPO compares
+    progress = tqdm.tqdm(total=args.num_updates, initial=update, desc="ppo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     metrics, started, start_update = {}, time.time(), update
     while update < args.num_updates:
         # 1. Sample prompts (a stream of shuffled epochs, a function of seed and position alone, so a
-        # resumed run replays it) and generate.
+        # resumed run replays it) and generate. Every rank encodes all prompts (so the padding is
+        # the single-process one) and generates its chunks, each on its own seed; the responses
+        # (max_new_tokens wide) are gathered, so every rank holds the whole batch.
         first, last = update * prompts_per_batch, (update + 1) * prompts_per_batch
         epochs = range(first // len(train_prompts), (last - 1) // len(train_prompts) + 1)
         stream = [i for epoch in epochs for i in epoch_order(len(train_prompts), args.seed, epoch)]
@@ -986,38 +1109,55 @@ def main(args: Args):
         prompts = [train_prompts[i] for i in stream[offset : offset + prompts_per_batch] for _ in range(args.samples_per_prompt)]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
         prompt_length = prompt_ids.shape[1]
+        my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks, grid.dp_rank)
+        generated = []
         policy.eval()
-        with autocast:
-            generated = generate(policy, prompt_ids, prompt_mask, args, tokenizer)
+        with wrapper.gathered(), autocast:  # ZeRO-3: the whole policy gathered once for the generation loop
+            for chunk, lo, hi in my_chunks:
+                with torch.random.fork_rng(devices=fork_devices):
+                    torch.manual_seed(chunk_seed(args.seed, f"update {update}", chunk))
+                    generated.append(generate(policy, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer))
         policy.train()
 
-        # 2. Truncate at the first EOS: what follows is padding, excluded from every loss and statistic.
+        # 2-3. Each rank scores its chunks' decoded responses (truncated at the first EOS: what
+        # follows is padding, excluded from every loss and statistic), then all are gathered.
+        local = []
+        for (chunk, lo, hi), chunk_generated in zip(my_chunks, generated):
+            texts = tokenizer.batch_decode(truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
+            local.append((chunk_generated.cpu(), raw_scores(prompts[lo:hi], texts)))
+        shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]  # chunk order
+        generated = torch.cat([g for g, _ in shares]).to(device)
         responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
         input_ids = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-
-        # 3. Score the decoded responses; a response that never ended pays the missing-EOS penalty.
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = raw_scores(prompts, texts)
+        # A response that never ended pays the missing-EOS penalty.
+        scores = torch.cat([s for _, s in shares])
         scores = scores - missing_eos_penalty * (~has_eos).float().cpu()
         raw_mean = scores.mean().item()
 
         # 4. Log-probs under the policy and the reference (same temperature as sampling), and values.
-        # The policy's pass runs in the micro-batches of the first PPO epoch, in its order, so the
-        # first minibatch repeats bitwise the same computation: its ratio is exactly 1.
+        # The permutations are the same on every rank (same RNG). Each rank computes the rows it
+        # trains on in the first PPO epoch (its share of each minibatch), in the same micro-batches,
+        # so the first minibatch repeats bitwise the same computation: its ratio is exactly 1. The
+        # rows of the other ranks are zeros here, and a sum over ranks fills them in.
         permutations = [torch.randperm(args.batch_size).tolist() for _ in range(args.ppo_epochs)]
-        old_logprobs, ref_logprobs = torch.zeros(2, args.batch_size, args.max_new_tokens, device=device)
-        old_values = None if critic_free else torch.zeros(args.batch_size, args.max_new_tokens, device=device)
-        with torch.no_grad(), autocast:
-            for start in range(0, args.batch_size, args.micro_batch_size):
-                rows = torch.tensor(permutations[0][start : start + args.micro_batch_size], device=device)
-                logprobs, _, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                old_logprobs[rows] = logprobs.float()
-                ref_logprobs[rows] = reference_logprobs(input_ids[rows], attention_mask[rows], prompt_length).float()
-                if not critic_free:
-                    old_values[rows] = values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
+        rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, device=device)
+        with torch.no_grad(), wrapper.gathered(), reference_gathered(), autocast:
+            for start in range(0, args.batch_size, args.mini_batch_size):
+                share = permutations[0][start + grid.dp_rank * local_mini_batch_size : start + (grid.dp_rank + 1) * local_mini_batch_size]
+                for micro_start in range(0, local_mini_batch_size, args.micro_batch_size):
+                    rows = torch.tensor(share[micro_start : micro_start + args.micro_batch_size], device=device)
+                    logprobs, _, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
+                    rollout[0, rows] = logprobs.float()
+                    rollout[1, rows] = reference_logprobs(input_ids[rows], attention_mask[rows], prompt_length).float()
+                    if not critic_free:
+                        rollout[2, rows] = values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
+        parallel.all_reduce_sum(rollout, grid.dp_group)
+        old_logprobs, ref_logprobs = rollout[0], rollout[1]
+        old_values = None if critic_free else rollout[2]
 
-        # 5. Per-token KL to the reference and the coefficient that weighs it.
+        # 5. Per-token KL to the reference and the coefficient that weighs it (from here on every
+        # rank computes the same numbers over the whole batch).
         kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator)
         beta = kl_controller.value
         sequence_kl = torch.where(mask, old_logprobs - ref_logprobs, 0.0).sum(-1).mean().item()
@@ -1037,38 +1177,49 @@ def main(args: Args):
             advantages, returns = kernels.gae(old_values, rewards, mask, args.gamma, args.lam)
             advantages = kernels.masked_whiten(advantages, mask)
 
-        # 8. PPO epochs over shuffled minibatches, accumulated over micro-batches.
-        statistics = []
-        for permutation in permutations:
+        # 8. PPO epochs over shuffled minibatches: each rank takes its share of a minibatch, in
+        # micro-batches. Losses are normalised by the whole minibatch's count and multiplied by the
+        # rank count (the wrapper averages gradients over ranks), so the step is the one-process
+        # step; only the last micro-batch's backward communicates.
+        statistics, first_minibatch_log_ratio = [], 0.0
+        for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
                 normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
-                for micro_start in range(0, len(minibatch), args.micro_batch_size):
-                    rows = torch.tensor(minibatch[micro_start : micro_start + args.micro_batch_size], device=device)
-                    with autocast:
-                        logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                        values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
-                    loss, stats = ppo_losses(logprobs.float(), old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
-                                             None if critic_free else returns[rows], mask[rows], args, normaliser)
-                    if args.entropy_coef:
-                        loss = loss - args.entropy_coef * aggregate(entropy.float(), mask[rows], args.loss_aggregation, normaliser)
-                    loss.backward()
+                share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
+                micro_starts = range(0, local_mini_batch_size, args.micro_batch_size)
+                for micro_start in micro_starts:
+                    rows = torch.tensor(share[micro_start : micro_start + args.micro_batch_size], device=device)
+                    with wrapper.no_sync() if micro_start != micro_starts[-1] else contextlib.nullcontext():
+                        with autocast:
+                            logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
+                            values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
+                        loss, stats = ppo_losses(logprobs.float(), old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
+                                                 None if critic_free else returns[rows], mask[rows], args, normaliser)
+                        if args.entropy_coef:
+                            loss = loss - args.entropy_coef * aggregate(entropy.float(), mask[rows], args.loss_aggregation, normaliser)
+                        (loss * ranks).backward()
                     stats["policy/entropy"] = kernels.masked_mean(entropy.float(), mask[rows])
                     statistics.append({k: float(v.detach()) for k, v in stats.items()})
-                    if len(statistics) == 1:  # exactly 0 unless old and new log-probs were computed differently
-                        first_minibatch_log_ratio = torch.where(mask[rows], logprobs.float() - old_logprobs[rows], 0.0).abs().max().item()
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                    if epoch == 0 and start == 0:  # exactly 0 unless old and new log-probs were computed differently
+                        log_ratio = torch.where(mask[rows], logprobs.float() - old_logprobs[rows], 0.0).abs().max().item()
+                        first_minibatch_log_ratio = max(first_minibatch_log_ratio, log_ratio)
+                wrapper.clip_grad_norm_(args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
         update += 1
 
-        # Statistics of the update, gathered once.
+        # Statistics of the update, gathered once, in the order one process would have produced them
+        # (each minibatch's micro-batches, rank by rank).
+        per_rank = parallel.all_gather_objects((statistics, first_minibatch_log_ratio), grid.dp_group)
+        micro_per_share = local_mini_batch_size // args.micro_batch_size
+        statistics = [s for group in range(0, len(statistics), micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
         metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
         metrics.update({
             "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.float().mean().item(),
             "objective/response_length": mask.sum(-1).float().mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
-            "policy/first_minibatch_max_log_ratio": first_minibatch_log_ratio,
+            "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank),
         })
         if not critic_free:
             real_returns, real_values = returns[mask], old_values[mask]
@@ -1076,25 +1227,30 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
-            eval_metrics, rows = evaluate()
+            eval_metrics, eval_rows = evaluate()
             metrics.update(eval_metrics)
-            progress.write(f"update {update}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+            if grid.is_main:
+                progress.write(f"update {update}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
             if wandb_run:
                 import wandb
 
-                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=rows)
+                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=eval_rows)
         if wandb_run:
             wandb_run.log(metrics, step=update)
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            save_checkpoint(run_dir, update, {
-                "update": update, "policy": policy.state_dict(), "value": [m.state_dict() for m in value_modules], "optimizer": optimizer.state_dict(),
-                "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "rng": rng_states(),
-                "args": asdict(args), "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
-            }, args.keep_checkpoints)
+            shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
+                "update": update, "policy": policy.state_dict(), "value": [m.state_dict() for m in value_modules.values()],
+                "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "args": asdict(args), "world_size": grid.world_size,
+                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            save_checkpoint(run_dir, update, wrapper, shared_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 9. The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
-    save_final(run_dir, policy, tokenizer, {"value_head": value_head.state_dict()} if value_head is not None else ({"critic": critic.state_dict()} if critic is not None else None))
+    save_final(run_dir, policy, tokenizer, value_modules, wrapper, grid)
+    if not grid.is_main:
+        return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
         json.dump({"update": update, **summary, "last_update": {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"}}, file, indent=1)
@@ -1105,4 +1261,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with parallel.clean_exit():
+        main(tyro.cli(Args))

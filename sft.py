@@ -566,10 +566,10 @@ def main(args: Args):
         tokenizer = randomwalks_tokenizer()
         model = randomwalks_model(tokenizer).to(device)
     context = model_context(model.config)
-    if context and args.task != "randomwalks" and args.max_new_tokens >= context:
-        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context; lower it")
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
+    if context and args.task != "randomwalks" and args.max_new_tokens >= context:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context; lower it")
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = max(1, int(len(sequences) * args.eval_fraction))
     eval_sequences = [sequences[i] for i in order[:n_eval]]

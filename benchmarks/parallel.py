@@ -139,8 +139,6 @@ def run_variant(name: str, args: Args, grid, batches):
         peak = peak_since(start, device)
         held = state_bytes(wrapped.module, optimizer)
         bubble = max(parallel.all_gather_objects(statistics.median(bubbles), world))  # the idlest stage
-        del wrapped, model, optimizer
-        gc.collect()
         return statistics.median(times), held, peak, bubble
     if name == "ours TP":
         wrapped = parallel.data_parallel(parallel.tensor_parallel(model, world), None, 0, tp_group=world)
@@ -188,8 +186,6 @@ def run_variant(name: str, args: Args, grid, batches):
             times.append(time.perf_counter() - started)
     peak = peak_since(start, device)
     held = state_bytes(model, optimizer, extra)
-    del wrapped, model, optimizer
-    gc.collect()
     return statistics.median(times), held, peak, None
 
 
@@ -203,6 +199,7 @@ def main(args: Args):
         rows = {}
         for name in ("torch DDP", "ours DDP", "ours ZeRO-1", "ours ZeRO-2", "torch FSDP2", "ours ZeRO-3", "ours TP", "ours PP AFAB", "ours PP 1F1B"):
             rows[name] = run_variant(name, args, grid, batches)
+            gc.collect()  # the variant's model and optimizer are gone once it returns
         if grid.is_main:
             parameters = sum(p.numel() for p in build_model(args, torch.device("cpu")).parameters())
             print(f"{grid.world_size} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, GPT-2 {args.layers} layers x {args.hidden}, "

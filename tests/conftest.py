@@ -1,5 +1,6 @@
 """Shared test helpers: tiny models and tokenizers built in code, so no test needs the network."""
 
+import contextlib
 import json
 import os
 import signal
@@ -134,3 +135,42 @@ def write_text_examples(path, n=48, seed=0):
             completion = " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
             file.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     return str(path)
+
+
+def process_tree(pid: int) -> list:
+    """pid and every process below it, read from /proc (Linux)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # gone meanwhile
+    tree, frontier = [pid], [pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        tree += children
+        frontier += children
+    return tree
+
+
+def kill_launcher_and_workers(launcher: subprocess.Popen):
+    """SIGKILL a torchrun launcher started with start_new_session=True and all its workers, and wait
+    until they are gone. torchrun starts every worker in a session of its own, so killing the
+    launcher's process group alone leaves the workers running (they would finish the run)."""
+    tree = process_tree(launcher.pid)
+    for pid in tree:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait()
+    deadline = time.time() + 30
+    for pid in tree[1:]:
+        while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+            with contextlib.suppress(OSError):
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # dead, waiting for its new parent to reap it
+            time.sleep(0.02)

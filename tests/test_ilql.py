@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT
 
 import ilql
 import parallel
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, torchrun
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, torchrun, kill_launcher_and_workers
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
 # conftest.text_tokenizer reads as text-only records.
@@ -467,8 +466,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     while not (killed / "checkpoints" / "step_00000004").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
-    process.wait()
+    kill_launcher_and_workers(process)  # the launcher and both ranks at once
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
     assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
     resumed = torchrun("ilql.py", *flags, "--resume", str(killed), cwd=tmp_path)

@@ -4,7 +4,6 @@ Everything runs eagerly (compile=False) except test_compiled_matches_eager, whic
 chunk bodies once on small shapes and checks that new shapes do not recompile.
 """
 
-import os
 import socket
 
 import pytest

@@ -1,18 +1,23 @@
 """ppo.py: the update's pieces against hand computations, Hydra and LoRA references, critic-free
-advantages, exact resume, bad input, and short runs of every variant."""
+advantages, exact resume, bad input, short runs of every variant, and data parallel (2 ranks
+under torchrun, every ZeRO stage) against one process."""
 
 import gzip
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import kernels
 import ppo
-from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, tiny_config
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, tiny_config, torchrun, kill_launcher_and_workers
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +269,8 @@ def test_bad_reward_functions(tmp_path, walk_policy):
 
 def test_bad_flags(tmp_path, walk_policy):
     expect_error(quick_args(tmp_path, walk_policy, mini_batch_size=3), "not a multiple")
+    expect_error(quick_args(tmp_path, walk_policy, micro_batch_size=3), "not a multiple of --micro-batch-size")
+    expect_error(quick_args(tmp_path, walk_policy, generation_batch_size=0), "--generation-batch-size 0")
     expect_error(quick_args(tmp_path, walk_policy, advantage="rloo"), "--samples-per-prompt 2")
     expect_error(quick_args(tmp_path, walk_policy, lora_rank=4, num_layers_unfrozen=1), "pick one")
     expect_error(quick_args(tmp_path, walk_policy, num_layers_unfrozen=7), "between 1 and")
@@ -303,3 +310,81 @@ def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
     ppo.main(args)
     metrics = last_update(args.output_dir)
     assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0 and "eval/score_sampled" in metrics
+
+
+# --- data parallel ------------------------------------------------------------------------------
+def data_parallel_flags(tmp_path, policy):
+    """A short run that learns something (a reward of the response's text, so advantages are not
+    zero; a learning rate that moves the weights well beyond float noise): 2 generation chunks, and
+    per rank one micro-batch of each minibatch."""
+    reward = write_reward_fn(tmp_path, "return [len(set(r)) / 4 - r.count('a') for r in responses]")
+    return ["--model", policy, "--reward-fn", reward, "--num-updates", "3", "--batch-size", "8", "--mini-batch-size", "4", "--micro-batch-size", "2",
+            "--generation-batch-size", "4", "--ppo-epochs", "2", "--learning-rate", "1e-3", "--eval-every", "2", "--eval-samples-per-start", "2"]
+
+
+def metrics_and_weights(run_dir):
+    from safetensors.torch import load_file
+
+    metrics = last_update(run_dir)
+    numbers = {**{k: v for k, v in metrics.items() if k != "last_update"}, **metrics["last_update"]}
+    weights = load_file(os.path.join(run_dir, "model.safetensors"))
+    value_path = os.path.join(run_dir, "value_head.pt")
+    if os.path.exists(value_path):
+        weights.update({f"{name}.{k}": v for name, state in torch.load(value_path).items() for k, v in state.items()})
+    return {k: v for k, v in numbers.items() if not k.startswith("time/")}, weights
+
+
+def assert_runs_agree(one, two, policy):
+    """The 2-rank run gives the 1-process numbers and weights, up to float rounding (the gradient
+    is summed in another order, the clipping norm of shards is summed in another order, and the
+    processes may use other thread counts), and it trained: the agreement is not trivial."""
+    from safetensors.torch import load_file
+
+    (expected, expected_weights), (actual, actual_weights) = metrics_and_weights(one), metrics_and_weights(two)
+    assert actual.keys() == expected.keys() and "eval/score_sampled" in actual
+    assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert actual["policy/first_minibatch_max_log_ratio"] == 0.0
+    assert expected_weights.keys() == actual_weights.keys()
+    assert max((expected_weights[k] - actual_weights[k]).abs().max().item() for k in expected_weights) < 1e-5
+    start = load_file(os.path.join(policy, "model.safetensors"))
+    assert max((start[k] - actual_weights[k]).abs().max().item() for k in start) > 1e-3
+
+
+# ZeRO-3 without Hydra (a sharded reference copy) is compared in the resume test below.
+@pytest.mark.parametrize("stage, variant", [(0, []), (1, ["--lora-rank", "4"]), (2, ["--advantage", "grpo", "--samples-per-prompt", "2"]), (3, ["--num-layers-unfrozen", "1"])])
+def test_two_ranks_equal_one_process(tmp_path, walk_policy, stage, variant):
+    flags = data_parallel_flags(tmp_path, walk_policy) + variant
+    ppo.main(tyro.cli(ppo.Args, args=flags + ["--output-dir", str(tmp_path / "one")]))
+    result = torchrun("ppo.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved ") == 1  # rank 0 alone reports
+    assert_runs_agree(tmp_path / "one", tmp_path / "two", walk_policy)
+
+
+def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
+    flags = data_parallel_flags(tmp_path, walk_policy) + ["--num-updates", "6", "--save-every", "2", "--eval-every", "3", "--scale-rewards", "--target-kl", "1"]
+    ppo.main(tyro.cli(ppo.Args, args=flags + ["--output-dir", str(tmp_path / "one")]))
+    flags += ["--zero-stage", "3"]
+    reference = torchrun("ppo.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_runs_agree(tmp_path / "one", tmp_path / "reference", walk_policy)
+    killed = tmp_path / "killed"
+    # The launcher and its workers in a session of their own, so one signal reaches them all.
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "ppo.py"), *flags,
+                                 "--output-dir", str(killed)], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000002").exists():
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    kill_launcher_and_workers(launcher)
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    assert sorted(os.listdir(killed / "checkpoints" / "step_00000002")) == ["rank_0.pt", "rank_1.pt", "trainer_state.pt"]
+    # Another world size or ZeRO stage is refused with one line.
+    expect_error(tyro.cli(ppo.Args, args=flags + ["--resume", str(killed)]), "written by 2 process(es) with --zero-stage 3")
+    resumed = torchrun("ppo.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    (expected, expected_weights), (actual, actual_weights) = metrics_and_weights(tmp_path / "reference"), metrics_and_weights(killed)
+    assert expected.keys() == actual.keys() and all(expected[k] == actual[k] for k in expected)
+    assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights)

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 import reward_model as rm
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun, kill_launcher_and_workers
 
 
 def quick_args(tmp_path, **overrides):
@@ -333,8 +332,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_in
     while not (killed / "checkpoints" / "step_00000004").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
-    process.wait()
+    kill_launcher_and_workers(process)  # the launcher and both ranks at once
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
     assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
     resumed = torchrun("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)

@@ -3,7 +3,6 @@
 import gzip
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples, kill_launcher_and_workers
 
 
 def quick_args(tmp_path, **overrides):
@@ -318,8 +317,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inp
     while not (killed / "checkpoints" / "step_00000004").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks at once
-    process.wait()
+    kill_launcher_and_workers(process)  # the launcher and both ranks at once
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
     assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
     resumed = torchrun("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
