@@ -10,9 +10,10 @@ processes.
 Rank 0 prints a markdown table: median step time (forward, backward, clipping, AdamW step) and
 memory per rank, with ratios to the torch baseline of the same kind. Memory is measured twice:
 the state a rank keeps between steps (parameters, gradients, optimizer state, counted tensor by
-tensor, each storage once) and the peak during the steps (CUDA: max_memory_allocated; CPU: the
-resident-set high-water mark VmHWM, reset through /proc/self/clear_refs after malloc_trim), both
-relative to what was allocated before the model was built.
+tensor, each storage once) and the peak during the training steps (CUDA: max_memory_allocated;
+CPU: the resident-set high-water mark VmHWM, reset through /proc/self/clear_refs after
+malloc_trim once the model is wrapped, so wrapping's one-off copies do not count), relative to
+what was allocated before the model was built.
 """
 
 import ctypes
@@ -118,6 +119,7 @@ def run_variant(name: str, args: Args, grid, batches):
         optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
         clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
         tokens = global_batch.shape[0] * (global_batch.shape[1] - 1)
+        reset_peak(device)  # the peak is of the training steps; wrapping's one-off copies do not count
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
         times = []
         for step in range(len(batches)):
@@ -168,6 +170,7 @@ def run_variant(name: str, args: Args, grid, batches):
         clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
         extra = wrapped.optimizer_parameters()
         extra += [b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None]
+    reset_peak(device)  # the peak is of the training steps; wrapping's one-off copies do not count
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     times = []
     for step, input_ids in enumerate(batches):
