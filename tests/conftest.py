@@ -174,3 +174,35 @@ def kill_launcher_and_workers(launcher: subprocess.Popen):
                 if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
                     break  # dead, waiting for its new parent to reap it
             time.sleep(0.02)
+
+
+def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
+    """kill_and_resume under torchrun: an uninterrupted nproc-process run; a second one whose
+    launcher and workers are all SIGKILLed as soon as checkpoints/<checkpoint> exists (each rank's
+    file included); its resumption with the same flags. Returns (uninterrupted, resumed) run dirs."""
+    reference = torchrun(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, script), *flags, "--output-dir", str(killed)]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / checkpoint).exists():
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    kill_launcher_and_workers(launcher)
+    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    assert sorted(p.name for p in (killed / "checkpoints" / checkpoint).glob("rank_*.pt")) == [f"rank_{r}.pt" for r in range(nproc)]
+    resumed = torchrun(script, *flags, "--resume", str(killed), nproc=nproc, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    return tmp_path / "reference", killed
+
+
+def max_weight_difference(first, second, name="model.safetensors"):
+    """The largest absolute difference between two runs' saved weights (same tensor names)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(first, name)), load_file(os.path.join(second, name))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

@@ -3,9 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT
 
 import ilql
 import parallel
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, torchrun, kill_launcher_and_workers
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, torchrun, max_weight_difference, torchrun_kill_and_resume
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
 # conftest.text_tokenizer reads as text-only records.
@@ -384,12 +381,6 @@ def randomwalks_llama(tmp_path_factory):
     return str(path)
 
 
-def max_weight_difference(first, second, name):
-    a, b = load_file(os.path.join(first, name)), load_file(os.path.join(second, name))
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, randomwalks_llama):
     """2 ranks x 2 micro-batches of 25 walks = a global batch of 100: every ZeRO stage ends with the
     LM, the heads (target heads included) and the greedy evaluation of one process on the same
@@ -456,22 +447,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     model = tiny_randomwalks_model(tmp_path / "model")
     flags = ["--model", model, "--num-epochs", "3", "--batch-size", "100", "--micro-batch-size", "25", "--save-every", "4", "--steps-for-target-sync", "3",
              "--eval-every", "100", "--eval-samples-per-start", "2", "--eval-betas", "1", "--zero-stage", "3"]
-    reference = torchrun("ilql.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "ilql.py"), *flags, "--output-dir", str(killed)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000004").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    kill_launcher_and_workers(process)  # the launcher and both ranks at once
-    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
-    resumed = torchrun("ilql.py", *flags, "--resume", str(killed), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    reference, killed = torchrun_kill_and_resume("ilql.py", flags, tmp_path, "step_00000004")
     for name in ("model.safetensors", ilql.HEADS_FILE):
         assert_same_weights(tmp_path / "reference", killed, name)
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())

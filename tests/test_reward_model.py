@@ -4,9 +4,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 import reward_model as rm
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun, kill_launcher_and_workers
+from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun, max_weight_difference, torchrun_kill_and_resume
 
 
 def quick_args(tmp_path, **overrides):
@@ -254,14 +251,6 @@ def pairs_run_inputs(tmp_path_factory):
     return ["--data", write_preference_pairs(folder / "pairs.jsonl"), "--model", save_tiny_model(folder / "tiny", "llama")]
 
 
-def max_weight_difference(first, second):
-    from safetensors.torch import load_file
-
-    a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, pairs_run_inputs):
     """The single-process run (in this process) every multi-process layout must reproduce: its
@@ -321,23 +310,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_in
     """ZeRO-1 on 2 ranks, the whole launcher killed after a checkpoint: the resumed run (each rank
     reloading its own optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs + ["--zero-stage", "1", "--save-every", "2", "--num-epochs", "8"]
-    reference = torchrun("reward_model.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "reward_model.py"), *flags,
-               "--output-dir", str(killed)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000004").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    kill_launcher_and_workers(process)  # the launcher and both ranks at once
-    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
-    resumed = torchrun("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    reference, killed = torchrun_kill_and_resume("reward_model.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
     with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1 --tp 1 --pp 1; resume it with the same"):

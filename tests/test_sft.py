@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples, kill_launcher_and_workers
+from conftest import FIXTURES, ROOT, assert_same_weights, kill_and_resume, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples, max_weight_difference, torchrun_kill_and_resume
 
 
 def quick_args(tmp_path, **overrides):
@@ -253,14 +252,6 @@ def text_run_inputs(tmp_path_factory):
     return ["--data", write_text_examples(folder / "data.jsonl"), "--model", save_tiny_model(folder / "tiny", "gpt2")]
 
 
-def max_weight_difference(first, second):
-    from safetensors.torch import load_file
-
-    a, b = load_file(os.path.join(first, "model.safetensors")), load_file(os.path.join(second, "model.safetensors"))
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, text_run_inputs):
     """The single-process run every multi-process layout must reproduce."""
@@ -307,21 +298,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inp
     """ZeRO-2 on 2 ranks, the whole launcher killed after a checkpoint: the resumed run (each rank
     reloading its own optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
     flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "2", "--save-every", "2", "--num-epochs", "6"]
-    reference = torchrun("sft.py", *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(killed)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000004").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    kill_launcher_and_workers(process)  # the launcher and both ranks at once
-    assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    assert sorted(p.name for p in (killed / "checkpoints" / "step_00000004").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
-    resumed = torchrun("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, killed = torchrun_kill_and_resume("sft.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
     wrong_world = run_script("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
     assert wrong_world.returncode == 1 and "written by 2 process(es)" in wrong_world.stderr
