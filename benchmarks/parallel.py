@@ -103,7 +103,7 @@ def state_bytes(model, optimizer, extra=()) -> int:
 
 
 def run_variant(name: str, args: Args, grid, batches):
-    """Median step time, bytes held, peak bytes (and for pipelines the measured bubble) of one
+    """Median step time, bytes held, peak bytes and, for pipelines, the measured bubble of one
     layout. Every layout does the same work per step: a global batch of batch x ranks sequences
     (data parallel: each rank its rows; tensor parallel: every rank all rows; pipeline: all rows in
     micro-batches)."""
@@ -112,64 +112,47 @@ def run_variant(name: str, args: Args, grid, batches):
     model = build_model(args, device)
     extra, bubbles = [], []
     world = dist.group.WORLD
-    global_batch = torch.cat(parallel.all_gather_objects(batches[0].cpu(), world)).to(device) if name.startswith(("ours TP", "ours PP")) else None
+    if name.startswith(("ours TP", "ours PP")):
+        global_batch = torch.cat(parallel.all_gather_objects(batches[0].cpu(), world)).to(device)
+        batches = [global_batch] * len(batches)
     if name.startswith("ours PP"):
         schedule = parallel.pipeline_1f1b if "1F1B" in name else parallel.pipeline_afab
         wrapped = parallel.data_parallel(parallel.pipeline_stage(model, world), None, 0, pp_group=world)
-        optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
-        clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
         tokens = global_batch.shape[0] * (global_batch.shape[1] - 1)
-        reset_peak(device)  # the peak is of the training steps; wrapping's one-off copies do not count
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-        times = []
-        for step in range(len(batches)):
-            micro_batches = [{"input_ids": rows, "labels": rows} for rows in global_batch.chunk(args.micro_batches)]
-            dist.barrier()
-            started = time.perf_counter()
+
+        def forward_backward(input_ids):
             timings = {}
-            with autocast:
-                schedule(wrapped, micro_batches, lambda logits, mb: parallel.causal_lm_loss(logits, mb["labels"], tokens), timings=timings)
-            clip()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dist.barrier()
-            if step >= 2:
-                times.append(time.perf_counter() - started)
-                bubbles.append(timings["bubble"])
-        peak = peak_since(start, device)
-        held = state_bytes(wrapped.module, optimizer)
-        bubble = max(parallel.all_gather_objects(statistics.median(bubbles), world))  # the idlest stage
-        return statistics.median(times), held, peak, bubble
-    if name == "ours TP":
-        wrapped = parallel.data_parallel(parallel.tensor_parallel(model, world), None, 0, tp_group=world)
-        optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
-        clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
-        batches = [global_batch] * len(batches)
-    elif name == "torch DDP":
-        from torch.nn.parallel import DistributedDataParallel
+            micro_batches = [{"input_ids": rows, "labels": rows} for rows in input_ids.chunk(args.micro_batches)]
+            schedule(wrapped, micro_batches, lambda logits, mb: parallel.causal_lm_loss(logits, mb["labels"], tokens), timings=timings)
+            bubbles.append(timings["bubble"])
+    else:
+        if name == "ours TP":
+            wrapped = parallel.data_parallel(parallel.tensor_parallel(model, world), None, 0, tp_group=world)
+        elif name == "torch DDP":
+            from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
-    elif name == "torch FSDP2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+            wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        elif name == "torch FSDP2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (grid.world_size,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        wrapped = fully_shard(model, mesh=mesh)
+            mesh = init_device_mesh(device.type, (grid.world_size,))
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        else:
+            wrapped = parallel.data_parallel(model, grid.dp_group, int(name[-1]) if name.startswith("ours ZeRO") else 0)
+            extra = wrapped.optimizer_parameters() + [b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None]
+
+        def forward_backward(input_ids):
+            wrapped(input_ids=input_ids, labels=input_ids).loss.backward()
+
+    if name.startswith("torch"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
     else:
-        stage = int(name[-1]) if name.startswith("ours ZeRO") else 0
-        wrapped = parallel.data_parallel(model, grid.dp_group, stage)
         optimizer = wrapped.make_optimizer(torch.optim.AdamW, lr=1e-4)
         clip = lambda: wrapped.clip_grad_norm_(1.0)  # noqa: E731
-        extra = wrapped.optimizer_parameters()
-        extra += [b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None]
     reset_peak(device)  # the peak is of the training steps; wrapping's one-off copies do not count
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     times = []
@@ -177,8 +160,7 @@ def run_variant(name: str, args: Args, grid, batches):
         dist.barrier()
         started = time.perf_counter()
         with autocast:
-            loss = wrapped(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+            forward_backward(input_ids)
         clip()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -188,8 +170,10 @@ def run_variant(name: str, args: Args, grid, batches):
         if step >= 2:
             times.append(time.perf_counter() - started)
     peak = peak_since(start, device)
-    held = state_bytes(model, optimizer, extra)
-    return statistics.median(times), held, peak, None
+    held = state_bytes(wrapped.module if name.startswith("ours PP") else model, optimizer, extra)
+    # The idlest stage's bubble, over the timed steps.
+    bubble = max(parallel.all_gather_objects(statistics.median(bubbles[2:]), world)) if bubbles else None
+    return statistics.median(times), held, peak, bubble
 
 
 def main(args: Args):
