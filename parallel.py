@@ -84,7 +84,8 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:
-        assert tp == 1 and pp == 1, "tensor and pipeline parallel need torchrun with more than one process"
+        if tp > 1 or pp > 1:
+            raise SystemExit(f"error: --tp {tp} --pp {pp} splits the model over {tp * pp} processes; launch with torchrun --nproc_per_node {tp * pp} (or a multiple)")
         return Grid(device=device)
     if world_size % (tp * pp):
         raise SystemExit(f"error: {world_size} processes do not split into --tp {tp} x --pp {pp} groups; make the process count a multiple of {tp * pp}")

@@ -231,6 +231,10 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {malformed}, line 1: not valid JSON (Expecting property name enclosed in double quotes); each line must be one JSON object"]
+    # Splitting the model needs the processes torchrun starts.
+    result = run_script("sft.py", "--tp", "2", "--output-dir", str(tmp_path / "split"), cwd=tmp_path)
+    assert result.returncode == 1 and not (tmp_path / "split").exists()
+    assert result.stderr.strip().splitlines() == ["error: --tp 2 --pp 1 splits the model over 2 processes; launch with torchrun --nproc_per_node 2 (or a multiple)"]
 
 
 def test_an_output_dir_holding_a_run_is_refused(tmp_path):
