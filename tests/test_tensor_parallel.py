@@ -33,7 +33,14 @@ def layers_experiment(grid):
     x = vocab(ids)
     y = row(torch.nn.functional.gelu(column(x)))
     (y.square().sum() + gathered(x).sum()).backward()
+    # split_last_dim keeps this rank's slice forward and all-gathers the gradient backward: with a
+    # different weight per rank, the whole input's gradient is every rank's weight in its slice.
+    whole = dense_x.detach().clone().requires_grad_()
+    (parallel.split_last_dim(whole, group) * (rank + 1)).sum().backward()
+    expected_split_grad = torch.cat([torch.full((2, 4, 3), float(r + 1), dtype=torch.float64) for r in range(2)], -1)
     return {
+        "split": (parallel.split_last_dim(dense_x, group) - dense_x[..., rank * 3 : (rank + 1) * 3]).abs().max().item(),
+        "split_grad": (whole.grad - expected_split_grad).abs().max().item(),
         "output": (y - dense_y).abs().max().item(),
         "gathered": (gathered(x) - up(dense_x)).abs().max().item(),
         "embedding": (x - dense_x).abs().max().item(),
