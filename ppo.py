@@ -1097,7 +1097,15 @@ def main(args: Args):
     policy.train()  # dropout was switched off above for every forward pass that PPO compares
     progress = tqdm.tqdm(total=args.num_updates, initial=update, desc="ppo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     metrics, started, start_update = {}, time.time(), update
+
+    def clock() -> float:
+        """Seconds, after the device's queued work: what each phase of an update costs (time/* in the log)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     while update < args.num_updates:
+        phase_started = clock()
         # 1. Sample prompts (a stream of shuffled epochs, a function of seed and position alone, so a
         # resumed run replays it) and generate. Every rank encodes all prompts (so the padding is
         # the single-process one) and generates its chunks, each on its own seed; the responses
@@ -1118,6 +1126,8 @@ def main(args: Args):
                     torch.manual_seed(chunk_seed(args.seed, f"update {update}", chunk))
                     generated.append(generate(policy, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer))
         policy.train()
+        phase_seconds = {"generation": clock() - phase_started}
+        phase_started = clock()
 
         # 2-3. Each rank scores its chunks' decoded responses (truncated at the first EOS: what
         # follows is padding, excluded from every loss and statistic), then all are gathered.
@@ -1134,6 +1144,8 @@ def main(args: Args):
         scores = torch.cat([s for _, s in shares])
         scores = scores - missing_eos_penalty * (~has_eos).float().cpu()
         raw_mean = scores.mean().item()
+        phase_seconds["scoring"] = clock() - phase_started  # decoding and scoring, and the gather of every rank's chunks
+        phase_started = clock()
 
         # 4. Log-probs under the policy and the reference (same temperature as sampling), and values.
         # The permutations are the same on every rank (same RNG). Each rank computes the rows it
@@ -1155,6 +1167,8 @@ def main(args: Args):
         parallel.all_reduce_sum(rollout, grid.dp_group)
         old_logprobs, ref_logprobs = rollout[0], rollout[1]
         old_values = None if critic_free else rollout[2]
+        phase_seconds["logprobs"] = clock() - phase_started
+        phase_started = clock()
 
         # 5. Per-token KL to the reference and the coefficient that weighs it (from here on every
         # rank computes the same numbers over the whole batch).
@@ -1209,6 +1223,7 @@ def main(args: Args):
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
         update += 1
+        phase_seconds["training"] = clock() - phase_started  # advantages and the PPO epochs
 
         # Statistics of the update, gathered once, in the order one process would have produced them
         # (each minibatch's micro-batches, rank by rank).
@@ -1220,6 +1235,7 @@ def main(args: Args):
             "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.float().mean().item(),
             "objective/response_length": mask.sum(-1).float().mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
             "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank),
+            **{f"time/{phase}_s": seconds for phase, seconds in phase_seconds.items()},
         })
         if not critic_free:
             real_returns, real_values = returns[mask], old_values[mask]
