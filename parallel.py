@@ -379,8 +379,11 @@ class DataParallel(nn.Module):
 
     def make_optimizer(self, optimizer_class, **kwargs) -> torch.optim.Optimizer:
         """optimizer_class over optimizer_parameters(); after each step, ZeRO stages all-gather the
-        updated slices and every stage clears the gradient buffers for the next batch."""
-        optimizer = optimizer_class(self.optimizer_parameters(), **kwargs)
+        updated slices and every stage clears the gradient buffers for the next batch. A module
+        with nothing to train (a pipeline stage of frozen layers, as under Hydra) gets an optimizer
+        over an empty placeholder, so that its rank runs the same loop as the others."""
+        parameters = self.optimizer_parameters() or [nn.Parameter(torch.zeros(0, device=next(self.module.parameters()).device))]
+        optimizer = optimizer_class(parameters, **kwargs)
         optimizer.register_step_post_hook(lambda *_: self._after_step())
         return optimizer
 
@@ -1264,7 +1267,8 @@ class _Runner:
         sync = self.backwards_left == 0 or not hasattr(self.wrapper, "no_sync")
         began = self._clock()
         with contextlib.nullcontext() if sync else self.wrapper.no_sync():
-            torch.autograd.backward(y, grad_tensors=None if self.stage.is_last else grad)
+            if y.requires_grad:  # not so on a first stage with nothing to train (Hydra's frozen bottom)
+                torch.autograd.backward(y, grad_tensors=None if self.stage.is_last else grad)
         self.busy += self._clock() - began
         if self.stage.is_first:
             return None
@@ -1408,7 +1412,8 @@ def pipeline_forward(stage: nn.Module, micro_batches: list, statistic_fn) -> Opt
 
 def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None) -> dict:
     """The whole dense model's state dict on every stage: each stage's share (reassembled over
-    tp_group first when tensor-parallel) all-gathered over the pipeline group. For saving and for
+    tp_group first when tensor-parallel; without tp_group a tensor-parallel stage contributes this
+    rank's shards) all-gathered over the pipeline group. For saving and for
     generating, which this file does with a whole model rather than through the pipeline: a
     token-by-token loop through p stages would idle p - 1 of them at every token, so gathering the
     weights once (a full copy per rank for the duration, as ZeRO-3's gathered()) is both simpler
@@ -1427,17 +1432,48 @@ def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] 
     return {k: v.to(device) for k, v in state.items()}
 
 
-def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """A whole dense copy of the pipelined model on this rank (see pipeline_state_dict), in eval
-    mode, e.g. for generate(); every rank of the pipeline group must call it."""
+def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None, keep_tensor_parallel: bool = False,
+                            dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A whole copy of the pipelined model on this rank, in eval mode, e.g. for generate(); every
+    rank of the pipeline group must call it. dtype: the copy's floating-point dtype (default the
+    stage's), e.g. bf16 to halve it.
+
+    By default the copy is dense (the tensor-parallel shards reassembled over tp_group first): what
+    saving needs. It is built as a randomly initialised model on a forked RNG (so making it leaves
+    the run's random stream as it was, the same with and without --pp) that then loads the state.
+
+    keep_tensor_parallel=True gathers over the pipeline only: the copy stays split over tp_group
+    as the stage is (1/tp of the model per rank; its forward is then a collective of the tp
+    ranks, which must call it together), which is what generating with a model too large for
+    one GPU can afford. It is built on the meta device, rewritten by tensor_parallel into the
+    stage's layer shapes, and takes the gathered shards as its parameters; the rotary embedding,
+    whose buffers are not in the state dict, is the stage's own (every stage has it)."""
     module = stage if isinstance(stage, PipelineStage) else stage.module
-    state = pipeline_state_dict(stage, tp_group)
     device = _device(module)
-    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    model = type(module.model)._from_config(module.config, dtype=dtype).to(device)  # the same class: causal LM or reward model
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    dtype = dtype or next(p.dtype for p in module.parameters() if p.is_floating_point())
+    model_class = type(module.model)  # the same class: causal LM or reward model
+    if not keep_tensor_parallel or tp_group is None:
+        state = pipeline_state_dict(stage, tp_group)
+        with torch.random.fork_rng(devices=[]):
+            model = model_class._from_config(module.config, dtype=dtype).to(device)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
+        model.tie_weights()
+        return model.eval()
+    state = pipeline_state_dict(stage)  # this tensor-parallel rank's shards of every stage
+    with torch.device("meta"):
+        model = model_class._from_config(module.config, dtype=dtype)
+    tensor_parallel(model, tp_group)
+    state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
-    model.tie_weights()
+    if getattr(module.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if module._rotary is not None:
+        setattr(getattr(model, _PIPELINE_LAYOUT[module.config.model_type][0]), "rotary_emb", module._rotary)
+    model.to(device)  # the index buffers tensor_parallel made
+    left = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
+    assert not left, f"not gathered: {left}"
     return model.eval()
 
 
@@ -1477,7 +1513,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
 #     (the largest of a layer, the embedding, a head) gathered whole while it runs. ZeRO-3 only
 #     with pp == 1 (as in most frameworks), and with dp == 1 ZeRO shards nothing, so only stage 0
 #     is listed there.
-#   - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter),
+#   - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter; ppo.py does so under --dtype bf16),
 #     split by tp x pp like the trained ones, and by dp too under ZeRO-3. ILQL's target Q heads
 #     stay fp32 (4 B: Polyak steps of 0.001 would vanish in bf16), counted as frozen.
 #   - Not counted: the bf16 casts of the weights that autocast makes when a layer runs are
@@ -1516,7 +1552,13 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
 # once around the generation loop, which would otherwise gather every layer at every token, and
 # around the scoring pass): the (dp - 1) / dp of the rank's trained (4 B) and frozen (2 B)
 # parameters that it does not hold (generation and scoring are summed: conservative and simple).
-# Training activations are freed by then, so a layout's total takes the larger of the two phases.
+# Under pipeline parallelism ppo.py generates with a whole-depth copy of the policy gathered from
+# the stages, still split over tp and in bf16 (pipeline_gathered_model(keep_tensor_parallel=True)),
+# so the rollout holds that copy, 2 B * (the policy's parameters on a tp rank at pp 1), and the KV
+# cache of all L layers rather than the stage's L / pp (the scoring passes run through the
+# pipeline). Evaluation also gathers the reference for a moment; with its small batches it is not
+# counted. Training activations are freed by then, so a layout's total takes the larger of the
+# two phases.
 #
 # Which layout is best: among those that fit, the fewest pipeline stages (bubbles and stage
 # imbalance), then the smallest tp (tensor-parallel all-reduces every layer), then the lowest ZeRO
@@ -1708,7 +1750,7 @@ class Memory:
 
 
 def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, zero: int, stage: int, seq_len: int = 2048,
-                 micro_batch_size: int = 1, rollout_batch_size: int = 64, value: str = "critic", reward: Optional[ModelShape] = None,
+                 micro_batch_size: int = 1, rollout_batch_size: int = 64, value: str = "head", reward: Optional[ModelShape] = None,
                  n_q: int = 2, rollout_gather: bool = True) -> Memory:
     """Bytes on a rank of pipeline stage `stage` for algorithm sft, rm, ilql or ppo.
 
@@ -1717,8 +1759,9 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
     value model that is either a separate critic of the policy's shape (trunk + value head,
     value="critic") or a value head on the policy (value="head"); a frozen bf16 reference of the
     policy's shape and a frozen bf16 reward model of shape `reward` (default: the policy's).
-    rollout_gather: under ZeRO-3, PPO's rollout gathers the models whole (as ppo.py does); False
-    counts a layer-at-a-time gather instead (nothing beyond the shards)."""
+    rollout_gather: under ZeRO-3, PPO's rollout gathers the models whole, and under pipeline
+    parallelism a bf16 whole-depth copy of the policy split over tp, as ppo.py does; False counts a
+    rollout that gathers nothing beyond the shards (a layer at a time, or through the stages)."""
     if algorithm not in ("sft", "rm", "ilql", "ppo"):
         raise SystemExit(f"error: unknown algorithm {algorithm!r}; use sft, rm, ilql or ppo")
     last = stage == pp - 1
@@ -1744,9 +1787,13 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
             trained = trained + [head_parameters(policy, "value")]
         frozen = sum(stage_units(policy, tp, pp, stage, "lm")) + sum(stage_units(reward or policy, tp, pp, stage, "score"))
         frozen_bytes += 2 * frozen
-        kv_cache = kv_cache_bytes(policy, tp, pp, rollout_batch_size, seq_len)
+        kv_cache = kv_cache_bytes(policy, tp, 1 if rollout_gather else pp, rollout_batch_size, seq_len)
     n = sum(trained)
-    gathered = (4 * n + frozen_bytes) * (dp - 1) / dp if algorithm == "ppo" and zero >= 3 and rollout_gather else 0.0
+    gathered = 0.0
+    if algorithm == "ppo" and rollout_gather and zero >= 3:
+        gathered = (4 * n + frozen_bytes) * (dp - 1) / dp
+    elif algorithm == "ppo" and rollout_gather and pp > 1:
+        gathered = 2 * sum(stage_units(policy, tp, 1, 0, "lm"))
     return Memory(
         dp, tp, pp, zero, stage,
         params=4 * n / (dp if zero >= 3 else 1) + (4 * max(trained) if zero >= 3 else 0),
@@ -1829,9 +1876,10 @@ def plan_main(argv: Optional[list] = None):
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward/backward on one rank (rm: pairs)")
     p.add_argument("--rollout-batch-size", type=int, default=64, help="ppo: sequences generated at once by one model replica (KV cache)")
-    p.add_argument("--value", choices=["critic", "head"], default="critic", help="ppo: a separate critic of the policy's shape, or a value head on the policy")
+    p.add_argument("--value", choices=["critic", "head"], default="head",
+                   help="ppo: a value head on the policy (ppo.py's default, and all it supports with --tp/--pp), or a separate critic of the policy's shape")
     p.add_argument("--rollout-gather", action=argparse.BooleanOptionalAction, default=True,
-                   help="ppo under ZeRO-3: the rollout gathers the models whole, as ppo.py does (--no-rollout-gather: one layer at a time)")
+                   help="ppo: the rollout gathers whole models under ZeRO-3 and a whole-depth copy under pp, as ppo.py does (--no-rollout-gather: nothing beyond the shards)")
     p.add_argument("--reward-model", default=None, help="ppo: the reward model's shape (built-in name or config.json); default: the policy's")
     p.add_argument("--max-tp", type=int, default=MAX_TP, help="largest tensor-parallel size (GPUs of a node)")
     args = parser.parse_args(argv)
@@ -1848,7 +1896,7 @@ def plan_main(argv: Optional[list] = None):
     usable = (1 - args.margin) * args.gpu_memory
     print(f"{args.algorithm} on {policy.name} ({count_parameters(policy) / 1e9:.2f}B parameters), seq_len {args.seq_len}, "
           f"micro-batch {args.micro_batch_size}" + (f", rollouts {args.rollout_batch_size}, value {args.value}, reward model "
-          f"{(reward or policy).name}, ZeRO-3 rollout {'gathers whole models' if args.rollout_gather else 'gathers a layer at a time'}" if args.algorithm == "ppo" else "") + f"; GB per GPU, worst pipeline stage; fits: total <= {usable:g} GB "
+          f"{(reward or policy).name}, rollout {'gathers models (ZeRO-3: whole; pp: a whole-depth bf16 copy of the policy split over tp)' if args.rollout_gather else 'gathers nothing beyond the shards'}" if args.algorithm == "ppo" else "") + f"; GB per GPU, worst pipeline stage; fits: total <= {usable:g} GB "
           f"({args.gpu_memory:g} GB less {args.margin:.0%})")
     for gpus in args.gpus:
         rows = plan(args.algorithm, policy, gpus, reward=reward, max_tp=args.max_tp, **options)

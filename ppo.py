@@ -11,6 +11,7 @@ advantages, then PPO epochs over minibatches.
     python ppo.py --model runs/sft --reward-model runs/rm     # 3. RLHF against it
     python ppo.py --model runs/sft                            # or against the true metric
     torchrun --nproc_per_node 8 ppo.py --model ... --zero-stage 3   # data parallel, see parallel.py
+    torchrun --nproc_per_node 8 ppo.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
 
 Memory savers: `--num-layers-unfrozen k` (Hydra: the reference shares the frozen bottom of the
 policy and copies only its top k layers), `--lora-rank r` (the reference is the policy with its
@@ -23,7 +24,9 @@ prompts, the batch is cut into chunks of --generation-batch-size, each sampled w
 and dealt out to the ranks, and the responses are gathered so that every rank holds the whole
 batch. Each rank then computes log-probs and values for, and trains on, its share of each
 minibatch; gradients are averaged over ranks. N ranks give the single-process run on the same
-global batch, up to float rounding.
+global batch, up to float rounding. Under --tp/--pp the ranks of one model copy generate the same
+chunks together (under --pp with a whole-depth copy gathered from the stages), and the log-prob
+passes and PPO epochs run through the stages, the last one computing the loss.
 """
 
 import contextlib
@@ -80,11 +83,15 @@ class Args:
     value_model: Optional[str] = None
     """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the policy"""
     dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for forward passes (weights and optimizer stay fp32)"""
+    """fp32, or bf16 autocast for forward passes (trained weights and optimizer stay fp32; the reference and reward model are stored in bf16)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters (and a reference copy)"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (policy and reference split by attention heads, MLP and vocabulary; the value head and reward model stay whole; data parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages per model copy under torchrun (policy and reference split into contiguous stages of decoder layers, 1F1B schedule over the micro-batches, value head on the last stage; rollouts are generated with a whole copy gathered from the stages)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -406,13 +413,13 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
     return scores
 
 
-def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True):
+def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True, dtype=torch.float32):
     """A reward model with its tokenizer and normalisation; texts are re-tokenized for it, so a
     tokenizer that differs from the policy's is fine (and said once, when verbose)."""
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         fail(f"--reward-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
@@ -535,7 +542,10 @@ def adapters_disabled(adapters: list):
 
 
 def merge_lora(model) -> torch.nn.Module:
-    """A plain copy of the model with every adapter merged into its layer: what gets saved."""
+    """A plain copy of the model with every adapter merged into its layer: what gets saved (the
+    model itself when it has no adapters)."""
+    if not any(isinstance(module, LoRA) for module in model.modules()):
+        return model
     merged = copy.deepcopy(model)
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRA):
@@ -557,7 +567,8 @@ def make_hydra(policy, num_layers_unfrozen: int):
     policy.requires_grad_(False)
     trainable = list(layers[len(layers) - num_layers_unfrozen :])
     # The final norm: a direct child of the trunk that is neither an embedding nor the block list.
-    trainable += [m for m in policy.base_model.children() if m is not layers and not isinstance(m, torch.nn.Embedding) and any(True for _ in m.parameters())]
+    embeddings = (torch.nn.Embedding, parallel.VocabParallelEmbedding)
+    trainable += [m for m in policy.base_model.children() if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())]
     head = policy.get_output_embeddings()
     if head.weight is not policy.get_input_embeddings().weight:  # a tied head is the frozen embedding
         trainable.append(head)
@@ -565,8 +576,16 @@ def make_hydra(policy, num_layers_unfrozen: int):
         module.requires_grad_(True)
     # deepcopy with a memo holding the frozen parameters copies only the trainable ones.
     memo = {id(p): p for p in policy.parameters() if not p.requires_grad}
-    reference = copy.deepcopy(policy, memo)
+    reference = copy_model(policy, memo)
     return reference.requires_grad_(False).eval()
+
+
+def copy_model(model, memo: Optional[dict] = None):
+    """copy.deepcopy of a model whose tensor-parallel layers hold a process group: the copy shares
+    the group (a group cannot be copied, and the copy's layers talk to the same ranks)."""
+    memo = dict(memo or {})
+    memo.update({id(m.group): m.group for m in model.modules() if getattr(m, "group", None) is not None})
+    return copy.deepcopy(model, memo)
 
 
 def hydra_owned(reference, policy) -> torch.nn.Module:
@@ -590,11 +609,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float, with_entropy=False):
     """Log-probs (and entropies) of the response tokens input_ids[:, prompt_length:], and the hidden
-    states that predicted them (which the value head reads). The last hidden state goes straight to
-    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built."""
+    states that predicted them (which the value head reads)."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).last_hidden_state
+    return logprobs_from_hidden(model.get_output_embeddings(), hidden, input_ids, prompt_length, temperature, with_entropy)
+
+
+def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
+    """response_logprobs from the trunk's last (final-normed) hidden states [B, T, H], as the
+    model's trunk or the last pipeline stage returns them. They go straight to
+    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built."""
     hidden = hidden[:, prompt_length - 1 : -1]
-    result = head_logprobs(model.get_output_embeddings(), hidden, input_ids[:, prompt_length:], temperature, with_entropy)
+    result = head_logprobs(head, hidden, input_ids[:, prompt_length:], temperature, with_entropy)
     logprobs, entropy = result if with_entropy else (result, None)
     return logprobs, entropy, hidden
 
@@ -602,8 +627,11 @@ def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temp
 def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, with_entropy: bool):
     """kernels.fused_logprobs with the LM head's weight, run as the head module's forward for this
     one call: hooks on the head then fire as for any module call, which ZeRO-3 needs (it gathers
-    the head's weight before the forward and again before the backward, and frees it after)."""
-    head.forward = lambda x: kernels.fused_logprobs(x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy)
+    the head's weight before the forward and again before the backward, and frees it after).
+    Under --tp the head is this rank's slice of the vocabulary (parallel.ColumnParallelLinear),
+    and fused_logprobs combines the slices over its group: no rank ever holds whole logits."""
+    group = getattr(head, "group", None)
+    head.forward = lambda x: kernels.fused_logprobs(x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group)
     try:
         return head(hidden)
     finally:
@@ -630,6 +658,13 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids, attention_mask, prompt_length: int):
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).last_hidden_state
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
+
+
+def pipeline_micro_batches(micro_rows: list, input_ids, attention_mask) -> list:
+    """The micro-batches, as row indices into the batch, in the form the pipeline schedules take:
+    every stage needs the mask and positions, and the last one the rows (for the loss)."""
+    return [{"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "position_ids": positions_from_mask(attention_mask[rows]), "rows": rows}
+            for rows in micro_rows]
 
 
 def values_of(value_head, critic, hidden, input_ids, attention_mask, prompt_length):
@@ -827,21 +862,30 @@ def save_checkpoint(run_dir: str, step: int, wrapper, shared_state, rank_state: 
             shutil.rmtree(os.path.join(folder, old))
 
 
-def save_final(run_dir: str, policy, tokenizer, value_modules: dict, wrapper, grid):
+def save_final(run_dir: str, policy, tokenizer, value_modules: dict, wrapper, grid, stage=None):
     """The policy with adapters merged, by save_pretrained into the run directory (config.json moved
     in last, so a directory with a config.json holds a complete model), and the value function
     ({name: module}) apart in value_head.pt. All ranks call it; rank 0 writes, with the
-    parameters gathered."""
+    parameters gathered: under ZeRO-3 by the wrapper, under --tp the dense weights reassembled
+    from the shards, under --pp a whole copy from the stages (`stage`, this rank's) with the
+    value head from the last one."""
     with wrapper.gathered():
+        # Cloned: under ZeRO the parameters are views into flat buffers that torch.save would write whole.
+        value_states = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in value_modules.items()}
+        state_dict = None
+        if stage is not None:
+            value_states = parallel.all_gather_objects(value_states, grid.pp_group)[-1]
+            policy = parallel.pipeline_gathered_model(stage, grid.tp_group)
+        elif grid.tp_group is not None:
+            state_dict = parallel.tensor_parallel_state_dict(policy, grid.tp_group)
         if not grid.is_main:
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        merge_lora(policy).save_pretrained(temporary)
+        merge_lora(policy).save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
-        if value_modules:
-            # Cloned: under ZeRO the parameters are views into flat buffers that torch.save would write whole.
-            torch.save({name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in value_modules.items()}, os.path.join(temporary, "value_head.pt"))
+        if value_states:
+            torch.save(value_states, os.path.join(temporary, "value_head.pt"))
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
         os.rmdir(temporary)
@@ -896,7 +940,18 @@ def load_policy(name: str, device):
 def main(args: Args):
     # 0. Join the other ranks (a no-op without torchrun) and check the sizes once. Prompts per batch
     #    times samples per prompt is the batch; batch and minibatch sizes count all ranks' rollouts.
-    grid = parallel.init_distributed(args.device)
+    if args.tp < 1 or args.pp < 1:
+        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
+    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
+    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    if args.lora_rank > 0 and (args.tp > 1 or args.pp > 1):
+        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); use --num-layers-unfrozen for a cheap reference")
+    if args.value_model and (args.tp > 1 or args.pp > 1):
+        fail("--value-model (a separate critic) is not supported with --tp or --pp; use the value head (the default) or a critic-free --advantage")
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
+    pipelined = args.pp > 1
     device, ranks = grid.device, grid.dp_size
     critic_free = args.advantage != "gae"
     for name, size, unit, what in (
@@ -923,9 +978,15 @@ def main(args: Args):
     local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
     generation_chunk = min(args.generation_batch_size, args.batch_size)
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False) if checkpoint else None
-    if state is not None and (state.get("world_size", 1) != grid.world_size or state["args"].get("zero_stage", 0) != args.zero_stage):
-        fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with --zero-stage {state['args'].get('zero_stage', 0)}; resume it with the same")
+    state = rank_state = None
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
+        if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+            fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
+        rank_file = os.path.join(checkpoint, f"rank_{grid.rank}.pt")
+        # A checkpoint from before data parallel kept the optimizer and RNG states in trainer_state.pt.
+        rank_state = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {k: state[k] for k in ("optimizer", "rng")}
     chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
     if chunks_per_batch % ranks and grid.is_main:
         print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
@@ -946,7 +1007,10 @@ def main(args: Args):
         eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     policy, tokenizer = load_policy(args.model, device)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
-    reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main) if args.reward_model else None
+    # Models that only run forward are stored in bf16 under --dtype bf16: half the memory, and the
+    # autocast forward would round their weights to bf16 anyway.
+    frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main, dtype=frozen_dtype) if args.reward_model else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task == "randomwalks" else 1.0)
 
@@ -964,6 +1028,11 @@ def main(args: Args):
 
     # 2. Policy, reference and value function; everything trained goes in one container, wrapped once
     #    for data parallel (after a checkpoint's weights are loaded, so the wrapper shards those).
+    #    Under --tp the policy is split first and the reference copied from the split policy (so
+    #    Hydra's shares the frozen shards); under --pp both are then cut into the same stages.
+    if pipelined and args.zero_stage and policy.get_output_embeddings().weight is policy.get_input_embeddings().weight:
+        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
+    policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     adapters = []
     if args.lora_rank > 0:
         adapters = add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
@@ -971,7 +1040,7 @@ def main(args: Args):
     elif args.num_layers_unfrozen > 0:
         reference = make_hydra(policy, args.num_layers_unfrozen)
     else:
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+        reference = copy_model(policy).requires_grad_(False).eval().to(frozen_dtype)
     value_head = critic = None
     if not critic_free:
         if args.value_model:
@@ -985,10 +1054,26 @@ def main(args: Args):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
     if state is not None:
-        policy.load_state_dict(state["policy"])
-        for module, module_state in zip(value_modules.values(), state["value"]):
+        # Under --tp/--pp every rank saved its own shard of the policy (see save_checkpoint).
+        saved = rank_state if "policy" in rank_state else state
+        missing, unexpected = policy.load_state_dict(saved["policy"], strict=not pipelined)
+        assert not unexpected, unexpected
+        for module, module_state in zip(value_modules.values(), saved["value"]):
             module.load_state_dict(module_state)
-    wrapper = parallel.data_parallel(torch.nn.ModuleDict({"policy": policy, **value_modules}), grid.dp_group, args.zero_stage)
+    if pipelined:
+        # This rank's stage of the policy, returning final-normed hidden states: the last stage
+        # applies the LM head (through fused_logprobs) and holds the value head as a child, so the
+        # data-parallel wrapper reduces and steps it with the stage.
+        trained = stage = parallel.pipeline_stage(policy, grid.pp_group, compute_logits=False)
+        if reference is not None:
+            reference = parallel.pipeline_stage(reference, grid.pp_group, compute_logits=False)
+        if stage.is_last and value_head is not None:
+            stage.value_head = value_head
+        else:
+            value_modules = {}
+    else:
+        stage, trained = None, torch.nn.ModuleDict({"policy": policy, **value_modules})
+    wrapper = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
     # Under ZeRO-3 a reference with weights of its own is sharded too and used only inside its
     # gathered(); Hydra's shares the frozen trunk with the policy, so only its copied top is wrapped.
     reference_wrapper = None
@@ -1001,11 +1086,26 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     fork_devices = [device] if device.type == "cuda" else []
 
-    def reference_logprobs(input_ids, attention_mask, prompt_length):
+    def reference_logprobs(reference_model, input_ids, attention_mask, prompt_length):
         if adapters:
             with adapters_disabled(adapters):
                 return response_logprobs(policy, input_ids, attention_mask, prompt_length, args.temperature)[0]
-        return response_logprobs(reference, input_ids, attention_mask, prompt_length, args.temperature)[0]
+        return response_logprobs(reference_model, input_ids, attention_mask, prompt_length, args.temperature)[0]
+
+    def micro_batch_rows(minibatch: list) -> list:
+        """This rank's share of a minibatch (a list of row indices), cut into micro-batches."""
+        share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
+        return [torch.tensor(share[i : i + args.micro_batch_size], device=device) for i in range(0, local_mini_batch_size, args.micro_batch_size)]
+
+    def whole(model):
+        """The model itself, or under --pp a whole copy gathered from its stages (every rank of the
+        pipeline must call it): what generates and evaluates. The copy stays split over the
+        tensor-parallel ranks, and is bf16 under --dtype bf16, so it costs each rank 1/tp of the
+        model (2 bytes per parameter in bf16) while it lives; generating through the stages token
+        by token would instead idle all stages but one at every token."""
+        if not pipelined:
+            return model
+        return parallel.pipeline_gathered_model(model, grid.tp_group, keep_tensor_parallel=True, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
 
     # 3. Run directory; a resumed run continues in its checkpoint's directory with every state restored.
     update, wandb_id = 0, None
@@ -1013,9 +1113,6 @@ def main(args: Args):
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        rank_file = os.path.join(checkpoint, f"rank_{grid.rank}.pt")
-        # A checkpoint from before data parallel kept the optimizer and RNG states in trainer_state.pt.
-        rank_state = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {k: state[k] for k in ("optimizer", "rng")}
         optimizer.load_state_dict(rank_state["optimizer"])
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
@@ -1033,7 +1130,7 @@ def main(args: Args):
         parallel.barrier()  # every rank has checked before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
-    state = None  # the model states are loaded; let them go
+    state = rank_state = None  # the model states are loaded; let them go
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 
     @torch.no_grad()
@@ -1044,8 +1141,10 @@ def main(args: Args):
         forked RNG (so evaluation never changes training, evaluations compare, and the result does
         not depend on the number of ranks); ranks evaluate their chunks and gather the results.
         The models are gathered once (a no-op below ZeRO-3), so ranks may run different numbers
-        of forwards without per-block collectives."""
+        of forwards without per-block collectives; under --pp whole copies are gathered from the
+        stages, and the ranks of a pipeline evaluate the same chunks."""
         policy.eval()
+        sampler, reference_sampler = whole(stage if pipelined else policy), whole(reference)
         metrics, rows = {}, []
         repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
         with wrapper.gathered(), reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
@@ -1056,22 +1155,22 @@ def main(args: Args):
                 for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, ranks, grid.dp_rank):
                     torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                     chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                    responses, mask, _ = truncate_at_eos(generate(policy, prompt_ids, prompt_mask, args, tokenizer, greedy), tokenizer.eos_token_id, tokenizer.pad_token_id)
+                    responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy), tokenizer.eos_token_id, tokenizer.pad_token_id)
                     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                     result = {"text": texts, "score": raw_scores(chunk_prompts, texts).tolist()}
                     if args.task == "randomwalks":
                         result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
                     if name == "sampled":
                         input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-                        logprobs = response_logprobs(policy, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
-                        kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1")
+                        logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
+                        kl = kl_per_token(logprobs, reference_logprobs(reference_sampler, input_ids, attention_mask, prompt_ids.shape[1]), "k1")
                         result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                         if reward_model is not None:  # the trlX paper's metric: wins against the reference policy
                             if adapters:
                                 with adapters_disabled(adapters):
                                     reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)
                             else:
-                                reference_responses = generate(reference, prompt_ids, prompt_mask, args, tokenizer)
+                                reference_responses = generate(reference_sampler, prompt_ids, prompt_mask, args, tokenizer)
                             reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
                             ours, theirs = raw_scores(chunk_prompts, texts), raw_scores(chunk_prompts, reference_texts)
                             result["win"] = ((ours > theirs).float() + 0.5 * (ours == theirs).float()).tolist()
@@ -1120,12 +1219,14 @@ def main(args: Args):
         my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks, grid.dp_rank)
         generated = []
         policy.eval()
+        sampler = whole(stage if pipelined else policy)
         with wrapper.gathered(), autocast:  # ZeRO-3: the whole policy gathered once for the generation loop
             for chunk, lo, hi in my_chunks:
                 with torch.random.fork_rng(devices=fork_devices):
                     torch.manual_seed(chunk_seed(args.seed, f"update {update}", chunk))
-                    generated.append(generate(policy, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer))
+                    generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer))
         policy.train()
+        del sampler
         phase_seconds = {"generation": clock() - phase_started}
         phase_started = clock()
 
@@ -1151,20 +1252,39 @@ def main(args: Args):
         # The permutations are the same on every rank (same RNG). Each rank computes the rows it
         # trains on in the first PPO epoch (its share of each minibatch), in the same micro-batches,
         # so the first minibatch repeats bitwise the same computation: its ratio is exactly 1. The
-        # rows of the other ranks are zeros here, and a sum over ranks fills them in.
+        # rows of the other ranks are zeros here, and a sum over ranks fills them in. Under --pp the
+        # micro-batches go through the stages, the last stage fills the rows, and a sum over the
+        # pipeline gives them to every stage.
         permutations = [torch.randperm(args.batch_size).tolist() for _ in range(args.ppo_epochs)]
         rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, device=device)
+        first_epoch_micro_rows = [rows for start in range(0, args.batch_size, args.mini_batch_size) for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])]
         with torch.no_grad(), wrapper.gathered(), reference_gathered(), autocast:
-            for start in range(0, args.batch_size, args.mini_batch_size):
-                share = permutations[0][start + grid.dp_rank * local_mini_batch_size : start + (grid.dp_rank + 1) * local_mini_batch_size]
-                for micro_start in range(0, local_mini_batch_size, args.micro_batch_size):
-                    rows = torch.tensor(share[micro_start : micro_start + args.micro_batch_size], device=device)
+            if pipelined:
+                def policy_outputs(hidden, micro_batch):  # on the last stage
+                    rows = micro_batch["rows"]
+                    logprobs, _, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
+                    rollout[0, rows] = logprobs.float()
+                    if not critic_free:
+                        rollout[2, rows] = value_head(hidden).squeeze(-1).float()
+                    return torch.zeros(1, device=device)  # pipeline_forward's sum; the rows written are the result
+
+                def reference_outputs(hidden, micro_batch):
+                    rows = micro_batch["rows"]
+                    rollout[1, rows] = logprobs_from_hidden(reference.head, hidden, input_ids[rows], prompt_length, args.temperature)[0].float()
+                    return torch.zeros(1, device=device)
+
+                micro_batches = pipeline_micro_batches(first_epoch_micro_rows, input_ids, attention_mask)
+                parallel.pipeline_forward(wrapper, micro_batches, policy_outputs)
+                parallel.pipeline_forward(reference, micro_batches, reference_outputs)
+            else:
+                for rows in first_epoch_micro_rows:
                     logprobs, _, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
                     rollout[0, rows] = logprobs.float()
-                    rollout[1, rows] = reference_logprobs(input_ids[rows], attention_mask[rows], prompt_length).float()
+                    rollout[1, rows] = reference_logprobs(reference, input_ids[rows], attention_mask[rows], prompt_length).float()
                     if not critic_free:
                         rollout[2, rows] = values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
         parallel.all_reduce_sum(rollout, grid.dp_group)
+        parallel.all_reduce_sum(rollout, grid.pp_group)
         old_logprobs, ref_logprobs = rollout[0], rollout[1]
         old_values = None if critic_free else rollout[2]
         phase_seconds["logprobs"] = clock() - phase_started
@@ -1194,30 +1314,46 @@ def main(args: Args):
         # 8. PPO epochs over shuffled minibatches: each rank takes its share of a minibatch, in
         # micro-batches. Losses are normalised by the whole minibatch's count and multiplied by the
         # rank count (the wrapper averages gradients over ranks), so the step is the one-process
-        # step; only the last micro-batch's backward communicates.
+        # step; only the last micro-batch's backward communicates. Under --pp the 1F1B schedule
+        # runs the micro-batches through the stages and the last stage computes the loss.
         statistics, first_minibatch_log_ratio = [], 0.0
+
+        def micro_batch_loss(logprobs, entropy, values, rows, normaliser: float, first_minibatch: bool):
+            """The loss to back-propagate for one micro-batch; records its statistics."""
+            nonlocal first_minibatch_log_ratio
+            loss, stats = ppo_losses(logprobs.float(), old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
+                                     None if critic_free else returns[rows], mask[rows], args, normaliser)
+            if args.entropy_coef:
+                loss = loss - args.entropy_coef * aggregate(entropy.float(), mask[rows], args.loss_aggregation, normaliser)
+            stats["policy/entropy"] = kernels.masked_mean(entropy.float(), mask[rows])
+            statistics.append({k: float(v.detach()) for k, v in stats.items()})
+            if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
+                log_ratio = torch.where(mask[rows], logprobs.float() - old_logprobs[rows], 0.0).abs().max().item()
+                first_minibatch_log_ratio = max(first_minibatch_log_ratio, log_ratio)
+            return loss * ranks
+
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
                 normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
-                share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
-                micro_starts = range(0, local_mini_batch_size, args.micro_batch_size)
-                for micro_start in micro_starts:
-                    rows = torch.tensor(share[micro_start : micro_start + args.micro_batch_size], device=device)
-                    with wrapper.no_sync() if micro_start != micro_starts[-1] else contextlib.nullcontext():
-                        with autocast:
-                            logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                            values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
-                        loss, stats = ppo_losses(logprobs.float(), old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
-                                                 None if critic_free else returns[rows], mask[rows], args, normaliser)
-                        if args.entropy_coef:
-                            loss = loss - args.entropy_coef * aggregate(entropy.float(), mask[rows], args.loss_aggregation, normaliser)
-                        (loss * ranks).backward()
-                    stats["policy/entropy"] = kernels.masked_mean(entropy.float(), mask[rows])
-                    statistics.append({k: float(v.detach()) for k, v in stats.items()})
-                    if epoch == 0 and start == 0:  # exactly 0 unless old and new log-probs were computed differently
-                        log_ratio = torch.where(mask[rows], logprobs.float() - old_logprobs[rows], 0.0).abs().max().item()
-                        first_minibatch_log_ratio = max(first_minibatch_log_ratio, log_ratio)
+                first_minibatch = epoch == 0 and start == 0
+                micro_rows = micro_batch_rows(minibatch)
+                if pipelined:
+                    def loss_fn(hidden, micro_batch):  # on the last stage
+                        rows = micro_batch["rows"]
+                        logprobs, entropy, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
+                        values = None if critic_free else value_head(hidden).squeeze(-1).float()
+                        return micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch)
+
+                    with autocast:
+                        parallel.pipeline_1f1b(wrapper, pipeline_micro_batches(micro_rows, input_ids, attention_mask), loss_fn, broadcast_loss=False)
+                else:
+                    for index, rows in enumerate(micro_rows):
+                        with wrapper.no_sync() if index < len(micro_rows) - 1 else contextlib.nullcontext():
+                            with autocast:
+                                logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
+                                values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
+                            micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch).backward()
                 wrapper.clip_grad_norm_(args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1226,7 +1362,9 @@ def main(args: Args):
         phase_seconds["training"] = clock() - phase_started  # advantages and the PPO epochs
 
         # Statistics of the update, gathered once, in the order one process would have produced them
-        # (each minibatch's micro-batches, rank by rank).
+        # (each minibatch's micro-batches, rank by rank). Under --pp the last stage has them.
+        if pipelined:
+            statistics, first_minibatch_log_ratio = parallel.all_gather_objects((statistics, first_minibatch_log_ratio), grid.pp_group)[-1]
         per_rank = parallel.all_gather_objects((statistics, first_minibatch_log_ratio), grid.dp_group)
         micro_per_share = local_mini_batch_size // args.micro_batch_size
         statistics = [s for group in range(0, len(statistics), micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
@@ -1254,17 +1392,21 @@ def main(args: Args):
         if wandb_run:
             wandb_run.log(metrics, step=update)
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
-                "update": update, "policy": policy.state_dict(), "value": [m.state_dict() for m in value_modules.values()],
-                "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "args": asdict(args), "world_size": grid.world_size,
-                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+            # Cloned: under ZeRO-1/2 the parameters are views into flat buffers that torch.save would write whole.
+            model_state = lambda: {  # noqa: E731
+                "policy": {k: v.clone() for k, v in policy.state_dict().items()}, "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in value_modules.values()],
             }
-            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            sharded = args.tp > 1 or args.pp > 1  # then every rank saves its own shard of the models
+            shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
+                "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "args": asdict(args), "world_size": grid.world_size,
+                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None, **({} if sharded else model_state()),
+            }
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}
             save_checkpoint(run_dir, update, wrapper, shared_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 9. The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
-    save_final(run_dir, policy, tokenizer, value_modules, wrapper, grid)
+    save_final(run_dir, policy, tokenizer, value_modules, wrapper, grid, stage)
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
