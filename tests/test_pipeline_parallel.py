@@ -76,10 +76,13 @@ def compare(stage, loss, dense_loss, dense_grads) -> dict:
     }
 
 
-def pipeline_experiment(grid, layouts: list, dropping: bool = False) -> dict:
+def pipeline_experiment(grid, layouts: list, dropping: bool = False, gathering: bool = False) -> dict:
     """For each (family, layers, pp, micro-batch count, data parallel): the dense reference and
-    both schedules on this rank's stage. With dropping, also dropping_experiment on pp=2."""
+    both schedules on this rank's stage. With dropping, also dropping_experiment on pp=2; with
+    gathering, gathering_experiment on tp=2 x pp=2."""
     results = {"dropping": dropping_experiment(2)} if dropping else {}
+    if gathering:
+        results["gathering"] = gathering_experiment()
     for family, layers, pp, count, data_parallel in layouts:
         grid = parallel.init_distributed("cpu", pp=pp, timeout_s=60)  # new groups on the same world
         batch = make_batch()
@@ -123,6 +126,31 @@ def dropping_experiment(pp: int) -> dict:
     return {"alive": [ref() is not None for ref in dropped], "keys": sorted(stage.model.state_dict())}
 
 
+def gathering_experiment() -> dict:
+    """Whole copies gathered from tp=2 x pp=2 stages of each family: the one still split over tp
+    (what ppo.py generates with) and the dense one (what the scripts save) give the dense model's
+    logits, and making them leaves the RNG where it was."""
+    grid = parallel.init_distributed("cpu", tp=2, pp=2, timeout_s=60)
+    batch = make_batch()
+    results = {}
+    for family in FAMILIES:
+        dense = dense_model(family, layers=3)
+        with torch.no_grad():
+            expected = dense(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        stage = parallel.PipelineStage(parallel.tensor_parallel(copy.deepcopy(dense), grid.tp_group), grid.pp_group)
+        for keep in (True, False):
+            rng = torch.get_rng_state()
+            whole = parallel.pipeline_gathered_model(stage, grid.tp_group, keep_tensor_parallel=keep)
+            with torch.no_grad():
+                logits = whole(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            results[(family, keep)] = {
+                "error": (logits - expected).abs().max().item(), "rng_kept": torch.equal(rng, torch.get_rng_state()),
+                "split": any(isinstance(m, parallel.ColumnParallelLinear) for m in whole.modules()),
+                "parameters": sum(p.numel() for p in whole.parameters()), "dense_parameters": sum(p.numel() for p in dense.parameters()),
+            }
+    return results
+
+
 WORLD_2 = [(family, 3, 2, 4, False) for family in FAMILIES] + [("gpt2", 2, 2, 1, False)]  # one micro-batch: no steady state
 WORLD_4 = [(family, 5, 4, 4, False) for family in ("gpt2", "llama")] + [("gpt-neox", 5, 4, 8, False), ("gpt2", 3, 2, 2, True), ("llama", 3, 2, 2, True)]
 
@@ -143,7 +171,7 @@ def world_2():
 
 @pytest.fixture(scope="module")
 def world_4():
-    return run_world(4, WORLD_4)
+    return run_world(4, WORLD_4, gathering=True)
 
 
 def max_in_flight(order: list) -> int:
@@ -196,6 +224,16 @@ def test_four_ranks_equal_dense(world_4, layout, schedule):
     """pp=4 (5 layers: 2 + 1 + 1 + 1; GPT-2's tied embedding between the first and the fourth
     stage), and pp=2 x dp=2 with DataParallel reducing over the dp group on the last backward."""
     check_layout(world_4, (*layout, schedule))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_copies_gathered_from_the_stages_equal_dense(world_4, family):
+    for rank, result in enumerate(world_4):
+        split, dense = result["gathering"][(family, True)], result["gathering"][(family, False)]
+        assert split["error"] <= TOLERANCE and dense["error"] <= TOLERANCE, (rank, split["error"], dense["error"])
+        assert split["rng_kept"] and dense["rng_kept"]
+        assert split["split"] and not dense["split"]
+        assert split["parameters"] < dense["parameters"] == dense["dense_parameters"]
 
 
 def test_stage_drops_other_stages_parameters(world_2):
