@@ -31,6 +31,7 @@ passes and PPO epochs run through the stages, the last one computing the loss.
 
 import contextlib
 import copy
+import functools
 import gzip
 import hashlib
 import importlib
@@ -63,11 +64,12 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (sampling, minibatch order)"""
-    task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
-    """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; jsonl: `{"prompt"}` records from --data;
-    hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given)"""
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of movie reviews
+    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model is given;
+    jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local prompt file: required for --task jsonl; for hh/tldr a local copy in the upstream format"""
+    """local prompt file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
@@ -79,7 +81,7 @@ class Args:
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c]"""
     missing_eos_penalty: Optional[float] = None
-    """subtracted from the score of a response that has no EOS within --max-new-tokens (default: 1.0 for text tasks, 0 for randomwalks)"""
+    """subtracted from the score of a response that has no EOS within --max-new-tokens (default: 1.0 for text tasks, 0 for randomwalks and sentiment)"""
     value_model: Optional[str] = None
     """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the policy"""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -336,14 +338,22 @@ def download(task: str) -> list:
     return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
 
 
+SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+
+
 def load_prompts(task: str, data: Optional[str]) -> list:
-    """The prompts of a text task: jsonl `prompt`s, hh dialogues up to their last assistant turn, TL;DR posts."""
+    """The prompts of a text task: jsonl and sentiment `prompt`s, hh dialogues up to their last
+    assistant turn, TL;DR posts."""
     if task == "jsonl" and data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
+    if task == "sentiment" and data is None:
+        if not os.path.isfile(SENTIMENT_PROMPTS):
+            fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ppo.py); pass --data with a file of {{\"prompt\": ...}} lines")
+        data = SENTIMENT_PROMPTS
     prompts = []
     for path in [data] if data else download(task):
         records = read_records(path)
-        if task == "jsonl":
+        if task in ("jsonl", "sentiment"):
             require_fields(records, ("prompt",), path)
             prompts += [r["prompt"] for r in records]
         elif task == "hh":
@@ -452,6 +462,22 @@ def load_reward_fn(spec: str):
         return getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+
+
+@functools.cache
+def vader():
+    """VADER's analyser (the optional extra vaderSentiment): the sentiment task's built-in reward."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        fail("--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt), or pass --reward-model")
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment_scores(responses: list) -> torch.Tensor:
+    """VADER's compound score of each continuation, in [-1, 1]: how positive the text the policy
+    wrote is (the prompt is not scored, so the opening's own sentiment does not count)."""
+    return torch.tensor([vader().polarity_scores(response)["compound"] for response in responses], dtype=torch.float32)
 
 
 def checked_scores(values, count: int, source: str) -> torch.Tensor:
@@ -972,7 +998,7 @@ def main(args: Args):
         fail("--model is required: the policy starts from a trained model, e.g. `python sft.py --output-dir runs/sft` then --model runs/sft")
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
-    if args.task != "randomwalks" and not (args.reward_model or args.reward_fn):
+    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     prompts_per_batch = args.batch_size // args.samples_per_prompt
     local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
@@ -1005,6 +1031,8 @@ def main(args: Args):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
         eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
+    if args.task == "sentiment" and not (args.reward_model or args.reward_fn):
+        vader()  # a missing optional extra ends the run here, before anything is written
     policy, tokenizer = load_policy(args.model, device)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
     # Models that only run forward are stored in bf16 under --dtype bf16: half the memory, and the
@@ -1012,7 +1040,8 @@ def main(args: Args):
     frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main, dtype=frozen_dtype) if args.reward_model else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task == "randomwalks" else 1.0)
+    # A continuation of a review is not expected to end within the budget: no penalty by default.
+    missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task in ("randomwalks", "sentiment") else 1.0)
 
     def raw_scores(prompts: list, responses: list) -> torch.Tensor:
         """The score of each response before any penalty: reward model (normalised), user function, or task metric.
@@ -1022,6 +1051,8 @@ def main(args: Args):
             scores = (score(model, rm_tokenizer, prompts, responses) - mean) / std
         elif reward_fn is not None:
             scores = checked_scores(reward_fn(prompts, responses), len(responses), f"--reward-fn {args.reward_fn}")
+        elif args.task == "sentiment":
+            scores = sentiment_scores(responses)
         else:
             scores = torch.tensor([walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)])
         return scores.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip is not None else scores

@@ -320,6 +320,21 @@ def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
     assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0 and "eval/score_sampled" in metrics
 
 
+def test_sentiment_task_prompts_and_reward(tmp_path, tiny_gpt2):
+    prompts = ppo.load_prompts("sentiment", None)  # the shipped openings of movie reviews
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts) and all(2 <= len(p.split()) <= 8 for p in prompts)
+    args = quick_args(tmp_path, tiny_gpt2, task="sentiment", max_new_tokens=4, eval_prompts=2)
+    try:
+        import vaderSentiment  # noqa: F401 (an optional extra)
+    except ImportError:
+        expect_error(args, "pip install vaderSentiment")
+        assert not os.path.exists(args.output_dir)
+        return
+    assert ppo.sentiment_scores(["a wonderful, moving film", "dull and awful", "the"]).tolist() == pytest.approx([0.8, -0.7, 0.0], abs=0.25)
+    ppo.main(args)
+    assert -1 <= last_update(args.output_dir)["eval/score_sampled"] <= 1
+
+
 # --- data parallel ------------------------------------------------------------------------------
 def data_parallel_flags(tmp_path, policy):
     """A short run that learns something (a reward of the response's text, so advantages are not
