@@ -1111,7 +1111,8 @@ def main(args: Args):
     if args.zero_stage == 3 and reference is not None:
         reference_wrapper = parallel.FullyShardedDataParallel(hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference, grid.dp_group)
     reference_gathered = reference_wrapper.gathered if reference_wrapper is not None else contextlib.nullcontext
-    optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0)
+    # fused: one kernel for all parameters, about 4x faster than the default per-tensor loop on CPU (benchmarks/vs_trl.py)
+    optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0, fused=True)
     kl_controller = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
