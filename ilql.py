@@ -10,6 +10,7 @@ in under a minute:
 
     python ilql.py                                           # randomwalks, fresh 6-layer GPT-2
     python ilql.py --task jsonl --data scored.jsonl --model gpt2
+    python ilql.py --task sentiment --model runs/smollm2-135m   # the model's own samples, scored by VADER
     python ilql.py --task hh --model EleutherAI/pythia-160m  # needs the network
     torchrun --nproc_per_node 8 ilql.py --model ... --zero-stage 3   # data parallel, see parallel.py
     torchrun --nproc_per_node 8 ilql.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
@@ -21,7 +22,9 @@ The run directory (`runs/<run name>/`) receives the LM and its tokenizer, loadab
 
 import contextlib
 import copy
+import functools
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -49,11 +52,12 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (model and head init, data order, dropout, evaluation samples)"""
-    task: Literal["randomwalks", "jsonl", "hh"] = "randomwalks"
-    """randomwalks: built-in offline graph task, rewarded by optimality; jsonl: `{"prompt", "response", "reward"}` records from --data;
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh"] = "randomwalks"
+    """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review openings
+    (examples/sentiment_prompts.jsonl) sampled from --model itself and scored by VADER (needs vaderSentiment); jsonl: `{"prompt", "response", "reward"}` records from --data;
     hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for hh a local copy in the upstream format (.jsonl or .jsonl.gz)"""
+    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh a local copy in the upstream format (.jsonl or .jsonl.gz)"""
     model: Optional[str] = None
     """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -73,6 +77,11 @@ class Args:
     """longest prompt+response in tokens (capped at the model's context)"""
     overlong: Literal["truncate", "skip"] = "truncate"
     """examples longer than --max-length: truncate (cut the prompt from the left, then the response from the right) or skip them"""
+    samples_per_prompt: int = 4
+    """sentiment: continuations of each training prompt sampled from --model (temperature 1, no top-k, --max-new-tokens) to make the
+    dataset; it is written to sentiment_samples.jsonl in the run directory, in the format of --task jsonl"""
+    generation_batch_size: int = 64
+    """sentiment: prompts per batch when sampling the dataset"""
 
     num_epochs: int = 20
     """passes over the dataset"""
@@ -119,7 +128,9 @@ class Args:
     eval_samples_per_start: int = 50
     """randomwalks: sampled walks per start node and beta at each evaluation"""
     eval_generations: int = 8
-    """text tasks: prompts whose greedy completions are shown for each beta at each evaluation"""
+    """jsonl and hh: prompts whose greedy completions are shown for each beta at each evaluation"""
+    eval_prompts: int = 64
+    """sentiment: held-out prompts (at most a tenth, never in the dataset) continued greedily and by sampling at each beta and scored by VADER"""
     max_new_tokens: int = 64
     """generation budget for text tasks (randomwalks uses its own: 9)"""
     save_every: int = 0
@@ -589,6 +600,72 @@ def generate(lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: flo
 
 
 # ---------------------------------------------------------------------------------------------
+# The sentiment task (trlX's ilql_sentiments, offline): the dataset is the starting model's own
+# continuations of movie-review openings, each rewarded with VADER's score of how positive it is.
+# ILQL should then steer the same model to continuations more positive than its dataset's.
+# ---------------------------------------------------------------------------------------------
+SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+SENTIMENT_SAMPLES = "sentiment_samples.jsonl"  # the sampled dataset, kept in the run directory
+
+
+def load_sentiment_prompts(data: Optional[str]) -> list:
+    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
+        fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass --data with a file of {{\"prompt\": ...}} lines")
+    path = data or SENTIMENT_PROMPTS
+    records = read_records(path)
+    require_fields(records, ("prompt",), path)
+    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    if not prompts:
+        fail(f"no prompts in {path}; the file is empty")
+    return prompts
+
+
+@functools.cache
+def vader():
+    """VADER's analyser (the optional extra vaderSentiment): the sentiment task's reward."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        fail("--task sentiment scores continuations with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment_scores(texts: list) -> list:
+    """VADER's compound score of each continuation, in [-1, 1] (the opening itself is not scored)."""
+    return [vader().polarity_scores(text)["compound"] for text in texts]
+
+
+def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, grid, device) -> list:
+    """(prompt, response, reward) for --samples-per-prompt continuations of each prompt, sampled from
+    the starting LM (beta 0, no top-k: the LM's own distribution) and scored by VADER. The batches
+    are dealt round-robin over the data-parallel ranks and each is sampled with a seed of its own
+    on a forked RNG, so the dataset does not depend on the number of ranks and training's random
+    stream is untouched. Continuations that are empty (EOS first) have nothing to act on and are
+    dropped."""
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
+    mine = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for number, start in tqdm.tqdm(my_batches, desc="sampling the dataset", dynamic_ncols=True, disable=not grid.is_main):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment dataset/{number}".encode()).digest()[:8], "little") & (2**63 - 1))
+            batch_prompts = repeated[start : start + args.generation_batch_size]
+            responses = generate(lm, heads, tokenizer, batch_prompts, args.max_new_tokens, 0.0, 1.0, 0, device)
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            mine.append((number, list(zip(batch_prompts, texts, sentiment_scores(texts)))))
+    batches = sorted(b for share_of_rank in parallel.all_gather_objects(mine, grid.dp_group) for b in share_of_rank)
+    return [example for _, batch in batches for example in batch if example[1]]
+
+
+def write_jsonl_atomically(path: str, examples: list):
+    """The dataset as --task jsonl reads it, renamed into place only once complete."""
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        for prompt, response, reward in examples:
+            file.write(json.dumps({"prompt": prompt, "response": response, "reward": reward}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging
 # ---------------------------------------------------------------------------------------------
 HEADS_FILE = "ilql_heads.safetensors"
@@ -768,7 +845,15 @@ def main(args: Args):
         fail(f"--steps-for-target-sync {args.steps_for_target_sync} must be at least 1")
     if not randomwalks and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    sentiment = args.task == "sentiment"
+    if sentiment:
+        vader()  # a missing optional extra ends the run here, before anything is written
+        if args.samples_per_prompt < 1 or args.generation_batch_size < 1:
+            fail(f"--samples-per-prompt {args.samples_per_prompt} and --generation-batch-size {args.generation_batch_size} must be at least 1")
     checkpoint = find_checkpoint(args.resume) if args.resume else None
+    finished_or_started = args.output_dir and (os.path.exists(os.path.join(args.output_dir, "config.json")) or os.path.isdir(os.path.join(args.output_dir, "checkpoints")))
+    if finished_or_started and not checkpoint:  # checked before the (for sentiment, minutes of) sampling
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, or pass --resume {args.output_dir} to continue it")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -782,7 +867,7 @@ def main(args: Args):
         scores = [walk_optimality(w, adjacency, shortest) for w in walk_strings]
         examples = [(walk[0], walk[1:], score) for walk, score in zip(walk_strings, scores)]
         dataset_optimality = float(np.mean(scores))
-    else:
+    elif not sentiment:
         examples = load_examples(args.task, args.data)
     if checkpoint:
         lm, tokenizer, heads = load_trained(checkpoint, device)
@@ -793,11 +878,27 @@ def main(args: Args):
             tokenizer = randomwalks_tokenizer()
             lm = randomwalks_model(tokenizer).to(device)
         heads = new_heads(lm, args.two_qs).to(device)
+    if sentiment:
+        # Held-out openings as ppo.py picks them (same seed, same split), so the two compare. The
+        # dataset is sampled by the starting model; a resumed run reads the one its run sampled.
+        prompts = load_sentiment_prompts(args.data)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+        eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
+        if checkpoint:
+            samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
+            examples = [scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)]
+        else:
+            examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, device)
+            if not examples:
+                fail(f"every continuation {args.model} sampled was empty; raise --max-new-tokens or check the model's EOS")
+        dataset_score = float(np.mean([reward for _, _, reward in examples]))
     context = model_context(lm.config)
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = normalize_returns(tokenize_examples(tokenizer, examples, max_length, args.overlong))
-    eval_order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    eval_prompts = list(dict.fromkeys(examples[i][0] for i in eval_order))[: args.eval_generations]
+    if not sentiment:
+        eval_order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        eval_prompts = list(dict.fromkeys(examples[i][0] for i in eval_order))[: args.eval_generations]
     steps_per_epoch = len(sequences) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(sequences)} examples; lower it")
@@ -857,11 +958,13 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        parallel.barrier()  # every rank has checked (in step 1) before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
+            if sentiment:
+                write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_SAMPLES), examples)
+                print(f"sampled {len(examples)} continuations of {len(train_prompts)} prompts: mean VADER score {dataset_score:.3f}; "
+                      f"written to {os.path.join(run_dir, SENTIMENT_SAMPLES)}")
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -869,7 +972,8 @@ def main(args: Args):
 
     def evaluate(step):
         """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
-        sampled ones from every start node; text tasks: greedy responses to a few prompts. Each
+        sampled ones from every start node; sentiment: mean VADER score of greedy and sampled
+        continuations of the held-out prompts; jsonl and hh: greedy responses to a few prompts. Each
         rank generates for a contiguous share of the prompts and the results are gathered in
         order. Sampling runs on a forked RNG re-seeded (seed + rank) for every beta: evaluation
         never perturbs training, and every evaluation draws comparable samples. The whole model
@@ -897,15 +1001,21 @@ def main(args: Args):
                             rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
                 else:
                     prompts = share(eval_prompts, grid.dp_rank, ranks)
-                    responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, 0.0, 0, device) if prompts else []
-                    responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
-                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-                    metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
-                    rows += [[step, beta, p, t, None] for p, t in zip(eval_prompts, texts)]
-        if randomwalks:
+                    for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[: 2 if sentiment else 1]:
+                        responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device) if prompts else []
+                        responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
+                        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                        scores = sentiment_scores(texts) if sentiment else [None] * len(texts)
+                        if sentiment:
+                            metrics[f"eval/score_{name}_beta{beta:g}"] = float(np.mean(scores))
+                        if name == "greedy":
+                            metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
+                            rows += [[step, beta, p, t, s] for p, t, s in zip(eval_prompts, texts, scores)]
+        if randomwalks or sentiment:
+            metric = "optimality" if randomwalks else "score"
             for name in ("greedy", "sampled"):
-                best = max(args.eval_betas, key=lambda beta: metrics[f"eval/optimality_{name}_beta{beta:g}"])
-                metrics[f"eval/best_optimality_{name}"] = metrics[f"eval/optimality_{name}_beta{best:g}"]
+                best = max(args.eval_betas, key=lambda beta: metrics[f"eval/{metric}_{name}_beta{beta:g}"])
+                metrics[f"eval/best_{metric}_{name}"] = metrics[f"eval/{metric}_{name}_beta{best:g}"]
                 metrics[f"eval/best_beta_{name}"] = best
         return metrics, rows
 
@@ -915,6 +1025,9 @@ def main(args: Args):
             lines = [f"step {step}: optimality by generation beta (dataset {dataset_optimality:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}"]
             lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}" for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled"))
                       for beta in args.eval_betas]
+        elif sentiment:
+            lines = [f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_score:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8}"]
+            lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled")) for beta in args.eval_betas]
         else:
             lines = [f"step {step}: greedy response to {rows[0][2]!r} by generation beta"]
             lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
@@ -977,6 +1090,8 @@ def main(args: Args):
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if randomwalks:
         summary["dataset/optimality"] = dataset_optimality
+    if sentiment:
+        summary["dataset/score"] = dataset_score
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
         json.dump({"step": step, **summary}, file, indent=1)
     shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary

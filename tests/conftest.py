@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -111,6 +112,37 @@ def save_tiny_model(path, family="gpt2", tokenizer=None, seed=0):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+def fake_sentiment(text: str) -> float:
+    """The stand-in for VADER's compound score in tests: in [-1, 1], and it depends on the text."""
+    return round(math.tanh(text.count("e") - text.count("o")), 6)
+
+
+@pytest.fixture
+def fake_vader(monkeypatch):
+    """A stand-in vaderSentiment package scoring with fake_sentiment, so the sentiment tasks' plumbing
+    is tested without the optional extra; the scripts' cached analysers are cleared before and after."""
+    import types
+
+    class SentimentIntensityAnalyzer:
+        def polarity_scores(self, text):
+            return {"compound": fake_sentiment(text)}
+
+    package, module = types.ModuleType("vaderSentiment"), types.ModuleType("vaderSentiment.vaderSentiment")
+    module.SentimentIntensityAnalyzer = SentimentIntensityAnalyzer
+    package.vaderSentiment = module
+    monkeypatch.setitem(sys.modules, "vaderSentiment", package)
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", module)
+
+    def clear():
+        for name in ("ppo", "ilql", "reward_model"):
+            if name in sys.modules:
+                sys.modules[name].vader.cache_clear()
+
+    clear()
+    yield fake_sentiment
+    clear()
 
 
 def torchrun(script, *flags, nproc=2, cwd=None, timeout=600, extra=()):

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -302,6 +304,42 @@ def test_text_tasks_train(tmp_path, tiny_gpt2):
         assert ilql.load_trained(str(tmp_path / task))[2].v_head[0].in_features == 32
 
 
+def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, tiny_gpt2, fake_vader, monkeypatch):
+    words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
+    prompts = [f"the {first} {second}" for first, second in zip(words, reversed(words))]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    run_dir = tmp_path / "run"
+    args = ilql.Args(task="sentiment", data=data, model=tiny_gpt2, output_dir=str(run_dir), samples_per_prompt=2, generation_batch_size=8,
+                     max_new_tokens=4, num_epochs=2, batch_size=4, micro_batch_size=2, eval_prompts=2, eval_betas=(0.0, 4.0), save_every=3, keep_checkpoints=10)
+    ilql.main(args)
+    records = ilql.read_records(str(run_dir / ilql.SENTIMENT_SAMPLES))
+    # The held-out openings (ppo.py's split) are never in the dataset; the others are sampled twice each
+    # (less any empty continuation) and every continuation is rewarded with its score.
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    held_out = {prompts[i] for i in order[:1]}
+    assert {r["prompt"] for r in records} <= set(prompts) - held_out and 24 <= len(records) <= 2 * (len(prompts) - 1)
+    assert all(r["response"] and r["reward"] == fake_vader(r["response"]) for r in records)
+    assert len({r["response"] for r in records}) > len(records) // 2  # sampled, not greedy
+    with open(run_dir / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["dataset/score"] == pytest.approx(sum(r["reward"] for r in records) / len(records))
+    assert metrics["eval/best_score_sampled"] == max(metrics["eval/score_sampled_beta0"], metrics["eval/score_sampled_beta4"])
+    assert metrics["step"] == 2 * (len(records) // 4)
+
+    # A resumed run trains on the dataset its run sampled (the model has changed since) and ends where the run did.
+    finished = (run_dir / "model.safetensors").read_bytes()
+    monkeypatch.setattr(ilql, "sample_sentiment_dataset", lambda *a: pytest.fail("a resumed run sampled a new dataset"))
+    ilql.main(replace(args, resume=str(run_dir / "checkpoints" / "step_00000003")))
+    assert (run_dir / "model.safetensors").read_bytes() == finished
+
+
+def test_sentiment_task_without_vader_says_what_to_install(tmp_path, tiny_gpt2, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # import fails as when it is not installed
+    ilql.vader.cache_clear()
+    expect_error(ilql.Args(task="sentiment", model=tiny_gpt2, output_dir=str(tmp_path / "run")), "pip install vaderSentiment")
+    ilql.vader.cache_clear()
+
+
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
     # 20 steps an epoch (100 in all, so the kill at step 13 has time to land) with dropout on: the kill lands mid-epoch, and the resumed run must restore
     # the optimizer, the RNG, the target heads and the data order to match the uninterrupted one.
@@ -350,6 +388,10 @@ def test_bad_flags_and_files(tmp_path):
     expect_error(ilql.Args(output_dir=run, tau=1.0), "--tau")
     expect_error(ilql.Args(output_dir=run, tp=2), "launch with torchrun --nproc_per_node 2")
     expect_error(ilql.Args(output_dir=run, resume=str(tmp_path)), "not a checkpoint")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        ilql.main(ilql.Args(output_dir=str(tmp_path / "done")))
 
 
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
