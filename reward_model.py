@@ -7,6 +7,7 @@ on the hidden state of the last real token, trained on pairs where one response 
     python reward_model.py                                  # randomwalks, fresh 6-layer GPT-2
     python reward_model.py --model runs/sft                 # start from sft.py's checkpoint
     python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
+    python reward_model.py --task sentiment --model runs/smollm2-135m  # the model's own samples, ranked by VADER
     python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
     torchrun --nproc_per_node 8 reward_model.py --model ... --zero-stage 3   # data parallel, see parallel.py
     torchrun --nproc_per_node 8 reward_model.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
@@ -17,7 +18,9 @@ loads (num_labels=1), with the mean and std of its scores on held-out responses 
 """
 
 import contextlib
+import functools
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -44,11 +47,12 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (head init, pair sampling, data order)"""
-    task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
-    """randomwalks: built-in offline pairs of walks; jsonl: `{"prompt", "chosen", "rejected"}` records (optional "margin") from --data;
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings (examples/sentiment_prompts.jsonl)
+    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: `{"prompt", "chosen", "rejected"}` records (optional "margin") from --data;
     hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
     model: Optional[str] = None
     """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for randomwalks"""
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -70,6 +74,13 @@ class Args:
     """fraction of the pairs held out for evaluation and for the score statistics"""
     randomwalks_pairs: int = 4000
     """randomwalks: number of training pairs drawn (held-out pairs come from held-out walks)"""
+    samples_per_prompt: int = 4
+    """sentiment: continuations of each prompt sampled from --model (temperature 1, no top-k), taken two by two as pairs (pairs VADER
+    scores equal are dropped); the pairs are written to sentiment_pairs.jsonl in the run directory, in the format of --task jsonl"""
+    max_new_tokens: int = 24
+    """sentiment: tokens sampled per continuation"""
+    generation_batch_size: int = 64
+    """sentiment: prompts per batch when sampling the continuations"""
 
     num_epochs: int = 3
     """passes over the training pairs"""
@@ -341,6 +352,83 @@ def load_pairs(task: str, data: Optional[str]) -> list:
     if not pairs:
         fail(f"no preference pairs in {', '.join(paths)}; the file is empty or no record has two different responses")
     return pairs
+
+
+SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run directory
+
+
+def load_sentiment_prompts(data: Optional[str]) -> list:
+    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
+        fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); pass --data with a file of {{\"prompt\": ...}} lines")
+    path = data or SENTIMENT_PROMPTS
+    records = read_records(path)
+    require_fields(records, ("prompt",), path)
+    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    if not prompts:
+        fail(f"no prompts in {path}; the file is empty")
+    return prompts
+
+
+@functools.cache
+def vader():
+    """VADER's analyser (the optional extra vaderSentiment): what ranks the sentiment task's pairs."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        fail("--task sentiment ranks continuations with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
+    return SentimentIntensityAnalyzer()
+
+
+def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
+    """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
+    prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
+    two, and the one VADER finds more positive is chosen; ties carry no preference and are dropped
+    with a count. Batches are dealt round-robin over the data-parallel ranks and each is sampled
+    with a seed of its own on a forked RNG, so the pairs do not depend on the number of ranks and
+    training's random stream is untouched."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")  # prompts end where sampling starts
+        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError) as error:
+        fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
+    mine = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for number, start in tqdm.tqdm(my_batches, desc="sampling pairs", dynamic_ncols=True, disable=not grid.is_main):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little") & (2**63 - 1))
+            batch = tokenizer(repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True).to(device)
+            output = lm.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id)
+            mine.append((number, tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)))
+    texts = [text for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part) for text in batch]
+    scores = [vader().polarity_scores(text)["compound"] for text in texts]
+    pairs, ties = [], 0
+    for first in range(0, len(texts) - 1, 2):
+        if repeated[first] != repeated[first + 1] or scores[first] == scores[first + 1]:
+            ties += repeated[first] == repeated[first + 1]
+            continue
+        chosen, rejected = (first, first + 1) if scores[first] > scores[first + 1] else (first + 1, first)
+        pairs.append({"prompt": repeated[first], "chosen": texts[chosen], "rejected": texts[rejected], "margin": 0.0,
+                      "chosen_score": scores[chosen], "rejected_score": scores[rejected]})
+    if grid.is_main:
+        print(f"sampled {len(texts)} continuations of {len(prompts)} prompts (mean VADER score {np.mean(scores):.3f}): "
+              f"{len(pairs)} pairs, {ties} dropped as ties")
+    if not pairs:
+        fail(f"no pair of {args.model}'s continuations differs in VADER score; raise --samples-per-prompt or --max-new-tokens")
+    return pairs
+
+
+def write_jsonl_atomically(path: str, records: list):
+    """Records as --task jsonl reads them, renamed into place only once complete."""
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def require_fields(records: list, fields: tuple, path: str):
@@ -683,7 +771,14 @@ def main(args: Args):
     local_batch_size = args.batch_size // ranks
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.task == "sentiment":
+        vader()  # a missing optional extra ends the run here, before anything is written
+        if args.samples_per_prompt < 2 or args.generation_batch_size < 1:
+            fail(f"--samples-per-prompt {args.samples_per_prompt} must be at least 2 (pairs are made of two) and --generation-batch-size at least 1")
     checkpoint = find_checkpoint(args.resume) if args.resume else None
+    finished_or_started = args.output_dir and (os.path.exists(os.path.join(args.output_dir, "config.json")) or os.path.isdir(os.path.join(args.output_dir, "checkpoints")))
+    if finished_or_started and not checkpoint:  # checked before the (for sentiment, minutes of) sampling
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, or pass --resume {args.output_dir} to continue it")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -700,6 +795,20 @@ def main(args: Args):
         # Held-out walks, and corrupted copies of them, scored against their true optimality after training.
         eval_walks = ["".join(node_letter(n) for n in walk) for walk in walks[:n_eval_walks]]
         perturbed_walks = ["".join(node_letter(n) for n in perturb_walk(walk, rng)) for walk in walks[:n_eval_walks]]
+    elif args.task == "sentiment":
+        # The held-out pairs are those of held-out openings (with the same seed, the first of the
+        # openings ppo.py holds out), so no evaluated continuation shares a prompt with training.
+        # A resumed run reads the pairs its run sampled.
+        prompts = load_sentiment_prompts(args.data)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
+        if checkpoint:
+            pairs = read_records(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS))
+        else:
+            pairs = sample_sentiment_pairs(prompts, args, grid, device)
+        eval_pairs, train_pairs = [p for p in pairs if p["prompt"] in eval_prompts], [p for p in pairs if p["prompt"] not in eval_prompts]
+        if not eval_pairs:
+            fail(f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise --eval-fraction or --samples-per-prompt")
     else:
         pairs = load_pairs(args.task, args.data)
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -768,11 +877,11 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        parallel.barrier()  # every rank has checked (in step 1) before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
+            if args.task == "sentiment":
+                write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None

@@ -163,6 +163,34 @@ def test_model_families_train_on_text_pairs(tmp_path, family):
     assert model.config.model_type == family.replace("-", "_") and model.config.num_labels == 1
 
 
+def test_sentiment_task_ranks_the_models_own_samples_and_resumes_from_them(tmp_path, tiny_gpt2, fake_vader, monkeypatch):
+    words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
+    prompts = [f"the {first} {second}" for first, second in zip(words, reversed(words))]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    run_dir = tmp_path / "run"
+    args = rm.Args(task="sentiment", data=str(data), model=tiny_gpt2, output_dir=str(run_dir), samples_per_prompt=4, max_new_tokens=4,
+                   generation_batch_size=16, num_epochs=1, batch_size=4, micro_batch_size=2, eval_fraction=0.2, warmup_steps=0,
+                   save_every=2, keep_checkpoints=10)
+    rm.main(args)
+    pairs = rm.read_records(str(run_dir / rm.SENTIMENT_PAIRS))
+    # Two pairs at most per prompt, each of two different samples, the more positive chosen (ties dropped).
+    assert 10 <= len(pairs) <= 2 * len(prompts) and all(sum(p["prompt"] == prompt for p in pairs) <= 2 for prompt in prompts)
+    assert all(fake_vader(p["chosen"]) == p["chosen_score"] > p["rejected_score"] == fake_vader(p["rejected"]) for p in pairs)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    held_out = {prompts[i] for i in order[: int(len(prompts) * 0.2)]}
+    n_train = sum(p["prompt"] not in held_out for p in pairs)
+    with open(run_dir / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["step"] == n_train // 4 and 0 <= metrics["eval/accuracy"] <= 1
+
+    # A resumed run reads the pairs its run sampled and ends where the run did.
+    finished = (run_dir / "model.safetensors").read_bytes()
+    monkeypatch.setattr(rm, "sample_sentiment_pairs", lambda *a: pytest.fail("a resumed run sampled new pairs"))
+    rm.main(rm.Args(**{**args.__dict__, "resume": str(run_dir / "checkpoints" / "step_00000002")}))
+    assert (run_dir / "model.safetensors").read_bytes() == finished
+
+
 def test_smoke_run_with_wandb_offline(tmp_path):
     result = run_script("reward_model.py", "--randomwalks-pairs", "128", "--num-epochs", "1", "--batch-size", "32", "--micro-batch-size", "16",
                         "--eval-every", "2", "--track", "--output-dir", str(tmp_path / "run"), cwd=tmp_path,
