@@ -66,7 +66,8 @@ class Args:
     """seed of python, numpy and torch (sampling, minibatch order)"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of movie reviews
-    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model is given;
+    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model is given (VADER, an
+    optional extra, is then still reported as eval/vader_*);
     jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given)"""
     data: Optional[str] = None
     """local prompt file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format"""
@@ -470,7 +471,7 @@ def vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        fail("--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt), or pass --reward-model")
+        fail("--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
     return SentimentIntensityAnalyzer()
 
 
@@ -1031,8 +1032,8 @@ def main(args: Args):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
         eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
-    if args.task == "sentiment" and not (args.reward_model or args.reward_fn):
-        vader()  # a missing optional extra ends the run here, before anything is written
+    if args.task == "sentiment":
+        vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here, before anything is written
     policy, tokenizer = load_policy(args.model, device)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
     # Models that only run forward are stored in bf16 under --dtype bf16: half the memory, and the
@@ -1192,6 +1193,8 @@ def main(args: Args):
                     result = {"text": texts, "score": raw_scores(chunk_prompts, texts).tolist()}
                     if args.task == "randomwalks":
                         result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
+                    if args.task == "sentiment":  # the task's metric, whatever the reward
+                        result["vader"] = sentiment_scores(texts).tolist()
                     if name == "sampled":
                         input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
                         logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
@@ -1215,6 +1218,8 @@ def main(args: Args):
                 metrics[f"eval/score_{name}"] = mean("score")
                 if args.task == "randomwalks":
                     metrics[f"eval/optimality_{name}"] = float(np.mean([value for result in results for value in result["optimality"]]))
+                if args.task == "sentiment":
+                    metrics[f"eval/vader_{name}"] = mean("vader")
                 if name == "sampled":
                     metrics["eval/kl"] = mean("kl")
                     if reward_model is not None:

@@ -334,6 +334,18 @@ def test_sentiment_task_prompts_and_reward(tmp_path, tiny_gpt2):
     assert -1 <= last_update(args.output_dir)["eval/score_sampled"] <= 1
 
 
+def test_sentiment_task_reports_vader_beside_another_reward(tmp_path, tiny_gpt2, fake_vader):
+    args = quick_args(tmp_path, tiny_gpt2, task="sentiment", max_new_tokens=4, eval_prompts=4)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["eval/score_sampled"] == pytest.approx(metrics["eval/vader_sampled"])  # VADER is the reward
+    reward = write_reward_fn(tmp_path, "return [-float(len(r)) for r in responses]")
+    args = quick_args(tmp_path, tiny_gpt2, task="sentiment", max_new_tokens=4, eval_prompts=4, reward_fn=reward, output_dir=str(tmp_path / "with_fn"))
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["eval/score_greedy"] <= 0 and -1 <= metrics["eval/vader_greedy"] <= 1 and metrics["eval/score_greedy"] != metrics["eval/vader_greedy"]
+
+
 # --- data parallel ------------------------------------------------------------------------------
 def data_parallel_flags(tmp_path, policy):
     """A short run that learns something (a reward of the response's text, so advantages are not
