@@ -315,9 +315,18 @@ def run_trl_ppo(args, folder, cleanup):
     value = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward"), dtype=torch.float32)
     total = args.warmup + args.updates
     ends, logs = [], []
+    # TRL 1.12.0's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, and
+    # accelerate steps once every gradient_accumulation_steps micro-batches. With micro-batch =
+    # minibatch (the default here), per_device_train_batch_size = batch and no accumulation give
+    # ours' schedule: micro-batches of one minibatch, one optimizer step per minibatch. Otherwise
+    # TRL cannot express it; accumulating over the whole batch steps once every two minibatches.
+    mini = args.batch_size // args.mini_batches
+    per_minibatch = args.micro_batch_size == mini
+    layout = (dict(per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1) if per_minibatch
+              else dict(gradient_accumulation_steps=args.batch_size // args.micro_batch_size))
     with tempfile.TemporaryDirectory() as output:
         config = PPOConfig(
-            **trl_common(args, output), gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+            **{**trl_common(args, output), **layout},
             num_mini_batches=args.mini_batches, num_ppo_epochs=args.ppo_epochs, response_length=args.response_length,
             total_episodes=args.batch_size * total, local_rollout_forward_batch_size=args.batch_size, temperature=1.0,
             stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cliprange=0.2,
