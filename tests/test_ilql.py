@@ -333,6 +333,24 @@ def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, ti
     assert (run_dir / "model.safetensors").read_bytes() == finished
 
 
+def test_sentiment_dataset_does_not_depend_on_the_number_of_ranks(tiny_gpt2, fake_vader):
+    from types import SimpleNamespace
+
+    lm, tokenizer = ilql.load_model(tiny_gpt2, "cpu")
+    heads = ilql.new_heads(lm, True)
+    args = ilql.Args(samples_per_prompt=3, generation_batch_size=4, max_new_tokens=4)
+    prompts = ["the cat", "a dog ran", "my friend said", "hello world", "the park"]
+    device = torch.device("cpu")
+
+    def sample(rank, ranks):  # each rank's batches (one process cannot gather, so the test joins them)
+        return ilql.sample_sentiment_dataset(lm, heads, tokenizer, prompts, args, SimpleNamespace(dp_rank=rank, dp_size=ranks, dp_group=None, is_main=rank == 0), device)
+
+    state = torch.get_rng_state()
+    whole = sample(0, 1)
+    assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
+    assert sorted(sample(0, 2) + sample(1, 2)) == sorted(whole) and len(whole) >= 10
+
+
 def test_sentiment_task_without_vader_says_what_to_install(tmp_path, tiny_gpt2, monkeypatch):
     monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # import fails as when it is not installed
     ilql.vader.cache_clear()
