@@ -12,6 +12,7 @@ in under a minute:
     python ilql.py --task jsonl --data scored.jsonl --model gpt2
     python ilql.py --task sentiment --model runs/smollm2-135m   # the model's own samples, scored by VADER
     python ilql.py --task hh --model EleutherAI/pythia-160m  # needs the network
+    python ilql.py --model ... --lora-rank 16                # or --num-layers-unfrozen 8: train less of the LM
     torchrun --nproc_per_node 8 ilql.py --model ... --zero-stage 3   # data parallel, see parallel.py
     torchrun --nproc_per_node 8 ilql.py --model ... --tp 2 --pp 2    # tensor x pipeline x data parallel
 
@@ -72,6 +73,15 @@ class Args:
     """pipeline stages per model copy under torchrun (the LM's decoder layers split in contiguous stages, 1F1B schedule over the micro-batches; the ILQL heads live on the last stage)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
+
+    num_layers_unfrozen: int = -1
+    """train only the LM's top k decoder layers, its final norm and an untied LM head besides the ILQL heads; the rest stays frozen (-1: the whole LM trains)"""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the LM's linear layers, the LM itself frozen (0: off); the ILQL heads train whole, and the saved LM has the adapters merged in"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter output is multiplied by alpha / rank"""
+    lora_target_modules: str = "all"
+    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
 
     max_length: int = 512
     """longest prompt+response in tokens (capped at the model's context)"""
@@ -553,6 +563,107 @@ def share(items: list, rank: int, ranks: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# Cheaper fine-tuning of the LM (the ILQL heads always train whole): LoRA, written out as
+# y = base(x) + (alpha / r) * B(A(x)) with B starting at zero, so the adapted LM starts equal to
+# the base; or trlX's num_layers_unfrozen, which freezes all but the top k decoder layers.
+# ---------------------------------------------------------------------------------------------
+class LoRA(torch.nn.Module):
+    """A frozen linear layer (nn.Linear, or GPT-2's Conv1D whose weight is [in, out]) plus a low-rank update."""
+
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.transposed = type(base).__name__ == "Conv1D"
+        in_features, out_features = base.weight.shape if self.transposed else base.weight.shape[::-1]
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, **like))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, **like))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        output = self.base(x)
+        return output + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(output.dtype)
+
+    def merged(self) -> torch.nn.Module:
+        """The base layer with the update added into its weight."""
+        layer = copy.deepcopy(self.base)
+        delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        with torch.no_grad():
+            layer.weight += (delta.T if self.transposed else delta).to(layer.weight.dtype)
+        return layer
+
+
+def decoder_layers(lm) -> torch.nn.ModuleList:
+    """The list of transformer blocks (GPT-2's h, Llama's and NeoX's layers)."""
+    count = lm.config.num_hidden_layers
+    lists = [m for m in lm.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if len(lists) != 1:
+        fail(f"cannot find the {count} decoder layers of {type(lm).__name__}; --num-layers-unfrozen and --lora-rank support GPT-2, Llama and GPT-NeoX style models")
+    return lists[0]
+
+
+def add_lora(lm, rank: int, alpha: float, targets: str):
+    """Freeze the LM and wrap the chosen linear layers of its blocks with LoRA."""
+    lm.requires_grad_(False)
+    wanted = None if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
+    wrapped = 0
+    for block in decoder_layers(lm):
+        for name, module in list(block.named_modules()):
+            is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+            if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
+                parent_name, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent_name) if parent_name else block, child, LoRA(module, rank, alpha))
+                wrapped += 1
+    if not wrapped:
+        fail(f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or c_attn (GPT-2)")
+
+
+def merge_lora(lm) -> torch.nn.Module:
+    """A plain copy of the LM with every adapter merged into its layer (the LM itself when it has none)."""
+    if not any(isinstance(module, LoRA) for module in lm.modules()):
+        return lm
+    merged = copy.deepcopy(lm)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, LoRA):
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, module.merged())
+    return merged
+
+
+def split_lora_state(lm) -> tuple:
+    """(the state dict of the frozen base under the plain model's names, the adapters' tensors) of
+    an LM with LoRA: what a checkpoint keeps, so a resumed run continues from exactly these."""
+    base, adapters = {}, {}
+    wrappers = {name + ".": module for name, module in lm.named_modules() if isinstance(module, LoRA)}
+    for key, tensor in lm.state_dict().items():
+        owner = next((name for name in wrappers if key.startswith(name)), None)
+        if owner is None:
+            base[key] = tensor
+        elif key[len(owner):].startswith("lora_"):
+            adapters[key] = tensor
+        else:
+            base[owner + key[len(owner) + len("base."):]] = tensor
+    return base, adapters
+
+
+def freeze_bottom(lm, num_layers_unfrozen: int):
+    """Train only the top k decoder layers, the final norm and an untied LM head (a tied head is the
+    frozen input embedding)."""
+    layers = decoder_layers(lm)
+    lm.requires_grad_(False)
+    trainable = list(layers[len(layers) - num_layers_unfrozen :])
+    # The final norm: a direct child of the trunk that is neither an embedding nor the block list.
+    embeddings = (torch.nn.Embedding, parallel.VocabParallelEmbedding)
+    trainable += [m for m in lm.base_model.children() if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())]
+    head = lm.get_output_embeddings()
+    if head.weight is not lm.get_input_embeddings().weight:
+        trainable.append(head)
+    for module in trainable:
+        module.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Generation: the LM's log-probs shifted by beta * (min target Q - V), one token at a time.
 # ---------------------------------------------------------------------------------------------
 def shifted_scores(logits, advantage, beta: float, top_k: int):
@@ -669,6 +780,7 @@ def write_jsonl_atomically(path: str, examples: list):
 # Run directory, checkpoints and logging
 # ---------------------------------------------------------------------------------------------
 HEADS_FILE = "ilql_heads.safetensors"
+ADAPTERS_FILE = "lora_adapters.safetensors"  # checkpoints of a --lora-rank run: the adapters, beside the frozen base LM
 
 
 def load_model(name: str, device):
@@ -698,17 +810,31 @@ def load_trained(path: str, device="cpu"):
     """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`."""
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     lm, tokenizer = load_model(path, device)
     state = load_file(os.path.join(path, HEADS_FILE), device=str(device))
     heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
     heads.load_state_dict(state)
+    adapters_path = os.path.join(path, ADAPTERS_FILE)
+    if os.path.exists(adapters_path):  # a checkpoint of a LoRA run: put its adapters back on the base
+        with safe_open(adapters_path, "pt") as file:
+            settings = file.metadata()
+        add_lora(lm, int(settings["rank"]), float(settings["alpha"]), settings["targets"])
+        missing, unexpected = lm.load_state_dict(load_file(adapters_path, device=str(device)), strict=False)
+        assert not unexpected and not any("lora_" in key for key in missing), (unexpected, missing)
     return lm, tokenizer, heads
 
 
-def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None):
-    """The LM (with `state_dict` in place of its own when given), its tokenizer and the heads."""
+def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None, lora_settings: Optional[dict] = None):
+    """The LM (with `state_dict` in place of its own when given), its tokenizer and the heads. An LM
+    with LoRA adapters is saved as its frozen base plus ADAPTERS_FILE (with `lora_settings`), from
+    which load_trained rebuilds it exactly."""
     from safetensors.torch import save_file
 
+    if any(isinstance(module, LoRA) for module in lm.modules()):
+        state_dict, adapters = split_lora_state(lm)
+        save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(folder, ADAPTERS_FILE), metadata={k: str(v) for k, v in lora_settings.items()})
     lm.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
@@ -747,7 +873,7 @@ def heads_from_last_stage(model, heads: ILQLHeads, grid):
                 dist.broadcast(tensor, src=model.module.last_rank, group=grid.pp_group)
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int, lora_settings: dict):
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
     rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
     Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
@@ -765,7 +891,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
     with model.gathered():
         lm, state_dict = whole_lm(model, grid)
         if grid.is_main:
-            save_model(temporary, lm, tokenizer, heads, state_dict)
+            save_model(temporary, lm, tokenizer, heads, state_dict, lora_settings)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
     if grid.is_main:
@@ -776,9 +902,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
 
 
 def save_final(run_dir: str, model, tokenizer, heads, grid):
-    """LM, tokenizer and heads into the run directory itself; files are written aside and moved in
-    with config.json last, so a directory that has a config.json holds a complete model. All ranks
-    call it; rank 0 writes."""
+    """LM (LoRA adapters merged in), tokenizer and heads into the run directory itself; files are
+    written aside and moved in with config.json last, so a directory that has a config.json holds a
+    complete model. All ranks call it; rank 0 writes."""
     heads_from_last_stage(model, heads, grid)
     with model.gathered():
         lm, state_dict = whole_lm(model, grid)
@@ -786,7 +912,7 @@ def save_final(run_dir: str, model, tokenizer, heads, grid):
             return
         temporary = os.path.join(run_dir, ".final.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        save_model(temporary, lm, tokenizer, heads, state_dict)
+        save_model(temporary, merge_lora(lm), tokenizer, heads, state_dict)
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
         os.rmdir(temporary)
@@ -845,6 +971,12 @@ def main(args: Args):
         fail(f"--steps-for-target-sync {args.steps_for_target_sync} must be at least 1")
     if not randomwalks and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.lora_rank < 0 or (args.lora_rank > 0 and args.lora_alpha <= 0):
+        fail(f"--lora-rank {args.lora_rank} must be 0 (off) or positive, with a positive --lora-alpha (got {args.lora_alpha})")
+    if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
+        fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
+    if args.lora_rank > 0 and (args.tp > 1 or args.pp > 1):
+        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); use --num-layers-unfrozen")
     sentiment = args.task == "sentiment"
     if sentiment:
         vader()  # a missing optional extra ends the run here, before anything is written
@@ -870,7 +1002,7 @@ def main(args: Args):
     elif not sentiment:
         examples = load_examples(args.task, args.data)
     if checkpoint:
-        lm, tokenizer, heads = load_trained(checkpoint, device)
+        lm, tokenizer, heads = load_trained(checkpoint, device)  # with the adapters of a LoRA run
     else:
         if args.model:
             lm, tokenizer = load_model(args.model, device)
@@ -878,6 +1010,10 @@ def main(args: Args):
             tokenizer = randomwalks_tokenizer()
             lm = randomwalks_model(tokenizer).to(device)
         heads = new_heads(lm, args.two_qs).to(device)
+        if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
+            add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
+        fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's {len(decoder_layers(lm))} layers")
     if sentiment:
         # Held-out openings as ppo.py picks them (same seed, same split), so the two compare. The
         # dataset is sampled by the starting model; a resumed run reads the one its run sampled.
@@ -914,6 +1050,8 @@ def main(args: Args):
     if args.pp > 1 and args.zero_stage and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
         fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
     lm = parallel.tensor_parallel(lm, grid.tp_group)  # a no-op unless --tp > 1
+    if args.num_layers_unfrozen > 0:  # on the split LM: the frozen flags must be on the layers that train
+        freeze_bottom(lm, args.num_layers_unfrozen)
     trained = pipelined_stage(lm, heads, grid.pp_group) if args.pp > 1 else trained_modules(lm, heads)
     model = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
     last_stage = args.pp == 1 or model.module.is_last  # where the heads train
@@ -1080,7 +1218,8 @@ def main(args: Args):
                 "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
-            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints)
+            lora_settings = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_target_modules}
+            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints, lora_settings)
     progress.close()
 
     # 5. The result: the LM loadable by plain transformers, the heads beside it.
