@@ -233,7 +233,7 @@ def run_ours(args, folder, algo):
             generation_batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, max_new_tokens=args.response_length,
             temperature=1.0, top_k=0, top_p=1.0, init_kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cliprange=0.2,
             learning_rate=args.learning_rate, missing_eos_penalty=1.0, num_updates=total, eval_every=10 ** 9, eval_prompts=1,
-            device=args.device, output_dir=output, track=True, seed=1,
+            device=args.device, dtype=args.dtype, output_dir=output, track=True, seed=1,
         ))
     assert len(logged) == total and len(marks) == total + 1, (len(logged), len(marks))
     names = ("generation", "scoring", "logprobs", "training")
@@ -251,9 +251,10 @@ def run_ours(args, folder, algo):
 
 
 def trl_common(args, output):
-    """TrainingArguments shared by every TRL config: fp32 and no gradient checkpointing (as ours; TRL's
-    defaults are bf16=True and gradient_checkpointing=True), constant learning rate, no saving, no reporting."""
-    return dict(output_dir=output, learning_rate=args.learning_rate, lr_scheduler_type="constant", bf16=False, fp16=False,
+    """TrainingArguments shared by every TRL config: --dtype (fp32, or bf16=True, TRL's default: accelerate's
+    bf16 autocast over fp32 weights, as ours' --dtype bf16), no gradient checkpointing (as ours; TRL's default
+    is gradient_checkpointing=True), constant learning rate, no saving, no reporting."""
+    return dict(output_dir=output, learning_rate=args.learning_rate, lr_scheduler_type="constant", bf16=args.dtype == "bf16", fp16=False,
                 gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                 use_cpu=args.device == "cpu", seed=1, per_device_train_batch_size=args.micro_batch_size)
 
@@ -309,9 +310,12 @@ def run_trl_ppo(args, folder, cleanup):
     tokenizer.padding_side = "left"
     prompts = [json.loads(line)["prompt"] for line in open(os.path.join(folder, "prompts.jsonl"))][:-1]
     dataset = datasets.Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+    # The models that only run forward are stored in bf16 under --dtype bf16, as ours stores them:
+    # TRL runs them outside accelerate's autocast, so fp32 copies would run in fp32.
+    frozen = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"), dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"), dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward"), dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"), dtype=frozen)
+    reward = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward"), dtype=frozen)
     value = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward"), dtype=torch.float32)
     total = args.warmup + args.updates
     ends, logs = [], []
@@ -429,7 +433,7 @@ def launch(args, python, model_name, contender):
              "--batch-size", str(args.batch_size), "--response-length", str(args.response_length), "--ppo-epochs", str(args.ppo_epochs),
              "--mini-batches", str(args.mini_batches), "--micro-batch-size", str(args.micro_batch_size),
              "--samples-per-prompt", str(args.samples_per_prompt), "--warmup", str(args.warmup), "--updates", str(args.updates),
-             "--learning-rate", str(args.learning_rate)] + (["--threads", str(args.threads)] if args.threads else [])
+             "--learning-rate", str(args.learning_rate), "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     started = time.time()
     process = subprocess.run([python, os.path.abspath(__file__), *flags], capture_output=True, text=True, env=env)
@@ -478,7 +482,7 @@ def drive(args):
         pass
     print(f"device {args.device} ({machine}, {os.cpu_count()} CPUs); batch {args.batch_size}, response {args.response_length} tokens, "
           f"{args.ppo_epochs} epochs x {args.mini_batches} minibatches, micro-batch {args.micro_batch_size}, "
-          f"{args.samples_per_prompt} samples per prompt (GRPO/RLOO); {args.warmup} warm-up + {args.updates} timed updates"
+          f"{args.samples_per_prompt} samples per prompt (GRPO/RLOO); {args.warmup} warm-up + {args.updates} timed updates; {args.dtype}"
           + (f"; {args.threads} torch thread(s)" if args.threads else ""), flush=True)
     try:  # which ppo.py is measured (the working tree may differ from the last commit)
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -533,6 +537,8 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (ours compiles its kernels in the first)")
     parser.add_argument("--updates", type=int, default=3, help="timed updates (the median is reported)")
     parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: bf16 autocast over fp32 trained weights in every contender (ours' --dtype bf16, TRL's bf16=True, its default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per contender (default: torch's, one per core); 1 avoids OpenMP threads waiting on each other on a shared machine")
     parser.add_argument("--ppo-python", default=sys.executable, help="interpreter of the environment with trl 1.12.0 (PPOTrainer)")

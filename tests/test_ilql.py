@@ -561,11 +561,12 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, randomwalks_ll
 # With LoRA at 3e-3 a unit of the V head crosses its ReLU kink on one state in one process and not
 # in two (see PARALLEL_FLAGS), the same under ZeRO-0 as under ZeRO-3; at 2e-3 nothing crosses.
 @pytest.mark.parametrize("variant, layout", [(["--lora-rank", "2", "--lora-alpha", "2", "--learning-rate", "2e-3"], ["--zero-stage", "3"]),
-                                             (["--num-layers-unfrozen", "1"], ["--pp", "2"])], ids=["lora-zero3", "unfrozen1-pp2"])
+                                             (["--num-layers-unfrozen", "1"], ["--pp", "2"]), (["--num-layers-unfrozen", "1"], ["--tp", "2"])],
+                         ids=["lora-zero3", "unfrozen1-pp2", "unfrozen1-tp2"])
 def test_lora_and_frozen_layers_under_parallelism_match_one_process(tmp_path, randomwalks_llama, variant, layout):
     """LoRA under ZeRO-3 (frozen base and trained adapters sharded in separate units), and the
-    bottom layer frozen under pipeline parallelism (a first stage with nothing to train): the
-    saved LM and heads of one process."""
+    bottom layer frozen under pipeline parallelism (a first stage with nothing to train) and under
+    tensor parallelism (frozen on the split layers): the saved LM and heads of one process."""
     flags = [*PARALLEL_FLAGS, "--num-epochs", "1", "--model", randomwalks_llama, *variant]
     ilql.main(tyro.cli(ilql.Args, args=[*flags, "--output-dir", str(tmp_path / "single")]))
     run = torchrun("ilql.py", *flags, *layout, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
