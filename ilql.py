@@ -603,6 +603,11 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
     return lists[0]
 
 
+def replace_module(root: torch.nn.Module, name: str, new: torch.nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
 def add_lora(lm, rank: int, alpha: float, targets: str):
     """Freeze the LM and wrap the chosen linear layers of its blocks with LoRA."""
     lm.requires_grad_(False)
@@ -612,8 +617,7 @@ def add_lora(lm, rank: int, alpha: float, targets: str):
         for name, module in list(block.named_modules()):
             is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
             if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
-                parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name) if parent_name else block, child, LoRA(module, rank, alpha))
+                replace_module(block, name, LoRA(module, rank, alpha))
                 wrapped += 1
     if not wrapped:
         fail(f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or c_attn (GPT-2)")
@@ -626,8 +630,7 @@ def merge_lora(lm) -> torch.nn.Module:
     merged = copy.deepcopy(lm)
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRA):
-            parent_name, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name), child, module.merged())
+            replace_module(merged, name, module.merged())
     return merged
 
 
@@ -808,33 +811,38 @@ def new_heads(lm, two_qs: bool) -> ILQLHeads:
 
 def load_trained(path: str, device="cpu"):
     """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`."""
-    from safetensors.torch import load_file
-
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     lm, tokenizer = load_model(path, device)
     state = load_file(os.path.join(path, HEADS_FILE), device=str(device))
     heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
     heads.load_state_dict(state)
     adapters_path = os.path.join(path, ADAPTERS_FILE)
-    if os.path.exists(adapters_path):  # a checkpoint of a LoRA run: put its adapters back on the base
+    if os.path.exists(adapters_path):  # a checkpoint of a LoRA run: its adapters go back on the layers they name
+        adapters = load_file(adapters_path, device=str(device))
         with safe_open(adapters_path, "pt") as file:
-            settings = file.metadata()
-        add_lora(lm, int(settings["rank"]), float(settings["alpha"]), settings["targets"])
-        missing, unexpected = lm.load_state_dict(load_file(adapters_path, device=str(device)), strict=False)
+            scale = float(file.metadata()["scale"])
+        lm.requires_grad_(False)
+        for key, lora_A in adapters.items():
+            if key.endswith(".lora_A"):
+                name, rank = key[: -len(".lora_A")], lora_A.shape[0]
+                replace_module(lm, name, LoRA(lm.get_submodule(name), rank, scale * rank))
+        missing, unexpected = lm.load_state_dict(adapters, strict=False)
         assert not unexpected and not any("lora_" in key for key in missing), (unexpected, missing)
     return lm, tokenizer, heads
 
 
-def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None, lora_settings: Optional[dict] = None):
+def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None):
     """The LM (with `state_dict` in place of its own when given), its tokenizer and the heads. An LM
-    with LoRA adapters is saved as its frozen base plus ADAPTERS_FILE (with `lora_settings`), from
-    which load_trained rebuilds it exactly."""
+    with LoRA adapters is saved as its frozen base plus ADAPTERS_FILE (the adapters and their
+    alpha / rank scale), from which load_trained rebuilds it exactly."""
     from safetensors.torch import save_file
 
-    if any(isinstance(module, LoRA) for module in lm.modules()):
+    scales = {module.scale for module in lm.modules() if isinstance(module, LoRA)}
+    if scales:
         state_dict, adapters = split_lora_state(lm)
-        save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(folder, ADAPTERS_FILE), metadata={k: str(v) for k, v in lora_settings.items()})
+        save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(folder, ADAPTERS_FILE), metadata={"scale": repr(scales.pop())})
     lm.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
@@ -873,7 +881,7 @@ def heads_from_last_stage(model, heads: ILQLHeads, grid):
                 dist.broadcast(tensor, src=model.module.last_rank, group=grid.pp_group)
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int, lora_settings: dict):
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
     rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
     Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
@@ -891,7 +899,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
     with model.gathered():
         lm, state_dict = whole_lm(model, grid)
         if grid.is_main:
-            save_model(temporary, lm, tokenizer, heads, state_dict, lora_settings)
+            save_model(temporary, lm, tokenizer, heads, state_dict)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
     parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
     if grid.is_main:
@@ -1218,8 +1226,7 @@ def main(args: Args):
                 "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
-            lora_settings = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_target_modules}
-            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints, lora_settings)
+            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
     # 5. The result: the LM loadable by plain transformers, the heads beside it.
