@@ -373,7 +373,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     assert not any(torch.equal(initial[k], trained[k]) for k in initial if k.endswith(".weight"))  # the runs did train
 
 
-def test_num_layers_unfrozen_trains_only_the_top_layers_and_the_heads(tmp_path):
+def test_num_layers_unfrozen_trains_only_the_top_layers_of_the_lm(tmp_path):
     model = tiny_randomwalks_model(tmp_path / "model")  # 2 layers, GPT-2's tied head
     run = tmp_path / "run"
     ilql.main(ilql.Args(model=model, num_layers_unfrozen=1, num_epochs=1, batch_size=100, micro_batch_size=50, eval_every=100,
