@@ -14,6 +14,7 @@ to provide, allocator overheads included.
 
 import argparse
 import ctypes
+import functools
 import os
 import re
 import sys
@@ -151,7 +152,7 @@ def bench_logprobs(rows, tokens, hidden_size, vocab, dtype, device, repeats, tem
     }
     results = {}
     for name, fn in variants.items():
-        step = lambda: forward_backward(fn, (hidden, weight), grad_output)
+        step = functools.partial(forward_backward, fn, (hidden, weight), grad_output)
         graphs = counters["stats"]["unique_graphs"]
         seconds, first = wall_time(step, device, repeats)
         memory = peak_memory(step, device)
@@ -178,7 +179,7 @@ def bench_logprobs(rows, tokens, hidden_size, vocab, dtype, device, repeats, tem
         }
         results = {}
         for name, fn in variants.items():
-            step = lambda: forward_backward(fn, (logits,), grad_output)
+            step = functools.partial(forward_backward, fn, (logits,), grad_output)
             seconds, _ = wall_time(step, device, repeats)
             results[name] = (seconds, peak_memory(step, device))
         for name, (seconds, memory) in results.items():
@@ -195,7 +196,7 @@ def bench_gae(rows, batch, length, device, repeats):
     graphs = counters["stats"]["unique_graphs"]
     results = {}
     for name, fn in [("python loop", loop_gae), ("gae", kernels.gae)]:
-        step = lambda: fn(values, rewards, mask, 1.0, 0.95)
+        step = functools.partial(fn, values, rewards, mask, 1.0, 0.95)
         seconds, first = wall_time(step, device, repeats)
         results[name] = (seconds, peak_memory(step, device), first)
     compiled = counters["stats"]["unique_graphs"] - graphs

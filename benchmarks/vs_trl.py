@@ -342,7 +342,7 @@ def run_trl_ppo(args, folder, cleanup):
         trainer.train()
     assert len(ends) == total + 1, ends
     return summarise(ends, args.warmup, generated[0] / total, memory, steps[0] / total,
-                     {"generation_s": generated[1] / total, "eos_tokens": sum(l.get("val/num_eos_tokens", 0) for l in logs)})
+                     {"generation_s": generated[1] / total, "eos_tokens": sum(log.get("val/num_eos_tokens", 0) for log in logs)})
 
 
 def run_trl_group(args, folder, algo):
@@ -382,8 +382,8 @@ def run_trl_group(args, folder, algo):
         trainer.add_callback(trl_callback(args, ends, logs, memory, total * steps_per_update, steps_per_update))
         trainer.train()
     assert len(ends) == total + 1, ends
-    lengths = [l["completions/mean_length"] for l in logs if "completions/mean_length" in l]
-    clipped = [l["completions/clipped_ratio"] for l in logs if "completions/clipped_ratio" in l]
+    lengths = [log["completions/mean_length"] for log in logs if "completions/mean_length" in log]
+    clipped = [log["completions/clipped_ratio"] for log in logs if "completions/clipped_ratio" in log]
     return summarise(ends, args.warmup, statistics.mean(lengths) * args.batch_size, memory, steps[0] / total,
                      {"clipped_ratio_min": min(clipped) if clipped else None})
 

@@ -115,8 +115,9 @@ def test_fused_matches_naive_fp64(temperature, bias, chunks):
 
 def test_fused_gradcheck():
     hidden, weight, bias, labels = make_inputs(6, 4, 11, ignore=(2,))
-    fn = lambda h, w, b: kernels.fused_logprobs(h, w, labels, 0.8, bias=b, chunk_size=4, vocab_chunk_size=5,
-                                                return_entropy=True, compile=False)
+    def fn(h, w, b):
+        return kernels.fused_logprobs(h, w, labels, 0.8, bias=b, chunk_size=4, vocab_chunk_size=5, return_entropy=True, compile=False)
+
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
@@ -203,7 +204,9 @@ def test_logprobs_from_logits_matches_naive(temperature):
     (ref,) = torch.autograd.grad((ref_logprob * g1 + ref_entropy * g2).sum(), logits)
     torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
     assert grad[1, 2].abs().max() == 0
-    fn = lambda x: kernels.logprobs_from_logits(x, labels[:2, :3], temperature, return_entropy=True, chunk_size=4, compile=False)
+    def fn(x):
+        return kernels.logprobs_from_logits(x, labels[:2, :3], temperature, return_entropy=True, chunk_size=4, compile=False)
+
     assert torch.autograd.gradcheck(fn, (logits[:2, :3].detach().requires_grad_(),))
 
 

@@ -211,7 +211,7 @@ def check_layout(results: list, key: tuple):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("layout", WORLD_2, ids=lambda l: f"{l[0]}-{l[1]}layers-pp{l[2]}-m{l[3]}")
+@pytest.mark.parametrize("layout", WORLD_2, ids=lambda case: f"{case[0]}-{case[1]}layers-pp{case[2]}-m{case[3]}")
 def test_two_stages_equal_dense(world_2, layout, schedule):
     """pp=2: 3 layers split 2 + 1 over 4 micro-batches, and a single micro-batch (1F1B without
     steady state), for every family."""
@@ -219,7 +219,7 @@ def test_two_stages_equal_dense(world_2, layout, schedule):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("layout", WORLD_4, ids=lambda l: f"{l[0]}-{l[1]}layers-pp{l[2]}-m{l[3]}{'-dp2' if l[4] else ''}")
+@pytest.mark.parametrize("layout", WORLD_4, ids=lambda case: f"{case[0]}-{case[1]}layers-pp{case[2]}-m{case[3]}{'-dp2' if case[4] else ''}")
 def test_four_ranks_equal_dense(world_4, layout, schedule):
     """pp=4 (5 layers: 2 + 1 + 1 + 1; GPT-2's tied embedding between the first and the fourth
     stage), and pp=2 x dp=2 with DataParallel reducing over the dp group on the last backward."""

@@ -149,7 +149,9 @@ def test_critic_free_advantages_on_a_hand_computed_group():
     rloo = ppo.critic_free_advantages("rloo", scores, kl, mask, beta, 2, 1.0)
     assert_close(rloo, [[reward[0] - reward[1]] * 2, [reward[1] - reward[0], 0.0], [reward[2] - reward[3]] * 2, [reward[3] - reward[2]] * 2], 1e-12)
     grpo = ppo.critic_free_advantages("grpo", scores, kl, mask, beta, 2, 1.0)
-    std = lambda a, b: abs(a - b) / math.sqrt(2)  # unbiased std of two numbers
+    def std(a, b):  # the unbiased std of two numbers
+        return abs(a - b) / math.sqrt(2)
+
     first = (reward[0] - (reward[0] + reward[1]) / 2) / (std(reward[0], reward[1]) + 1e-8)
     assert grpo[0].tolist() == pytest.approx([first, first], abs=1e-7) and grpo[1, 1].item() == 0.0
     assert grpo[:2, 0].sum().item() == pytest.approx(0.0, abs=1e-9)
