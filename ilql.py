@@ -689,12 +689,12 @@ def generate(lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: flo
     batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
     attention_mask = batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    step_ids, past, finished, tokens = batch["input_ids"], None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    step_ids, cache, finished, tokens = batch["input_ids"], None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = lm.training
     lm.eval()
     for _ in range(max_new_tokens):
-        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past, use_cache=True, output_hidden_states=True)
-        past = output.past_key_values
+        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, output_hidden_states=True)
+        cache = output.cache
         scores = shifted_scores(output.logits[:, -1], heads.target_advantage(output.hidden_states[-1][:, -1].to(heads.v_head[0].weight.dtype)), beta, top_k)
         if temperature > 0:
             next_ids = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(-1)

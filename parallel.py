@@ -1148,7 +1148,7 @@ class PipelineStage(nn.Module):
             hidden = x
         # As the HF top-level forward builds them; the mask reads only the shape, dtype and device
         # of `inputs_embeds`, which received hidden states share with the first stage's embeddings.
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
         extra = {"position_embeddings": self._rotary(hidden, position_ids=position_ids)} if self._rotary is not None else {}
         for layer in self._layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **extra)
