@@ -15,13 +15,15 @@ with plain `AutoModelForCausalLM.from_pretrained(run_dir)` and by the other scri
 
 import contextlib
 import gzip
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -46,7 +48,7 @@ class Args:
     exp_name: str = "sft"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (model init, data order, dropout)"""
+    """seed of python, numpy and torch (model init, data order, dropout): any integer from 0"""
     task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline graph task; jsonl: `{"prompt", "completion"}` records from --data;
     hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the hub unless --data is given)"""
@@ -54,8 +56,9 @@ class Args:
     """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet for tldr)"""
     model: Optional[str] = None
     """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation in float64,
+    slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -72,22 +75,22 @@ class Args:
     overlong: Literal["truncate", "skip"] = "truncate"
     """examples longer than --max-length: truncate (cut the prompt from the left, then the completion from the right) or skip them"""
     eval_fraction: float = 0.1
-    """fraction of the examples held out for the eval loss"""
+    """fraction of the examples held out for the eval loss, strictly between 0 and 1 (at least one example is held out)"""
 
     num_epochs: int = 30
     """passes over the training split"""
-    batch_size: int = 100
-    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
-    micro_batch_size: int = 100
-    """examples per forward/backward pass on one rank; batch_size / ranks must be a multiple of it"""
+    batch_size: int = 96
+    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N; 96 splits over 1, 2, 4 or 8)"""
+    micro_batch_size: Optional[int] = None
+    """examples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share must be a multiple of it"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (0: none)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warm-up: cosine or linear to zero, or constant"""
     warmup_steps: int = 20
-    """optimizer steps of linear learning-rate warm-up"""
+    """optimizer steps of linear learning-rate warm-up (0: none)"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
 
@@ -96,7 +99,7 @@ class Args:
     eval_samples_per_start: int = 50
     """randomwalks: sampled walks per start node at each evaluation"""
     eval_generations: int = 8
-    """held-out prompts whose greedy completions are shown at each evaluation"""
+    """held-out prompts whose greedy completions are shown at each evaluation (0: none)"""
     max_new_tokens: int = 64
     """generation budget for the sample completions (randomwalks uses its own: 10)"""
     save_every: int = 0
@@ -115,8 +118,57 @@ class Args:
 
 
 def fail(message: str):
-    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank stops, and rank 0 alone prints the line."""
+    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded or written: ranges, sizes that must divide,
+    and what depends on the number of processes. Returns the flags with --micro-batch-size settled."""
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in ("tp", "pp", "num_epochs", "batch_size", "eval_every", "eval_samples_per_start", "max_new_tokens",
+                 "keep_checkpoints"):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "warmup_steps", "eval_generations", "save_every"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    for flag in ("learning_rate", "max_grad_norm"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
+    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
+    require(args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2")
+    model_ranks = args.tp * args.pp
+    if model_ranks > 1 and world_size == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+    if world_size % model_ranks:
+        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+             f"make the process count a multiple of {model_ranks}")
+    if args.zero_stage == 3 and model_ranks > 1:
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(args.batch_size % ranks == 0, "batch_size",
+            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    share = args.batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)")
+    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
+            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset")
+    if args.task != "randomwalks" and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+             f"or pass --resume {args.output_dir} to continue it")
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,23 +473,73 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
 # ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging
 # ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: str) -> str:
-    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
+                 "pass its run directory to resume from the newest intact checkpoint")
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
-    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    return os.path.join(folder, steps[-1])
+    steps.sort(reverse=True)
+    for name in steps:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
     leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole model and the
     shared state; every rank writes its own optimizer state (a slice of it under ZeRO) and RNG
-    states to rank_R.pt. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
+    states to rank_R.pt; rank 0 then lists them all in the manifest. All ranks must call this
+    (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
@@ -452,8 +554,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
             saved.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
     if grid.is_main:
+        write_manifest(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
@@ -513,14 +616,14 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
         return wandb.init(**kwargs, mode="offline")
 
 
-def load_model(name: str, device):
+def load_model(name: str, device, dtype=torch.float32):
     """A causal LM from a local directory or a hub name, with one clear line when it cannot be had."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
@@ -534,16 +637,16 @@ def load_model(name: str, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
-    #    before anything is written.
+    # 1. Check every flag, then join the other ranks (a no-op without torchrun).
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
-    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
     local_batch_size = args.batch_size // ranks
-    if args.task != "randomwalks" and args.model is None and args.resume is None:
-        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if grid.is_main:
+        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -559,12 +662,12 @@ def main(args: Args):
     else:
         examples = load_examples(args.task, args.data)
     if checkpoint:
-        model, tokenizer = load_model(checkpoint, device)
+        model, tokenizer = load_model(checkpoint, device, param_dtype)
     elif args.model:
-        model, tokenizer = load_model(args.model, device)
+        model, tokenizer = load_model(args.model, device, param_dtype)
     else:
         tokenizer = randomwalks_tokenizer()
-        model = randomwalks_model(tokenizer).to(device)
+        model = randomwalks_model(tokenizer).to(device, param_dtype)
     context = model_context(model.config)
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
@@ -581,8 +684,6 @@ def main(args: Args):
     total_steps = steps_per_epoch * args.num_epochs
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
-    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
-        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     if args.pp > 1 and args.zero_stage and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
@@ -630,8 +731,6 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
         parallel.barrier()  # every rank has checked before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -697,6 +796,9 @@ def main(args: Args):
         batch_loss = parallel.all_reduce_sum(torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group).item()
         tokens_seen += sum(len(ids) for ids, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
+        if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            fail(f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
+                 "would learn nothing; lower --learning-rate, or check the data and --max-length")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

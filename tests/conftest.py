@@ -28,9 +28,9 @@ def run_script(*argv, cwd=None, env=None, timeout=600):
     )
 
 
-def kill_and_resume(script, flags, tmp_path, checkpoint):
-    """The exact-resume experiment: run the script to the end; run it again and SIGKILL it as soon as
-    checkpoints/<checkpoint> exists; resume that run. Returns (uninterrupted run dir, resumed run dir)."""
+def run_and_kill(script, flags, tmp_path, checkpoint):
+    """Run the script to the end; run it again and SIGKILL it as soon as checkpoints/<checkpoint>
+    exists. Returns (uninterrupted run dir, killed run dir)."""
     reference = run_script(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
     killed = tmp_path / "killed"
@@ -43,10 +43,32 @@ def kill_and_resume(script, flags, tmp_path, checkpoint):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
+    return tmp_path / "reference", killed
+
+
+def kill_and_resume(script, flags, tmp_path, checkpoint):
+    """The exact-resume experiment: run_and_kill, then resume the killed run with the same flags.
+    Returns (uninterrupted run dir, resumed run dir)."""
+    reference, killed = run_and_kill(script, flags, tmp_path, checkpoint)
     resumed = run_script(script, *flags, "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
-    return tmp_path / "reference", killed
+    return reference, killed
+
+
+def damage(path, how: str):
+    """Damage one file of a checkpoint as a full disk or a broken copy would: cut it to half its
+    size, flip one byte in its middle, or delete it."""
+    if how == "truncate":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif how == "corrupt":
+        with open(path, "r+b") as file:
+            file.seek(os.path.getsize(path) // 2)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        os.remove(path)
 
 
 def assert_same_weights(first, second, name="model.safetensors"):
@@ -226,6 +248,17 @@ def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     return tmp_path / "reference", killed
+
+
+# Runs that claim to compute the same math in another layout (ranks, ZeRO stages, tensor or
+# pipeline splits) are compared in fp64 (--dtype fp64), where they differ only in the order of
+# their sums. Each sum rounds at 2**-53 (1.1e-16) of its size, and a few tens of AdamW steps carry
+# that to well under 1e-12 of the weights' size (the tests see 1e-14 to 1e-13); a ReLU, clip or
+# argmax flips only for a value within ~1e-13 of its kink, which among the few thousand values of
+# these runs has a chance of order 1e-9. So a bound of 1e-9 holds on any CPU and thread count,
+# and a real difference in the math (a missed reduction, a wrong normaliser) moves the weights by
+# at least the learning rate's order, 1e-4 or more.
+SAME_MATH = 1e-9
 
 
 def max_weight_difference(first, second, name="model.safetensors"):
