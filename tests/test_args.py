@@ -1,0 +1,106 @@
+"""Every script's flags go through one check_args before anything is loaded or written.
+
+The cases are built from the Args dataclasses themselves: each numeric flag of each script is set
+to 0 and -1 (floats also to nan and inf) on top of defaults that pass. The check must either stop
+with one `error:` line that names the flag and the value, or accept the value, and then the
+flag's docstring (its --help) must say that the value means something. A few subprocess runs
+show the same on the command line and under torchrun, where rank 0 alone prints."""
+
+import ast
+import dataclasses
+import importlib
+import math
+import os
+import re
+import typing
+
+import pytest
+
+from conftest import ROOT, run_script, torchrun
+
+SCRIPTS = ["sft", "reward_model", "ppo", "ilql"]
+BASE = {"ppo": dict(model="runs/sft")}  # ppo has no default policy: the flags it needs, no more
+
+
+def field_docstrings(script: str) -> dict:
+    """{field name: its docstring} of the script's Args, read from the source as tyro does."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{script}.py")).read())
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args").body
+    return {node.target.id: body[i + 1].value.value for i, node in enumerate(body[:-1]) if isinstance(node, ast.AnnAssign)}
+
+
+def numeric_kind(annotation):
+    """int or float for a numeric flag (Optional or a tuple of them included), else None."""
+    if annotation in (int, float):
+        return annotation
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    if typing.get_origin(annotation) in (typing.Union, tuple) and len(arguments) == 1 and arguments[0] in (int, float):
+        return arguments[0]
+    return None
+
+
+def bad_value_cases():
+    for script in SCRIPTS:
+        module = importlib.import_module(script)
+        for name, annotation in typing.get_type_hints(module.Args).items():
+            kind = numeric_kind(annotation)
+            if kind is not None:
+                for value in (0, -1) if kind is int else (0.0, -1.0, math.nan, math.inf):
+                    yield pytest.param(script, name, annotation, value, id=f"{script}-{name}={value}")
+
+
+def documents(docstring: str, value) -> bool:
+    """Whether a docstring names the value as a meaningful setting: `0` or `-1` as a word."""
+    literal = re.escape(f"{value:g}")
+    return re.search(rf"(?<![\w.-]){literal}(?![\w]|\.\d)", docstring) is not None
+
+
+def test_the_defaults_pass_at_1_2_4_and_8_ranks():
+    for script in SCRIPTS:
+        module = importlib.import_module(script)
+        for world_size in (1, 2, 4, 8):
+            settled = module.check_args(module.Args(**BASE.get(script, {})), world_size)
+            assert settled.micro_batch_size >= 1, script
+
+
+@pytest.mark.parametrize("script, name, annotation, value", list(bad_value_cases()))
+def test_every_numeric_flag_is_checked_or_documented(script, name, annotation, value):
+    module = importlib.import_module(script)
+    args = dataclasses.replace(module.Args(**BASE.get(script, {})), **{name: (value,) if typing.get_origin(annotation) is tuple else value})
+    try:
+        module.check_args(args, 1)
+    except SystemExit as error:
+        message = str(error.code)
+        flag = "--" + name.replace("_", "-")
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert flag in message and str(value) in message, f"the error names neither {flag} nor {value}: {message}"
+    else:
+        assert documents(field_docstrings(script)[name], value), f"{script}.py accepts --{name.replace('_', '-')} {value} but its docstring does not say what it means"
+
+
+def test_documents_needs_the_value_as_a_word():
+    assert documents("0 saves only the final model", 0) and documents("(0: off)", 0.0) and documents("(-1: train everything)", -1)
+    assert not documents("one in 10 steps", 0) and not documents("clip to 0.5", 0) and not documents("at most 1", -1)
+
+
+@pytest.mark.parametrize("command", [
+    ["sft.py", "--learning-rate", "-1"],
+    ["reward_model.py", "--eval-fraction", "nan"],
+    ["ppo.py", "--model", "runs/sft", "--temperature", "0"],
+    ["ilql.py", "--batch-size", "0"],
+])
+def test_a_bad_flag_on_the_command_line_is_one_line(tmp_path, command):
+    result = run_script(*command, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {command[-2]} {command[-1]}"), result.stderr
+    assert os.listdir(tmp_path) == [], "nothing is written"
+
+
+def test_under_torchrun_rank_0_alone_prints_and_every_rank_exits_1(tmp_path):
+    result = torchrun("sft.py", "--batch-size", "7", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == ["error: --batch-size 7 does not split over 2 data-parallel ranks; make it a multiple of 2"], result.stderr[-3000:]
+    assert "exitcode  : 1" in result.stderr
+    assert not (tmp_path / "run").exists()
