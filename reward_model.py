@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -46,7 +46,7 @@ class Args:
     exp_name: str = "reward_model"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (head init, pair sampling, data order)"""
+    """seed of python, numpy and torch (head init, pair sampling, data order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings (examples/sentiment_prompts.jsonl)
     sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: `{"prompt", "chosen", "rejected"}` records (optional "margin") from --data;
@@ -55,8 +55,9 @@ class Args:
     """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
     model: Optional[str] = None
     """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for randomwalks"""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for the forward pass (weights and optimizer stay fp32)"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation in float64,
+    slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -69,14 +70,17 @@ class Args:
     """where the run directory goes; default runs/<run name>"""
 
     max_length: int = 512
-    """longest prompt+response in tokens (capped at the model's context); longer prompts lose tokens on the left, responses are never cut"""
+    """longest prompt+response in tokens (capped at the model's context), at least 2; longer prompts lose tokens
+    on the left, responses are never cut"""
     eval_fraction: float = 0.1
-    """fraction of the pairs held out for evaluation and for the score statistics"""
+    """fraction of the pairs held out for evaluation and for the score statistics, strictly between 0 and 1
+    (at least one pair is held out)"""
     randomwalks_pairs: int = 4000
     """randomwalks: number of training pairs drawn (held-out pairs come from held-out walks)"""
     samples_per_prompt: int = 4
-    """sentiment: continuations of each prompt sampled from --model (temperature 1, no top-k), taken two by two as pairs (pairs VADER
-    scores equal are dropped); the pairs are written to sentiment_pairs.jsonl in the run directory, in the format of --task jsonl"""
+    """sentiment: continuations of each prompt sampled from --model (temperature 1, no top-k), taken two by two as pairs
+    (pairs VADER scores equal are dropped), so at least 2; the pairs are written to sentiment_pairs.jsonl in the run
+    directory, in the format of --task jsonl"""
     max_new_tokens: int = 24
     """sentiment: tokens sampled per continuation"""
     generation_batch_size: int = 64
@@ -85,17 +89,19 @@ class Args:
     num_epochs: int = 3
     """passes over the training pairs"""
     batch_size: int = 64
-    """pairs per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
-    micro_batch_size: int = 64
-    """pairs per forward/backward pass on one rank (chosen and rejected go through together); batch_size / ranks must be a multiple of it"""
+    """pairs per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N;
+    64 splits over 1, 2, 4 or 8)"""
+    micro_batch_size: Optional[int] = None
+    """pairs per forward/backward pass on one rank, chosen and rejected together (default: the rank's whole share,
+    batch_size / ranks); the share must be a multiple of it"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (0: none)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """decay after warm-up: cosine or linear to zero, or constant"""
     warmup_steps: int = 10
-    """optimizer steps of linear learning-rate warm-up"""
+    """optimizer steps of linear learning-rate warm-up (0: none)"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
 
@@ -117,8 +123,63 @@ class Args:
 
 
 def fail(message: str):
-    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank stops, and rank 0 alone prints the line."""
+    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded, sampled or written: ranges, sizes that must
+    divide, and what depends on the number of processes. Returns the flags with --micro-batch-size
+    settled."""
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in ("tp", "pp", "randomwalks_pairs", "max_new_tokens", "generation_batch_size", "num_epochs", "batch_size",
+                 "eval_every", "keep_checkpoints"):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "warmup_steps", "save_every"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    for flag in ("learning_rate", "max_grad_norm"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
+    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
+    require(args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; "
+            "use at least 2")
+    require(args.samples_per_prompt >= 2, "samples_per_prompt", "must be at least 2: a pair is two continuations "
+            "of one prompt")
+    model_ranks = args.tp * args.pp
+    if model_ranks > 1 and world_size == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+    if world_size % model_ranks:
+        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+             f"make the process count a multiple of {model_ranks}")
+    if args.zero_stage == 3 and model_ranks > 1:
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(args.batch_size % ranks == 0, "batch_size",
+            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    share = args.batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 "
+            "(or unset: a rank's whole share of the batch)")
+    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
+            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, "
+            "or leave it unset")
+    if args.task != "randomwalks" and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+             f"or pass --resume {args.output_dir} to continue it")
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +295,9 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
         letters = "".join(node_letter(n) for n in walk)
         by_start.setdefault(letters[0], []).append((letters, walk_optimality(letters, adjacency, shortest)))
     starts = sorted(s for s, group in by_start.items() if len({score for _, score in group}) > 1)
+    if not starts:  # a handful of walks, when --eval-fraction leaves one side almost none
+        fail(f"no start node has two walks of different optimality among {len(walks)} walks; "
+             "move --eval-fraction away from 0 and 1")
     pairs = []
     while len(pairs) < n_pairs:
         group = by_start[starts[rng.randint(len(starts))]]
@@ -392,7 +456,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")  # prompts end where sampling starts
-        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=param_dtype(args)).to(device).eval()
     except (OSError, ValueError) as error:
         fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -486,13 +550,18 @@ def init_head(model, seed: int):
     """The score head, std 1/sqrt(hidden + 1) and zero bias (Stiennon et al.), so initial scores have unit scale."""
     head = model.score
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # drawn in fp32 whatever the weights' dtype, so an fp64 run starts where an fp32 one does
         head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(head.weight.shape[1] + 1))
         if head.bias is not None:
             head.bias.zero_()
 
 
-def load_model(name: str, device, seed: int):
+def param_dtype(args: Args) -> torch.dtype:
+    """The dtype of the weights: fp32 (also under bf16 autocast), or fp64 under --dtype fp64."""
+    return torch.float64 if args.dtype == "fp64" else torch.float32
+
+
+def load_model(name: str, device, seed: int, dtype=torch.float32):
     """A sequence-classification model (num_labels=1) from a causal LM or reward model directory or hub name."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
@@ -502,7 +571,7 @@ def load_model(name: str, device, seed: int):
         config = AutoConfig.from_pretrained(name)
         is_reward_model = getattr(config, "num_labels", None) == 1 and any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_pretrained(name, config=without_dropout(config), dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(name, config=without_dropout(config), dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.pad_token_id is None:  # pooling reads the last non-pad token, so EOS serves as pad
@@ -538,8 +607,9 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 
 @torch.no_grad()
 def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None) -> torch.Tensor:
-    """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU. Normalise with
-    the statistics in the model's config: (score - config.reward_mean) / config.reward_std."""
+    """Raw reward-model scores of each (prompt, response), as a tensor on the CPU (fp32; fp64 for an
+    fp64 model). Normalise with the statistics in the model's config:
+    (score - config.reward_mean) / config.reward_std."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_length = max_length or model_context(model.config) or 1 << 30
@@ -550,7 +620,9 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
         sequences.append(tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
     was_training = model.training
     model.eval()
-    scores = torch.cat([forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).float().cpu() for i in range(0, len(sequences), batch_size)])
+    scores = torch.cat([forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).cpu()
+                        for i in range(0, len(sequences), batch_size)])
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
     model.train(was_training)
     return scores
 
@@ -570,10 +642,10 @@ def pair_scores(model, pairs: list, pad_token_id: int, device):
 def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
     """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
     in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
-    sees both sides of every pair; with the margins."""
+    sees both sides of every pair; with the margins (fp64: the loss takes them to the scores' dtype)."""
     input_ids, attention_mask, position_ids = pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "margins": torch.tensor([p[2] for p in pairs], device=device)}
+            "margins": torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device)}
 
 
 def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
@@ -609,7 +681,7 @@ def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro
         def loss_fn(logits, micro_batch):
             chosen, rejected = pooled_pair_scores(logits, micro_batch, pad_token_id)
             correct.add_((chosen > rejected).sum())
-            return pairwise_loss(chosen, rejected, micro_batch["margins"]).sum() / batch_pairs * ranks
+            return pairwise_loss(chosen, rejected, micro_batch["margins"].to(chosen.dtype)).sum() / batch_pairs * ranks
 
         with autocast:
             batch_loss = parallel.pipeline_1f1b(model, micro_batches, loss_fn).item() / ranks
@@ -620,7 +692,8 @@ def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
                 chosen, rejected = pair_scores(model, micro_batch, pad_token_id, device)
-                loss = pairwise_loss(chosen, rejected, torch.tensor([p[2] for p in micro_batch], device=device)).sum() / batch_pairs
+                margins = torch.tensor([p[2] for p in micro_batch], dtype=chosen.dtype, device=device)
+                loss = pairwise_loss(chosen, rejected, margins).sum() / batch_pairs
             (loss * ranks).backward()
         batch_loss += loss.item()
         batch_correct += int((chosen > rejected).sum())
@@ -662,23 +735,73 @@ def spearman(x, y) -> float:
 # ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging (as in sft.py)
 # ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: str) -> str:
-    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
+                 "pass its run directory to resume from the newest intact checkpoint")
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
-    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    return os.path.join(folder, steps[-1])
+    steps.sort(reverse=True)
+    for name in steps:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
     leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole model and the
     shared state; every rank writes its own optimizer state (a slice of it under ZeRO) and RNG
-    states to rank_R.pt. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
+    states to rank_R.pt; rank 0 then lists them all in the manifest. All ranks must call this
+    (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
@@ -693,8 +816,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: di
             saved.save_pretrained(temporary, state_dict=state_dict)
             tokenizer.save_pretrained(temporary)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
     if grid.is_main:
+        write_manifest(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
@@ -758,27 +882,18 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Join the other ranks (a no-op without torchrun); check the arithmetic and the inputs
-    #    before anything is written.
-    if args.tp < 1 or args.pp < 1:
-        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
-    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
+    # 1. Check every flag, then join the other ranks (a no-op without torchrun).
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
-    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
     local_batch_size = args.batch_size // ranks
-    if args.task != "randomwalks" and args.model is None and args.resume is None:
-        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    dtype = param_dtype(args)
+    if grid.is_main:
+        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
     if args.task == "sentiment":
         vader()  # a missing optional extra ends the run here, before anything is written
-        if args.samples_per_prompt < 2 or args.generation_batch_size < 1:
-            fail(f"--samples-per-prompt {args.samples_per_prompt} must be at least 2 (pairs are made of two) and --generation-batch-size at least 1")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    finished_or_started = args.output_dir and (os.path.exists(os.path.join(args.output_dir, "config.json")) or os.path.isdir(os.path.join(args.output_dir, "checkpoints")))
-    if finished_or_started and not checkpoint:  # checked before the (for sentiment, minutes of) sampling
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, or pass --resume {args.output_dir} to continue it")
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -815,14 +930,14 @@ def main(args: Args):
         n_eval = max(1, int(len(pairs) * args.eval_fraction))
         eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
     if checkpoint:
-        model, tokenizer = load_model(checkpoint, device, args.seed)
+        model, tokenizer = load_model(checkpoint, device, args.seed, dtype)
     elif args.model:
-        model, tokenizer = load_model(args.model, device, args.seed)
+        model, tokenizer = load_model(args.model, device, args.seed, dtype)
     else:
         tokenizer = randomwalks_tokenizer()
         model = randomwalks_model(tokenizer)
         init_head(model, args.seed)
-        model.to(device)
+        model.to(device, dtype)
     context = model_context(model.config)
     max_length = min(args.max_length, context) if context else args.max_length
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
@@ -834,8 +949,6 @@ def main(args: Args):
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
     # The score head is never tied to the embeddings, so ZeRO-1/2 compose with --pp here.
-    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
-        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1; the score head stays whole
     if args.pp > 1:
         model = parallel.pipeline_stage(model, grid.pp_group)  # the last stage holds the final norm and the score head
@@ -910,7 +1023,8 @@ def main(args: Args):
                     return slots.flatten()
 
                 micro_batches = [{**pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device), "start": start} for start in starts]
-                both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).float().cpu()
+                # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
+                both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu()
                 chosen, rejected = [both[0]], [both[1]]
             elif args.pp == 1:
                 for start in starts:
@@ -921,10 +1035,11 @@ def main(args: Args):
         shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
         chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
         rejected = torch.cat([r for _, rejected_share in shares for r in rejected_share])
-        margins = torch.tensor([p[2] for p in eval_sequences])
+        margins = torch.tensor([p[2] for p in eval_sequences], dtype=dtype)
         both = torch.cat([chosen, rejected])
         metrics = {
-            "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(), "eval/accuracy": (chosen > rejected).float().mean().item(),
+            "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(),
+            "eval/accuracy": (chosen > rejected).to(dtype).mean().item(),
             "eval/margin": (chosen - rejected).mean().item(), "eval/chosen_score": chosen.mean().item(),
             "eval/rejected_score": rejected.mean().item(), "eval/score_mean": both.mean().item(), "eval/score_std": both.std().item(),
         }
@@ -944,6 +1059,9 @@ def main(args: Args):
         totals = parallel.all_reduce_sum(torch.tensor([batch_loss, batch_correct], dtype=torch.float64, device=device), grid.dp_group).tolist()
         batch_loss, batch_accuracy = totals[0], totals[1] / len(batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
+        if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            fail(f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
+                 "would learn nothing; lower --learning-rate, or check the data")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -986,7 +1104,9 @@ def main(args: Args):
             scorer = whole_model()
             for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
                 mine = share(evaluated, grid.dp_rank, ranks)
-                scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256) if mine else torch.zeros(0)
+                scores = torch.zeros(0, dtype=dtype)  # a rank left without a share
+                if mine:
+                    scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256)
                 scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
                 summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
     save_final(run_dir, model, tokenizer, grid)

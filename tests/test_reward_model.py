@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 import reward_model as rm
-from conftest import FIXTURES, assert_same_weights, kill_and_resume, run_script, save_tiny_model, torchrun, max_weight_difference, torchrun_kill_and_resume
+from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, save_tiny_model,
+                      torchrun, torchrun_kill_and_resume)
 
 
 def quick_args(tmp_path, **overrides):
@@ -200,10 +202,43 @@ def test_smoke_run_with_wandb_offline(tmp_path):
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "run" / "wandb"))
 
 
-def test_resume_after_kill_is_bitwise_exact(tmp_path):
-    flags = ["--randomwalks-pairs", "640", "--num-epochs", "2", "--batch-size", "32", "--micro-batch-size", "16", "--save-every", "8", "--eval-every", "15"]
-    reference, resumed = kill_and_resume("reward_model.py", flags, tmp_path, "step_00000008")
-    assert_same_weights(reference, resumed)
+def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path):
+    """A run killed once it holds two checkpoints (6 steps an epoch, so both resumes cross into the
+    second epoch): resumed as it is, it ends bitwise where the uninterrupted run does. With a file of
+    its newest checkpoint changed, --resume names it, resumes from the one before and still ends
+    bitwise there; a file cut short or deleted is caught the same way. With no intact checkpoint
+    left it stops with one line."""
+    flags = ["--randomwalks-pairs", "192", "--num-epochs", "2", "--batch-size", "32", "--micro-batch-size", "16",
+             "--save-every", "2", "--eval-every", "5"]
+    reference, killed = run_and_kill("reward_model.py", flags, tmp_path, "step_00000004")
+    older, newest = sorted((killed / "checkpoints").glob("step_????????"))[-2:]  # the kill may come a checkpoint late
+    copies = {how: tmp_path / how for how in ("corrupt", "truncate", "delete")}
+    for copy in copies.values():
+        shutil.copytree(killed, copy)
+
+    resumed = run_script("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {killed} from step {int(newest.name[5:])}" in resumed.stdout and "is damaged" not in resumed.stdout
+    assert_same_weights(reference, killed)
+
+    damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
+    resumed = run_script("reward_model.py", *flags, "--resume", str(copies["corrupt"]), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    damaged = copies["corrupt"] / "checkpoints" / newest.name
+    assert f"warning: checkpoint {damaged} is damaged (rank_0.pt is not the file that was saved" in resumed.stdout
+    assert f"resuming {copies['corrupt']} from step {int(older.name[5:])}" in resumed.stdout
+    assert_same_weights(reference, copies["corrupt"])
+    for how, victim in (("truncate", "model.safetensors"), ("delete", "trainer_state.pt")):
+        damage(copies[how] / "checkpoints" / newest.name / victim, how)
+        assert rm.find_checkpoint(str(copies[how]), verbose=False) == str(copies[how] / "checkpoints" / older.name), how
+
+    checkpoints = sorted((killed / "checkpoints").glob("step_????????"))  # the resumed run's last two
+    damage(checkpoints[0] / "config.json", "delete")
+    damage(checkpoints[1] / "tokenizer.json", "corrupt")
+    with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
+        rm.find_checkpoint(str(killed))
+    with pytest.raises(SystemExit, match=r"the checkpoint is damaged \(tokenizer.json is not the file that was saved"):
+        rm.find_checkpoint(str(checkpoints[1]))
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -231,11 +266,43 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
     expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string")
     expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")), "no such directory")
     expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
-    expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5), "does not split into 1 rank(s) x micro-batches of --micro-batch-size 5")
-    expect_error(quick_args(tmp_path, pp=2), "launch with torchrun --nproc_per_node 2")
+    expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5),
+                 "--micro-batch-size 5 does not divide a rank's share of the batch (--batch-size 32 / 1 rank(s) = 32)")
+    expect_error(quick_args(tmp_path, pp=2), "--tp 1 --pp 2 splits the model over 2 processes; launch with torchrun --nproc_per_node 2")
+    expect_error(quick_args(tmp_path, task="sentiment", model=tiny_gpt2, samples_per_prompt=1), "--samples-per-prompt 1 must be at least 2")
+    expect_error(quick_args(tmp_path, task="hh"), "--task hh needs --model")
+    with pytest.raises(SystemExit, match="--zero-stage 3 does not compose with --tp or --pp"):
+        rm.check_args(quick_args(tmp_path, tp=2, zero_stage=3), world_size=2)
+    with pytest.raises(SystemExit, match=r"6 processes do not split into --tp 2 x --pp 2 groups; make the process count a multiple of 4"):
+        rm.check_args(quick_args(tmp_path, tp=2, pp=2), world_size=6)
     # Identical pairs among good ones are dropped with a count, not fatal.
     pairs = rm.load_pairs("jsonl", write_pairs(tmp_path, ['{"prompt": "p", "chosen": "x", "rejected": "x"}', '{"prompt": "p", "chosen": "a", "rejected": "b"}']))
     assert len(pairs) == 1 and "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().out
+
+
+def test_an_output_dir_holding_a_run_is_refused(tmp_path):
+    for holding in ("config.json", "checkpoints"):  # a finished run, a started one
+        folder = tmp_path / holding.split(".")[0]
+        folder.mkdir()
+        if holding == "checkpoints":
+            (folder / holding).mkdir()
+        else:
+            (folder / holding).write_text("{}")
+        with pytest.raises(SystemExit) as error:
+            rm.main(rm.Args(output_dir=str(folder)))
+        assert str(error.value) == (f"error: --output-dir {folder} already holds a run; pick another directory, "
+                                    f"or pass --resume {folder} to continue it")
+        assert os.listdir(folder) == [holding]
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path):
+    """Steps of 1e30 overflow the fp32 activations: the run stops before the optimizer applies a
+    NaN gradient, naming the step and what to change."""
+    with pytest.raises(SystemExit) as error:
+        rm.main(quick_args(tmp_path, learning_rate=1e30))
+    message = str(error.value)
+    assert message.startswith("error: the loss is ") and "\n" not in message, message
+    assert " at step 2, so training would learn nothing; lower --learning-rate" in message, message
 
 
 def write_pairs(tmp_path, lines):
@@ -253,13 +320,14 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
 
 
 # --- data parallel under torchrun -----------------------------------------------------------------
-# Llama has no bias anywhere: GPT-2's final layer-norm bias (which shifts every score alike, and the
-# Bradley-Terry loss ignores a common shift) and its attention key biases get a gradient that is
-# exactly zero but for rounding, which AdamW then scales up to steps of the learning rate, so two
-# runs that differ only in summation order drift apart there by ~1e-4 (one process with 1 thread
-# vs 2 does too). Without such directions the runs agree to ~1e-7.
-DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2", "--eval-every", "5",
-                       "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.2"]
+# The layouts are compared in fp64 (see SAME_MATH in conftest.py). Llama has no bias anywhere:
+# GPT-2's final layer-norm bias (which shifts every score alike, and the Bradley-Terry loss ignores a
+# common shift) and its attention key biases get a gradient that is exactly zero but for rounding,
+# which AdamW divides by its own size; in fp32 that rounding is near AdamW's eps and the steps grow
+# to the learning rate's (~1e-4 apart between two summation orders). Without such directions the
+# comparison rests on the math alone.
+DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--dtype", "fp64", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2",
+                       "--eval-every", "5", "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.2"]
 
 
 def write_preference_pairs(path, n=40, seed=0):
@@ -283,10 +351,15 @@ def pairs_run_inputs(tmp_path_factory):
 def one_process_run(tmp_path_factory, pairs_run_inputs):
     """The single-process run (in this process) every multi-process layout must reproduce: its
     directory and metrics."""
+    from safetensors.torch import load_file
+
     folder = tmp_path_factory.mktemp("one-process") / "run"
     rm.main(tyro.cli(rm.Args, args=[*DATA_PARALLEL_FLAGS, *pairs_run_inputs, "--output-dir", str(folder)]))
     expected = json.loads((folder / "metrics.json").read_text())
     assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
+    initial, trained = load_file(os.path.join(pairs_run_inputs[3], "model.safetensors")), load_file(folder / "model.safetensors")
+    assert trained["model.norm.weight"].dtype == torch.float64
+    assert max((trained[k] - initial[k]).abs().max().item() for k in initial.keys() & trained.keys()) > 1e-3, "the backbone trained"
     return folder, expected
 
 
@@ -295,8 +368,8 @@ def assert_same_run(expected: dict, single, run_dir, what: str):
     actual = json.loads((run_dir / "metrics.json").read_text())
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
-        assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{what} {key}"
-    assert max_weight_difference(single, run_dir) < 1e-5, what
+        assert actual[key] == pytest.approx(value, rel=SAME_MATH, abs=SAME_MATH), f"{what} {key}"
+    assert max_weight_difference(single, run_dir) < SAME_MATH, what
     config = json.loads((run_dir / "config.json").read_text())
     assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(actual["eval/score_std"])
     assert config["architectures"] == ["LlamaForSequenceClassification"]  # the dense reward model, whatever the layout
@@ -304,7 +377,7 @@ def assert_same_run(expected: dict, single, run_dir, what: str):
 
 def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_inputs, one_process_run):
     """2 ranks x 2 micro-batches of 2 pairs = a global batch of 8: every ZeRO stage ends with the
-    eval metrics and weights of one process on the same batches (up to fp32 summation order)."""
+    eval metrics and weights of one process on the same batches (in fp64, up to summation order: see SAME_MATH)."""
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs
     single, expected = one_process_run
     for stage in (0, 1, 2, 3):
@@ -313,7 +386,7 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         assert_same_run(expected, single, tmp_path / f"zero{stage}", f"ZeRO-{stage}")
     odd = torchrun("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
-    assert odd.returncode != 0 and "does not split into 2 rank(s) x micro-batches" in odd.stderr
+    assert odd.returncode != 0 and "--micro-batch-size 2 does not divide a rank's share of the batch (--batch-size 6 / 2 rank(s) = 3)" in odd.stderr
     assert not (tmp_path / "odd").exists()
 
 
