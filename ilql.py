@@ -52,7 +52,8 @@ class Args:
     exp_name: str = "ilql"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (model and head init, data order, dropout, evaluation samples)"""
+    """seed of python, numpy and torch (model and head init, data order, dropout, evaluation samples): any integer
+    from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh"] = "randomwalks"
     """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review openings
     (examples/sentiment_prompts.jsonl) sampled from --model itself and scored by VADER (needs vaderSentiment); jsonl: `{"prompt", "response", "reward"}` records from --data;
@@ -61,8 +62,10 @@ class Args:
     """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh a local copy in the upstream format (.jsonl or .jsonl.gz)"""
     model: Optional[str] = None
     """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for the forward pass (weights, heads and optimizer stay fp32)"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for the forward pass (weights, heads and optimizer stay fp32); fp64: the LM, the heads and
+    every computation in float64, slow, for checking that two layouts compute the same math (the tests compare runs
+    this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -79,7 +82,7 @@ class Args:
     lora_rank: int = 0
     """LoRA adapters of this rank on the LM's linear layers, the LM itself frozen (0: off); the ILQL heads train whole, and the saved LM has the adapters merged in"""
     lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter output is multiplied by alpha / rank"""
+    """LoRA scale numerator: the adapter output is multiplied by alpha / rank (a positive number)"""
     lora_target_modules: str = "all"
     """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
 
@@ -95,33 +98,39 @@ class Args:
 
     num_epochs: int = 20
     """passes over the dataset"""
-    batch_size: int = 100
-    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N)"""
-    micro_batch_size: int = 100
-    """examples per forward/backward pass on one rank; batch_size / ranks must be a multiple of it"""
+    batch_size: int = 96
+    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N; 96 splits over
+    1, 2, 4 or 8)"""
+    micro_batch_size: Optional[int] = None
+    """examples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share
+    must be a multiple of it"""
     learning_rate: float = 2e-4
     """peak learning rate of AdamW (betas 0.9, 0.95 as in trlX)"""
     weight_decay: float = 1e-6
-    """AdamW weight decay"""
+    """AdamW weight decay (0: none)"""
     lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
     """decay after warm-up: cosine or linear to zero, or constant"""
     warmup_steps: int = 0
-    """optimizer steps of linear learning-rate warm-up"""
+    """optimizer steps of linear learning-rate warm-up (0: none)"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
 
     tau: Optional[float] = None
-    """expectile of the V loss (towards 1, V approaches the max of Q over the data's actions); default 0.7, or trlX's 0.8 for randomwalks"""
+    """expectile of the V loss, strictly between 0 and 1 (towards 1, V approaches the max of Q over the data's actions);
+    default 0.7, or trlX's 0.8 for randomwalks"""
     gamma: float = 0.99
-    """discount per token"""
+    """discount per token, in [0, 1] (0: a state is worth only the reward of its own action)"""
     cql_scale: float = 0.1
-    """weight of the CQL loss (cross-entropy of each Q head's values against the taken token)"""
+    """weight of the CQL loss (cross-entropy of each Q head's values against the taken token; 0: none)"""
     awac_scale: float = 1.0
-    """weight of the LM's advantage-weighted cross-entropy on the taken tokens"""
+    """weight of the LM's advantage-weighted cross-entropy on the taken tokens (0: none, the LM learns only through the
+    heads' losses)"""
     beta: float = 0.0
-    """AWAC temperature: LM cross-entropy weights are exp(beta * (min target Q - V)); 0 is plain behaviour cloning"""
+    """AWAC temperature, 0 or more: LM cross-entropy weights are exp(beta * (min target Q - V)); 0 is plain behaviour
+    cloning"""
     alpha: Optional[float] = None
-    """Polyak rate of the target Q heads, target = alpha * q + (1 - alpha) * target; default 0.001, or trlX's 0.1 for randomwalks"""
+    """Polyak rate of the target Q heads, in (0, 1]: target = alpha * q + (1 - alpha) * target; default 0.001, or
+    trlX's 0.1 for randomwalks"""
     steps_for_target_sync: int = 5
     """optimizer steps between two Polyak updates of the target Q heads"""
     two_qs: bool = True
@@ -130,11 +139,12 @@ class Args:
     eval_every: int = 50
     """optimizer steps between evaluations (and at the end)"""
     eval_betas: tuple[float, ...] = (0.0, 1.0, 4.0, 100.0)
-    """generation betas swept at each evaluation: log-probs are shifted by beta * (min target Q - V)"""
+    """generation betas swept at each evaluation, each 0 or more: log-probs are shifted by beta * (min target Q - V)
+    (0: the LM's own distribution)"""
     top_k: int = 10
     """sampling at evaluation keeps the k best tokens after the shift (0 keeps all)"""
     temperature: float = 1.0
-    """sampling temperature at evaluation (greedy decoding is evaluated as well)"""
+    """sampling temperature at evaluation, a positive number (greedy decoding is evaluated as well)"""
     eval_samples_per_start: int = 50
     """randomwalks: sampled walks per start node and beta at each evaluation"""
     eval_generations: int = 8
@@ -148,7 +158,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep on disk"""
     resume: Optional[str] = None
-    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+    """checkpoint directory (or a run directory: its newest intact checkpoint) to continue from; pass the same flags as
+    the original run"""
 
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline)"""
@@ -159,8 +170,77 @@ class Args:
 
 
 def fail(message: str):
-    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank stops, and rank 0 alone prints the line."""
+    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded or written: ranges, sizes that must divide,
+    and what depends on the number of processes. Returns the flags with --micro-batch-size and the
+    task's defaults of --tau and --alpha settled."""
+    randomwalks = args.task == "randomwalks"
+    args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
+                   alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001)
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in ("tp", "pp", "max_length", "samples_per_prompt", "generation_batch_size", "num_epochs", "batch_size",
+                 "steps_for_target_sync", "eval_every", "eval_samples_per_start", "eval_generations", "eval_prompts",
+                 "max_new_tokens", "keep_checkpoints"):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "lora_rank", "warmup_steps", "top_k", "save_every"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    for flag in ("lora_alpha", "learning_rate", "max_grad_norm", "temperature"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    for flag in ("weight_decay", "cql_scale", "awac_scale", "beta"):
+        require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
+    require(args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1, "num_layers_unfrozen",
+            "must be -1 (the whole LM trains) or a number of layers, at least 1")
+    require(0 < args.tau < 1, "tau", "must lie strictly between 0 and 1")
+    require(0 < args.alpha <= 1, "alpha", "must lie in (0, 1] (1 copies the Q heads at every sync)")
+    require(0 <= args.gamma <= 1, "gamma", "must lie in [0, 1]")
+    if not args.eval_betas:
+        fail("--eval-betas needs at least one beta to evaluate with")
+    for beta in args.eval_betas:
+        if not 0 <= beta < math.inf:
+            fail(f"--eval-betas {' '.join(map(str, args.eval_betas))} holds {beta}; "
+                 "every beta must be 0 or a positive number")
+    if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
+        fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
+    model_ranks = args.tp * args.pp
+    if model_ranks > 1 and world_size == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+    if world_size % model_ranks:
+        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+             f"make the process count a multiple of {model_ranks}")
+    if args.zero_stage == 3 and model_ranks > 1:
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    if args.lora_rank > 0 and model_ranks > 1:
+        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
+             "use --num-layers-unfrozen")
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(args.batch_size % ranks == 0, "batch_size",
+            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    share = args.batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)")
+    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
+            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset")
+    if not randomwalks and args.model is None and args.resume is None:
+        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):  # before sentiment's minutes of sampling
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+             f"or pass --resume {args.output_dir} to continue it")
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,13 +472,14 @@ def collate(sequences: list, pad_token_id: int, device):
     """Right-padded batch, and over the T - 1 positions that predict a next token:
 
     action_mask[b, t]: position t is a state that acts, i.e. token t + 1 belongs to the response
-    (EOS included); rewards[b, t]: the sequence's return on its last action, 0 elsewhere. The
-    position of the last token (the EOS) is the terminal state: no action, value 0."""
+    (EOS included); rewards[b, t]: the sequence's return on its last action, 0 elsewhere (fp64, as
+    normalize_returns computes it; the loss rounds it to the heads' dtype). The position of the
+    last token (the EOS) is the terminal state: no action, value 0."""
     width = max(len(ids) for ids, _, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     action_mask = torch.zeros((len(sequences), width - 1), dtype=torch.bool)
-    rewards = torch.zeros((len(sequences), width - 1))
+    rewards = torch.zeros((len(sequences), width - 1), dtype=torch.float64)
     for row, (ids, prompt_length, reward) in enumerate(sequences):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
@@ -454,7 +535,8 @@ def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards,
     from `collate`. The action at position t is token t + 1; the state after it is position t + 1,
     which either acts again or is terminal (value 0)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-    hidden = hidden.to(heads.v_head[0].weight.dtype)  # the heads run in their own (fp32) precision
+    dtype = heads.v_head[0].weight.dtype  # the heads run in their own precision (fp32, or fp64 under --dtype fp64)
+    hidden, rewards = hidden.to(dtype), rewards.to(dtype)
     actions = input_ids[:, 1:][action_mask]  # [N] the taken tokens
     states = hidden[:, :-1][action_mask]  # [N, H] the states that took them
     values = heads.v_head(hidden).squeeze(-1)  # [B, T] V of every position
@@ -786,14 +868,14 @@ HEADS_FILE = "ilql_heads.safetensors"
 ADAPTERS_FILE = "lora_adapters.safetensors"  # checkpoints of a --lora-rank run: the adapters, beside the frozen base LM
 
 
-def load_model(name: str, device):
+def load_model(name: str, device, dtype=torch.float32):
     """A causal LM from a local directory or a hub name, with one clear line when it cannot be had."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
@@ -804,17 +886,19 @@ def load_model(name: str, device):
 
 
 def new_heads(lm, two_qs: bool) -> ILQLHeads:
-    """Heads sized from the LM's output layer (its input is the last hidden state, its output the vocabulary)."""
-    vocab_size, hidden_size = lm.get_output_embeddings().weight.shape
-    return ILQLHeads(hidden_size, vocab_size, two_qs)
+    """Heads sized from the LM's output layer (its input is the last hidden state, its output the
+    vocabulary), in the dtype of its weights (fp32, or fp64 under --dtype fp64)."""
+    weight = lm.get_output_embeddings().weight
+    return ILQLHeads(weight.shape[1], weight.shape[0], two_qs).to(weight.dtype)
 
 
-def load_trained(path: str, device="cpu"):
-    """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`."""
+def load_trained(path: str, device="cpu", dtype=torch.float32):
+    """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`, in
+    `dtype` (a run's fp64 checkpoint resumes in fp64)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    lm, tokenizer = load_model(path, device)
+    lm, tokenizer = load_model(path, device, dtype)
     state = load_file(os.path.join(path, HEADS_FILE), device=str(device))
     heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
     heads.load_state_dict(state)
@@ -848,16 +932,65 @@ def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = N
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
+                 "pass its run directory to resume from the newest intact checkpoint")
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
-    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    return os.path.join(folder, steps[-1])
+    steps.sort(reverse=True)
+    for name in steps:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
 
 
 def whole_lm(model, grid) -> tuple:
@@ -885,8 +1018,8 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
     rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
     Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
-    optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt. All ranks must call
-    this (ZeRO-3 gathers the parameters to save them)."""
+    optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt; rank 0 then lists them
+    all in the manifest. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
@@ -901,8 +1034,9 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_st
         if grid.is_main:
             save_model(temporary, lm, tokenizer, heads, state_dict)
             torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
     if grid.is_main:
+        write_manifest(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
@@ -957,43 +1091,20 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 1. Join the other ranks (a no-op without torchrun); settle the task-dependent defaults, check
-    #    the arithmetic and the inputs before anything is written.
-    if args.tp < 1 or args.pp < 1:
-        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
-    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
+    # 1. Check every flag (and settle the task's defaults), then join the other ranks (a no-op
+    #    without torchrun).
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
-    randomwalks = args.task == "randomwalks"
-    args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
-                   alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001)
-    if args.batch_size % ranks or (args.batch_size // ranks) % args.micro_batch_size:
-        fail(f"--batch-size {args.batch_size} does not split into {ranks} rank(s) x micro-batches of --micro-batch-size {args.micro_batch_size}")
     local_batch_size = args.batch_size // ranks
-    if not 0 < args.tau < 1:
-        fail(f"--tau {args.tau} must lie strictly between 0 and 1")
-    if not 0 < args.alpha <= 1:
-        fail(f"--alpha {args.alpha} must lie in (0, 1]")
-    if args.steps_for_target_sync < 1:
-        fail(f"--steps-for-target-sync {args.steps_for_target_sync} must be at least 1")
-    if not randomwalks and args.model is None and args.resume is None:
-        fail(f"--task {args.task} needs --model (a hub name or a local directory)")
-    if args.lora_rank < 0 or (args.lora_rank > 0 and args.lora_alpha <= 0):
-        fail(f"--lora-rank {args.lora_rank} must be 0 (off) or positive, with a positive --lora-alpha (got {args.lora_alpha})")
-    if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
-        fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
-    if args.lora_rank > 0 and (args.tp > 1 or args.pp > 1):
-        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); use --num-layers-unfrozen")
-    sentiment = args.task == "sentiment"
+    param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if grid.is_main:
+        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+    randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
     if sentiment:
         vader()  # a missing optional extra ends the run here, before anything is written
-        if args.samples_per_prompt < 1 or args.generation_batch_size < 1:
-            fail(f"--samples-per-prompt {args.samples_per_prompt} and --generation-batch-size {args.generation_batch_size} must be at least 1")
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
-    finished_or_started = args.output_dir and (os.path.exists(os.path.join(args.output_dir, "config.json")) or os.path.isdir(os.path.join(args.output_dir, "checkpoints")))
-    if finished_or_started and not checkpoint:  # checked before the (for sentiment, minutes of) sampling
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, or pass --resume {args.output_dir} to continue it")
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1010,13 +1121,13 @@ def main(args: Args):
     elif not sentiment:
         examples = load_examples(args.task, args.data)
     if checkpoint:
-        lm, tokenizer, heads = load_trained(checkpoint, device)  # with the adapters of a LoRA run
+        lm, tokenizer, heads = load_trained(checkpoint, device, param_dtype)  # with the adapters of a LoRA run
     else:
         if args.model:
-            lm, tokenizer = load_model(args.model, device)
+            lm, tokenizer = load_model(args.model, device, param_dtype)
         else:
             tokenizer = randomwalks_tokenizer()
-            lm = randomwalks_model(tokenizer).to(device)
+            lm = randomwalks_model(tokenizer).to(device, param_dtype)
         heads = new_heads(lm, args.two_qs).to(device)
         if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
             add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
@@ -1053,8 +1164,6 @@ def main(args: Args):
     # seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
     # Under --tp the LM is split and the heads are whole on every rank (they read the whole hidden
     # state); under --pp the V and Q heads train on the last stage (see pipelined_stage).
-    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
-        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     if args.pp > 1 and args.zero_stage and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
         fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
     lm = parallel.tensor_parallel(lm, grid.tp_group)  # a no-op unless --tp > 1
@@ -1196,6 +1305,9 @@ def main(args: Args):
         losses = dict(zip(losses, totals.tolist()))
         tokens_seen += sum(len(ids) for ids, _, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
+        if not math.isfinite(losses["loss"]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            fail(f"the loss is {losses['loss']} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
+                 "training would learn nothing; lower --learning-rate or --beta, or check the rewards and --max-length")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
