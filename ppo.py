@@ -44,7 +44,7 @@ import shutil
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -63,14 +63,15 @@ class Args:
     exp_name: str = "ppo"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (sampling, minibatch order)"""
+    """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of movie reviews
     (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model is given (VADER, an
     optional extra, is then still reported as eval/vader_*);
     jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local prompt file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format"""
+    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped
+    ones; for hh/tldr a local copy in the upstream format"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
@@ -78,15 +79,19 @@ class Args:
     reward_fn: Optional[str] = None
     """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per response"""
     reward_device: Optional[str] = None
-    """device of the reward model (default: the policy's)"""
+    """device of the reward model given by --reward-model (default: the policy's)"""
     reward_clip: Optional[float] = None
-    """clip normalised scores to [-c, c]"""
+    """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
-    """subtracted from the score of a response that has no EOS within --max-new-tokens (default: 1.0 for text tasks, 0 for randomwalks and sentiment)"""
+    """subtracted from the score of a response that has no EOS within --max-new-tokens (0: none; default: 1.0 for text
+    tasks, 0 for randomwalks and sentiment)"""
     value_model: Optional[str] = None
-    """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the policy"""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast for forward passes (trained weights and optimizer stay fp32; the reference and reward model are stored in bf16)"""
+    """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the
+    policy (--advantage gae only)"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for forward passes (trained weights and optimizer stay fp32; the reference and reward model
+    are stored in bf16); fp64: every model (policy, reference, value function, reward model) and every computation in
+    float64, slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -103,7 +108,7 @@ class Args:
     lora_rank: int = 0
     """LoRA adapters of this rank on the policy's linear layers (0: off); the reference is the policy with adapters disabled"""
     lora_alpha: float = 16.0
-    """LoRA scale numerator: the adapter output is multiplied by alpha / rank"""
+    """LoRA scale numerator, positive: the adapter output is multiplied by alpha / rank"""
     lora_target_modules: str = "all"
     """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
 
@@ -114,11 +119,13 @@ class Args:
     num_updates: int = 100
     """PPO updates (each: generate a batch, then optimise on it)"""
     batch_size: int = 128
-    """rollouts (responses) per update, over all ranks"""
+    """rollouts (responses) per update, over all ranks: a multiple of --mini-batch-size and of --samples-per-prompt"""
     mini_batch_size: int = 32
-    """rollouts per optimizer step, over all ranks (each of N data-parallel ranks trains on mini_batch_size / N)"""
-    micro_batch_size: int = 32
-    """rollouts per forward/backward pass on one rank (gradient accumulation inside a rank's share of a minibatch)"""
+    """rollouts per optimizer step, over all ranks (each of N data-parallel ranks trains on mini_batch_size / N; 32
+    splits over 1, 2, 4 or 8)"""
+    micro_batch_size: Optional[int] = None
+    """rollouts per forward/backward pass on one rank (default: the rank's whole share of a minibatch,
+    mini_batch_size / ranks); the share must be a multiple of it (gradient accumulation inside the share)"""
     generation_batch_size: int = 64
     """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter), each
     sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks; make
@@ -134,33 +141,33 @@ class Args:
     cliprange_value: float = 0.2
     """clip of the value prediction's change from the rollout's value"""
     vf_coef: float = 0.5
-    """weight of the value loss"""
+    """weight of the value loss (0: the critic is not trained)"""
     entropy_coef: float = 0.0
-    """weight of the entropy bonus"""
+    """weight of the entropy bonus (0: none)"""
     gamma: float = 1.0
-    """discount"""
+    """discount, in [0, 1] (1: none; 0: each token sees only its own reward)"""
     lam: float = 0.95
-    """GAE lambda"""
+    """GAE lambda, in [0, 1] (0: one-step TD advantages; 1: Monte Carlo returns minus the value)"""
     loss_aggregation: Literal["token", "sequence"] = "token"
     """average losses over all real tokens of a minibatch (token) or per sequence first (sequence)"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
 
     init_kl_coef: float = 0.05
-    """initial KL penalty coefficient beta"""
+    """initial KL penalty coefficient beta (0: no KL penalty, and then no --target-kl)"""
     target_kl: Optional[float] = None
-    """adaptive KL controller target (per-sequence KL); None keeps beta fixed"""
+    """adaptive KL controller target (per-sequence KL), positive; unset keeps beta fixed"""
     kl_horizon: int = 10000
     """adaptive KL controller horizon, in rollouts"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimate in the reward: k1 = log-ratio, k3 = (r - 1) - log r with r = p_ref / p"""
 
     temperature: float = 1.0
-    """sampling temperature (log-probs use the same one)"""
+    """sampling temperature, positive (log-probs use the same one)"""
     top_k: int = 0
     """sample from the k most likely tokens (0: all)"""
     top_p: float = 1.0
-    """nucleus sampling threshold (1: off)"""
+    """nucleus sampling threshold, in (0, 1] (1: off)"""
     max_new_tokens: int = 10
     """response budget in tokens (randomwalks needs 10: nine letters and EOS)"""
     max_prompt_length: int = 256
@@ -171,7 +178,7 @@ class Args:
     eval_samples_per_start: int = 20
     """randomwalks: sampled walks per start node at each evaluation"""
     eval_prompts: int = 64
-    """text tasks: held-out prompts scored at each evaluation"""
+    """text tasks: held-out prompts scored at each evaluation (at most a tenth of the prompts, and at least one)"""
     save_every: int = 0
     """updates between checkpoints; 0 saves only the final model"""
     keep_checkpoints: int = 2
@@ -188,8 +195,104 @@ class Args:
 
 
 def fail(message: str):
-    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback to read."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank stops, and rank 0 alone prints the line."""
+    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded or written: ranges, sizes that must divide,
+    and what depends on the number of processes. Returns the flags with --micro-batch-size settled."""
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in ("tp", "pp", "samples_per_prompt", "num_updates", "batch_size", "mini_batch_size",
+                 "generation_batch_size", "ppo_epochs", "kl_horizon", "max_new_tokens", "max_prompt_length", "eval_every",
+                 "eval_samples_per_start", "eval_prompts", "keep_checkpoints"):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "lora_rank", "top_k", "save_every"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    require(args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1, "num_layers_unfrozen",
+            "must be -1 (train every layer) or the number of top layers to train, at least 1")
+    for flag in ("learning_rate", "max_grad_norm", "cliprange", "cliprange_value", "temperature", "lora_alpha"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    for flag in ("reward_clip", "target_kl"):
+        value = getattr(args, flag)
+        require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
+    for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
+        require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
+    require(args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf, "missing_eos_penalty",
+            "must be 0 or a positive number, or unset")
+    for flag in ("gamma", "lam"):
+        require(0 <= getattr(args, flag) <= 1, flag, "must lie between 0 and 1")
+    require(0 < args.top_p <= 1, "top_p", "must lie in (0, 1]: the probability mass sampled from (1: all of it)")
+    if args.target_kl is not None and args.init_kl_coef == 0:
+        fail(f"--target-kl {args.target_kl} adapts the KL coefficient by factors, which cannot move it from "
+             "--init-kl-coef 0; give a positive --init-kl-coef, or drop --target-kl")
+
+    model_ranks = args.tp * args.pp
+    if model_ranks > 1 and world_size == 1:
+        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+    if world_size % model_ranks:
+        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+             f"make the process count a multiple of {model_ranks}")
+    if args.zero_stage == 3 and model_ranks > 1:
+        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
+    if args.lora_rank > 0 and model_ranks > 1:
+        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
+             "use --num-layers-unfrozen for a cheap reference")
+    if args.value_model and model_ranks > 1:
+        fail("--value-model (a separate critic) is not supported with --tp or --pp; "
+             "use the value head (the default) or a critic-free --advantage")
+    if args.num_layers_unfrozen > 0 and args.lora_rank > 0:
+        fail("--num-layers-unfrozen and --lora-rank are two ways to get a cheap reference; pick one")
+
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(args.batch_size % args.samples_per_prompt == 0, "batch_size",
+            f"is not a whole number of prompts times --samples-per-prompt {args.samples_per_prompt}; "
+            f"make it a multiple of {args.samples_per_prompt}")
+    require(args.batch_size % args.mini_batch_size == 0, "batch_size", f"does not split into minibatches of "
+            f"--mini-batch-size {args.mini_batch_size}; make it a multiple of {args.mini_batch_size}")
+    require(args.mini_batch_size % ranks == 0, "mini_batch_size",
+            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    share = args.mini_batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(micro_batch_size >= 1, "micro_batch_size",
+            "must be at least 1 (or unset: a rank's whole share of a minibatch)")
+    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of a minibatch "
+            f"(--mini-batch-size {args.mini_batch_size} / {ranks} rank(s) = {share}); "
+            f"pick a divisor of {share}, or leave it unset")
+    if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
+        fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
+    if args.value_model and args.advantage != "gae":
+        fail(f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
+             "drop it, or use --advantage gae")
+
+    if args.model is None:
+        fail("--model is required: the policy starts from a trained model, "
+             "e.g. `python sft.py --output-dir runs/sft` then --model runs/sft")
+    if args.reward_model and args.reward_fn:
+        fail("pass one of --reward-model and --reward-fn")
+    if args.reward_device and not args.reward_model:
+        fail(f"--reward-device {args.reward_device} places the reward model, but no --reward-model is given")
+    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
+        fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
+    if args.task == "jsonl" and args.data is None:
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
+    if args.task == "randomwalks" and args.data is not None:
+        fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):
+        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+             f"or pass --resume {args.output_dir} to continue it")
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +448,6 @@ SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ex
 def load_prompts(task: str, data: Optional[str]) -> list:
     """The prompts of a text task: jsonl and sentiment `prompt`s, hh dialogues up to their last
     assistant turn, TL;DR posts."""
-    if task == "jsonl" and data is None:
-        fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
     if task == "sentiment" and data is None:
         if not os.path.isfile(SENTIMENT_PROMPTS):
             fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ppo.py); pass --data with a file of {{\"prompt\": ...}} lines")
@@ -407,8 +508,9 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 
 @torch.no_grad()
 def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None) -> torch.Tensor:
-    """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU. Normalise with
-    the statistics in the model's config: (score - config.reward_mean) / config.reward_std."""
+    """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU (fp64 from an
+    fp64 model, else fp32). Normalise with the statistics in the model's config:
+    (score - config.reward_mean) / config.reward_std."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_length = max_length or model_context(model.config) or 1 << 30
@@ -419,7 +521,8 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
         sequences.append(tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
     was_training = model.training
     model.eval()
-    scores = torch.cat([forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).float().cpu() for i in range(0, len(sequences), batch_size)])
+    scores = torch.cat([upcast(forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device)).cpu()
+                        for i in range(0, len(sequences), batch_size)])
     model.train(was_training)
     return scores
 
@@ -475,16 +578,17 @@ def vader():
     return SentimentIntensityAnalyzer()
 
 
-def sentiment_scores(responses: list) -> torch.Tensor:
+def sentiment_scores(responses: list, dtype=torch.float32) -> torch.Tensor:
     """VADER's compound score of each continuation, in [-1, 1]: how positive the text the policy
     wrote is (the prompt is not scored, so the opening's own sentiment does not count)."""
-    return torch.tensor([vader().polarity_scores(response)["compound"] for response in responses], dtype=torch.float32)
+    return torch.tensor([vader().polarity_scores(response)["compound"] for response in responses], dtype=dtype)
 
 
-def checked_scores(values, count: int, source: str) -> torch.Tensor:
-    """A reward source's output as a float tensor, refusing wrong lengths and non-finite numbers."""
+def checked_scores(values, count: int, source: str, dtype=torch.float32) -> torch.Tensor:
+    """A reward source's output as a tensor of `dtype`, refusing wrong lengths and non-finite numbers
+    (in that dtype: a score beyond fp32's range is refused under fp32)."""
     try:
-        scores = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        scores = torch.tensor([float(v) for v in values], dtype=dtype)
     except (TypeError, ValueError):
         fail(f"{source} must return a list of numbers, got {type(values).__name__}")
     if len(scores) != count:
@@ -629,6 +733,12 @@ def hydra_owned(reference, policy) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Forward passes: log-probs of the response tokens, their entropies, and values, without logits
 # ---------------------------------------------------------------------------------------------
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """A forward's output as the update computes with it: bf16 (under autocast) to fp32, while
+    fp32 and fp64 stay as they are (.float() would drop an fp64 run to fp32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only, so a left-padded prompt starts at position 0."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -668,15 +778,15 @@ def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, wit
 class Critic(torch.nn.Module):
     """A separate value network: a trunk (initialised from --value-model) and a scalar head."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, dtype=torch.float32):
         super().__init__()
         config = AutoConfig.from_pretrained(path)
-        self.trunk = AutoModel.from_pretrained(path, dtype=torch.float32)
-        self.head = torch.nn.Linear(config.hidden_size, 1)
+        self.trunk = AutoModel.from_pretrained(path, dtype=dtype)
+        self.head = torch.nn.Linear(config.hidden_size, 1, dtype=dtype)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         if getattr(config, "num_labels", None) == 1:  # a reward model: start from its score head too
-            scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
             with torch.no_grad():
                 self.head.weight.copy_(scorer.score.weight)
                 if scorer.score.bias is not None:
@@ -697,8 +807,8 @@ def pipeline_micro_batches(micro_rows: list, input_ids, attention_mask) -> list:
 def values_of(value_head, critic, hidden, input_ids, attention_mask, prompt_length):
     """V(state) before each response token, from the policy's hidden states or the separate critic."""
     if critic is not None:
-        return critic(input_ids, attention_mask, prompt_length).float()
-    return value_head(hidden).squeeze(-1).float()
+        return upcast(critic(input_ids, attention_mask, prompt_length))
+    return upcast(value_head(hidden).squeeze(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,7 +906,7 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
-        "policy/clip_fraction": kernels.masked_mean(((ratio - 1).abs() > args.cliprange).float(), mask),
+        "policy/clip_fraction": kernels.masked_mean(((ratio - 1).abs() > args.cliprange).to(ratio.dtype), mask),
         "policy/ratio_mean": kernels.masked_mean(ratio, mask), "policy/ratio_max": torch.where(mask, ratio, 0.0).max(),
     }
     loss = aggregate(policy_loss, mask, args.loss_aggregation, normaliser)
@@ -804,7 +914,8 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
         clipped_values = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
         value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
         loss = loss + args.vf_coef * aggregate(value_loss, mask, args.loss_aggregation, normaliser)
-        stats["value/clip_fraction"] = kernels.masked_mean(((values - old_values).abs() > args.cliprange_value).float(), mask)
+        clipped = (values - old_values).abs() > args.cliprange_value
+        stats["value/clip_fraction"] = kernels.masked_mean(clipped.to(values.dtype), mask)
         stats["value/error"] = kernels.masked_mean((values - returns) ** 2, mask)
     return loss, stats
 
@@ -852,24 +963,74 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint directory, or the newest one inside a run directory's checkpoints/."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
+                 "pass its run directory to resume from the newest intact checkpoint")
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) if os.path.isdir(folder) else []
-    steps = [d for d in steps if os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    return os.path.join(folder, steps[-1])
+    steps.sort(reverse=True)
+    for name in steps:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
 
 
 def save_checkpoint(run_dir: str, step: int, wrapper, shared_state, rank_state: dict, grid, keep: int):
     """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
     leaves a broken checkpoint where --resume would find it. Rank 0 writes trainer_state.pt, the
     dict shared_state() returns (the model states, taken with the parameters gathered); every rank
-    writes its own optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt. All
-    ranks must call this (ZeRO-3 gathers the parameters collectively)."""
+    writes its own optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt (under
+    --tp/--pp also its shard of the models); rank 0 then lists them all in the manifest. All ranks
+    must call this (ZeRO-3 gathers the parameters collectively)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:08d}")
     temporary = final + ".tmp"
@@ -881,8 +1042,9 @@ def save_checkpoint(run_dir: str, step: int, wrapper, shared_state, rank_state: 
     with wrapper.gathered():
         if grid.is_main:
             torch.save(shared_state(), os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the rename makes the checkpoint visible
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
     if grid.is_main:
+        write_manifest(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
@@ -945,13 +1107,13 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
         return wandb.init(**kwargs, mode="offline")
 
 
-def load_policy(name: str, device):
+def load_policy(name: str, device, dtype=torch.float32):
     """The policy's causal LM and tokenizer, with one clear line when they cannot be had."""
     if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)):
         fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
@@ -965,55 +1127,31 @@ def load_policy(name: str, device):
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
-    # 0. Join the other ranks (a no-op without torchrun) and check the sizes once. Prompts per batch
+    # 0. Check every flag, then join the other ranks (a no-op without torchrun). Prompts per batch
     #    times samples per prompt is the batch; batch and minibatch sizes count all ranks' rollouts.
-    if args.tp < 1 or args.pp < 1:
-        fail(f"--tp {args.tp} and --pp {args.pp} must be at least 1")
-    if (args.tp > 1 or args.pp > 1) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} split the model over processes; launch with torchrun --nproc_per_node {args.tp * args.pp} (or a multiple)")
-    if args.zero_stage == 3 and (args.tp > 1 or args.pp > 1):
-        fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
-    if args.lora_rank > 0 and (args.tp > 1 or args.pp > 1):
-        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); use --num-layers-unfrozen for a cheap reference")
-    if args.value_model and (args.tp > 1 or args.pp > 1):
-        fail("--value-model (a separate critic) is not supported with --tp or --pp; use the value head (the default) or a critic-free --advantage")
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     pipelined = args.pp > 1
     device, ranks = grid.device, grid.dp_size
     critic_free = args.advantage != "gae"
-    for name, size, unit, what in (
-        ("--batch-size", args.batch_size, args.mini_batch_size, "--mini-batch-size"),
-        ("--mini-batch-size", args.mini_batch_size, ranks, "the number of data-parallel ranks"),
-        (f"--mini-batch-size / {ranks} rank(s) =", args.mini_batch_size // ranks, args.micro_batch_size, "--micro-batch-size"),
-        ("--batch-size", args.batch_size, args.samples_per_prompt, "--samples-per-prompt"),
-    ):
-        if size % unit:
-            fail(f"{name} {size} is not a multiple of {what} ({unit}); mini-batches, ranks, micro-batches and samples per prompt must divide evenly")
-    if args.generation_batch_size < 1:
-        fail(f"--generation-batch-size {args.generation_batch_size} must be at least 1")
-    if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
-        fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
-    if args.num_layers_unfrozen > 0 and args.lora_rank > 0:
-        fail("--num-layers-unfrozen and --lora-rank are two ways to get a cheap reference; pick one")
-    if args.model is None:
-        fail("--model is required: the policy starts from a trained model, e.g. `python sft.py --output-dir runs/sft` then --model runs/sft")
-    if args.reward_model and args.reward_fn:
-        fail("pass one of --reward-model and --reward-fn")
-    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
-        fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     prompts_per_batch = args.batch_size // args.samples_per_prompt
     local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
     generation_chunk = min(args.generation_batch_size, args.batch_size)
-    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    # The trained weights, the value function and every tensor of the update; under bf16 autocast
+    # the forward runs in bf16 and its outputs are upcast to this.
+    dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if grid.is_main:
+        print(f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
+              f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
+              f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
     state = rank_state = None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
         if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
             fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
-        rank_file = os.path.join(checkpoint, f"rank_{grid.rank}.pt")
-        # A checkpoint from before data parallel kept the optimizer and RNG states in trainer_state.pt.
-        rank_state = torch.load(rank_file, weights_only=False) if os.path.exists(rank_file) else {k: state[k] for k in ("optimizer", "rng")}
+        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
     chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
     if chunks_per_batch % ranks and grid.is_main:
         print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
@@ -1031,14 +1169,17 @@ def main(args: Args):
         prompts = load_prompts(args.task, args.data)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+        if len(prompts) <= n_eval:  # n_eval is at least 1, so only a single prompt gets here
+            fail(f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
+                 "and none is left to train on; give at least 2 prompts")
         eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     if args.task == "sentiment":
         vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here, before anything is written
-    policy, tokenizer = load_policy(args.model, device)
+    policy, tokenizer = load_policy(args.model, device, dtype)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
     # Models that only run forward are stored in bf16 under --dtype bf16: half the memory, and the
     # autocast forward would round their weights to bf16 anyway.
-    frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else dtype
     reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main, dtype=frozen_dtype) if args.reward_model else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     # A continuation of a review is not expected to end within the budget: no penalty by default.
@@ -1051,11 +1192,12 @@ def main(args: Args):
             model, rm_tokenizer, mean, std = reward_model
             scores = (score(model, rm_tokenizer, prompts, responses) - mean) / std
         elif reward_fn is not None:
-            scores = checked_scores(reward_fn(prompts, responses), len(responses), f"--reward-fn {args.reward_fn}")
+            scores = checked_scores(reward_fn(prompts, responses), len(responses), f"--reward-fn {args.reward_fn}", dtype)
         elif args.task == "sentiment":
-            scores = sentiment_scores(responses)
+            scores = sentiment_scores(responses, dtype)
         else:
-            scores = torch.tensor([walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)])
+            optimality = [walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)]
+            scores = torch.tensor(optimality, dtype=dtype)
         return scores.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip is not None else scores
 
     # 2. Policy, reference and value function; everything trained goes in one container, wrapped once
@@ -1076,9 +1218,9 @@ def main(args: Args):
     value_head = critic = None
     if not critic_free:
         if args.value_model:
-            critic = Critic(args.value_model).to(device)
+            critic = Critic(args.value_model, dtype).to(device)
         else:
-            value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device)
+            value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device, dtype)
             torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no prior opinion of any state
             torch.nn.init.zeros_(value_head.bias)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
@@ -1158,9 +1300,7 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        if os.path.exists(os.path.join(run_dir, "config.json")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            fail(f"--output-dir {run_dir} already holds a run; pick another directory, or pass --resume {run_dir} to continue it")
-        parallel.barrier()  # every rank has checked before rank 0 creates anything
+        parallel.barrier()  # every rank is past its checks before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
     state = rank_state = None  # the model states are loaded; let them go
@@ -1194,7 +1334,7 @@ def main(args: Args):
                     if args.task == "randomwalks":
                         result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
                     if args.task == "sentiment":  # the task's metric, whatever the reward
-                        result["vader"] = sentiment_scores(texts).tolist()
+                        result["vader"] = sentiment_scores(texts, dtype).tolist()
                     if name == "sampled":
                         input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
                         logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
@@ -1208,12 +1348,12 @@ def main(args: Args):
                                 reference_responses = generate(reference_sampler, prompt_ids, prompt_mask, args, tokenizer)
                             reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
                             ours, theirs = raw_scores(chunk_prompts, texts), raw_scores(chunk_prompts, reference_texts)
-                            result["win"] = ((ours > theirs).float() + 0.5 * (ours == theirs).float()).tolist()
+                            result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
                     local.append(result)
                 results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]  # chunk order
 
                 def mean(key):
-                    return torch.tensor([value for result in results for value in result[key]]).mean().item()
+                    return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
 
                 metrics[f"eval/score_{name}"] = mean("score")
                 if args.task == "randomwalks":
@@ -1280,7 +1420,7 @@ def main(args: Args):
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         # A response that never ended pays the missing-EOS penalty.
         scores = torch.cat([s for _, s in shares])
-        scores = scores - missing_eos_penalty * (~has_eos).float().cpu()
+        scores = scores - missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
         raw_mean = scores.mean().item()
         phase_seconds["scoring"] = clock() - phase_started  # decoding and scoring, and the gather of every rank's chunks
         phase_started = clock()
@@ -1293,21 +1433,22 @@ def main(args: Args):
         # micro-batches go through the stages, the last stage fills the rows, and a sum over the
         # pipeline gives them to every stage.
         permutations = [torch.randperm(args.batch_size).tolist() for _ in range(args.ppo_epochs)]
-        rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, device=device)
+        rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, dtype=dtype, device=device)
         first_epoch_micro_rows = [rows for start in range(0, args.batch_size, args.mini_batch_size) for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])]
         with torch.no_grad(), wrapper.gathered(), reference_gathered(), autocast:
             if pipelined:
                 def policy_outputs(hidden, micro_batch):  # on the last stage
                     rows = micro_batch["rows"]
                     logprobs, _, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
-                    rollout[0, rows] = logprobs.float()
+                    rollout[0, rows] = upcast(logprobs)
                     if not critic_free:
-                        rollout[2, rows] = value_head(hidden).squeeze(-1).float()
+                        rollout[2, rows] = upcast(value_head(hidden).squeeze(-1))
                     return torch.zeros(1, device=device)  # pipeline_forward's sum; the rows written are the result
 
                 def reference_outputs(hidden, micro_batch):
                     rows = micro_batch["rows"]
-                    rollout[1, rows] = logprobs_from_hidden(reference.head, hidden, input_ids[rows], prompt_length, args.temperature)[0].float()
+                    logprobs = logprobs_from_hidden(reference.head, hidden, input_ids[rows], prompt_length, args.temperature)[0]
+                    rollout[1, rows] = upcast(logprobs)
                     return torch.zeros(1, device=device)
 
                 micro_batches = pipeline_micro_batches(first_epoch_micro_rows, input_ids, attention_mask)
@@ -1316,8 +1457,8 @@ def main(args: Args):
             else:
                 for rows in first_epoch_micro_rows:
                     logprobs, _, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                    rollout[0, rows] = logprobs.float()
-                    rollout[1, rows] = reference_logprobs(reference, input_ids[rows], attention_mask[rows], prompt_length).float()
+                    rollout[0, rows] = upcast(logprobs)
+                    rollout[1, rows] = upcast(reference_logprobs(reference, input_ids[rows], attention_mask[rows], prompt_length))
                     if not critic_free:
                         rollout[2, rows] = values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
         parallel.all_reduce_sum(rollout, grid.dp_group)
@@ -1354,18 +1495,21 @@ def main(args: Args):
         # step; only the last micro-batch's backward communicates. Under --pp the 1F1B schedule
         # runs the micro-batches through the stages and the last stage computes the loss.
         statistics, first_minibatch_log_ratio = [], 0.0
+        minibatch_loss = torch.zeros(1, dtype=torch.float64, device=device)  # this rank's part of the minibatch's loss
 
         def micro_batch_loss(logprobs, entropy, values, rows, normaliser: float, first_minibatch: bool):
             """The loss to back-propagate for one micro-batch; records its statistics."""
             nonlocal first_minibatch_log_ratio
-            loss, stats = ppo_losses(logprobs.float(), old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
+            logprobs, entropy = upcast(logprobs), upcast(entropy)
+            loss, stats = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
                                      None if critic_free else returns[rows], mask[rows], args, normaliser)
             if args.entropy_coef:
-                loss = loss - args.entropy_coef * aggregate(entropy.float(), mask[rows], args.loss_aggregation, normaliser)
-            stats["policy/entropy"] = kernels.masked_mean(entropy.float(), mask[rows])
+                loss = loss - args.entropy_coef * aggregate(entropy, mask[rows], args.loss_aggregation, normaliser)
+            stats["policy/entropy"] = kernels.masked_mean(entropy, mask[rows])
             statistics.append({k: float(v.detach()) for k, v in stats.items()})
+            minibatch_loss.add_(loss.detach())
             if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
-                log_ratio = torch.where(mask[rows], logprobs.float() - old_logprobs[rows], 0.0).abs().max().item()
+                log_ratio = torch.where(mask[rows], logprobs - old_logprobs[rows], 0.0).abs().max().item()
                 first_minibatch_log_ratio = max(first_minibatch_log_ratio, log_ratio)
             return loss * ranks
 
@@ -1379,7 +1523,7 @@ def main(args: Args):
                     def loss_fn(hidden, micro_batch):  # on the last stage
                         rows = micro_batch["rows"]
                         logprobs, entropy, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
-                        values = None if critic_free else value_head(hidden).squeeze(-1).float()
+                        values = None if critic_free else upcast(value_head(hidden).squeeze(-1))
                         return micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch)
 
                     with autocast:
@@ -1391,7 +1535,13 @@ def main(args: Args):
                                 logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
                                 values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
                             micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch).backward()
-                wrapper.clip_grad_norm_(args.max_grad_norm)
+                loss = parallel.all_reduce_sum(parallel.all_reduce_sum(minibatch_loss, grid.dp_group), grid.pp_group).item()
+                minibatch_loss.zero_()
+                grad_norm = wrapper.clip_grad_norm_(args.max_grad_norm)
+                if not math.isfinite(loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+                    fail(f"the loss is {loss} and the gradient norm {float(grad_norm)} at update {update + 1} "
+                         f"(PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1}), so the step would wreck "
+                         "the policy; lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
@@ -1407,8 +1557,8 @@ def main(args: Args):
         statistics = [s for group in range(0, len(statistics), micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
         metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
         metrics.update({
-            "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.float().mean().item(),
-            "objective/response_length": mask.sum(-1).float().mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
+            "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.to(dtype).mean().item(),
+            "objective/response_length": mask.sum(-1).to(dtype).mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
             "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank),
             **{f"time/{phase}_s": seconds for phase, seconds in phase_seconds.items()},
         })
