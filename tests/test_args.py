@@ -16,7 +16,7 @@ import typing
 
 import pytest
 
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, run_script, save_tiny_model, torchrun
 
 SCRIPTS = ["sft", "reward_model", "ppo", "ilql"]
 BASE = {"ppo": dict(model="runs/sft")}  # ppo has no default policy: the flags it needs, no more
@@ -104,3 +104,22 @@ def test_under_torchrun_rank_0_alone_prints_and_every_rank_exits_1(tmp_path):
     assert errors == ["error: --batch-size 7 does not split over 2 data-parallel ranks; make it a multiple of 2"], result.stderr[-3000:]
     assert "exitcode  : 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
+    """The first multi-process command a user types: no batch or micro-batch flag, 2 processes.
+    Only the run length is cut (and ppo is given the policy it needs), to keep the suite short."""
+    import sft
+
+    policy = save_tiny_model(tmp_path / "policy", tokenizer=sft.randomwalks_tokenizer())
+    commands = {
+        "sft.py": ["--num-epochs", "1", "--eval-samples-per-start", "2"],
+        "reward_model.py": ["--num-epochs", "1", "--randomwalks-pairs", "256"],
+        "ppo.py": ["--model", policy, "--num-updates", "1", "--eval-samples-per-start", "2"],
+        "ilql.py": ["--num-epochs", "1", "--eval-samples-per-start", "2", "--eval-betas", "1"],
+    }
+    for script, flags in commands.items():
+        result = torchrun(script, *flags, "--output-dir", str(tmp_path / script), cwd=tmp_path)
+        assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
+        assert result.stdout.count("saved ") == 1, f"{script}: rank 0 alone reports"
+        assert "2 data-parallel rank(s)" in result.stdout, f"{script} does not print its derived sizes"
