@@ -1306,6 +1306,7 @@ def main(args: Args):
         tokens_seen += sum(len(ids) for ids, _, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(losses["loss"]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            progress.close()  # the bar would otherwise print again at exit, after the error
             fail(f"the loss is {losses['loss']} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
                  "training would learn nothing; lower --learning-rate or --beta, or check the rewards and --max-length")
         optimizer.step()

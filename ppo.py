@@ -1539,6 +1539,7 @@ def main(args: Args):
                 minibatch_loss.zero_()
                 grad_norm = wrapper.clip_grad_norm_(args.max_grad_norm)
                 if not math.isfinite(loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+                    progress.close()  # the bar would otherwise print again at exit, after the error
                     fail(f"the loss is {loss} and the gradient norm {float(grad_norm)} at update {update + 1} "
                          f"(PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1}), so the step would wreck "
                          "the policy; lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)")

@@ -797,6 +797,7 @@ def main(args: Args):
         tokens_seen += sum(len(ids) for ids, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            progress.close()  # the bar would otherwise print again at exit, after the error
             fail(f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
                  "would learn nothing; lower --learning-rate, or check the data and --max-length")
         optimizer.step()

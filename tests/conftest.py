@@ -1,12 +1,15 @@
 """Shared test helpers: tiny models and tokenizers built in code, so no test needs the network."""
 
-import contextlib
 import json
 import math
+import multiprocessing
 import os
-import signal
+import runpy
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,12 +23,109 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("KERNELS_COMPILE", "0")
 
 
+# ---------------------------------------------------------------------------------------------
+# Launching the scripts. A test runs a script as a user does, `python script.py FLAGS` or the N
+# processes `torchrun --nproc_per_node N` starts, each with its own argv, environment (RANK,
+# WORLD_SIZE, MASTER_ADDR/PORT as torchrun sets them), working directory and stdout/stderr, the
+# script run as __main__ from its file. The processes are forked from a server that has imported
+# torch and transformers once (multiprocessing's forkserver, which runs no torch op, so its
+# children start with no threads): a fresh interpreter spends about 4 s of CPU on those imports,
+# and that was most of the suite's time. Real interpreters and real torchrun are still tested
+# where they are the subject: importing a script (test_layout), `torchrun()` below (test_args),
+# and two nodes joined by rendezvous (test_sft).
+# ---------------------------------------------------------------------------------------------
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(["torch", "torch.distributed", "numpy", "tqdm", "tyro", "tokenizers", "safetensors.torch",
+                                "transformers", "transformers.modeling_utils", "transformers.models.gpt2.modeling_gpt2",
+                                "transformers.models.llama.modeling_llama", "transformers.models.gpt_neox.modeling_gpt_neox"])
+
+
+def _run_as_main(script: str, argv: list, env: dict, cwd: str, stdout_path: str, stderr_path: str):
+    """In a forked process: become `python script argv...` started in cwd with env."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    if "OMP_NUM_THREADS" in env:  # read once by torch's import, in the server: apply it here
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = [script, *argv]
+    sys.path[0] = os.path.dirname(script)  # where `python script.py` looks for imports first
+    runpy.run_path(script, run_name="__main__")
+
+
+class Job:
+    """A script running as `nproc` processes (1: plain `python script.py`), started at once."""
+
+    def __init__(self, script: str, *argv, nproc: int = 1, cwd=None, env=None):
+        self.folder = tempfile.mkdtemp(prefix="job-")
+        env = {**os.environ, **(env or {})}
+        if nproc > 1:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            env.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        self.processes = []
+        for rank in range(nproc):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else env
+            paths = (os.path.join(self.folder, f"{rank}.out"), os.path.join(self.folder, f"{rank}.err"))
+            process = _SERVER.Process(target=_run_as_main, args=(os.path.join(ROOT, script), [str(a) for a in argv], rank_env, str(cwd or os.getcwd()), *paths))
+            process.start()
+            self.processes.append(process)
+
+    def running(self) -> bool:
+        return any(process.is_alive() for process in self.processes)
+
+    def kill(self):
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.join()
+
+    def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Wait for every process, as torchrun does: when one fails, the others are killed (they
+        would wait on it until the collective timeout). stdout and stderr are the ranks' outputs in
+        rank order; the return code is the first failing rank's (0 if none)."""
+        deadline = time.time() + timeout
+        while self.running() and not any(process.exitcode for process in self.processes):
+            if time.time() > deadline:
+                self.kill()
+                raise subprocess.TimeoutExpired(str(self.processes), timeout)
+            time.sleep(0.05)
+        failed = [process.exitcode for process in self.processes if process.exitcode]
+        self.kill()  # a no-op for processes that have exited
+        outputs = []
+        for suffix in ("out", "err"):
+            outputs.append("".join(open(os.path.join(self.folder, f"{rank}.{suffix}"), errors="replace").read() for rank in range(len(self.processes))))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return subprocess.CompletedProcess(self.processes, failed[0] if failed else 0, *outputs)
+
+
 def run_script(*argv, cwd=None, env=None, timeout=600):
-    """Run one of the top-level scripts in a fresh interpreter, as a user would."""
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
+    """Run one of the top-level scripts in one process, as `python script.py FLAGS` does."""
+    return Job(*argv, cwd=cwd, env=env).wait(timeout)
+
+
+def run_ranks(script, *flags, nproc=2, cwd=None, timeout=600):
+    """Run a script as the `nproc` processes `torchrun --nproc_per_node nproc` starts on one machine (gloo on CPU)."""
+    return Job(script, *flags, nproc=nproc, cwd=cwd).wait(timeout)
+
+
+def torchrun(script, *flags, nproc=2, cwd=None, timeout=600):
+    """Launch a script with the real torchrun (its launcher and workers are fresh interpreters)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, script), *flags]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def kill_when(job: Job, path, what: str = "the run"):
+    """SIGKILL every process of a job as soon as `path` exists; fail if the job ends first."""
+    deadline = time.time() + 300
+    while not path.exists():
+        assert job.running() and time.time() < deadline, f"{what} ended before it could be killed"
+        time.sleep(0.02)
+    job.kill()
 
 
 def run_and_kill(script, flags, tmp_path, checkpoint):
@@ -34,14 +134,7 @@ def run_and_kill(script, flags, tmp_path, checkpoint):
     reference = run_script(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags, "--output-dir", str(killed)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / checkpoint).exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_when(Job(script, *flags, "--output-dir", str(killed), cwd=tmp_path), killed / "checkpoints" / checkpoint)
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
     return tmp_path / "reference", killed
 
@@ -167,12 +260,6 @@ def fake_vader(monkeypatch):
     clear()
 
 
-def torchrun(script, *flags, nproc=2, cwd=None, timeout=600, extra=()):
-    """Launch a script as torchrun would on one machine with `nproc` processes (gloo on CPU)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *extra, os.path.join(ROOT, script), *flags]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def write_text_examples(path, n=48, seed=0):
     """n prompt/completion records in the jsonl format, from the fixture vocabulary, so data
     parallel tests have enough examples to split over ranks."""
@@ -188,63 +275,17 @@ def write_text_examples(path, n=48, seed=0):
     return str(path)
 
 
-def process_tree(pid: int) -> list:
-    """pid and every process below it, read from /proc (Linux)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as file:
-                    parents[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass  # gone meanwhile
-    tree, frontier = [pid], [pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == pid]
-        tree += children
-        frontier += children
-    return tree
-
-
-def kill_launcher_and_workers(launcher: subprocess.Popen):
-    """SIGKILL a torchrun launcher started with start_new_session=True and all its workers, and wait
-    until they are gone. torchrun starts every worker in a session of its own, so killing the
-    launcher's process group alone leaves the workers running (they would finish the run)."""
-    tree = process_tree(launcher.pid)
-    for pid in tree:
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    launcher.wait()
-    deadline = time.time() + 30
-    for pid in tree[1:]:
-        while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
-            with contextlib.suppress(OSError):
-                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break  # dead, waiting for its new parent to reap it
-            time.sleep(0.02)
-
-
 def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
-    """kill_and_resume under torchrun: an uninterrupted nproc-process run; a second one whose
-    launcher and workers are all SIGKILLed as soon as checkpoints/<checkpoint> exists (each rank's
-    file included); its resumption with the same flags. Returns (uninterrupted, resumed) run dirs."""
-    reference = torchrun(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
+    """kill_and_resume on nproc processes: an uninterrupted run; a second one whose processes are
+    all SIGKILLed as soon as checkpoints/<checkpoint> exists (each rank's file included); its
+    resumption with the same flags. Returns (uninterrupted, resumed) run dirs."""
+    reference = run_ranks(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, script), *flags, "--output-dir", str(killed)]
-    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / checkpoint).exists():
-        assert launcher.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    kill_launcher_and_workers(launcher)
+    kill_when(Job(script, *flags, "--output-dir", str(killed), nproc=nproc, cwd=tmp_path), killed / "checkpoints" / checkpoint)
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
     assert sorted(p.name for p in (killed / "checkpoints" / checkpoint).glob("rank_*.pt")) == [f"rank_{r}.pt" for r in range(nproc)]
-    resumed = torchrun(script, *flags, "--resume", str(killed), nproc=nproc, cwd=tmp_path)
+    resumed = run_ranks(script, *flags, "--resume", str(killed), nproc=nproc, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     return tmp_path / "reference", killed

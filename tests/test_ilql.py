@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT
 
 import ilql
 import parallel
-from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, torchrun,
+from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, run_ranks,
                       torchrun_kill_and_resume)
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
@@ -619,7 +619,7 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, randomwalk
     by design (each rank samples from seed + rank)."""
     single, expected = one_process_run()
     for stage in (0, 1, 2, 3):
-        run = torchrun("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, "--zero-stage", str(stage),
+        run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, "--zero-stage", str(stage),
                        "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
@@ -638,7 +638,7 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, randomwalks_ll
     and data parallel under ZeRO-2 over what remains: the greedy evaluation, the saved dense LM and
     the heads (target heads included) of one process."""
     single, expected = one_process_run()
-    run = torchrun("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *flags, "--output-dir", str(tmp_path / "run"),
+    run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *flags, "--output-dir", str(tmp_path / "run"),
                    nproc=nproc, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
@@ -653,7 +653,7 @@ def test_lora_and_frozen_layers_under_parallelism_match_one_process(tmp_path, ra
     bottom layer frozen under pipeline parallelism (a first stage with nothing to train) and under
     tensor parallelism (frozen on the split layers): the saved LM and heads of one process."""
     single, expected = one_process_run(*variant)
-    run = torchrun("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *variant, *layout,
+    run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *variant, *layout,
                    "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_math(single, tmp_path / "run", expected)

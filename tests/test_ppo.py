@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import kernels
 import ppo
 from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, run_and_kill, run_script, save_tiny_model,
-                      text_tokenizer, tiny_config, torchrun, torchrun_kill_and_resume)
+                      text_tokenizer, tiny_config, run_ranks, torchrun_kill_and_resume)
 
 
 @pytest.fixture(scope="module")
@@ -482,7 +482,7 @@ GRPO = ["--advantage", "grpo", "--samples-per-prompt", "2"]
 @pytest.mark.parametrize("stage, variant", [(0, SCALED_REWARDS), (1, ["--lora-rank", "4"]), (2, GRPO), (3, HYDRA)])
 def test_two_ranks_equal_one_process(tmp_path, walk_policy, text_reward, one_process, stage, variant):
     flags = data_parallel_flags(walk_policy, text_reward, *variant)
-    result = torchrun("ppo.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    result = run_ranks("ppo.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved ") == 1  # rank 0 alone reports
     assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
@@ -508,7 +508,7 @@ def test_tensor_parallel_hydra_equals_one_process(tmp_path, walk_policy, text_re
     """--tp 2: the policy split over two ranks, its Hydra reference sharing the frozen shards, log-probs
     over the vocabulary shards of the tied head, the value head whole on both ranks."""
     flags = data_parallel_flags(walk_policy, text_reward, *HYDRA)
-    result = torchrun("ppo.py", *flags, "--tp", "2", "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    result = run_ranks("ppo.py", *flags, "--tp", "2", "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
 
@@ -532,6 +532,6 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, text_reward
     reference copy and critic-free GRPO advantages."""
     policy = save_tiny_model(tmp_path / "llama", "llama", tokenizer=ppo.randomwalks_tokenizer())
     flags = data_parallel_flags(policy, text_reward, *GRPO, "--num-updates", "2")
-    result = torchrun("ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path)
+    result = run_ranks("ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_runs_agree(one_process(flags), tmp_path / "four", policy)

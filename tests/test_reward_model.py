@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import parallel
 import reward_model as rm
 from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, save_tiny_model,
-                      torchrun, torchrun_kill_and_resume)
+                      run_ranks, torchrun_kill_and_resume)
 
 
 def quick_args(tmp_path, **overrides):
@@ -381,11 +381,11 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs
     single, expected = one_process_run
     for stage in (0, 1, 2, 3):
-        run = torchrun("reward_model.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        run = run_ranks("reward_model.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         assert_same_run(expected, single, tmp_path / f"zero{stage}", f"ZeRO-{stage}")
-    odd = torchrun("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
+    odd = run_ranks("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
     assert odd.returncode != 0 and "--micro-batch-size 2 does not divide a rank's share of the batch (--batch-size 6 / 2 rank(s) = 3)" in odd.stderr
     assert not (tmp_path / "odd").exists()
 
@@ -401,7 +401,7 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, pairs_run_inpu
     data parallel under ZeRO-1 over what remains, on 2 and 4 processes: the eval metrics, the saved
     dense reward model and its score statistics of one process."""
     single, expected = one_process_run
-    run = torchrun("reward_model.py", *DATA_PARALLEL_FLAGS, *pairs_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    run = run_ranks("reward_model.py", *DATA_PARALLEL_FLAGS, *pairs_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved ") == 1, "only rank 0 reports"
     assert_same_run(expected, single, tmp_path / "run", " ".join(flags))

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import FIXTURES, ROOT, SAME_MATH, assert_same_weights, damage, run_and_kill, run_script, save_tiny_model, text_tokenizer, torchrun, write_text_examples, max_weight_difference, torchrun_kill_and_resume
+from conftest import FIXTURES, ROOT, SAME_MATH, assert_same_weights, damage, run_and_kill, run_script, save_tiny_model, text_tokenizer, run_ranks, write_text_examples, max_weight_difference, torchrun_kill_and_resume
 
 
 def quick_args(tmp_path, **overrides):
@@ -294,7 +294,7 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_i
     flags = DATA_PARALLEL_FLAGS + text_run_inputs
     single, expected = one_process_run
     for stage in (0, 1, 2, 3):
-        run = torchrun("sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        run = run_ranks("sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())["eval/loss"]
@@ -314,7 +314,7 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, text_run_input
     same saved dense weights as one process (the tiny GPT-2 ties its embeddings, so the pipelined
     runs also exercise the tied copy on the first and last stage)."""
     single, expected = one_process_run
-    run = torchrun("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    run = run_ranks("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/loss"] == pytest.approx(expected, rel=SAME_MATH)
     assert max_weight_difference(single, tmp_path / "run") < SAME_MATH
@@ -334,7 +334,7 @@ def test_two_nodes_equal_one_node(tmp_path, text_run_inputs):
     """Multi-node launch as on a cluster, here two 'nodes' of one process each on loopback with
     c10d rendezvous: the same run as one launcher with two processes."""
     flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "1"]
-    one_node = torchrun("sft.py", *flags, "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
+    one_node = run_ranks("sft.py", *flags, "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
