@@ -126,6 +126,7 @@ def kill_when(job: Job, path, what: str = "the run"):
         assert job.running() and time.time() < deadline, f"{what} ended before it could be killed"
         time.sleep(0.02)
     job.kill()
+    shutil.rmtree(job.folder, ignore_errors=True)
 
 
 def run_and_kill(script, flags, tmp_path, checkpoint):

@@ -474,8 +474,6 @@ def assert_resumed_bitwise(reference, resumed):
 # (a sharded reference copy) to the same one-process run.
 SCALED_REWARDS = ["--scale-rewards", "--target-kl", "1"]
 HYDRA = ["--num-layers-unfrozen", "1"]
-
-
 GRPO = ["--advantage", "grpo", "--samples-per-prompt", "2"]
 
 
