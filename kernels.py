@@ -186,6 +186,24 @@ def _incoming_grads(grad_logprob, grad_entropy, ignored, n, dtype):
 
 
 # -----------------------------------------------------------------------------
+# autocast: the backward recomputes what the forward computed, so it must run under the same
+# autocast state. The scripts call .backward() after leaving their autocast block; a backward
+# that recomputed the logits in fp32 against a logsumexp of bf16 logits would be off by several
+# percent on sharp logits. torch.amp.custom_fwd/custom_bwd do this for one device type fixed at
+# decoration; these two helpers take it from the input, so one function serves CPU and CUDA.
+
+
+def _autocast_state(x):
+    device_type = x.device.type
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast_as_in_forward(state):
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+# -----------------------------------------------------------------------------
 # log-probs when the full logits already exist
 
 
@@ -211,6 +229,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
         entropy = torch.cat(entropy) if with_entropy else None
         ctx.save_for_backward(logits, target, ignored, lse, entropy)
         ctx.options = (temperature, chunk_size, compile)
+        ctx.autocast = _autocast_state(logits)
         logprob = logprob.view(labels.shape)
         return (logprob, entropy.view(labels.shape)) if with_entropy else logprob
 
@@ -223,13 +242,14 @@ class _LogprobsFromLogits(torch.autograd.Function):
         grad_logprob, grad_entropy = _incoming_grads(grad_logprob, grad_entropy, ignored, x.shape[0], lse.dtype)
         grad_fn = _maybe_compile(_chunk_grad, compile)
         grad_x = torch.empty_like(x)
-        for r in range(0, x.shape[0], chunk_size):
-            rows = slice(r, r + chunk_size)
-            grad_x[rows] = grad_fn(
-                x[rows], None, None, target[rows], temperature, lse[rows], grad_logprob[rows],
-                grad_entropy[rows] if grad_entropy is not None else None,
-                entropy[rows] if grad_entropy is not None else None,
-            )
+        with _autocast_as_in_forward(ctx.autocast):
+            for r in range(0, x.shape[0], chunk_size):
+                rows = slice(r, r + chunk_size)
+                grad_x[rows] = grad_fn(
+                    x[rows], None, None, target[rows], temperature, lse[rows], grad_logprob[rows],
+                    grad_entropy[rows] if grad_entropy is not None else None,
+                    entropy[rows] if grad_entropy is not None else None,
+                )
         return grad_x.view(logits.shape), None, None, None, None, None, None
 
 
@@ -283,12 +303,18 @@ class _FusedLogprobs(torch.autograd.Function):
 
         ctx.save_for_backward(hidden, weight, bias, target, ignored, lse, entropy)
         ctx.options = (temperature, chunk_size, vocab_chunk_size, group, compile)
+        ctx.autocast = _autocast_state(hidden)
         logprob = logprob.view(labels.shape)
         return (logprob, entropy.view(labels.shape)) if with_entropy else logprob
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprob, grad_entropy=None):
+        with _autocast_as_in_forward(ctx.autocast):
+            return _FusedLogprobs._backward(ctx, grad_logprob, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logprob, grad_entropy):
         hidden, weight, bias, target, ignored, lse, entropy = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk_size, group, compile = ctx.options
         need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
@@ -476,8 +502,10 @@ def masked_var(x, mask, unbiased=True, dim=None):
 
 def masked_whiten(x, mask, shift_mean=True):
     """(x - mean) * rsqrt(var + 1e-8) with mean and biased variance over the real tokens of the
-    whole tensor, as TensorFlow-era RLHF code and TRL do. shift_mean=False adds the mean back
-    (rescale only). Masked positions come out as 0. Returns x's shape and dtype.
+    whole tensor, as lm-human-preferences' `whiten` does (tf.nn.moments, biased). TRL's
+    `masked_whiten` divides by the unbiased variance instead: a factor n / (n - 1) apart, which
+    for the thousands of tokens of a batch is a few parts in 10^4. shift_mean=False adds the mean
+    back (rescale only). Masked positions come out as 0. Returns x's shape and dtype.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     mask = mask.bool()
