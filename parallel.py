@@ -382,7 +382,7 @@ class DataParallel(nn.Module):
         updated slices and every stage clears the gradient buffers for the next batch. A module
         with nothing to train (a pipeline stage of frozen layers, as under Hydra) gets an optimizer
         over an empty placeholder, so that its rank runs the same loop as the others."""
-        parameters = self.optimizer_parameters() or [nn.Parameter(torch.zeros(0, device=next(self.module.parameters()).device))]
+        parameters = self.optimizer_parameters() or [nn.Parameter(torch.zeros(0, device=_module_device(self.module)))]
         optimizer = optimizer_class(parameters, **kwargs)
         optimizer.register_step_post_hook(lambda *_: self._after_step())
         return optimizer
@@ -424,10 +424,16 @@ class DataParallel(nn.Module):
         else:
             parameters = self.optimizer_parameters()
             weights = [self._norm_weight(p) for p in parameters]
-        return _clip_grads(parameters, max_norm, groups, weights)
+        return _clip_grads(parameters, max_norm, groups, weights, _module_device(self.module))
 
 
-def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Optional[list] = None) -> torch.Tensor:
+def _module_device(module: nn.Module) -> torch.device:
+    """Where a module lives (its first parameter or buffer): where the tensors it sends to a
+    collective must be, even on a rank with nothing to train (NCCL refuses CPU tensors)."""
+    return next(iter(list(module.parameters()) + list(module.buffers()))).device
+
+
+def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Optional[list] = None, device=None) -> torch.Tensor:
     """Global-norm clipping of the parameters' gradients. When nothing is split over other ranks
     (no groups), torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was
     without the wrapper. Otherwise each rank sums its squared gradients, each parameter (or element)
@@ -436,7 +442,9 @@ def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Option
     if not groups:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     pairs = [(p.grad.detach(), w) for p, w in zip(parameters, weights or [1.0] * len(parameters)) if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64, device=pairs[0][0].device if pairs else None)
+    # On the module's device even where this rank has no gradient (Hydra's frozen first pipeline
+    # stage), since the sum still goes through the collective.
+    squares = torch.zeros((), dtype=torch.float64, device=device if device is not None else pairs[0][0].device)
     for g, weight in pairs:
         squares += (g.double().square() * weight).sum()
     for group in groups:
@@ -452,7 +460,7 @@ def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Option
 # ZeRO-3: parameters sharded too, gathered one block at a time
 # ---------------------------------------------------------------------------------------------
 class _FlatShard:
-    """Parameters of one unit that share requires_grad, stored as this rank's slice of their
+    """Parameters of one unit that share requires_grad and dtype, stored as this rank's slice of their
     flattened concatenation. Gathering all-gathers the slices into a full flat buffer that the
     module's parameters are views of; freeing resizes that buffer's storage to zero, which empties
     the parameters without replacing them (autograd's saved references stay valid and see the
@@ -587,8 +595,10 @@ class FullyShardedDataParallel(nn.Module):
             if not params:
                 continue
             new = [p for p in dict.fromkeys(params) if p not in owner]
-            for trainable in (True, False):
-                members = [p for p in new if p.requires_grad == trainable]
+            # One flat buffer per (trainable, dtype): a frozen model may keep its matmul weights
+            # in bf16 beside fp32 norms (ppo.py's reference under --dtype bf16).
+            for trainable, dtype in dict.fromkeys((p.requires_grad, p.dtype) for p in new):
+                members = [p for p in new if p.requires_grad == trainable and p.dtype == dtype]
                 if members:
                     flat = _FlatShard(members, group, self.world, self.rank)
                     self.flat_shards.append(flat)
@@ -718,7 +728,7 @@ class FullyShardedDataParallel(nn.Module):
         return optimizer
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return _clip_grads(self.optimizer_parameters(), max_norm, [self.group] if self.world > 1 else [])
+        return _clip_grads(self.optimizer_parameters(), max_norm, [self.group] if self.world > 1 else [], device=_module_device(self.module))
 
 
 def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0, tp_group: Optional[dist.ProcessGroup] = None,
@@ -830,7 +840,9 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group, self.gather_output = group, gather_output
         self.conv1d = conv1d  # the dense layer was GPT-2's Conv1D: saved transposed, as [in, out]
-        self.register_buffer("rows", rows.clone(), persistent=False)
+        # With the weights (data parallel broadcasts buffers, and NCCL takes only GPU tensors), but
+        # as given for weights on the meta device, which hold no data to index.
+        self.register_buffer("rows", rows if weight.is_meta else rows.to(weight.device), persistent=False)
         self.weight = nn.Parameter(weight.detach()[rows].clone())
         self.bias = nn.Parameter(bias.detach()[rows].clone()) if bias is not None else None
         for parameter in (self.weight, self.bias):
@@ -851,7 +863,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], columns: torch.Tensor, group, conv1d: bool = False):
         super().__init__()
         self.group, self.conv1d = group, conv1d
-        self.register_buffer("columns", columns.clone(), persistent=False)
+        self.register_buffer("columns", columns if weight.is_meta else columns.to(weight.device), persistent=False)  # as rows
         self.weight = nn.Parameter(weight.detach()[:, columns].clone())
         self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -882,11 +894,7 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_group(embedded, self.group)
 
 
-def _head_rows(first_head: int, heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
-    return torch.arange(offset + first_head * head_dim, offset + (first_head + heads) * head_dim)
-
-
-def tensor_parallel(model: nn.Module, group) -> nn.Module:
+def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device] = None) -> nn.Module:
     """Rewrite a Hugging Face causal LM of the GPT-2, Llama or GPT-NeoX family in place for tensor
     parallelism over `group`: attention q/k/v column-parallel with whole heads per rank (key/value
     heads too under GQA), the output projection row-parallel; MLP up (and gate) column-parallel,
@@ -894,7 +902,9 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
     vocabulary, with logits all-gathered so generate() and the HF loss see whole logits (log-prob
     code that can work on the shard passes lm_head.weight and tp_group to kernels.fused_logprobs
     instead). Heads are inferred from tensor shapes in these models' attention code, so only
-    GPT-2's split size needs updating. Every rank must load the same full weights first."""
+    GPT-2's split size needs updating. Every rank must load the same full weights first.
+    index_device: where the layers' index buffers go (default: with the weights), for a model
+    built on the meta device that will take real weights later."""
     if group is None:
         return model
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -907,13 +917,21 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     local_heads, local_kv = heads // world, kv_heads // world
-    q_rows = _head_rows(rank * local_heads, local_heads, head_dim)
-    kv_rows = _head_rows(rank * local_kv, local_kv, head_dim)
+    index_device = index_device or next(model.parameters()).device
+
+    def head_rows(first_head: int, heads: int, head_dim: int) -> torch.Tensor:
+        return torch.arange(first_head * head_dim, (first_head + heads) * head_dim, device=index_device)
+
+    def rank_rows(size: int) -> torch.Tensor:  # this rank's contiguous 1/world of `size` rows
+        return torch.arange(rank * size // world, (rank + 1) * size // world, device=index_device)
+
+    q_rows = head_rows(rank * local_heads, local_heads, head_dim)
+    kv_rows = head_rows(rank * local_kv, local_kv, head_dim)
     family = config.model_type
 
     def split_mlp(up_names, down_name, mlp):
         size = getattr(mlp, down_name).weight.shape[1] if family != "gpt2" else getattr(mlp, down_name).weight.shape[0]
-        rows = torch.arange(rank * size // world, (rank + 1) * size // world)
+        rows = rank_rows(size)
         for name in up_names:
             layer = getattr(mlp, name)
             weight = layer.weight.t() if family == "gpt2" else layer.weight  # GPT-2's Conv1D stores [in, out]
@@ -947,7 +965,7 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
             attention = block.attention
             # query_key_value's rows are grouped per head as [q_h | k_h | v_h], so a rank's heads
             # are one contiguous block of rows.
-            rows = _head_rows(rank * local_heads, local_heads, 3 * head_dim)
+            rows = head_rows(rank * local_heads, local_heads, 3 * head_dim)
             attention.query_key_value = ColumnParallelLinear(attention.query_key_value.weight, attention.query_key_value.bias, rows, group)
             attention.dense = RowParallelLinear(attention.dense.weight, attention.dense.bias, q_rows, group)
             split_mlp(["dense_h_to_4h"], "dense_4h_to_h", block.mlp)
@@ -957,7 +975,7 @@ def tensor_parallel(model: nn.Module, group) -> nn.Module:
     head = model.get_output_embeddings()
     if head is None:  # a sequence-classification model: its small score head stays whole on every rank
         return model
-    vocab_rows = torch.arange(rank * config.vocab_size // world, (rank + 1) * config.vocab_size // world)
+    vocab_rows = rank_rows(config.vocab_size)
     new_head = ColumnParallelLinear(head.weight, head.bias, vocab_rows, group, gather_output=True)
     if getattr(config, "tie_word_embeddings", False):
         new_head.weight = model.get_input_embeddings().weight  # the same shard, still tied
@@ -1015,8 +1033,9 @@ def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> 
 #
 # No shapes are sent and nothing is padded beyond what the data loader does: an activation of a
 # micro-batch is [rows, seq_len, hidden], rows and seq_len are input_ids.shape on every stage,
-# hidden is the config's and the dtype that of the stage's parameters (the residual stream stays
-# in the parameters' dtype under autocast), so each receiver allocates the right buffer by itself
+# hidden is the config's and the dtype the widest of the stage's parameters (the residual stream
+# stays in the norms' and embeddings' dtype under autocast, also where a frozen copy keeps its
+# matmul weights in bf16), so each receiver allocates the right buffer by itself
 # and micro-batches of different lengths (the last, short one; length-bucketed batches) just work.
 #
 # Tied embeddings (GPT-2): the first stage keeps the token embedding, the last stage keeps the
@@ -1129,7 +1148,7 @@ class PipelineStage(nn.Module):
     def activation(self, micro_batch: dict) -> tuple:
         """(shape, dtype) of the hidden states a micro-batch sends between stages."""
         rows, length = micro_batch["input_ids"].shape
-        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        dtype = max((p.dtype for p in self.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)
         return (rows, length, self.config.hidden_size), dtype
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1463,7 +1482,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
     state = pipeline_state_dict(stage)  # this tensor-parallel rank's shards of every stage
     with torch.device("meta"):
         model = model_class._from_config(module.config, dtype=dtype)
-    tensor_parallel(model, tp_group)
+    tensor_parallel(model, tp_group, index_device=device)
     state = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
@@ -1471,7 +1490,6 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if module._rotary is not None:
         setattr(getattr(model, _PIPELINE_LAYOUT[module.config.model_type][0]), "rotary_emb", module._rotary)
-    model.to(device)  # the index buffers tensor_parallel made
     left = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
     assert not left, f"not gathered: {left}"
     return model.eval()

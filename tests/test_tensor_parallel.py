@@ -122,3 +122,35 @@ def test_tensor_parallel_model_equals_dense(family):
         assert result["generated"] == result["dense_generated"]
         assert result["local_parameters"] < 0.75 * result["dense_parameters"]
     assert results[0]["generated"] == results[1]["generated"]
+
+
+def meta_experiment(grid, family):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=64, eos_token_id=0))
+    parallel.tensor_parallel(model, grid.tp_group)
+    return [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.device.type != "meta"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_tensor_parallel_builds_every_tensor_where_the_model_is(family):
+    """A model on the meta device stands for one on a GPU: after the rewrite no tensor of it may be
+    on the CPU (the index buffers were, and data parallel's broadcast of buffers, which NCCL
+    refuses for CPU tensors, then crashed)."""
+    for elsewhere in spawn(2, meta_experiment, tp=2, family=family):
+        assert elsewhere == [], elsewhere
+
+
+def test_gradient_clipping_on_a_rank_with_nothing_to_train_stays_on_the_module_device(monkeypatch):
+    """Hydra's frozen first pipeline stage has no gradient, yet its squared-norm sum goes through
+    the pipeline group's all-reduce: it must be made on the module's device (it was on the CPU,
+    which NCCL refuses). A meta-device module stands for a GPU one; the collective is recorded."""
+    devices = []
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda tensor, group=None: devices.append(tensor.device))
+    frozen = torch.nn.Linear(4, 4, device="meta").requires_grad_(False)
+    wrapper = parallel.DataParallel(frozen, group=None, pp_group=object())
+    wrapper.clip_grad_norm_(1.0)
+    assert devices == [torch.device("meta")]
