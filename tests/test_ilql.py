@@ -1,6 +1,7 @@
 """ilql.py: each loss term against a hand-written loop, the target heads, generation, data, exact resume (past a damaged
 checkpoint too), bad input, and every parallel layout against one process in fp64."""
 
+import copy
 import json
 import math
 import os
@@ -246,6 +247,14 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
                 ids.append(token)
         assert response == reference
     assert generated != ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 0.0, 10, "cpu")  # the shift matters
+
+    # Under bf16 autocast (evaluation of a --dtype bf16 run) the heads still run in fp32, as in
+    # training: at beta 100 a bf16 error in Q - V would be multiplied by 100.
+    model, heads, head_dtypes = copy.deepcopy(model).float(), copy.deepcopy(heads).float(), []  # fp32 weights, as under --dtype bf16
+    heads.v_head.register_forward_hook(lambda module, inputs, output: head_dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ilql.generate(model, heads, tokenizer, prompts, 3, 100.0, 0.0, 10, "cpu")
+    assert head_dtypes and set(head_dtypes) == {torch.float32}
 
 
 # --- data ---------------------------------------------------------------------------------------
