@@ -445,6 +445,30 @@ def vader():
     return SentimentIntensityAnalyzer()
 
 
+@torch.no_grad()
+def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Continuations [B, <= max_new_tokens] of a left-padded batch, sampled token by token on the KV
+    cache from softmax(logits) and nothing else (model.generate() would also apply what the
+    checkpoint's generation_config.json asks, such as a repetition penalty); after EOS, padding."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    step_ids, cache, tokens = input_ids, None, []
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = output.cache
+        logits = output.logits[:, -1]
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, pad_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    return torch.stack(tokens, 1)
+
+
 def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
     prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
@@ -467,8 +491,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
         for number, start in tqdm.tqdm(my_batches, desc="sampling pairs", dynamic_ncols=True, disable=not grid.is_main):
             torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little") & (2**63 - 1))
             batch = tokenizer(repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True).to(device)
-            output = lm.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=pad_token_id)
-            mine.append((number, tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)))
+            output = sample(lm, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, tokenizer.eos_token_id, pad_token_id)
+            mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
     texts = [text for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part) for text in batch]
     scores = [vader().polarity_scores(text)["compound"] for text in texts]
     pairs, ties = [], 0

@@ -34,7 +34,6 @@ import tyro
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -454,19 +453,36 @@ def model_context(config):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """Completion token ids for each prompt (left-padded batch, KV cache), cut before the first EOS.
-    temperature 0 is greedy; otherwise plain sampling from the full distribution (no top-k / top-p)."""
+    """Completion token ids for each prompt, cut before the first EOS: a left-padded batch decoded
+    token by token on the KV cache, greedy at temperature 0, else sampled from
+    softmax(logits / temperature) and nothing else. (model.generate() would also apply what the
+    checkpoint's generation_config.json asks, a repetition penalty or banned n-grams, and the
+    evaluation would no longer measure the model's own distribution.)"""
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
     context = model_context(model.config)
     room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
     batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
-    # top_k=0 matters: left unset, generate() falls back to top-k 50, which is not the policy's distribution.
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = model.training
     model.eval()
-    output = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
+    for _ in range(max_new_tokens):
+        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = output.cache
+        logits = output.logits[:, -1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+        next_ids = logits.argmax(-1) if temperature == 0 else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == tokenizer.eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
+    output = torch.stack(tokens, 1).tolist()
     return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
 
 

@@ -115,6 +115,37 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
         assert torch.allclose(gradient, gradients[0], rtol=1e-10, atol=1e-13)
 
 
+def test_sentiment_sampling_is_the_models_own_whatever_its_generation_config_asks():
+    """The sentiment task's continuations come from the LM's own softmax, seed for seed the tokens
+    of a loop that re-runs the whole left-padded prefix each step, even when the checkpoint's
+    generation_config asks for a huge repetition penalty and no repeated token (which
+    model.generate() obeyed)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    tokenizer = rm.randomwalks_tokenizer()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 100.0, 1
+    batch = tokenizer(["b", "cde", "fg", "h"] * 2, return_tensors="pt", padding=True)
+    torch.manual_seed(1)
+    tokens = rm.sample(lm, batch["input_ids"], batch["attention_mask"], 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(tokens), dtype=torch.bool)
+    for t in range(tokens.shape[1]):
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        step = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+        assert torch.equal(tokens[:, t], step.masked_fill(finished, tokenizer.pad_token_id)), t
+        finished |= step == tokenizer.eos_token_id
+        ids, mask = torch.cat([ids, step[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert finished.all() or tokens.shape[1] == 12
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert any(len(set(text)) < len(text) for text in texts), "no continuation repeats a letter: the test would not see a penalty"
+
+
 # --- data parsers on upstream formats -----------------------------------------------------------
 def test_jsonl_pairs_with_margin():
     pairs = rm.load_pairs("jsonl", os.path.join(FIXTURES, "preference-pairs.jsonl"))

@@ -163,6 +163,32 @@ def test_smoke_run_with_wandb_offline(tmp_path):
     assert set(final_metrics(run_dir)) >= {"eval/loss", "eval/optimality_greedy", "eval/optimality_sampled", "eval/valid_walks_sampled"}
 
 
+def test_generation_is_the_models_own_whatever_its_generation_config_asks():
+    """A checkpoint whose generation_config asks for a huge repetition penalty and no repeated token
+    (instruct checkpoints often ship a penalty): model.generate() obeyed it, so the evaluation did
+    not measure the model's own distribution. sft.generate decodes by argmax at temperature 0, as
+    a loop that re-runs the whole prefix each step does, repeats included."""
+    from conftest import tiny_config
+
+    tokenizer = sft.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
+    prompts = ["b", "cde", "fg"]
+    completions = sft.generate(model, tokenizer, prompts, 12, 0.0, "cpu")
+    for prompt, completion in zip(prompts, completions):
+        ids, reference = tokenizer(prompt)["input_ids"], []
+        with torch.no_grad():
+            for _ in range(12):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                reference.append(token)
+                ids.append(token)
+        assert completion == reference
+    assert any(len(set(c)) < len(c) for c in completions), "no completion repeats a token: the test would not see a penalty"
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 def test_interrupted_checkpoint_write_is_not_picked_up(tmp_path):
     run_dir = tmp_path / "run"
