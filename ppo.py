@@ -49,10 +49,9 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tqdm
 import tyro
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
 import kernels
 import parallel
@@ -80,6 +79,11 @@ class Args:
     """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per response"""
     reward_device: Optional[str] = None
     """device of the reward model given by --reward-model (default: the policy's)"""
+    reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
+    """how scores are centred and scaled before the KL penalty weighs against them. reward-model: by a reward model's saved
+    reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a --reward-fn or a task
+    metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference policy's own samples, fixed for
+    the run (lm-human-preferences), so that beta weighs the same against any reward's scale"""
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
@@ -113,7 +117,8 @@ class Args:
     """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
 
     advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
-    """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline; grpo: group-normalised score; reinforce++: globally whitened returns"""
+    """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline (Ahmadian et al. 2024); grpo: group-normalised
+    score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally whitened returns (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
     num_updates: int = 100
@@ -148,13 +153,15 @@ class Args:
     """discount, in [0, 1] (1: none; 0: each token sees only its own reward)"""
     lam: float = 0.95
     """GAE lambda, in [0, 1] (0: one-step TD advantages; 1: Monte Carlo returns minus the value)"""
-    loss_aggregation: Literal["token", "sequence"] = "token"
-    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence)"""
+    loss_aggregation: Optional[Literal["token", "sequence"]] = None
+    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence); default token, and sequence
+    under --advantage grpo, as DeepSeekMath writes its objective"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
 
     init_kl_coef: float = 0.05
-    """initial KL penalty coefficient beta (0: no KL penalty, and then no --target-kl)"""
+    """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token penalty in the
+    reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
     target_kl: Optional[float] = None
     """adaptive KL controller target (per-sequence KL), positive; unset keeps beta fixed"""
     kl_horizon: int = 10000
@@ -202,7 +209,8 @@ def fail(message: str):
 
 def check_args(args: Args, world_size: int) -> Args:
     """Every flag, checked before anything is loaded or written: ranges, sizes that must divide,
-    and what depends on the number of processes. Returns the flags with --micro-batch-size settled."""
+    and what depends on the number of processes. Returns the flags with --micro-batch-size and
+    --loss-aggregation settled."""
 
     def require(ok: bool, flag: str, what: str):
         if not ok:
@@ -287,7 +295,8 @@ def check_args(args: Args, world_size: int) -> Args:
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
              f"or pass --resume {args.output_dir} to continue it")
-    return replace(args, micro_batch_size=micro_batch_size)
+    loss_aggregation = args.loss_aggregation or ("sequence" if args.advantage == "grpo" else "token")
+    return replace(args, micro_batch_size=micro_batch_size, loss_aggregation=loss_aggregation)
 
 
 def holds_run(folder: str) -> bool:
@@ -719,6 +728,23 @@ def copy_model(model, memo: Optional[dict] = None):
     return copy.deepcopy(model, memo)
 
 
+def reference_copy(policy, bf16_matmul_weights: bool):
+    """A frozen full copy of the policy: the reference. With bf16_matmul_weights (--dtype bf16)
+    the weights that only enter matmuls (linear layers, an untied LM head) are stored in bf16: half
+    their memory, and no change to what the reference computes, since autocast casts the policy's
+    fp32 copies to the same bf16 values before every matmul. Embeddings, norms and biases stay as
+    the policy's (a whole-bf16 copy would carry its residual stream in bf16), so at the first
+    rollout the reference computes bitwise what the policy does, and the KL is exactly 0."""
+    reference = copy_model(policy).requires_grad_(False).eval()
+    if bf16_matmul_weights:
+        embedding = reference.get_input_embeddings().weight  # a tied LM head is this table: it stays fp32
+        for module in reference.modules():
+            matmul = isinstance(module, (torch.nn.Linear, parallel.ColumnParallelLinear, parallel.RowParallelLinear))
+            if (matmul or type(module).__name__ == "Conv1D") and module.weight is not embedding:
+                module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    return reference
+
+
 def hydra_owned(reference, policy) -> torch.nn.Module:
     """The modules of a Hydra reference that hold its own copied parameters (top blocks, final norm,
     untied head), in one container: what ZeRO-3 shards for the reference. The shared trunk is the
@@ -873,19 +899,23 @@ def token_rewards(scores, kl, mask, beta: float):
 
 
 def critic_free_advantages(method: str, scores, kl, mask, beta: float, group_size: int, gamma: float):
-    """Advantages without a value function. rloo and grpo work on the sequence reward
-    R = score - beta * sum_t KL_t of each response and a baseline from the other responses to the
-    same prompt (rows i*group_size ... are one group); reinforce++ whitens per-token returns over
-    the whole batch."""
+    """Advantages without a value function, each as its paper has it; rows i*group_size ... are the
+    responses to one prompt, and every token of a response gets its sequence's advantage.
+    - rloo (Ahmadian et al. 2024, "Back to Basics"): the sequence reward R = score - beta * sum_t KL_t
+      minus the mean R of the other responses to the same prompt.
+    - grpo (Shao et al. 2024, DeepSeekMath 4.1.1, outcome supervision): (score - group mean) /
+      group std (unbiased). The KL is not in the advantage: it is a k3 term of the loss (ppo_losses).
+    - reinforce++ (Hu 2025): per-token rewards -beta * KL_t with the score on the last token,
+      discounted returns whitened over the whole batch."""
     if method == "reinforce++":
         returns, _ = kernels.gae(torch.zeros_like(kl), token_rewards(scores, kl, mask, beta), mask, gamma, 1.0)
         return kernels.masked_whiten(returns, mask)
-    sequence_reward = (scores.to(kl.dtype) - beta * torch.where(mask, kl, 0.0).sum(-1)).view(-1, group_size)
     if method == "rloo":
-        baseline = (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (group_size - 1)
-        advantage = sequence_reward - baseline
+        sequence_reward = (scores.to(kl.dtype) - beta * torch.where(mask, kl, 0.0).sum(-1)).view(-1, group_size)
+        advantage = sequence_reward - (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (group_size - 1)
     else:  # grpo
-        advantage = (sequence_reward - sequence_reward.mean(-1, keepdim=True)) / (sequence_reward.std(-1, keepdim=True) + 1e-8)
+        group = scores.to(kl.dtype).view(-1, group_size)
+        advantage = (group - group.mean(-1, keepdim=True)) / (group.std(-1, keepdim=True) + 1e-8)
     return torch.where(mask, advantage.view(-1, 1), 0.0)
 
 
@@ -899,8 +929,12 @@ def aggregate(loss, mask, aggregation: str, normaliser: float):
     return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args: Args, normaliser: float):
-    """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log."""
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args: Args, normaliser: float,
+               ref_logprobs=None, kl_coef: float = 0.0):
+    """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
+    With ref_logprobs (grpo), plus kl_coef times the k3 estimate of KL(policy || reference) of the
+    current policy, pi_ref / pi - log(pi_ref / pi) - 1 per token, whose gradient pulls the policy
+    back (DeepSeekMath's eq. 3-4)."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
@@ -917,6 +951,10 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
         clipped = (values - old_values).abs() > args.cliprange_value
         stats["value/clip_fraction"] = kernels.masked_mean(clipped.to(values.dtype), mask)
         stats["value/error"] = kernels.masked_mean((values - returns) ** 2, mask)
+    if ref_logprobs is not None:
+        kl = kl_per_token(logprobs, ref_logprobs, "k3")
+        loss = loss + kl_coef * aggregate(kl, mask, args.loss_aggregation, normaliser)
+        stats["policy/kl_loss"] = kernels.masked_mean(kl, mask)
     return loss, stats
 
 
@@ -933,15 +971,50 @@ def epoch_order(n: int, seed: int, epoch: int) -> list:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def restrict(logits, top_k: int, top_p: float):
+    """Logits with every token outside the k most likely (0: no limit) and outside the smallest set
+    of most likely tokens whose probability reaches top_p (1: no limit) set to -inf."""
+    if top_k:
+        kth_best = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already reach top_p (never the first)
+        logits = logits.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
+    return logits
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False):
-    """Responses [B, max_new_tokens] to left-padded prompts, with KV cache; rows that stop early are
-    padded. top_k=0 is passed explicitly: left unset, generate() would fall back to top-k 50."""
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
-    output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    responses = output[:, prompt_ids.shape[1] :]
-    return F.pad(responses, (0, args.max_new_tokens - responses.shape[1]), value=tokenizer.pad_token_id)
+    """Responses [B, max_new_tokens] to left-padded prompts, and the log-prob of each response
+    token under the distribution it was drawn from: softmax(logits / temperature) over the tokens
+    --top-k and --top-p keep. A short decode loop on the KV cache rather than model.generate(),
+    which would also apply what the checkpoint's generation_config.json asks (a repetition
+    penalty, banned n-grams, min_p, ...): sampling from a distribution that the trainer's
+    log-probs do not describe. Greedy takes the argmax. Rows that end with EOS are padded, with
+    log-prob 0, and the loop stops when every row has ended."""
+    rows, width = prompt_ids.shape[0], args.max_new_tokens
+    responses = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long, device=prompt_ids.device)
+    logprobs, finished = None, torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    step_ids, attention_mask, position_ids, cache = prompt_ids, prompt_mask, positions_from_mask(prompt_mask), None
+    for t in range(width):
+        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = output.cache
+        # Upcast, then divided by the temperature: the order kernels.fused_logprobs follows.
+        step_logprobs = torch.log_softmax(restrict(upcast(output.logits[:, -1]) / args.temperature, args.top_k, args.top_p), -1)
+        next_ids = step_logprobs.argmax(-1) if greedy else torch.multinomial(step_logprobs.exp(), 1).squeeze(-1)
+        if logprobs is None:
+            logprobs = torch.zeros(rows, width, dtype=step_logprobs.dtype, device=prompt_ids.device)
+        responses[:, t] = next_ids.masked_fill(finished, tokenizer.pad_token_id)
+        logprobs[:, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        finished |= next_ids == tokenizer.eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    return responses, logprobs
 
 
 def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
@@ -1177,8 +1250,7 @@ def main(args: Args):
         vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here, before anything is written
     policy, tokenizer = load_policy(args.model, device, dtype)
     reward_device = torch.device(args.reward_device) if args.reward_device else device
-    # Models that only run forward are stored in bf16 under --dtype bf16: half the memory, and the
-    # autocast forward would round their weights to bf16 anyway.
+    # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
     frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else dtype
     reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main, dtype=frozen_dtype) if args.reward_model else None
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
@@ -1186,11 +1258,11 @@ def main(args: Args):
     missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task in ("randomwalks", "sentiment") else 1.0)
 
     def raw_scores(prompts: list, responses: list) -> torch.Tensor:
-        """The score of each response before any penalty: reward model (normalised), user function, or task metric.
-        Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
+        """The score of each response as its source gives it: reward model, user function, or task
+        metric. Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
         if reward_model is not None:
-            model, rm_tokenizer, mean, std = reward_model
-            scores = (score(model, rm_tokenizer, prompts, responses) - mean) / std
+            model, rm_tokenizer, _, _ = reward_model
+            scores = score(model, rm_tokenizer, prompts, responses)
         elif reward_fn is not None:
             scores = checked_scores(reward_fn(prompts, responses), len(responses), f"--reward-fn {args.reward_fn}", dtype)
         elif args.task == "sentiment":
@@ -1198,6 +1270,18 @@ def main(args: Args):
         else:
             optimality = [walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)]
             scores = torch.tensor(optimality, dtype=dtype)
+        return scores
+
+    # (shift, scale) of the scores: the reward model's, or under first-batch measured on the first
+    # batch (None until then), and restored from a checkpoint.
+    reward_norm = {"shift": 0.0, "scale": 1.0}
+    if args.reward_normalization == "first-batch":
+        reward_norm = {"shift": None, "scale": None}
+    elif reward_model is not None:
+        reward_norm = {"shift": reward_model[2], "scale": reward_model[3]}
+
+    def normalized(scores: torch.Tensor) -> torch.Tensor:
+        scores = (scores - reward_norm["shift"]) / reward_norm["scale"]
         return scores.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip is not None else scores
 
     # 2. Policy, reference and value function; everything trained goes in one container, wrapped once
@@ -1214,7 +1298,7 @@ def main(args: Args):
     elif args.num_layers_unfrozen > 0:
         reference = make_hydra(policy, args.num_layers_unfrozen)
     else:
-        reference = copy_model(policy).requires_grad_(False).eval().to(frozen_dtype)
+        reference = reference_copy(policy, bf16_matmul_weights=args.dtype == "bf16")
     value_head = critic = None
     if not critic_free:
         if args.value_model:
@@ -1291,6 +1375,7 @@ def main(args: Args):
         optimizer.load_state_dict(rank_state["optimizer"])
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
+        reward_norm.update(state["reward_norm"])
         set_rng_states(rank_state["rng"])
         update, run_name, wandb_id = state["update"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
@@ -1328,9 +1413,9 @@ def main(args: Args):
                 for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, ranks, grid.dp_rank):
                     torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                     chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                    responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy), tokenizer.eos_token_id, tokenizer.pad_token_id)
+                    responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0], tokenizer.eos_token_id, tokenizer.pad_token_id)
                     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                    result = {"text": texts, "score": raw_scores(chunk_prompts, texts).tolist()}
+                    result = {"text": texts, "score": normalized(raw_scores(chunk_prompts, texts)).tolist()}
                     if args.task == "randomwalks":
                         result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
                     if args.task == "sentiment":  # the task's metric, whatever the reward
@@ -1343,9 +1428,9 @@ def main(args: Args):
                         if reward_model is not None:  # the trlX paper's metric: wins against the reference policy
                             if adapters:
                                 with adapters_disabled(adapters):
-                                    reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)
+                                    reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)[0]
                             else:
-                                reference_responses = generate(reference_sampler, prompt_ids, prompt_mask, args, tokenizer)
+                                reference_responses = generate(reference_sampler, prompt_ids, prompt_mask, args, tokenizer)[0]
                             reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
                             ours, theirs = raw_scores(chunk_prompts, texts), raw_scores(chunk_prompts, reference_texts)
                             result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
@@ -1410,17 +1495,24 @@ def main(args: Args):
         # 2-3. Each rank scores its chunks' decoded responses (truncated at the first EOS: what
         # follows is padding, excluded from every loss and statistic), then all are gathered.
         local = []
-        for (chunk, lo, hi), chunk_generated in zip(my_chunks, generated):
+        for (chunk, lo, hi), (chunk_generated, chunk_logprobs) in zip(my_chunks, generated):
             texts = tokenizer.batch_decode(truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
-            local.append((chunk_generated.cpu(), raw_scores(prompts[lo:hi], texts)))
+            local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), raw_scores(prompts[lo:hi], texts)))
         shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]  # chunk order
-        generated = torch.cat([g for g, _ in shares]).to(device)
+        generated = torch.cat([g for g, _, _ in shares]).to(device)
+        sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(device, dtype)
         responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
         input_ids = torch.cat([prompt_ids, responses], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        # A response that never ended pays the missing-EOS penalty.
-        scores = torch.cat([s for _, s in shares])
-        scores = scores - missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
+        # Scores normalised (under first-batch by the first batch itself); a response that never
+        # ended pays the missing-EOS penalty.
+        scores = torch.cat([s for _, _, s in shares])
+        if reward_norm["scale"] is None:
+            reward_norm.update(shift=scores.mean().item(), scale=scores.std().item() if scores.std() > 0 else 1.0)
+            if grid.is_main:
+                print(f"reward normalization: mean {reward_norm['shift']:.4g} and std {reward_norm['scale']:.4g} "
+                      f"of the first batch's {len(scores)} scores")
+        scores = normalized(scores) - missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
         raw_mean = scores.mean().item()
         phase_seconds["scoring"] = clock() - phase_started  # decoding and scoring, and the gather of every rank's chunks
         phase_started = clock()
@@ -1465,6 +1557,10 @@ def main(args: Args):
         parallel.all_reduce_sum(rollout, grid.pp_group)
         old_logprobs, ref_logprobs = rollout[0], rollout[1]
         old_values = None if critic_free else rollout[2]
+        # How far the sampler's log-probs are from the trainer's on the tokens it sampled: rounding
+        # (a cached decode sums in another order) in fp32, more in bf16, and the mass that --top-k
+        # and --top-p cut off. The number that tells when sampling has gone off-policy.
+        sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
         phase_seconds["logprobs"] = clock() - phase_started
         phase_started = clock()
 
@@ -1502,7 +1598,8 @@ def main(args: Args):
             nonlocal first_minibatch_log_ratio
             logprobs, entropy = upcast(logprobs), upcast(entropy)
             loss, stats = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
-                                     None if critic_free else returns[rows], mask[rows], args, normaliser)
+                                     None if critic_free else returns[rows], mask[rows], args, normaliser,
+                                     ref_logprobs[rows] if args.advantage == "grpo" else None, beta)
             if args.entropy_coef:
                 loss = loss - args.entropy_coef * aggregate(entropy, mask[rows], args.loss_aggregation, normaliser)
             stats["policy/entropy"] = kernels.masked_mean(entropy, mask[rows])
@@ -1560,7 +1657,7 @@ def main(args: Args):
         metrics.update({
             "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.to(dtype).mean().item(),
             "objective/response_length": mask.sum(-1).to(dtype).mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
-            "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank),
+            "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank), "policy/sampler_logprob_gap": sampler_logprob_gap,
             **{f"time/{phase}_s": seconds for phase, seconds in phase_seconds.items()},
         })
         if not critic_free:
@@ -1586,7 +1683,8 @@ def main(args: Args):
             }
             sharded = args.tp > 1 or args.pp > 1  # then every rank saves its own shard of the models
             shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
-                "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "args": asdict(args), "world_size": grid.world_size,
+                "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "reward_norm": dict(reward_norm),
+                "args": asdict(args), "world_size": grid.world_size,
                 "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None, **({} if sharded else model_state()),
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}

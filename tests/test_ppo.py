@@ -147,18 +147,107 @@ def test_critic_free_advantages_on_a_hand_computed_group():
     reward = [1.0 - 0.2, 2.0 - 0.2, 0.0, 3.0 - 0.1]  # score - beta * summed KL over real tokens; groups of 2
     rloo = ppo.critic_free_advantages("rloo", scores, kl, mask, beta, 2, 1.0)
     assert_close(rloo, [[reward[0] - reward[1]] * 2, [reward[1] - reward[0], 0.0], [reward[2] - reward[3]] * 2, [reward[3] - reward[2]] * 2], 1e-12)
+    # GRPO normalises the scores alone (the KL is a loss term): a group of two is +-1/sqrt(2) whatever its KL.
     grpo = ppo.critic_free_advantages("grpo", scores, kl, mask, beta, 2, 1.0)
-    def std(a, b):  # the unbiased std of two numbers
-        return abs(a - b) / math.sqrt(2)
-
-    first = (reward[0] - (reward[0] + reward[1]) / 2) / (std(reward[0], reward[1]) + 1e-8)
-    assert grpo[0].tolist() == pytest.approx([first, first], abs=1e-7) and grpo[1, 1].item() == 0.0
-    assert grpo[:2, 0].sum().item() == pytest.approx(0.0, abs=1e-9)
+    half = 1 / math.sqrt(2)  # (score - mean) / unbiased std for two scores
+    assert_close(grpo, [[-half, -half], [half, 0.0], [-half, -half], [half, half]], 1e-7)
     reinforce = ppo.critic_free_advantages("reinforce++", scores, kl, mask, beta, 2, 1.0)
     returns = torch.tensor([[-0.1 + 0.9, 0.9], [1.8, 0.0], [0.0, 0.0], [-0.05 + 2.95, 2.95]], dtype=torch.float64)  # gamma 1
     real = returns[mask]
     assert reinforce[mask].tolist() == pytest.approx(((real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8)).tolist(), abs=1e-12)
     assert reinforce[1, 1].item() == 0.0
+
+
+def test_grpo_keeps_the_kl_out_of_the_advantage_and_puts_k3_in_the_loss():
+    """DeepSeekMath's GRPO on a group of tied scores: every advantage is 0 whatever the KL (it
+    used to be the group-normalised KL, [1.02, -1.32, -0.15, 0.44] here: unit-scale noise), and
+    the loss is beta times the mean per-sequence k3 KL of the current policy."""
+    scores = torch.ones(4, dtype=torch.float64)
+    kl = torch.tensor([0.10, 0.30, 0.20, 0.15], dtype=torch.float64)[:, None]  # one-token responses
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    advantages = ppo.critic_free_advantages("grpo", scores, kl, mask, 0.05, 4, 1.0)
+    assert advantages.abs().max().item() == 0.0
+    args = ppo.check_args(ppo.Args(model="m", advantage="grpo", samples_per_prompt=4), 1)
+    assert args.loss_aggregation == "sequence"
+    logprobs = torch.tensor([[-1.0], [-2.0], [-0.5], [-3.0]], dtype=torch.float64)
+    ref_logprobs = logprobs - torch.tensor([[0.2], [-0.1], [0.0], [0.3]], dtype=torch.float64)
+    loss, stats = ppo.ppo_losses(logprobs, logprobs, advantages, None, None, None, mask, args, 4.0, ref_logprobs, 0.05)
+    k3 = [math.exp(-d) - 1 + d for d in (0.2, -0.1, 0.0, 0.3)]  # pi_ref / pi - log(pi_ref / pi) - 1
+    assert loss.item() == pytest.approx(0.05 * sum(k3) / 4, abs=1e-15)
+    assert stats["policy/kl_loss"].item() == pytest.approx(sum(k3) / 4, abs=1e-15)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_under_bf16_the_reference_is_the_policy_at_the_first_rollout(tmp_path, family):
+    """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
+    first rollout, before any step, is exactly 0 (with a whole-bf16 copy, whose residual stream,
+    embeddings and norms were bf16, it was not), in one process and under ZeRO-3, which shards the
+    reference's bf16 and fp32 parameters in separate buffers. GPT-2 ties its LM head to the
+    embedding (kept fp32); Llama's untied head goes bf16."""
+    policy = save_tiny_model(tmp_path / "policy", family, tokenizer=ppo.randomwalks_tokenizer())
+    args = quick_args(tmp_path, policy, dtype="bf16", num_updates=1)
+    ppo.main(args)
+    assert last_update(args.output_dir)["last_update"]["objective/kl"] == 0.0
+    flags = ["--model", policy, "--dtype", "bf16", "--num-updates", "1", "--batch-size", "8", "--mini-batch-size", "4",
+             "--eval-samples-per-start", "1", "--zero-stage", "3", "--output-dir", str(tmp_path / "zero3")]
+    result = run_ranks("ppo.py", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_update(tmp_path / "zero3")["last_update"]["objective/kl"] == 0.0
+
+
+def test_first_batch_reward_normalization_centres_and_scales_the_reference_samples(tmp_path, walk_policy):
+    """--reward-normalization first-batch: the scores of the first batch, the reference policy's own
+    samples (policy and reference are equal then), come out centred (and divided by their std, as in
+    lm-human-preferences); by default a reward function's scores stay raw."""
+    reward = write_reward_fn(tmp_path, "return [10.0 + 3.0 * len(r) for r in responses]")
+    raw = quick_args(tmp_path, walk_policy, reward_fn=reward, num_updates=1, output_dir=str(tmp_path / "raw"))
+    ppo.main(raw)
+    assert last_update(raw.output_dir)["last_update"]["objective/score"] > 10
+    normalised = quick_args(tmp_path, walk_policy, reward_fn=reward, num_updates=1, reward_normalization="first-batch")
+    ppo.main(normalised)
+    assert last_update(normalised.output_dir)["last_update"]["objective/score"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_logprobs():
+    """A policy whose generation_config asks for a huge repetition penalty and no repeated token
+    (instruct checkpoints often ship a penalty): model.generate() obeyed it and never repeated a
+    token, sampling from a distribution PPO's log-probs do not describe. ppo.generate samples
+    softmax(logits / T) itself: the same tokens, seed for seed, as a loop that re-runs the whole
+    left-padded prefix every step, and the log-probs of that distribution."""
+    tokenizer = ppo.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
+    args = ppo.Args(model="m", max_new_tokens=12, temperature=0.7)
+    prompt_ids, prompt_mask = ppo.encode_prompts(tokenizer, ["b", "cde", "f", "ghi"] * 2, 8, "cpu")
+    torch.manual_seed(1)
+    responses, logprobs = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer)
+
+    torch.manual_seed(1)
+    ids, mask, finished = prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
+    for t in range(args.max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=ppo.positions_from_mask(mask)).logits[:, -1] / args.temperature
+        step = torch.log_softmax(logits, -1)
+        tokens = torch.multinomial(step.exp(), 1).squeeze(-1)
+        assert torch.equal(responses[:, t], tokens.masked_fill(finished, tokenizer.pad_token_id)), t
+        expected = step.gather(-1, tokens[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        torch.testing.assert_close(logprobs[:, t], expected, rtol=0, atol=1e-12)
+        finished |= tokens == tokenizer.eos_token_id
+        if finished.all():
+            break
+        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    real = ppo.truncate_at_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[1]
+    assert any(len(set(row[keep].tolist())) < int(keep.sum()) for row, keep in zip(responses, real)), "no response repeats a token"
+
+
+def test_top_k_and_top_p_keep_the_tokens_they_name():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
+    assert torch.isfinite(ppo.restrict(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(ppo.restrict(logits, 0, 0.75)).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.75
+    assert torch.isfinite(ppo.restrict(logits, 0, 0.85)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(ppo.restrict(logits, 0, 0.1)).tolist() == [[True, False, False, False]]  # never empty
+    assert torch.equal(ppo.restrict(logits, 0, 1.0), logits)
 
 
 # --- Hydra and LoRA references ------------------------------------------------------------------
@@ -215,13 +304,20 @@ def test_lora_reference_is_the_base_and_the_merged_save_is_the_adapted_model(tmp
 @pytest.mark.parametrize("variant", [
     {}, {"num_layers_unfrozen": 1}, {"lora_rank": 4}, {"advantage": "grpo", "samples_per_prompt": 4},
     {"advantage": "rloo", "samples_per_prompt": 2}, {"advantage": "reinforce++"}, {"loss_aggregation": "sequence", "kl_estimator": "k3", "target_kl": 1.0, "scale_rewards": True},
-    {"dtype": "bf16"},
+    {"dtype": "bf16"}, {"top_k": 3, "top_p": 0.9},
 ])
 def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, walk_policy, variant):
+    """Each variant trains, its first minibatch's ratio is exactly 1, and the sampler's log-probs
+    are the trainer's up to rounding: the decode loop on the KV cache sums in another order than
+    the full forward, a difference of ~1e-7 on log-probs of order 1 in fp32 (5e-7 seen here, and
+    2e-7 under bf16 autocast on these 32-wide models), so 1e-4 leaves a margin of 200. Under
+    --top-k/--top-p the sampler draws from the kept tokens only, and the gap shows it."""
     args = quick_args(tmp_path, walk_policy, **variant)
     ppo.main(args)
     metrics = last_update(args.output_dir)
     assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0
+    gap = metrics["last_update"]["policy/sampler_logprob_gap"]
+    assert gap > 1e-2 if "top_k" in variant else gap < 1e-4
     assert {"eval/optimality_greedy", "eval/optimality_sampled", "eval/kl"} <= set(metrics)
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert not any("lora" in name for name in reloaded.state_dict())
@@ -457,6 +553,7 @@ def assert_runs_agree(one, two, policy):
     assert actual.keys() == expected.keys() and "eval/score_sampled" in actual
     assert actual == pytest.approx(expected, rel=SAME_MATH, abs=SAME_MATH)
     assert actual["policy/first_minibatch_max_log_ratio"] == 0.0
+    assert actual["policy/sampler_logprob_gap"] < 1e-12  # fp64: the cached decode and the full forward agree to rounding
     assert expected_weights.keys() == actual_weights.keys()
     assert all(w.dtype == torch.float64 for w in actual_weights.values())
     assert max((expected_weights[k] - actual_weights[k]).abs().max().item() for k in expected_weights) < SAME_MATH
