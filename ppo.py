@@ -1002,12 +1002,16 @@ def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False
         output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         cache = output.cache
         # Upcast, then divided by the temperature: the order kernels.fused_logprobs follows.
-        step_logprobs = torch.log_softmax(restrict(upcast(output.logits[:, -1]) / args.temperature, args.top_k, args.top_p), -1)
-        next_ids = step_logprobs.argmax(-1) if greedy else torch.multinomial(step_logprobs.exp(), 1).squeeze(-1)
+        logits = upcast(output.logits[:, -1])
+        logits = restrict(logits / args.temperature if args.temperature != 1 else logits, args.top_k, args.top_p)
+        # One softmax, as generate() does; the log of a drawn token's probability is exact to
+        # rounding (a token drawn has a probability far from fp32's underflow).
+        probs = logits.softmax(-1)
+        next_ids = logits.argmax(-1) if greedy else torch.multinomial(probs, 1).squeeze(-1)
         if logprobs is None:
-            logprobs = torch.zeros(rows, width, dtype=step_logprobs.dtype, device=prompt_ids.device)
+            logprobs = torch.zeros(rows, width, dtype=logits.dtype, device=prompt_ids.device)
         responses[:, t] = next_ids.masked_fill(finished, tokenizer.pad_token_id)
-        logprobs[:, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        logprobs[:, t] = probs.gather(-1, next_ids[:, None]).squeeze(-1).log().masked_fill(finished, 0.0)
         finished |= next_ids == tokenizer.eos_token_id
         if finished.all():
             break
