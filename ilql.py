@@ -1300,7 +1300,7 @@ def main(args: Args):
     #    --steps-for-target-sync steps.
     model.train()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
-    tokens_seen, started = 0, time.time()
+    tokens_seen, started, start_step = 0, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
@@ -1328,7 +1328,8 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(loss=f"{losses['loss']:.4f}", value=f"{losses['value']:.3f}", tokens_per_s=f"{tokens_per_second:.0f}")
         metrics = {f"train/loss_{k}" if k in ("q", "v", "cql", "awac") else f"train/{k}": v for k, v in losses.items()}
-        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch})
+        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
+                        "time/steps_per_s": (step - start_step) / (time.time() - started)})
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(step)
             metrics.update(eval_metrics)
@@ -1359,7 +1360,7 @@ def main(args: Args):
     if sentiment:
         summary["dataset/score"] = dataset_score
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary}, file, indent=1)
+        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
     shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary
     print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     if wandb_run:

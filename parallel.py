@@ -1020,6 +1020,22 @@ def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> 
     return state
 
 
+def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store in `dtype` the weights that only enter matmuls (linear layers, tensor-parallel or not,
+    GPT-2's Conv1D, an untied LM head); embeddings (a tied head is one), norms and biases keep
+    theirs. Under autocast to `dtype` the model then computes bitwise what it did: autocast rounds
+    those weights to the same values before every matmul anyway, while a copy cast whole would
+    also round the embeddings, the norms and the residual stream that they feed. Frozen copies of
+    a policy (PPO's reference, the model that samples under --pp) take half the memory this way
+    and stay exactly the policy."""
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        matmul = isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)) or type(module).__name__ == "Conv1D"
+        if matmul and module.weight is not embedding:
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=module.weight.requires_grad)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipeline parallel: consecutive decoder layers on each rank of pp_group, micro-batches streamed
 # ---------------------------------------------------------------------------------------------
@@ -1452,10 +1468,11 @@ def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] 
 
 
 def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None, keep_tensor_parallel: bool = False,
-                            dtype: Optional[torch.dtype] = None) -> nn.Module:
+                            matmul_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A whole copy of the pipelined model on this rank, in eval mode, e.g. for generate(); every
-    rank of the pipeline group must call it. dtype: the copy's floating-point dtype (default the
-    stage's), e.g. bf16 to halve it.
+    rank of the pipeline group must call it. The copy has the stage's dtype; matmul_dtype (bf16 for
+    a model run under bf16 autocast) stores its matmul weights in that dtype, which halves them and
+    changes nothing it computes under autocast (see cast_matmul_weights).
 
     By default the copy is dense (the tensor-parallel shards reassembled over tp_group first): what
     saving needs. It is built as a randomly initialised model on a forked RNG (so making it leaves
@@ -1469,7 +1486,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
     whose buffers are not in the state dict, is the stage's own (every stage has it)."""
     module = stage if isinstance(stage, PipelineStage) else stage.module
     device = _device(module)
-    dtype = dtype or next(p.dtype for p in module.parameters() if p.is_floating_point())
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
     model_class = type(module.model)  # the same class: causal LM or reward model
     if not keep_tensor_parallel or tp_group is None:
         state = pipeline_state_dict(stage, tp_group)
@@ -1478,7 +1495,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.endswith("lm_head.weight") for k in missing), (missing, unexpected)
         model.tie_weights()
-        return model.eval()
+        return (cast_matmul_weights(model, matmul_dtype) if matmul_dtype else model).eval()
     state = pipeline_state_dict(stage)  # this tensor-parallel rank's shards of every stage
     with torch.device("meta"):
         model = model_class._from_config(module.config, dtype=dtype)
@@ -1492,7 +1509,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
         setattr(getattr(model, _PIPELINE_LAYOUT[module.config.model_type][0]), "rotary_emb", module._rotary)
     left = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
     assert not left, f"not gathered: {left}"
-    return model.eval()
+    return (cast_matmul_weights(model, matmul_dtype) if matmul_dtype else model).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1531,8 +1548,9 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
 #     (the largest of a layer, the embedding, a head) gathered whole while it runs. ZeRO-3 only
 #     with pp == 1 (as in most frameworks), and with dp == 1 ZeRO shards nothing, so only stage 0
 #     is listed there.
-#   - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter; ppo.py does so under --dtype bf16),
-#     split by tp x pp like the trained ones, and by dp too under ZeRO-3. ILQL's target Q heads
+#   - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter; under --dtype bf16 ppo.py stores
+#     the reward model whole in bf16 and the reference's matmul weights, while the reference's embeddings and norms stay fp32,
+#     a small share of a large model, left out here), split by tp x pp like the trained ones, and by dp too under ZeRO-3. ILQL's target Q heads
 #     stay fp32 (4 B: Polyak steps of 0.001 would vanish in bf16), counted as frozen.
 #   - Not counted: the bf16 casts of the weights that autocast makes when a layer runs are
 #     assumed to live no longer than that layer (torch.autocast's cast cache keeps them until
@@ -1571,7 +1589,7 @@ def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGro
 # around the scoring pass): the (dp - 1) / dp of the rank's trained (4 B) and frozen (2 B)
 # parameters that it does not hold (generation and scoring are summed: conservative and simple).
 # Under pipeline parallelism ppo.py generates with a whole-depth copy of the policy gathered from
-# the stages, still split over tp and in bf16 (pipeline_gathered_model(keep_tensor_parallel=True)),
+# the stages, still split over tp, matmul weights in bf16 (pipeline_gathered_model(keep_tensor_parallel=True)),
 # so the rollout holds that copy, 2 B * (the policy's parameters on a tp rank at pp 1), and the KV
 # cache of all L layers rather than the stage's L / pp (the scoring passes run through the
 # pipeline). Evaluation also gathers the reference for a moment; with its small batches it is not

@@ -730,19 +730,11 @@ def copy_model(model, memo: Optional[dict] = None):
 
 def reference_copy(policy, bf16_matmul_weights: bool):
     """A frozen full copy of the policy: the reference. With bf16_matmul_weights (--dtype bf16)
-    the weights that only enter matmuls (linear layers, an untied LM head) are stored in bf16: half
-    their memory, and no change to what the reference computes, since autocast casts the policy's
-    fp32 copies to the same bf16 values before every matmul. Embeddings, norms and biases stay as
-    the policy's (a whole-bf16 copy would carry its residual stream in bf16), so at the first
-    rollout the reference computes bitwise what the policy does, and the KL is exactly 0."""
+    the weights that only enter matmuls are stored in bf16 (parallel.cast_matmul_weights): half
+    their memory, and at the first rollout the reference computes bitwise what the policy does
+    under autocast, so the KL is exactly 0 (a copy cast whole to bf16 would not be)."""
     reference = copy_model(policy).requires_grad_(False).eval()
-    if bf16_matmul_weights:
-        embedding = reference.get_input_embeddings().weight  # a tied LM head is this table: it stays fp32
-        for module in reference.modules():
-            matmul = isinstance(module, (torch.nn.Linear, parallel.ColumnParallelLinear, parallel.RowParallelLinear))
-            if (matmul or type(module).__name__ == "Conv1D") and module.weight is not embedding:
-                module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
-    return reference
+    return parallel.cast_matmul_weights(reference, torch.bfloat16) if bf16_matmul_weights else reference
 
 
 def hydra_owned(reference, policy) -> torch.nn.Module:
@@ -1363,12 +1355,13 @@ def main(args: Args):
     def whole(model):
         """The model itself, or under --pp a whole copy gathered from its stages (every rank of the
         pipeline must call it): what generates and evaluates. The copy stays split over the
-        tensor-parallel ranks, and is bf16 under --dtype bf16, so it costs each rank 1/tp of the
-        model (2 bytes per parameter in bf16) while it lives; generating through the stages token
-        by token would instead idle all stages but one at every token."""
+        tensor-parallel ranks, with its matmul weights in bf16 under --dtype bf16 (so it samples
+        exactly what the policy computes), so it costs each rank about 1/tp of the model at 2 bytes
+        per parameter while it lives; generating through the stages token by token would instead
+        idle all stages but one at every token."""
         if not pipelined:
             return model
-        return parallel.pipeline_gathered_model(model, grid.tp_group, keep_tensor_parallel=True, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+        return parallel.pipeline_gathered_model(model, grid.tp_group, keep_tensor_parallel=True, matmul_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
 
     # 3. Run directory; a resumed run continues in its checkpoint's directory with every state restored.
     update, wandb_id = 0, None

@@ -1073,7 +1073,7 @@ def main(args: Args):
     #    accumulated over micro-batches.
     model.train()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
-    metrics, started = {}, time.time()
+    metrics, started, start_step = {}, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
@@ -1095,7 +1095,8 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(loss=f"{batch_loss:.4f}", accuracy=f"{batch_accuracy:.3f}")
         metrics = {"train/loss": batch_loss, "train/accuracy": batch_accuracy, "train/grad_norm": float(grad_norm),
-                   "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": step * args.batch_size / (time.time() - started), "train/epoch": step / steps_per_epoch}
+                   "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": (step - start_step) * args.batch_size / (time.time() - started),
+                   "train/epoch": step / steps_per_epoch, "time/steps_per_s": (step - start_step) / (time.time() - started)}
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, eval_scores = evaluate()
             metrics.update(eval_metrics)
@@ -1138,7 +1139,7 @@ def main(args: Args):
     if not grid.is_main:
         return
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary}, file, indent=1)
+        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
     print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     if wandb_run:
         wandb_run.summary.update(summary)

@@ -801,7 +801,7 @@ def main(args: Args):
     # 4. The loop: one optimizer step per batch, accumulated over micro-batches.
     model.train()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
-    tokens_seen, started = 0, time.time()
+    tokens_seen, started, start_step = 0, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
@@ -824,7 +824,8 @@ def main(args: Args):
         tokens_per_second = tokens_seen / (time.time() - started)
         progress.update(1)
         progress.set_postfix(loss=f"{batch_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
-        metrics = {"train/loss": batch_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch}
+        metrics = {"train/loss": batch_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
+                   "time/steps_per_s": (step - start_step) / (time.time() - started)}
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(step)
             metrics.update(eval_metrics)
@@ -853,7 +854,7 @@ def main(args: Args):
     if args.task == "randomwalks":
         summary["dataset/optimality"] = dataset_optimality
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary}, file, indent=1)
+        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
     print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     if wandb_run:
         wandb_run.summary.update(summary)

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,6 +165,16 @@ def damage(path, how: str):
             file.write(bytes([byte[0] ^ 0xFF]))
     else:
         os.remove(path)
+
+
+def read_metrics(run_dir) -> dict:
+    """A run's metrics.json without the numbers the clock measures (time/*, throughput *_per_s),
+    which differ between any two runs of the same math."""
+    def measured(key):
+        return key.startswith("time/") or key.endswith("_per_s")
+
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    return {k: {kk: vv for kk, vv in v.items() if not measured(kk)} if isinstance(v, dict) else v for k, v in metrics.items() if not measured(k)}
 
 
 def assert_same_weights(first, second, name="model.safetensors"):

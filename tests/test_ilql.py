@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT
 
 import ilql
 import parallel
-from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, run_ranks,
+from conftest import (read_metrics, FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, run_ranks,
                       torchrun_kill_and_resume)
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
@@ -601,7 +601,7 @@ def one_process_run(tmp_path_factory, randomwalks_llama):
             folder = tmp_path_factory.mktemp("one-process") / "run"
             flags = [*DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *variant, "--output-dir", str(folder)]
             ilql.main(tyro.cli(ilql.Args, args=flags))
-            expected = json.loads((folder / "metrics.json").read_text())
+            expected = read_metrics(folder)
             if not variant:  # it learned enough for greedy walks to tell a difference (the variants train less)
                 assert expected["eval/optimality_greedy_beta4"] > 0.1
             for name in ("model.safetensors", ilql.HEADS_FILE):
@@ -614,7 +614,7 @@ def one_process_run(tmp_path_factory, randomwalks_llama):
 def assert_same_math(single, parallel_run, expected):
     """The greedy evaluation, the saved dense LM and the heads (target heads included) of a parallel
     run are those of the single-process run, up to fp64 summation order."""
-    actual = json.loads((parallel_run / "metrics.json").read_text())
+    actual = read_metrics(parallel_run)
     assert actual.keys() == expected.keys()
     greedy = {k: v for k, v in expected.items() if "greedy" in k}
     assert {k: actual[k] for k in greedy} == pytest.approx(greedy, rel=SAME_MATH)
@@ -679,6 +679,6 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     reference, killed = torchrun_kill_and_resume("ilql.py", flags, tmp_path, "step_00000004")
     for name in ("model.safetensors", ilql.HEADS_FILE):
         assert_same_weights(tmp_path / "reference", killed, name)
-    assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert read_metrics(killed) == read_metrics(tmp_path / "reference")
     with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3 --tp 1 --pp 1; resume it with the same"):
         ilql.main(tyro.cli(ilql.Args, args=[*flags, "--resume", str(killed)]))  # one process

@@ -178,21 +178,27 @@ def test_grpo_keeps_the_kl_out_of_the_advantage_and_puts_k3_in_the_loss():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_under_bf16_the_reference_is_the_policy_at_the_first_rollout(tmp_path, family):
+def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_rollout(tmp_path, family):
     """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
     first rollout, before any step, is exactly 0 (with a whole-bf16 copy, whose residual stream,
     embeddings and norms were bf16, it was not), in one process and under ZeRO-3, which shards the
     reference's bf16 and fp32 parameters in separate buffers. GPT-2 ties its LM head to the
-    embedding (kept fp32); Llama's untied head goes bf16."""
+    embedding (kept fp32); Llama's untied head goes bf16. Under --pp the rollouts come from a copy
+    gathered from the stages, which follows the same rule: a whole-bf16 copy sampled from another
+    distribution than the policy's (a sampler log-prob gap of 0.017 on randomwalks), where now the
+    gap is rounding, as without --pp (bound: see test_variants_run...)."""
     policy = save_tiny_model(tmp_path / "policy", family, tokenizer=ppo.randomwalks_tokenizer())
     args = quick_args(tmp_path, policy, dtype="bf16", num_updates=1)
     ppo.main(args)
     assert last_update(args.output_dir)["last_update"]["objective/kl"] == 0.0
     flags = ["--model", policy, "--dtype", "bf16", "--num-updates", "1", "--batch-size", "8", "--mini-batch-size", "4",
-             "--eval-samples-per-start", "1", "--zero-stage", "3", "--output-dir", str(tmp_path / "zero3")]
-    result = run_ranks("ppo.py", *flags, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert last_update(tmp_path / "zero3")["last_update"]["objective/kl"] == 0.0
+             "--eval-samples-per-start", "1"]
+    for layout in (["--zero-stage", "3"], ["--pp", "2"]):
+        result = run_ranks("ppo.py", *flags, *layout, "--output-dir", str(tmp_path / layout[0]), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = last_update(tmp_path / layout[0])["last_update"]
+        assert metrics["objective/kl"] == 0.0, layout
+        assert metrics["policy/sampler_logprob_gap"] < 1e-4, layout
 
 
 def test_first_batch_reward_normalization_centres_and_scales_the_reference_samples(tmp_path, walk_policy):

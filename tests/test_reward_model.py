@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import tyro
+from dataclasses import replace as replace_args
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 import reward_model as rm
-from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, save_tiny_model,
+from conftest import (read_metrics, FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, save_tiny_model,
                       run_ranks, torchrun_kill_and_resume)
 
 
@@ -233,6 +234,22 @@ def test_smoke_run_with_wandb_offline(tmp_path):
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "run" / "wandb"))
 
 
+def test_throughput_of_a_resumed_run_counts_only_its_own_steps(tmp_path, monkeypatch):
+    """train/pairs_per_s and time/steps_per_s divide the work done since this process started by
+    the time since then: a run resumed at step 4 of 8 did 4 steps, not 8. On a clock that ticks 1 s
+    per reading, the resumed run's rate is about the fresh run's (each reads the clock about the
+    same number of times per step); counting the steps before the resume doubled it."""
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(rm.time, "time", lambda: float(next(ticks)))
+    fresh = quick_args(tmp_path, save_every=4, keep_checkpoints=2)  # 256 pairs / 32: 8 steps
+    rm.main(fresh)
+    fresh_rates = json.load(open(os.path.join(fresh.output_dir, "metrics.json")))["last_step"]
+    rm.main(replace_args(fresh, output_dir=None, resume=os.path.join(fresh.output_dir, "checkpoints", "step_00000004")))
+    resumed_rates = json.load(open(os.path.join(fresh.output_dir, "metrics.json")))["last_step"]
+    for key in ("train/pairs_per_s", "time/steps_per_s"):
+        assert 0.7 < resumed_rates[key] / fresh_rates[key] < 1.4, (key, resumed_rates[key], fresh_rates[key])
+
+
 def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path):
     """A run killed once it holds two checkpoints (6 steps an epoch, so both resumes cross into the
     second epoch): resumed as it is, it ends bitwise where the uninterrupted run does. With a file of
@@ -386,7 +403,7 @@ def one_process_run(tmp_path_factory, pairs_run_inputs):
 
     folder = tmp_path_factory.mktemp("one-process") / "run"
     rm.main(tyro.cli(rm.Args, args=[*DATA_PARALLEL_FLAGS, *pairs_run_inputs, "--output-dir", str(folder)]))
-    expected = json.loads((folder / "metrics.json").read_text())
+    expected = read_metrics(folder)
     assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
     initial, trained = load_file(os.path.join(pairs_run_inputs[3], "model.safetensors")), load_file(folder / "model.safetensors")
     assert trained["model.norm.weight"].dtype == torch.float64
@@ -396,7 +413,7 @@ def one_process_run(tmp_path_factory, pairs_run_inputs):
 
 def assert_same_run(expected: dict, single, run_dir, what: str):
     """Eval metrics, saved weights and saved score statistics of a multi-process run against one process."""
-    actual = json.loads((run_dir / "metrics.json").read_text())
+    actual = read_metrics(run_dir)
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert actual[key] == pytest.approx(value, rel=SAME_MATH, abs=SAME_MATH), f"{what} {key}"
@@ -444,6 +461,6 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_in
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs + ["--zero-stage", "1", "--save-every", "2", "--num-epochs", "8"]
     reference, killed = torchrun_kill_and_resume("reward_model.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
-    assert json.loads((killed / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert read_metrics(killed) == read_metrics(tmp_path / "reference")
     with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1 --tp 1 --pp 1; resume it with the same"):
         rm.main(tyro.cli(rm.Args, args=[*flags, "--resume", str(killed)]))  # one process

@@ -1,0 +1,63 @@
+"""benchmarks/gpu_check.py, the parts a CPU can check: every row's flags pass its script's
+check_args, and a run on the CPU (the same child processes, gloo in place of NCCL) fills the table
+from the scripts' metrics.json, or names the error of a row that failed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def table_rows(report: str) -> dict:
+    """{check name: {column: cell}} of the report's main table."""
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row["check"]: row for row in rows if "ranks" in row}
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_every_row_passes_its_scripts_flag_checks(gpus, capsys):
+    rows = gpu_check.main(["--dry-run", "--device", "cpu", "--gpus", str(gpus)])
+    names = {row.name: row for row in rows}
+    assert {"sft", "reward_model", "ilql", "ppo", "ppo-grpo", "ppo-smollm2", "ppo-zero3", "ppo-tp2", "ppo-pp2", "kernels", "sampling"} <= set(names)
+    assert all(bool(names[name].skip) == (gpus < 2) for name in ("ppo-zero3", "ppo-tp2", "ppo-pp2"))
+    assert "ppo-pp2 (2 ranks): ppo.py" in capsys.readouterr().out
+
+
+def test_unknown_row_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--only", "ppo-tp3"])
+    assert "--only ppo-tp3: no such row" in capsys.readouterr().err
+
+
+def test_a_cpu_run_fills_the_table_and_a_failed_row_shows_its_error(tmp_path):
+    """sft, then PPO from it over a 2-stage pipeline (torchrun, gloo), both in bf16 autocast: the
+    sampler log-prob gap is rounding (a gathered copy cast whole to bf16 gave 0.017 here; the
+    bound is that of test_ppo's variants test). PPO alone, with no SFT model to start from, fails
+    and its row says why."""
+    report = tmp_path / "report.md"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu", "--gpus", "2",
+               "--workdir", str(tmp_path / "work"), "--out", str(report)]
+    result = subprocess.run([*command, "--only", "sft", "ppo-pp2"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(report.read_text())
+    assert rows["sft"]["status"] == "ok" and rows["ppo-pp2"]["status"] == "ok", rows
+    assert float(rows["sft"]["s/update"]) > 0 and rows["sft"]["throughput"].endswith(" tokens/s")
+    pipeline = rows["ppo-pp2"]
+    assert pipeline["ranks"] == "2" and pipeline["throughput"].endswith(" response tokens/s")
+    assert float(pipeline["first-minibatch max log-ratio"]) == 0.0
+    assert float(pipeline["sampler log-prob gap"]) < 1e-4
+    assert pipeline["eval"].startswith("optimality_sampled ")
+
+    alone = subprocess.run([*command[:-4], "--workdir", str(tmp_path / "alone"), "--out", str(report), "--only", "ppo"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    status = table_rows(report.read_text())["ppo"]["status"]
+    assert status.startswith("failed: error: ") and "sft" in status, status
