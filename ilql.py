@@ -1097,9 +1097,105 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Args, grid) -> tuple:
+    """(examples, training prompts, held-out prompts) of the sentiment task. The held-out openings
+    are those ppo.py picks (same seed, same split), so the two compare. The dataset is sampled by
+    the starting model; a resumed run reads the one its run sampled."""
+    prompts = load_sentiment_prompts(args.data)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+    eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
+    if checkpoint:
+        samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
+        examples = [scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)]
+    else:
+        examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
+        if not examples:
+            fail(f"every continuation {args.model} sampled was empty; raise --max-new-tokens or check the model's EOS")
+    return examples, train_prompts, eval_prompts
+
+
+def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast) -> tuple:
+    """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
+    sampled ones from every start node; sentiment: mean VADER score of greedy and sampled
+    continuations of the held-out prompts; jsonl and hh: greedy responses to a few prompts. Each
+    rank generates for a contiguous share of the prompts and the results are gathered in
+    order. Sampling runs on a forked RNG re-seeded (seed + rank) for every beta: evaluation
+    never perturbs training, and every evaluation draws comparable samples. The whole model
+    is gathered once (a no-op below ZeRO-3), so ranks may run different numbers of forwards
+    without per-block collectives. The tensor-parallel ranks of one replica generate together
+    (the same prompts and seed); under --pp every stage generates with a whole gathered copy
+    of the LM and the heads of the last stage. graph: randomwalks' (adjacency, shortest paths),
+    else None. Returns (metrics, sample rows)."""
+    device, ranks = grid.device, grid.dp_size
+    randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
+    metrics, rows = {}, []
+    heads_from_last_stage(model, heads, grid)
+    sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
+    with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        for beta in args.eval_betas:
+            torch.manual_seed(args.seed + grid.dp_rank)
+            if randomwalks:
+                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
+                    prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
+                    responses = generate(sampler, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
+                    walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
+                    scored = [(w, walk_optimality(w, *graph)) for w in walks]
+                    scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
+                    metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean([s for _, s in scored]))
+                    metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for _, s in scored]))
+                    if name == "greedy":
+                        rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
+            else:
+                prompts = share(eval_prompts, grid.dp_rank, ranks)
+                for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[: 2 if sentiment else 1]:
+                    responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device) if prompts else []
+                    responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
+                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                    scores = sentiment_scores(texts) if sentiment else [None] * len(texts)
+                    if sentiment:
+                        metrics[f"eval/score_{name}_beta{beta:g}"] = float(np.mean(scores))
+                    if name == "greedy":
+                        metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
+                        rows += [[step, beta, p, t, s] for p, t, s in zip(eval_prompts, texts, scores)]
+    if randomwalks or sentiment:
+        metric = "optimality" if randomwalks else "score"
+        for name in ("greedy", "sampled"):
+            best = max(args.eval_betas, key=lambda beta: metrics[f"eval/{metric}_{name}_beta{beta:g}"])
+            metrics[f"eval/best_{metric}_{name}"] = metrics[f"eval/{metric}_{name}_beta{best:g}"]
+            metrics[f"eval/best_beta_{name}"] = best
+    return metrics, rows
+
+def report(step: int, metrics: dict, rows: list, dataset_mean: float, args: Args) -> str:
+    """The sweep over betas as a table; dataset_mean: the data's mean optimality or VADER score."""
+    randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
+    if randomwalks:
+        lines = [f"step {step}: optimality by generation beta (dataset {dataset_mean:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}"]
+        lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}" for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled"))
+                  for beta in args.eval_betas]
+    elif sentiment:
+        lines = [f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_mean:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8}"]
+        lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled")) for beta in args.eval_betas]
+    else:
+        lines = [f"step {step}: greedy response to {rows[0][2]!r} by generation beta"]
+        lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
+    return "\n".join(lines)
+
+
+def lr_scheduler(optimizer, args: Args, total_steps: int):
+    """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+    def factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def main(args: Args):
-    # 1. Check every flag (and settle the task's defaults), then join the other ranks (a no-op
-    #    without torchrun).
+    # Flags (and the task's defaults), then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
@@ -1117,16 +1213,16 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 2. Data, model and heads.
+    # Data, model and heads.
     if randomwalks:
         adjacency, walks = generate_random_walks()
         shortest = shortest_path_nodes(adjacency)
         walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
         scores = [walk_optimality(w, adjacency, shortest) for w in walk_strings]
         examples = [(walk[0], walk[1:], score) for walk, score in zip(walk_strings, scores)]
-        dataset_optimality = float(np.mean(scores))
+        dataset_mean, graph = float(np.mean(scores)), (adjacency, shortest)
     elif not sentiment:
-        examples = load_examples(args.task, args.data)
+        examples, dataset_mean, graph = load_examples(args.task, args.data), None, None
     if checkpoint:
         lm, tokenizer, heads = load_trained(checkpoint, device, param_dtype)  # with the adapters of a LoRA run
     else:
@@ -1141,20 +1237,8 @@ def main(args: Args):
     if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
         fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's {len(decoder_layers(lm))} layers")
     if sentiment:
-        # Held-out openings as ppo.py picks them (same seed, same split), so the two compare. The
-        # dataset is sampled by the starting model; a resumed run reads the one its run sampled.
-        prompts = load_sentiment_prompts(args.data)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
-        eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
-        if checkpoint:
-            samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
-            examples = [scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)]
-        else:
-            examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, device)
-            if not examples:
-                fail(f"every continuation {args.model} sampled was empty; raise --max-new-tokens or check the model's EOS")
-        dataset_score = float(np.mean([reward for _, _, reward in examples]))
+        examples, train_prompts, eval_prompts = sentiment_dataset(lm, heads, tokenizer, checkpoint, args, grid)
+        dataset_mean, graph = float(np.mean([reward for _, _, reward in examples])), None
     context = model_context(lm.config)
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = normalize_returns(tokenize_examples(tokenizer, examples, max_length, args.overlong))
@@ -1180,25 +1264,14 @@ def main(args: Args):
     model = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
     last_stage = args.pp == 1 or model.module.is_last  # where the heads train
 
-    def whole_model():
-        """The LM to generate with: the (tensor-parallel) LM itself, or under --pp a whole copy
-        gathered from the stages (every rank of the pipeline must call it)."""
-        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
     # stream); the tensor-parallel ranks of one replica must draw the same ones.
     if grid.dp_rank:
         torch.manual_seed(args.seed + grid.dp_rank)
+    scheduler = lr_scheduler(optimizer, args, total_steps)
 
-    def lr_factor(step):  # step counts finished optimizer steps
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    # Run directory; a resumed run continues in the directory its checkpoint belongs to.
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
@@ -1220,82 +1293,19 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank has checked (in step 1) before rank 0 creates anything
+        parallel.barrier()  # every rank has checked its flags before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
             if sentiment:
                 write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_SAMPLES), examples)
-                print(f"sampled {len(examples)} continuations of {len(train_prompts)} prompts: mean VADER score {dataset_score:.3f}; "
+                print(f"sampled {len(examples)} continuations of {len(train_prompts)} prompts: mean VADER score {dataset_mean:.3f}; "
                       f"written to {os.path.join(run_dir, SENTIMENT_SAMPLES)}")
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def evaluate(step):
-        """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
-        sampled ones from every start node; sentiment: mean VADER score of greedy and sampled
-        continuations of the held-out prompts; jsonl and hh: greedy responses to a few prompts. Each
-        rank generates for a contiguous share of the prompts and the results are gathered in
-        order. Sampling runs on a forked RNG re-seeded (seed + rank) for every beta: evaluation
-        never perturbs training, and every evaluation draws comparable samples. The whole model
-        is gathered once (a no-op below ZeRO-3), so ranks may run different numbers of forwards
-        without per-block collectives. The tensor-parallel ranks of one replica generate together
-        (the same prompts and seed); under --pp every stage generates with a whole gathered copy
-        of the LM and the heads of the last stage."""
-        metrics, rows = {}, []
-        heads_from_last_stage(model, heads, grid)
-        sampler = whole_model()  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
-        with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
-            for beta in args.eval_betas:
-                torch.manual_seed(args.seed + grid.dp_rank)
-                if randomwalks:
-                    starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
-                    for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
-                        prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
-                        responses = generate(sampler, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
-                        walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
-                        scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
-                        scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
-                        metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean([s for _, s in scored]))
-                        metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for _, s in scored]))
-                        if name == "greedy":
-                            rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
-                else:
-                    prompts = share(eval_prompts, grid.dp_rank, ranks)
-                    for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[: 2 if sentiment else 1]:
-                        responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device) if prompts else []
-                        responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
-                        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-                        scores = sentiment_scores(texts) if sentiment else [None] * len(texts)
-                        if sentiment:
-                            metrics[f"eval/score_{name}_beta{beta:g}"] = float(np.mean(scores))
-                        if name == "greedy":
-                            metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
-                            rows += [[step, beta, p, t, s] for p, t, s in zip(eval_prompts, texts, scores)]
-        if randomwalks or sentiment:
-            metric = "optimality" if randomwalks else "score"
-            for name in ("greedy", "sampled"):
-                best = max(args.eval_betas, key=lambda beta: metrics[f"eval/{metric}_{name}_beta{beta:g}"])
-                metrics[f"eval/best_{metric}_{name}"] = metrics[f"eval/{metric}_{name}_beta{best:g}"]
-                metrics[f"eval/best_beta_{name}"] = best
-        return metrics, rows
-
-    def report(step, metrics, rows):
-        """The sweep over betas as a table."""
-        if randomwalks:
-            lines = [f"step {step}: optimality by generation beta (dataset {dataset_optimality:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}"]
-            lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}" for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled"))
-                      for beta in args.eval_betas]
-        elif sentiment:
-            lines = [f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_score:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8}"]
-            lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled")) for beta in args.eval_betas]
-        else:
-            lines = [f"step {step}: greedy response to {rows[0][2]!r} by generation beta"]
-            lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
-        return "\n".join(lines)
-
-    # 4. The loop: one optimizer step per batch; each rank takes a contiguous share of it,
+    # The loop: one optimizer step per batch; each rank takes a contiguous share of it,
     #    accumulated over micro-batches; the target Q heads move towards the Q heads every
     #    --steps-for-target-sync steps.
     model.train()
@@ -1331,10 +1341,10 @@ def main(args: Args):
         metrics.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
                         "time/steps_per_s": (step - start_step) / (time.time() - started)})
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics, rows = evaluate(step)
+            eval_metrics, rows = evaluate(model, heads, step, eval_prompts, tokenizer, graph, args, grid, autocast)
             metrics.update(eval_metrics)
             if grid.is_main:
-                progress.write(report(step, eval_metrics, rows))
+                progress.write(report(step, eval_metrics, rows, dataset_mean, args))
             if wandb_run:
                 import wandb
 
@@ -1350,15 +1360,13 @@ def main(args: Args):
             save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
-    # 5. The result: the LM loadable by plain transformers, the heads beside it.
+    # The result: the LM loadable by plain transformers, the heads beside it.
     save_final(run_dir, model, tokenizer, heads, grid)
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-    if randomwalks:
-        summary["dataset/optimality"] = dataset_optimality
-    if sentiment:
-        summary["dataset/score"] = dataset_score
+    if randomwalks or sentiment:
+        summary["dataset/optimality" if randomwalks else "dataset/score"] = dataset_mean
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
         json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
     shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary

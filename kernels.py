@@ -422,16 +422,32 @@ def _discounted_sum_right(x, discount):
     return y.view(batch, -1)[:, :length]
 
 
-def gae(values, rewards, mask, gamma, lam):
-    """Generalized advantage estimation. Returns (advantages, returns), both [B, T].
+def gae_loop(values, rewards, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016) by its definition: for each row, the
+    reverse loop over its real tokens (mask True), a masked token skipped as if it were not there,
+        delta_t = r_t + gamma * V_next - V_t,    A_t = delta_t + gamma * lam * A_next,
+    where next is the next real token, and V and A past the last one are 0. Returns (advantages,
+    returns = advantages + values), both 0 at masked positions. One Python step per token: this is
+    the reference that gae() computes vectorised, and what the tests hold it to."""
+    advantages = torch.zeros_like(values)
+    for row in range(values.shape[0]):
+        next_advantage, next_value = 0.0, 0.0
+        for t in reversed(mask[row].nonzero().flatten().tolist()):
+            delta = rewards[row, t] + gamma * next_value - values[row, t]
+            next_advantage = delta + gamma * lam * next_advantage
+            advantages[row, t] = next_advantage
+            next_value = values[row, t]
+    return advantages, (advantages + values) * mask
 
-    values, rewards: [B, T] float; mask: [B, T] bool (or 0/1), True at real response tokens. For the
-    usual mask (real tokens, then padding after EOS) this equals the reverse loop
-        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
-    with V and A past the last real token taken as 0; returns = advantages + values. Advantages
-    and returns are 0 at masked positions. A mask with holes (e.g. tool output inside a response)
-    is read as if the masked tokens were not there: rewards and values at masked positions are
-    ignored, and each real token bootstraps from the next real token.
+
+def gae(values, rewards, mask, gamma, lam):
+    """Generalized advantage estimation: gae_loop's numbers (up to summation order), vectorised.
+    Returns (advantages, returns), both [B, T].
+
+    values, rewards: [B, T] float; mask: [B, T] bool (or 0/1), True at real response tokens
+    (usually real tokens, then padding after EOS). A mask with holes (e.g. tool output inside a
+    response) is read as gae_loop reads it: rewards and values at masked positions are ignored,
+    and each real token bootstraps from the next real token.
 
     Vectorized (see _discounted_sum_right), nothing compiled, so a new T costs nothing extra.
     Computes in fp32, or fp64 for fp64 inputs; returns values' dtype.

@@ -3,8 +3,14 @@
 The policy generates responses to prompts, a reward model (or a task metric, or your function)
 scores them, and PPO raises the probability of what scored well while a per-token KL penalty keeps
 the policy near the reference (its starting point). One update, as numbered steps in `main`:
-generate, truncate at EOS, score, log-probs and values, per-token rewards, reward scaling,
-advantages, then PPO epochs over minibatches.
+  1. generate responses to a batch of prompts;
+  2. truncate each at its first EOS;
+  3. score them;
+  4. log-probs under the policy and the reference, and values;
+  5. the per-token KL and its coefficient;
+  6. optionally scale the scores;
+  7. advantages (GAE, or critic-free);
+  8. PPO epochs over minibatches.
 
     python sft.py --output-dir runs/sft                       # 1. behaviour cloning
     python reward_model.py --model runs/sft --output-dir runs/rm   # 2. a reward model
@@ -815,13 +821,6 @@ class Critic(torch.nn.Module):
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
 
 
-def pipeline_micro_batches(micro_rows: list, input_ids, attention_mask) -> list:
-    """The micro-batches, as row indices into the batch, in the form the pipeline schedules take:
-    every stage needs the mask and positions, and the last one the rows (for the loss)."""
-    return [{"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "position_ids": positions_from_mask(attention_mask[rows]), "rows": rows}
-            for rows in micro_rows]
-
-
 def values_of(value_head, critic, hidden, input_ids, attention_mask, prompt_length):
     """V(state) before each response token, from the policy's hidden states or the separate critic."""
     if critic is not None:
@@ -1193,127 +1192,166 @@ def load_policy(name: str, device, dtype=torch.float32):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# The reward, the models of a layout, and the passes over them (what main's steps call)
 # ---------------------------------------------------------------------------------------------
-def main(args: Args):
-    # 0. Check every flag, then join the other ranks (a no-op without torchrun). Prompts per batch
-    #    times samples per prompt is the batch; batch and minibatch sizes count all ranks' rollouts.
-    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
-    pipelined = args.pp > 1
-    device, ranks = grid.device, grid.dp_size
-    critic_free = args.advantage != "gae"
-    prompts_per_batch = args.batch_size // args.samples_per_prompt
-    local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
-    generation_chunk = min(args.generation_batch_size, args.batch_size)
-    # The trained weights, the value function and every tensor of the update; under bf16 autocast
-    # the forward runs in bf16 and its outputs are upcast to this.
-    dtype = torch.float64 if args.dtype == "fp64" else torch.float32
-    if grid.is_main:
-        print(f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
-              f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
-              f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
-    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
-    state = rank_state = None
-    if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
-        if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-            fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
-        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
-    chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
-    if chunks_per_batch % ranks and grid.is_main:
-        print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
-              f"so some ranks idle while others generate; a --generation-batch-size that divides {args.batch_size // ranks} avoids it")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    # 1. Prompts and the reward. The reward model is replicated on every rank (it only scores).
+def task_prompts(args: Args) -> tuple:
+    """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
+    task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        adjacency, _ = generate_random_walks()
-        shortest = shortest_path_nodes(adjacency)
-        train_prompts = eval_prompts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
-    else:
-        prompts = load_prompts(args.task, args.data)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
-        if len(prompts) <= n_eval:  # n_eval is at least 1, so only a single prompt gets here
-            fail(f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
-                 "and none is left to train on; give at least 2 prompts")
-        eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
+        prompts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+        return prompts, prompts
+    prompts = load_prompts(args.task, args.data)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+    if len(prompts) <= n_eval:  # n_eval is at least 1, so only a single prompt gets here
+        fail(f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
+             "and none is left to train on; give at least 2 prompts")
     if args.task == "sentiment":
-        vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here, before anything is written
-    policy, tokenizer = load_policy(args.model, device, dtype)
-    reward_device = torch.device(args.reward_device) if args.reward_device else device
-    # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
-    frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else dtype
-    reward_model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=grid.is_main, dtype=frozen_dtype) if args.reward_model else None
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    # A continuation of a review is not expected to end within the budget: no penalty by default.
-    missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else (0.0 if args.task in ("randomwalks", "sentiment") else 1.0)
+        vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
+    return [prompts[i] for i in order[n_eval:]], [prompts[i] for i in order[:n_eval]]
 
-    def raw_scores(prompts: list, responses: list) -> torch.Tensor:
-        """The score of each response as its source gives it: reward model, user function, or task
-        metric. Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
-        if reward_model is not None:
-            model, rm_tokenizer, _, _ = reward_model
-            scores = score(model, rm_tokenizer, prompts, responses)
-        elif reward_fn is not None:
-            scores = checked_scores(reward_fn(prompts, responses), len(responses), f"--reward-fn {args.reward_fn}", dtype)
-        elif args.task == "sentiment":
-            scores = sentiment_scores(responses, dtype)
-        else:
-            optimality = [walk_optimality(p + r, adjacency, shortest) for p, r in zip(prompts, responses)]
-            scores = torch.tensor(optimality, dtype=dtype)
-        return scores
 
-    # (shift, scale) of the scores: the reward model's, or under first-batch measured on the first
-    # batch (None until then), and restored from a checkpoint.
-    reward_norm = {"shift": 0.0, "scale": 1.0}
-    if args.reward_normalization == "first-batch":
-        reward_norm = {"shift": None, "scale": None}
-    elif reward_model is not None:
-        reward_norm = {"shift": reward_model[2], "scale": reward_model[3]}
+def batch_prompts(train_prompts: list, update: int, args: Args) -> list:
+    """The prompts of an update (each --samples-per-prompt times): the next ones of a stream of
+    shuffled epochs, a function of seed and position alone, so a resumed run replays it."""
+    per_batch = args.batch_size // args.samples_per_prompt
+    first, last = update * per_batch, (update + 1) * per_batch
+    epochs = range(first // len(train_prompts), (last - 1) // len(train_prompts) + 1)
+    stream = [i for epoch in epochs for i in epoch_order(len(train_prompts), args.seed, epoch)]
+    offset = first - epochs[0] * len(train_prompts)
+    return [train_prompts[i] for i in stream[offset : offset + per_batch] for _ in range(args.samples_per_prompt)]
 
-    def normalized(scores: torch.Tensor) -> torch.Tensor:
-        scores = (scores - reward_norm["shift"]) / reward_norm["scale"]
-        return scores.clamp(-args.reward_clip, args.reward_clip) if args.reward_clip is not None else scores
 
-    # 2. Policy, reference and value function; everything trained goes in one container, wrapped once
-    #    for data parallel (after a checkpoint's weights are loaded, so the wrapper shards those).
-    #    Under --tp the policy is split first and the reference copied from the split policy (so
-    #    Hydra's shares the frozen shards); under --pp both are then cut into the same stages.
+class Reward:
+    """The score of each response as its source gives it (a reward model, --reward-fn, or the
+    task's metric), and the (shift, scale) that normalises it before the KL penalty weighs
+    against it. The reward model is replicated on every rank: it only scores."""
+
+    def __init__(self, args: Args, tokenizer, device, dtype, verbose: bool):
+        self.args, self.dtype = args, dtype
+        if args.task == "randomwalks":
+            self.adjacency, _ = generate_random_walks()
+            self.shortest = shortest_path_nodes(self.adjacency)
+        reward_device = torch.device(args.reward_device) if args.reward_device else device
+        # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
+        frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else dtype
+        self.model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=verbose, dtype=frozen_dtype) if args.reward_model else None
+        self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+        # A continuation of a review is not expected to end within the budget: no penalty by default.
+        default_penalty = 0.0 if args.task in ("randomwalks", "sentiment") else 1.0
+        self.missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else default_penalty
+        # The reward model's normalisation, or under first-batch none until the first batch is measured.
+        self.norm = {"shift": 0.0, "scale": 1.0}
+        if args.reward_normalization == "first-batch":
+            self.norm = {"shift": None, "scale": None}
+        elif self.model is not None:
+            self.norm = {"shift": self.model[2], "scale": self.model[3]}
+
+    def raw(self, prompts: list, responses: list) -> torch.Tensor:
+        """Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
+        if self.model is not None:
+            model, tokenizer, _, _ = self.model
+            return score(model, tokenizer, prompts, responses)
+        if self.fn is not None:
+            return checked_scores(self.fn(prompts, responses), len(responses), f"--reward-fn {self.args.reward_fn}", self.dtype)
+        if self.args.task == "sentiment":
+            return sentiment_scores(responses, self.dtype)
+        return torch.tensor(self.optimality(prompts, responses), dtype=self.dtype)
+
+    def optimality(self, prompts: list, responses: list) -> list:
+        return [walk_optimality(p + r, self.adjacency, self.shortest) for p, r in zip(prompts, responses)]
+
+    def normalized(self, scores: torch.Tensor, verbose: bool = False) -> torch.Tensor:
+        """Under --reward-normalization first-batch, the first call measures the shift and scale."""
+        if self.norm["scale"] is None:
+            self.norm.update(shift=scores.mean().item(), scale=scores.std().item() if scores.std() > 0 else 1.0)
+            if verbose:
+                print(f"reward normalization: mean {self.norm['shift']:.4g} and std {self.norm['scale']:.4g} of the first batch's {len(scores)} scores")
+        scores = (scores - self.norm["shift"]) / self.norm["scale"]
+        return scores.clamp(-self.args.reward_clip, self.args.reward_clip) if self.args.reward_clip is not None else scores
+
+
+@dataclass
+class Models:
+    """What an update runs, built once for the layout by build_models. Under --pp, `stage` is
+    this rank's PipelineStage of the policy (and `reference` its stage of the reference); the
+    update's passes go through parallel.forward_backward/forward_only, which choose the pipeline
+    schedule or the plain loop, so the update itself never asks which layout it runs on."""
+
+    policy: torch.nn.Module
+    reference: Optional[torch.nn.Module]  # None under LoRA: the policy with its adapters switched off
+    adapters: list
+    value_head: Optional[torch.nn.Module]
+    critic: Optional[Critic]
+    value_modules: dict  # the value function as saved in value_head.pt (under --pp: on the last stage only)
+    stage: Optional[torch.nn.Module]
+    wrapper: torch.nn.Module  # the data-parallel wrapper of everything trained
+    reference_wrapper: Optional[torch.nn.Module]  # ZeRO-3 shards a reference with weights of its own
+    grid: parallel.Grid
+    bf16: bool
+
+    @property
+    def head(self):
+        return self.stage.head if self.stage is not None else self.policy.get_output_embeddings()
+
+    def reference_gathered(self):
+        return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
+
+    def whole(self, model):
+        """The model itself, or under --pp a whole copy gathered from its stages (every rank of the
+        pipeline must call it): what generates and evaluates. The copy stays split over the
+        tensor-parallel ranks, with its matmul weights in bf16 under --dtype bf16 (so it samples
+        exactly what the policy computes), so it costs each rank about 1/tp of the model at 2 bytes
+        per parameter while it lives; generating through the stages token by token would instead
+        idle all stages but one at every token."""
+        if self.stage is None:
+            return model
+        return parallel.pipeline_gathered_model(model, self.grid.tp_group, keep_tensor_parallel=True, matmul_dtype=torch.bfloat16 if self.bf16 else None)
+
+    def trunk(self, model):
+        """micro-batch -> the final hidden states of `model`, for the plain (unpipelined) passes."""
+        def hidden_states(micro_batch):
+            inputs = {k: micro_batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            return model.base_model(**inputs).last_hidden_state
+        return hidden_states
+
+
+def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
+    """Policy, reference and value function; everything trained goes in one container, wrapped once
+    for data parallel (after a checkpoint's weights are loaded, so the wrapper shards those). Under
+    --tp the policy is split first and the reference copied from the split policy (so Hydra's
+    shares the frozen shards); under --pp both are then cut into the same stages."""
+    pipelined = args.pp > 1
     if pipelined and args.zero_stage and policy.get_output_embeddings().weight is policy.get_input_embeddings().weight:
         fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
     policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     adapters = []
     if args.lora_rank > 0:
-        adapters = add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-        reference = None  # the policy with adapters disabled
+        adapters, reference = add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules), None
     elif args.num_layers_unfrozen > 0:
         reference = make_hydra(policy, args.num_layers_unfrozen)
     else:
         reference = reference_copy(policy, bf16_matmul_weights=args.dtype == "bf16")
     value_head = critic = None
-    if not critic_free:
-        if args.value_model:
-            critic = Critic(args.value_model, dtype).to(device)
-        else:
-            value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device, dtype)
-            torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no prior opinion of any state
-            torch.nn.init.zeros_(value_head.bias)
+    if args.advantage == "gae" and args.value_model:
+        critic = Critic(args.value_model, dtype).to(device)
+    elif args.advantage == "gae":
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device, dtype)
+        torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no prior opinion of any state
+        torch.nn.init.zeros_(value_head.bias)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
-    if state is not None:
-        # Under --tp/--pp every rank saved its own shard of the policy (see save_checkpoint).
+    if states is not None:
+        # Under --tp/--pp every rank saved its own shard of the policy (see save_training_state).
+        state, rank_state = states
         saved = rank_state if "policy" in rank_state else state
         missing, unexpected = policy.load_state_dict(saved["policy"], strict=not pipelined)
         assert not unexpected, unexpected
         for module, module_state in zip(value_modules.values(), saved["value"]):
             module.load_state_dict(module_state)
+    stage = None
     if pipelined:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage
         # applies the LM head (through fused_logprobs) and holds the value head as a child, so the
@@ -1326,53 +1364,280 @@ def main(args: Args):
         else:
             value_modules = {}
     else:
-        stage, trained = None, torch.nn.ModuleDict({"policy": policy, **value_modules})
+        trained = torch.nn.ModuleDict({"policy": policy, **value_modules})
     wrapper = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
     # Under ZeRO-3 a reference with weights of its own is sharded too and used only inside its
     # gathered(); Hydra's shares the frozen trunk with the policy, so only its copied top is wrapped.
     reference_wrapper = None
     if args.zero_stage == 3 and reference is not None:
-        reference_wrapper = parallel.FullyShardedDataParallel(hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference, grid.dp_group)
-    reference_gathered = reference_wrapper.gathered if reference_wrapper is not None else contextlib.nullcontext
+        owned = hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference
+        reference_wrapper = parallel.FullyShardedDataParallel(owned, grid.dp_group)
+    return Models(policy, reference, adapters, value_head, critic, value_modules, stage, wrapper, reference_wrapper, grid, args.dtype == "bf16")
+
+
+def micro_batches_of(micro_rows: list, input_ids, attention_mask) -> list:
+    """Micro-batches (each a tensor of row indices into the batch) in the form the passes take:
+    every pipeline stage needs the mask and positions, and the loss the rows."""
+    return [{"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "position_ids": positions_from_mask(attention_mask[rows]), "rows": rows}
+            for rows in micro_rows]
+
+
+def sample_chunks(models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, stream: str, autocast, greedy=False) -> list:
+    """(responses, their sampler log-probs) of this rank's chunks of the prompts, each chunk on a
+    forked RNG seeded by (seed, stream, chunk), so the rollouts do not depend on the rank count."""
+    models.policy.eval()
+    sampler, generated = models.whole(models.stage if models.stage is not None else models.policy), []
+    fork_devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+    with models.wrapper.gathered(), autocast:  # ZeRO-3: the whole policy gathered once for the decode loop
+        for chunk, lo, hi in chunks:
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(chunk_seed(args.seed, stream, chunk))
+                generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer, greedy))
+    models.policy.train()
+    return generated
+
+
+@torch.no_grad()
+def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, args: Args, dtype, autocast) -> tuple:
+    """(old log-probs, reference log-probs, old values or None) of the whole batch [B, T]. This rank
+    fills the rows of its micro-batches (on the last stage under --pp) and sums over the ranks
+    fill the rest, so every rank ends with the whole batch."""
+    critic_free = args.advantage != "gae"
+    device = micro_batches[0]["input_ids"].device
+    rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, dtype=dtype, device=device)
+
+    def policy_outputs(hidden, micro_batch):
+        rows = micro_batch["rows"]
+        logprobs, _, hidden = logprobs_from_hidden(models.head, hidden, micro_batch["input_ids"], prompt_length, args.temperature, with_entropy=True)
+        rollout[0, rows] = upcast(logprobs)
+        if not critic_free:
+            rollout[2, rows] = values_of(models.value_head, models.critic, hidden, micro_batch["input_ids"], micro_batch["attention_mask"], prompt_length)
+
+    def reference_outputs(hidden, micro_batch):
+        head = models.head if models.reference is None else models.reference.head if models.stage is not None else models.reference.get_output_embeddings()
+        rollout[1, micro_batch["rows"]] = upcast(logprobs_from_hidden(head, hidden, micro_batch["input_ids"], prompt_length, args.temperature)[0])
+
+    reference = models.reference if models.reference is not None else models.policy
+    with models.wrapper.gathered(), models.reference_gathered(), autocast:
+        parallel.forward_only(models.wrapper, micro_batches, policy_outputs, models.trunk(models.policy))
+        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+            parallel.forward_only(reference, micro_batches, reference_outputs, models.trunk(reference))
+    parallel.all_reduce_sum(rollout, models.grid.dp_group)
+    parallel.all_reduce_sum(rollout, models.grid.pp_group)
+    return rollout[0], rollout[1], None if critic_free else rollout[2]
+
+
+@torch.no_grad()
+def evaluate(models: Models, reward: Reward, eval_prompts: list, tokenizer, args: Args, update: int, autocast, dtype) -> tuple:
+    """Scores of greedy and sampled responses to held-out prompts, their KL to the reference, and
+    (with a reward model) the win rate against the reference policy's own samples. The prompts
+    are cut into chunks as in training, each chunk sampled with a fixed seed of its own on a
+    forked RNG (so evaluation never changes training, evaluations compare, and the result does
+    not depend on the number of ranks); ranks evaluate their chunks and gather the results.
+    The models are gathered once (a no-op below ZeRO-3), so ranks may run different numbers
+    of forwards without per-block collectives; under --pp whole copies are gathered from the
+    stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
+    grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
+    policy.eval()
+    sampler, reference_sampler = models.whole(models.stage if models.stage is not None else policy), models.whole(models.reference)
+    fork_devices = [device] if device.type == "cuda" else []
+    metrics, rows = {}, []
+    repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+
+    def reference_logprobs(input_ids, attention_mask, prompt_length):
+        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+            model = reference_sampler if reference_sampler is not None else policy
+            return response_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature)[0]
+
+    with models.wrapper.gathered(), models.reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
+        for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
+            prompts = [p for p in eval_prompts for _ in range(copies)]
+            all_prompt_ids, all_prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
+            local = []
+            for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank):
+                torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
+                chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
+                responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0], tokenizer.eos_token_id, tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                result = {"text": texts, "score": reward.normalized(reward.raw(chunk_prompts, texts)).tolist()}
+                if args.task == "randomwalks":
+                    result["optimality"] = reward.optimality(chunk_prompts, texts)
+                if args.task == "sentiment":  # the task's metric, whatever the reward
+                    result["vader"] = sentiment_scores(texts, dtype).tolist()
+                if name == "sampled":
+                    input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
+                    logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
+                    kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1")
+                    result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
+                    if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
+                        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+                            reference_responses = generate(reference_sampler if reference_sampler is not None else policy, prompt_ids, prompt_mask, args, tokenizer)[0]
+                        reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
+                        ours, theirs = reward.raw(chunk_prompts, texts), reward.raw(chunk_prompts, reference_texts)
+                        result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
+                local.append(result)
+            results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]  # chunk order
+
+            def mean(key):
+                return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
+
+            metrics[f"eval/score_{name}"] = mean("score")
+            if args.task == "randomwalks":
+                metrics[f"eval/optimality_{name}"] = float(np.mean([value for result in results for value in result["optimality"]]))
+            if args.task == "sentiment":
+                metrics[f"eval/vader_{name}"] = mean("vader")
+            if name == "sampled":
+                metrics["eval/kl"] = mean("kl")
+                if reward.model is not None:
+                    metrics["eval/win_rate"] = mean("win")
+                texts = [text for result in results for text in result["text"]]
+                rows = [[update, p, t] for p, t in zip(prompts[:16], texts[:16])]
+    policy.train()
+    return metrics, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing of the loop: timing, statistics, checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+class PhaseTimer:
+    """Seconds of each phase of an update, read after the device's queued work (time/*_s in the log)."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+        self.started = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, phase: str):
+        now = self.now()
+        self.seconds[f"time/{phase}_s"], self.started = now - self.started, now
+
+
+def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) -> dict:
+    """The update's mean of each micro-batch statistic, gathered once, in the order one process
+    would have produced them (each minibatch's micro-batches, rank by rank), and the largest
+    first-minibatch log-ratio of any rank. Under --pp the last stage has them."""
+    mine = (tally["statistics"], tally["first_ratio"])
+    if pipelined:
+        mine = parallel.all_gather_objects(mine, grid.pp_group)[-1]
+    per_rank = parallel.all_gather_objects(mine, grid.dp_group)
+    count = len(mine[0])
+    statistics = [s for group in range(0, count, micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
+    metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
+    metrics["policy/first_minibatch_max_log_ratio"] = max(ratio for _, ratio in per_rank)
+    return metrics
+
+
+def save_training_state(run_dir: str, update: int, models: Models, optimizer, kl_controller, score_moments, reward: Reward,
+                        args: Args, run_name: str, wandb_run):
+    """A checkpoint holding everything an exact resume needs (see save_checkpoint). Under --tp/--pp
+    every rank saves its own shard of the models; otherwise rank 0 saves them whole."""
+    def model_state():  # cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole
+        return {"policy": {k: v.clone() for k, v in models.policy.state_dict().items()},
+                "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in models.value_modules.values()]}
+
+    sharded = args.tp > 1 or args.pp > 1
+    shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
+        "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "reward_norm": dict(reward.norm),
+        "args": asdict(args), "world_size": models.grid.world_size, "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+        **({} if sharded else model_state()),
+    }
+    rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}
+    save_checkpoint(run_dir, update, models.wrapper, shared_state, rank_state, models.grid, args.keep_checkpoints)
+
+
+def load_training_state(args: Args, grid) -> tuple:
+    """(checkpoint folder, (shared state, this rank's state)) of --resume, or (None, None); a
+    checkpoint of another layout is refused with one line."""
+    if not args.resume:
+        return None, None
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main)
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
+    if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
+    return checkpoint, (state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False))
+
+
+def print_sizes(args: Args, ranks: int, generation_chunk: int, local_mini_batch_size: int):
+    print(f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
+          f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
+          f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+    chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
+    if chunks_per_batch % ranks:
+        print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
+              f"so some ranks idle while others generate; a --generation-batch-size that divides {args.batch_size // ranks} avoids it")
+
+
+def micro_batch_loss(hidden, micro_batch, models: Models, batch: dict, args: Args, normaliser: float, first_minibatch: bool, tally: dict):
+    """Step 8 for one micro-batch, from the policy's final hidden states: the PPO loss (clipped
+    policy loss, clipped value loss, under GRPO the k3 KL term), the entropy bonus, all
+    aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally.
+    Multiplied by the rank count, since the data-parallel wrapper averages gradients over ranks."""
+    rows, critic_free = micro_batch["rows"], args.advantage != "gae"
+    logprobs, entropy, hidden = logprobs_from_hidden(models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True)
+    values = None if critic_free else values_of(models.value_head, models.critic, hidden, micro_batch["input_ids"], micro_batch["attention_mask"], batch["prompt_length"])
+    logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["mask"][rows]
+    old_logprobs = batch["old_logprobs"][rows]
+    loss, stats = ppo_losses(logprobs, old_logprobs, batch["advantages"][rows], values, None if critic_free else batch["old_values"][rows],
+                             None if critic_free else batch["returns"][rows], mask, args, normaliser,
+                             batch["ref_logprobs"][rows] if args.advantage == "grpo" else None, batch["beta"])
+    if args.entropy_coef:
+        loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
+    stats["policy/entropy"] = kernels.masked_mean(entropy, mask)
+    tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()})
+    tally["loss"].add_(loss.detach())
+    if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
+        tally["first_ratio"] = max(tally["first_ratio"], torch.where(mask, logprobs - old_logprobs, 0.0).abs().max().item())
+    return loss * models.grid.dp_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    # Flags, processes, sizes (plumbing). Prompts per batch times samples per prompt is the batch;
+    # batch and minibatch sizes count all ranks' rollouts.
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
+    device, ranks, critic_free = grid.device, grid.dp_size, args.advantage != "gae"
+    local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
+    generation_chunk = min(args.generation_batch_size, args.batch_size)
+    # The trained weights, the value function and every tensor of the update; under bf16 autocast
+    # the forward runs in bf16 and its outputs are upcast to this.
+    dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if grid.is_main:
+        print_sizes(args, ranks, generation_chunk, local_mini_batch_size)
+    checkpoint, states = load_training_state(args, grid)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # The prompts, the policy, the reward, and the models of the layout.
+    train_prompts, eval_prompts = task_prompts(args)
+    policy, tokenizer = load_policy(args.model, device, dtype)
+    reward = Reward(args, tokenizer, device, dtype, verbose=grid.is_main)
+    models = build_models(args, grid, policy, states, device, dtype)
     # fused: one kernel for all parameters, about 4x faster than the default per-tensor loop on CPU (benchmarks/vs_trl.py)
-    optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0, fused=True)
+    optimizer = models.wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0, fused=True)
     kl_controller = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    fork_devices = [device] if device.type == "cuda" else []
 
-    def reference_logprobs(reference_model, input_ids, attention_mask, prompt_length):
-        if adapters:
-            with adapters_disabled(adapters):
-                return response_logprobs(policy, input_ids, attention_mask, prompt_length, args.temperature)[0]
-        return response_logprobs(reference_model, input_ids, attention_mask, prompt_length, args.temperature)[0]
-
-    def micro_batch_rows(minibatch: list) -> list:
-        """This rank's share of a minibatch (a list of row indices), cut into micro-batches."""
-        share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
-        return [torch.tensor(share[i : i + args.micro_batch_size], device=device) for i in range(0, local_mini_batch_size, args.micro_batch_size)]
-
-    def whole(model):
-        """The model itself, or under --pp a whole copy gathered from its stages (every rank of the
-        pipeline must call it): what generates and evaluates. The copy stays split over the
-        tensor-parallel ranks, with its matmul weights in bf16 under --dtype bf16 (so it samples
-        exactly what the policy computes), so it costs each rank about 1/tp of the model at 2 bytes
-        per parameter while it lives; generating through the stages token by token would instead
-        idle all stages but one at every token."""
-        if not pipelined:
-            return model
-        return parallel.pipeline_gathered_model(model, grid.tp_group, keep_tensor_parallel=True, matmul_dtype=torch.bfloat16 if args.dtype == "bf16" else None)
-
-    # 3. Run directory; a resumed run continues in its checkpoint's directory with every state restored.
+    # The run directory; a resumed run continues in its checkpoint's directory with every state restored.
     update, wandb_id = 0, None
     if checkpoint:
+        state, rank_state = states
         changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
         optimizer.load_state_dict(rank_state["optimizer"])
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
-        reward_norm.update(state["reward_norm"])
+        reward.norm.update(state["reward_norm"])
         set_rng_states(rank_state["rng"])
         update, run_name, wandb_id = state["update"], state["run_name"], state["wandb_id"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
@@ -1385,184 +1650,56 @@ def main(args: Args):
         parallel.barrier()  # every rank is past its checks before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
-    state = rank_state = None  # the model states are loaded; let them go
+    states = None  # the model states are loaded; let them go
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 
-    @torch.no_grad()
-    def evaluate():
-        """Scores of greedy and sampled responses to held-out prompts, their KL to the reference, and
-        (with a reward model) the win rate against the reference policy's own samples. The prompts
-        are cut into chunks as in training, each chunk sampled with a fixed seed of its own on a
-        forked RNG (so evaluation never changes training, evaluations compare, and the result does
-        not depend on the number of ranks); ranks evaluate their chunks and gather the results.
-        The models are gathered once (a no-op below ZeRO-3), so ranks may run different numbers
-        of forwards without per-block collectives; under --pp whole copies are gathered from the
-        stages, and the ranks of a pipeline evaluate the same chunks."""
-        policy.eval()
-        sampler, reference_sampler = whole(stage if pipelined else policy), whole(reference)
-        metrics, rows = {}, []
-        repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
-        with wrapper.gathered(), reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
-            for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
-                prompts = [p for p in eval_prompts for _ in range(copies)]
-                all_prompt_ids, all_prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
-                local = []
-                for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, ranks, grid.dp_rank):
-                    torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
-                    chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                    responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0], tokenizer.eos_token_id, tokenizer.pad_token_id)
-                    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                    result = {"text": texts, "score": normalized(raw_scores(chunk_prompts, texts)).tolist()}
-                    if args.task == "randomwalks":
-                        result["optimality"] = [walk_optimality(p + t, adjacency, shortest) for p, t in zip(chunk_prompts, texts)]
-                    if args.task == "sentiment":  # the task's metric, whatever the reward
-                        result["vader"] = sentiment_scores(texts, dtype).tolist()
-                    if name == "sampled":
-                        input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-                        logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
-                        kl = kl_per_token(logprobs, reference_logprobs(reference_sampler, input_ids, attention_mask, prompt_ids.shape[1]), "k1")
-                        result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
-                        if reward_model is not None:  # the trlX paper's metric: wins against the reference policy
-                            if adapters:
-                                with adapters_disabled(adapters):
-                                    reference_responses = generate(policy, prompt_ids, prompt_mask, args, tokenizer)[0]
-                            else:
-                                reference_responses = generate(reference_sampler, prompt_ids, prompt_mask, args, tokenizer)[0]
-                            reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
-                            ours, theirs = raw_scores(chunk_prompts, texts), raw_scores(chunk_prompts, reference_texts)
-                            result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
-                    local.append(result)
-                results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]  # chunk order
+    def micro_batch_rows(minibatch: list) -> list:
+        """This rank's share of a minibatch (a list of row indices), cut into micro-batches."""
+        share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
+        return [torch.tensor(share[i : i + args.micro_batch_size], device=device) for i in range(0, local_mini_batch_size, args.micro_batch_size)]
 
-                def mean(key):
-                    return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
-
-                metrics[f"eval/score_{name}"] = mean("score")
-                if args.task == "randomwalks":
-                    metrics[f"eval/optimality_{name}"] = float(np.mean([value for result in results for value in result["optimality"]]))
-                if args.task == "sentiment":
-                    metrics[f"eval/vader_{name}"] = mean("vader")
-                if name == "sampled":
-                    metrics["eval/kl"] = mean("kl")
-                    if reward_model is not None:
-                        metrics["eval/win_rate"] = mean("win")
-                    texts = [text for result in results for text in result["text"]]
-                    rows = [[update, p, t] for p, t in zip(prompts[:16], texts[:16])]
-        policy.train()
-        return metrics, rows
-
-    # 4. The loop.
-    policy.train()  # dropout was switched off above for every forward pass that PPO compares
+    models.policy.train()  # dropout was switched off in build_models for every forward pass that PPO compares
     progress = tqdm.tqdm(total=args.num_updates, initial=update, desc="ppo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     metrics, started, start_update = {}, time.time(), update
-
-    def clock() -> float:
-        """Seconds, after the device's queued work: what each phase of an update costs (time/* in the log)."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
     while update < args.num_updates:
-        phase_started = clock()
-        # 1. Sample prompts (a stream of shuffled epochs, a function of seed and position alone, so a
-        # resumed run replays it) and generate. Every rank encodes all prompts (so the padding is
-        # the single-process one) and generates its chunks, each on its own seed; the responses
-        # (max_new_tokens wide) are gathered, so every rank holds the whole batch.
-        first, last = update * prompts_per_batch, (update + 1) * prompts_per_batch
-        epochs = range(first // len(train_prompts), (last - 1) // len(train_prompts) + 1)
-        stream = [i for epoch in epochs for i in epoch_order(len(train_prompts), args.seed, epoch)]
-        offset = first - epochs[0] * len(train_prompts)
-        prompts = [train_prompts[i] for i in stream[offset : offset + prompts_per_batch] for _ in range(args.samples_per_prompt)]
+        timer = PhaseTimer(device)
+        # 1. Generate. Every rank encodes all prompts (so the padding is the single-process one)
+        #    and samples its chunks; the responses (max_new_tokens wide) are gathered below.
+        prompts = batch_prompts(train_prompts, update, args)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
         prompt_length = prompt_ids.shape[1]
         my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks, grid.dp_rank)
-        generated = []
-        policy.eval()
-        sampler = whole(stage if pipelined else policy)
-        with wrapper.gathered(), autocast:  # ZeRO-3: the whole policy gathered once for the generation loop
-            for chunk, lo, hi in my_chunks:
-                with torch.random.fork_rng(devices=fork_devices):
-                    torch.manual_seed(chunk_seed(args.seed, f"update {update}", chunk))
-                    generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer))
-        policy.train()
-        del sampler
-        phase_seconds = {"generation": clock() - phase_started}
-        phase_started = clock()
+        generated = sample_chunks(models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, f"update {update}", autocast)
+        timer.lap("generation")
 
-        # 2-3. Each rank scores its chunks' decoded responses (truncated at the first EOS: what
-        # follows is padding, excluded from every loss and statistic), then all are gathered.
+        # 2-3. Truncate at the first EOS (what follows is padding, outside every loss and statistic)
+        #      and score; each rank its chunks, then all are gathered in chunk order.
         local = []
         for (chunk, lo, hi), (chunk_generated, chunk_logprobs) in zip(my_chunks, generated):
             texts = tokenizer.batch_decode(truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
-            local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), raw_scores(prompts[lo:hi], texts)))
-        shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]  # chunk order
-        generated = torch.cat([g for g, _, _ in shares]).to(device)
+            local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), reward.raw(prompts[lo:hi], texts)))
+        shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]
         sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(device, dtype)
-        responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        input_ids = torch.cat([prompt_ids, responses], 1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        # Scores normalised (under first-batch by the first batch itself); a response that never
-        # ended pays the missing-EOS penalty.
-        scores = torch.cat([s for _, _, s in shares])
-        if reward_norm["scale"] is None:
-            reward_norm.update(shift=scores.mean().item(), scale=scores.std().item() if scores.std() > 0 else 1.0)
-            if grid.is_main:
-                print(f"reward normalization: mean {reward_norm['shift']:.4g} and std {reward_norm['scale']:.4g} "
-                      f"of the first batch's {len(scores)} scores")
-        scores = normalized(scores) - missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
+        responses, mask, has_eos = truncate_at_eos(torch.cat([g for g, _, _ in shares]).to(device), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
+        # Normalised scores; a response that never ended pays the missing-EOS penalty.
+        scores = reward.normalized(torch.cat([s for _, _, s in shares]), verbose=grid.is_main)
+        scores = scores - reward.missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
         raw_mean = scores.mean().item()
-        phase_seconds["scoring"] = clock() - phase_started  # decoding and scoring, and the gather of every rank's chunks
-        phase_started = clock()
+        timer.lap("scoring")
 
-        # 4. Log-probs under the policy and the reference (same temperature as sampling), and values.
-        # The permutations are the same on every rank (same RNG). Each rank computes the rows it
-        # trains on in the first PPO epoch (its share of each minibatch), in the same micro-batches,
-        # so the first minibatch repeats bitwise the same computation: its ratio is exactly 1. The
-        # rows of the other ranks are zeros here, and a sum over ranks fills them in. Under --pp the
-        # micro-batches go through the stages, the last stage fills the rows, and a sum over the
-        # pipeline gives them to every stage.
+        # 4. Log-probs under the policy and the reference (at the sampling temperature), and values,
+        #    computed in the micro-batches and order of the first PPO epoch, so that the first
+        #    minibatch repeats bitwise the same computation: its ratio is exactly 1.
         permutations = [torch.randperm(args.batch_size).tolist() for _ in range(args.ppo_epochs)]
-        rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, dtype=dtype, device=device)
-        first_epoch_micro_rows = [rows for start in range(0, args.batch_size, args.mini_batch_size) for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])]
-        with torch.no_grad(), wrapper.gathered(), reference_gathered(), autocast:
-            if pipelined:
-                def policy_outputs(hidden, micro_batch):  # on the last stage
-                    rows = micro_batch["rows"]
-                    logprobs, _, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
-                    rollout[0, rows] = upcast(logprobs)
-                    if not critic_free:
-                        rollout[2, rows] = upcast(value_head(hidden).squeeze(-1))
-                    return torch.zeros(1, device=device)  # pipeline_forward's sum; the rows written are the result
-
-                def reference_outputs(hidden, micro_batch):
-                    rows = micro_batch["rows"]
-                    logprobs = logprobs_from_hidden(reference.head, hidden, input_ids[rows], prompt_length, args.temperature)[0]
-                    rollout[1, rows] = upcast(logprobs)
-                    return torch.zeros(1, device=device)
-
-                micro_batches = pipeline_micro_batches(first_epoch_micro_rows, input_ids, attention_mask)
-                parallel.pipeline_forward(wrapper, micro_batches, policy_outputs)
-                parallel.pipeline_forward(reference, micro_batches, reference_outputs)
-            else:
-                for rows in first_epoch_micro_rows:
-                    logprobs, _, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                    rollout[0, rows] = upcast(logprobs)
-                    rollout[1, rows] = upcast(reference_logprobs(reference, input_ids[rows], attention_mask[rows], prompt_length))
-                    if not critic_free:
-                        rollout[2, rows] = values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
-        parallel.all_reduce_sum(rollout, grid.dp_group)
-        parallel.all_reduce_sum(rollout, grid.pp_group)
-        old_logprobs, ref_logprobs = rollout[0], rollout[1]
-        old_values = None if critic_free else rollout[2]
-        # How far the sampler's log-probs are from the trainer's on the tokens it sampled: rounding
-        # (a cached decode sums in another order) in fp32, more in bf16, and the mass that --top-k
-        # and --top-p cut off. The number that tells when sampling has gone off-policy.
+        first_epoch = [rows for start in range(0, args.batch_size, args.mini_batch_size) for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])]
+        old_logprobs, ref_logprobs, old_values = rollout_logprobs(models, micro_batches_of(first_epoch, input_ids, attention_mask), prompt_length, args, dtype, autocast)
+        # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
-        phase_seconds["logprobs"] = clock() - phase_started
-        phase_started = clock()
+        timer.lap("logprobs")
 
         # 5. Per-token KL to the reference and the coefficient that weighs it (from here on every
-        # rank computes the same numbers over the whole batch).
+        #    rank computes the same numbers over the whole batch).
         kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator)
         beta = kl_controller.value
         sequence_kl = torch.where(mask, old_logprobs - ref_logprobs, 0.0).sum(-1).mean().item()
@@ -1574,64 +1711,30 @@ def main(args: Args):
             scores = scores / max(score_moments.std, 1e-8)
 
         # 7. Advantages: GAE on real tokens with a critic, or a critic-free estimator; returns before whitening.
+        returns = None
         if critic_free:
             advantages = critic_free_advantages(args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma)
-            returns = None
         else:
-            rewards = token_rewards(scores, kl, mask, beta)
-            advantages, returns = kernels.gae(old_values, rewards, mask, args.gamma, args.lam)
+            advantages, returns = kernels.gae(old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam)
             advantages = kernels.masked_whiten(advantages, mask)
 
-        # 8. PPO epochs over shuffled minibatches: each rank takes its share of a minibatch, in
-        # micro-batches. Losses are normalised by the whole minibatch's count and multiplied by the
-        # rank count (the wrapper averages gradients over ranks), so the step is the one-process
-        # step; only the last micro-batch's backward communicates. Under --pp the 1F1B schedule
-        # runs the micro-batches through the stages and the last stage computes the loss.
-        statistics, first_minibatch_log_ratio = [], 0.0
-        minibatch_loss = torch.zeros(1, dtype=torch.float64, device=device)  # this rank's part of the minibatch's loss
-
-        def micro_batch_loss(logprobs, entropy, values, rows, normaliser: float, first_minibatch: bool):
-            """The loss to back-propagate for one micro-batch; records its statistics."""
-            nonlocal first_minibatch_log_ratio
-            logprobs, entropy = upcast(logprobs), upcast(entropy)
-            loss, stats = ppo_losses(logprobs, old_logprobs[rows], advantages[rows], values, None if critic_free else old_values[rows],
-                                     None if critic_free else returns[rows], mask[rows], args, normaliser,
-                                     ref_logprobs[rows] if args.advantage == "grpo" else None, beta)
-            if args.entropy_coef:
-                loss = loss - args.entropy_coef * aggregate(entropy, mask[rows], args.loss_aggregation, normaliser)
-            stats["policy/entropy"] = kernels.masked_mean(entropy, mask[rows])
-            statistics.append({k: float(v.detach()) for k, v in stats.items()})
-            minibatch_loss.add_(loss.detach())
-            if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
-                log_ratio = torch.where(mask[rows], logprobs - old_logprobs[rows], 0.0).abs().max().item()
-                first_minibatch_log_ratio = max(first_minibatch_log_ratio, log_ratio)
-            return loss * ranks
-
+        # 8. PPO epochs over shuffled minibatches, each rank its share of each in micro-batches.
+        #    The loss is normalised by the whole minibatch's count of tokens (or sequences), so
+        #    accumulating the micro-batches and ranks gives the one-process step.
+        batch = dict(prompt_length=prompt_length, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                     advantages=advantages, returns=returns, beta=beta)
+        tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
                 normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
-                first_minibatch = epoch == 0 and start == 0
-                micro_rows = micro_batch_rows(minibatch)
-                if pipelined:
-                    def loss_fn(hidden, micro_batch):  # on the last stage
-                        rows = micro_batch["rows"]
-                        logprobs, entropy, hidden = logprobs_from_hidden(stage.head, hidden, input_ids[rows], prompt_length, args.temperature, with_entropy=True)
-                        values = None if critic_free else upcast(value_head(hidden).squeeze(-1))
-                        return micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch)
-
-                    with autocast:
-                        parallel.pipeline_1f1b(wrapper, pipeline_micro_batches(micro_rows, input_ids, attention_mask), loss_fn, broadcast_loss=False)
-                else:
-                    for index, rows in enumerate(micro_rows):
-                        with wrapper.no_sync() if index < len(micro_rows) - 1 else contextlib.nullcontext():
-                            with autocast:
-                                logprobs, entropy, hidden = response_logprobs(policy, input_ids[rows], attention_mask[rows], prompt_length, args.temperature, with_entropy=True)
-                                values = None if critic_free else values_of(value_head, critic, hidden, input_ids[rows], attention_mask[rows], prompt_length)
-                            micro_batch_loss(logprobs, entropy, values, rows, normaliser, first_minibatch).backward()
-                loss = parallel.all_reduce_sum(parallel.all_reduce_sum(minibatch_loss, grid.dp_group), grid.pp_group).item()
-                minibatch_loss.zero_()
-                grad_norm = wrapper.clip_grad_norm_(args.max_grad_norm)
+                loss_fn = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, normaliser=normaliser,
+                                            first_minibatch=epoch == 0 and start == 0, tally=tally)
+                micro_batches = micro_batches_of(micro_batch_rows(minibatch), input_ids, attention_mask)
+                parallel.forward_backward(models.wrapper, micro_batches, loss_fn, models.trunk(models.policy), autocast)
+                loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
+                tally["loss"].zero_()
+                grad_norm = models.wrapper.clip_grad_norm_(args.max_grad_norm)
                 if not math.isfinite(loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
                     progress.close()  # the bar would otherwise print again at exit, after the error
                     fail(f"the loss is {loss} and the gradient norm {float(grad_norm)} at update {update + 1} "
@@ -1641,21 +1744,14 @@ def main(args: Args):
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
         update += 1
-        phase_seconds["training"] = clock() - phase_started  # advantages and the PPO epochs
+        timer.lap("training")  # advantages and the PPO epochs
 
-        # Statistics of the update, gathered once, in the order one process would have produced them
-        # (each minibatch's micro-batches, rank by rank). Under --pp the last stage has them.
-        if pipelined:
-            statistics, first_minibatch_log_ratio = parallel.all_gather_objects((statistics, first_minibatch_log_ratio), grid.pp_group)[-1]
-        per_rank = parallel.all_gather_objects((statistics, first_minibatch_log_ratio), grid.dp_group)
-        micro_per_share = local_mini_batch_size // args.micro_batch_size
-        statistics = [s for group in range(0, len(statistics), micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
-        metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
+        # Statistics of the update, gathered once; evaluation; checkpoint (plumbing).
+        metrics = gather_statistics(tally, grid, local_mini_batch_size // args.micro_batch_size, args.pp > 1)
         metrics.update({
             "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.to(dtype).mean().item(),
             "objective/response_length": mask.sum(-1).to(dtype).mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
-            "policy/first_minibatch_max_log_ratio": max(ratio for _, ratio in per_rank), "policy/sampler_logprob_gap": sampler_logprob_gap,
-            **{f"time/{phase}_s": seconds for phase, seconds in phase_seconds.items()},
+            "policy/sampler_logprob_gap": sampler_logprob_gap, **timer.seconds,
         })
         if not critic_free:
             real_returns, real_values = returns[mask], old_values[mask]
@@ -1663,7 +1759,7 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
-            eval_metrics, eval_rows = evaluate()
+            eval_metrics, eval_rows = evaluate(models, reward, eval_prompts, tokenizer, args, update, autocast, dtype)
             metrics.update(eval_metrics)
             if grid.is_main:
                 progress.write(f"update {update}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
@@ -1674,22 +1770,11 @@ def main(args: Args):
         if wandb_run:
             wandb_run.log(metrics, step=update)
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            # Cloned: under ZeRO-1/2 the parameters are views into flat buffers that torch.save would write whole.
-            model_state = lambda: {  # noqa: E731
-                "policy": {k: v.clone() for k, v in policy.state_dict().items()}, "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in value_modules.values()],
-            }
-            sharded = args.tp > 1 or args.pp > 1  # then every rank saves its own shard of the models
-            shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
-                "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "reward_norm": dict(reward_norm),
-                "args": asdict(args), "world_size": grid.world_size,
-                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None, **({} if sharded else model_state()),
-            }
-            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}
-            save_checkpoint(run_dir, update, wrapper, shared_state, rank_state, grid, args.keep_checkpoints)
+            save_training_state(run_dir, update, models, optimizer, kl_controller, score_moments, reward, args, run_name, wandb_run)
     progress.close()
 
-    # 9. The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
-    save_final(run_dir, policy, tokenizer, value_modules, wrapper, grid, stage)
+    # The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
+    save_final(run_dir, models.policy, tokenizer, models.value_modules, models.wrapper, grid, models.stage)
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}

@@ -905,8 +905,85 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast, dtype) -> tuple:
+    """Pairwise accuracy, margin and score distribution on the held-out pairs. Each rank scores
+    a contiguous share and the scores are gathered in order, so every rank computes the same
+    metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
+    different numbers of forwards without per-block collectives. The tensor-parallel ranks and
+    pipeline stages of one replica score the same share together. Returns (metrics, every score)."""
+    device, ranks = grid.device, grid.dp_size
+    model.eval()
+    chosen, rejected = [], []
+    with model.gathered(), torch.no_grad(), autocast:
+        mine = share(eval_sequences, grid.dp_rank, ranks)
+        starts = range(0, len(mine), args.micro_batch_size)
+        if args.pp > 1 and mine:
+            # The last stage writes each micro-batch's scores into their slots of one vector
+            # (the share's chosen scores, then its rejected ones); pipeline_forward adds the
+            # vectors (exactly: every slot is written once) and brings the sum to every stage.
+            def statistic_fn(logits, micro_batch):
+                slots = torch.zeros(2, len(mine), dtype=torch.float64, device=logits.device)
+                c, r = pooled_pair_scores(logits, micro_batch, tokenizer.pad_token_id)
+                slots[0, micro_batch["start"] : micro_batch["start"] + len(c)] = c
+                slots[1, micro_batch["start"] : micro_batch["start"] + len(r)] = r
+                return slots.flatten()
+
+            micro_batches = [{**pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device), "start": start} for start in starts]
+            # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
+            both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu()
+            chosen, rejected = [both[0]], [both[1]]
+        elif args.pp == 1:
+            for start in starts:
+                c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+    model.train()
+    shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
+    chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
+    rejected = torch.cat([r for _, rejected_share in shares for r in rejected_share])
+    margins = torch.tensor([p[2] for p in eval_sequences], dtype=dtype)
+    both = torch.cat([chosen, rejected])
+    metrics = {
+        "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(),
+        "eval/accuracy": (chosen > rejected).to(dtype).mean().item(),
+        "eval/margin": (chosen - rejected).mean().item(), "eval/chosen_score": chosen.mean().item(),
+        "eval/rejected_score": rejected.mean().item(), "eval/score_mean": both.mean().item(), "eval/score_std": both.std().item(),
+    }
+    return metrics, both
+
+
+def optimality_correlation(model, tokenizer, eval_walks: list, perturbed_walks: list, graph, args: Args, grid, dtype) -> dict:
+    """Spearman correlation of the scores of held-out walks with their true optimality. Corrupted
+    walks are mostly invalid: a block of ties at optimality 0 that the model, rightly, still
+    grades (a walk that breaks one edge scores above one that wanders), so their correlation is
+    lower and reported apart. Each rank scores a share of the walks (under --pp with a whole copy
+    of the model, gathered from the stages)."""
+    metrics = {}
+    with model.gathered():
+        scorer = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
+        for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
+            mine = share(evaluated, grid.dp_rank, grid.dp_size)
+            scores = torch.zeros(0, dtype=dtype)  # a rank left without a share
+            if mine:
+                scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256)
+            scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
+            metrics[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, *graph) for w in evaluated])
+    return metrics
+
+
+def lr_scheduler(optimizer, args: Args, total_steps: int):
+    """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+    def factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def main(args: Args):
-    # 1. Check every flag, then join the other ranks (a no-op without torchrun).
+    # Flags, then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
@@ -923,7 +1000,7 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 2. Preference pairs, split before pairing for randomwalks so no held-out walk is seen in training.
+    # Preference pairs, split before pairing for randomwalks so no held-out walk is seen in training.
     if args.task == "randomwalks":
         adjacency, walks = generate_random_walks()
         shortest = shortest_path_nodes(adjacency)
@@ -978,21 +1055,10 @@ def main(args: Args):
         model = parallel.pipeline_stage(model, grid.pp_group)  # the last stage holds the final norm and the score head
     model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
 
-    def whole_model():
-        """An HF model to score with: the model itself, or under --pp a whole copy gathered from
-        the stages (every rank of the pipeline must call it)."""
-        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = lr_scheduler(optimizer, args, total_steps)
 
-    def lr_factor(step):  # step counts finished optimizer steps
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    # Run directory; a resumed run continues in the directory its checkpoint belongs to.
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
@@ -1014,7 +1080,7 @@ def main(args: Args):
         # Rank 0's clock names the run, so every rank agrees on the directory.
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank has checked (in step 1) before rank 0 creates anything
+        parallel.barrier()  # every rank has checked its flags before rank 0 creates anything
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
             if args.task == "sentiment":
@@ -1024,52 +1090,7 @@ def main(args: Args):
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def evaluate():
-        """Pairwise accuracy, margin and score distribution on the held-out pairs. Each rank scores
-        a contiguous share and the scores are gathered in order, so every rank computes the same
-        metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
-        different numbers of forwards without per-block collectives. The tensor-parallel ranks and
-        pipeline stages of one replica score the same share together."""
-        model.eval()
-        chosen, rejected = [], []
-        with model.gathered(), torch.no_grad(), autocast:
-            mine = share(eval_sequences, grid.dp_rank, ranks)
-            starts = range(0, len(mine), args.micro_batch_size)
-            if args.pp > 1 and mine:
-                # The last stage writes each micro-batch's scores into their slots of one vector
-                # (the share's chosen scores, then its rejected ones); pipeline_forward adds the
-                # vectors (exactly: every slot is written once) and brings the sum to every stage.
-                def statistic_fn(logits, micro_batch):
-                    slots = torch.zeros(2, len(mine), dtype=torch.float64, device=logits.device)
-                    c, r = pooled_pair_scores(logits, micro_batch, tokenizer.pad_token_id)
-                    slots[0, micro_batch["start"] : micro_batch["start"] + len(c)] = c
-                    slots[1, micro_batch["start"] : micro_batch["start"] + len(r)] = r
-                    return slots.flatten()
-
-                micro_batches = [{**pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device), "start": start} for start in starts]
-                # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
-                both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu()
-                chosen, rejected = [both[0]], [both[1]]
-            elif args.pp == 1:
-                for start in starts:
-                    c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                    chosen.append(c.cpu())
-                    rejected.append(r.cpu())
-        model.train()
-        shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
-        chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
-        rejected = torch.cat([r for _, rejected_share in shares for r in rejected_share])
-        margins = torch.tensor([p[2] for p in eval_sequences], dtype=dtype)
-        both = torch.cat([chosen, rejected])
-        metrics = {
-            "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(),
-            "eval/accuracy": (chosen > rejected).to(dtype).mean().item(),
-            "eval/margin": (chosen - rejected).mean().item(), "eval/chosen_score": chosen.mean().item(),
-            "eval/rejected_score": rejected.mean().item(), "eval/score_mean": both.mean().item(), "eval/score_std": both.std().item(),
-        }
-        return metrics, both
-
-    # 4. The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
+    # The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
     #    accumulated over micro-batches.
     model.train()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
@@ -1098,7 +1119,7 @@ def main(args: Args):
                    "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": (step - start_step) * args.batch_size / (time.time() - started),
                    "train/epoch": step / steps_per_epoch, "time/steps_per_s": (step - start_step) / (time.time() - started)}
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics, eval_scores = evaluate()
+            eval_metrics, eval_scores = evaluate(model, eval_sequences, tokenizer, args, grid, autocast, dtype)
             metrics.update(eval_metrics)
             if grid.is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
@@ -1117,24 +1138,12 @@ def main(args: Args):
             save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
-    # 5. Score statistics on held-out chosen and rejected responses, stored with the model so that
+    # Score statistics on held-out chosen and rejected responses, stored with the model so that
     # a consumer (ppo.py) can normalise rewards to zero mean and unit variance.
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/") and not k.endswith("/scores")}
     model.module.config.reward_mean, model.module.config.reward_std = summary["eval/score_mean"], summary["eval/score_std"]
     if args.task == "randomwalks":
-        # Corrupted walks are mostly invalid: a block of ties at optimality 0 that the model, rightly,
-        # still grades (a walk that breaks one edge scores above one that wanders), so their
-        # correlation is lower and reported apart. Each rank scores a share of the walks (under
-        # --pp with a whole copy of the model, gathered from the stages).
-        with model.gathered():
-            scorer = whole_model()
-            for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
-                mine = share(evaluated, grid.dp_rank, ranks)
-                scores = torch.zeros(0, dtype=dtype)  # a rank left without a share
-                if mine:
-                    scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256)
-                scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
-                summary[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, adjacency, shortest) for w in evaluated])
+        summary.update(optimality_correlation(model, tokenizer, eval_walks, perturbed_walks, (adjacency, shortest), args, grid, dtype))
     save_final(run_dir, model, tokenizer, grid)
     if not grid.is_main:
         return

@@ -652,8 +652,66 @@ def load_model(name: str, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def evaluate(model, step: int, eval_sequences: list, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast) -> tuple:
+    """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
+    Each rank evaluates a share and the sums are reduced. Sampling runs on a forked RNG with a
+    fixed seed per rank: evaluation never perturbs training, and every evaluation draws
+    comparable samples. The whole model is gathered once (a no-op below ZeRO-3), so ranks
+    may run different numbers of forwards without per-block collectives. Under --pp the samples
+    come from a whole copy gathered from the stages. graph: randomwalks' (adjacency, shortest
+    paths), else None. Returns (metrics, sample rows)."""
+    device, ranks = grid.device, grid.dp_size
+    model.eval()
+    metrics, rows = {}, []
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, completion tokens
+    with model.gathered(), torch.no_grad():
+        with autocast:
+            shard = eval_sequences[grid.dp_rank :: ranks]
+            micro_batches = [collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device) for start in range(0, len(shard), args.micro_batch_size)]
+            if args.pp > 1:
+                micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), batch)) for batch in micro_batches]
+                totals += parallel.pipeline_forward(model, micro_batches, lambda logits, mb: torch.stack([loss_sum_from_logits(logits, mb["labels"]).double(), (mb["labels"][:, 1:] != -100).sum().double()]))
+            else:
+                for input_ids, attention_mask, labels in micro_batches:
+                    totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
+                    totals[1] += (labels[:, 1:] != -100).sum()
+        parallel.all_reduce_sum(totals, grid.dp_group)
+        sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
+        metrics["eval/loss"] = (totals[0] / totals[1]).item()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + grid.dp_rank)
+            if args.task == "randomwalks":
+                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
+                    prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: ranks]
+                    completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                    walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
+                    scored = [(w, walk_optimality(w, *graph)) for w in walks]
+                    scored = [pair for share in parallel.all_gather_objects(scored, grid.dp_group) for pair in share]
+                    metrics[f"eval/optimality_{name}"] = float(np.mean([s for _, s in scored]))
+                    metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
+                    if name == "greedy":
+                        rows = [[step, w[0], w[1:], s] for w, s in scored]
+            elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
+                completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
+                rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
+    model.train()
+    return metrics, rows
+
+
+def lr_scheduler(optimizer, args: Args, total_steps: int):
+    """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+    def factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def main(args: Args):
-    # 1. Check every flag, then join the other ranks (a no-op without torchrun).
+    # Flags, then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
     device, ranks = grid.device, grid.dp_size
@@ -668,15 +726,16 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 2. Data and model.
+    # Data and model.
     if args.task == "randomwalks":
         adjacency, walks = generate_random_walks()
         shortest = shortest_path_nodes(adjacency)
         walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
         examples = [(walk[0], walk[1:]) for walk in walk_strings]
         dataset_optimality = float(np.mean([walk_optimality(w, adjacency, shortest) for w in walk_strings]))
+        graph = (adjacency, shortest)
     else:
-        examples = load_examples(args.task, args.data)
+        examples, graph = load_examples(args.task, args.data), None
     if checkpoint:
         model, tokenizer = load_model(checkpoint, device, param_dtype)
     elif args.model:
@@ -707,25 +766,14 @@ def main(args: Args):
         model = parallel.pipeline_stage(model, grid.pp_group)
     model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
 
-    def whole_model():
-        """An HF model to generate with or save: the model itself, or under --pp a whole copy
-        gathered from the stages (every rank of the pipeline must call it)."""
-        return parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
     # stream); the tensor-parallel ranks of one replica must draw the same ones.
     if grid.dp_rank:
         torch.manual_seed(args.seed + grid.dp_rank)
+    scheduler = lr_scheduler(optimizer, args, total_steps)
 
-    def lr_factor(step):  # step counts finished optimizer steps
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    # 3. Run directory; a resumed run continues in the directory its checkpoint belongs to.
+    # Run directory; a resumed run continues in the directory its checkpoint belongs to.
     step, wandb_id = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
@@ -755,50 +803,7 @@ def main(args: Args):
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def evaluate(step):
-        """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
-        Each rank evaluates a share and the sums are reduced. Sampling runs on a forked RNG with a
-        fixed seed per rank: evaluation never perturbs training, and every evaluation draws
-        comparable samples. The whole model is gathered once (a no-op below ZeRO-3), so ranks
-        may run different numbers of forwards without per-block collectives."""
-        model.eval()
-        metrics, rows = {}, []
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, completion tokens
-        with model.gathered(), torch.no_grad():
-            with autocast:
-                shard = eval_sequences[grid.dp_rank :: ranks]
-                micro_batches = [collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device) for start in range(0, len(shard), args.micro_batch_size)]
-                if args.pp > 1:
-                    micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), batch)) for batch in micro_batches]
-                    totals += parallel.pipeline_forward(model, micro_batches, lambda logits, mb: torch.stack([loss_sum_from_logits(logits, mb["labels"]).double(), (mb["labels"][:, 1:] != -100).sum().double()]))
-                else:
-                    for input_ids, attention_mask, labels in micro_batches:
-                        totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
-                        totals[1] += (labels[:, 1:] != -100).sum()
-            parallel.all_reduce_sum(totals, grid.dp_group)
-            sampler = whole_model()
-            metrics["eval/loss"] = (totals[0] / totals[1]).item()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(args.seed + grid.dp_rank)
-                if args.task == "randomwalks":
-                    starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
-                    for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
-                        prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: ranks]
-                        completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
-                        walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
-                        scored = [(w, walk_optimality(w, adjacency, shortest)) for w in walks]
-                        scored = [pair for share in parallel.all_gather_objects(scored, grid.dp_group) for pair in share]
-                        metrics[f"eval/optimality_{name}"] = float(np.mean([s for _, s in scored]))
-                        metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
-                        if name == "greedy":
-                            rows = [[step, w[0], w[1:], s] for w, s in scored]
-                elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
-                    completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
-                    rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
-        model.train()
-        return metrics, rows
-
-    # 4. The loop: one optimizer step per batch, accumulated over micro-batches.
+    # The loop: one optimizer step per batch, accumulated over micro-batches.
     model.train()
     progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
     tokens_seen, started, start_step = 0, time.time(), step
@@ -827,7 +832,7 @@ def main(args: Args):
         metrics = {"train/loss": batch_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
                    "time/steps_per_s": (step - start_step) / (time.time() - started)}
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics, rows = evaluate(step)
+            eval_metrics, rows = evaluate(model, step, eval_sequences, eval_prompts, tokenizer, graph, args, grid, autocast)
             metrics.update(eval_metrics)
             if grid.is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
@@ -846,7 +851,7 @@ def main(args: Args):
             save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
     progress.close()
 
-    # 5. The result, loadable by plain transformers and by the other scripts.
+    # The result, loadable by plain transformers and by the other scripts.
     save_final(run_dir, model, tokenizer, grid)
     if not grid.is_main:
         return

@@ -35,19 +35,6 @@ def naive_fused(hidden, weight, labels, temperature=1.0, bias=None, ignore_index
     return naive_logprobs(F.linear(hidden, weight, bias), labels, temperature, ignore_index)
 
 
-def loop_gae(values, rewards, mask, gamma, lam):
-    """The plain reverse loop over the real tokens of each row (a hole is skipped over)."""
-    advantages = torch.zeros_like(values)
-    for b in range(values.shape[0]):
-        last_advantage, next_value = 0.0, 0.0
-        for t in reversed(mask[b].nonzero().flatten().tolist()):
-            delta = rewards[b, t] + gamma * next_value - values[b, t]
-            last_advantage = delta + gamma * lam * last_advantage
-            advantages[b, t] = last_advantage
-            next_value = values[b, t]
-    return advantages, (advantages + values) * mask
-
-
 def batched_loop_gae(values, rewards, mask, gamma, lam):
     """The textbook loop (as in lm-human-preference-details) for masks of real tokens then padding."""
     values, rewards = values * mask, rewards * mask
@@ -348,7 +335,7 @@ def test_gae_mask_with_holes_skips_masked_tokens():
     mask = torch.rand(16, 40, generator=generator) < 0.6
     mask[0] = False
     advantages, returns = kernels.gae(values, rewards, mask, 0.99, 0.9)
-    ref_advantages, ref_returns = loop_gae(values, rewards, mask, 0.99, 0.9)
+    ref_advantages, ref_returns = kernels.gae_loop(values, rewards, mask, 0.99, 0.9)
     torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
     torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
 
