@@ -167,6 +167,18 @@ def damage(path, how: str):
         os.remove(path)
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, loaded from its file: putting benchmarks/ on sys.path
+    would shadow the library (benchmarks/parallel.py, benchmarks/kernels.py) for every process
+    the tests spawn afterwards, which inherit sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_metrics(run_dir) -> dict:
     """A run's metrics.json without the numbers the clock measures (time/*, throughput *_per_s),
     which differ between any two runs of the same math."""

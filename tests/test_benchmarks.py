@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import gpu_check  # noqa: E402
+gpu_check = load_benchmark("gpu_check")
 
 
 def table_rows(report: str) -> dict:

@@ -11,10 +11,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import plan  # noqa: E402
+plan = load_benchmark("plan")
 
 GB = 1e9
 LLAMA_70B, NEOX_20B, LLAMA_8B = (plan.BUILTIN_SHAPES[name] for name in ("llama-2-70b", "gpt-neox-20b", "llama-3-8b"))
