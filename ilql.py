@@ -55,13 +55,18 @@ class Args:
     """seed of python, numpy and torch (model and head init, data order, dropout, evaluation samples): any integer
     from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh"] = "randomwalks"
-    """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review openings
-    (examples/sentiment_prompts.jsonl) sampled from --model itself and scored by VADER (needs vaderSentiment); jsonl: `{"prompt", "response", "reward"}` records from --data;
-    hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is given)"""
+    """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review
+    openings
+    (examples/sentiment_prompts.jsonl) sampled from --model itself and scored by VADER (needs vaderSentiment); jsonl:
+    `{"prompt", "response", "reward"}` records from --data;
+    hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is
+    given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh a local copy in the upstream format (.jsonl or .jsonl.gz)"""
+    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh
+    a local copy in the upstream format (.jsonl or .jsonl.gz)"""
     model: Optional[str] = None
-    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
+    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other
+    tasks)"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
     """fp32; bf16: autocast for the forward pass (weights, heads and optimizer stay fp32); fp64: the LM, the heads and
     every computation in float64, slow, for checking that two layouts compute the same math (the tests compare runs
@@ -69,29 +74,37 @@ class Args:
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also
+    parameters"""
     tp: int = 1
-    """tensor-parallel ranks per model copy under torchrun (the LM's attention heads, MLP and vocabulary split over them; the ILQL heads stay whole on every rank; data parallel takes the remaining ranks)"""
+    """tensor-parallel ranks per model copy under torchrun (the LM's attention heads, MLP and vocabulary split over
+    them; the ILQL heads stay whole on every rank; data parallel takes the remaining ranks)"""
     pp: int = 1
-    """pipeline stages per model copy under torchrun (the LM's decoder layers split in contiguous stages, 1F1B schedule over the micro-batches; the ILQL heads live on the last stage)"""
+    """pipeline stages per model copy under torchrun (the LM's decoder layers split in contiguous stages, 1F1B schedule
+    over the micro-batches; the ILQL heads live on the last stage)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
     num_layers_unfrozen: int = -1
-    """train only the LM's top k decoder layers, its final norm and an untied LM head besides the ILQL heads; the rest stays frozen (-1: the whole LM trains)"""
+    """train only the LM's top k decoder layers, its final norm and an untied LM head besides the ILQL heads; the rest
+    stays frozen (-1: the whole LM trains)"""
     lora_rank: int = 0
-    """LoRA adapters of this rank on the LM's linear layers, the LM itself frozen (0: off); the ILQL heads train whole, and the saved LM has the adapters merged in"""
+    """LoRA adapters of this rank on the LM's linear layers, the LM itself frozen (0: off); the ILQL heads train whole,
+    and the saved LM has the adapters merged in"""
     lora_alpha: float = 16.0
     """LoRA scale numerator: the adapter output is multiplied by alpha / rank (a positive number)"""
     lora_target_modules: str = "all"
-    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
+    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside
+    the decoder blocks"""
 
     max_length: int = 512
     """longest prompt+response in tokens (capped at the model's context)"""
     overlong: Literal["truncate", "skip"] = "truncate"
-    """examples longer than --max-length: truncate (cut the prompt from the left, then the response from the right) or skip them"""
+    """examples longer than --max-length: truncate (cut the prompt from the left, then the response from the right) or
+    skip them"""
     samples_per_prompt: int = 4
-    """sentiment: continuations of each training prompt sampled from --model (temperature 1, no top-k, --max-new-tokens) to make the
+    """sentiment: continuations of each training prompt sampled from --model (temperature 1, no top-k,
+    --max-new-tokens) to make the
     dataset; it is written to sentiment_samples.jsonl in the run directory, in the format of --task jsonl"""
     generation_batch_size: int = 64
     """sentiment: prompts per batch when sampling the dataset"""
@@ -150,7 +163,8 @@ class Args:
     eval_generations: int = 8
     """jsonl and hh: prompts whose greedy completions are shown for each beta at each evaluation"""
     eval_prompts: int = 64
-    """sentiment: held-out prompts (at most a tenth, never in the dataset) continued greedily and by sampling at each beta and scored by VADER"""
+    """sentiment: held-out prompts (at most a tenth, never in the dataset) continued greedily and by sampling at each
+    beta and scored by VADER"""
     max_new_tokens: int = 64
     """generation budget for text tasks (randomwalks uses its own: 9)"""
     save_every: int = 0
@@ -180,16 +194,32 @@ def check_args(args: Args, world_size: int) -> Args:
     and what depends on the number of processes. Returns the flags with --micro-batch-size and the
     task's defaults of --tau and --alpha settled."""
     randomwalks = args.task == "randomwalks"
-    args = replace(args, tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
-                   alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001)
+    args = replace(
+        args,
+        tau=args.tau if args.tau is not None else 0.8 if randomwalks else 0.7,
+        alpha=args.alpha if args.alpha is not None else 0.1 if randomwalks else 0.001,
+    )
 
     def require(ok: bool, flag: str, what: str):
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in ("tp", "pp", "max_length", "samples_per_prompt", "generation_batch_size", "num_epochs", "batch_size",
-                 "steps_for_target_sync", "eval_every", "eval_samples_per_start", "eval_generations", "eval_prompts",
-                 "max_new_tokens", "keep_checkpoints"):
+    for flag in (
+        "tp",
+        "pp",
+        "max_length",
+        "samples_per_prompt",
+        "generation_batch_size",
+        "num_epochs",
+        "batch_size",
+        "steps_for_target_sync",
+        "eval_every",
+        "eval_samples_per_start",
+        "eval_generations",
+        "eval_prompts",
+        "max_new_tokens",
+        "keep_checkpoints",
+    ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "lora_rank", "warmup_steps", "top_k", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
@@ -197,8 +227,11 @@ def check_args(args: Args, world_size: int) -> Args:
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
     for flag in ("weight_decay", "cql_scale", "awac_scale", "beta"):
         require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
-    require(args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1, "num_layers_unfrozen",
-            "must be -1 (the whole LM trains) or a number of layers, at least 1")
+    require(
+        args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1,
+        "num_layers_unfrozen",
+        "must be -1 (the whole LM trains) or a number of layers, at least 1",
+    )
     require(0 < args.tau < 1, "tau", "must lie strictly between 0 and 1")
     require(0 < args.alpha <= 1, "alpha", "must lie in (0, 1] (1 copies the Q heads at every sync)")
     require(0 <= args.gamma <= 1, "gamma", "must lie in [0, 1]")
@@ -206,35 +239,54 @@ def check_args(args: Args, world_size: int) -> Args:
         fail("--eval-betas needs at least one beta to evaluate with")
     for beta in args.eval_betas:
         if not 0 <= beta < math.inf:
-            fail(f"--eval-betas {' '.join(map(str, args.eval_betas))} holds {beta}; "
-                 "every beta must be 0 or a positive number")
+            fail(
+                f"--eval-betas {' '.join(map(str, args.eval_betas))} holds {beta}; "
+                "every beta must be 0 or a positive number"
+            )
     if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
         fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
     model_ranks = args.tp * args.pp
     if model_ranks > 1 and world_size == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
-             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+        fail(
+            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
     if world_size % model_ranks:
-        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
-             f"make the process count a multiple of {model_ranks}")
+        fail(
+            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
     if args.zero_stage == 3 and model_ranks > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     if args.lora_rank > 0 and model_ranks > 1:
-        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
-             "use --num-layers-unfrozen")
+        fail(
+            "--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
+            "use --num-layers-unfrozen"
+        )
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(args.batch_size % ranks == 0, "batch_size",
-            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    require(
+        args.batch_size % ranks == 0,
+        "batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
     share = args.batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
-    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)")
-    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
-            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset")
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of the batch "
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset",
+    )
     if not randomwalks and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     if args.output_dir and not args.resume and holds_run(args.output_dir):  # before sentiment's minutes of sampling
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-             f"or pass --resume {args.output_dir} to continue it")
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
     return replace(args, micro_batch_size=micro_batch_size)
 
 
@@ -253,7 +305,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
@@ -330,8 +384,14 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
     """trlX's model for this task: GPT-2 with 6 layers, 144 hidden, 12 heads, context 16, GPT-2's dropout."""
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=144,
+        n_layer=6,
+        n_head=12,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
 
@@ -345,7 +405,7 @@ def read_records(path: str) -> list:
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
     records = []
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
             for line_number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
@@ -366,7 +426,10 @@ def require_fields(records: list, fields: tuple, path: str):
         for field in fields:
             if not isinstance(record.get(field), str):
                 problem = "is missing" if field not in record else "is not a string"
-                fail(f"{path}, record {number}: field {field!r} {problem}; every record needs {', '.join(repr(f) for f in fields)}")
+                fail(
+                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
 
 
 def scored_example(record: dict, number: int, path: str):
@@ -374,12 +437,17 @@ def scored_example(record: dict, number: int, path: str):
     for field in ("prompt", "response"):
         if not isinstance(record.get(field), str):
             problem = "is missing" if field not in record else "is not a string"
-            fail(f"{path}, record {number}: field {field!r} {problem}; every record needs 'prompt', 'response' and 'reward'")
+            fail(
+                f"{path}, record {number}: field {field!r} {problem}; every record needs 'prompt', 'response' and "
+                "'reward'"
+            )
     if not record["response"]:
         fail(f"{path}, record {number}: 'response' is empty; ILQL needs at least one response token to act on")
     reward = record.get("reward")
     if "reward" not in record:
-        fail(f"{path}, record {number}: field 'reward' is missing; every record needs 'prompt', 'response' and 'reward'")
+        fail(
+            f"{path}, record {number}: field 'reward' is missing; every record needs 'prompt', 'response' and 'reward'"
+        )
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         fail(f"{path}, record {number}: 'reward' is {json.dumps(reward)}, not a number")
     if not math.isfinite(reward):
@@ -403,8 +471,13 @@ def download_hh() -> list:
     try:
         folder = snapshot_download("Anthropic/hh-rlhf", repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
     except Exception as error:  # offline, gated, renamed: all end the same way for the user
-        fail(f"could not download Anthropic/hh-rlhf ({type(error).__name__}); without a network pass --data with a local copy")
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".jsonl.gz"))
+        fail(
+            f"could not download Anthropic/hh-rlhf ({type(error).__name__}); without a network pass --data with a "
+            "local copy"
+        )
+    return sorted(
+        os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".jsonl.gz")
+    )
 
 
 def load_examples(task: str, data: Optional[str]) -> list:
@@ -455,9 +528,15 @@ def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str)
         sequences.append((prompt_ids + response_ids, len(prompt_ids), reward))
     if too_long:
         action = "skipped" if overlong == "skip" else "truncated"
-        print(f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see --overlong)")
+        print(
+            f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see "
+            "--overlong)"
+        )
     if not sequences:
-        fail(f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong truncate")
+        fail(
+            f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong "
+            "truncate"
+        )
     return sequences
 
 
@@ -505,7 +584,9 @@ def model_context(config):
 # The ILQL heads and loss
 # ---------------------------------------------------------------------------------------------
 def make_head(hidden_size: int, out: int) -> torch.nn.Sequential:
-    return torch.nn.Sequential(torch.nn.Linear(hidden_size, 2 * hidden_size), torch.nn.ReLU(), torch.nn.Linear(2 * hidden_size, out))
+    return torch.nn.Sequential(
+        torch.nn.Linear(hidden_size, 2 * hidden_size), torch.nn.ReLU(), torch.nn.Linear(2 * hidden_size, out)
+    )
 
 
 class ILQLHeads(torch.nn.Module):
@@ -530,7 +611,9 @@ class ILQLHeads(torch.nn.Module):
                 target.copy_(alpha * source + (1 - alpha) * target)
 
 
-def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards, tau: float, gamma: float, beta: float) -> dict:
+def ilql_loss(
+    heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards, tau: float, gamma: float, beta: float
+) -> dict:
     """Each ILQL loss term summed over the batch's actions (the caller divides by the number of
     actions of the whole batch, so that gradient accumulation equals one big batch).
 
@@ -556,7 +639,11 @@ def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards,
     # 2. V loss: expectile regression of V on the (detached) min over target Q heads; tau > 0.5
     #    penalises V below the target more than above, so V leans to the best actions in the data.
     with torch.no_grad():
-        target_q = torch.stack([head(states).gather(-1, actions[:, None]).squeeze(-1) for head in heads.target_q_heads]).min(0).values
+        target_q = (
+            torch.stack([head(states).gather(-1, actions[:, None]).squeeze(-1) for head in heads.target_q_heads])
+            .min(0)
+            .values
+        )
     difference = target_q - v
     expectile_weight = torch.full_like(difference, tau).masked_fill(difference < 0, 1 - tau)
     loss_v = (expectile_weight * difference**2).sum()
@@ -569,8 +656,15 @@ def ilql_loss(heads: ILQLHeads, logits, hidden, input_ids, action_mask, rewards,
     weights = torch.exp(beta * (target_q - v.detach()))
     loss_awac = (F.cross_entropy(logits[:, :-1][action_mask], actions, reduction="none") * weights).sum()
 
-    return {"q": loss_q, "v": loss_v, "cql": loss_cql, "awac": loss_awac,
-            "value": v.detach().sum(), "q_value": q_taken[0].detach().sum(), "advantage": (target_q - v.detach()).sum()}
+    return {
+        "q": loss_q,
+        "v": loss_v,
+        "cql": loss_cql,
+        "awac": loss_awac,
+        "value": v.detach().sum(),
+        "q_value": q_taken[0].detach().sum(),
+        "advantage": (target_q - v.detach()).sum(),
+    }
 
 
 def trained_modules(lm, heads: ILQLHeads) -> torch.nn.ModuleDict:
@@ -594,7 +688,9 @@ def pipelined_stage(lm, heads: ILQLHeads, group) -> parallel.PipelineStage:
     return stage
 
 
-def accumulate_gradients(model, heads, batch: list, batch_actions: int, ranks: int, args: Args, pad_token_id: int, device, autocast) -> dict:
+def accumulate_gradients(
+    model, heads, batch: list, batch_actions: int, ranks: int, args: Args, pad_token_id: int, device, autocast
+) -> dict:
     """Backward over this rank's share of the batch in micro-batches; returns its share of each
     loss term's mean over the global batch's actions (the shares sum to the means over ranks).
 
@@ -610,29 +706,64 @@ def accumulate_gradients(model, heads, batch: list, batch_actions: int, ranks: i
         # applies the LM head and the ILQL heads to the final hidden states and computes the loss,
         # and the sums of the terms come back to every stage.
         stage = model.module
-        micro_batches = [dict(zip(("input_ids", "attention_mask", "action_mask", "rewards"), collate(batch[start : start + args.micro_batch_size], pad_token_id, device)))
-                         for start in starts]
+        micro_batches = [
+            dict(
+                zip(
+                    ("input_ids", "attention_mask", "action_mask", "rewards"),
+                    collate(batch[start : start + args.micro_batch_size], pad_token_id, device),
+                )
+            )
+            for start in starts
+        ]
 
         def loss_fn(hidden, micro_batch):
             logits = stage.head(hidden)  # under autocast, as the LM's own head runs outside the pipeline
-            with torch.autocast(torch.device(device).type, enabled=False):  # the ILQL heads run in fp32, as outside the pipeline
-                terms = ilql_loss(heads, logits, hidden, micro_batch["input_ids"], micro_batch["action_mask"], micro_batch["rewards"], args.tau, args.gamma, args.beta)
-                terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
+            with torch.autocast(
+                torch.device(device).type, enabled=False
+            ):  # the ILQL heads run in fp32, as outside the pipeline
+                terms = ilql_loss(
+                    heads,
+                    logits,
+                    hidden,
+                    micro_batch["input_ids"],
+                    micro_batch["action_mask"],
+                    micro_batch["rewards"],
+                    args.tau,
+                    args.gamma,
+                    args.beta,
+                )
+                terms["loss"] = (
+                    terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
+                )
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
             return terms["loss"] / batch_actions * ranks
 
         with autocast:
             parallel.pipeline_1f1b(model, micro_batches, loss_fn, broadcast_loss=False)
-        sums = torch.tensor([totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device)  # zeros but on the last stage
+        sums = torch.tensor(
+            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
+        )  # zeros but on the last stage
         return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
     lm = model.module["lm"]
     for start in starts:
-        input_ids, attention_mask, action_mask, rewards = collate(batch[start : start + args.micro_batch_size], pad_token_id, device)
+        input_ids, attention_mask, action_mask, rewards = collate(
+            batch[start : start + args.micro_batch_size], pad_token_id, device
+        )
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
                 output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            terms = ilql_loss(heads, output.logits, output.hidden_states[-1], input_ids, action_mask, rewards, args.tau, args.gamma, args.beta)
+            terms = ilql_loss(
+                heads,
+                output.logits,
+                output.hidden_states[-1],
+                input_ids,
+                action_mask,
+                rewards,
+                args.tau,
+                args.gamma,
+                args.beta,
+            )
             terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
             (terms["loss"] / batch_actions * ranks).backward()
         for name, value in terms.items():
@@ -684,7 +815,10 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
     count = lm.config.num_hidden_layers
     lists = [m for m in lm.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(lists) != 1:
-        fail(f"cannot find the {count} decoder layers of {type(lm).__name__}; --num-layers-unfrozen and --lora-rank support GPT-2, Llama and GPT-NeoX style models")
+        fail(
+            f"cannot find the {count} decoder layers of {type(lm).__name__}; --num-layers-unfrozen and --lora-rank "
+            "support GPT-2, Llama and GPT-NeoX style models"
+        )
     return lists[0]
 
 
@@ -705,7 +839,10 @@ def add_lora(lm, rank: int, alpha: float, targets: str):
                 replace_module(block, name, LoRA(module, rank, alpha))
                 wrapped += 1
     if not wrapped:
-        fail(f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or c_attn (GPT-2)")
+        fail(
+            f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
+            "c_attn (GPT-2)"
+        )
 
 
 def merge_lora(lm) -> torch.nn.Module:
@@ -728,10 +865,10 @@ def split_lora_state(lm) -> tuple:
         owner = next((name for name in wrappers if key.startswith(name)), None)
         if owner is None:
             base[key] = tensor
-        elif key[len(owner):].startswith("lora_"):
+        elif key[len(owner) :].startswith("lora_"):
             adapters[key] = tensor
         else:
-            base[owner + key[len(owner) + len("base."):]] = tensor
+            base[owner + key[len(owner) + len("base.") :]] = tensor
     return base, adapters
 
 
@@ -743,7 +880,11 @@ def freeze_bottom(lm, num_layers_unfrozen: int):
     trainable = list(layers[len(layers) - num_layers_unfrozen :])
     # The final norm: a direct child of the trunk that is neither an embedding nor the block list.
     embeddings = (torch.nn.Embedding, parallel.VocabParallelEmbedding)
-    trainable += [m for m in lm.base_model.children() if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())]
+    trainable += [
+        m
+        for m in lm.base_model.children()
+        if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())
+    ]
     head = lm.get_output_embeddings()
     if head.weight is not lm.get_input_embeddings().weight:
         trainable.append(head)
@@ -764,7 +905,9 @@ def shifted_scores(logits, advantage, beta: float, top_k: int):
 
 
 @torch.no_grad()
-def generate(lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: float, temperature: float, top_k: int, device) -> list:
+def generate(
+    lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: float, temperature: float, top_k: int, device
+) -> list:
     """Response token ids for each prompt, cut before the first EOS. A left-padded batch runs token
     by token on the KV cache; each step samples from softmax(shifted scores / temperature), or
     takes their argmax at temperature 0. With beta 0 and top_k 0 this is plain sampling from the LM."""
@@ -774,11 +917,23 @@ def generate(lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: flo
     batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
     attention_mask = batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    step_ids, cache, finished, tokens = batch["input_ids"], None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    step_ids, cache, finished, tokens = (
+        batch["input_ids"],
+        None,
+        torch.zeros(len(prompts), dtype=torch.bool, device=device),
+        [],
+    )
     was_training = lm.training
     lm.eval()
     for _ in range(max_new_tokens):
-        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, output_hidden_states=True)
+        output = lm(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
         cache = output.cache
         # The heads in their own precision, as in training, even when the LM runs under autocast:
         # beta (100 in the default sweep) would multiply a bf16 error in Q - V.
@@ -814,7 +969,10 @@ SENTIMENT_SAMPLES = "sentiment_samples.jsonl"  # the sampled dataset, kept in th
 def load_sentiment_prompts(data: Optional[str]) -> list:
     """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
     if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass --data with a file of {{\"prompt\": ...}} lines")
+        fail(
+            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass "
+            f'--data with a file of {{"prompt": ...}} lines'
+        )
     path = data or SENTIMENT_PROMPTS
     records = read_records(path)
     require_fields(records, ("prompt",), path)
@@ -830,7 +988,10 @@ def vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        fail("--task sentiment scores continuations with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
+        fail(
+            "--task sentiment scores continuations with VADER: pip install vaderSentiment (or pip install -r "
+            "requirements-examples.txt)"
+        )
     return SentimentIntensityAnalyzer()
 
 
@@ -850,8 +1011,15 @@ def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, gr
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        for number, start in tqdm.tqdm(my_batches, desc="sampling the dataset", dynamic_ncols=True, disable=not grid.is_main):
-            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment dataset/{number}".encode()).digest()[:8], "little") & (2**63 - 1))
+        for number, start in tqdm.tqdm(
+            my_batches, desc="sampling the dataset", dynamic_ncols=True, disable=not grid.is_main
+        ):
+            torch.manual_seed(
+                int.from_bytes(
+                    hashlib.sha256(f"{args.seed}/sentiment dataset/{number}".encode()).digest()[:8], "little"
+                )
+                & (2**63 - 1)
+            )
             batch_prompts = repeated[start : start + args.generation_batch_size]
             responses = generate(lm, heads, tokenizer, batch_prompts, args.max_new_tokens, 0.0, 1.0, 0, device)
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -933,7 +1101,11 @@ def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = N
     scales = {module.scale for module in lm.modules() if isinstance(module, LoRA)}
     if scales:
         state_dict, adapters = split_lora_state(lm)
-        save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(folder, ADAPTERS_FILE), metadata={"scale": repr(scales.pop())})
+        save_file(
+            {k: v.contiguous() for k, v in adapters.items()},
+            os.path.join(folder, ADAPTERS_FILE),
+            metadata={"scale": repr(scales.pop())},
+        )
     lm.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
@@ -983,11 +1155,17 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
     if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
         damage = checkpoint_damage(path)
         if damage:
-            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
-                 "pass its run directory to resume from the newest intact checkpoint")
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
+    steps = (
+        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
     steps.sort(reverse=True)
@@ -1021,7 +1199,9 @@ def heads_from_last_stage(model, heads: ILQLHeads, grid):
                 dist.broadcast(tensor, src=model.module.last_rank, group=grid.pp_group)
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int):
+def save_checkpoint(
+    run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int
+):
     """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
     rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
     Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
@@ -1069,7 +1249,9 @@ def save_final(run_dir: str, model, tokenizer, heads, grid):
 
 def rng_states() -> dict:
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -1086,7 +1268,15 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
 
-    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
     try:
         return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
     except Exception as error:
@@ -1107,7 +1297,9 @@ def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Arg
     eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     if checkpoint:
         samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
-        examples = [scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)]
+        examples = [
+            scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)
+        ]
     else:
         examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
         if not examples:
@@ -1131,15 +1323,34 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
     metrics, rows = {}, []
     heads_from_last_stage(model, heads, grid)
-    sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
+    sampler = (
+        parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]
+    )  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
     with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         for beta in args.eval_betas:
             torch.manual_seed(args.seed + grid.dp_rank)
             if randomwalks:
                 starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
-                for name, temperature, repeats in (("greedy", 0.0, 1), ("sampled", args.temperature, args.eval_samples_per_start)):
+                for name, temperature, repeats in (
+                    ("greedy", 0.0, 1),
+                    ("sampled", args.temperature, args.eval_samples_per_start),
+                ):
                     prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
-                    responses = generate(sampler, heads, tokenizer, prompts, RANDOMWALKS_MAX_NODES - 1, beta, temperature, args.top_k, device) if prompts else []
+                    responses = (
+                        generate(
+                            sampler,
+                            heads,
+                            tokenizer,
+                            prompts,
+                            RANDOMWALKS_MAX_NODES - 1,
+                            beta,
+                            temperature,
+                            args.top_k,
+                            device,
+                        )
+                        if prompts
+                        else []
+                    )
                     walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
                     scored = [(w, walk_optimality(w, *graph)) for w in walks]
                     scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
@@ -1149,8 +1360,16 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
                         rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
             else:
                 prompts = share(eval_prompts, grid.dp_rank, ranks)
-                for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[: 2 if sentiment else 1]:
-                    responses = generate(sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device) if prompts else []
+                for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[
+                    : 2 if sentiment else 1
+                ]:
+                    responses = (
+                        generate(
+                            sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device
+                        )
+                        if prompts
+                        else []
+                    )
                     responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
                     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
                     scores = sentiment_scores(texts) if sentiment else [None] * len(texts)
@@ -1167,16 +1386,33 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
             metrics[f"eval/best_beta_{name}"] = best
     return metrics, rows
 
+
 def report(step: int, metrics: dict, rows: list, dataset_mean: float, args: Args) -> str:
     """The sweep over betas as a table; dataset_mean: the data's mean optimality or VADER score."""
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
     if randomwalks:
-        lines = [f"step {step}: optimality by generation beta (dataset {dataset_mean:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}"]
-        lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}" for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled"))
-                  for beta in args.eval_betas]
+        lines = [
+            f"step {step}: optimality by generation beta (dataset {dataset_mean:.3f})",
+            f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}",
+        ]
+        lines += [
+            f"{beta:>8g} "
+            + " ".join(
+                f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}"
+                for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled")
+            )
+            for beta in args.eval_betas
+        ]
     elif sentiment:
-        lines = [f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_mean:.3f})", f"{'beta':>8} {'greedy':>8} {'sampled':>8}"]
-        lines += [f"{beta:>8g} " + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled")) for beta in args.eval_betas]
+        lines = [
+            f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_mean:.3f})",
+            f"{'beta':>8} {'greedy':>8} {'sampled':>8}",
+        ]
+        lines += [
+            f"{beta:>8g} "
+            + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled"))
+            for beta in args.eval_betas
+        ]
     else:
         lines = [f"step {step}: greedy response to {rows[0][2]!r} by generation beta"]
         lines += [f"{beta:>8g}  {text!r}" for _, beta, prompt, text, _ in rows if prompt == rows[0][2]]
@@ -1185,13 +1421,78 @@ def report(step: int, metrics: dict, rows: list, dataset_mean: float, args: Args
 
 def lr_scheduler(optimizer, args: Args, total_steps: int):
     """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+
     def factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
+            args.lr_schedule
+        ]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
+    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
+    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
+    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
+    if not checkpoint:
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        parallel.barrier()
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        return 0, run_name, run_dir, None
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track", "output_dir")
+    changed = {
+        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
+    }
+    if changed and grid.is_main:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(rank_state["rng"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if grid.is_main:
+        print(f"resuming {run_dir} from step {state['step']}")
+    return state["step"], state["run_name"], run_dir, state["wandb_id"]
+
+
+def load_lm_and_heads(args: Args, checkpoint: Optional[str], device, dtype) -> tuple:
+    """(LM, tokenizer, heads): a checkpoint's (with the adapters of a LoRA run), or --model's (or
+    randomwalks' fresh GPT-2) with new heads and, under --lora-rank, new adapters."""
+    if checkpoint:
+        lm, tokenizer, heads = load_trained(checkpoint, device, dtype)  # with the adapters of a LoRA run
+    else:
+        if args.model:
+            lm, tokenizer = load_model(args.model, device, dtype)
+        else:
+            tokenizer = randomwalks_tokenizer()
+            lm = randomwalks_model(tokenizer).to(device, dtype)
+        heads = new_heads(lm, args.two_qs).to(device)
+        if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
+            add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
+        fail(
+            f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's "
+            f"{len(decoder_layers(lm))} layers"
+        )
+    return lm, tokenizer, heads
+
+
+def training_state(step: int, scheduler, optimizer, args: Args, grid, run_name: str, wandb_run) -> tuple:
+    """(what rank 0 saves, what this rank saves) in a checkpoint, beside the models and heads."""
+    shared = {"step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size}
+    shared.update(run_name=run_name, wandb_id=wandb_run.id if wandb_run else None)
+    return shared, {"optimizer": optimizer.state_dict(), "rng": rng_states()}
 
 
 def main(args: Args):
@@ -1202,8 +1503,10 @@ def main(args: Args):
     local_batch_size = args.batch_size // ranks
     param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
     if grid.is_main:
-        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
-              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+        print(
+            f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+            f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
     if sentiment:
         vader()  # a missing optional extra ends the run here, before anything is written
@@ -1223,19 +1526,7 @@ def main(args: Args):
         dataset_mean, graph = float(np.mean(scores)), (adjacency, shortest)
     elif not sentiment:
         examples, dataset_mean, graph = load_examples(args.task, args.data), None, None
-    if checkpoint:
-        lm, tokenizer, heads = load_trained(checkpoint, device, param_dtype)  # with the adapters of a LoRA run
-    else:
-        if args.model:
-            lm, tokenizer = load_model(args.model, device, param_dtype)
-        else:
-            tokenizer = randomwalks_tokenizer()
-            lm = randomwalks_model(tokenizer).to(device, param_dtype)
-        heads = new_heads(lm, args.two_qs).to(device)
-        if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
-            add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
-        fail(f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's {len(decoder_layers(lm))} layers")
+    lm, tokenizer, heads = load_lm_and_heads(args, checkpoint, device, param_dtype)
     if sentiment:
         examples, train_prompts, eval_prompts = sentiment_dataset(lm, heads, tokenizer, checkpoint, args, grid)
         dataset_mean, graph = float(np.mean([reward for _, _, reward in examples])), None
@@ -1256,15 +1547,22 @@ def main(args: Args):
     # Under --tp the LM is split and the heads are whole on every rank (they read the whole hidden
     # state); under --pp the V and Q heads train on the last stage (see pipelined_stage).
     if args.pp > 1 and args.zero_stage and lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
-        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
+        fail(
+            "a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot "
+            "shard; use --zero-stage 0 with --pp"
+        )
     lm = parallel.tensor_parallel(lm, grid.tp_group)  # a no-op unless --tp > 1
     if args.num_layers_unfrozen > 0:  # on the split LM: the frozen flags must be on the layers that train
         freeze_bottom(lm, args.num_layers_unfrozen)
     trained = pipelined_stage(lm, heads, grid.pp_group) if args.pp > 1 else trained_modules(lm, heads)
-    model = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+    model = parallel.data_parallel(
+        trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+    )
     last_stage = args.pp == 1 or model.module.is_last  # where the heads train
 
-    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    optimizer = model.make_optimizer(
+        torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=args.weight_decay
+    )
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
     # stream); the tensor-parallel ranks of one replica must draw the same ones.
     if grid.dp_rank:
@@ -1272,34 +1570,11 @@ def main(args: Args):
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
     # Run directory; a resumed run continues in the directory its checkpoint belongs to.
-    step, wandb_id = 0, None
-    if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
-        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
-        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track", "output_dir") and getattr(args, k, v) != v}
-        if changed and grid.is_main:
-            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
-        optimizer.load_state_dict(rank_state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(rank_state["rng"])
-        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        if grid.is_main:
-            print(f"resuming {run_dir} from step {step}")
-    else:
-        # Rank 0's clock names the run, so every rank agrees on the directory.
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank has checked its flags before rank 0 creates anything
-        if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            if sentiment:
-                write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_SAMPLES), examples)
-                print(f"sampled {len(examples)} continuations of {len(train_prompts)} prompts: mean VADER score {dataset_mean:.3f}; "
-                      f"written to {os.path.join(run_dir, SENTIMENT_SAMPLES)}")
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
+    if grid.is_main and not checkpoint and sentiment:
+        written = os.path.join(run_dir, SENTIMENT_SAMPLES)
+        write_jsonl_atomically(written, examples)
+        print(f"{len(examples)} samples of {len(train_prompts)} prompts, mean VADER {dataset_mean:.3f}: {written}")
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -1309,23 +1584,33 @@ def main(args: Args):
     #    accumulated over micro-batches; the target Q heads move towards the Q heads every
     #    --steps-for-target-sync steps.
     model.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
+    progress = tqdm.tqdm(
+        total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
+    )
     tokens_seen, started, start_step = 0, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        indices = epoch_order(len(sequences), args.seed, epoch)[
+            position * args.batch_size : (position + 1) * args.batch_size
+        ]
         batch = [sequences[i] for i in indices]
         batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        losses = accumulate_gradients(model, heads, rank_share, batch_actions, ranks, args, tokenizer.pad_token_id, device, autocast)
-        totals = parallel.all_reduce_sum(torch.tensor(list(losses.values()), dtype=torch.float64, device=device), grid.dp_group)
+        losses = accumulate_gradients(
+            model, heads, rank_share, batch_actions, ranks, args, tokenizer.pad_token_id, device, autocast
+        )
+        totals = parallel.all_reduce_sum(
+            torch.tensor(list(losses.values()), dtype=torch.float64, device=device), grid.dp_group
+        )
         losses = dict(zip(losses, totals.tolist()))
         tokens_seen += sum(len(ids) for ids, _, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(losses["loss"]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
             progress.close()  # the bar would otherwise print again at exit, after the error
-            fail(f"the loss is {losses['loss']} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
-                 "training would learn nothing; lower --learning-rate or --beta, or check the rewards and --max-length")
+            fail(
+                f"the loss is {losses['loss']} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
+                "training would learn nothing; lower --learning-rate or --beta, or check the rewards and --max-length"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1336,10 +1621,19 @@ def main(args: Args):
 
         tokens_per_second = tokens_seen / (time.time() - started)
         progress.update(1)
-        progress.set_postfix(loss=f"{losses['loss']:.4f}", value=f"{losses['value']:.3f}", tokens_per_s=f"{tokens_per_second:.0f}")
+        progress.set_postfix(
+            loss=f"{losses['loss']:.4f}", value=f"{losses['value']:.3f}", tokens_per_s=f"{tokens_per_second:.0f}"
+        )
         metrics = {f"train/loss_{k}" if k in ("q", "v", "cql", "awac") else f"train/{k}": v for k, v in losses.items()}
-        metrics.update({"train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
-                        "time/steps_per_s": (step - start_step) / (time.time() - started)})
+        metrics.update(
+            {
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": tokens_per_second,
+                "train/epoch": step / steps_per_epoch,
+                "time/steps_per_s": (step - start_step) / (time.time() - started),
+            }
+        )
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(model, heads, step, eval_prompts, tokenizer, graph, args, grid, autocast)
             metrics.update(eval_metrics)
@@ -1352,12 +1646,8 @@ def main(args: Args):
         if wandb_run:
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            trainer_state = {
-                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
-                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
-            }
-            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
-            save_checkpoint(run_dir, step, model, tokenizer, heads, trainer_state, rank_state, grid, args.keep_checkpoints)
+            states = training_state(step, scheduler, optimizer, args, grid, run_name, wandb_run)
+            save_checkpoint(run_dir, step, model, tokenizer, heads, *states, grid, args.keep_checkpoints)
     progress.close()
 
     # The result: the LM loadable by plain transformers, the heads beside it.
@@ -1368,9 +1658,20 @@ def main(args: Args):
     if randomwalks or sentiment:
         summary["dataset/optimality" if randomwalks else "dataset/score"] = dataset_mean
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
+        json.dump(
+            {
+                "step": step,
+                **summary,
+                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
+            },
+            file,
+            indent=1,
+        )
     shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary
-    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    print(
+        f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    )
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

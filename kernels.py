@@ -246,15 +246,22 @@ class _LogprobsFromLogits(torch.autograd.Function):
             for r in range(0, x.shape[0], chunk_size):
                 rows = slice(r, r + chunk_size)
                 grad_x[rows] = grad_fn(
-                    x[rows], None, None, target[rows], temperature, lse[rows], grad_logprob[rows],
+                    x[rows],
+                    None,
+                    None,
+                    target[rows],
+                    temperature,
+                    lse[rows],
+                    grad_logprob[rows],
                     grad_entropy[rows] if grad_entropy is not None else None,
                     entropy[rows] if grad_entropy is not None else None,
                 )
         return grad_x.view(logits.shape), None, None, None, None, None, None
 
 
-def logprobs_from_logits(logits, labels, temperature=1.0, ignore_index=IGNORE_INDEX,
-                         return_entropy=False, chunk_size=256, compile=None):
+def logprobs_from_logits(
+    logits, labels, temperature=1.0, ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=256, compile=None
+):
     """Log-probability of each label under softmax(logits / temperature).
 
     logits: [..., V] (fp32 or bf16); labels: [...] int64. Returns logprobs [...] in fp32 (fp64 for
@@ -262,8 +269,9 @@ def logprobs_from_logits(logits, labels, temperature=1.0, ignore_index=IGNORE_IN
     is ignore_index get logprob 0, entropy 0 and no gradient. Works `chunk_size` rows at a time,
     so no full fp32 copy of the logits is ever built, neither in forward nor in backward.
     """
-    return _LogprobsFromLogits.apply(logits, labels, float(temperature), ignore_index,
-                                     return_entropy, chunk_size, compile)
+    return _LogprobsFromLogits.apply(
+        logits, labels, float(temperature), ignore_index, return_entropy, chunk_size, compile
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -278,8 +286,20 @@ class _FusedLogprobs(torch.autograd.Function):
     # gradient needs an fp32 accumulator at a time.
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, temperature, ignore_index, with_entropy,
-                chunk_size, vocab_chunk_size, group, compile):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        bias,
+        temperature,
+        ignore_index,
+        with_entropy,
+        chunk_size,
+        vocab_chunk_size,
+        group,
+        compile,
+    ):
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         w = weight.detach()
         b = bias.detach() if bias is not None else None
@@ -292,9 +312,17 @@ class _FusedLogprobs(torch.autograd.Function):
         stats = None
         for v in range(0, w.shape[0], vocab_chunk_size):
             cols = slice(v, v + vocab_chunk_size)
-            block = [stats_fn(h[r:r + chunk_size], w[cols], b[cols] if b is not None else None,
-                              target[r:r + chunk_size] - v, temperature, with_entropy)
-                     for r in range(0, n, chunk_size)]
+            block = [
+                stats_fn(
+                    h[r : r + chunk_size],
+                    w[cols],
+                    b[cols] if b is not None else None,
+                    target[r : r + chunk_size] - v,
+                    temperature,
+                    with_entropy,
+                )
+                for r in range(0, n, chunk_size)
+            ]
             block = tuple(torch.cat(parts) if parts[0] is not None else None for parts in zip(*block))
             stats = _merge(stats, block)
         if group is not None:
@@ -340,7 +368,13 @@ class _FusedLogprobs(torch.autograd.Function):
             for r in range(0, h.shape[0], chunk_size):
                 rows = slice(r, r + chunk_size)
                 grad_z = grad_fn(
-                    h[rows], w, b, target[rows] - v, temperature, lse[rows], grad_logprob[rows],
+                    h[rows],
+                    w,
+                    b,
+                    target[rows] - v,
+                    temperature,
+                    lse[rows],
+                    grad_logprob[rows],
                     grad_entropy[rows] if grad_entropy is not None else None,
                     entropy[rows] if grad_entropy is not None else None,
                 )
@@ -364,9 +398,19 @@ class _FusedLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, None, None, None, None, None, None, None
 
 
-def fused_logprobs(hidden, weight, labels, temperature=1.0, bias=None, chunk_size=1024,
-                   vocab_chunk_size=16384, ignore_index=IGNORE_INDEX, return_entropy=False,
-                   group=None, compile=None):
+def fused_logprobs(
+    hidden,
+    weight,
+    labels,
+    temperature=1.0,
+    bias=None,
+    chunk_size=1024,
+    vocab_chunk_size=16384,
+    ignore_index=IGNORE_INDEX,
+    return_entropy=False,
+    group=None,
+    compile=None,
+):
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / temperature),
     without ever building the [..., V] logits.
 
@@ -385,8 +429,19 @@ def fused_logprobs(hidden, weight, labels, temperature=1.0, bias=None, chunk_siz
     ranks. The per-token max, sum-exp and label logit are all-reduced, and the gradient of hidden
     is all-reduced in backward, so the caller must not all-reduce it again.
     """
-    return _FusedLogprobs.apply(hidden, weight, labels, bias, float(temperature), ignore_index,
-                                return_entropy, chunk_size, vocab_chunk_size, group, compile)
+    return _FusedLogprobs.apply(
+        hidden,
+        weight,
+        labels,
+        bias,
+        float(temperature),
+        ignore_index,
+        return_entropy,
+        chunk_size,
+        vocab_chunk_size,
+        group,
+        compile,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -412,7 +467,7 @@ def _discounted_sum_right(x, discount):
     matches the loop to rounding.
     """
     batch, length = x.shape
-    block = max(1, int(length ** 0.5))
+    block = max(1, int(length**0.5))
     num_blocks = -(-length // block)
     x = F.pad(x, (0, num_blocks * block - length)).view(batch, num_blocks, block)
     y = x @ _discount_matrix(block, discount, 1, x.dtype, x.device).T

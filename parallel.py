@@ -110,13 +110,21 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
         torch.cuda.set_device(device)
     if world_size == 1:
         if tp > 1 or pp > 1:
-            raise SystemExit(f"error: --tp {tp} --pp {pp} splits the model over {tp * pp} processes; launch with torchrun --nproc_per_node {tp * pp} (or a multiple)")
+            raise SystemExit(
+                f"error: --tp {tp} --pp {pp} splits the model over {tp * pp} processes; launch with torchrun "
+                f"--nproc_per_node {tp * pp} (or a multiple)"
+            )
         return Grid(device=device)
     if world_size % (tp * pp):
-        raise SystemExit(f"error: {world_size} processes do not split into --tp {tp} x --pp {pp} groups; make the process count a multiple of {tp * pp}")
+        raise SystemExit(
+            f"error: {world_size} processes do not split into --tp {tp} x --pp {pp} groups; make the process count a "
+            f"multiple of {tp * pp}"
+        )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None
+        )
     rank = dist.get_rank()
     dp = world_size // (tp * pp)
     dp_rank, rest = divmod(rank, pp * tp)
@@ -136,7 +144,21 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
             group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[name] = group
-    return Grid(rank, world_size, local_rank, device, dp, pp, tp, dp_rank, pp_rank, tp_rank, groups["dp"], groups["pp"], groups["tp"])
+    return Grid(
+        rank,
+        world_size,
+        local_rank,
+        device,
+        dp,
+        pp,
+        tp,
+        dp_rank,
+        pp_rank,
+        tp_rank,
+        groups["dp"],
+        groups["pp"],
+        groups["tp"],
+    )
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -190,11 +212,16 @@ def clean_exit():
     except RuntimeError as error:
         # gloo reports a dead peer as a plain RuntimeError, so judge by where it was raised.
         raised_in = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
-        if not isinstance(error, dist.DistError) and not any(f"torch{os.sep}distributed{os.sep}" in name for name in raised_in):
+        if not isinstance(error, dist.DistError) and not any(
+            f"torch{os.sep}distributed{os.sep}" in name for name in raised_in
+        ):
             raise
         rank = os.environ.get("RANK", "0")
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: rank {rank}: a collective failed, most likely because another rank died or stalled past the timeout (look for the first rank that failed): {first_line}")
+        raise SystemExit(
+            f"error: rank {rank}: a collective failed, most likely because another rank died or stalled past the "
+            f"timeout (look for the first rank that failed): {first_line}"
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -241,7 +268,9 @@ class _Bucket:
             self.shard = nn.Parameter(self.flat_params[rank * self.shard_size : (rank + 1) * self.shard_size])
             # Each element's weight in the squared gradient norm (see _clip_grads), for this slice.
             weights = torch.cat([torch.full((p.numel(),), float(w)) for p, w in zip(params, norm_weights)])
-            self.norm_weights = torch.cat([weights, weights.new_zeros(self.padded - numel)])[rank * self.shard_size : (rank + 1) * self.shard_size].to(self.device, self.dtype)
+            self.norm_weights = torch.cat([weights, weights.new_zeros(self.padded - numel)])[
+                rank * self.shard_size : (rank + 1) * self.shard_size
+            ].to(self.device, self.dtype)
         self.seen = set()  # positions whose gradient arrived in this backward
         self.touched = set()  # ... in this accumulation cycle (since the last reduction)
         self.work = None
@@ -277,8 +306,15 @@ class DataParallel(nn.Module):
     each rank's mean over its share of the batch gives the gradient of the global mean.
     """
 
-    def __init__(self, module: nn.Module, group: Optional[dist.ProcessGroup] = None, zero_stage: int = 0, bucket_mb: float = 25.0,
-                 tp_group: Optional[dist.ProcessGroup] = None, pp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        group: Optional[dist.ProcessGroup] = None,
+        zero_stage: int = 0,
+        bucket_mb: float = 25.0,
+        tp_group: Optional[dist.ProcessGroup] = None,
+        pp_group: Optional[dist.ProcessGroup] = None,
+    ):
         super().__init__()
         assert zero_stage in (0, 1, 2), "stage 3 is FullyShardedDataParallel"
         self.module, self.group, self.zero_stage = module, group, zero_stage
@@ -302,10 +338,14 @@ class DataParallel(nn.Module):
             current.append(param)
             size += param.numel() * param.element_size()
             if size >= limit:
-                self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current]))
+                self.buckets.append(
+                    _Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current])
+                )
                 current, size = [], 0
         if current:
-            self.buckets.append(_Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current]))
+            self.buckets.append(
+                _Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current])
+            )
         self.where = {}  # parameter -> (bucket index, position in bucket)
         for b, bucket in enumerate(self.buckets):
             for i, param in enumerate(bucket.params):
@@ -373,7 +413,9 @@ class DataParallel(nn.Module):
                 # In place: this rank's slice of the buffer receives the averaged slice, so no
                 # second gradient-sized buffer is needed.
                 bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
-                bucket.work = dist.reduce_scatter_single(bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True)
+                bucket.work = dist.reduce_scatter_single(
+                    bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True
+                )
             self._next_launch += 1
 
     def _finish_backward(self):
@@ -392,7 +434,9 @@ class DataParallel(nn.Module):
                 elif self.zero_stage == 1:
                     bucket.shard.grad = bucket.reduced
                 else:
-                    bucket.shard.grad = bucket.reduced.clone() if bucket.shard.grad is None else bucket.shard.grad.add_(bucket.reduced)
+                    bucket.shard.grad = (
+                        bucket.reduced.clone() if bucket.shard.grad is None else bucket.shard.grad.add_(bucket.reduced)
+                    )
                     bucket.grads = None  # frees the full-size buffer
                 bucket.reduced = None
                 bucket.touched = set()
@@ -424,7 +468,9 @@ class DataParallel(nn.Module):
         works = []
         for bucket in self.buckets:
             if self.zero_stage >= 1:
-                works.append(dist.all_gather_single(bucket.flat_params, bucket.shard.data, group=self.group, async_op=True))
+                works.append(
+                    dist.all_gather_single(bucket.flat_params, bucket.shard.data, group=self.group, async_op=True)
+                )
                 bucket.shard.grad = None
             if bucket.grads is not None:
                 bucket.grads.zero_()
@@ -463,7 +509,9 @@ def _module_device(module: nn.Module) -> torch.device:
     return next(iter(list(module.parameters()) + list(module.buffers()))).device
 
 
-def _clip_grads(parameters: list, max_norm: float, groups: list, weights: Optional[list] = None, device=None) -> torch.Tensor:
+def _clip_grads(
+    parameters: list, max_norm: float, groups: list, weights: Optional[list] = None, device=None
+) -> torch.Tensor:
     """Global-norm clipping of the parameters' gradients. When nothing is split over other ranks
     (no groups), torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was
     without the wrapper. Otherwise each rank sums its squared gradients, each parameter (or element)
@@ -515,7 +563,9 @@ class _FlatShard:
             for param, offset in zip(params, self.offsets):
                 self.full[offset : offset + param.numel()].copy_(param.data.view(-1))
                 param.data = self.full[offset : offset + param.numel()].view_as(param)
-        self.shard = nn.Parameter(self.full[rank * self.shard_size : (rank + 1) * self.shard_size].clone(), requires_grad=self.trainable)
+        self.shard = nn.Parameter(
+            self.full[rank * self.shard_size : (rank + 1) * self.shard_size].clone(), requires_grad=self.trainable
+        )
         self.gathered = True
         self.free()
         self.seen = set()
@@ -624,7 +674,10 @@ class FullyShardedDataParallel(nn.Module):
         blocks = _blocks(module)
         in_blocks = {id(p) for b in blocks for p in b.parameters()}
         candidates = [(b, list(b.parameters())) for b in blocks]
-        candidates += [(m, [p for p in m._parameters.values() if p is not None and id(p) not in in_blocks]) for m in module.modules()]
+        candidates += [
+            (m, [p for p in m._parameters.values() if p is not None and id(p) not in in_blocks])
+            for m in module.modules()
+        ]
         for unit_module, params in candidates:
             if not params:
                 continue
@@ -685,6 +738,7 @@ class FullyShardedDataParallel(nn.Module):
             for flat in needs:
                 flat.gather()
             if torch.is_grad_enabled():
+
                 def after_backward(grad):
                     if not self._keep_gathered:
                         for flat in needs:
@@ -705,6 +759,7 @@ class FullyShardedDataParallel(nn.Module):
     def _post_forward(self, needs: list):
         def hook(module, args, output):
             if torch.is_grad_enabled():
+
                 def before_backward(grad):
                     self._queue_callback()
                     for flat in needs:
@@ -758,22 +813,37 @@ class FullyShardedDataParallel(nn.Module):
         """optimizer_class over this rank's slices; the next forward gathers the updated weights."""
         optimizer = optimizer_class(self.optimizer_parameters(), **kwargs)
         if self.world > 1:
-            optimizer.register_step_post_hook(lambda *_: [setattr(p, "grad", None) for p in self.optimizer_parameters()])
+            optimizer.register_step_post_hook(
+                lambda *_: [setattr(p, "grad", None) for p in self.optimizer_parameters()]
+            )
         return optimizer
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return _clip_grads(self.optimizer_parameters(), max_norm, [self.group] if self.world > 1 else [], device=_module_device(self.module))
+        return _clip_grads(
+            self.optimizer_parameters(),
+            max_norm,
+            [self.group] if self.world > 1 else [],
+            device=_module_device(self.module),
+        )
 
 
-def data_parallel(module: nn.Module, group: Optional[dist.ProcessGroup], zero_stage: int = 0, tp_group: Optional[dist.ProcessGroup] = None,
-                  pp_group: Optional[dist.ProcessGroup] = None):
+def data_parallel(
+    module: nn.Module,
+    group: Optional[dist.ProcessGroup],
+    zero_stage: int = 0,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    pp_group: Optional[dist.ProcessGroup] = None,
+):
     """The wrapper for a ZeRO stage: DataParallel for 0-2, FullyShardedDataParallel for 3. On one
     rank both are pass-throughs, so scripts call them unconditionally. tp_group, pp_group: the
     groups a tensor-parallel module or a pipeline stage is split over (ZeRO-1/2 compose with them;
     ZeRO-3 does not)."""
     if zero_stage == 3:
         if tp_group is not None or pp_group is not None:
-            raise SystemExit("error: --zero-stage 3 does not compose with tensor or pipeline parallelism; use --zero-stage 0, 1 or 2 with --tp/--pp")
+            raise SystemExit(
+                "error: --zero-stage 3 does not compose with tensor or pipeline parallelism; use --zero-stage 0, 1 or "
+                "2 with --tp/--pp"
+            )
         return FullyShardedDataParallel(module, group)
     return DataParallel(module, group, zero_stage, tp_group=tp_group, pp_group=pp_group)
 
@@ -870,7 +940,15 @@ class ColumnParallelLinear(nn.Module):
     layers of all ranks together equal the dense layer exactly. gather_output all-gathers the
     shards into the whole output (only sensible when the rows are contiguous and in rank order)."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: torch.Tensor, group, gather_output: bool = False, conv1d: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        rows: torch.Tensor,
+        group,
+        gather_output: bool = False,
+        conv1d: bool = False,
+    ):
         super().__init__()
         self.group, self.gather_output = group, gather_output
         self.conv1d = conv1d  # the dense layer was GPT-2's Conv1D: saved transposed, as [in, out]
@@ -894,10 +972,14 @@ class RowParallelLinear(nn.Module):
     forward all-reduces the partial products. The bias is added after the reduction, so it is not
     counted once per rank."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], columns: torch.Tensor, group, conv1d: bool = False):
+    def __init__(
+        self, weight: torch.Tensor, bias: Optional[torch.Tensor], columns: torch.Tensor, group, conv1d: bool = False
+    ):
         super().__init__()
         self.group, self.conv1d = group, conv1d
-        self.register_buffer("columns", columns if weight.is_meta else columns.to(weight.device), persistent=False)  # as rows
+        self.register_buffer(
+            "columns", columns if weight.is_meta else columns.to(weight.device), persistent=False
+        )  # as rows
         self.weight = nn.Parameter(weight.detach()[:, columns].clone())
         self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -946,8 +1028,11 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % world or kv_heads % world or config.vocab_size % world:
-        raise SystemExit(f"error: --tp {world} must divide the attention heads ({heads}), key/value heads ({kv_heads}) and vocabulary ({config.vocab_size}); "
-                         "pad the vocabulary with model.resize_token_embeddings(..., pad_to_multiple_of=tp) if needed")
+        raise SystemExit(
+            f"error: --tp {world} must divide the attention heads ({heads}), key/value heads ({kv_heads}) and "
+            f"vocabulary ({config.vocab_size}); "
+            "pad the vocabulary with model.resize_token_embeddings(..., pad_to_multiple_of=tp) if needed"
+        )
     hidden = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     local_heads, local_kv = heads // world, kv_heads // world
@@ -979,8 +1064,12 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             attention = block.attn
             # c_attn is one Conv1D producing [q | k | v]: take this rank's heads from each third.
             rows = torch.cat([q_rows + part * hidden for part in range(3)])
-            attention.c_attn = ColumnParallelLinear(attention.c_attn.weight.t(), attention.c_attn.bias, rows, group, conv1d=True)
-            attention.c_proj = RowParallelLinear(attention.c_proj.weight.t(), attention.c_proj.bias, q_rows, group, conv1d=True)
+            attention.c_attn = ColumnParallelLinear(
+                attention.c_attn.weight.t(), attention.c_attn.bias, rows, group, conv1d=True
+            )
+            attention.c_proj = RowParallelLinear(
+                attention.c_proj.weight.t(), attention.c_proj.bias, q_rows, group, conv1d=True
+            )
             attention.split_size = hidden // world
             split_mlp(["c_fc"], "c_proj", block.mlp)
         embeddings = model.transformer
@@ -1000,7 +1089,9 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             # query_key_value's rows are grouped per head as [q_h | k_h | v_h], so a rank's heads
             # are one contiguous block of rows.
             rows = head_rows(rank * local_heads, local_heads, 3 * head_dim)
-            attention.query_key_value = ColumnParallelLinear(attention.query_key_value.weight, attention.query_key_value.bias, rows, group)
+            attention.query_key_value = ColumnParallelLinear(
+                attention.query_key_value.weight, attention.query_key_value.bias, rows, group
+            )
             attention.dense = RowParallelLinear(attention.dense.weight, attention.dense.bias, q_rows, group)
             split_mlp(["dense_h_to_4h"], "dense_4h_to_h", block.mlp)
         model.gpt_neox.embed_in = VocabParallelEmbedding(model.gpt_neox.embed_in.weight, group)
@@ -1025,7 +1116,9 @@ def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> 
     state, seen = {}, set()
     world = dist.get_world_size(group) if group is not None else 1
     for name, module in model.named_modules():
-        buffers = [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        buffers = [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + ([] if grads else buffers):
             if id(tensor) in seen:  # a tied weight is saved once, as save_pretrained does
                 continue
@@ -1064,7 +1157,10 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     and stay exactly the policy."""
     embedding = model.get_input_embeddings().weight
     for module in model.modules():
-        matmul = isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear)) or type(module).__name__ == "Conv1D"
+        matmul = (
+            isinstance(module, (nn.Linear, ColumnParallelLinear, RowParallelLinear))
+            or type(module).__name__ == "Conv1D"
+        )
         if matmul and module.weight is not embedding:
             module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=module.weight.requires_grad)
     return model
@@ -1142,7 +1238,9 @@ class PipelineStage(nn.Module):
         super().__init__()
         config = model.config
         if config.model_type not in _PIPELINE_LAYOUT:
-            raise SystemExit(f"error: pipeline parallel knows the {', '.join(_PIPELINE_LAYOUT)} families, not {config.model_type!r}")
+            raise SystemExit(
+                f"error: pipeline parallel knows the {', '.join(_PIPELINE_LAYOUT)} families, not {config.model_type!r}"
+            )
         base_name, embedding_names, layers_name, norm_name, dropout_name = _PIPELINE_LAYOUT[config.model_type]
         self.group, self.compute_logits, self.config = group, compute_logits, config
         self.size = group_size(group)
@@ -1201,7 +1299,12 @@ class PipelineStage(nn.Module):
         dtype = max((p.dtype for p in self.parameters() if p.is_floating_point()), key=lambda d: torch.finfo(d).bits)
         return (rows, length, self.config.hidden_size), dtype
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         length = x.shape[1]
@@ -1217,8 +1320,16 @@ class PipelineStage(nn.Module):
             hidden = x
         # As the HF top-level forward builds them; the mask reads only the shape, dtype and device
         # of `inputs_embeds`, which received hidden states share with the first stage's embeddings.
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
-        extra = {"position_embeddings": self._rotary(hidden, position_ids=position_ids)} if self._rotary is not None else {}
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
+        extra = (
+            {"position_embeddings": self._rotary(hidden, position_ids=position_ids)} if self._rotary is not None else {}
+        )
         for layer in self._layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, **extra)
         if self.is_last:
@@ -1242,7 +1353,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens) -> to
     logits = logits[:, :-1].flatten(0, 1)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return nn.functional.cross_entropy(logits, labels[:, 1:].flatten().to(logits.device), ignore_index=-100, reduction="sum") / num_tokens
+    return (
+        nn.functional.cross_entropy(
+            logits, labels[:, 1:].flatten().to(logits.device), ignore_index=-100, reduction="sum"
+        )
+        / num_tokens
+    )
 
 
 def count_label_tokens(micro_batches: list, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -1289,10 +1405,14 @@ class _Runner:
     def __init__(self, stage: nn.Module, micro_batches: list, loss_fn, timings: Optional[dict]):
         self.wrapper = stage  # called for forward: a DataParallel wrapper forwards to the stage
         self.stage = stage if isinstance(stage, PipelineStage) else stage.module
-        assert isinstance(self.stage, PipelineStage), "the schedules run a PipelineStage, optionally wrapped in DataParallel"
+        assert isinstance(self.stage, PipelineStage), (
+            "the schedules run a PipelineStage, optionally wrapped in DataParallel"
+        )
         assert micro_batches, "a schedule needs at least one micro-batch"
         # The tied-gradient exchange adds whole gradients; ZeRO-1/2 leave only a shard of them.
-        assert not (self.stage.tied and getattr(stage, "zero_stage", 0) >= 1), "tied embeddings across pipeline stages need zero_stage 0"
+        assert not (self.stage.tied and getattr(stage, "zero_stage", 0) >= 1), (
+            "tied embeddings across pipeline stages need zero_stage 0"
+        )
         self.micro_batches, self.loss_fn, self.timings = micro_batches, loss_fn, timings
         self.backwards_left = len(micro_batches)
         self.total_loss = None
@@ -1319,7 +1439,9 @@ class _Runner:
         micro_batch = self.micro_batches[index]
         began = self._clock()
         self.order.append(("F", index))
-        y = self.wrapper(x, attention_mask=micro_batch.get("attention_mask"), position_ids=micro_batch.get("position_ids"))
+        y = self.wrapper(
+            x, attention_mask=micro_batch.get("attention_mask"), position_ids=micro_batch.get("position_ids")
+        )
         if self.stage.is_last:
             y = self.loss_fn(y, micro_batch)
             loss = y.detach()
@@ -1327,7 +1449,9 @@ class _Runner:
         self.busy += self._clock() - began
         return y
 
-    def backward(self, index: int, x: torch.Tensor, y: torch.Tensor, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def backward(
+        self, index: int, x: torch.Tensor, y: torch.Tensor, grad: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
         """Backward of micro-batch `index` from its output (the loss on the last stage, else the
         hidden states with the gradient the next stage sent); returns the input's gradient, or
         None on the first stage."""
@@ -1353,8 +1477,12 @@ class _Runner:
             grad = tied.grad if tied.grad is not None else torch.zeros_like(tied)
             other = torch.empty_like(grad)
             peer = stage.last_rank if stage.is_first else stage.first_rank
-            for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, grad.contiguous(), peer, stage.group),
-                                                   dist.P2POp(dist.irecv, other, peer, stage.group)]):
+            for request in dist.batch_isend_irecv(
+                [
+                    dist.P2POp(dist.isend, grad.contiguous(), peer, stage.group),
+                    dist.P2POp(dist.irecv, other, peer, stage.group),
+                ]
+            ):
                 request.wait()
             if tied.grad is None:
                 tied.grad = other
@@ -1362,16 +1490,22 @@ class _Runner:
                 tied.grad.add_(other)
         loss = self.total_loss
         if broadcast_loss:
-            loss = loss.to(torch.float64) if stage.is_last else torch.zeros((), dtype=torch.float64, device=_device(stage))
+            loss = (
+                loss.to(torch.float64) if stage.is_last else torch.zeros((), dtype=torch.float64, device=_device(stage))
+            )
             if stage.group is not None:
                 dist.broadcast(loss, src=stage.last_rank, group=stage.group)
         if self.timings is not None:
             total = self._clock() - self.start
-            self.timings.update(busy=self.busy, total=total, bubble=1.0 - self.busy / total if total > 0 else 0.0, order=self.order)
+            self.timings.update(
+                busy=self.busy, total=total, bubble=1.0 - self.busy / total if total > 0 else 0.0, order=self.order
+            )
         return loss
 
 
-def pipeline_afab(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None) -> Optional[torch.Tensor]:
+def pipeline_afab(
+    stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None
+) -> Optional[torch.Tensor]:
     """All forwards, then all backwards (GPipe), of the micro-batches on this stage; every stage of
     the pipeline calls it with the same number of micro-batches (each its own copy of them).
 
@@ -1406,7 +1540,9 @@ def pipeline_afab(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss
     return run.finish(broadcast_loss)
 
 
-def pipeline_1f1b(stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None) -> Optional[torch.Tensor]:
+def pipeline_1f1b(
+    stage: nn.Module, micro_batches: list, loss_fn, broadcast_loss: bool = True, timings: Optional[dict] = None
+) -> Optional[torch.Tensor]:
     """One forward, one backward (PipeDream-Flush, Megatron's default schedule); arguments and
     result as pipeline_afab. Stage i runs pp - i - 1 warm-up forwards, then alternates one forward
     and one backward, then drains the remaining backwards. The same bubble as GPipe, but a stage
@@ -1472,7 +1608,11 @@ def pipeline_forward(stage: nn.Module, micro_batches: list, statistic_fn) -> Opt
             total = value if total is None else total + value
         else:
             _p2p(module, send_next=y)
-    size = all_gather_objects(None if total is None else total.numel(), module.group)[-1] if module.group is not None else total.numel()
+    size = (
+        all_gather_objects(None if total is None else total.numel(), module.group)[-1]
+        if module.group is not None
+        else total.numel()
+    )
     if module.group is not None:
         total = total if module.is_last else torch.zeros(size, dtype=torch.float64, device=_device(module))
         dist.broadcast(total, src=module.last_rank, group=module.group)
@@ -1544,8 +1684,12 @@ def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] 
     return {k: v.to(device) for k, v in state.items()}
 
 
-def pipeline_gathered_model(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] = None, keep_tensor_parallel: bool = False,
-                            matmul_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def pipeline_gathered_model(
+    stage: nn.Module,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    keep_tensor_parallel: bool = False,
+    matmul_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
     """A whole copy of the pipelined model on this rank, in eval mode, e.g. for generate(); every
     rank of the pipeline group must call it. The copy has the stage's dtype; matmul_dtype (bf16 for
     a model run under bf16 autocast) stores its matmul weights in that dtype, which halves them and

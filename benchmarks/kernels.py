@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-MiB = 2 ** 20
+MiB = 2**20
 
 
 # -----------------------------------------------------------------------------
@@ -140,7 +140,9 @@ def forward_backward(fn, inputs, grad_output):
 def bench_logprobs(rows, tokens, hidden_size, vocab, dtype, device, repeats, temperature=0.7):
     generator = torch.Generator(device).manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * hidden_size ** -0.5).requires_grad_()
+    weight = (
+        torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * hidden_size**-0.5
+    ).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
     grad_output = torch.randn(tokens, device=device, generator=generator)
     shape = f"BT={tokens} H={hidden_size} V={vocab} {str(dtype)[6:]}"
@@ -165,11 +167,12 @@ def bench_logprobs(rows, tokens, hidden_size, vocab, dtype, device, repeats, tem
     for name, (seconds, memory, first, compiled) in results.items():
         note = ""
         if name == "fused_logprobs":
-            note = f"first call {first:.1f} s ({compiled} graphs compiled); new BT recompiles: {'yes' if recompiled else 'no'}"
+            recompiles = "yes" if recompiled else "no"
+            note = f"first call {first:.1f} s ({compiled} graphs compiled); new BT recompiles: {recompiles}"
         rows.append(("fwd+bwd logprobs", shape, name, seconds, results["naive"][0], memory, results["naive"][1], note))
 
     # Log-probs from logits that already exist (e.g. a Hugging Face model's output).
-    if device == "cpu" or tokens * vocab * 4 < 8 * 2 ** 30:
+    if device == "cpu" or tokens * vocab * 4 < 8 * 2**30:
         with torch.no_grad():
             logits = (hidden @ weight.T).detach()
         logits.requires_grad_()
@@ -183,8 +186,18 @@ def bench_logprobs(rows, tokens, hidden_size, vocab, dtype, device, repeats, tem
             seconds, _ = wall_time(step, device, repeats)
             results[name] = (seconds, peak_memory(step, device))
         for name, (seconds, memory) in results.items():
-            rows.append(("fwd+bwd from logits", shape, name, seconds, results["naive"][0], memory, results["naive"][1],
-                         "gradient w.r.t. logits (its own size) included"))
+            rows.append(
+                (
+                    "fwd+bwd from logits",
+                    shape,
+                    name,
+                    seconds,
+                    results["naive"][0],
+                    memory,
+                    results["naive"][1],
+                    "gradient w.r.t. logits (its own size) included",
+                )
+            )
 
 
 def bench_gae(rows, batch, length, device, repeats):
@@ -201,9 +214,23 @@ def bench_gae(rows, batch, length, device, repeats):
         results[name] = (seconds, peak_memory(step, device), first)
     compiled = counters["stats"]["unique_graphs"] - graphs
     for name, (seconds, memory, first) in results.items():
-        note = f"first call {first * 1e3:.1f} ms, {compiled} graphs compiled (none to recompile for a new T)" if name == "gae" else ""
-        rows.append(("gae", f"B={batch} T={length}", name, seconds, results["python loop"][0], memory,
-                     results["python loop"][1], note))
+        note = (
+            f"first call {first * 1e3:.1f} ms, {compiled} graphs compiled (none to recompile for a new T)"
+            if name == "gae"
+            else ""
+        )
+        rows.append(
+            (
+                "gae",
+                f"B={batch} T={length}",
+                name,
+                seconds,
+                results["python loop"][0],
+                memory,
+                results["python loop"][1],
+                note,
+            )
+        )
 
 
 def print_table(rows):
@@ -213,8 +240,10 @@ def print_table(rows):
         time_text = f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1e3:.2f} ms"
         ratio = seconds / base_seconds
         ratio_text = f"{ratio:.3f}x ({1 / ratio:.0f}x faster)" if ratio < 0.5 else f"{ratio:.2f}x"
-        print(f"| {routine} | {shape} | {name} | {time_text} | {ratio_text} | "
-              f"{memory / MiB:.0f} MiB | {memory / max(base_memory, 1):.2f}x | {note} |")
+        print(
+            f"| {routine} | {shape} | {name} | {time_text} | {ratio_text} | "
+            f"{memory / MiB:.0f} MiB | {memory / max(base_memory, 1):.2f}x | {note} |"
+        )
 
 
 if __name__ == "__main__":
@@ -223,13 +252,20 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--gae-repeats", type=int, default=20)
     parser.add_argument("--only", default=None, choices=["gae", "logprobs"], help="run one group of rows")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="dtype of hidden and weight at the first shape (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="dtype of hidden and weight at the first shape (default: float32 on CPU, bfloat16 on CUDA)",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if args.device == "cpu" else torch.bfloat16
 
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}", flush=True)
+    print(
+        f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}",
+        flush=True,
+    )
     rows = []
     busy_start, own_start = cpu_seconds()
     if args.only in (None, "gae"):
@@ -242,5 +278,7 @@ if __name__ == "__main__":
     print_table(rows)
     # Other work on the machine skews CPU timings: report how much CPU time it took meanwhile.
     busy_end, own_end = cpu_seconds()
-    print(f"\nCPU seconds used by other processes during the run: {busy_end - busy_start - (own_end - own_start):.1f} "
-          f"(this process: {own_end - own_start:.1f})")
+    print(
+        f"\nCPU seconds used by other processes during the run: {busy_end - busy_start - (own_end - own_start):.1f} "
+        f"(this process: {own_end - own_start:.1f})"
+    )

@@ -56,8 +56,16 @@ def build_model(args: Args, device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=max(1, args.hidden // 64), vocab_size=args.vocab,
-                        n_positions=args.sequence, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.hidden,
+        n_head=max(1, args.hidden // 64),
+        vocab_size=args.vocab,
+        n_positions=args.sequence,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config).to(device)
 
 
@@ -123,7 +131,12 @@ def run_variant(name: str, args: Args, grid, batches):
         def forward_backward(input_ids):
             timings = {}
             micro_batches = [{"input_ids": rows, "labels": rows} for rows in input_ids.chunk(args.micro_batches)]
-            schedule(wrapped, micro_batches, lambda logits, mb: parallel.causal_lm_loss(logits, mb["labels"], tokens), timings=timings)
+            schedule(
+                wrapped,
+                micro_batches,
+                lambda logits, mb: parallel.causal_lm_loss(logits, mb["labels"], tokens),
+                timings=timings,
+            )
             bubbles.append(timings["bubble"])
     else:
         if name == "ours TP":
@@ -142,7 +155,9 @@ def run_variant(name: str, args: Args, grid, batches):
             wrapped = fully_shard(model, mesh=mesh)
         else:
             wrapped = parallel.data_parallel(model, grid.dp_group, int(name[-1]) if name.startswith("ours ZeRO") else 0)
-            extra = wrapped.optimizer_parameters() + [b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None]
+            extra = wrapped.optimizer_parameters() + [
+                b.grads for b in getattr(wrapped, "buckets", []) if b.grads is not None
+            ]
 
         def forward_backward(input_ids):
             wrapped(input_ids=input_ids, labels=input_ids).loss.backward()
@@ -181,24 +196,53 @@ def main(args: Args):
         grid = parallel.init_distributed("auto")
         assert grid.world_size > 1, "launch with torchrun --nproc_per_node 2 (or more)"
         generator = torch.Generator().manual_seed(grid.rank)
-        batches = [torch.randint(0, args.vocab, (args.batch, args.sequence), generator=generator).to(grid.device) for _ in range(args.steps + 2)]
-        run_variant("ours DDP", args, grid, batches)  # warm-up: first-touch allocations and thread pools count for no one
+        batches = [
+            torch.randint(0, args.vocab, (args.batch, args.sequence), generator=generator).to(grid.device)
+            for _ in range(args.steps + 2)
+        ]
+        run_variant(
+            "ours DDP", args, grid, batches
+        )  # warm-up: first-touch allocations and thread pools count for no one
         rows = {}
-        for name in ("torch DDP", "ours DDP", "ours ZeRO-1", "ours ZeRO-2", "torch FSDP2", "ours ZeRO-3", "ours TP", "ours PP AFAB", "ours PP 1F1B"):
+        for name in (
+            "torch DDP",
+            "ours DDP",
+            "ours ZeRO-1",
+            "ours ZeRO-2",
+            "torch FSDP2",
+            "ours ZeRO-3",
+            "ours TP",
+            "ours PP AFAB",
+            "ours PP 1F1B",
+        ):
             rows[name] = run_variant(name, args, grid, batches)
             gc.collect()  # the variant's model and optimizer are gone once it returns
         if grid.is_main:
             parameters = sum(p.numel() for p in build_model(args, torch.device("cpu")).parameters())
-            print(f"{grid.world_size} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, GPT-2 {args.layers} layers x {args.hidden}, "
-                  f"{parameters / 1e6:.1f}M parameters, {args.batch} x {args.sequence} tokens per rank, {'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}")
+            print(
+                f"{grid.world_size} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, "
+                f"GPT-2 {args.layers} layers x {args.hidden}, "
+                f"{parameters / 1e6:.1f}M parameters, {args.batch} x {args.sequence} tokens per rank, "
+                f"{'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}"
+            )
             bound = parallel.bubble_fraction(grid.world_size, args.micro_batches)
-            print(f"Pipeline rows: {args.micro_batches} micro-batches on {grid.world_size} stages; the bubble bound (p-1)/(m+p-1) is {bound:.3f}.")
-            print("| variant | step time | vs baseline | state per rank | vs baseline | peak per rank | vs baseline | bubble |")
+            print(
+                f"Pipeline rows: {args.micro_batches} micro-batches on {grid.world_size} stages; the bubble bound "
+                f"(p-1)/(m+p-1) is {bound:.3f}."
+            )
+            print(
+                "| variant | step time | vs baseline | state per rank | vs baseline | peak per rank | vs baseline | "
+                "bubble |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for name, (seconds, held, peak, bubble) in rows.items():
                 baseline = rows["torch FSDP2" if name.endswith("ZeRO-3") else "torch DDP"]
-                print(f"| {name} | {seconds * 1000:.1f} ms | {seconds / baseline[0]:.2f}x | {held / 2**20:.1f} MiB | {held / baseline[1]:.2f}x "
-                      f"| {peak / 2**20:.1f} MiB | {peak / max(baseline[2], 1):.2f}x | {'' if bubble is None else f'{bubble:.3f} (bound {bound:.3f})'} |")
+                print(
+                    f"| {name} | {seconds * 1000:.1f} ms | {seconds / baseline[0]:.2f}x | {held / 2**20:.1f} MiB | "
+                    f"{held / baseline[1]:.2f}x "
+                    f"| {peak / 2**20:.1f} MiB | {peak / max(baseline[2], 1):.2f}x | "
+                    f"{'' if bubble is None else f'{bubble:.3f} (bound {bound:.3f})'} |"
+                )
 
 
 if __name__ == "__main__":

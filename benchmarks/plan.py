@@ -49,9 +49,12 @@ from typing import Optional
 #     (the largest of a layer, the embedding, a head) gathered whole while it runs. ZeRO-3 only
 #     with pp == 1 (as in most frameworks), and with dp == 1 ZeRO shards nothing, so only stage 0
 #     is listed there.
-#   - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter; under --dtype bf16 ppo.py stores
-#     the reward model whole in bf16 and the reference's matmul weights, while the reference's embeddings and norms stay fp32,
-#     a small share of a large model, left out here), split by tp x pp like the trained ones, and by dp too under ZeRO-3. ILQL's target Q heads
+# - Frozen models (PPO's reference and reward model) are stored in bf16 (2 B per parameter; under --dtype bf16 ppo.py
+# stores
+# the reward model whole in bf16 and the reference's matmul weights, while the reference's embeddings and norms stay
+# fp32,
+# a small share of a large model, left out here), split by tp x pp like the trained ones, and by dp too under ZeRO-3.
+# ILQL's target Q heads
 #     stay fp32 (4 B: Polyak steps of 0.001 would vanish in bf16), counted as frozen.
 #   - Not counted: the bf16 casts of the weights that autocast makes when a layer runs are
 #     assumed to live no longer than that layer (torch.autocast's cast cache keeps them until
@@ -157,15 +160,34 @@ def shape_from_config(config: dict, name: str = "config") -> ModelShape:
     model_type = config.get("model_type", "")
     if model_type == "gpt2" or "n_embd" in config:
         hidden = field("n_embd")
-        return ModelShape(name, "gpt2", hidden, config.get("n_inner") or 4 * hidden, field("n_layer"), field("n_head"),
-                          field("n_head"), field("vocab_size"), tied=config.get("tie_word_embeddings", True),
-                          positions=field("n_positions", config.get("n_ctx")))
+        return ModelShape(
+            name,
+            "gpt2",
+            hidden,
+            config.get("n_inner") or 4 * hidden,
+            field("n_layer"),
+            field("n_head"),
+            field("n_head"),
+            field("vocab_size"),
+            tied=config.get("tie_word_embeddings", True),
+            positions=field("n_positions", config.get("n_ctx")),
+        )
     heads = field("num_attention_heads")
     family = "gpt-neox" if model_type == "gpt_neox" else "llama"
-    return ModelShape(name, family, field("hidden_size"), field("intermediate_size"), field("num_hidden_layers"), heads,
-                      config.get("num_key_value_heads") or heads, field("vocab_size"), tied=bool(config.get("tie_word_embeddings", False)),
-                      head_dim=config.get("head_dim") or 0, attention_bias=bool(config.get("attention_bias", False)),
-                      mlp_bias=bool(config.get("mlp_bias", False)))
+    return ModelShape(
+        name,
+        family,
+        field("hidden_size"),
+        field("intermediate_size"),
+        field("num_hidden_layers"),
+        heads,
+        config.get("num_key_value_heads") or heads,
+        field("vocab_size"),
+        tied=bool(config.get("tie_word_embeddings", False)),
+        head_dim=config.get("head_dim") or 0,
+        attention_bias=bool(config.get("attention_bias", False)),
+        mlp_bias=bool(config.get("mlp_bias", False)),
+    )
 
 
 def load_shape(model: str) -> ModelShape:
@@ -175,7 +197,10 @@ def load_shape(model: str) -> ModelShape:
         return BUILTIN_SHAPES[model]
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --model {model!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}) nor a config.json or a directory holding one")
+        raise SystemExit(
+            f"error: --model {model!r} is neither a built-in shape ({', '.join(BUILTIN_SHAPES)}) nor a config.json or "
+            "a directory holding one"
+        )
     try:
         with open(path) as file:
             config = json.load(file)
@@ -215,7 +240,9 @@ def count_parameters(shape: ModelShape, head: str = "lm") -> int:
     """Every parameter of the model: embeddings, layers, final norm and the given head."""
     matrices, vectors = layer_parameters(shape)
     embeddings = (shape.vocab + shape.positions) * shape.hidden
-    return embeddings + shape.layers * (matrices + vectors) + final_norm_parameters(shape) + head_parameters(shape, head)
+    return (
+        embeddings + shape.layers * (matrices + vectors) + final_norm_parameters(shape) + head_parameters(shape, head)
+    )
 
 
 def stage_units(shape: ModelShape, tp: int = 1, pp: int = 1, stage: int = 0, head: str = "lm") -> list:
@@ -243,7 +270,9 @@ def ilql_head_parameters(shape: ModelShape, n_q: int = 2) -> tuple:
     return v_head + n_q * q_head, n_q * q_head
 
 
-def activation_bytes(shape: ModelShape, tp: int, pp: int, stage: int, seq_len: int, sequences: int, logits: bool = True) -> float:
+def activation_bytes(
+    shape: ModelShape, tp: int, pp: int, stage: int, seq_len: int, sequences: int, logits: bool = True
+) -> float:
     """Training activations of one model on one rank (see the section's comment): the checkpointed
     layer inputs of the micro-batches in flight, one layer's working set, and on the last stage the
     fused log-probs' logits block and gradient accumulator (when the model has an LM head)."""
@@ -282,12 +311,31 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.frozen + max(self.activations, self.kv_cache + self.gathered)
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.frozen
+            + max(self.activations, self.kv_cache + self.gathered)
+        )
 
 
-def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, zero: int, stage: int, seq_len: int = 2048,
-                 micro_batch_size: int = 1, rollout_batch_size: int = 64, value: str = "head", reward: Optional[ModelShape] = None,
-                 n_q: int = 2, rollout_gather: bool = True) -> Memory:
+def stage_memory(
+    algorithm: str,
+    policy: ModelShape,
+    dp: int,
+    tp: int,
+    pp: int,
+    zero: int,
+    stage: int,
+    seq_len: int = 2048,
+    micro_batch_size: int = 1,
+    rollout_batch_size: int = 64,
+    value: str = "head",
+    reward: Optional[ModelShape] = None,
+    n_q: int = 2,
+    rollout_gather: bool = True,
+) -> Memory:
     """Bytes on a rank of pipeline stage `stage` for algorithm sft, rm, ilql or ppo.
 
     sft, rm: one trained model (rm with the score head instead of the LM head). ilql: the LM and
@@ -321,7 +369,9 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
             activations += activation_bytes(policy, tp, pp, stage, seq_len, micro_batch_size, logits=False)
         elif last:
             trained = trained + [head_parameters(policy, "value")]
-        frozen = sum(stage_units(policy, tp, pp, stage, "lm")) + sum(stage_units(reward or policy, tp, pp, stage, "score"))
+        frozen = sum(stage_units(policy, tp, pp, stage, "lm")) + sum(
+            stage_units(reward or policy, tp, pp, stage, "score")
+        )
         frozen_bytes += 2 * frozen
         kv_cache = kv_cache_bytes(policy, tp, 1 if rollout_gather else pp, rollout_batch_size, seq_len)
     n = sum(trained)
@@ -331,7 +381,11 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
     elif algorithm == "ppo" and rollout_gather and pp > 1:
         gathered = 2 * sum(stage_units(policy, tp, 1, 0, "lm"))
     return Memory(
-        dp, tp, pp, zero, stage,
+        dp,
+        tp,
+        pp,
+        zero,
+        stage,
         params=4 * n / (dp if zero >= 3 else 1) + (4 * max(trained) if zero >= 3 else 0),
         grads=4 * n / (dp if zero >= 2 else 1),
         optimizer=8 * n / (dp if zero >= 1 else 1),
@@ -344,7 +398,10 @@ def stage_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, 
 
 def layout_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int, zero: int, **options) -> Memory:
     """stage_memory of the stage with the largest total: the one that decides whether it fits."""
-    return max((stage_memory(algorithm, policy, dp, tp, pp, zero, stage, **options) for stage in range(pp)), key=lambda m: m.total)
+    return max(
+        (stage_memory(algorithm, policy, dp, tp, pp, zero, stage, **options) for stage in range(pp)),
+        key=lambda m: m.total,
+    )
 
 
 def layouts(gpus: int, shapes: list, max_tp: int = MAX_TP) -> list:
@@ -366,11 +423,16 @@ def layouts(gpus: int, shapes: list, max_tp: int = MAX_TP) -> list:
     return found
 
 
-def plan(algorithm: str, policy: ModelShape, gpus: int, reward: Optional[ModelShape] = None, max_tp: int = MAX_TP, **options) -> list:
+def plan(
+    algorithm: str, policy: ModelShape, gpus: int, reward: Optional[ModelShape] = None, max_tp: int = MAX_TP, **options
+) -> list:
     """layout_memory of every layout of `gpus` GPUs, smallest total first. options go to
     stage_memory (seq_len, micro_batch_size, rollout_batch_size, value, n_q, rollout_gather)."""
     shapes = [policy] + ([reward] if algorithm == "ppo" and reward is not None else [])
-    rows = [layout_memory(algorithm, policy, dp, tp, pp, zero, reward=reward, **options) for dp, tp, pp, zero in layouts(gpus, shapes, max_tp)]
+    rows = [
+        layout_memory(algorithm, policy, dp, tp, pp, zero, reward=reward, **options)
+        for dp, tp, pp, zero in layouts(gpus, shapes, max_tp)
+    ]
     return sorted(rows, key=lambda m: (m.total, m.pp, m.tp, m.zero))
 
 
@@ -387,31 +449,70 @@ def format_plan(rows: list, gpu_memory_gb: float, margin: float = PLAN_MARGIN) -
     """The table: one line per layout, GB per GPU (worst stage), and whether it fits."""
     usable = (1 - margin) * gpu_memory_gb * GB
     columns = ("params", "grads", "optim", "frozen", "activ", "kv", "gather", "total")
-    lines = [f"{'dp':>4} {'tp':>3} {'pp':>3} {'zero':>4} {'stage':>5} " + " ".join(f"{c:>7}" for c in columns) + "  fits"]
+    lines = [
+        f"{'dp':>4} {'tp':>3} {'pp':>3} {'zero':>4} {'stage':>5} " + " ".join(f"{c:>7}" for c in columns) + "  fits"
+    ]
     for m in rows:
         values = (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache, m.gathered, m.total)
-        lines.append(f"{m.dp:>4} {m.tp:>3} {m.pp:>3} {m.zero:>4} {m.stage:>5} " + " ".join(f"{v / GB:>7.1f}" for v in values)
-                     + f"  {'yes' if m.total <= usable else 'no'}")
+        lines.append(
+            f"{m.dp:>4} {m.tp:>3} {m.pp:>3} {m.zero:>4} {m.stage:>5} "
+            + " ".join(f"{v / GB:>7.1f}" for v in values)
+            + f"  {'yes' if m.total <= usable else 'no'}"
+        )
     return "\n".join(lines)
+
+
+GATHERS = "gathers models (ZeRO-3: whole; pp: a whole-depth copy of the policy split over tp, matmul weights bf16)"
 
 
 def main(argv: Optional[list] = None):
     """The table and the best layout for each --gpus count."""
-    p = argparse.ArgumentParser(description="Per-GPU memory of every dp x tp x pp x ZeRO layout of a training job, on paper "
-                                            "(the assumptions are in the comment above ModelShape in benchmarks/plan.py).")
-    p.add_argument("--model", required=True, help=f"a built-in shape ({', '.join(BUILTIN_SHAPES)}) or a config.json (or a directory holding one)")
+    p = argparse.ArgumentParser(
+        description="Per-GPU memory of every dp x tp x pp x ZeRO layout of a training job, on paper "
+        "(the assumptions are in the comment above ModelShape in benchmarks/plan.py)."
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"a built-in shape ({', '.join(BUILTIN_SHAPES)}) or a config.json (or a directory holding one)",
+    )
     p.add_argument("--gpus", type=int, nargs="+", required=True, help="GPU count(s) to plan for")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB (10^9 bytes) per GPU")
-    p.add_argument("--margin", type=float, default=PLAN_MARGIN, help="fraction of --gpu-memory kept free for what is not counted")
-    p.add_argument("--algorithm", choices=["sft", "rm", "ilql", "ppo"], default="sft", help="what is trained (see stage_memory)")
+    p.add_argument(
+        "--margin", type=float, default=PLAN_MARGIN, help="fraction of --gpu-memory kept free for what is not counted"
+    )
+    p.add_argument(
+        "--algorithm", choices=["sft", "rm", "ilql", "ppo"], default="sft", help="what is trained (see stage_memory)"
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward/backward on one rank (rm: pairs)")
-    p.add_argument("--rollout-batch-size", type=int, default=64, help="ppo: sequences generated at once by one model replica (KV cache)")
-    p.add_argument("--value", choices=["critic", "head"], default="head",
-                   help="ppo: a value head on the policy (ppo.py's default, and all it supports with --tp/--pp), or a separate critic of the policy's shape")
-    p.add_argument("--rollout-gather", action=argparse.BooleanOptionalAction, default=True,
-                   help="ppo: the rollout gathers whole models under ZeRO-3 and a whole-depth copy under pp, as ppo.py does (--no-rollout-gather: nothing beyond the shards)")
-    p.add_argument("--reward-model", default=None, help="ppo: the reward model's shape (built-in name or config.json); default: the policy's")
+    p.add_argument(
+        "--micro-batch-size", type=int, default=1, help="sequences per forward/backward on one rank (rm: pairs)"
+    )
+    p.add_argument(
+        "--rollout-batch-size",
+        type=int,
+        default=64,
+        help="ppo: sequences generated at once by one model replica (KV cache)",
+    )
+    p.add_argument(
+        "--value",
+        choices=["critic", "head"],
+        default="head",
+        help="ppo: a value head on the policy (ppo.py's default, and all it supports with --tp/--pp), "
+        "or a separate critic of the policy's shape",
+    )
+    p.add_argument(
+        "--rollout-gather",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ppo: the rollout gathers whole models under ZeRO-3 and a whole-depth copy under pp, as ppo.py does "
+        "(--no-rollout-gather: nothing beyond the shards)",
+    )
+    p.add_argument(
+        "--reward-model",
+        default=None,
+        help="ppo: the reward model's shape (built-in name or config.json); default: the policy's",
+    )
     p.add_argument("--max-tp", type=int, default=MAX_TP, help="largest tensor-parallel size (GPUs of a node)")
     args = p.parse_args(argv)
     for flag in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "rollout_batch_size", "max_tp"):
@@ -422,13 +523,28 @@ def main(argv: Optional[list] = None):
         raise SystemExit("error: --margin must be in [0, 1)")
     policy = load_shape(args.model)
     reward = load_shape(args.reward_model) if args.reward_model else None
-    options = dict(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size, rollout_batch_size=args.rollout_batch_size, value=args.value,
-                   rollout_gather=args.rollout_gather)
+    options = dict(
+        seq_len=args.seq_len,
+        micro_batch_size=args.micro_batch_size,
+        rollout_batch_size=args.rollout_batch_size,
+        value=args.value,
+        rollout_gather=args.rollout_gather,
+    )
     usable = (1 - args.margin) * args.gpu_memory
-    print(f"{args.algorithm} on {policy.name} ({count_parameters(policy) / 1e9:.2f}B parameters), seq_len {args.seq_len}, "
-          f"micro-batch {args.micro_batch_size}" + (f", rollouts {args.rollout_batch_size}, value {args.value}, reward model "
-          f"{(reward or policy).name}, rollout {'gathers models (ZeRO-3: whole; pp: a whole-depth bf16 copy of the policy split over tp)' if args.rollout_gather else 'gathers nothing beyond the shards'}" if args.algorithm == "ppo" else "") + f"; GB per GPU, worst pipeline stage; fits: total <= {usable:g} GB "
-          f"({args.gpu_memory:g} GB less {args.margin:.0%})")
+    print(
+        f"{args.algorithm} on {policy.name} ({count_parameters(policy) / 1e9:.2f}B parameters), seq_len "
+        f"{args.seq_len}, "
+        f"micro-batch {args.micro_batch_size}"
+        + (
+            f", rollouts {args.rollout_batch_size}, value {args.value}, reward model "
+            f"{(reward or policy).name}, rollout "
+            + (GATHERS if args.rollout_gather else "gathers nothing beyond the shards")
+            if args.algorithm == "ppo"
+            else ""
+        )
+        + f"; GB per GPU, worst pipeline stage; fits: total <= {usable:g} GB "
+        f"({args.gpu_memory:g} GB less {args.margin:.0%})"
+    )
     for gpus in args.gpus:
         rows = plan(args.algorithm, policy, gpus, reward=reward, max_tp=args.max_tp, **options)
         best = best_layout(rows, args.gpu_memory, args.margin)
@@ -438,8 +554,11 @@ def main(argv: Optional[list] = None):
             smallest = f", smallest total {rows[0].total / GB:.1f} GB" if rows else ""
             print(f"best on {gpus} GPUs: none fits in {usable:g} GB{smallest}")
         else:
-            print(f"best on {gpus} GPUs: dp {best.dp} tp {best.tp} pp {best.pp} zero {best.zero}, {best.total / GB:.1f} GB of {usable:g} GB "
-                  f"(rule: fewest pipeline stages, then smallest tp, then lowest ZeRO stage)")
+            print(
+                f"best on {gpus} GPUs: dp {best.dp} tp {best.tp} pp {best.pp} zero {best.zero}, {best.total / GB:.1f} "
+                f"GB of {usable:g} GB "
+                f"(rule: fewest pipeline stages, then smallest tp, then lowest ZeRO stage)"
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,17 @@ import ppo  # noqa: E402
 def smollm2_shaped(dtype, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device, dtype).eval()
 
@@ -62,7 +71,12 @@ def timed(functions, repeats, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast over fp32 weights, as --dtype bf16 runs")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast over fp32 weights, as --dtype bf16 runs",
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -73,7 +87,10 @@ def main():
     # No EOS: a token id that never occurs, so both run the whole budget.
     tokenizer = SimpleNamespace(eos_token_id=-1, pad_token_id=0)
     args = ppo.Args(model="benchmark", max_new_tokens=options.new_tokens)
-    print("| device | dtype | batch x (prompt + new) tokens | ours tokens/s | generate() tokens/s | ours / generate() | other processes' CPU s |")
+    print(
+        "| device | dtype | batch x (prompt + new) tokens | ours tokens/s | generate() tokens/s | ours / generate() | "
+        "other processes' CPU s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for batch in options.batch:
         generator = torch.Generator().manual_seed(1)
@@ -87,16 +104,30 @@ def main():
 
         def theirs():
             with torch.no_grad(), autocast:
-                output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                        max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens, eos_token_id=None, pad_token_id=0)
+                output = model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=options.new_tokens,
+                    min_new_tokens=options.new_tokens,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
             assert output.shape == (batch, options.prompt_tokens + options.new_tokens)
 
         others = other_cpu_seconds()
         ours_s, theirs_s = timed([ours, theirs], options.repeats, options.device)
         others = other_cpu_seconds() - others
         tokens = batch * options.new_tokens
-        print(f"| {options.device} | {options.dtype} | {batch} x ({options.prompt_tokens} + {options.new_tokens}) | {tokens / ours_s:.0f} | "
-              f"{tokens / theirs_s:.0f} | {theirs_s / ours_s:.2f}x | {others:.1f} |", flush=True)
+        print(
+            f"| {options.device} | {options.dtype} | {batch} x ({options.prompt_tokens} + {options.new_tokens}) | "
+            f"{tokens / ours_s:.0f} | "
+            f"{tokens / theirs_s:.0f} | {theirs_s / ours_s:.2f}x | {others:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -41,17 +41,26 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MiB = 2 ** 20
+MiB = 2**20
 
 # contender name -> (algorithm, whose, which interpreter flag runs it)
 CONTENDERS = {
-    "ours-ppo": ("ppo", "ours"), "trl-ppo": ("ppo", "trl"), "trl-ppo-nocleanup": ("ppo", "trl"),
-    "ours-grpo": ("grpo", "ours"), "trl-grpo": ("grpo", "trl"),
-    "ours-rloo": ("rloo", "ours"), "trl-rloo": ("rloo", "trl"),
+    "ours-ppo": ("ppo", "ours"),
+    "trl-ppo": ("ppo", "trl"),
+    "trl-ppo-nocleanup": ("ppo", "trl"),
+    "ours-grpo": ("grpo", "ours"),
+    "trl-grpo": ("grpo", "trl"),
+    "ours-rloo": ("rloo", "ours"),
+    "trl-rloo": ("rloo", "trl"),
 }
 LABELS = {
-    "ours-ppo": "ours PPO", "trl-ppo": "TRL PPOTrainer (as shipped)", "trl-ppo-nocleanup": "TRL PPOTrainer, no gc.collect/empty_cache",
-    "ours-grpo": "ours GRPO", "trl-grpo": "TRL GRPOTrainer", "ours-rloo": "ours RLOO", "trl-rloo": "TRL RLOOTrainer",
+    "ours-ppo": "ours PPO",
+    "trl-ppo": "TRL PPOTrainer (as shipped)",
+    "trl-ppo-nocleanup": "TRL PPOTrainer, no gc.collect/empty_cache",
+    "ours-grpo": "ours GRPO",
+    "trl-grpo": "TRL GRPOTrainer",
+    "ours-rloo": "ours RLOO",
+    "trl-rloo": "TRL RLOOTrainer",
 }
 REWARD_SOURCE = '''
 def reward(prompts, completions, **kwargs):
@@ -74,18 +83,43 @@ def word_tokenizer(vocab_size):
     vocab["<eos>"] = vocab_size
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>", clean_up_tokenization_spaces=False
+    )
 
 
 def model_config(name):
     from transformers import GPT2Config, LlamaConfig
 
     if name == "smollm2":  # SmolLM2-135M
-        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                           vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                           bos_token_id=None, eos_token_id=49152, pad_token_id=None)
-    return GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=8192, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=None, eos_token_id=8192, pad_token_id=None)
+        return LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+            bos_token_id=None,
+            eos_token_id=49152,
+            pad_token_id=None,
+        )
+    return GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        vocab_size=8192,
+        n_positions=512,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=8192,
+        pad_token_id=None,
+    )
 
 
 def build_setup(workdir, model_name, prompt_length, n_prompts=64):
@@ -107,7 +141,9 @@ def build_setup(workdir, model_name, prompt_length, n_prompts=64):
         tokenizer.save_pretrained(os.path.join(folder, sub))
     rng = np.random.RandomState(0)
     # n_prompts for TRL; ours holds one more out for its (untimed) evaluation.
-    prompts = [" ".join(f"w{i}" for i in rng.randint(0, config.vocab_size, prompt_length)) for _ in range(n_prompts + 1)]
+    prompts = [
+        " ".join(f"w{i}" for i in rng.randint(0, config.vocab_size, prompt_length)) for _ in range(n_prompts + 1)
+    ]
     with open(os.path.join(folder, "prompts.jsonl"), "w") as file:
         file.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
     with open(os.path.join(folder, "reward.py"), "w") as file:
@@ -172,8 +208,16 @@ def summarise(ends, warmup, tokens_per_update, memory, steps, extra):
     durations = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
     cpu = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
     seconds = statistics.median(durations[warmup:])
-    return {"seconds": seconds, "all_seconds": durations, "cpu_seconds": statistics.median(cpu[warmup:]), "tokens_per_update": tokens_per_update,
-            "tokens_per_s": tokens_per_update / seconds, **memory.peak, "optimizer_steps_per_update": steps, **extra}
+    return {
+        "seconds": seconds,
+        "all_seconds": durations,
+        "cpu_seconds": statistics.median(cpu[warmup:]),
+        "tokens_per_update": tokens_per_update,
+        "tokens_per_s": tokens_per_update / seconds,
+        **memory.peak,
+        "optimizer_steps_per_update": steps,
+        **extra,
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -210,6 +254,7 @@ def run_ours(args, folder, algo):
 
     class Recorder:
         """Stands in for the wandb run: keeps each update's metrics in this process."""
+
         id = "benchmark"
         summary = {}
 
@@ -223,27 +268,62 @@ def run_ours(args, folder, algo):
     ppo.init_wandb = lambda *a, **k: Recorder()
     critic_free = algo != "ppo"
     with tempfile.TemporaryDirectory() as output:
-        ppo.main(ppo.Args(
-            model=os.path.join(folder, "policy"), task="jsonl", data=os.path.join(folder, "prompts.jsonl"),
-            reward_model=None if critic_free else os.path.join(folder, "reward"),
-            value_model=None if critic_free else os.path.join(folder, "reward"),
-            reward_fn=os.path.join(folder, "reward.py") + ":reward" if critic_free else None,
-            advantage="gae" if algo == "ppo" else algo, samples_per_prompt=args.samples_per_prompt if critic_free else 1,
-            batch_size=args.batch_size, mini_batch_size=args.batch_size // args.mini_batches, micro_batch_size=args.micro_batch_size,
-            generation_batch_size=args.batch_size, ppo_epochs=args.ppo_epochs, max_new_tokens=args.response_length,
-            temperature=1.0, top_k=0, top_p=1.0, init_kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cliprange=0.2,
-            learning_rate=args.learning_rate, missing_eos_penalty=1.0, num_updates=total, eval_every=10 ** 9, eval_prompts=1,
-            device=args.device, dtype=args.dtype, output_dir=output, track=True, seed=1,
-        ))
+        ppo.main(
+            ppo.Args(
+                model=os.path.join(folder, "policy"),
+                task="jsonl",
+                data=os.path.join(folder, "prompts.jsonl"),
+                reward_model=None if critic_free else os.path.join(folder, "reward"),
+                value_model=None if critic_free else os.path.join(folder, "reward"),
+                reward_fn=os.path.join(folder, "reward.py") + ":reward" if critic_free else None,
+                advantage="gae" if algo == "ppo" else algo,
+                samples_per_prompt=args.samples_per_prompt if critic_free else 1,
+                batch_size=args.batch_size,
+                mini_batch_size=args.batch_size // args.mini_batches,
+                micro_batch_size=args.micro_batch_size,
+                generation_batch_size=args.batch_size,
+                ppo_epochs=args.ppo_epochs,
+                max_new_tokens=args.response_length,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                init_kl_coef=0.05,
+                kl_estimator="k1",
+                vf_coef=0.1,
+                cliprange=0.2,
+                learning_rate=args.learning_rate,
+                missing_eos_penalty=1.0,
+                num_updates=total,
+                eval_every=10**9,
+                eval_prompts=1,
+                device=args.device,
+                dtype=args.dtype,
+                output_dir=output,
+                track=True,
+                seed=1,
+            )
+        )
     assert len(logged) == total and len(marks) == total + 1, (len(logged), len(marks))
     names = ("generation", "scoring", "logprobs", "training")
-    phases = {p: statistics.median(m[f"time/{p}_s"] for m in logged[args.warmup:]) for p in names}
+    phases = {p: statistics.median(m[f"time/{p}_s"] for m in logged[args.warmup :]) for p in names}
     # the rest of each update: choosing and encoding prompts, statistics, logging (per update, then the median)
-    phases["other"] = statistics.median(b[0] - a[0] - sum(m[f"time/{p}_s"] for p in names)
-                                        for a, b, m in list(zip(marks, marks[1:], logged))[args.warmup:])
+    phases["other"] = statistics.median(
+        b[0] - a[0] - sum(m[f"time/{p}_s"] for p in names)
+        for a, b, m in list(zip(marks, marks[1:], logged))[args.warmup :]
+    )
     tokens = [m["objective/response_length"] * args.batch_size for m in logged]
-    return summarise(marks, args.warmup, statistics.mean(tokens), memory, steps[0] / total,
-                     {"phases": phases, "eos_fraction": max(m["objective/eos_fraction"] for m in logged), "torch_threads": torch.get_num_threads()})
+    return summarise(
+        marks,
+        args.warmup,
+        statistics.mean(tokens),
+        memory,
+        steps[0] / total,
+        {
+            "phases": phases,
+            "eos_fraction": max(m["objective/eos_fraction"] for m in logged),
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -254,9 +334,21 @@ def trl_common(args, output):
     """TrainingArguments shared by every TRL config: --dtype (fp32, or bf16=True, TRL's default: accelerate's
     bf16 autocast over fp32 weights, as ours' --dtype bf16), no gradient checkpointing (as ours; TRL's default
     is gradient_checkpointing=True), constant learning rate, no saving, no reporting."""
-    return dict(output_dir=output, learning_rate=args.learning_rate, lr_scheduler_type="constant", bf16=args.dtype == "bf16", fp16=False,
-                gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                use_cpu=args.device == "cpu", seed=1, per_device_train_batch_size=args.micro_batch_size)
+    return dict(
+        output_dir=output,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        bf16=args.dtype == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        seed=1,
+        per_device_train_batch_size=args.micro_batch_size,
+    )
 
 
 def trl_callback(args, ends, logs, memory, last_step, every):
@@ -288,6 +380,7 @@ def run_trl_ppo(args, folder, cleanup):
     memory = Memory(args.device)
     steps = count_optimizer_steps()
     if not cleanup:  # the per-update cleanup, disabled
+
         class NoGC:
             @staticmethod
             def collect():
@@ -302,7 +395,7 @@ def run_trl_ppo(args, folder, cleanup):
         start = clock(args.device)[0]
         query_responses, logits = batch_generation(model, queries, *rest)
         generated[1] += clock(args.device)[0] - start
-        generated[0] += int((query_responses[:, queries.shape[1]:] != tokenizer.pad_token_id).sum())
+        generated[0] += int((query_responses[:, queries.shape[1] :] != tokenizer.pad_token_id).sum())
         return query_responses, logits
 
     ppo_trainer.batch_generation = counted_generation
@@ -326,23 +419,49 @@ def run_trl_ppo(args, folder, cleanup):
     # TRL cannot express it; accumulating over the whole batch steps once every two minibatches.
     mini = args.batch_size // args.mini_batches
     per_minibatch = args.micro_batch_size == mini
-    layout = (dict(per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1) if per_minibatch
-              else dict(gradient_accumulation_steps=args.batch_size // args.micro_batch_size))
+    layout = (
+        dict(per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1)
+        if per_minibatch
+        else dict(gradient_accumulation_steps=args.batch_size // args.micro_batch_size)
+    )
     with tempfile.TemporaryDirectory() as output:
         config = PPOConfig(
             **{**trl_common(args, output), **layout},
-            num_mini_batches=args.mini_batches, num_ppo_epochs=args.ppo_epochs, response_length=args.response_length,
-            total_episodes=args.batch_size * total, local_rollout_forward_batch_size=args.batch_size, temperature=1.0,
-            stop_token="eos", missing_eos_penalty=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cliprange=0.2,
+            num_mini_batches=args.mini_batches,
+            num_ppo_epochs=args.ppo_epochs,
+            response_length=args.response_length,
+            total_episodes=args.batch_size * total,
+            local_rollout_forward_batch_size=args.batch_size,
+            temperature=1.0,
+            stop_token="eos",
+            missing_eos_penalty=1.0,
+            kl_coef=0.05,
+            kl_estimator="k1",
+            vf_coef=0.1,
+            cliprange=0.2,
             num_sample_generations=0,
         )
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward,
-                             train_dataset=dataset, value_model=value, eval_dataset=dataset.select(range(2)))
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=reference,
+            reward_model=reward,
+            train_dataset=dataset,
+            value_model=value,
+            eval_dataset=dataset.select(range(2)),
+        )
         trainer.add_callback(trl_callback(args, ends, logs, memory, total, 1))
         trainer.train()
     assert len(ends) == total + 1, ends
-    return summarise(ends, args.warmup, generated[0] / total, memory, steps[0] / total,
-                     {"generation_s": generated[1] / total, "eos_tokens": sum(log.get("val/num_eos_tokens", 0) for log in logs)})
+    return summarise(
+        ends,
+        args.warmup,
+        generated[0] / total,
+        memory,
+        steps[0] / total,
+        {"generation_s": generated[1] / total, "eos_tokens": sum(log.get("val/num_eos_tokens", 0) for log in logs)},
+    )
 
 
 def run_trl_group(args, folder, algo):
@@ -371,21 +490,42 @@ def run_trl_group(args, folder, algo):
     ends, logs = [], []
     with tempfile.TemporaryDirectory() as output:
         config = Config(
-            **trl_common(args, output), gradient_accumulation_steps=mini // args.micro_batch_size,
-            steps_per_generation=args.batch_size // args.micro_batch_size, num_iterations=args.ppo_epochs,
-            num_generations=args.samples_per_prompt, max_completion_length=args.response_length, temperature=1.0, top_k=0, top_p=1.0,
-            beta=0.05, epsilon=0.2, max_steps=total * steps_per_update, disable_dropout=True, log_completions=False,
+            **trl_common(args, output),
+            gradient_accumulation_steps=mini // args.micro_batch_size,
+            steps_per_generation=args.batch_size // args.micro_batch_size,
+            num_iterations=args.ppo_epochs,
+            num_generations=args.samples_per_prompt,
+            max_completion_length=args.response_length,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            beta=0.05,
+            epsilon=0.2,
+            max_steps=total * steps_per_update,
+            disable_dropout=True,
+            log_completions=False,
             model_init_kwargs={"dtype": torch.float32},
         )
-        trainer = Trainer(model=os.path.join(folder, "policy"), reward_funcs=module.reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
+        trainer = Trainer(
+            model=os.path.join(folder, "policy"),
+            reward_funcs=module.reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
         trainer.add_callback(trl_callback(args, ends, logs, memory, total * steps_per_update, steps_per_update))
         trainer.train()
     assert len(ends) == total + 1, ends
     lengths = [log["completions/mean_length"] for log in logs if "completions/mean_length" in log]
     clipped = [log["completions/clipped_ratio"] for log in logs if "completions/clipped_ratio" in log]
-    return summarise(ends, args.warmup, statistics.mean(lengths) * args.batch_size, memory, steps[0] / total,
-                     {"clipped_ratio_min": min(clipped) if clipped else None})
+    return summarise(
+        ends,
+        args.warmup,
+        statistics.mean(lengths) * args.batch_size,
+        memory,
+        steps[0] / total,
+        {"clipped_ratio_min": min(clipped) if clipped else None},
+    )
 
 
 def run_contender(args):
@@ -429,11 +569,36 @@ def child_cpu():
 
 
 def launch(args, python, model_name, contender):
-    flags = ["--only", contender, "--workdir", args.workdir, "--model-name", model_name, "--device", args.device,
-             "--batch-size", str(args.batch_size), "--response-length", str(args.response_length), "--ppo-epochs", str(args.ppo_epochs),
-             "--mini-batches", str(args.mini_batches), "--micro-batch-size", str(args.micro_batch_size),
-             "--samples-per-prompt", str(args.samples_per_prompt), "--warmup", str(args.warmup), "--updates", str(args.updates),
-             "--learning-rate", str(args.learning_rate), "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
+    flags = [
+        "--only",
+        contender,
+        "--workdir",
+        args.workdir,
+        "--model-name",
+        model_name,
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "--response-length",
+        str(args.response_length),
+        "--ppo-epochs",
+        str(args.ppo_epochs),
+        "--mini-batches",
+        str(args.mini_batches),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--samples-per-prompt",
+        str(args.samples_per_prompt),
+        "--warmup",
+        str(args.warmup),
+        "--updates",
+        str(args.updates),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--dtype",
+        args.dtype,
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     started = time.time()
     process = subprocess.run([python, os.path.abspath(__file__), *flags], capture_output=True, text=True, env=env)
@@ -443,22 +608,34 @@ def launch(args, python, model_name, contender):
         print(f"  {contender}: failed (exit {process.returncode}): {' | '.join(tail)}", flush=True)
         return None
     result = json.loads(lines[-1][7:])
-    print(f"  {contender}: {result['seconds']:.2f} s/update, {result['cpu_seconds']:.2f} CPU s/update (updates: {', '.join(f'{s:.2f}' for s in result['all_seconds'])}), "
-          f"{result['tokens_per_update']:.0f} tokens/update, peak {result['peak'] / MiB:.0f} MiB "
-          f"(+{result['peak_extra'] / MiB:.0f}), {result['optimizer_steps_per_update']:g} optimizer steps/update, "
-          f"{time.time() - started:.0f} s in all" + (f", generation {result['generation_s']:.2f} s/update" if "generation_s" in result else ""), flush=True)
+    print(
+        f"  {contender}: {result['seconds']:.2f} s/update, {result['cpu_seconds']:.2f} CPU s/update (updates: "
+        f"{', '.join(f'{s:.2f}' for s in result['all_seconds'])}), "
+        f"{result['tokens_per_update']:.0f} tokens/update, peak {result['peak'] / MiB:.0f} MiB "
+        f"(+{result['peak_extra'] / MiB:.0f}), {result['optimizer_steps_per_update']:g} optimizer steps/update, "
+        f"{time.time() - started:.0f} s in all"
+        + (f", generation {result['generation_s']:.2f} s/update" if "generation_s" in result else ""),
+        flush=True,
+    )
     return result
 
 
 def print_table(rows):
-    print("\n| model | algorithm | contender | s / update | CPU s / update | tokens / s | peak memory | peak above imports | time vs TRL | CPU time vs TRL | peak vs TRL | optimizer steps / update |")
+    print(
+        "\n| model | algorithm | contender | s / update | CPU s / update | tokens / s | peak memory | peak above "
+        "imports | time vs TRL | CPU time vs TRL | peak vs TRL | optimizer steps / update |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name, algo, contender, result, baseline in rows:
         ratio = result["seconds"] / baseline["seconds"]
         speed = f"{ratio:.2f}x ({1 / ratio:.2f}x as fast)" if contender.startswith("ours") else f"{ratio:.2f}x"
-        print(f"| {model_name} | {algo} | {LABELS[contender]} | {result['seconds']:.2f} | {result['cpu_seconds']:.2f} | {result['tokens_per_s']:.1f} | "
-              f"{result['peak'] / MiB:.0f} MiB | {result['peak_extra'] / MiB:.0f} MiB | {speed} | {result['cpu_seconds'] / baseline['cpu_seconds']:.2f}x | "
-              f"{result['peak_extra'] / baseline['peak_extra']:.2f}x | {result['optimizer_steps_per_update']:g} |")
+        print(
+            f"| {model_name} | {algo} | {LABELS[contender]} | {result['seconds']:.2f} | {result['cpu_seconds']:.2f} | "
+            f"{result['tokens_per_s']:.1f} | "
+            f"{result['peak'] / MiB:.0f} MiB | {result['peak_extra'] / MiB:.0f} MiB | {speed} | "
+            f"{result['cpu_seconds'] / baseline['cpu_seconds']:.2f}x | "
+            f"{result['peak_extra'] / baseline['peak_extra']:.2f}x | {result['optimizer_steps_per_update']:g} |"
+        )
     ours = [(m, a, r) for m, a, c, r, _ in rows if c.startswith("ours")]
     if ours:
         print("\nWhere ours spends an update (median seconds of each phase, as ppo.py logs them):\n")
@@ -466,7 +643,10 @@ def print_table(rows):
         print("|---|---|---|---|---|---|---|")
         for model_name, algo, result in ours:
             phases = result["phases"]
-            cells = " | ".join(f"{phases[p]:.2f} ({phases[p] / result['seconds']:.0%})" for p in ("generation", "scoring", "logprobs", "training", "other"))
+            cells = " | ".join(
+                f"{phases[p]:.2f} ({phases[p] / result['seconds']:.0%})"
+                for p in ("generation", "scoring", "logprobs", "training", "other")
+            )
             print(f"| {model_name} | {algo} | {cells} |")
 
 
@@ -477,16 +657,28 @@ def drive(args):
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     try:
-        machine = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1) if args.device == "cpu" else machine
+        machine = (
+            re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+            if args.device == "cpu"
+            else machine
+        )
     except (OSError, AttributeError):
         pass
-    print(f"device {args.device} ({machine}, {os.cpu_count()} CPUs); batch {args.batch_size}, response {args.response_length} tokens, "
-          f"{args.ppo_epochs} epochs x {args.mini_batches} minibatches, micro-batch {args.micro_batch_size}, "
-          f"{args.samples_per_prompt} samples per prompt (GRPO/RLOO); {args.warmup} warm-up + {args.updates} timed updates; {args.dtype}"
-          + (f"; {args.threads} torch thread(s)" if args.threads else ""), flush=True)
+    print(
+        f"device {args.device} ({machine}, {os.cpu_count()} CPUs); batch {args.batch_size}, response "
+        f"{args.response_length} tokens, "
+        f"{args.ppo_epochs} epochs x {args.mini_batches} minibatches, micro-batch {args.micro_batch_size}, "
+        f"{args.samples_per_prompt} samples per prompt (GRPO/RLOO); {args.warmup} warm-up + {args.updates} timed "
+        f"updates; {args.dtype}" + (f"; {args.threads} torch thread(s)" if args.threads else ""),
+        flush=True,
+    )
     try:  # which ppo.py is measured (the working tree may differ from the last commit)
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "ppo.py", "kernels.py", "parallel.py"]).returncode
+        head = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "ppo.py", "kernels.py", "parallel.py"]
+        ).returncode
         print(f"ppo.py at commit {head}" + (" with uncommitted changes" if dirty else ""), flush=True)
     except OSError:
         pass
@@ -511,7 +703,10 @@ def drive(args):
                 ours = results[f"ours-{algo}"]
                 checks = [f"ours {baseline['seconds'] / ours['seconds']:.2f}x as fast as TRL as shipped"]
                 if results.get("trl-ppo-nocleanup"):
-                    checks.append(f"{results['trl-ppo-nocleanup']['seconds'] / ours['seconds']:.2f}x as fast as TRL without cleanup")
+                    checks.append(
+                        f"{results['trl-ppo-nocleanup']['seconds'] / ours['seconds']:.2f}x as fast as TRL without "
+                        "cleanup"
+                    )
                 checks.append(f"peak above imports {ours['peak_extra'] / baseline['peak_extra']:.2f}x TRL's")
                 print(f"  -> {'; '.join(checks)}", flush=True)
     print_table(rows)
@@ -519,7 +714,10 @@ def drive(args):
     for python, version in versions.items():
         print(f"{python}: " + ", ".join(f"{k} {v}" for k, v in version.items()))
     own = child_cpu() - children
-    print(f"CPU seconds used by other processes during the run: {max(0.0, cpu_busy() - busy - own):.1f} (the contenders: {own:.1f})")
+    print(
+        f"CPU seconds used by other processes during the run: {max(0.0, cpu_busy() - busy - own):.1f} (the contenders: "
+        f"{own:.1f})"
+    )
 
 
 if __name__ == "__main__":
@@ -528,21 +726,45 @@ if __name__ == "__main__":
     parser.add_argument("--model", nargs="+", default=["gpt2", "smollm2"], choices=["smollm2", "gpt2"])
     parser.add_argument("--algos", nargs="+", default=["ppo", "grpo", "rloo"], choices=["ppo", "grpo", "rloo"])
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts per update")
-    parser.add_argument("--response-length", type=int, default=16, help="generated tokens per rollout (every rollout runs to it)")
+    parser.add_argument(
+        "--response-length", type=int, default=16, help="generated tokens per rollout (every rollout runs to it)"
+    )
     parser.add_argument("--prompt-length", type=int, default=8, help="words (= tokens) per prompt")
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch (TRL GRPO/RLOO: num_iterations)")
-    parser.add_argument("--mini-batches", type=int, default=2, help="minibatches per epoch (one optimizer step each in ours)")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="rollouts per forward/backward (default: a whole minibatch)")
+    parser.add_argument(
+        "--ppo-epochs", type=int, default=2, help="passes over each batch (TRL GRPO/RLOO: num_iterations)"
+    )
+    parser.add_argument(
+        "--mini-batches", type=int, default=2, help="minibatches per epoch (one optimizer step each in ours)"
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=None, help="rollouts per forward/backward (default: a whole minibatch)"
+    )
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="GRPO/RLOO group size (TRL: num_generations)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (ours compiles its kernels in the first)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed updates first (ours compiles its kernels in the first)"
+    )
     parser.add_argument("--updates", type=int, default=3, help="timed updates (the median is reported)")
     parser.add_argument("--learning-rate", type=float, default=1e-6)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                        help="bf16: bf16 autocast over fp32 trained weights in every contender (ours' --dtype bf16, TRL's bf16=True, its default)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per contender (default: torch's, one per core); 1 avoids OpenMP threads waiting on each other on a shared machine")
-    parser.add_argument("--ppo-python", default=sys.executable, help="interpreter of the environment with trl 1.12.0 (PPOTrainer)")
-    parser.add_argument("--grpo-python", default=sys.executable, help="interpreter of the environment with trl 1.16.0 (GRPO/RLOO)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: bf16 autocast over fp32 trained weights in every contender "
+        "(ours' --dtype bf16, TRL's bf16=True, its default)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per contender (default: torch's, one per core); "
+        "1 avoids OpenMP threads waiting on each other on a shared machine",
+    )
+    parser.add_argument(
+        "--ppo-python", default=sys.executable, help="interpreter of the environment with trl 1.12.0 (PPOTrainer)"
+    )
+    parser.add_argument(
+        "--grpo-python", default=sys.executable, help="interpreter of the environment with trl 1.16.0 (GRPO/RLOO)"
+    )
     parser.add_argument("--workdir", default=None, help="where the models are built (default: a temporary directory)")
     parser.add_argument("--only", default=None, choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-name", default=None, help=argparse.SUPPRESS)

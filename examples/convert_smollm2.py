@@ -78,7 +78,9 @@ if __name__ == "__main__":
     config = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
-    config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config.update(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     model = LlamaForCausalLM(LlamaConfig(**config)).eval()
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -92,7 +94,9 @@ if __name__ == "__main__":
     # (A copy pads the sample: padding a batch would store the padding settings in the saved tokenizer.)
     left_padder = copy.deepcopy(tokenizer)
     left_padder.padding_side = "left"
-    sample = left_padder(["The acting in this movie", "I went to see this film because my friend"], return_tensors="pt", padding=True)
+    sample = left_padder(
+        ["The acting in this movie", "I went to see this film because my friend"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         expected = gguf_model(**sample).logits
         actual = model(**sample).logits
@@ -118,7 +122,10 @@ if __name__ == "__main__":
             fail(f"the saved checkpoint's logits differ from the rebuilt model's by {difference:.3g}")
         if reloaded.get_output_embeddings().weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr():
             fail("the saved checkpoint lost its tied embeddings")
-        if reloaded_tokenizer(args.prompt).input_ids != tokenizer(args.prompt).input_ids or reloaded_tokenizer.pad_token_id != tokenizer.pad_token_id:
+        if (
+            reloaded_tokenizer(args.prompt).input_ids != tokenizer(args.prompt).input_ids
+            or reloaded_tokenizer.pad_token_id != tokenizer.pad_token_id
+        ):
             fail("the saved tokenizer differs from the GGUF one")
         os.rename(staging, args.output_dir)
     except BaseException:
@@ -130,4 +137,4 @@ if __name__ == "__main__":
     inputs = reloaded_tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         output = reloaded.generate(**inputs, max_new_tokens=24, do_sample=False)
-    print(f"greedy: {args.prompt!r} -> {reloaded_tokenizer.decode(output[0, inputs.input_ids.shape[1]:])!r}")
+    print(f"greedy: {args.prompt!r} -> {reloaded_tokenizer.decode(output[0, inputs.input_ids.shape[1] :])!r}")

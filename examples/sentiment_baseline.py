@@ -49,9 +49,16 @@ def continue_prompts(model, tokenizer, prompts: list, args: Args, greedy: bool):
     import torch
     from transformers import GenerationConfig
 
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=0, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **sampling)
+    sampling = (
+        dict(do_sample=False) if greedy else dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
+    )
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
     tokenizer.padding_side = "left"
     texts, ended, seconds = [], [], []
     for start in range(0, len(prompts), args.batch_size):
@@ -70,7 +77,10 @@ def continue_prompts(model, tokenizer, prompts: list, args: Args, greedy: bool):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if importlib.util.find_spec("vaderSentiment") is None:
-        print("error: missing optional package vaderSentiment; run: pip install -r requirements-examples.txt", file=sys.stderr)
+        print(
+            "error: missing optional package vaderSentiment; run: pip install -r requirements-examples.txt",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if not os.path.exists(args.model):
         print(f"error: {args.model} does not exist; run python examples/convert_smollm2.py first", file=sys.stderr)
@@ -89,19 +99,33 @@ if __name__ == "__main__":
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     analyzer = SentimentIntensityAnalyzer()
-    print(f"{len(prompts)} prompts, {args.model}, batches of {args.batch_size}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(
+        f"{len(prompts)} prompts, {args.model}, batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     records = []
     for name, greedy in (("sampled", False), ("greedy", True)):
         texts, ended, seconds = continue_prompts(model, tokenizer, prompts, args, greedy)
         scores = [analyzer.polarity_scores(text)["compound"] for text in texts]
-        full = [s for s, start in zip(seconds, range(0, len(prompts), args.batch_size)) if len(prompts) - start >= args.batch_size]
+        full = [
+            s
+            for s, start in zip(seconds, range(0, len(prompts), args.batch_size))
+            if len(prompts) - start >= args.batch_size
+        ]
         positive, negative = sum(s > 0.05 for s in scores) / len(scores), sum(s < -0.05 for s in scores) / len(scores)
-        print(f"{name:8s} mean compound {sum(scores) / len(scores):+.4f}  positive {positive:.1%}  negative {negative:.1%}  "
-              f"ended with EOS {sum(ended) / len(ended):.1%}  s/batch {sum(full) / max(len(full), 1):.2f} (full batches of {args.batch_size})")
+        print(
+            f"{name:8s} mean compound {sum(scores) / len(scores):+.4f}  positive {positive:.1%}  negative "
+            f"{negative:.1%}  "
+            f"ended with EOS {sum(ended) / len(ended):.1%}  s/batch {sum(full) / max(len(full), 1):.2f} (full batches "
+            f"of {args.batch_size})"
+        )
         for prompt, text, score in list(zip(prompts, texts, scores))[:3]:
             print(f"    {score:+.3f}  {prompt!r} -> {text!r}")
-        records += [dict(decoding=name, prompt=p, continuation=t, eos=e, compound=s) for p, t, e, s in zip(prompts, texts, ended, scores)]
+        records += [
+            dict(decoding=name, prompt=p, continuation=t, eos=e, compound=s)
+            for p, t, e, s in zip(prompts, texts, ended, scores)
+        ]
     if args.output:
         with open(args.output, "w") as file:
             file.writelines(json.dumps(record) + "\n" for record in records)

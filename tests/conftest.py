@@ -37,9 +37,22 @@ os.environ.setdefault("KERNELS_COMPILE", "0")
 # and two nodes joined by rendezvous (test_sft).
 # ---------------------------------------------------------------------------------------------
 _SERVER = multiprocessing.get_context("forkserver")
-_SERVER.set_forkserver_preload(["torch", "torch.distributed", "numpy", "tqdm", "tyro", "tokenizers", "safetensors.torch",
-                                "transformers", "transformers.modeling_utils", "transformers.models.gpt2.modeling_gpt2",
-                                "transformers.models.llama.modeling_llama", "transformers.models.gpt_neox.modeling_gpt_neox"])
+_SERVER.set_forkserver_preload(
+    [
+        "torch",
+        "torch.distributed",
+        "numpy",
+        "tqdm",
+        "tyro",
+        "tokenizers",
+        "safetensors.torch",
+        "transformers",
+        "transformers.modeling_utils",
+        "transformers.models.gpt2.modeling_gpt2",
+        "transformers.models.llama.modeling_llama",
+        "transformers.models.gpt_neox.modeling_gpt_neox",
+    ]
+)
 
 
 def _run_as_main(script: str, argv: list, env: dict, cwd: str, stdout_path: str, stderr_path: str):
@@ -68,12 +81,21 @@ class Job:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
-            env.update(WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            env.update(
+                WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+            )
         self.processes = []
         for rank in range(nproc):
             rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else env
             paths = (os.path.join(self.folder, f"{rank}.out"), os.path.join(self.folder, f"{rank}.err"))
-            process = _SERVER.Process(target=_run_as_main, args=(os.path.join(ROOT, script), [str(a) for a in argv], rank_env, str(cwd or os.getcwd()), *paths))
+            process = _SERVER.Process(
+                target=_run_as_main,
+                args=(os.path.join(ROOT, script), [str(a) for a in argv], rank_env, str(cwd or os.getcwd()), *paths),
+            )
             process.start()
             self.processes.append(process)
 
@@ -100,7 +122,12 @@ class Job:
         self.kill()  # a no-op for processes that have exited
         outputs = []
         for suffix in ("out", "err"):
-            outputs.append("".join(open(os.path.join(self.folder, f"{rank}.{suffix}"), errors="replace").read() for rank in range(len(self.processes))))
+            outputs.append(
+                "".join(
+                    open(os.path.join(self.folder, f"{rank}.{suffix}"), errors="replace").read()
+                    for rank in range(len(self.processes))
+                )
+            )
         shutil.rmtree(self.folder, ignore_errors=True)
         return subprocess.CompletedProcess(self.processes, failed[0] if failed else 0, *outputs)
 
@@ -117,8 +144,19 @@ def run_ranks(script, *flags, nproc=2, cwd=None, timeout=600):
 
 def torchrun(script, *flags, nproc=2, cwd=None, timeout=600):
     """Launch a script with the real torchrun (its launcher and workers are fresh interpreters)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), os.path.join(ROOT, script), *flags]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        os.path.join(ROOT, script),
+        *flags,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def kill_when(job: Job, path, what: str = "the run"):
@@ -182,11 +220,16 @@ def load_benchmark(name: str):
 def read_metrics(run_dir) -> dict:
     """A run's metrics.json without the numbers the clock measures (time/*, throughput *_per_s),
     which differ between any two runs of the same math."""
+
     def measured(key):
         return key.startswith("time/") or key.endswith("_per_s")
 
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    return {k: {kk: vv for kk, vv in v.items() if not measured(kk)} if isinstance(v, dict) else v for k, v in metrics.items() if not measured(k)}
+    return {
+        k: {kk: vv for kk, vv in v.items() if not measured(kk)} if isinstance(v, dict) else v
+        for k, v in metrics.items()
+        if not measured(k)
+    }
 
 
 def assert_same_weights(first, second, name="model.safetensors"):
@@ -215,9 +258,13 @@ def text_tokenizer(pad_token=True):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>"] + (["<|pad|>"] if pad_token else [])
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>" if pad_token else None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>" if pad_token else None
+    )
 
 
 def tiny_config(family: str, vocab_size: int, eos_token_id: int):
@@ -227,13 +274,30 @@ def tiny_config(family: str, vocab_size: int, eos_token_id: int):
 
     common = dict(vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id)
     if family == "gpt2":
-        return GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        return GPT2Config(
+            n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common
+        )
     if family == "llama":
-        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=64, **common)
+        return LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
     if family == "gpt-neox":
-        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                             hidden_dropout=0.0, attention_dropout=0.0, **common)
+        return GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -307,9 +371,13 @@ def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
     reference = run_ranks(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     killed = tmp_path / "killed"
-    kill_when(Job(script, *flags, "--output-dir", str(killed), nproc=nproc, cwd=tmp_path), killed / "checkpoints" / checkpoint)
+    kill_when(
+        Job(script, *flags, "--output-dir", str(killed), nproc=nproc, cwd=tmp_path), killed / "checkpoints" / checkpoint
+    )
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    assert sorted(p.name for p in (killed / "checkpoints" / checkpoint).glob("rank_*.pt")) == [f"rank_{r}.pt" for r in range(nproc)]
+    assert sorted(p.name for p in (killed / "checkpoints" / checkpoint).glob("rank_*.pt")) == [
+        f"rank_{r}.pt" for r in range(nproc)
+    ]
     resumed = run_ranks(script, *flags, "--resume", str(killed), nproc=nproc, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout

@@ -26,7 +26,9 @@ def field_docstrings(script: str) -> dict:
     """{field name: its docstring} of the script's Args, read from the source as tyro does."""
     tree = ast.parse(open(os.path.join(ROOT, f"{script}.py")).read())
     body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args").body
-    return {node.target.id: body[i + 1].value.value for i, node in enumerate(body[:-1]) if isinstance(node, ast.AnnAssign)}
+    return {
+        node.target.id: body[i + 1].value.value for i, node in enumerate(body[:-1]) if isinstance(node, ast.AnnAssign)
+    }
 
 
 def numeric_kind(annotation):
@@ -66,7 +68,9 @@ def test_the_defaults_pass_at_1_2_4_and_8_ranks():
 @pytest.mark.parametrize("script, name, annotation, value", list(bad_value_cases()))
 def test_every_numeric_flag_is_checked_or_documented(script, name, annotation, value):
     module = importlib.import_module(script)
-    args = dataclasses.replace(module.Args(**BASE.get(script, {})), **{name: (value,) if typing.get_origin(annotation) is tuple else value})
+    args = dataclasses.replace(
+        module.Args(**BASE.get(script, {})), **{name: (value,) if typing.get_origin(annotation) is tuple else value}
+    )
     try:
         module.check_args(args, 1)
     except SystemExit as error:
@@ -75,20 +79,29 @@ def test_every_numeric_flag_is_checked_or_documented(script, name, annotation, v
         assert message.startswith("error: ") and "\n" not in message, message
         assert flag in message and str(value) in message, f"the error names neither {flag} nor {value}: {message}"
     else:
-        assert documents(field_docstrings(script)[name], value), f"{script}.py accepts --{name.replace('_', '-')} {value} but its docstring does not say what it means"
+        assert documents(field_docstrings(script)[name], value), (
+            f"{script}.py accepts --{name.replace('_', '-')} {value} but its docstring does not say what it means"
+        )
 
 
 def test_documents_needs_the_value_as_a_word():
-    assert documents("0 saves only the final model", 0) and documents("(0: off)", 0.0) and documents("(-1: train everything)", -1)
+    assert (
+        documents("0 saves only the final model", 0)
+        and documents("(0: off)", 0.0)
+        and documents("(-1: train everything)", -1)
+    )
     assert not documents("one in 10 steps", 0) and not documents("clip to 0.5", 0) and not documents("at most 1", -1)
 
 
-@pytest.mark.parametrize("command", [
-    ["sft.py", "--learning-rate", "-1"],
-    ["reward_model.py", "--eval-fraction", "nan"],
-    ["ppo.py", "--model", "runs/sft", "--temperature", "0"],
-    ["ilql.py", "--batch-size", "0"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sft.py", "--learning-rate", "-1"],
+        ["reward_model.py", "--eval-fraction", "nan"],
+        ["ppo.py", "--model", "runs/sft", "--temperature", "0"],
+        ["ilql.py", "--batch-size", "0"],
+    ],
+)
 def test_a_bad_flag_on_the_command_line_is_one_line(tmp_path, command):
     result = run_script(*command, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 1
@@ -101,7 +114,9 @@ def test_under_torchrun_rank_0_alone_prints_and_every_rank_exits_1(tmp_path):
     result = torchrun("sft.py", "--batch-size", "7", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert errors == ["error: --batch-size 7 does not split over 2 data-parallel ranks; make it a multiple of 2"], result.stderr[-3000:]
+    assert errors == ["error: --batch-size 7 does not split over 2 data-parallel ranks; make it a multiple of 2"], (
+        result.stderr[-3000:]
+    )
     assert "exitcode  : 1" in result.stderr
     assert not (tmp_path / "run").exists()
 

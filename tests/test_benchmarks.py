@@ -25,7 +25,19 @@ def table_rows(report: str) -> dict:
 def test_every_row_passes_its_scripts_flag_checks(gpus, capsys):
     rows = gpu_check.main(["--dry-run", "--device", "cpu", "--gpus", str(gpus)])
     names = {row.name: row for row in rows}
-    assert {"sft", "reward_model", "ilql", "ppo", "ppo-grpo", "ppo-smollm2", "ppo-zero3", "ppo-tp2", "ppo-pp2", "kernels", "sampling"} <= set(names)
+    assert {
+        "sft",
+        "reward_model",
+        "ilql",
+        "ppo",
+        "ppo-grpo",
+        "ppo-smollm2",
+        "ppo-zero3",
+        "ppo-tp2",
+        "ppo-pp2",
+        "kernels",
+        "sampling",
+    } <= set(names)
     assert all(bool(names[name].skip) == (gpus < 2) for name in ("ppo-zero3", "ppo-tp2", "ppo-pp2"))
     assert "ppo-pp2 (2 ranks): ppo.py" in capsys.readouterr().out
 
@@ -42,8 +54,18 @@ def test_a_cpu_run_fills_the_table_and_a_failed_row_shows_its_error(tmp_path):
     bound is that of test_ppo's variants test). PPO alone, with no SFT model to start from, fails
     and its row says why."""
     report = tmp_path / "report.md"
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu", "--gpus", "2",
-               "--workdir", str(tmp_path / "work"), "--out", str(report)]
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--gpus",
+        "2",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(report),
+    ]
     result = subprocess.run([*command, "--only", "sft", "ppo-pp2"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows(report.read_text())
@@ -55,8 +77,12 @@ def test_a_cpu_run_fills_the_table_and_a_failed_row_shows_its_error(tmp_path):
     assert float(pipeline["sampler log-prob gap"]) < 1e-4
     assert pipeline["eval"].startswith("optimality_sampled ")
 
-    alone = subprocess.run([*command[:-4], "--workdir", str(tmp_path / "alone"), "--out", str(report), "--only", "ppo"],
-                           capture_output=True, text=True, cwd=tmp_path)
+    alone = subprocess.run(
+        [*command[:-4], "--workdir", str(tmp_path / "alone"), "--out", str(report), "--only", "ppo"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     status = table_rows(report.read_text())["ppo"]["status"]
     assert status.startswith("failed: error: ") and "sft" in status, status

@@ -44,7 +44,9 @@ def run_example_without(script, module, argv, monkeypatch, capsys):
 
 
 def test_converter_without_extras_says_what_to_install(tmp_path, monkeypatch, capsys):
-    code, err = run_example_without("convert_smollm2.py", "gguf", ["--output-dir", str(tmp_path / "out")], monkeypatch, capsys)
+    code, err = run_example_without(
+        "convert_smollm2.py", "gguf", ["--output-dir", str(tmp_path / "out")], monkeypatch, capsys
+    )
     assert code == 1 and "gguf" in err and "pip install -r requirements-examples.txt" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -74,13 +76,18 @@ def test_converter_writes_a_plain_checkpoint(smollm2):
 
     out, stdout = smollm2
     assert "rebuilt vs GGUF-loaded logits: max |difference| 0\n" in stdout
-    assert not [name for name in os.listdir(os.path.dirname(out)) if ".tmp-" in name], "the staging directory was left behind"
+    assert not [name for name in os.listdir(os.path.dirname(out)) if ".tmp-" in name], (
+        "the staging directory was left behind"
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     assert "quantization_config" not in config and config["model_type"] == "llama" and config["tie_word_embeddings"]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "embeddings no longer tied"
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.eos_token_id
+    assert (
+        tokenizer.eos_token == "<|im_end|>"
+        and tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.eos_token_id
+    )
     assert tokenizer("This movie was").input_ids == [1348, 7704, 436], "plain text gets no BOS"
     # Greedy continuation is English: mostly ASCII letters and spaces.
     greedy = stdout.split("greedy: ")[1]
@@ -95,8 +102,19 @@ def test_converter_refuses_an_existing_output_dir(smollm2):
 def test_baseline_scores_continuations(smollm2, tmp_path):
     pytest.importorskip("vaderSentiment")
     output = tmp_path / "baseline.jsonl"
-    result = run_script("examples/sentiment_baseline.py", "--model", smollm2[0], "--num-prompts", "6", "--batch-size", "4",
-                        "--max-new-tokens", "8", "--output", str(output))
+    result = run_script(
+        "examples/sentiment_baseline.py",
+        "--model",
+        smollm2[0],
+        "--num-prompts",
+        "6",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--output",
+        str(output),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sampled  mean compound" in result.stdout and "greedy   mean compound" in result.stdout
     records = [json.loads(line) for line in open(output)]

@@ -14,12 +14,29 @@ import pytest
 import torch
 import tyro
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import ilql
 import parallel
-from conftest import (read_metrics, FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, run_ranks,
-                      torchrun_kill_and_resume)
+from conftest import (
+    read_metrics,
+    FIXTURES,
+    SAME_MATH,
+    assert_same_weights,
+    damage,
+    max_weight_difference,
+    run_and_kill,
+    run_script,
+    run_ranks,
+    torchrun_kill_and_resume,
+)
 
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
 # conftest.text_tokenizer reads as text-only records.
@@ -40,8 +57,16 @@ def tiny_randomwalks_model(path, seed=0):
     """A 2-layer GPT-2 for the randomwalks tokenizer, with GPT-2's dropout so that exact resume needs the RNG states."""
     tokenizer = ilql.randomwalks_tokenizer()
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -86,7 +111,10 @@ def test_loss_terms_match_a_hand_written_loop(two_qs):
     # The rewards are not exact in fp32: with fp64 heads the loss must keep them in fp64.
     sequences = [([3, 1, 2, 0], 2, 0.7), ([2, 1], 1, -1.3)]
     input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu")
-    assert input_ids.tolist() == [[3, 1, 2, 0], [2, 1, 4, 4]] and attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert input_ids.tolist() == [[3, 1, 2, 0], [2, 1, 4, 4]] and attention_mask.tolist() == [
+        [1, 1, 1, 1],
+        [1, 1, 0, 0],
+    ]
     assert action_mask.tolist() == [[False, True, True], [True, False, False]]
     assert rewards.tolist() == [[0.0, 0.0, 0.7], [-1.3, 0.0, 0.0]]  # the return sits on the last action
     heads = double_heads(two_qs=two_qs)
@@ -102,7 +130,11 @@ def test_loss_terms_match_a_hand_written_loop(two_qs):
     # and the AWAC weights are all detached.
     trains = {"q": {"q_heads"}, "v": {"v_head"}, "cql": {"q_heads"}, "awac": {"logits"}}
     for name, expected_parts in trains.items():
-        parts = {"q_heads": list(heads.q_heads.parameters()), "v_head": list(heads.v_head.parameters()), "logits": [logits]}
+        parts = {
+            "q_heads": list(heads.q_heads.parameters()),
+            "v_head": list(heads.v_head.parameters()),
+            "logits": [logits],
+        }
         for part, parameters in parts.items():
             gradients = torch.autograd.grad(terms[name], parameters, retain_graph=True, allow_unused=True)
             receives = any(g is not None and g.abs().sum() > 0 for g in gradients)
@@ -131,7 +163,9 @@ def test_v_loss_is_an_asymmetric_expectile():
         with torch.no_grad():
             heads.target_q_heads[0][2].bias.fill_(1.0 + offset)
             heads.target_q_heads[1][2].bias.fill_(5.0)  # the min over target heads picks head 0
-        losses[offset] = ilql.ilql_loss(heads, logits, hidden, input_ids, action_mask, rewards.double(), 0.8, 0.99, 0.0)["v"].item()
+        losses[offset] = ilql.ilql_loss(
+            heads, logits, hidden, input_ids, action_mask, rewards.double(), 0.8, 0.99, 0.0
+        )["v"].item()
     assert losses[0.5] == pytest.approx(2 * 0.8 * 0.25, rel=1e-12)  # V below the target costs tau
     assert losses[-0.5] == pytest.approx(2 * 0.2 * 0.25, rel=1e-12)  # V above it costs 1 - tau
 
@@ -141,7 +175,10 @@ def test_returns_are_z_scored_over_the_dataset():
     assert sum(returns) == pytest.approx(0, abs=1e-12)
     assert sum(r * r for r in returns) / 3 == pytest.approx(1, rel=1e-9)
     assert returns[0] < returns[1] < returns[2]
-    assert [r for _, _, r in ilql.normalize_returns([([0, 1], 1, 3.0)] * 2)] == [0.0, 0.0]  # a constant reward carries nothing
+    assert [r for _, _, r in ilql.normalize_returns([([0, 1], 1, 3.0)] * 2)] == [
+        0.0,
+        0.0,
+    ]  # a constant reward carries nothing
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -149,15 +186,48 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     tokenizer = ilql.randomwalks_tokenizer()
     heads = ilql.new_heads(model, two_qs=True).double()
     args = ilql.Args(tau=0.7, beta=0.3, batch_size=6)
-    batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("cd", "a", -1.0), ("e", "fghia", 0.5), ("f", "a", 0.0), ("g", "ha", 2.0), ("hij", "ka", -0.5)], 16, "truncate")
-    wrapped = parallel.DataParallel(ilql.trained_modules(model, heads))  # one process: the pass-through wrapper the script uses
+    batch = ilql.tokenize_examples(
+        tokenizer,
+        [
+            ("b", "cda", 1.0),
+            ("cd", "a", -1.0),
+            ("e", "fghia", 0.5),
+            ("f", "a", 0.0),
+            ("g", "ha", 2.0),
+            ("hij", "ka", -0.5),
+        ],
+        16,
+        "truncate",
+    )
+    wrapped = parallel.DataParallel(
+        ilql.trained_modules(model, heads)
+    )  # one process: the pass-through wrapper the script uses
     batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
     gradients, losses = [], []
     for micro_batch_size in (6, 4, 1):
         model.zero_grad()
         heads.zero_grad()
-        losses.append(ilql.accumulate_gradients(wrapped, heads, batch, batch_actions, 1, ilql.replace(args, micro_batch_size=micro_batch_size), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
-        gradients.append(torch.cat([p.grad.flatten() for p in [*model.parameters(), *heads.v_head.parameters(), *heads.q_heads.parameters()]]))
+        losses.append(
+            ilql.accumulate_gradients(
+                wrapped,
+                heads,
+                batch,
+                batch_actions,
+                1,
+                ilql.replace(args, micro_batch_size=micro_batch_size),
+                tokenizer.pad_token_id,
+                "cpu",
+                torch.autocast("cpu", enabled=False),
+            )
+        )
+        gradients.append(
+            torch.cat(
+                [
+                    p.grad.flatten()
+                    for p in [*model.parameters(), *heads.v_head.parameters(), *heads.q_heads.parameters()]
+                ]
+            )
+        )
     assert gradients[0].abs().max() > 1e-3
     for loss, gradient in zip(losses[1:], gradients[1:]):
         assert loss["loss"] == pytest.approx(losses[0]["loss"], rel=1e-12)
@@ -170,7 +240,9 @@ def test_polyak_update_of_the_target_heads():
     q_before = [p.clone() for p in heads.q_heads.parameters()]
     target_before = [p.clone() for p in heads.target_q_heads.parameters()]
     heads.sync_target_q_heads(0.3)
-    for q, old_target, new_target, q_now in zip(q_before, target_before, heads.target_q_heads.parameters(), heads.q_heads.parameters()):
+    for q, old_target, new_target, q_now in zip(
+        q_before, target_before, heads.target_q_heads.parameters(), heads.q_heads.parameters()
+    ):
         assert torch.allclose(new_target, 0.3 * q + 0.7 * old_target, rtol=1e-14, atol=0)
         assert torch.equal(q_now, q)
     # Fresh heads start with targets equal to the Q heads, and alpha 1 copies them.
@@ -186,8 +258,20 @@ def test_target_heads_get_no_gradient(tmp_path):
     heads = ilql.new_heads(model, two_qs=True)
     batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("c", "a", -1.0)], 16, "truncate")
     wrapped = parallel.DataParallel(ilql.trained_modules(model, heads))
-    ilql.accumulate_gradients(wrapped, heads, batch, 4, 1, ilql.Args(tau=0.7, beta=1.0, micro_batch_size=2, batch_size=2), tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False))
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*heads.v_head.parameters(), *heads.q_heads.parameters()])
+    ilql.accumulate_gradients(
+        wrapped,
+        heads,
+        batch,
+        4,
+        1,
+        ilql.Args(tau=0.7, beta=1.0, micro_batch_size=2, batch_size=2),
+        tokenizer.pad_token_id,
+        "cpu",
+        torch.autocast("cpu", enabled=False),
+    )
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in [*heads.v_head.parameters(), *heads.q_heads.parameters()]
+    )
     assert all(p.grad is None and not p.requires_grad for p in heads.target_q_heads.parameters())
 
 
@@ -202,7 +286,15 @@ def test_beta_zero_sampling_equals_plain_lm_sampling():
     ours = ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 1.0, 0, "cpu")
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=9, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=9,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(3)
     output = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
     plain = [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
@@ -239,7 +331,9 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
             for _ in range(9):
                 output = model(torch.tensor([ids]), output_hidden_states=True)
                 h = output.hidden_states[-1][0, -1]
-                step_scores = torch.log_softmax(output.logits[0, -1], -1) + beta * (torch.minimum(heads.target_q_heads[0](h), heads.target_q_heads[1](h)) - heads.v_head(h))
+                step_scores = torch.log_softmax(output.logits[0, -1], -1) + beta * (
+                    torch.minimum(heads.target_q_heads[0](h), heads.target_q_heads[1](h)) - heads.v_head(h)
+                )
                 token = int(step_scores.topk(10).indices[0])
                 if token == tokenizer.eos_token_id:
                     break
@@ -250,7 +344,11 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
 
     # Under bf16 autocast (evaluation of a --dtype bf16 run) the heads still run in fp32, as in
     # training: at beta 100 a bf16 error in Q - V would be multiplied by 100.
-    model, heads, head_dtypes = copy.deepcopy(model).float(), copy.deepcopy(heads).float(), []  # fp32 weights, as under --dtype bf16
+    model, heads, head_dtypes = (
+        copy.deepcopy(model).float(),
+        copy.deepcopy(heads).float(),
+        [],
+    )  # fp32 weights, as under --dtype bf16
     heads.v_head.register_forward_hook(lambda module, inputs, output: head_dtypes.append(output.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ilql.generate(model, heads, tokenizer, prompts, 3, 100.0, 0.0, 10, "cpu")
@@ -270,7 +368,10 @@ def test_hh_parser_gives_chosen_plus_one_and_rejected_minus_one():
     examples = ilql.load_examples("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
     assert len(examples) == 8
     chosen, rejected = examples[2], examples[3]  # the second pair: a multi-turn dialogue
-    prompt = "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?\n\nHuman: Science fiction.\n\nAssistant:"
+    prompt = (
+        "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?"
+        "\n\nHuman: Science fiction.\n\nAssistant:"
+    )
     assert chosen == (prompt, " Try The Left Hand of Darkness by Ursula K. Le Guin.", 1.0)
     assert rejected == (prompt, " I don't read.", -1.0)
     assert [reward for _, _, reward in examples] == [1.0, -1.0] * 4
@@ -279,16 +380,38 @@ def test_hh_parser_gives_chosen_plus_one_and_rejected_minus_one():
 # --- training runs ------------------------------------------------------------------------------
 def test_smoke_run_with_wandb_offline_and_reload(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_script("ilql.py", "--num-epochs", "1", "--eval-every", "5", "--eval-samples-per-start", "2", "--eval-betas", "0", "4", "--track",
-                        "--output-dir", str(run_dir), cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_script(
+        "ilql.py",
+        "--num-epochs",
+        "1",
+        "--eval-every",
+        "5",
+        "--eval-samples-per-start",
+        "2",
+        "--eval-betas",
+        "0",
+        "4",
+        "--track",
+        "--output-dir",
+        str(run_dir),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 5: optimality by generation beta" in result.stdout and "greedy  sampled    valid" in result.stdout
-    assert {"config.json", "model.safetensors", "tokenizer.json", ilql.HEADS_FILE, "metrics.json"} <= set(os.listdir(run_dir))
+    assert {"config.json", "model.safetensors", "tokenizer.json", ilql.HEADS_FILE, "metrics.json"} <= set(
+        os.listdir(run_dir)
+    )
     assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
     with open(run_dir / "metrics.json") as file:
         metrics = json.load(file)
     assert metrics["step"] == 10 and metrics["dataset/optimality"] == pytest.approx(0.3515, abs=1e-4)
-    assert {"eval/optimality_greedy_beta0", "eval/optimality_sampled_beta4", "eval/best_optimality_greedy", "eval/best_beta_sampled"} <= set(metrics)
+    assert {
+        "eval/optimality_greedy_beta0",
+        "eval/optimality_sampled_beta4",
+        "eval/best_optimality_greedy",
+        "eval/best_beta_sampled",
+    } <= set(metrics)
 
     # The LM alone loads with plain transformers; with its heads it generates as at the end of training.
     plain = AutoModelForCausalLM.from_pretrained(run_dir)
@@ -300,15 +423,28 @@ def test_smoke_run_with_wandb_offline_and_reload(tmp_path):
     shortest = ilql.shortest_path_nodes(adjacency)
     starts = [ilql.node_letter(n) for n in range(1, 21)]
     responses = ilql.generate(model, heads, tokenizer, starts, 9, 4.0, 0.0, 10, "cpu")
-    greedy = sum(ilql.walk_optimality(s + tokenizer.decode(r), adjacency, shortest) for s, r in zip(starts, responses)) / 20
+    greedy = (
+        sum(ilql.walk_optimality(s + tokenizer.decode(r), adjacency, shortest) for s, r in zip(starts, responses)) / 20
+    )
     assert greedy == pytest.approx(metrics["eval/optimality_greedy_beta4"], abs=1e-12)
 
 
 def test_text_tasks_train(tmp_path, tiny_gpt2):
     jsonl = write_jsonl(tmp_path / "scored.jsonl", SCORED)
     for task, data in (("jsonl", jsonl), ("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))):
-        args = ilql.Args(task=task, data=data, model=tiny_gpt2, output_dir=str(tmp_path / task), num_epochs=2, batch_size=2, micro_batch_size=1,
-                         max_new_tokens=3, eval_generations=2, eval_betas=(0.0, 1.0), save_every=3)
+        args = ilql.Args(
+            task=task,
+            data=data,
+            model=tiny_gpt2,
+            output_dir=str(tmp_path / task),
+            num_epochs=2,
+            batch_size=2,
+            micro_batch_size=1,
+            max_new_tokens=3,
+            eval_generations=2,
+            eval_betas=(0.0, 1.0),
+            save_every=3,
+        )
         ilql.main(args)
         with open(tmp_path / task / "metrics.json") as file:
             metrics = json.load(file)
@@ -322,8 +458,22 @@ def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, ti
     prompts = [f"the {first} {second}" for first, second in zip(words, reversed(words))]
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
     run_dir = tmp_path / "run"
-    args = ilql.Args(task="sentiment", data=data, model=tiny_gpt2, output_dir=str(run_dir), samples_per_prompt=2, generation_batch_size=8,
-                     max_new_tokens=4, num_epochs=2, batch_size=4, micro_batch_size=2, eval_prompts=2, eval_betas=(0.0, 4.0), save_every=3, keep_checkpoints=10)
+    args = ilql.Args(
+        task="sentiment",
+        data=data,
+        model=tiny_gpt2,
+        output_dir=str(run_dir),
+        samples_per_prompt=2,
+        generation_batch_size=8,
+        max_new_tokens=4,
+        num_epochs=2,
+        batch_size=4,
+        micro_batch_size=2,
+        eval_prompts=2,
+        eval_betas=(0.0, 4.0),
+        save_every=3,
+        keep_checkpoints=10,
+    )
     ilql.main(args)
     records = ilql.read_records(str(run_dir / ilql.SENTIMENT_SAMPLES))
     # The held-out openings (ppo.py's split) are never in the dataset; the others are sampled twice each
@@ -336,7 +486,9 @@ def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, ti
     with open(run_dir / "metrics.json") as file:
         metrics = json.load(file)
     assert metrics["dataset/score"] == pytest.approx(sum(r["reward"] for r in records) / len(records))
-    assert metrics["eval/best_score_sampled"] == max(metrics["eval/score_sampled_beta0"], metrics["eval/score_sampled_beta4"])
+    assert metrics["eval/best_score_sampled"] == max(
+        metrics["eval/score_sampled_beta0"], metrics["eval/score_sampled_beta4"]
+    )
     assert metrics["step"] == 2 * (len(records) // 4)
 
     # A resumed run trains on the dataset its run sampled (the model has changed since) and ends where the run did.
@@ -356,7 +508,15 @@ def test_sentiment_dataset_does_not_depend_on_the_number_of_ranks(tiny_gpt2, fak
     device = torch.device("cpu")
 
     def sample(rank, ranks):  # each rank's batches (one process cannot gather, so the test joins them)
-        return ilql.sample_sentiment_dataset(lm, heads, tokenizer, prompts, args, SimpleNamespace(dp_rank=rank, dp_size=ranks, dp_group=None, is_main=rank == 0), device)
+        return ilql.sample_sentiment_dataset(
+            lm,
+            heads,
+            tokenizer,
+            prompts,
+            args,
+            SimpleNamespace(dp_rank=rank, dp_size=ranks, dp_group=None, is_main=rank == 0),
+            device,
+        )
 
     state = torch.get_rng_state()
     whole = sample(0, 1)
@@ -367,7 +527,9 @@ def test_sentiment_dataset_does_not_depend_on_the_number_of_ranks(tiny_gpt2, fak
 def test_sentiment_task_without_vader_says_what_to_install(tmp_path, tiny_gpt2, monkeypatch):
     monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # import fails as when it is not installed
     ilql.vader.cache_clear()
-    expect_error(ilql.Args(task="sentiment", model=tiny_gpt2, output_dir=str(tmp_path / "run")), "pip install vaderSentiment")
+    expect_error(
+        ilql.Args(task="sentiment", model=tiny_gpt2, output_dir=str(tmp_path / "run")), "pip install vaderSentiment"
+    )
     ilql.vader.cache_clear()
 
 
@@ -375,8 +537,24 @@ def test_sentiment_task_without_vader_says_what_to_install(tmp_path, tiny_gpt2, 
 # second (step 14, mid-epoch, between two syncs of the target heads) is written: a resumed run
 # must restore the optimizer, the RNG, the target heads and the data order to match the
 # uninterrupted one.
-RESUME_FLAGS = ["--num-epochs", "2", "--batch-size", "50", "--micro-batch-size", "25", "--save-every", "7",
-                "--steps-for-target-sync", "3", "--eval-every", "15", "--eval-samples-per-start", "2", "--eval-betas", "1"]
+RESUME_FLAGS = [
+    "--num-epochs",
+    "2",
+    "--batch-size",
+    "50",
+    "--micro-batch-size",
+    "25",
+    "--save-every",
+    "7",
+    "--steps-for-target-sync",
+    "3",
+    "--eval-every",
+    "15",
+    "--eval-samples-per-start",
+    "2",
+    "--eval-betas",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +592,9 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, killed_run):
     damage(newest / ilql.HEADS_FILE, "truncate")
     resumed = run_script("ilql.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"warning: checkpoint {newest} is damaged ({ilql.HEADS_FILE} is not the file that was saved" in resumed.stdout
+    assert (
+        f"warning: checkpoint {newest} is damaged ({ilql.HEADS_FILE} is not the file that was saved" in resumed.stdout
+    )
     assert f"resuming {run_dir} from step 7" in resumed.stdout
     for name in ("model.safetensors", ilql.HEADS_FILE):
         assert_same_weights(reference, run_dir, name)
@@ -433,20 +613,45 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, killed_run):
 def test_num_layers_unfrozen_trains_only_the_top_layers_of_the_lm(tmp_path):
     model = tiny_randomwalks_model(tmp_path / "model")  # 2 layers, GPT-2's tied head
     run = tmp_path / "run"
-    ilql.main(ilql.Args(model=model, num_layers_unfrozen=1, num_epochs=1, batch_size=100, micro_batch_size=50, eval_every=100,
-                        eval_samples_per_start=1, eval_betas=(1.0,), output_dir=str(run)))
+    ilql.main(
+        ilql.Args(
+            model=model,
+            num_layers_unfrozen=1,
+            num_epochs=1,
+            batch_size=100,
+            micro_batch_size=50,
+            eval_every=100,
+            eval_samples_per_start=1,
+            eval_betas=(1.0,),
+            output_dir=str(run),
+        )
+    )
     initial, trained = load_file(os.path.join(model, "model.safetensors")), load_file(run / "model.safetensors")
     changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
     # The top block and the final norm train; the bottom block, the embeddings and the tied head (the embedding) do not.
     assert changed and all(k.startswith(("transformer.h.1.", "transformer.ln_f.")) for k in changed), changed
-    assert {k for k in changed if k.endswith(".weight")} == {k for k in initial if k.startswith(("transformer.h.1.", "transformer.ln_f.")) and k.endswith(".weight")}
+    assert {k for k in changed if k.endswith(".weight")} == {
+        k for k in initial if k.startswith(("transformer.h.1.", "transformer.ln_f.")) and k.endswith(".weight")
+    }
 
 
 def test_lora_trains_adapters_saves_them_merged_and_resumes_exactly(tmp_path, randomwalks_llama):
     """The LM stays frozen under its adapters; a checkpoint keeps the frozen base and the adapters
     apart and resumes bitwise; the final LM has them merged and loads with plain transformers."""
-    flags = dict(model=randomwalks_llama, lora_rank=2, lora_alpha=4.0, num_epochs=1, batch_size=100, micro_batch_size=50, learning_rate=1e-2,
-                 save_every=3, keep_checkpoints=3, eval_every=100, eval_samples_per_start=1, eval_betas=(1.0,))
+    flags = dict(
+        model=randomwalks_llama,
+        lora_rank=2,
+        lora_alpha=4.0,
+        num_epochs=1,
+        batch_size=100,
+        micro_batch_size=50,
+        learning_rate=1e-2,
+        save_every=3,
+        keep_checkpoints=3,
+        eval_every=100,
+        eval_samples_per_start=1,
+        eval_betas=(1.0,),
+    )
     ilql.main(ilql.Args(**flags, output_dir=str(tmp_path / "run")))
     initial = load_file(os.path.join(randomwalks_llama, "model.safetensors"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000003"
@@ -467,7 +672,8 @@ def test_lora_trains_adapters_saves_them_merged_and_resumes_exactly(tmp_path, ra
         ids = torch.tensor([[1, 2, 3, 4]])
         assert torch.allclose(lm(ids).logits, by_hand(ids).logits, atol=1e-5)
 
-    # Final save: adapters merged, loadable with plain transformers, every adapted matrix moved, norms and embeddings not.
+    # Final save: adapters merged, loadable with plain transformers, every adapted matrix moved, norms and
+    # embeddings not.
     final = load_file(tmp_path / "run" / "model.safetensors")
     assert final.keys() == initial.keys() and not (tmp_path / "run" / ilql.ADAPTERS_FILE).exists()
     assert all(not torch.equal(final[k], initial[k]) for k in initial if k.endswith("proj.weight"))
@@ -494,35 +700,49 @@ def expect_error(args, *fragments):
     assert not os.path.exists(args.output_dir), "a failed run must not leave a run directory"
 
 
-@pytest.mark.parametrize("record, fragments", [
-    ({"prompt": "a", "response": "b", "reward": "high"}, ["record 2", "'reward' is \"high\", not a number"]),
-    ({"prompt": "a", "response": "b", "reward": True}, ["record 2", "'reward' is true, not a number"]),
-    ({"prompt": "a", "response": "b"}, ["record 2", "'reward' is missing"]),
-    ('{"prompt": "a", "response": "b", "reward": NaN}', ["record 2", "'reward' is nan"]),
-    ('{"prompt": "a", "response": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
-    ({"prompt": "a", "response": "", "reward": 1}, ["record 2", "'response' is empty"]),
-    ({"prompt": "a", "reward": 1}, ["record 2", "'response' is missing"]),
-])
+@pytest.mark.parametrize(
+    "record, fragments",
+    [
+        ({"prompt": "a", "response": "b", "reward": "high"}, ["record 2", "'reward' is \"high\", not a number"]),
+        ({"prompt": "a", "response": "b", "reward": True}, ["record 2", "'reward' is true, not a number"]),
+        ({"prompt": "a", "response": "b"}, ["record 2", "'reward' is missing"]),
+        ('{"prompt": "a", "response": "b", "reward": NaN}', ["record 2", "'reward' is nan"]),
+        ('{"prompt": "a", "response": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
+        ({"prompt": "a", "response": "", "reward": 1}, ["record 2", "'response' is empty"]),
+        ({"prompt": "a", "reward": 1}, ["record 2", "'response' is missing"]),
+    ],
+)
 def test_bad_records(tmp_path, record, fragments):
     path = write_jsonl(tmp_path / "bad.jsonl", [SCORED[0], record])
-    expect_error(ilql.Args(task="jsonl", data=path, model=str(tmp_path), output_dir=str(tmp_path / "run")), path, *fragments)
+    expect_error(
+        ilql.Args(task="jsonl", data=path, model=str(tmp_path), output_dir=str(tmp_path / "run")), path, *fragments
+    )
 
 
 def test_bad_flags_and_files(tmp_path):
     run = str(tmp_path / "run")
     expect_error(ilql.Args(task="jsonl", model=str(tmp_path), output_dir=run), "--data")
-    expect_error(ilql.Args(task="jsonl", data=str(tmp_path / "missing.jsonl"), model=str(tmp_path), output_dir=run), "does not exist")
+    expect_error(
+        ilql.Args(task="jsonl", data=str(tmp_path / "missing.jsonl"), model=str(tmp_path), output_dir=run),
+        "does not exist",
+    )
     expect_error(ilql.Args(task="hh", output_dir=run), "--model")
-    expect_error(ilql.Args(output_dir=run, batch_size=100, micro_batch_size=30),
-                 "--micro-batch-size 30 does not divide a rank's share of the batch (--batch-size 100 / 1 rank(s) = 100)")
+    expect_error(
+        ilql.Args(output_dir=run, batch_size=100, micro_batch_size=30),
+        "--micro-batch-size 30 does not divide a rank's share of the batch (--batch-size 100 / 1 rank(s) = 100)",
+    )
     expect_error(ilql.Args(output_dir=run, tau=1.0), "--tau 1.0 must lie strictly between 0 and 1")
     expect_error(ilql.Args(output_dir=run, tp=2), "launch with torchrun --nproc_per_node 2")
     expect_error(ilql.Args(output_dir=run, resume=str(tmp_path)), "not a checkpoint")
     expect_error(ilql.Args(output_dir=run, lora_rank=4, num_layers_unfrozen=1), "pick one")
     expect_error(ilql.Args(output_dir=run, lora_rank=-1), "--lora-rank -1 must be 0 or more")
-    expect_error(ilql.Args(output_dir=run, num_layers_unfrozen=0), "--num-layers-unfrozen 0 must be -1 (the whole LM trains) or")
-    expect_error(ilql.Args(output_dir=run, eval_betas=(0.0, -2.0)),
-                 "--eval-betas 0.0 -2.0 holds -2.0; every beta must be 0 or a positive number")
+    expect_error(
+        ilql.Args(output_dir=run, num_layers_unfrozen=0), "--num-layers-unfrozen 0 must be -1 (the whole LM trains) or"
+    )
+    expect_error(
+        ilql.Args(output_dir=run, eval_betas=(0.0, -2.0)),
+        "--eval-betas 0.0 -2.0 holds -2.0; every beta must be 0 or a positive number",
+    )
     expect_error(ilql.Args(output_dir=run, eval_betas=()), "--eval-betas needs at least one beta")
     expect_error(ilql.Args(output_dir=run, num_layers_unfrozen=7), "between 1 and the model's 6 layers")
     expect_error(ilql.Args(output_dir=run, lora_rank=4, lora_target_modules="nothing_here"), "matched no linear layer")
@@ -534,7 +754,11 @@ def test_bad_flags_and_files(tmp_path):
 
 def test_check_args_settles_the_defaults_and_refuses_layouts_that_cannot_work():
     settled = ilql.check_args(ilql.Args(), 2)
-    assert (settled.micro_batch_size, settled.tau, settled.alpha) == (48, 0.8, 0.1)  # a rank's share; trlX's randomwalks values
+    assert (settled.micro_batch_size, settled.tau, settled.alpha) == (
+        48,
+        0.8,
+        0.1,
+    )  # a rank's share; trlX's randomwalks values
     settled = ilql.check_args(ilql.Args(task="jsonl", model="m", batch_size=8, micro_batch_size=2, tau=0.6), 4)
     assert (settled.micro_batch_size, settled.tau, settled.alpha) == (2, 0.6, 0.001)
     for args, world_size, message in [
@@ -550,18 +774,40 @@ def test_check_args_settles_the_defaults_and_refuses_layouts_that_cannot_work():
 
 def test_a_non_finite_loss_stops_the_run(tmp_path, tiny_gpt2):
     # exp(beta * advantage) overflows on the first action the heads happen to favour.
-    args = ilql.Args(task="jsonl", data=write_jsonl(tmp_path / "scored.jsonl", SCORED), model=tiny_gpt2, beta=1e4, num_epochs=1,
-                     batch_size=4, output_dir=str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match=r"^error: the loss is (inf|nan) and the gradient norm (inf|nan) at step 1, so training "):
+    args = ilql.Args(
+        task="jsonl",
+        data=write_jsonl(tmp_path / "scored.jsonl", SCORED),
+        model=tiny_gpt2,
+        beta=1e4,
+        num_epochs=1,
+        batch_size=4,
+        output_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(
+        SystemExit, match=r"^error: the loss is (inf|nan) and the gradient norm (inf|nan) at step 1, so training "
+    ):
         ilql.main(args)
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "response": "b", "reward": NaN}'])
-    result = run_script("ilql.py", "--task", "jsonl", "--data", path, "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    result = run_script(
+        "ilql.py",
+        "--task",
+        "jsonl",
+        "--data",
+        path,
+        "--model",
+        str(tmp_path),
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {path}, record 1: 'reward' is nan; rewards must be finite numbers"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}, record 1: 'reward' is nan; rewards must be finite numbers"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -572,9 +818,27 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
 # order; in fp64 that takes a value within ~1e-13 of the kink. A Llama, as it has no dropout
 # (data-parallel replicas draw their own masks) and no biases (GPT-2's attention key biases get a
 # gradient that is zero but for rounding, which AdamW scales up towards steps of the learning rate).
-DATA_PARALLEL_FLAGS = ["--dtype", "fp64", "--num-epochs", "1", "--batch-size", "48", "--micro-batch-size", "12",
-                       "--learning-rate", "2e-2", "--steps-for-target-sync", "3", "--eval-every", "20",
-                       "--eval-samples-per-start", "2", "--eval-betas", "0", "4"]
+DATA_PARALLEL_FLAGS = [
+    "--dtype",
+    "fp64",
+    "--num-epochs",
+    "1",
+    "--batch-size",
+    "48",
+    "--micro-batch-size",
+    "12",
+    "--learning-rate",
+    "2e-2",
+    "--steps-for-target-sync",
+    "3",
+    "--eval-every",
+    "20",
+    "--eval-samples-per-start",
+    "2",
+    "--eval-betas",
+    "0",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -582,8 +846,18 @@ def randomwalks_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("dp") / "llama"
     tokenizer = ilql.randomwalks_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=16, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -608,6 +882,7 @@ def one_process_run(tmp_path_factory, randomwalks_llama):
                 assert {t.dtype for t in load_file(folder / name).values()} == {torch.float64}, name
             runs[variant] = folder, expected
         return runs[variant]
+
     return run
 
 
@@ -628,15 +903,31 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, randomwalk
     by design (each rank samples from seed + rank)."""
     single, expected = one_process_run()
     for stage in (0, 1, 2, 3):
-        run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, "--zero-stage", str(stage),
-                       "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        run = run_ranks(
+            "ilql.py",
+            *DATA_PARALLEL_FLAGS,
+            "--model",
+            randomwalks_llama,
+            "--zero-stage",
+            str(stage),
+            "--output-dir",
+            str(tmp_path / f"zero{stage}"),
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
-        assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
+        assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, (
+            "only rank 0 reports"
+        )
         assert run.stdout.count("batch 48 = 2 data-parallel rank(s) x 2 micro-batch(es) of 12") == 1
         assert_same_math(single, tmp_path / f"zero{stage}", expected)
 
 
-LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2", "--zero-stage", "2"], 4)]
+LAYOUTS = [
+    (["--tp", "2"], 2),
+    (["--pp", "2"], 2),
+    (["--tp", "2", "--pp", "2"], 4),
+    (["--pp", "2", "--zero-stage", "2"], 4),
+]
 
 
 @pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero2"])
@@ -647,23 +938,51 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, randomwalks_ll
     and data parallel under ZeRO-2 over what remains: the greedy evaluation, the saved dense LM and
     the heads (target heads included) of one process."""
     single, expected = one_process_run()
-    run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *flags, "--output-dir", str(tmp_path / "run"),
-                   nproc=nproc, cwd=tmp_path)
+    run = run_ranks(
+        "ilql.py",
+        *DATA_PARALLEL_FLAGS,
+        "--model",
+        randomwalks_llama,
+        *flags,
+        "--output-dir",
+        str(tmp_path / "run"),
+        nproc=nproc,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, "only rank 0 reports"
+    assert run.stdout.count("saved ") == 1 and run.stdout.count("optimality by generation beta") == 1, (
+        "only rank 0 reports"
+    )
     assert_same_math(single, tmp_path / "run", expected)
 
 
-@pytest.mark.parametrize("variant, layout", [(["--lora-rank", "2", "--lora-alpha", "2"], ["--zero-stage", "3"]),
-                                             (["--num-layers-unfrozen", "1"], ["--pp", "2"]), (["--num-layers-unfrozen", "1"], ["--tp", "2"])],
-                         ids=["lora-zero3", "unfrozen1-pp2", "unfrozen1-tp2"])
-def test_lora_and_frozen_layers_under_parallelism_match_one_process(tmp_path, randomwalks_llama, one_process_run, variant, layout):
+@pytest.mark.parametrize(
+    "variant, layout",
+    [
+        (["--lora-rank", "2", "--lora-alpha", "2"], ["--zero-stage", "3"]),
+        (["--num-layers-unfrozen", "1"], ["--pp", "2"]),
+        (["--num-layers-unfrozen", "1"], ["--tp", "2"]),
+    ],
+    ids=["lora-zero3", "unfrozen1-pp2", "unfrozen1-tp2"],
+)
+def test_lora_and_frozen_layers_under_parallelism_match_one_process(
+    tmp_path, randomwalks_llama, one_process_run, variant, layout
+):
     """LoRA under ZeRO-3 (frozen base and trained adapters sharded in separate units), and the
     bottom layer frozen under pipeline parallelism (a first stage with nothing to train) and under
     tensor parallelism (frozen on the split layers): the saved LM and heads of one process."""
     single, expected = one_process_run(*variant)
-    run = run_ranks("ilql.py", *DATA_PARALLEL_FLAGS, "--model", randomwalks_llama, *variant, *layout,
-                   "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    run = run_ranks(
+        "ilql.py",
+        *DATA_PARALLEL_FLAGS,
+        "--model",
+        randomwalks_llama,
+        *variant,
+        *layout,
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_math(single, tmp_path / "run", expected)
     assert max_weight_difference(randomwalks_llama, tmp_path / "run") > 1e-3  # the LM did train
@@ -674,11 +993,33 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path):
     run (each rank reloading its optimizer slice and RNG, rank 0's target heads) ends bitwise where
     an uninterrupted one does."""
     model = tiny_randomwalks_model(tmp_path / "model")
-    flags = ["--model", model, "--num-epochs", "3", "--batch-size", "100", "--micro-batch-size", "25", "--save-every", "4", "--steps-for-target-sync", "3",
-             "--eval-every", "100", "--eval-samples-per-start", "2", "--eval-betas", "1", "--zero-stage", "3"]
+    flags = [
+        "--model",
+        model,
+        "--num-epochs",
+        "3",
+        "--batch-size",
+        "100",
+        "--micro-batch-size",
+        "25",
+        "--save-every",
+        "4",
+        "--steps-for-target-sync",
+        "3",
+        "--eval-every",
+        "100",
+        "--eval-samples-per-start",
+        "2",
+        "--eval-betas",
+        "1",
+        "--zero-stage",
+        "3",
+    ]
     reference, killed = torchrun_kill_and_resume("ilql.py", flags, tmp_path, "step_00000004")
     for name in ("model.safetensors", ilql.HEADS_FILE):
         assert_same_weights(tmp_path / "reference", killed, name)
     assert read_metrics(killed) == read_metrics(tmp_path / "reference")
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3 --tp 1 --pp 1; resume it with the same"):
+    with pytest.raises(
+        SystemExit, match=r"written by 2 process\(es\) with --zero-stage 3 --tp 1 --pp 1; resume it with the same"
+    ):
         ilql.main(tyro.cli(ilql.Args, args=[*flags, "--resume", str(killed)]))  # one process

@@ -52,7 +52,7 @@ def batched_loop_gae(values, rewards, mask, gamma, lam):
 def make_inputs(n, h, v, dtype=F64, bias=True, ignore=(), seed=0, shape=None):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=generator, dtype=F64).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=generator, dtype=F64) / h ** 0.5 * 3).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=generator, dtype=F64) / h**0.5 * 3).to(dtype).requires_grad_()
     b = torch.randn(v, generator=generator, dtype=F64).to(dtype).requires_grad_() if bias else None
     labels = torch.randint(0, v, (n,), generator=generator)
     labels[list(ignore)] = -100
@@ -92,7 +92,9 @@ def naive(temperature=1.0):
 def test_fused_matches_naive_fp64(temperature, bias, chunks):
     # 37 tokens, 53 vocabulary entries: no chunk size above divides either.
     inputs = make_inputs(37, 8, 53, bias=bias, ignore=(3, 20))
-    ours_out = forward_backward(ours(temperature=temperature, chunk_size=chunks[0], vocab_chunk_size=chunks[1]), *inputs)
+    ours_out = forward_backward(
+        ours(temperature=temperature, chunk_size=chunks[0], vocab_chunk_size=chunks[1]), *inputs
+    )
     ref_out = forward_backward(naive(temperature), *inputs)
     torch.testing.assert_close(ours_out[0], ref_out[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(ours_out[1], ref_out[1], rtol=0, atol=1e-12)
@@ -102,8 +104,11 @@ def test_fused_matches_naive_fp64(temperature, bias, chunks):
 
 def test_fused_gradcheck():
     hidden, weight, bias, labels = make_inputs(6, 4, 11, ignore=(2,))
+
     def fn(h, w, b):
-        return kernels.fused_logprobs(h, w, labels, 0.8, bias=b, chunk_size=4, vocab_chunk_size=5, return_entropy=True, compile=False)
+        return kernels.fused_logprobs(
+            h, w, labels, 0.8, bias=b, chunk_size=4, vocab_chunk_size=5, return_entropy=True, compile=False
+        )
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -134,9 +139,12 @@ def test_ignored_tokens_give_zero_and_no_gradient():
 def test_logprob_only_entropy_only_and_frozen_weight():
     hidden, weight, bias, labels = make_inputs(10, 5, 17, ignore=(1,))
     ref_logprob, ref_entropy = naive_fused(hidden, weight, labels, 1.3, bias)
-    logprob = kernels.fused_logprobs(hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6, compile=False)
-    _, entropy = kernels.fused_logprobs(hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6,
-                                        return_entropy=True, compile=False)
+    logprob = kernels.fused_logprobs(
+        hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6, compile=False
+    )
+    _, entropy = kernels.fused_logprobs(
+        hidden, weight, labels, 1.3, bias=bias, chunk_size=3, vocab_chunk_size=6, return_entropy=True, compile=False
+    )
     for out, ref in [(logprob, ref_logprob), (entropy, ref_entropy)]:
         got = torch.autograd.grad(out.sum(), (hidden, weight, bias))
         want = torch.autograd.grad(ref.sum(), (hidden, weight, bias), retain_graph=True)
@@ -153,8 +161,9 @@ def test_fused_fp32_and_bf16():
     # The reference is fp64 on the same (rounded) inputs.
     for dtype, atol, grad_tol in [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.1, 3e-2)]:
         hidden, weight, bias, labels = make_inputs(50, 32, 301, dtype=dtype, ignore=(7,))
-        logprob, entropy, grads = forward_backward(ours(temperature=0.9, chunk_size=16, vocab_chunk_size=128),
-                                                   hidden, weight, bias, labels)
+        logprob, entropy, grads = forward_backward(
+            ours(temperature=0.9, chunk_size=16, vocab_chunk_size=128), hidden, weight, bias, labels
+        )
         assert logprob.dtype == torch.float32 and [g.dtype for g in grads] == [dtype] * 3
         promoted = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
         ref_logprob, ref_entropy, ref_grads = forward_backward(naive(0.9), *promoted, labels)
@@ -167,7 +176,9 @@ def test_fused_fp32_and_bf16():
 def test_bf16_matches_what_generation_sampled_from():
     # bf16 logits as the model computes them, upcast, then divided by the temperature.
     hidden, weight, bias, labels = make_inputs(40, 16, 97, dtype=torch.bfloat16)
-    logprob = kernels.fused_logprobs(hidden, weight, labels, 0.7, bias=bias, chunk_size=40, vocab_chunk_size=97, compile=False)
+    logprob = kernels.fused_logprobs(
+        hidden, weight, labels, 0.7, bias=bias, chunk_size=40, vocab_chunk_size=97, compile=False
+    )
     ref, _ = naive_logprobs(F.linear(hidden, weight, bias).float(), labels, 0.7)
     torch.testing.assert_close(logprob, ref, rtol=0, atol=1e-5)
 
@@ -190,7 +201,9 @@ def test_gradient_under_autocast_with_the_backward_outside_it():
         return h.grad, w.grad
 
     ours = gradients(lambda h, w: kernels.fused_logprobs(h, w, labels, compile=False))
-    reference = gradients(lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1))
+    reference = gradients(
+        lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1)
+    )
     for grad, ref in zip(ours, reference):
         assert (grad - ref).norm() / ref.norm() < 0.01
     ours = gradients(lambda h, w: kernels.logprobs_from_logits(F.linear(h, w), labels, compile=False))
@@ -208,7 +221,9 @@ def test_logprobs_from_logits_matches_naive(temperature):
     logits = (torch.randn(3, 7, 29, generator=generator, dtype=F64) * 4).requires_grad_()
     labels = torch.randint(0, 29, (3, 7), generator=generator)
     labels[1, 2] = -100
-    logprob, entropy = kernels.logprobs_from_logits(logits, labels, temperature, return_entropy=True, chunk_size=4, compile=False)
+    logprob, entropy = kernels.logprobs_from_logits(
+        logits, labels, temperature, return_entropy=True, chunk_size=4, compile=False
+    )
     ref_logprob, ref_entropy = naive_logprobs(logits, labels, temperature)
     torch.testing.assert_close(logprob, ref_logprob, rtol=0, atol=1e-12)
     torch.testing.assert_close(entropy, ref_entropy, rtol=0, atol=1e-12)
@@ -217,8 +232,11 @@ def test_logprobs_from_logits_matches_naive(temperature):
     (ref,) = torch.autograd.grad((ref_logprob * g1 + ref_entropy * g2).sum(), logits)
     torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
     assert grad[1, 2].abs().max() == 0
+
     def fn(x):
-        return kernels.logprobs_from_logits(x, labels[:2, :3], temperature, return_entropy=True, chunk_size=4, compile=False)
+        return kernels.logprobs_from_logits(
+            x, labels[:2, :3], temperature, return_entropy=True, chunk_size=4, compile=False
+        )
 
     assert torch.autograd.gradcheck(fn, (logits[:2, :3].detach().requires_grad_(),))
 
@@ -286,8 +304,13 @@ def _sharded_worker(rank, world_size, port):
         ref = forward_backward(naive(0.9), hidden, weight, bias, labels)
         shard = slice(rank * 11, (rank + 1) * 11)
         local = [x.detach()[shard].clone().requires_grad_() for x in (weight, bias)]
-        got = forward_backward(ours(temperature=0.9, chunk_size=4, vocab_chunk_size=4, group=dist.group.WORLD),
-                               hidden, local[0], local[1], labels)
+        got = forward_backward(
+            ours(temperature=0.9, chunk_size=4, vocab_chunk_size=4, group=dist.group.WORLD),
+            hidden,
+            local[0],
+            local[1],
+            labels,
+        )
         torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-12)
         torch.testing.assert_close(got[2][0], ref[2][0], rtol=0, atol=1e-12)

@@ -42,7 +42,13 @@ def test_no_script_imports_another_script():
         # Imports inside functions count too: a script never leans on another one.
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         for node in ast.walk(tree):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not {m.split(".")[0] for m in modules} & others, f"{name} imports another algorithm script"
 
 
@@ -56,8 +62,14 @@ def test_import_rule_catches_a_bad_import(tmp_path):
 def test_importing_a_script_has_no_side_effects(tmp_path):
     for name in present(SCRIPTS):
         code = f"import sys; sys.argv = ['x', '--help-not-parsed']; import {name[:-3]}"
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "PYTHONPATH": ROOT})
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "", f"importing {name} printed {result.stdout!r}"
         assert os.listdir(tmp_path) == [], f"importing {name} wrote {os.listdir(tmp_path)}"
@@ -71,5 +83,9 @@ def test_every_args_field_has_a_docstring():
         for index, node in enumerate(body):
             if isinstance(node, ast.AnnAssign):
                 following = body[index + 1] if index + 1 < len(body) else None
-                has_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)
+                has_doc = (
+                    isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)
+                )
                 assert has_doc, f"{name}: Args.{node.target.id} has no docstring (it is the --help text)"

@@ -26,7 +26,9 @@ def free_port() -> int:
 
 
 def _entry(rank, world, port, experiment, args, queue):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         grid = parallel.init_distributed("cpu", tp=args.get("tp", 1), timeout_s=args.get("timeout_s", 120))
@@ -73,7 +75,16 @@ def tiny_gpt2(seed=0, layers=3):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=layers, n_embd=16, n_head=2, vocab_size=61, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=layers,
+        n_embd=16,
+        n_head=2,
+        vocab_size=61,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config).double()
 
 
@@ -191,12 +202,15 @@ def training_experiment(grid, stages=(0, 1, 2, 3), steps=3, micro_batches=2, fre
 def memory_experiment(grid):
     """Bytes a rank holds once backward has produced the gradients of a second step: parameters,
     gradients and optimizer state (created by the first step)."""
+
     def held(wrapper, optimizer):
         storages = {}
         tensors = list(wrapper.module.parameters()) + wrapper.optimizer_parameters()
         tensors += [p.grad for p in tensors if p.grad is not None]
         tensors += [b.grads for b in getattr(wrapper, "buckets", []) if b.grads is not None]
-        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+        tensors += [
+            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
         for t in tensors:  # count each storage once (views share one)
             storage = t.untyped_storage()
             storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()

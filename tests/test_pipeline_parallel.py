@@ -107,8 +107,14 @@ def pipeline_experiment(grid, layouts: list, dropping: bool = False, gathering: 
             loss = schedule(wrapped, micro_batches(local, count), loss_fn, timings=timings)
             loss = parallel.all_reduce_sum(loss.clone(), grid.dp_group) / grid.dp_size
             result = compare(stage, loss, dense_loss, dense_grads)
-            result.update(layers=list(stage.layer_indices), timings=timings, pp_rank=grid.pp_rank, dp_rank=grid.dp_rank,
-                          parameters=sum(p.numel() for p in stage.parameters()), dense_parameters=sum(p.numel() for p in dense.parameters()))
+            result.update(
+                layers=list(stage.layer_indices),
+                timings=timings,
+                pp_rank=grid.pp_rank,
+                dp_rank=grid.dp_rank,
+                parameters=sum(p.numel() for p in stage.parameters()),
+                dense_parameters=sum(p.numel() for p in dense.parameters()),
+            )
             results[(family, layers, pp, count, data_parallel, schedule_name)] = result
     return results
 
@@ -144,15 +150,23 @@ def gathering_experiment() -> dict:
             with torch.no_grad():
                 logits = whole(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             results[(family, keep)] = {
-                "error": (logits - expected).abs().max().item(), "rng_kept": torch.equal(rng, torch.get_rng_state()),
+                "error": (logits - expected).abs().max().item(),
+                "rng_kept": torch.equal(rng, torch.get_rng_state()),
                 "split": any(isinstance(m, parallel.ColumnParallelLinear) for m in whole.modules()),
-                "parameters": sum(p.numel() for p in whole.parameters()), "dense_parameters": sum(p.numel() for p in dense.parameters()),
+                "parameters": sum(p.numel() for p in whole.parameters()),
+                "dense_parameters": sum(p.numel() for p in dense.parameters()),
             }
     return results
 
 
-WORLD_2 = [(family, 3, 2, 4, False) for family in FAMILIES] + [("gpt2", 2, 2, 1, False)]  # one micro-batch: no steady state
-WORLD_4 = [(family, 5, 4, 4, False) for family in ("gpt2", "llama")] + [("gpt-neox", 5, 4, 8, False), ("gpt2", 3, 2, 2, True), ("llama", 3, 2, 2, True)]
+WORLD_2 = [(family, 3, 2, 4, False) for family in FAMILIES] + [
+    ("gpt2", 2, 2, 1, False)
+]  # one micro-batch: no steady state
+WORLD_4 = [(family, 5, 4, 4, False) for family in ("gpt2", "llama")] + [
+    ("gpt-neox", 5, 4, 8, False),
+    ("gpt2", 3, 2, 2, True),
+    ("llama", 3, 2, 2, True),
+]
 
 
 def run_world(world: int, layouts: list, **args):
@@ -199,7 +213,10 @@ def check_layout(results: list, key: tuple):
         assert 0.0 <= r["timings"]["bubble"] < 1.0 and r["timings"]["busy"] > 0
         assert max_in_flight(r["timings"]["order"]) == expected_in_flight(key, r["pp_rank"]), r["timings"]["order"]
     model = dense_model(family, layers)
-    dense, aliases = {n for n, _ in model.named_parameters()}, {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    dense, aliases = (
+        {n for n, _ in model.named_parameters()},
+        {n for n, _ in model.named_parameters(remove_duplicate=False)},
+    )
     for dp_rank in {r["dp_rank"] for r in per_rank}:
         stages = sorted((r for r in per_rank if r["dp_rank"] == dp_rank), key=lambda r: r["pp_rank"])
         # Every dense parameter on some stage; GPT-2's last stage holds the tied head as lm_head.weight.
@@ -219,7 +236,9 @@ def test_two_stages_equal_dense(world_2, layout, schedule):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("layout", WORLD_4, ids=lambda case: f"{case[0]}-{case[1]}layers-pp{case[2]}-m{case[3]}{'-dp2' if case[4] else ''}")
+@pytest.mark.parametrize(
+    "layout", WORLD_4, ids=lambda case: f"{case[0]}-{case[1]}layers-pp{case[2]}-m{case[3]}{'-dp2' if case[4] else ''}"
+)
 def test_four_ranks_equal_dense(world_4, layout, schedule):
     """pp=4 (5 layers: 2 + 1 + 1 + 1; GPT-2's tied embedding between the first and the fourth
     stage), and pp=2 x dp=2 with DataParallel reducing over the dp group on the last backward."""

@@ -59,10 +59,28 @@ def tiny_configs():
     return {
         "gpt2": GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=4),
         "gpt2-n_inner": GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=3, n_head=4, n_inner=48),
-        "llama": LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        "llama-tied-biased": LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
-        "gpt-neox": GPTNeoXConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "llama": LlamaConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "llama-tied-biased": LlamaConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+        "gpt-neox": GPTNeoXConfig(
+            vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        ),
     }
 
 
@@ -91,7 +109,9 @@ def test_ilql_head_count_matches_the_heads_of_ilql_py():
     shape = plan.ModelShape("tiny", "gpt2", 32, 128, 2, 4, 4, 400, tied=True, positions=64)
 
     def make_head(hidden, out):  # ilql.make_head
-        return torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.ReLU(), torch.nn.Linear(2 * hidden, out))
+        return torch.nn.Sequential(
+            torch.nn.Linear(hidden, 2 * hidden), torch.nn.ReLU(), torch.nn.Linear(2 * hidden, out)
+        )
 
     v_head, q_heads = make_head(32, 1), [make_head(32, 400) for _ in range(2)]
     trained = sum(p.numel() for m in [v_head, *q_heads] for p in m.parameters())
@@ -107,10 +127,14 @@ def test_llama_3_8b_sft_on_8_gpus_every_zero_stage_by_hand():
     # Activations (tp 1, pp 1, one micro-batch of 1 x 2048 tokens, h 4096, 32 heads):
     checkpoints = 32 * 2 * 2048 * 4096  # every layer's bf16 input = 536,870,912
     working = 2048 * 4096 * (34 + 5 * 32 * 2048 / 4096)  # Korthikanti at tp 1: 34sbh + 5as^2b = 956,301,312
-    logits = 8 * 1024 * 16384 + 4 * 2048 * 4096  # fused log-probs' fp32 block + its gradient, and the [T, h] accumulator
+    logits = (
+        8 * 1024 * 16384 + 4 * 2048 * 4096
+    )  # fused log-probs' fp32 block + its gradient, and the [T, h] accumulator
     activations = checkpoints + working + logits
     assert activations == 1_660_944_384
-    unit = 128256 * 4096 + 4096  # the largest ZeRO-3 unit: LM head and final norm (the embedding is 4096 less, a layer 218,112,000)
+    unit = (
+        128256 * 4096 + 4096
+    )  # the largest ZeRO-3 unit: LM head and final norm (the embedding is 4096 less, a layer 218,112,000)
     expected = {  # zero: (params, grads, optimizer)
         0: (4 * P, 4 * P, 8 * P),  # 32.1 + 32.1 + 64.2 GB
         1: (4 * P, 4 * P, 8 * P / 8),  # optimizer / dp
@@ -119,9 +143,13 @@ def test_llama_3_8b_sft_on_8_gpus_every_zero_stage_by_hand():
     }
     for zero, (params, grads, optimizer) in expected.items():
         m = plan.layout_memory("sft", LLAMA_8B, dp=8, tp=1, pp=1, zero=zero, seq_len=2048, micro_batch_size=1)
-        assert (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache) == pytest.approx((params, grads, optimizer, 0, activations, 0))
+        assert (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache) == pytest.approx(
+            (params, grads, optimizer, 0, activations, 0)
+        )
         assert m.total == pytest.approx(params + grads + optimizer + activations)
-    assert plan.layout_memory("sft", LLAMA_8B, 8, 1, 1, 2).total == pytest.approx(45_827_381_248)  # 4P + P/2 + P + activations
+    assert plan.layout_memory("sft", LLAMA_8B, 8, 1, 1, 2).total == pytest.approx(
+        45_827_381_248
+    )  # 4P + P/2 + P + activations
 
 
 def test_llama_2_70b_sft_tensor_and_pipeline_parallel_by_hand():
@@ -136,13 +164,19 @@ def test_llama_2_70b_sft_tensor_and_pipeline_parallel_by_hand():
     sbh = 2048 * 1 * h
     working = sbh * (10 + 24 / 8 + 5 * 64 * 2048 / (h * 8))  # Korthikanti, tp 8: sbh * 23 = 385,875,968
     first = 4 * 20 * 2 * sbh + working  # 1F1B: the first stage holds pp = 4 micro-batches' checkpoints
-    last = 1 * 20 * 2 * sbh + working + 8 * 1024 * 4000 + 4 * 2048 * h  # one in flight; logits block over 32000 / 8 entries
+    last = (
+        1 * 20 * 2 * sbh + working + 8 * 1024 * 4000 + 4 * 2048 * h
+    )  # one in flight; logits block over 32000 / 8 entries
     assert (first, last) == (3_070_230_528, 1_156_841_472)
     options = dict(seq_len=2048, micro_batch_size=1)
     m0 = plan.stage_memory("sft", LLAMA_70B, 2, 8, 4, 1, stage=0, **options)
     m3 = plan.stage_memory("sft", LLAMA_70B, 2, 8, 4, 1, stage=3, **options)
-    assert (m0.params, m0.grads, m0.optimizer, m0.activations) == pytest.approx((4 * stage0, 4 * stage0, 8 * stage0 / 2, first))
-    assert (m3.params, m3.grads, m3.optimizer, m3.activations) == pytest.approx((4 * stage3, 4 * stage3, 8 * stage3 / 2, last))
+    assert (m0.params, m0.grads, m0.optimizer, m0.activations) == pytest.approx(
+        (4 * stage0, 4 * stage0, 8 * stage0 / 2, first)
+    )
+    assert (m3.params, m3.grads, m3.optimizer, m3.activations) == pytest.approx(
+        (4 * stage3, 4 * stage3, 8 * stage3 / 2, last)
+    )
     worst = plan.layout_memory("sft", LLAMA_70B, 2, 8, 4, 1, **options)
     assert worst.stage == 0 and worst.total == pytest.approx(12 * stage0 + first)  # 29.1 GB
 
@@ -152,22 +186,33 @@ def test_ppo_by_hand():
     P = 8_030_261_248
     trained = P + 4096 + 1  # policy and value head (hidden -> 1 with bias)
     frozen = 2 * (P + (P - 128256 * 4096 + 4096)) / 8  # bf16 reference, and reward model (score head for LM head), / dp
-    kv = 2 * 2 * 64 * 2048 * 32 * 8 * 128  # K and V, bf16, 64 rollouts x 2048 tokens x 32 layers x 8 KV heads x 128 = 17.2 GB
+    kv = (
+        2 * 2 * 64 * 2048 * 32 * 8 * 128
+    )  # K and V, bf16, 64 rollouts x 2048 tokens x 32 layers x 8 KV heads x 128 = 17.2 GB
     gathered = (4 * trained + 8 * frozen) * 7 / 8  # ppo.py gathers the models whole for the rollout under ZeRO-3
-    m = plan.layout_memory("ppo", LLAMA_8B, 8, 1, 1, 3, seq_len=2048, micro_batch_size=1, rollout_batch_size=64, value="head")
-    assert (m.params, m.grads, m.optimizer) == pytest.approx((4 * trained / 8 + 4 * (128256 * 4096 + 4096), 4 * trained / 8, 8 * trained / 8))
+    m = plan.layout_memory(
+        "ppo", LLAMA_8B, 8, 1, 1, 3, seq_len=2048, micro_batch_size=1, rollout_batch_size=64, value="head"
+    )
+    assert (m.params, m.grads, m.optimizer) == pytest.approx(
+        (4 * trained / 8 + 4 * (128256 * 4096 + 4096), 4 * trained / 8, 8 * trained / 8)
+    )
     assert (m.frozen, m.kv_cache, m.gathered) == pytest.approx((frozen, kv, gathered))
     assert m.activations == pytest.approx(1_660_944_384)  # the policy's, as for sft
     assert m.total == pytest.approx(m.params + m.grads + m.optimizer + m.frozen + max(m.activations, kv + gathered))
-    # A separate critic doubles the trained trunk and the activations; without the whole-model gather nothing is gathered.
+    # A separate critic doubles the trained trunk and the activations; without the whole-model gather nothing is
+    # gathered.
     critic = plan.layout_memory("ppo", LLAMA_8B, 8, 1, 1, 3, value="critic", rollout_gather=False)
     assert critic.grads == pytest.approx(4 * (P + (P - 128256 * 4096 + 4096 + 1)) / 8)
     assert critic.activations == pytest.approx(1_660_944_384 + 536_870_912 + 956_301_312) and critic.gathered == 0
     # Under pp 2 (tp 2, dp 1, ZeRO 0) the rollout generates with a bf16 whole-depth copy of the
     # policy still split over tp (embedding and untied head vocab-split, norms whole), and the KV
     # cache of all 32 layers and the tp rank's 4 KV heads.
-    piped = plan.layout_memory("ppo", LLAMA_8B, 1, 2, 2, 0, seq_len=2048, micro_batch_size=1, rollout_batch_size=64, value="head")
-    matrices = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) / 2  # q, o, k, v and the MLP of 32 layers, over tp
+    piped = plan.layout_memory(
+        "ppo", LLAMA_8B, 1, 2, 2, 0, seq_len=2048, micro_batch_size=1, rollout_batch_size=64, value="head"
+    )
+    matrices = (
+        32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) / 2
+    )  # q, o, k, v and the MLP of 32 layers, over tp
     norms = 32 * 2 * 4096 + 4096
     assert piped.gathered == pytest.approx(2 * (matrices + norms + 2 * 128256 * 4096 / 2))
     assert piped.kv_cache == pytest.approx(kv / 2)
@@ -185,7 +230,10 @@ def test_layouts_follow_the_rules():
     assert all(pp == 1 for _, _, pp, zero in found if zero == 3)
     assert all(zero == 0 for dp, _, _, zero in found if dp == 1)
     assert (8, 8, 1, 3) in found and (1, 8, 8, 0) in found and (2, 8, 4, 2) in found
-    assert all(tp in (1, 2) for _, tp, _, _ in plan.layouts(8, [NEOX_20B, plan.ModelShape("x", "llama", 64, 64, 4, 6, 2, 10, False)]))
+    assert all(
+        tp in (1, 2)
+        for _, tp, _, _ in plan.layouts(8, [NEOX_20B, plan.ModelShape("x", "llama", 64, 64, 4, 6, 2, 10, False)])
+    )
 
 
 def test_best_layout_prefers_fewest_stages_then_smallest_tp_then_lowest_zero():
@@ -218,11 +266,29 @@ def test_best_layout_prefers_fewest_stages_then_smallest_tp_then_lowest_zero():
 # Command line
 # ---------------------------------------------------------------------------------------------
 def plan_cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plan.py"), *argv], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "plan.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_prints_a_table_and_the_best_layout(tmp_path):
-    result = plan_cli("--model", "llama-3-8b", "--gpus", "8", "--gpu-memory", "80", "--algorithm", "sft", "--seq-len", "2048", "--micro-batch-size", "1")
+    result = plan_cli(
+        "--model",
+        "llama-3-8b",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "80",
+        "--algorithm",
+        "sft",
+        "--seq-len",
+        "2048",
+        "--micro-batch-size",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.split()[:4] == ["dp", "tp", "pp", "zero"])
@@ -233,26 +299,46 @@ def test_cli_prints_a_table_and_the_best_layout(tmp_path):
     assert totals == sorted(totals)
     assert lines[-1].startswith("best on 8 GPUs: dp 8 tp 1 pp 1 zero 2, 45.8 GB")
     # PPO, several GPU counts, a config.json for the reward model.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                                                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}))
-    result = plan_cli("--model", "llama-2-70b", "--gpus", "24", "64", "--algorithm", "ppo", "--reward-model", str(tmp_path))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+            }
+        )
+    )
+    result = plan_cli(
+        "--model", "llama-2-70b", "--gpus", "24", "64", "--algorithm", "ppo", "--reward-model", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     best = [line for line in result.stdout.splitlines() if line.startswith("best on")]
     assert best[0].startswith("best on 24 GPUs: none fits") and best[1].startswith("best on 64 GPUs: dp ")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "llama-9-1t", "--gpus", "8"], "neither a built-in shape"),
-    (["--model", "/no/such/dir", "--gpus", "8"], "neither a built-in shape"),
-    (["--model", "EMPTY", "--gpus", "8"], "no 'hidden_size'"),
-    (["--model", "llama-3-8b", "--gpus", "0"], "--gpus must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "llama-9-1t", "--gpus", "8"], "neither a built-in shape"),
+        (["--model", "/no/such/dir", "--gpus", "8"], "neither a built-in shape"),
+        (["--model", "EMPTY", "--gpus", "8"], "no 'hidden_size'"),
+        (["--model", "llama-3-8b", "--gpus", "0"], "--gpus must be positive"),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(argv, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4}))
     result = plan_cli(*[str(tmp_path) if a == "EMPTY" else a for a in argv])
     assert result.returncode == 1
     assert result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert (
+        len(result.stderr.strip().splitlines()) == 1
+        and result.stderr.startswith("error: ")
+        and message in result.stderr
+    )
 
 
 def test_ilql_heads_are_whole_on_every_tensor_parallel_rank():

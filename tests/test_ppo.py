@@ -16,8 +16,19 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import kernels
 import ppo
-from conftest import (FIXTURES, SAME_MATH, assert_same_weights, damage, run_and_kill, run_script, save_tiny_model,
-                      text_tokenizer, tiny_config, run_ranks, torchrun_kill_and_resume)
+from conftest import (
+    FIXTURES,
+    SAME_MATH,
+    assert_same_weights,
+    damage,
+    run_and_kill,
+    run_script,
+    save_tiny_model,
+    text_tokenizer,
+    tiny_config,
+    run_ranks,
+    torchrun_kill_and_resume,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +51,25 @@ def text_reward_model(tmp_path_factory):
 
 
 def quick_args(tmp_path, policy, **overrides):
-    settings = dict(model=policy, output_dir=str(tmp_path / "run"), num_updates=2, batch_size=8, mini_batch_size=4, micro_batch_size=2,
-                    ppo_epochs=2, eval_every=100, eval_samples_per_start=1)
+    settings = dict(
+        model=policy,
+        output_dir=str(tmp_path / "run"),
+        num_updates=2,
+        batch_size=8,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        eval_every=100,
+        eval_samples_per_start=1,
+    )
     return ppo.Args(**{**settings, **overrides})
 
 
 def assert_close(actual, expected, atol):
-    assert torch.allclose(actual.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=atol), (actual, expected)
+    assert torch.allclose(actual.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=atol), (
+        actual,
+        expected,
+    )
 
 
 def last_update(run_dir):
@@ -75,19 +98,27 @@ def test_rewards_advantages_and_returns_with_padding():
     d0 = 0.0 + gamma * 0.3 - 0.1
     expected1 = [d0 + gamma * lam * (d1 + gamma * lam * d2), d1 + gamma * lam * d2, d2]
     assert_close(advantages, [expected0, expected1], 1e-12)
-    assert_close(returns, [[expected0[0] + 0.5, expected0[1] + 0.2, 0.0], [e + v for e, v in zip(expected1, [0.1, 0.3, -0.2])]], 1e-12)
+    assert_close(
+        returns,
+        [[expected0[0] + 0.5, expected0[1] + 0.2, 0.0], [e + v for e, v in zip(expected1, [0.1, 0.3, -0.2])]],
+        1e-12,
+    )
 
 
 def test_policy_and_value_losses_by_hand():
     args = ppo.Args(cliprange=0.2, cliprange_value=0.5, vf_coef=0.5, loss_aggregation="token")
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     old_logprobs = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
-    logprobs = torch.tensor([[-1.0 + math.log(1.5), -2.0 + math.log(0.9), 5.0]], dtype=torch.float64)  # ratios 1.5 and 0.9
+    logprobs = torch.tensor(
+        [[-1.0 + math.log(1.5), -2.0 + math.log(0.9), 5.0]], dtype=torch.float64
+    )  # ratios 1.5 and 0.9
     advantages = torch.tensor([[2.0, -1.0, 4.0]], dtype=torch.float64)
     old_values = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
     values = torch.tensor([[1.0, 1.2, 3.0]], dtype=torch.float64)
     returns = torch.tensor([[2.0, 0.0, 9.0]], dtype=torch.float64)
-    loss, stats = ppo.ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args, normaliser=2.0)
+    loss, stats = ppo.ppo_losses(
+        logprobs, old_logprobs, advantages, values, old_values, returns, mask, args, normaliser=2.0
+    )
     # Token 0: max(-2 * 1.5, -2 * 1.2) = -2.4 (clipped). Token 1: max(1 * 0.9, 1 * 0.9) = 0.9.
     policy_loss = (-2.4 + 0.9) / 2
     # Token 0: value moved 1.0 > 0.5, so clipped 0.5: max((1-2)^2, (0.5-2)^2) = 2.25. Token 1: max(1.44, 1.44).
@@ -95,7 +126,9 @@ def test_policy_and_value_losses_by_hand():
     assert loss.item() == pytest.approx(policy_loss + 0.5 * value_loss, rel=1e-12)
     assert stats["policy/clip_fraction"].item() == pytest.approx(0.5)
     assert stats["value/clip_fraction"].item() == pytest.approx(0.5)
-    assert stats["policy/approx_kl"].item() == pytest.approx(((1.5 - 1 - math.log(1.5)) + (0.9 - 1 - math.log(0.9))) / 2, rel=1e-12)
+    assert stats["policy/approx_kl"].item() == pytest.approx(
+        ((1.5 - 1 - math.log(1.5)) + (0.9 - 1 - math.log(0.9))) / 2, rel=1e-12
+    )
     # Per-sequence aggregation: the mean over each sequence's real tokens, then over sequences.
     args.loss_aggregation = "sequence"
     per_sequence, _ = ppo.ppo_losses(logprobs, old_logprobs, advantages, None, None, None, mask, args, normaliser=1.0)
@@ -146,15 +179,28 @@ def test_critic_free_advantages_on_a_hand_computed_group():
     beta = 0.5
     reward = [1.0 - 0.2, 2.0 - 0.2, 0.0, 3.0 - 0.1]  # score - beta * summed KL over real tokens; groups of 2
     rloo = ppo.critic_free_advantages("rloo", scores, kl, mask, beta, 2, 1.0)
-    assert_close(rloo, [[reward[0] - reward[1]] * 2, [reward[1] - reward[0], 0.0], [reward[2] - reward[3]] * 2, [reward[3] - reward[2]] * 2], 1e-12)
+    assert_close(
+        rloo,
+        [
+            [reward[0] - reward[1]] * 2,
+            [reward[1] - reward[0], 0.0],
+            [reward[2] - reward[3]] * 2,
+            [reward[3] - reward[2]] * 2,
+        ],
+        1e-12,
+    )
     # GRPO normalises the scores alone (the KL is a loss term): a group of two is +-1/sqrt(2) whatever its KL.
     grpo = ppo.critic_free_advantages("grpo", scores, kl, mask, beta, 2, 1.0)
     half = 1 / math.sqrt(2)  # (score - mean) / unbiased std for two scores
     assert_close(grpo, [[-half, -half], [half, 0.0], [-half, -half], [half, half]], 1e-7)
     reinforce = ppo.critic_free_advantages("reinforce++", scores, kl, mask, beta, 2, 1.0)
-    returns = torch.tensor([[-0.1 + 0.9, 0.9], [1.8, 0.0], [0.0, 0.0], [-0.05 + 2.95, 2.95]], dtype=torch.float64)  # gamma 1
+    returns = torch.tensor(
+        [[-0.1 + 0.9, 0.9], [1.8, 0.0], [0.0, 0.0], [-0.05 + 2.95, 2.95]], dtype=torch.float64
+    )  # gamma 1
     real = returns[mask]
-    assert reinforce[mask].tolist() == pytest.approx(((real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8)).tolist(), abs=1e-12)
+    assert reinforce[mask].tolist() == pytest.approx(
+        ((real - real.mean()) / torch.sqrt(real.var(unbiased=False) + 1e-8)).tolist(), abs=1e-12
+    )
     assert reinforce[1, 1].item() == 0.0
 
 
@@ -191,8 +237,20 @@ def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_ro
     args = quick_args(tmp_path, policy, dtype="bf16", num_updates=1)
     ppo.main(args)
     assert last_update(args.output_dir)["last_update"]["objective/kl"] == 0.0
-    flags = ["--model", policy, "--dtype", "bf16", "--num-updates", "1", "--batch-size", "8", "--mini-batch-size", "4",
-             "--eval-samples-per-start", "1"]
+    flags = [
+        "--model",
+        policy,
+        "--dtype",
+        "bf16",
+        "--num-updates",
+        "1",
+        "--batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--eval-samples-per-start",
+        "1",
+    ]
     for layout in (["--zero-stage", "3"], ["--pp", "2"]):
         result = run_ranks("ppo.py", *flags, *layout, "--output-dir", str(tmp_path / layout[0]), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -222,7 +280,9 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
     left-padded prefix every step, and the log-probs of that distribution."""
     tokenizer = ppo.randomwalks_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    model = (
+        AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    )
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
     args = ppo.Args(model="m", max_new_tokens=12, temperature=0.7)
     prompt_ids, prompt_mask = ppo.encode_prompts(tokenizer, ["b", "cde", "f", "ghi"] * 2, 8, "cpu")
@@ -233,7 +293,10 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
     ids, mask, finished = prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
     for t in range(args.max_new_tokens):
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=ppo.positions_from_mask(mask)).logits[:, -1] / args.temperature
+            logits = (
+                model(input_ids=ids, attention_mask=mask, position_ids=ppo.positions_from_mask(mask)).logits[:, -1]
+                / args.temperature
+            )
         step = torch.log_softmax(logits, -1)
         tokens = torch.multinomial(step.exp(), 1).squeeze(-1)
         assert torch.equal(responses[:, t], tokens.masked_fill(finished, tokenizer.pad_token_id)), t
@@ -244,13 +307,17 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
             break
         ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     real = ppo.truncate_at_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[1]
-    assert any(len(set(row[keep].tolist())) < int(keep.sum()) for row, keep in zip(responses, real)), "no response repeats a token"
+    assert any(len(set(row[keep].tolist())) < int(keep.sum()) for row, keep in zip(responses, real)), (
+        "no response repeats a token"
+    )
 
 
 def test_top_k_and_top_p_keep_the_tokens_they_name():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
     assert torch.isfinite(ppo.restrict(logits, 2, 1.0)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(ppo.restrict(logits, 0, 0.75)).tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.75
+    assert torch.isfinite(ppo.restrict(logits, 0, 0.75)).tolist() == [
+        [True, True, False, False]
+    ]  # 0.5 + 0.3 reaches 0.75
     assert torch.isfinite(ppo.restrict(logits, 0, 0.85)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(ppo.restrict(logits, 0, 0.1)).tolist() == [[True, False, False, False]]  # never empty
     assert torch.equal(ppo.restrict(logits, 0, 1.0), logits)
@@ -292,7 +359,9 @@ def test_lora_reference_is_the_base_and_the_merged_save_is_the_adapted_model(tmp
     adapters = ppo.add_lora(policy, rank=4, alpha=8, targets="all")
     ids = torch.randint(0, len(tokenizer), (2, 7))
     assert torch.equal(policy(ids).logits, base(ids).logits)  # B = 0: the adapted model starts as the base
-    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {n for n, _ in policy.named_parameters() if "lora_" in n}
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+        n for n, _ in policy.named_parameters() if "lora_" in n
+    }
     with torch.no_grad():
         for adapter in adapters:
             adapter.lora_B.normal_()  # as if trained
@@ -307,11 +376,20 @@ def test_lora_reference_is_the_base_and_the_merged_save_is_the_adapted_model(tmp
 
 
 # --- runs ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", [
-    {}, {"num_layers_unfrozen": 1}, {"lora_rank": 4}, {"advantage": "grpo", "samples_per_prompt": 4},
-    {"advantage": "rloo", "samples_per_prompt": 2}, {"advantage": "reinforce++"}, {"loss_aggregation": "sequence", "kl_estimator": "k3", "target_kl": 1.0, "scale_rewards": True},
-    {"dtype": "bf16"}, {"top_k": 3, "top_p": 0.9},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"num_layers_unfrozen": 1},
+        {"lora_rank": 4},
+        {"advantage": "grpo", "samples_per_prompt": 4},
+        {"advantage": "rloo", "samples_per_prompt": 2},
+        {"advantage": "reinforce++"},
+        {"loss_aggregation": "sequence", "kl_estimator": "k3", "target_kl": 1.0, "scale_rewards": True},
+        {"dtype": "bf16"},
+        {"top_k": 3, "top_p": 0.9},
+    ],
+)
 def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, walk_policy, variant):
     """Each variant trains, its first minibatch's ratio is exactly 1, and the sampler's log-probs
     are the trainer's up to rounding: the decode loop on the KV cache sums in another order than
@@ -331,11 +409,15 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
 
 
 def test_reward_model_with_another_tokenizer_and_critic_from_it(tmp_path, walk_policy, text_reward_model, capsys):
-    args = quick_args(tmp_path, walk_policy, reward_model=text_reward_model, value_model=text_reward_model, eval_every=2)
+    args = quick_args(
+        tmp_path, walk_policy, reward_model=text_reward_model, value_model=text_reward_model, eval_every=2
+    )
     ppo.main(args)
     assert "the reward model's tokenizer differs from the policy's" in capsys.readouterr().out
     metrics = last_update(args.output_dir)
-    assert 0.0 <= metrics["eval/win_rate"] <= 1.0 and "eval/optimality_sampled" in metrics  # true metric measured at eval
+    assert (
+        0.0 <= metrics["eval/win_rate"] <= 1.0 and "eval/optimality_sampled" in metrics
+    )  # true metric measured at eval
 
 
 def write_reward_fn(tmp_path, body):
@@ -347,8 +429,15 @@ def write_reward_fn(tmp_path, body):
 def test_missing_eos_penalty(tmp_path, walk_policy):
     # Two new tokens never fit a walk and its EOS for a fresh model... unless EOS comes first; the
     # constant reward makes the mean score 1 - penalty * (fraction without EOS).
-    args = quick_args(tmp_path, walk_policy, task="randomwalks", reward_fn=write_reward_fn(tmp_path, "return [1.0] * len(responses)"),
-                      missing_eos_penalty=0.25, max_new_tokens=2, num_updates=1)
+    args = quick_args(
+        tmp_path,
+        walk_policy,
+        task="randomwalks",
+        reward_fn=write_reward_fn(tmp_path, "return [1.0] * len(responses)"),
+        missing_eos_penalty=0.25,
+        max_new_tokens=2,
+        num_updates=1,
+    )
     ppo.main(args)
     metrics = last_update(args.output_dir)["last_update"]
     assert metrics["objective/score"] == pytest.approx(1.0 - 0.25 * (1 - metrics["objective/eos_fraction"]), abs=1e-6)
@@ -365,10 +454,23 @@ def expect_error(args, *fragments):
 
 
 def test_bad_reward_functions(tmp_path, walk_policy):
-    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [1.0]")), "returned 1 scores for 8 responses")
-    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [float('nan')] * len(responses)")), "non-finite")
-    expect_error(quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return ['good'] * len(responses)")), "list of numbers")
-    expect_error(quick_args(tmp_path, walk_policy, reward_fn=str(tmp_path / "absent.py") + ":reward"), "could not be loaded")
+    expect_error(
+        quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [1.0]")),
+        "returned 1 scores for 8 responses",
+    )
+    expect_error(
+        quick_args(
+            tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return [float('nan')] * len(responses)")
+        ),
+        "non-finite",
+    )
+    expect_error(
+        quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, "return ['good'] * len(responses)")),
+        "list of numbers",
+    )
+    expect_error(
+        quick_args(tmp_path, walk_policy, reward_fn=str(tmp_path / "absent.py") + ":reward"), "could not be loaded"
+    )
 
 
 def test_bad_flags(tmp_path, walk_policy):
@@ -376,7 +478,10 @@ def test_bad_flags(tmp_path, walk_policy):
         expect_error(quick_args(tmp_path, walk_policy, **flags), fragment)
 
     refused("--batch-size 8 does not split into minibatches of --mini-batch-size 3", mini_batch_size=3)
-    refused("--micro-batch-size 3 does not divide a rank's share of a minibatch (--mini-batch-size 4 / 1 rank(s) = 4)", micro_batch_size=3)
+    refused(
+        "--micro-batch-size 3 does not divide a rank's share of a minibatch (--mini-batch-size 4 / 1 rank(s) = 4)",
+        micro_batch_size=3,
+    )
     refused("--batch-size 6 is not a whole number of prompts", batch_size=6, mini_batch_size=2, samples_per_prompt=4)
     refused("--generation-batch-size 0 must be at least 1", generation_batch_size=0)
     refused("--temperature 0.0 must be a positive number", temperature=0.0)
@@ -421,7 +526,10 @@ def test_a_non_finite_loss_stops_the_run_before_the_step(tmp_path, walk_policy):
 def test_layouts_that_are_refused(tmp_path, walk_policy, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; each is refused before any process group is made
     expect_error(quick_args(tmp_path, walk_policy, tp=2, lora_rank=4), "--lora-rank is not supported with --tp")
-    expect_error(quick_args(tmp_path, walk_policy, pp=2, value_model=walk_policy), "--value-model (a separate critic) is not supported")
+    expect_error(
+        quick_args(tmp_path, walk_policy, pp=2, value_model=walk_policy),
+        "--value-model (a separate critic) is not supported",
+    )
     expect_error(quick_args(tmp_path, walk_policy, pp=2, zero_stage=3), "does not compose")
 
 
@@ -430,9 +538,29 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     ends bitwise where the uninterrupted run does. With a file of the newest checkpoint cut short,
     --resume names it, resumes from update 2 and still ends bitwise equal; a changed byte or a
     deleted file is found the same way, and with no intact checkpoint left it stops with one line."""
-    flags = ["--model", walk_policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8", "--micro-batch-size", "4",
-             "--save-every", "2", "--eval-every", "5", "--eval-samples-per-start", "1", "--samples-per-prompt", "2",
-             "--scale-rewards", "--target-kl", "1"]
+    flags = [
+        "--model",
+        walk_policy,
+        "--num-updates",
+        "6",
+        "--batch-size",
+        "16",
+        "--mini-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "5",
+        "--eval-samples-per-start",
+        "1",
+        "--samples-per-prompt",
+        "2",
+        "--scale-rewards",
+        "--target-kl",
+        "1",
+    ]
     reference, killed = run_and_kill("ppo.py", flags, tmp_path, "step_00000004")
     for how in ("truncate", "corrupt", "delete"):
         shutil.copytree(killed, tmp_path / how)
@@ -447,7 +575,10 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
         assert_same_weights(reference, run_dir)
         expected, actual = (torch.load(run / "value_head.pt")["value_head"] for run in (reference, run_dir))
         assert all(torch.equal(expected[k], actual[k]) for k in expected)
-    for how, victim, what in (("corrupt", "rank_0.pt", "is not the file"), ("delete", "manifest.json", "is missing or unreadable")):
+    for how, victim, what in (
+        ("corrupt", "rank_0.pt", "is not the file"),
+        ("delete", "manifest.json", "is missing or unreadable"),
+    ):
         run_dir = tmp_path / how
         damage(run_dir / newest / victim, how)
         with pytest.raises(SystemExit, match=rf"the checkpoint is damaged \({victim} {what}"):
@@ -459,9 +590,28 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
 
 
 def test_smoke_run_with_wandb_offline(tmp_path, walk_policy):
-    result = run_script("ppo.py", "--model", walk_policy, "--num-updates", "2", "--batch-size", "8", "--mini-batch-size", "8", "--micro-batch-size", "4",
-                        "--eval-every", "1", "--eval-samples-per-start", "1", "--track", "--output-dir", str(tmp_path / "run"), cwd=tmp_path,
-                        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_script(
+        "ppo.py",
+        "--model",
+        walk_policy,
+        "--num-updates",
+        "2",
+        "--batch-size",
+        "8",
+        "--mini-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--eval-every",
+        "1",
+        "--eval-samples-per-start",
+        "1",
+        "--track",
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "update 1: score_greedy" in result.stdout
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "run" / "wandb"))
@@ -474,8 +624,16 @@ def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
     compressed = tmp_path / "train.jsonl.gz"  # the hub's format
     compressed.write_bytes(gzip.compress(open(os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), "rb").read()))
     assert ppo.load_prompts("hh", str(compressed)) == prompts
-    args = quick_args(tmp_path, tiny_gpt2, task="hh", data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), max_new_tokens=4, eval_prompts=1,
-                      reward_fn=write_reward_fn(tmp_path, "return [float(len(r)) / 10 for r in responses]"), lora_rank=2)
+    args = quick_args(
+        tmp_path,
+        tiny_gpt2,
+        task="hh",
+        data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"),
+        max_new_tokens=4,
+        eval_prompts=1,
+        reward_fn=write_reward_fn(tmp_path, "return [float(len(r)) / 10 for r in responses]"),
+        lora_rank=2,
+    )
     ppo.main(args)
     metrics = last_update(args.output_dir)
     assert metrics["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0 and "eval/score_sampled" in metrics
@@ -489,7 +647,9 @@ def test_sentiment_task_prompts_and_reward(tmp_path, tiny_gpt2):
         expect_error(args, "pip install vaderSentiment")
         assert not os.path.exists(args.output_dir)
         return
-    assert ppo.sentiment_scores(["a wonderful, moving film", "dull and awful", "the"]).tolist() == pytest.approx([0.8, -0.7, 0.0], abs=0.25)
+    assert ppo.sentiment_scores(["a wonderful, moving film", "dull and awful", "the"]).tolist() == pytest.approx(
+        [0.8, -0.7, 0.0], abs=0.25
+    )
     ppo.main(args)
     assert -1 <= last_update(args.output_dir)["eval/score_sampled"] <= 1
 
@@ -500,26 +660,64 @@ def test_sentiment_task_reports_vader_beside_another_reward(tmp_path, tiny_gpt2,
     metrics = last_update(args.output_dir)
     assert metrics["eval/score_sampled"] == pytest.approx(metrics["eval/vader_sampled"])  # VADER is the reward
     reward = write_reward_fn(tmp_path, "return [-float(len(r)) for r in responses]")
-    args = quick_args(tmp_path, tiny_gpt2, task="sentiment", max_new_tokens=4, eval_prompts=4, reward_fn=reward, output_dir=str(tmp_path / "with_fn"))
+    args = quick_args(
+        tmp_path,
+        tiny_gpt2,
+        task="sentiment",
+        max_new_tokens=4,
+        eval_prompts=4,
+        reward_fn=reward,
+        output_dir=str(tmp_path / "with_fn"),
+    )
     ppo.main(args)
     metrics = last_update(args.output_dir)
-    assert metrics["eval/score_greedy"] <= 0 and -1 <= metrics["eval/vader_greedy"] <= 1 and metrics["eval/score_greedy"] != metrics["eval/vader_greedy"]
+    assert (
+        metrics["eval/score_greedy"] <= 0
+        and -1 <= metrics["eval/vader_greedy"] <= 1
+        and metrics["eval/score_greedy"] != metrics["eval/vader_greedy"]
+    )
 
 
 # --- data parallel ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def text_reward(tmp_path_factory):
     """A reward of the response's text, so advantages are not zero."""
-    return write_reward_fn(tmp_path_factory.mktemp("reward"), "return [len(set(r)) / 4 - r.count('a') for r in responses]")
+    return write_reward_fn(
+        tmp_path_factory.mktemp("reward"), "return [len(set(r)) / 4 - r.count('a') for r in responses]"
+    )
 
 
 def data_parallel_flags(policy, reward, *variant):
     """A short run that learns something (a learning rate that moves the weights well beyond float
     noise): 2 generation chunks, and per rank one micro-batch of each minibatch. In fp64, so that
     layouts that compute the same math agree to SAME_MATH."""
-    return ["--model", policy, "--reward-fn", reward, "--dtype", "fp64", "--num-updates", "3", "--batch-size", "8",
-            "--mini-batch-size", "4", "--micro-batch-size", "2", "--generation-batch-size", "4", "--ppo-epochs", "2",
-            "--learning-rate", "1e-3", "--eval-every", "2", "--eval-samples-per-start", "2", *variant]
+    return [
+        "--model",
+        policy,
+        "--reward-fn",
+        reward,
+        "--dtype",
+        "fp64",
+        "--num-updates",
+        "3",
+        "--batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--generation-batch-size",
+        "4",
+        "--ppo-epochs",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--eval-every",
+        "2",
+        "--eval-samples-per-start",
+        "2",
+        *variant,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -559,7 +757,9 @@ def assert_runs_agree(one, two, policy):
     assert actual.keys() == expected.keys() and "eval/score_sampled" in actual
     assert actual == pytest.approx(expected, rel=SAME_MATH, abs=SAME_MATH)
     assert actual["policy/first_minibatch_max_log_ratio"] == 0.0
-    assert actual["policy/sampler_logprob_gap"] < 1e-12  # fp64: the cached decode and the full forward agree to rounding
+    assert (
+        actual["policy/sampler_logprob_gap"] < 1e-12
+    )  # fp64: the cached decode and the full forward agree to rounding
     assert expected_weights.keys() == actual_weights.keys()
     assert all(w.dtype == torch.float64 for w in actual_weights.values())
     assert max((expected_weights[k] - actual_weights[k]).abs().max().item() for k in expected_weights) < SAME_MATH
@@ -568,7 +768,10 @@ def assert_runs_agree(one, two, policy):
 
 
 def assert_resumed_bitwise(reference, resumed):
-    (expected, expected_weights), (actual, actual_weights) = metrics_and_weights(reference), metrics_and_weights(resumed)
+    (expected, expected_weights), (actual, actual_weights) = (
+        metrics_and_weights(reference),
+        metrics_and_weights(resumed),
+    )
     assert expected.keys() == actual.keys() and all(expected[k] == actual[k] for k in expected)
     assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights)
 
@@ -583,7 +786,9 @@ GRPO = ["--advantage", "grpo", "--samples-per-prompt", "2"]
 @pytest.mark.parametrize("stage, variant", [(0, SCALED_REWARDS), (1, ["--lora-rank", "4"]), (2, GRPO), (3, HYDRA)])
 def test_two_ranks_equal_one_process(tmp_path, walk_policy, text_reward, one_process, stage, variant):
     flags = data_parallel_flags(walk_policy, text_reward, *variant)
-    result = run_ranks("ppo.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    result = run_ranks(
+        "ppo.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / "two"), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved ") == 1  # rank 0 alone reports
     assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
@@ -601,7 +806,9 @@ def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text
     assert sorted(os.listdir(checkpoint)) == ["manifest.json", "rank_0.pt", "rank_1.pt", "trainer_state.pt"]
     assert_resumed_bitwise(reference, killed)
     # Another world size or ZeRO stage is refused with one line.
-    expect_error(tyro.cli(ppo.Args, args=flags + ["--resume", str(killed)]), "written by 2 process(es) with --zero-stage 3")
+    expect_error(
+        tyro.cli(ppo.Args, args=flags + ["--resume", str(killed)]), "written by 2 process(es) with --zero-stage 3"
+    )
 
 
 # --- tensor and pipeline parallel ---------------------------------------------------------------
@@ -614,7 +821,9 @@ def test_tensor_parallel_hydra_equals_one_process(tmp_path, walk_policy, text_re
     assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
 
 
-def test_pipeline_parallel_hydra_equals_one_process_and_resumes_exactly(tmp_path, walk_policy, text_reward, one_process):
+def test_pipeline_parallel_hydra_equals_one_process_and_resumes_exactly(
+    tmp_path, walk_policy, text_reward, one_process
+):
     """--pp 2 with Hydra: the first stage holds only frozen layers (nothing to train), the last the
     trained top and the value head; rollouts are generated by a copy gathered from the stages.
     Killed after a checkpoint (each rank's shard of the models in its own file) and resumed, the run
@@ -633,6 +842,8 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, text_reward
     reference copy and critic-free GRPO advantages."""
     policy = save_tiny_model(tmp_path / "llama", "llama", tokenizer=ppo.randomwalks_tokenizer())
     flags = data_parallel_flags(policy, text_reward, *GRPO, "--num-updates", "2")
-    result = run_ranks("ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path)
+    result = run_ranks(
+        "ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_runs_agree(one_process(flags), tmp_path / "four", policy)

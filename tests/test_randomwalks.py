@@ -62,7 +62,9 @@ def test_optimality_matches_reference(seed):
         position = rng.randint(len(walk))
         candidates.append(walk[:position] + sft.node_letter(rng.randint(21)) + walk[position + 1 :])
     for walk in candidates:
-        assert sft.walk_optimality(walk, adjacency, shortest) == pytest.approx(reference_optimality(walk, adjacency, reference_nodes), abs=1e-12), walk
+        assert sft.walk_optimality(walk, adjacency, shortest) == pytest.approx(
+            reference_optimality(walk, adjacency, reference_nodes), abs=1e-12
+        ), walk
     scores = [sft.walk_optimality(w, adjacency, shortest) for w in candidates]
     assert 0 < np.mean(scores) < 1 and max(scores) == 1.0  # the sample covers both ends of the scale
 
@@ -86,7 +88,10 @@ def test_tokenizer_round_trip(tmp_path):
     assert ids == [4, 1, 9, 13, 1, 3, 19, 10, 13, 0]  # token id = node index
     assert tokenizer.decode(ids) == "ebjnbdtkna"
     assert len({tokenizer.eos_token_id, tokenizer.pad_token_id}) == 2 and tokenizer.eos_token_id not in ids
-    assert tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id], skip_special_tokens=True) == "ebjnbdtkna"
+    assert (
+        tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id], skip_special_tokens=True)
+        == "ebjnbdtkna"
+    )
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded("sda")["input_ids"] == [18, 3, 0]

@@ -15,13 +15,32 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 import reward_model as rm
-from conftest import (read_metrics, FIXTURES, SAME_MATH, assert_same_weights, damage, max_weight_difference, run_and_kill, run_script, save_tiny_model,
-                      run_ranks, torchrun_kill_and_resume)
+from conftest import (
+    read_metrics,
+    FIXTURES,
+    SAME_MATH,
+    assert_same_weights,
+    damage,
+    max_weight_difference,
+    run_and_kill,
+    run_script,
+    save_tiny_model,
+    run_ranks,
+    torchrun_kill_and_resume,
+)
 
 
 def quick_args(tmp_path, **overrides):
     """A few-second randomwalks run."""
-    settings = dict(output_dir=str(tmp_path / "run"), randomwalks_pairs=256, num_epochs=1, batch_size=32, micro_batch_size=32, eval_every=1000, warmup_steps=2)
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        randomwalks_pairs=256,
+        num_epochs=1,
+        batch_size=32,
+        micro_batch_size=32,
+        eval_every=1000,
+        warmup_steps=2,
+    )
     return rm.Args(**{**settings, **overrides})
 
 
@@ -43,7 +62,11 @@ def test_last_token_pooling_is_the_same_with_left_and_right_padding(tmp_path, fa
     model_dir = save_tiny_model(tmp_path / "lm", family)
     model, tokenizer = rm.load_model(model_dir, "cpu", seed=0)
     model = model.double().eval()
-    sequences = [tokenizer("a short one")["input_ids"], tokenizer("a somewhat longer sequence of words here")["input_ids"], [5]]
+    sequences = [
+        tokenizer("a short one")["input_ids"],
+        tokenizer("a somewhat longer sequence of words here")["input_ids"],
+        [5],
+    ]
     scores = {}
     for side in ("left", "right"):
         input_ids, attention_mask, position_ids = rm.pad_batch(sequences, tokenizer.pad_token_id, "cpu", side)
@@ -68,9 +91,14 @@ def test_head_init_and_dropout_off(tmp_path):
 
 def test_prompt_is_truncated_on_the_left_never_the_response(capsys):
     tokenizer = rm.randomwalks_tokenizer()
-    pairs = [{"prompt": "bcdef", "chosen": "ghi", "rejected": "jk", "margin": 0.0}, {"prompt": "b", "chosen": "cdefghij", "rejected": "k", "margin": 0.0}]
+    pairs = [
+        {"prompt": "bcdef", "chosen": "ghi", "rejected": "jk", "margin": 0.0},
+        {"prompt": "b", "chosen": "cdefghij", "rejected": "k", "margin": 0.0},
+    ]
     tokenized = rm.tokenize_pairs(tokenizer, pairs, max_length=6)
-    assert tokenized == [([3, 4, 5, 6, 7, 8], [2, 3, 4, 5, 9, 10], 0.0)]  # "def"+"ghi" and "cdef"+"jk"; the second pair's response is too long
+    assert tokenized == [
+        ([3, 4, 5, 6, 7, 8], [2, 3, 4, 5, 9, 10], 0.0)
+    ]  # "def"+"ghi" and "cdef"+"jk"; the second pair's response is too long
     out = capsys.readouterr().out
     assert "1 of 2 pairs are longer than --max-length 6" in out and "skipped 1 pairs" in out
 
@@ -79,10 +107,14 @@ def test_spearman_against_a_reference_with_ties():
     rng = np.random.RandomState(0)
     x = rng.randint(0, 4, size=50).astype(float)  # heavy ties
     y = x + rng.randn(50)
+
     def average_ranks(values):  # rank = number below + half the ties, plus one
         return np.array([(values < v).sum() + ((values == v).sum() + 1) / 2 for v in values])
+
     rx, ry = average_ranks(x), average_ranks(y)
-    reference = ((rx - rx.mean()) * (ry - ry.mean())).sum() / math.sqrt(((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
+    reference = ((rx - rx.mean()) * (ry - ry.mean())).sum() / math.sqrt(
+        ((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum()
+    )
     assert rm.spearman(x, y) == pytest.approx(reference, rel=1e-12)
     assert rm.spearman(x, -y) == pytest.approx(-reference, rel=1e-12)
 
@@ -93,11 +125,15 @@ def test_randomwalks_pairs_prefer_the_more_optimal_walk():
     pairs = rm.randomwalks_pairs(walks, 500, adjacency, shortest, np.random.RandomState(0))
     assert len(pairs) == 500
     for pair in pairs:
-        chosen, rejected = (rm.walk_optimality(pair["prompt"] + pair[k], adjacency, shortest) for k in ("chosen", "rejected"))
+        chosen, rejected = (
+            rm.walk_optimality(pair["prompt"] + pair[k], adjacency, shortest) for k in ("chosen", "rejected")
+        )
         assert chosen > rejected
     rejected_scores = [rm.walk_optimality(p["prompt"] + p["rejected"], adjacency, shortest) for p in pairs]
     chosen_scores = [rm.walk_optimality(p["prompt"] + p["chosen"], adjacency, shortest) for p in pairs]
-    assert 0 in rejected_scores and 1.0 in chosen_scores and any(0 < s < 1 for s in chosen_scores)  # valid and invalid walks both appear
+    assert (
+        0 in rejected_scores and 1.0 in chosen_scores and any(0 < s < 1 for s in chosen_scores)
+    )  # valid and invalid walks both appear
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
@@ -108,7 +144,18 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
     gradients, results = [], []
     for micro_batch_size in (len(batch), 3, 1):
         model.zero_grad()
-        results.append(rm.accumulate_gradients(model, batch, len(batch), 1, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        results.append(
+            rm.accumulate_gradients(
+                model,
+                batch,
+                len(batch),
+                1,
+                micro_batch_size,
+                tokenizer.pad_token_id,
+                "cpu",
+                torch.autocast("cpu", enabled=False),
+            )
+        )
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert gradients[0].abs().max() > 1e-3
     for (loss, correct), gradient in zip(results[1:], gradients[1:]):
@@ -132,19 +179,25 @@ def test_sentiment_sampling_is_the_models_own_whatever_its_generation_config_ask
     lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 100.0, 1
     batch = tokenizer(["b", "cde", "fg", "h"] * 2, return_tensors="pt", padding=True)
     torch.manual_seed(1)
-    tokens = rm.sample(lm, batch["input_ids"], batch["attention_mask"], 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    tokens = rm.sample(
+        lm, batch["input_ids"], batch["attention_mask"], 12, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     torch.manual_seed(1)
     ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(tokens), dtype=torch.bool)
     for t in range(tokens.shape[1]):
         with torch.no_grad():
-            logits = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
+                :, -1
+            ]
         step = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
         assert torch.equal(tokens[:, t], step.masked_fill(finished, tokenizer.pad_token_id)), t
         finished |= step == tokenizer.eos_token_id
         ids, mask = torch.cat([ids, step[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert finished.all() or tokens.shape[1] == 12
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    assert any(len(set(text)) < len(text) for text in texts), "no continuation repeats a letter: the test would not see a penalty"
+    assert any(len(set(text)) < len(text) for text in texts), (
+        "no continuation repeats a letter: the test would not see a penalty"
+    )
 
 
 # --- data parsers on upstream formats -----------------------------------------------------------
@@ -158,15 +211,23 @@ def test_hh_pairs():
     pairs = rm.load_pairs("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
     assert len(pairs) == 4
     assert pairs[1]["prompt"].endswith("\n\nHuman: Science fiction.\n\nAssistant:")
-    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (" Try The Left Hand of Darkness by Ursula K. Le Guin.", " I don't read.")
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (
+        " Try The Left Hand of Darkness by Ursula K. Le Guin.",
+        " I don't read.",
+    )
 
 
 def test_tldr_comparisons(capsys):
     pairs = rm.load_pairs("tldr", os.path.join(FIXTURES, "tldr-comparisons.jsonl"))
     assert len(pairs) == 3  # the CNN/DM article has no post and is skipped
-    assert pairs[0]["prompt"].startswith("SUBREDDIT: r/relationships\n\nTITLE: My roommate keeps eating my food\n\nPOST: ")
+    assert pairs[0]["prompt"].startswith(
+        "SUBREDDIT: r/relationships\n\nTITLE: My roommate keeps eating my food\n\nPOST: "
+    )
     assert pairs[0]["prompt"].endswith("\n\nTL;DR:")
-    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (" small cheap loan and good savings: pay early or invest?", " loan")  # choice 1
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (
+        " small cheap loan and good savings: pay early or invest?",
+        " loan",
+    )  # choice 1
     assert "skipped 1 records" in capsys.readouterr().out
 
 
@@ -179,7 +240,9 @@ def test_training_saves_a_model_transformers_reloads_with_identical_scores(tmp_p
     model = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
     assert model.config.num_labels == 1
-    assert model.config.reward_mean == pytest.approx(metrics["eval/score_mean"]) and model.config.reward_std == pytest.approx(metrics["eval/score_std"])
+    assert model.config.reward_mean == pytest.approx(
+        metrics["eval/score_mean"]
+    ) and model.config.reward_std == pytest.approx(metrics["eval/score_std"])
     walks = ["sda", "ebjnbdtkna", "bj", "fda"]
     ours = rm.score(model, tokenizer, [w[0] for w in walks], [w[1:] for w in walks], batch_size=3)
     plain = torch.stack([model(**tokenizer(w, return_tensors="pt")).logits[0, 0] for w in walks]).detach()
@@ -190,27 +253,55 @@ def test_training_saves_a_model_transformers_reloads_with_identical_scores(tmp_p
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox"])
 def test_model_families_train_on_text_pairs(tmp_path, family):
     model_dir = save_tiny_model(tmp_path / "lm", family)
-    args = rm.Args(task="jsonl", data=os.path.join(FIXTURES, "preference-pairs.jsonl"), model=model_dir, output_dir=str(tmp_path / "run"),
-                   num_epochs=2, batch_size=3, micro_batch_size=1, eval_fraction=0.25, warmup_steps=1)
+    args = rm.Args(
+        task="jsonl",
+        data=os.path.join(FIXTURES, "preference-pairs.jsonl"),
+        model=model_dir,
+        output_dir=str(tmp_path / "run"),
+        num_epochs=2,
+        batch_size=3,
+        micro_batch_size=1,
+        eval_fraction=0.25,
+        warmup_steps=1,
+    )
     rm.main(args)
     model = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
     assert model.config.model_type == family.replace("-", "_") and model.config.num_labels == 1
 
 
-def test_sentiment_task_ranks_the_models_own_samples_and_resumes_from_them(tmp_path, tiny_gpt2, fake_vader, monkeypatch):
+def test_sentiment_task_ranks_the_models_own_samples_and_resumes_from_them(
+    tmp_path, tiny_gpt2, fake_vader, monkeypatch
+):
     words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
     prompts = [f"the {first} {second}" for first, second in zip(words, reversed(words))]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     run_dir = tmp_path / "run"
-    args = rm.Args(task="sentiment", data=str(data), model=tiny_gpt2, output_dir=str(run_dir), samples_per_prompt=4, max_new_tokens=4,
-                   generation_batch_size=16, num_epochs=1, batch_size=4, micro_batch_size=2, eval_fraction=0.2, warmup_steps=0,
-                   save_every=2, keep_checkpoints=10)
+    args = rm.Args(
+        task="sentiment",
+        data=str(data),
+        model=tiny_gpt2,
+        output_dir=str(run_dir),
+        samples_per_prompt=4,
+        max_new_tokens=4,
+        generation_batch_size=16,
+        num_epochs=1,
+        batch_size=4,
+        micro_batch_size=2,
+        eval_fraction=0.2,
+        warmup_steps=0,
+        save_every=2,
+        keep_checkpoints=10,
+    )
     rm.main(args)
     pairs = rm.read_records(str(run_dir / rm.SENTIMENT_PAIRS))
     # Two pairs at most per prompt, each of two different samples, the more positive chosen (ties dropped).
-    assert 10 <= len(pairs) <= 2 * len(prompts) and all(sum(p["prompt"] == prompt for p in pairs) <= 2 for prompt in prompts)
-    assert all(fake_vader(p["chosen"]) == p["chosen_score"] > p["rejected_score"] == fake_vader(p["rejected"]) for p in pairs)
+    assert 10 <= len(pairs) <= 2 * len(prompts) and all(
+        sum(p["prompt"] == prompt for p in pairs) <= 2 for prompt in prompts
+    )
+    assert all(
+        fake_vader(p["chosen"]) == p["chosen_score"] > p["rejected_score"] == fake_vader(p["rejected"]) for p in pairs
+    )
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held_out = {prompts[i] for i in order[: int(len(prompts) * 0.2)]}
     n_train = sum(p["prompt"] not in held_out for p in pairs)
@@ -226,9 +317,24 @@ def test_sentiment_task_ranks_the_models_own_samples_and_resumes_from_them(tmp_p
 
 
 def test_smoke_run_with_wandb_offline(tmp_path):
-    result = run_script("reward_model.py", "--randomwalks-pairs", "128", "--num-epochs", "1", "--batch-size", "32", "--micro-batch-size", "16",
-                        "--eval-every", "2", "--track", "--output-dir", str(tmp_path / "run"), cwd=tmp_path,
-                        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_script(
+        "reward_model.py",
+        "--randomwalks-pairs",
+        "128",
+        "--num-epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--micro-batch-size",
+        "16",
+        "--eval-every",
+        "2",
+        "--track",
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 2: loss" in result.stdout and "spearman_optimality" in result.stdout
     assert any(name.startswith("offline-run") for name in os.listdir(tmp_path / "run" / "wandb"))
@@ -256,8 +362,20 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     its newest checkpoint changed, --resume names it, resumes from the one before and still ends
     bitwise there; a file cut short or deleted is caught the same way. With no intact checkpoint
     left it stops with one line."""
-    flags = ["--randomwalks-pairs", "192", "--num-epochs", "2", "--batch-size", "32", "--micro-batch-size", "16",
-             "--save-every", "2", "--eval-every", "5"]
+    flags = [
+        "--randomwalks-pairs",
+        "192",
+        "--num-epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--micro-batch-size",
+        "16",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "5",
+    ]
     reference, killed = run_and_kill("reward_model.py", flags, tmp_path, "step_00000004")
     older, newest = sorted((killed / "checkpoints").glob("step_????????"))[-2:]  # the kill may come a checkpoint late
     copies = {how: tmp_path / how for how in ("corrupt", "truncate", "delete")}
@@ -266,7 +384,9 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
 
     resumed = run_script("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming {killed} from step {int(newest.name[5:])}" in resumed.stdout and "is damaged" not in resumed.stdout
+    assert (
+        f"resuming {killed} from step {int(newest.name[5:])}" in resumed.stdout and "is damaged" not in resumed.stdout
+    )
     assert_same_weights(reference, killed)
 
     damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
@@ -303,29 +423,68 @@ def expect_error(args, *fragments):
 def pairs_args(tmp_path, text, model):
     path = tmp_path / "pairs.jsonl"
     path.write_text(text)
-    return rm.Args(task="jsonl", data=str(path), model=model, output_dir=str(tmp_path / "run"), batch_size=1, micro_batch_size=1)
+    return rm.Args(
+        task="jsonl", data=str(path), model=model, output_dir=str(tmp_path / "run"), batch_size=1, micro_batch_size=1
+    )
 
 
 def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
-    expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n', tiny_gpt2), "record 2", "'rejected' is missing")
-    expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "same", "rejected": "same"}\n', tiny_gpt2), "no preference pairs")
+    expect_error(
+        pairs_args(
+            tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n', tiny_gpt2
+        ),
+        "record 2",
+        "'rejected' is missing",
+    )
+    expect_error(
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": "same", "rejected": "same"}\n', tiny_gpt2),
+        "no preference pairs",
+    )
     expect_error(pairs_args(tmp_path, "", tiny_gpt2), "no preference pairs")
-    expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}\n', tiny_gpt2), "'margin' must be a finite number")
-    expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string")
-    expect_error(pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")), "no such directory")
+    expect_error(
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}\n', tiny_gpt2),
+        "'margin' must be a finite number",
+    )
+    expect_error(
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string"
+    )
+    expect_error(
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")),
+        "no such directory",
+    )
     expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
-    expect_error(quick_args(tmp_path, batch_size=32, micro_batch_size=5),
-                 "--micro-batch-size 5 does not divide a rank's share of the batch (--batch-size 32 / 1 rank(s) = 32)")
-    expect_error(quick_args(tmp_path, pp=2), "--tp 1 --pp 2 splits the model over 2 processes; launch with torchrun --nproc_per_node 2")
-    expect_error(quick_args(tmp_path, task="sentiment", model=tiny_gpt2, samples_per_prompt=1), "--samples-per-prompt 1 must be at least 2")
+    expect_error(
+        quick_args(tmp_path, batch_size=32, micro_batch_size=5),
+        "--micro-batch-size 5 does not divide a rank's share of the batch (--batch-size 32 / 1 rank(s) = 32)",
+    )
+    expect_error(
+        quick_args(tmp_path, pp=2),
+        "--tp 1 --pp 2 splits the model over 2 processes; launch with torchrun --nproc_per_node 2",
+    )
+    expect_error(
+        quick_args(tmp_path, task="sentiment", model=tiny_gpt2, samples_per_prompt=1),
+        "--samples-per-prompt 1 must be at least 2",
+    )
     expect_error(quick_args(tmp_path, task="hh"), "--task hh needs --model")
     with pytest.raises(SystemExit, match="--zero-stage 3 does not compose with --tp or --pp"):
         rm.check_args(quick_args(tmp_path, tp=2, zero_stage=3), world_size=2)
-    with pytest.raises(SystemExit, match=r"6 processes do not split into --tp 2 x --pp 2 groups; make the process count a multiple of 4"):
+    with pytest.raises(
+        SystemExit,
+        match=r"6 processes do not split into --tp 2 x --pp 2 groups; make the process count a multiple of 4",
+    ):
         rm.check_args(quick_args(tmp_path, tp=2, pp=2), world_size=6)
     # Identical pairs among good ones are dropped with a count, not fatal.
-    pairs = rm.load_pairs("jsonl", write_pairs(tmp_path, ['{"prompt": "p", "chosen": "x", "rejected": "x"}', '{"prompt": "p", "chosen": "a", "rejected": "b"}']))
-    assert len(pairs) == 1 and "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().out
+    pairs = rm.load_pairs(
+        "jsonl",
+        write_pairs(
+            tmp_path,
+            ['{"prompt": "p", "chosen": "x", "rejected": "x"}', '{"prompt": "p", "chosen": "a", "rejected": "b"}'],
+        ),
+    )
+    assert (
+        len(pairs) == 1
+        and "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().out
+    )
 
 
 def test_an_output_dir_holding_a_run_is_refused(tmp_path):
@@ -338,8 +497,10 @@ def test_an_output_dir_holding_a_run_is_refused(tmp_path):
             (folder / holding).write_text("{}")
         with pytest.raises(SystemExit) as error:
             rm.main(rm.Args(output_dir=str(folder)))
-        assert str(error.value) == (f"error: --output-dir {folder} already holds a run; pick another directory, "
-                                    f"or pass --resume {folder} to continue it")
+        assert str(error.value) == (
+            f"error: --output-dir {folder} already holds a run; pick another directory, "
+            f"or pass --resume {folder} to continue it"
+        )
         assert os.listdir(folder) == [holding]
 
 
@@ -362,9 +523,22 @@ def write_pairs(tmp_path, lines):
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "p", "chosen": "a"}\n')
-    result = run_script("reward_model.py", "--task", "jsonl", "--data", str(path), "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    result = run_script(
+        "reward_model.py",
+        "--task",
+        "jsonl",
+        "--data",
+        str(path),
+        "--model",
+        str(tmp_path),
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {path}, record 1: field 'rejected' is missing; every record needs 'prompt', 'chosen', 'rejected'"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}, record 1: field 'rejected' is missing; every record needs 'prompt', 'chosen', 'rejected'"
+    ]
 
 
 # --- data parallel under torchrun -----------------------------------------------------------------
@@ -374,8 +548,26 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
 # which AdamW divides by its own size; in fp32 that rounding is near AdamW's eps and the steps grow
 # to the learning rate's (~1e-4 apart between two summation orders). Without such directions the
 # comparison rests on the math alone.
-DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--dtype", "fp64", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2",
-                       "--eval-every", "5", "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.2"]
+DATA_PARALLEL_FLAGS = [
+    "--task",
+    "jsonl",
+    "--dtype",
+    "fp64",
+    "--batch-size",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--num-epochs",
+    "2",
+    "--eval-every",
+    "5",
+    "--warmup-steps",
+    "2",
+    "--learning-rate",
+    "3e-3",
+    "--eval-fraction",
+    "0.2",
+]
 
 
 def write_preference_pairs(path, n=40, seed=0):
@@ -385,14 +577,29 @@ def write_preference_pairs(path, n=40, seed=0):
     with open(path, "w") as file:
         for _ in range(n):
             prompt, chosen, rejected = (" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) for _ in range(3))
-            file.write(json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected, "margin": rng.choice([0.0, 0.5])}) + "\n")
+            file.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "chosen": " " + chosen,
+                        "rejected": " " + rejected,
+                        "margin": rng.choice([0.0, 0.5]),
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def pairs_run_inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dp")
-    return ["--data", write_preference_pairs(folder / "pairs.jsonl"), "--model", save_tiny_model(folder / "tiny", "llama")]
+    return [
+        "--data",
+        write_preference_pairs(folder / "pairs.jsonl"),
+        "--model",
+        save_tiny_model(folder / "tiny", "llama"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -405,9 +612,14 @@ def one_process_run(tmp_path_factory, pairs_run_inputs):
     rm.main(tyro.cli(rm.Args, args=[*DATA_PARALLEL_FLAGS, *pairs_run_inputs, "--output-dir", str(folder)]))
     expected = read_metrics(folder)
     assert 0 < expected["eval/accuracy"] < 1 and expected["eval/score_std"] > 0.1  # scores that can tell a difference
-    initial, trained = load_file(os.path.join(pairs_run_inputs[3], "model.safetensors")), load_file(folder / "model.safetensors")
+    initial, trained = (
+        load_file(os.path.join(pairs_run_inputs[3], "model.safetensors")),
+        load_file(folder / "model.safetensors"),
+    )
     assert trained["model.norm.weight"].dtype == torch.float64
-    assert max((trained[k] - initial[k]).abs().max().item() for k in initial.keys() & trained.keys()) > 1e-3, "the backbone trained"
+    assert max((trained[k] - initial[k]).abs().max().item() for k in initial.keys() & trained.keys()) > 1e-3, (
+        "the backbone trained"
+    )
     return folder, expected
 
 
@@ -419,7 +631,9 @@ def assert_same_run(expected: dict, single, run_dir, what: str):
         assert actual[key] == pytest.approx(value, rel=SAME_MATH, abs=SAME_MATH), f"{what} {key}"
     assert max_weight_difference(single, run_dir) < SAME_MATH, what
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(actual["eval/score_std"])
+    assert config["reward_mean"] == pytest.approx(actual["eval/score_mean"]) and config["reward_std"] == pytest.approx(
+        actual["eval/score_std"]
+    )
     assert config["architectures"] == ["LlamaForSequenceClassification"]  # the dense reward model, whatever the layout
 
 
@@ -429,16 +643,33 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_
     flags = DATA_PARALLEL_FLAGS + pairs_run_inputs
     single, expected = one_process_run
     for stage in (0, 1, 2, 3):
-        run = run_ranks("reward_model.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        run = run_ranks(
+            "reward_model.py",
+            *flags,
+            "--zero-stage",
+            str(stage),
+            "--output-dir",
+            str(tmp_path / f"zero{stage}"),
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         assert_same_run(expected, single, tmp_path / f"zero{stage}", f"ZeRO-{stage}")
     odd = run_ranks("reward_model.py", *flags, "--batch-size", "6", "--output-dir", str(tmp_path / "odd"), cwd=tmp_path)
-    assert odd.returncode != 0 and "--micro-batch-size 2 does not divide a rank's share of the batch (--batch-size 6 / 2 rank(s) = 3)" in odd.stderr
+    assert (
+        odd.returncode != 0
+        and "--micro-batch-size 2 does not divide a rank's share of the batch (--batch-size 6 / 2 rank(s) = 3)"
+        in odd.stderr
+    )
     assert not (tmp_path / "odd").exists()
 
 
-LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2", "--zero-stage", "1"], 4)]
+LAYOUTS = [
+    (["--tp", "2"], 2),
+    (["--pp", "2"], 2),
+    (["--tp", "2", "--pp", "2"], 4),
+    (["--pp", "2", "--zero-stage", "1"], 4),
+]
 
 
 @pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero1"])
@@ -449,7 +680,16 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, pairs_run_inpu
     data parallel under ZeRO-1 over what remains, on 2 and 4 processes: the eval metrics, the saved
     dense reward model and its score statistics of one process."""
     single, expected = one_process_run
-    run = run_ranks("reward_model.py", *DATA_PARALLEL_FLAGS, *pairs_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    run = run_ranks(
+        "reward_model.py",
+        *DATA_PARALLEL_FLAGS,
+        *pairs_run_inputs,
+        *flags,
+        "--output-dir",
+        str(tmp_path / "run"),
+        nproc=nproc,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved ") == 1, "only rank 0 reports"
     assert_same_run(expected, single, tmp_path / "run", " ".join(flags))
@@ -462,5 +702,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, pairs_run_in
     reference, killed = torchrun_kill_and_resume("reward_model.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
     assert read_metrics(killed) == read_metrics(tmp_path / "reference")
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1 --tp 1 --pp 1; resume it with the same"):
+    with pytest.raises(
+        SystemExit, match=r"written by 2 process\(es\) with --zero-stage 1 --tp 1 --pp 1; resume it with the same"
+    ):
         rm.main(tyro.cli(rm.Args, args=[*flags, "--resume", str(killed)]))  # one process

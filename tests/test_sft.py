@@ -14,12 +14,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import FIXTURES, ROOT, SAME_MATH, assert_same_weights, damage, run_and_kill, run_script, save_tiny_model, text_tokenizer, run_ranks, write_text_examples, max_weight_difference, torchrun_kill_and_resume
+from conftest import (
+    FIXTURES,
+    ROOT,
+    SAME_MATH,
+    assert_same_weights,
+    damage,
+    run_and_kill,
+    run_script,
+    save_tiny_model,
+    text_tokenizer,
+    run_ranks,
+    write_text_examples,
+    max_weight_difference,
+    torchrun_kill_and_resume,
+)
 
 
 def quick_args(tmp_path, **overrides):
     """A few-second randomwalks run."""
-    settings = dict(output_dir=str(tmp_path / "run"), num_epochs=1, eval_every=1000, eval_samples_per_start=2, warmup_steps=2)
+    settings = dict(
+        output_dir=str(tmp_path / "run"), num_epochs=1, eval_every=1000, eval_samples_per_start=2, warmup_steps=2
+    )
     return sft.Args(**{**settings, **overrides})
 
 
@@ -33,7 +49,10 @@ def test_hh_parser_on_upstream_format(tmp_path):
     examples = sft.load_examples("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
     assert len(examples) == 4
     prompt, completion = examples[1]  # a multi-turn dialogue: the prompt keeps every earlier turn
-    assert prompt == "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?\n\nHuman: Science fiction.\n\nAssistant:"
+    assert (
+        prompt == "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?"
+        "\n\nHuman: Science fiction.\n\nAssistant:"
+    )
     assert completion == " Try The Left Hand of Darkness by Ursula K. Le Guin."
     # The hub ships gzip-compressed JSON lines; the same parser reads them.
     compressed = tmp_path / "train.jsonl.gz"
@@ -97,7 +116,12 @@ def test_loss_covers_completion_tokens_only():
     assert (gradient_norm[predicts_completion] > 0).all()
     # And the value is the plain sum of completion-token negative log-likelihoods.
     log_probs = torch.log_softmax(model.logits.detach(), -1)
-    expected = -sum(log_probs[b, t - 1, input_ids[b, t]] for b in range(2) for t in range(1, input_ids.shape[1]) if labels[b, t] != -100)
+    expected = -sum(
+        log_probs[b, t - 1, input_ids[b, t]]
+        for b in range(2)
+        for t in range(1, input_ids.shape[1])
+        if labels[b, t] != -100
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
@@ -111,7 +135,18 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
     gradients, losses = [], []
     for micro_batch_size in (4, 3, 1):
         model.zero_grad()
-        losses.append(sft.accumulate_gradients(model, batch, batch_tokens, 1, micro_batch_size, tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False)))
+        losses.append(
+            sft.accumulate_gradients(
+                model,
+                batch,
+                batch_tokens,
+                1,
+                micro_batch_size,
+                tokenizer.pad_token_id,
+                "cpu",
+                torch.autocast("cpu", enabled=False),
+            )
+        )
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert gradients[0].abs().max() > 1e-3
     for loss, gradient in zip(losses[1:], gradients[1:]):
@@ -134,9 +169,20 @@ def test_loss_decreases_and_model_reloads(tmp_path):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt-neox"])
 def test_model_families_train_on_text(tmp_path, family):
     model_dir = save_tiny_model(tmp_path / "model", family)
-    args = sft.Args(task="hh", data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), model=model_dir, output_dir=str(tmp_path / "run"),
-                    num_epochs=3, batch_size=2, micro_batch_size=1, eval_fraction=0.25, learning_rate=3e-3, warmup_steps=1,
-                    max_new_tokens=4, eval_generations=1)
+    args = sft.Args(
+        task="hh",
+        data=os.path.join(FIXTURES, "hh-rlhf-train.jsonl"),
+        model=model_dir,
+        output_dir=str(tmp_path / "run"),
+        num_epochs=3,
+        batch_size=2,
+        micro_batch_size=1,
+        eval_fraction=0.25,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        max_new_tokens=4,
+        eval_generations=1,
+    )
     sft.main(args)
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert reloaded.config.model_type == family.replace("-", "_")
@@ -146,21 +192,48 @@ def test_model_families_train_on_text(tmp_path, family):
 def test_tokenizer_without_pad_token_is_handled(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", "gpt2", tokenizer=text_tokenizer(pad_token=False))
     assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
-    args = sft.Args(task="jsonl", data=os.path.join(FIXTURES, "demos.jsonl"), model=model_dir, output_dir=str(tmp_path / "run"),
-                    num_epochs=1, batch_size=3, micro_batch_size=3, eval_fraction=0.25, max_new_tokens=2, eval_generations=1)
+    args = sft.Args(
+        task="jsonl",
+        data=os.path.join(FIXTURES, "demos.jsonl"),
+        model=model_dir,
+        output_dir=str(tmp_path / "run"),
+        num_epochs=1,
+        batch_size=3,
+        micro_batch_size=3,
+        eval_fraction=0.25,
+        max_new_tokens=2,
+        eval_generations=1,
+    )
     sft.main(args)
     assert os.path.exists(os.path.join(args.output_dir, "model.safetensors"))
 
 
 def test_smoke_run_with_wandb_offline(tmp_path):
-    result = run_script("sft.py", "--num-epochs", "1", "--eval-every", "5", "--eval-samples-per-start", "2", "--track",
-                        "--output-dir", str(tmp_path / "run"), cwd=tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_script(
+        "sft.py",
+        "--num-epochs",
+        "1",
+        "--eval-every",
+        "5",
+        "--eval-samples-per-start",
+        "2",
+        "--track",
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 5: loss" in result.stdout
     run_dir = tmp_path / "run"
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json"} <= set(os.listdir(run_dir))
     assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
-    assert set(final_metrics(run_dir)) >= {"eval/loss", "eval/optimality_greedy", "eval/optimality_sampled", "eval/valid_walks_sampled"}
+    assert set(final_metrics(run_dir)) >= {
+        "eval/loss",
+        "eval/optimality_greedy",
+        "eval/optimality_sampled",
+        "eval/valid_walks_sampled",
+    }
 
 
 def test_generation_is_the_models_own_whatever_its_generation_config_asks():
@@ -172,7 +245,9 @@ def test_generation_is_the_models_own_whatever_its_generation_config_asks():
 
     tokenizer = sft.randomwalks_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    model = (
+        AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
+    )
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
     prompts = ["b", "cde", "fg"]
     completions = sft.generate(model, tokenizer, prompts, 12, 0.0, "cpu")
@@ -186,7 +261,9 @@ def test_generation_is_the_models_own_whatever_its_generation_config_asks():
                 reference.append(token)
                 ids.append(token)
         assert completion == reference
-    assert any(len(set(c)) < len(c) for c in completions), "no completion repeats a token: the test would not see a penalty"
+    assert any(len(set(c)) < len(c) for c in completions), (
+        "no completion repeats a token: the test would not see a penalty"
+    )
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -205,9 +282,27 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     epoch's shuffle must be replayed. With one file of step 10 cut short, changed or deleted,
     --resume names it and resumes from step 5, still bitwise. With no intact checkpoint left it
     stops with one line."""
-    flags = ["--num-epochs", "2", "--batch-size", "48", "--micro-batch-size", "24", "--save-every", "5", "--eval-every", "15", "--eval-samples-per-start", "2"]
+    flags = [
+        "--num-epochs",
+        "2",
+        "--batch-size",
+        "48",
+        "--micro-batch-size",
+        "24",
+        "--save-every",
+        "5",
+        "--eval-every",
+        "15",
+        "--eval-samples-per-start",
+        "2",
+    ]
     reference, killed = run_and_kill("sft.py", flags, tmp_path, "step_00000010")
-    for how, victim in (("intact", None), ("truncate", "model.safetensors"), ("corrupt", "rank_0.pt"), ("delete", "trainer_state.pt")):
+    for how, victim in (
+        ("intact", None),
+        ("truncate", "model.safetensors"),
+        ("corrupt", "rank_0.pt"),
+        ("delete", "trainer_state.pt"),
+    ):
         run_dir = tmp_path / how
         shutil.copytree(killed, run_dir)
         newest = run_dir / "checkpoints" / "step_00000010"
@@ -245,7 +340,9 @@ def write(path, text):
 
 
 def text_args(tmp_path, data, **overrides):
-    return sft.Args(**{"task": "jsonl", "data": data, "model": str(tmp_path), "output_dir": str(tmp_path / "run"), **overrides})
+    return sft.Args(
+        **{"task": "jsonl", "data": data, "model": str(tmp_path), "output_dir": str(tmp_path / "run"), **overrides}
+    )
 
 
 def test_bad_data_files(tmp_path, tiny_gpt2):
@@ -254,7 +351,9 @@ def test_bad_data_files(tmp_path, tiny_gpt2):
     bad_bytes = tmp_path / "latin1.jsonl"
     bad_bytes.write_bytes(b'{"prompt": "caf\xe9"}\n')
     expect_error(text_args(tmp_path, str(bad_bytes)), "cannot read")
-    malformed = write(tmp_path / "malformed.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    malformed = write(
+        tmp_path / "malformed.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n'
+    )
     expect_error(text_args(tmp_path, malformed), "line 2", "not valid JSON")
     missing = write(tmp_path / "missing_field.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     expect_error(text_args(tmp_path, missing), "record 2", "'completion' is missing")
@@ -276,14 +375,31 @@ def test_bad_model_batch_and_resume(tmp_path, tiny_gpt2):
 
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     malformed = write(tmp_path / "bad.jsonl", "{not json}\n")
-    result = run_script("sft.py", "--task", "jsonl", "--data", malformed, "--model", str(tmp_path), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    result = run_script(
+        "sft.py",
+        "--task",
+        "jsonl",
+        "--data",
+        malformed,
+        "--model",
+        str(tmp_path),
+        "--output-dir",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {malformed}, line 1: not valid JSON (Expecting property name enclosed in double quotes); each line must be one JSON object"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {malformed}, line 1: not valid JSON (Expecting property name enclosed in double quotes); each line "
+        "must be one JSON object"
+    ]
     # Splitting the model needs the processes torchrun starts.
     result = run_script("sft.py", "--tp", "2", "--output-dir", str(tmp_path / "split"), cwd=tmp_path)
     assert result.returncode == 1 and not (tmp_path / "split").exists()
-    assert result.stderr.strip().splitlines() == ["error: --tp 2 --pp 1 splits the model over 2 processes; launch with torchrun --nproc_per_node 2 (or a multiple)"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --tp 2 --pp 1 splits the model over 2 processes; launch with torchrun --nproc_per_node 2 (or a "
+        "multiple)"
+    ]
 
 
 def test_an_output_dir_holding_a_run_is_refused(tmp_path):
@@ -295,8 +411,28 @@ def test_an_output_dir_holding_a_run_is_refused(tmp_path):
 
 
 # --- data parallel under torchrun -----------------------------------------------------------------
-DATA_PARALLEL_FLAGS = ["--task", "jsonl", "--dtype", "fp64", "--batch-size", "8", "--micro-batch-size", "2", "--num-epochs", "2", "--eval-every", "5",
-                       "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-fraction", "0.25", "--max-new-tokens", "8"]
+DATA_PARALLEL_FLAGS = [
+    "--task",
+    "jsonl",
+    "--dtype",
+    "fp64",
+    "--batch-size",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--num-epochs",
+    "2",
+    "--eval-every",
+    "5",
+    "--warmup-steps",
+    "2",
+    "--learning-rate",
+    "3e-3",
+    "--eval-fraction",
+    "0.25",
+    "--max-new-tokens",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +445,9 @@ def text_run_inputs(tmp_path_factory):
 def one_process_run(tmp_path_factory, text_run_inputs):
     """The single-process run every multi-process layout must reproduce."""
     folder = tmp_path_factory.mktemp("one-process")
-    single = run_script("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, "--output-dir", str(folder / "run"), cwd=folder)
+    single = run_script(
+        "sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, "--output-dir", str(folder / "run"), cwd=folder
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     return folder / "run", json.loads((folder / "run" / "metrics.json").read_text())["eval/loss"]
 
@@ -320,17 +458,28 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_i
     flags = DATA_PARALLEL_FLAGS + text_run_inputs
     single, expected = one_process_run
     for stage in (0, 1, 2, 3):
-        run = run_ranks("sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path)
+        run = run_ranks(
+            "sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())["eval/loss"]
         assert actual == pytest.approx(expected, rel=SAME_MATH), f"ZeRO-{stage}"
         assert max_weight_difference(single, tmp_path / f"zero{stage}") < SAME_MATH, f"ZeRO-{stage}"
-    with pytest.raises(SystemExit, match=r"--micro-batch-size 2 does not divide a rank's share of the batch \(--batch-size 6 / 2 rank\(s\) = 3\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--micro-batch-size 2 does not divide a rank's share of the batch \(--batch-size 6 / 2 rank\(s\) = 3\)",
+    ):
         sft.check_args(sft.Args(batch_size=6, micro_batch_size=2), world_size=2)
 
 
-LAYOUTS = [(["--tp", "2"], 2), (["--pp", "2"], 2), (["--tp", "2", "--pp", "2"], 4), (["--pp", "2"], 4), (["--tp", "2", "--zero-stage", "1"], 4)]
+LAYOUTS = [
+    (["--tp", "2"], 2),
+    (["--pp", "2"], 2),
+    (["--tp", "2", "--pp", "2"], 4),
+    (["--pp", "2"], 4),
+    (["--tp", "2", "--zero-stage", "1"], 4),
+]
 
 
 @pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1"])
@@ -340,9 +489,20 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, text_run_input
     same saved dense weights as one process (the tiny GPT-2 ties its embeddings, so the pipelined
     runs also exercise the tied copy on the first and last stage)."""
     single, expected = one_process_run
-    run = run_ranks("sft.py", *DATA_PARALLEL_FLAGS, *text_run_inputs, *flags, "--output-dir", str(tmp_path / "run"), nproc=nproc, cwd=tmp_path)
+    run = run_ranks(
+        "sft.py",
+        *DATA_PARALLEL_FLAGS,
+        *text_run_inputs,
+        *flags,
+        "--output-dir",
+        str(tmp_path / "run"),
+        nproc=nproc,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/loss"] == pytest.approx(expected, rel=SAME_MATH)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval/loss"] == pytest.approx(
+        expected, rel=SAME_MATH
+    )
     assert max_weight_difference(single, tmp_path / "run") < SAME_MATH
 
 
@@ -366,10 +526,34 @@ def test_two_nodes_equal_one_node(tmp_path, text_run_inputs):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launchers = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc_per_node", "1",
-                          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-                          os.path.join(ROOT, "sft.py"), *flags, "--output-dir", str(tmp_path / "two")],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "two-nodes",
+                os.path.join(ROOT, "sft.py"),
+                *flags,
+                "--output-dir",
+                str(tmp_path / "two"),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         for node in (0, 1)
     ]
     outputs = [launcher.communicate(timeout=300) for launcher in launchers]

@@ -74,7 +74,9 @@ def model_experiment(grid, family):
     # Vocabulary-parallel log-probs from the head's shard never build whole logits.
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
-        sharded = kernels.fused_logprobs(hidden, model.get_output_embeddings().weight, ids[:, 1:], group=grid.tp_group, compile=False)
+        sharded = kernels.fused_logprobs(
+            hidden, model.get_output_embeddings().weight, ids[:, 1:], group=grid.tp_group, compile=False
+        )
         expected = torch.log_softmax(dense(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         generated = model.generate(ids[:, :3], max_new_tokens=6, do_sample=False, pad_token_id=0)
         dense_generated = dense.generate(ids[:, :3], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -132,7 +134,11 @@ def meta_experiment(grid, family):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=64, eos_token_id=0))
     parallel.tensor_parallel(model, grid.tp_group)
-    return [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.device.type != "meta"]
+    return [
+        name
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
+        if tensor.device.type != "meta"
+    ]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
