@@ -19,6 +19,14 @@ in under a minute:
 The run directory (`runs/<run name>/`) receives the LM and its tokenizer, loadable with plain
 `AutoModelForCausalLM.from_pretrained(run_dir)`, and the V/Q heads in `ilql_heads.safetensors`;
 `load_trained(run_dir)` returns all three ready for `generate`.
+
+Reading order. The method is `ilql_loss` (Q, V, CQL and AWAC terms, numbered 1-4) and
+`generate` (the LM's log-probs shifted by beta * (Q - V)); `main` (at the bottom) runs the
+loop of optimizer steps over the scored dataset, with the target Q heads following the Q heads
+every --steps-for-target-sync steps. Above it, in file order: Args and check_args; the
+randomwalks task; the data parsers and `tokenize_examples` (rewards on the last token,
+`normalize_returns`); the heads and the loss; LoRA and frozen layers; generation; the sentiment
+dataset; run directory, checkpoints and logging (plumbing); evaluation.
 """
 
 import contextlib

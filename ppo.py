@@ -33,6 +33,16 @@ minibatch; gradients are averaged over ranks. N ranks give the single-process ru
 global batch, up to float rounding. Under --tp/--pp the ranks of one model copy generate the same
 chunks together (under --pp with a whole-depth copy gathered from the stages), and the log-prob
 passes and PPO epochs run through the stages, the last one computing the loss.
+
+Reading order. `main` (at the bottom) is the whole method: the update's steps 1-8 above, in
+order, each a few lines that call the pieces defined earlier in the file: the pieces of the
+update, each small enough to test by hand (`truncate_at_eos`, `KLController`, `kl_per_token`,
+`token_rewards`, `critic_free_advantages`, `ppo_losses`), then `generate` (step 1),
+`truncate_and_score` (2-3), `rollout_logprobs` (4) and `micro_batch_loss` (8). Before those:
+Args and check_args; the randomwalks task; prompts; rewards; LoRA and Hydra references; the
+forward passes (log-probs from hidden states). `Reward`, `Models` and `build_models` hold what
+the update runs; what is marked plumbing (timing, statistics, checkpoints, resume) can be
+skipped on a first read.
 """
 
 import contextlib

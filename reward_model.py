@@ -15,6 +15,13 @@ on the hidden state of the last real token, trained on pairs where one response 
 The run directory holds a model that `AutoModelForSequenceClassification.from_pretrained(run_dir)`
 loads (num_labels=1), with the mean and std of its scores on held-out responses in its config
 (`reward_mean`, `reward_std`) so that a consumer can normalise rewards.
+
+Reading order. The method is `main` (at the bottom): preference pairs, model, then the loop of
+optimizer steps over pairs, with the Bradley-Terry loss of `pairwise_loss` on `pair_scores`
+(the score of the last real token, chosen and rejected in one forward); `evaluate` and the
+optimality correlation after it. Above it, in file order: Args and check_args; the randomwalks
+pairs; the data parsers and `tokenize_pairs`; the model and `score`; the sentiment pairs; run
+directory, checkpoints and logging (plumbing).
 """
 
 import contextlib

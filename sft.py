@@ -11,6 +11,12 @@ is context. The default task, randomwalks, runs offline on a CPU in a couple of 
 
 The trained model and its tokenizer land in the run directory (`runs/<run name>/`), loadable
 with plain `AutoModelForCausalLM.from_pretrained(run_dir)` and by the other scripts.
+
+Reading order. The method is `main` (at the bottom): data, model, then the loop of optimizer
+steps, each accumulated over micro-batches by `accumulate_gradients` with the loss of
+`completion_loss_sum` (cross-entropy on completion tokens only); `evaluate` after it. Above it,
+in file order: Args and check_args; the randomwalks task; the data parsers (jsonl, hh, tldr) and
+`tokenize_examples`; the model and `generate`; run directory, checkpoints and logging (plumbing).
 """
 
 import contextlib
