@@ -281,26 +281,91 @@ class _Bucket:
         return self.grads[offset : offset + param.numel()].view_as(param)
 
 
+class _AllReduce:
+    """ZeRO-0's path (DDP): each parameter's .grad is a view into its bucket's flat buffer, so
+    autograd accumulates straight into it; a complete bucket is all-reduced; afterwards every
+    rank holds the whole averaged gradient."""
+
+    sharded, reduce_every_backward = False, False
+
+    def accumulate(self, bucket, index: int, param):
+        view = bucket.grad_view(index)
+        if param.grad.data_ptr() != view.data_ptr():
+            # .grad was set to None (optimizer.zero_grad) and autograd made a fresh tensor: fold
+            # it into the bucket and point .grad back at the bucket.
+            view.add_(param.grad)
+            param.grad = view
+
+    def launch(self, bucket, group):
+        return dist.all_reduce(bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True)
+
+    def finish(self, bucket):
+        for index, param in enumerate(bucket.params):
+            # A parameter that took no part keeps grad None, so the optimizer skips it exactly as
+            # it would in a single process.
+            param.grad = bucket.grad_view(index) if index in bucket.touched else None
+
+
+def _reduce_scatter(bucket, group):
+    """In place: this rank's slice of the bucket's buffer receives the averaged slice, so no
+    second gradient-sized buffer is needed."""
+    bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
+    return dist.reduce_scatter_single(bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True)
+
+
+class _ReduceScatter:
+    """ZeRO-1's path: gradients accumulate as in ZeRO-0, but a complete bucket is reduce-scattered,
+    which leaves each rank the averaged gradient of its slice, the one its optimizer steps."""
+
+    sharded, reduce_every_backward = True, False
+    accumulate = _AllReduce.accumulate
+
+    def launch(self, bucket, group):
+        return _reduce_scatter(bucket, group)
+
+    def finish(self, bucket):
+        bucket.shard.grad = bucket.reduced
+
+
+class _ReduceScatterFreed:
+    """ZeRO-2's path: the full-size gradient buffer exists only while a backward runs. Each
+    gradient is copied into a temporary bucket buffer and dropped; the bucket is reduce-scattered
+    as soon as it is complete and freed, so between steps a rank keeps only its gradient slice.
+    It reduces every backward (keeping full gradients across micro-batches is what it avoids)."""
+
+    sharded, reduce_every_backward = True, True
+
+    def accumulate(self, bucket, index: int, param):
+        if bucket.grads is None:
+            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
+        bucket.grad_view(index).add_(param.grad)
+        param.grad = None  # the full-size gradient must not outlive the bucket
+
+    def launch(self, bucket, group):
+        if bucket.grads is None:  # no gradient reached this bucket
+            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
+        return _reduce_scatter(bucket, group)
+
+    def finish(self, bucket):
+        bucket.shard.grad = (
+            bucket.reduced.clone() if bucket.shard.grad is None else bucket.shard.grad.add_(bucket.reduced)
+        )
+        bucket.grads = None  # frees the full-size buffer
+
+
 class DataParallel(nn.Module):
     """Data parallel with ZeRO stages 0, 1 and 2.
 
-    Stage 0 (DDP): each parameter's .grad is a view into its bucket's flat buffer, so autograd
-    accumulates straight into the buffer. When the last gradient of a bucket arrives (a
-    post-accumulate-grad hook), an asynchronous all-reduce of the whole bucket starts while
-    backward carries on with earlier layers; a callback queued on the autograd engine waits for
-    all of them when backward ends. Buckets are launched strictly in order, because every rank must
-    issue the same collectives in the same order.
-
-    Stage 1: as stage 0, but a reduce-scatter instead of the all-reduce leaves each rank the
-    averaged gradient of its slice only; the optimizer holds state for that slice, steps it, and an
-    all-gather of the flat parameters after the step brings every rank the updated weights.
-
-    Stage 2: as stage 1, but the full-size gradient buffer exists only while a backward runs: each
-    parameter's gradient is copied into a temporary bucket buffer and dropped, the bucket is
-    reduce-scattered as soon as it is complete, and the temporary buffer is freed, so between steps a
-    rank keeps only its gradient slice. no_sync() cannot skip communication here (keeping full
-    gradients across micro-batches is what stage 2 exists to avoid): every micro-batch is
-    reduce-scattered and accumulated into the slice.
+    Trainable parameters are grouped into buckets of about bucket_mb (see _Bucket). A
+    post-accumulate-grad hook notes each gradient as it arrives; when a bucket's last gradient
+    has arrived, an asynchronous reduction of the whole bucket starts while backward carries on
+    with earlier layers, and a callback queued on the autograd engine waits for all of them when
+    backward ends. Buckets are launched strictly in order, because every rank must issue the same
+    collectives in the same order. What the stages do differently (how a gradient is kept, which
+    collective reduces a bucket, where the result goes) is each stage's own small path:
+    _AllReduce (stage 0), _ReduceScatter (stage 1), _ReduceScatterFreed (stage 2). Under stages
+    1 and 2 the optimizer holds state for this rank's slice only, steps it, and an all-gather of
+    the flat parameters after the step brings every rank the updated weights.
 
     Gradients are averaged over ranks, as torch's DistributedDataParallel does, so a loss that is
     each rank's mean over its share of the batch gives the gradient of the global mean.
@@ -318,6 +383,7 @@ class DataParallel(nn.Module):
         super().__init__()
         assert zero_stage in (0, 1, 2), "stage 3 is FullyShardedDataParallel"
         self.module, self.group, self.zero_stage = module, group, zero_stage
+        self.path = (_AllReduce, _ReduceScatter, _ReduceScatterFreed)[zero_stage]()  # how gradients are reduced
         # The groups the module itself is split over: the gradient norm sums over them too.
         self.tp_group, self.pp_group = tp_group, pp_group
         self.world = group_size(group)
@@ -382,21 +448,10 @@ class DataParallel(nn.Module):
             self._callback_queued = True
         b, i = self.where[param]
         bucket = self.buckets[b]
-        if self.zero_stage == 2:
-            if bucket.grads is None:
-                bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
-            bucket.grad_view(i).add_(param.grad)
-            param.grad = None  # the full-size gradient must not outlive the bucket
-        else:
-            view = bucket.grad_view(i)
-            if param.grad.data_ptr() != view.data_ptr():
-                # .grad was set to None (optimizer.zero_grad) and autograd made a fresh tensor:
-                # fold it into the bucket and point .grad back at the bucket.
-                view.add_(param.grad)
-                param.grad = view
+        self.path.accumulate(bucket, i, param)
         bucket.seen.add(i)
         bucket.touched.add(i)
-        if self.sync_gradients or self.zero_stage == 2:
+        if self.sync_gradients or self.path.reduce_every_backward:
             self._launch_ready_buckets(force=False)
 
     def _launch_ready_buckets(self, force: bool):
@@ -405,39 +460,17 @@ class DataParallel(nn.Module):
             bucket = self.buckets[self._next_launch]
             if not force and len(bucket.seen) < len(bucket.params):
                 return
-            if self.zero_stage == 0:
-                bucket.work = dist.all_reduce(bucket.grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True)
-            else:
-                if bucket.grads is None:  # stage 2, no gradient reached this bucket
-                    bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
-                # In place: this rank's slice of the buffer receives the averaged slice, so no
-                # second gradient-sized buffer is needed.
-                bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
-                bucket.work = dist.reduce_scatter_single(
-                    bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True
-                )
+            bucket.work = self.path.launch(bucket, self.group)
             self._next_launch += 1
 
     def _finish_backward(self):
         self._callback_queued = False
-        syncing = self.sync_gradients or self.zero_stage == 2
-        if syncing:
+        if self.sync_gradients or self.path.reduce_every_backward:
             self._launch_ready_buckets(force=True)  # buckets holding parameters that got no gradient
             for bucket in self.buckets:
                 bucket.work.wait()
                 bucket.work = None
-                if self.zero_stage == 0:
-                    for i, param in enumerate(bucket.params):
-                        # A parameter that took no part keeps grad None, so the optimizer skips
-                        # it exactly as it would in a single process.
-                        param.grad = bucket.grad_view(i) if i in bucket.touched else None
-                elif self.zero_stage == 1:
-                    bucket.shard.grad = bucket.reduced
-                else:
-                    bucket.shard.grad = (
-                        bucket.reduced.clone() if bucket.shard.grad is None else bucket.shard.grad.add_(bucket.reduced)
-                    )
-                    bucket.grads = None  # frees the full-size buffer
+                self.path.finish(bucket)
                 bucket.reduced = None
                 bucket.touched = set()
             self._next_launch = 0
@@ -447,7 +480,7 @@ class DataParallel(nn.Module):
     # -- optimizer -----------------------------------------------------------------------------
     def optimizer_parameters(self) -> list:
         """What the optimizer steps: the trainable parameters, or this rank's slices of them."""
-        if self.world == 1 or self.zero_stage == 0:
+        if self.world == 1 or not self.path.sharded:
             return [p for p in self.module.parameters() if p.requires_grad]
         return [bucket.shard for bucket in self.buckets]
 
@@ -467,7 +500,7 @@ class DataParallel(nn.Module):
             return
         works = []
         for bucket in self.buckets:
-            if self.zero_stage >= 1:
+            if self.path.sharded:
                 works.append(
                     dist.all_gather_single(bucket.flat_params, bucket.shard.data, group=self.group, async_op=True)
                 )
@@ -492,7 +525,7 @@ class DataParallel(nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole gradient: over the shards when sharded, and over the
         tensor- and pipeline-parallel pieces of the model."""
-        sharded = self.zero_stage >= 1 and self.world > 1
+        sharded = self.path.sharded and self.world > 1
         groups = [g for g in (self.group if sharded else None, self.tp_group, self.pp_group) if g is not None]
         if sharded:
             parameters = [bucket.shard for bucket in self.buckets]
