@@ -1461,6 +1461,11 @@ class Reward:
         )
 
 
+def head_of(model):
+    """The LM head: a pipeline stage's (the last stage holds it), or a whole model's."""
+    return model.head if isinstance(model, parallel.PipelineStage) else model.get_output_embeddings()
+
+
 @dataclass
 class Models:
     """What an update runs, built once for the layout by build_models. Under --pp, `stage` is
@@ -1482,7 +1487,11 @@ class Models:
 
     @property
     def head(self):
-        return self.stage.head if self.stage is not None else self.policy.get_output_embeddings()
+        return head_of(self.stage if self.stage is not None else self.policy)
+
+    def as_reference(self):
+        """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
+        return adapters_disabled(self.adapters) if self.adapters else contextlib.nullcontext()
 
     def reference_gathered(self):
         return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
@@ -1661,21 +1670,16 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
             )
 
     def reference_outputs(hidden, micro_batch):
-        head = (
-            models.head
-            if models.reference is None
-            else models.reference.head
-            if models.stage is not None
-            else models.reference.get_output_embeddings()
-        )
         rollout[1, micro_batch["rows"]] = upcast(
-            logprobs_from_hidden(head, hidden, micro_batch["input_ids"], prompt_length, args.temperature)[0]
+            logprobs_from_hidden(head_of(reference), hidden, micro_batch["input_ids"], prompt_length, args.temperature)[
+                0
+            ]
         )
 
-    reference = models.reference if models.reference is not None else models.policy
+    reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
         parallel.forward_only(models.wrapper, micro_batches, policy_outputs, models.trunk(models.policy))
-        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+        with models.as_reference():
             parallel.forward_only(reference, micro_batches, reference_outputs, models.trunk(reference))
     parallel.all_reduce_sum(rollout, models.grid.dp_group)
     parallel.all_reduce_sum(rollout, models.grid.pp_group)
@@ -1705,7 +1709,7 @@ def evaluate(
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
-        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+        with models.as_reference():
             model = reference_sampler if reference_sampler is not None else policy
             return response_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature)[0]
 
@@ -1741,7 +1745,7 @@ def evaluate(
                     )
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
-                        with adapters_disabled(models.adapters) if models.adapters else contextlib.nullcontext():
+                        with models.as_reference():
                             reference_responses = generate(
                                 reference_sampler if reference_sampler is not None else policy,
                                 prompt_ids,
@@ -1919,12 +1923,12 @@ def stop_unless_finite(loss: float, grad_norm, where: str, progress):
     )
 
 
-def update_metrics(batch: dict, scores: float, kl: float, has_eos, gap: float) -> dict:
+def update_metrics(batch: dict, score_mean: float, kl: float, has_eos, gap: float) -> dict:
     """What an update logs beside the loss statistics: the objective and, with a critic, how much of
     the returns' variance the old values explain."""
     mask, dtype = batch["mask"], batch["old_logprobs"].dtype
     metrics = {
-        "objective/score": scores,
+        "objective/score": score_mean,
         "objective/kl": kl,
         "objective/kl_coef": batch["beta"],
         "objective/eos_fraction": has_eos.to(dtype).mean().item(),
@@ -2159,7 +2163,9 @@ def main(args: Args):
 
         # Statistics of the update, gathered once; evaluation; checkpoint (plumbing).
         metrics = gather_statistics(tally, grid, local_mini_batch_size // args.micro_batch_size, args.pp > 1)
-        metrics.update(update_metrics(batch, scores=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap))
+        metrics.update(
+            update_metrics(batch, score_mean=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap)
+        )
         metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")

@@ -45,6 +45,19 @@ class Row:
     skip: str = ""  # why the row does not run
     result: dict = field(default_factory=dict)
 
+    @property
+    def is_script(self) -> bool:
+        """A training script of the repository (run under --child), rather than a benchmark's command line."""
+        return self.command[0].endswith(".py") and not os.path.isabs(self.command[0])
+
+
+def script_args(script: str, flags: list) -> tuple:
+    """(the script as a module, its flags parsed as its command line parses them)."""
+    import tyro
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    return module, tyro.cli(module.Args, args=flags)
+
 
 def script_rows(device: str, gpus: int, workdir: str) -> list:
     """The training runs, each a few updates long, in an order where each finds what it starts from."""
@@ -127,15 +140,13 @@ def benchmark_rows(device: str) -> list:
 def check_flags(row: Row):
     """Parse a script row's flags as the script does and run its check_args, so that a flag this
     check passes cannot have gone stale: the SystemExit of a bad one names it."""
-    import tyro
-
-    module = importlib.import_module(row.command[0].removesuffix(".py"))
-    module.check_args(tyro.cli(module.Args, args=row.command[1:]), row.ranks)
+    module, args = script_args(row.command[0], row.command[1:])
+    module.check_args(args, row.ranks)
 
 
 def launch(row: Row, workdir: str, timeout_s: float) -> tuple:
     """Run one row; returns (exit status or None on timeout, the path of its log)."""
-    if row.command[0].endswith(".py") and not os.path.isabs(row.command[0]):  # a script row runs under --child
+    if row.is_script:
         launcher = (
             [sys.executable]
             if row.ranks == 1
@@ -169,7 +180,7 @@ def summarise(row: Row, status, log: str, seconds: float):
         )
         return
     result["status"] = "ok"
-    if not row.command[0].endswith(".py") or os.path.isabs(row.command[0]):
+    if not row.is_script:
         result["table"] = text
         return
     peaks = [
@@ -186,10 +197,7 @@ def summarise(row: Row, status, log: str, seconds: float):
     elif "train/pairs_per_s" in last:
         result["throughput"] = f"{last['train/pairs_per_s']:.0f} pairs/s"
     elif rate:
-        import tyro
-
-        module = importlib.import_module(row.command[0].removesuffix(".py"))
-        args = tyro.cli(module.Args, args=row.command[1:])
+        _, args = script_args(row.command[0], row.command[1:])
         result["throughput"] = f"{args.batch_size * last['objective/response_length'] * rate:.0f} response tokens/s"
     result["first_ratio"] = last.get("policy/first_minibatch_max_log_ratio")
     result["sampler_gap"] = last.get("policy/sampler_logprob_gap")
@@ -226,12 +234,10 @@ def table(rows: list) -> str:
 def child(script: str, flags: list):
     """One script row, inside its own process: the script's main, then the process's peak GPU memory."""
     import torch
-    import tyro
 
     import parallel
 
-    module = importlib.import_module(script.removesuffix(".py"))
-    args = tyro.cli(module.Args, args=flags)
+    module, args = script_args(script, flags)
     with parallel.clean_exit():
         module.main(args)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
@@ -272,7 +278,7 @@ def main(argv=None):
         rows = [row for row in rows if row.name in options.only]
     if options.dry_run:
         for row in rows:
-            if row.command[0].endswith(".py") and not os.path.isabs(row.command[0]):
+            if row.is_script:
                 check_flags(row)
             print(
                 f"{row.name} ({row.ranks} rank{'s' * (row.ranks > 1)}): {' '.join(row.command)}"
