@@ -249,8 +249,13 @@ class Args:
 
 def fail(message: str):
     """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
-    to read. Under torchrun every rank stops, and rank 0 alone prints the line."""
-    raise SystemExit(f"error: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+    to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
+    ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
+    before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(10)
+    raise SystemExit(f"error: {message}" if rank == "0" else f"error: rank {rank}: {message}")
 
 
 def check_args(args: Args, world_size: int) -> Args:

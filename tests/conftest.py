@@ -55,8 +55,9 @@ _SERVER.set_forkserver_preload(
 )
 
 
-def _run_as_main(script: str, argv: list, env: dict, cwd: str, stdout_path: str, stderr_path: str):
-    """In a forked process: become `python script argv...` started in cwd with env."""
+def _run_as_main(script: str, argv: list, env: dict, cwd: str, stdout_path: str, stderr_path: str, delay: float):
+    """In a forked process: become `python script argv...` started in cwd with env, `delay` s late."""
+    time.sleep(delay)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -72,9 +73,10 @@ def _run_as_main(script: str, argv: list, env: dict, cwd: str, stdout_path: str,
 
 
 class Job:
-    """A script running as `nproc` processes (1: plain `python script.py`), started at once."""
+    """A script running as `nproc` processes (1: plain `python script.py`), started at once, or the
+    ranks in `delays` ({rank: seconds}) that much later, as a slow machine might start them."""
 
-    def __init__(self, script: str, *argv, nproc: int = 1, cwd=None, env=None):
+    def __init__(self, script: str, *argv, nproc: int = 1, cwd=None, env=None, delays=None):
         self.folder = tempfile.mkdtemp(prefix="job-")
         env = {**os.environ, **(env or {})}
         if nproc > 1:
@@ -94,7 +96,14 @@ class Job:
             paths = (os.path.join(self.folder, f"{rank}.out"), os.path.join(self.folder, f"{rank}.err"))
             process = _SERVER.Process(
                 target=_run_as_main,
-                args=(os.path.join(ROOT, script), [str(a) for a in argv], rank_env, str(cwd or os.getcwd()), *paths),
+                args=(
+                    os.path.join(ROOT, script),
+                    [str(a) for a in argv],
+                    rank_env,
+                    str(cwd or os.getcwd()),
+                    *paths,
+                    (delays or {}).get(rank, 0.0),
+                ),
             )
             process.start()
             self.processes.append(process)

@@ -16,7 +16,7 @@ import typing
 
 import pytest
 
-from conftest import ROOT, run_script, save_tiny_model, torchrun
+from conftest import ROOT, Job, run_script, save_tiny_model, torchrun
 
 SCRIPTS = ["sft", "reward_model", "ppo", "ilql"]
 BASE = {"ppo": dict(model="runs/sft")}  # ppo has no default policy: the flags it needs, no more
@@ -119,6 +119,33 @@ def test_under_torchrun_rank_0_alone_prints_and_every_rank_exits_1(tmp_path):
     )
     assert "exitcode  : 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_rank_0_prints_the_line_even_when_another_rank_fails_first(tmp_path):
+    """torchrun ends every rank as soon as one exits. Here rank 0 starts 3 s late, so rank 1 meets the
+    bad flag first; were rank 1 to exit at once, rank 0 would be ended before printing (CI once failed
+    on exactly that: exit status 1 and an empty stderr). Rank 1 waits 10 s, so rank 0 has 7 s to reach
+    the same check, print and exit, and rank 1 is ended unprinted."""
+    job = Job(
+        "sft.py", "--batch-size", "7", "--output-dir", str(tmp_path / "run"), nproc=2, cwd=tmp_path, delays={0: 3}
+    )
+    result = job.wait(60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == ["error: --batch-size 7 does not split over 2 data-parallel ranks; make it a multiple of 2"], (
+        result.stderr[-3000:]
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_rank_that_fails_alone_names_itself(script, monkeypatch):
+    module = importlib.import_module(script)
+    waits = []
+    monkeypatch.setattr(module.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        module.fail("the shard is unreadable")
+    assert waits == [10] and stop.value.code == "error: rank 1: the shard is unreadable"
 
 
 def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
