@@ -90,6 +90,12 @@ class Args:
     pp: int = 1
     """pipeline stages per model copy under torchrun (the LM's decoder layers split in contiguous stages, 1F1B schedule
     over the micro-batches; the ILQL heads live on the last stage)"""
+    cp: int = 1
+    """context-parallel ranks per model copy under torchrun (Ulysses: each holds 1/cp of every sequence through the
+    whole model, attention trades positions for heads; for sequences whose activations outgrow one device)"""
+    sequence_parallel: bool = False
+    """with --tp: also split the activations between the tensor-parallel matmuls (norms, residual adds) along the
+    sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -220,6 +226,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in (
         "tp",
         "pp",
+        "cp",
         "max_length",
         "samples_per_prompt",
         "generation_batch_size",
@@ -258,20 +265,25 @@ def check_args(args: Args, world_size: int) -> Args:
             )
     if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
         fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
-    model_ranks = args.tp * args.pp
+    model_ranks = args.tp * args.pp * args.cp
+    layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
         fail(
-            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"{layout} splits the model over {model_ranks} processes; "
             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
         )
     if world_size % model_ranks:
         fail(
-            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"{world_size} processes do not split into {layout.replace(' --', ' x --')} groups; "
             f"make the process count a multiple of {model_ranks}"
         )
-    if args.zero_stage == 3 and model_ranks > 1:
+    if args.sequence_parallel and args.tp == 1:
+        fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
+        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
-    if args.lora_rank > 0 and model_ranks > 1:
+    if args.lora_rank > 0 and args.tp * args.pp > 1:
         fail(
             "--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
             "use --num-layers-unfrozen"
@@ -1459,7 +1471,7 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
             os.makedirs(run_dir, exist_ok=True)
         return 0, run_name, run_dir, None
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp", "cp")}
     if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
         fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
@@ -1511,7 +1523,7 @@ def training_state(step: int, scheduler, optimizer, args: Args, grid, run_name: 
 def main(args: Args):
     # Flags (and the task's defaults), then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp, cp=args.cp)
     device, ranks = grid.device, grid.dp_size
     local_batch_size = args.batch_size // ranks
     param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
@@ -1567,9 +1579,10 @@ def main(args: Args):
     lm = parallel.tensor_parallel(lm, grid.tp_group)  # a no-op unless --tp > 1
     if args.num_layers_unfrozen > 0:  # on the split LM: the frozen flags must be on the layers that train
         freeze_bottom(lm, args.num_layers_unfrozen)
+    lm = parallel.split_sequences(lm, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
     trained = pipelined_stage(lm, heads, grid.pp_group) if args.pp > 1 else trained_modules(lm, heads)
     model = parallel.data_parallel(
-        trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+        trained, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
     last_stage = args.pp == 1 or model.module.is_last  # where the heads train
 

@@ -65,15 +65,19 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 # Process groups
 # ---------------------------------------------------------------------------------------------
-# Every collective below runs over one of three groups of this rank's grid: dp_group (the model
-# copies, which average gradients), tp_group (the ranks that split each layer, which talk at
-# every layer) and pp_group (the pipeline stages, which pass activations). Building the groups
-# is itself collective: every rank creates every group, in the same order, at start-up.
+# Every collective below runs over one of the groups of this rank's grid: dp_group (the model
+# copies, which see different batches), tp_group (the ranks that split each layer, which talk at
+# every layer), cp_group (the ranks that split each sequence, which talk at every attention),
+# pp_group (the pipeline stages, which pass activations), and dp_cp_group (dp x cp: every rank
+# that holds the same weights, which average gradients). Building the groups is itself
+# collective: every rank creates every group, in the same order, at start-up.
 @dataclass
 class Grid:
-    """This rank's place in the (dp, pp, tp) grid. Ranks are laid out tensor-parallel innermost,
-    rank = (dp_rank * pp_size + pp_rank) * tp_size + tp_rank, so the ranks of a tensor-parallel
-    group (which talk every layer) sit on the same node. A group of size one is None."""
+    """This rank's place in the (dp, pp, cp, tp) grid. Ranks are laid out tensor-parallel
+    innermost, then context-parallel, rank = ((dp_rank * pp_size + pp_rank) * cp_size + cp_rank)
+    * tp_size + tp_rank: the groups that talk inside every layer (tp several times a layer, cp
+    twice, around attention) sit on the same node, on its fastest links; pipeline stages talk once
+    per micro-batch and data-parallel replicas once per batch. A group of size one is None."""
 
     rank: int = 0
     world_size: int = 1
@@ -82,12 +86,16 @@ class Grid:
     dp_size: int = 1
     pp_size: int = 1
     tp_size: int = 1
+    cp_size: int = 1
     dp_rank: int = 0
     pp_rank: int = 0
     tp_rank: int = 0
+    cp_rank: int = 0
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     tp_group: Optional[dist.ProcessGroup] = None
+    cp_group: Optional[dist.ProcessGroup] = None
+    dp_cp_group: Optional[dist.ProcessGroup] = None
 
     @property
     def is_main(self) -> bool:
@@ -95,7 +103,7 @@ class Grid:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: float = 600.0) -> Grid:
+def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: float = 600.0, cp: int = 1) -> Grid:
     """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
     environment) and build the grid's groups. NCCL with CUDA, gloo otherwise. A collective that
     waits longer than timeout_s (a dead or stuck peer) raises instead of hanging forever."""
@@ -108,17 +116,19 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    split = tp * pp * cp
+    flags = f"--tp {tp} --pp {pp}" + (f" --cp {cp}" if cp > 1 else "")
     if world_size == 1:
-        if tp > 1 or pp > 1:
+        if split > 1:
             raise SystemExit(
-                f"error: --tp {tp} --pp {pp} splits the model over {tp * pp} processes; launch with torchrun "
-                f"--nproc_per_node {tp * pp} (or a multiple)"
+                f"error: {flags} splits the model over {split} processes; launch with torchrun --nproc_per_node "
+                f"{split} (or a multiple)"
             )
         return Grid(device=device)
-    if world_size % (tp * pp):
+    if world_size % split:
         raise SystemExit(
-            f"error: {world_size} processes do not split into --tp {tp} x --pp {pp} groups; make the process count a "
-            f"multiple of {tp * pp}"
+            f"error: {world_size} processes do not split into {flags.replace(' --', ' x --')} groups; make the process "
+            f"count a multiple of {split}"
         )
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -126,19 +136,23 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
             backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None
         )
     rank = dist.get_rank()
-    dp = world_size // (tp * pp)
-    dp_rank, rest = divmod(rank, pp * tp)
-    pp_rank, tp_rank = divmod(rest, tp)
+    dp = world_size // split
+    dp_rank, rest = divmod(rank, pp * cp * tp)
+    pp_rank, rest = divmod(rest, cp * tp)
+    cp_rank, tp_rank = divmod(rest, tp)
 
-    def layout(d, p, t):
-        return (d * pp + p) * tp + t
+    def layout(d, p, c, t):
+        return ((d * pp + p) * cp + c) * tp + t
 
+    D, P, C, T = range(dp), range(pp), range(cp), range(tp)
     # Every rank must call new_group for every group, in the same order, even those it is not in.
     groups = {}
     for name, members in (
-        ("tp", [[layout(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)]),
-        ("pp", [[layout(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)]),
-        ("dp", [[layout(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]),
+        ("tp", [[layout(d, p, c, t) for t in T] for d in D for p in P for c in C]),
+        ("cp", [[layout(d, p, c, t) for c in C] for d in D for p in P for t in T]),
+        ("pp", [[layout(d, p, c, t) for p in P] for d in D for c in C for t in T]),
+        ("dp", [[layout(d, p, c, t) for d in D] for p in P for c in C for t in T]),
+        ("dp_cp", [[layout(d, p, c, t) for d in D for c in C] for p in P for t in T]),
     ):
         for ranks in members:
             group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
@@ -152,12 +166,16 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
         dp,
         pp,
         tp,
+        cp,
         dp_rank,
         pp_rank,
         tp_rank,
+        cp_rank,
         groups["dp"],
         groups["pp"],
         groups["tp"],
+        groups["cp"],
+        groups["dp_cp"],
     )
 
 
@@ -994,8 +1012,13 @@ class ColumnParallelLinear(nn.Module):
             if parameter is not None:
                 parameter.tensor_parallel = True  # a shard: counted whole in the gradient norm
 
+    # Set by sequence_parallel: the input then arrives all-gathered along the sequence, and that
+    # gather's backward does the reduction copy_to_group's would.
+    sequence_split = None
+
     def forward(self, x):
-        y = nn.functional.linear(copy_to_group(x, self.group), self.weight, self.bias)
+        split = self.sequence_split is not None and self.sequence_split.sp_active
+        y = nn.functional.linear(x if split else copy_to_group(x, self.group), self.weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -1017,8 +1040,14 @@ class RowParallelLinear(nn.Module):
         self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
+    sequence_split = None  # set by sequence_parallel: reduce-scatter along the sequence instead
+
     def forward(self, x):
-        y = reduce_from_group(nn.functional.linear(x, self.weight), self.group)
+        y = nn.functional.linear(x, self.weight)
+        if self.sequence_split is not None and self.sequence_split.sp_active:
+            y = _ReduceScatterSequence.apply(y, self.group)
+        else:
+            y = reduce_from_group(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -1197,6 +1226,323 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         if matmul and module.weight is not embedding:
             module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=module.weight.requires_grad)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallel (Megatron) and context parallel (Ulysses): activations split along the sequence
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel splits the matmuls, but every tp rank still holds the whole sequence in what
+# lies between them: norms, residual adds, dropouts. Sequence parallel (Korthikanti et al., 2022)
+# splits those along the sequence over tp_group. The all-reduce after a row-parallel layer becomes
+# a reduce-scatter along the sequence, and the input of the next column-parallel layers is
+# all-gathered along it first: the same bytes move (an all-reduce is a reduce-scatter plus an
+# all-gather), and the activations between the matmuls shrink by the tp size.
+# Context parallel (DeepSpeed-Ulysses, Jacobs et al., 2023) splits the whole forward along the
+# sequence over cp_group: a rank holds 1/N of every sequence through every layer, and around
+# attention one all-to-all turns its sequence shard of all heads into the whole sequence of 1/N of
+# the heads, and a second turns the attention output back. It hooks into Hugging Face models as an
+# attention function of transformers' registry, so their layers are not rewritten.
+# Both begin and end at the base model (the trunk, model.base_model): a pass pads the sequence to a
+# multiple of the split (masked tokens at the end, which no real token attends to), cuts it, runs
+# the layers, and all-gathers the last hidden state. The LM head, a score or value head, log-probs
+# and losses then see whole sequences exactly as without a split; their compute is repeated on
+# each cp rank (the head is one matmul against the layers' dozens) and every statistic is the same
+# on each. A pass that builds or reads a KV cache (sampling) is not split: cp ranks hold whole
+# weights and sample like data-parallel ranks.
+def _seq_shard(x, group, dim=1):
+    """This rank's contiguous 1/N of dimension `dim` (the sequence, for [batch, sequence, ...])."""
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _seq_all_gather(x, group):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _seq_reduce_scatter(x, group):
+    parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _SplitSequence(torch.autograd.Function):
+    """Forward: keep this rank's slice of the sequence (entering a split region from one where
+    every rank holds the whole sequence). Backward: all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_shard(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_all_gather(grad, ctx.group), None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence (leaving a split region: every rank then computes the same
+    thing from the whole sequence). Backward: keep this rank's slice of the gradient, which is the
+    same on every rank, times grad_scale (see context_parallel for why cp needs one)."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        ctx.group, ctx.grad_scale = group, grad_scale
+        return _seq_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_shard(grad, ctx.group) * ctx.grad_scale, None, None
+
+
+class _GatherSequenceToColumns(torch.autograd.Function):
+    """Forward: all-gather the sequence, the whole input column-parallel layers need. Backward:
+    reduce-scatter: each rank's column shard gave part of every position's gradient, and each rank
+    keeps the sum for its own positions."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Forward: sum a row-parallel layer's partial products and keep this rank's positions.
+    Backward: all-gather the gradient, which every rank's partial product needs whole."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_all_gather(grad, ctx.group), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: cut dimension `scatter` into N pieces, send piece j to rank j, and join what
+    arrives along dimension `gather` in rank order. Ulysses uses it on [batch, heads, sequence,
+    head_dim]: sequence shards of all heads in, the whole sequence of 1/N of the heads out.
+    Backward: the same exchange with the two dimensions swapped."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter, gather):
+        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
+        inputs = [piece.contiguous() for piece in x.chunk(dist.get_world_size(group), dim=scatter)]
+        outputs = [torch.empty_like(piece) for piece in inputs]
+        dist.all_to_all(outputs, inputs, group=group)
+        return torch.cat(outputs, dim=gather)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllToAll.apply(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
+
+
+_SEQUENCE_LAYOUT = {
+    # model_type: (the norms whose outputs feed a layer's column-parallel matmuls, attention module)
+    "gpt2": (("ln_1", "ln_2"), "attn"),
+    "llama": (("input_layernorm", "post_attention_layernorm"), "self_attn"),
+    "gpt_neox": (("input_layernorm", "post_attention_layernorm"), "attention"),
+}
+
+
+class _SequenceSplit:
+    """How one base model's passes are split: sp_group (sequence parallel, the tp group) and
+    cp_group, and whether the pass running now is split (not when it uses a KV cache). The layers
+    and the attention function read it. A pass is split unless it asks for a KV cache
+    (use_cache=True or past_key_values), as sampling does."""
+
+    def __init__(self):
+        self.sp_group = self.cp_group = None
+        self.active, self.length = False, 0
+
+    @property
+    def sp_active(self) -> bool:
+        return self.active and self.sp_group is not None
+
+    @property
+    def cp_active(self) -> bool:
+        return self.active and self.cp_group is not None
+
+    def multiple(self) -> int:
+        return group_size(self.sp_group) * group_size(self.cp_group)
+
+
+def _split_inputs(trunk, args, kwargs):
+    """The base model's forward pre-hook: pad the batch to a multiple of the split, and under cp
+    hand the layers this rank's slice with its global positions and the whole sequence's mask."""
+    split = trunk.sequence_split
+    if args:  # GPT-2's LM head passes input_ids by position
+        kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+    input_ids = kwargs.get("input_ids")
+    cached = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
+    split.active = input_ids is not None and not args and not cached
+    if not split.active:
+        return args, kwargs
+    batch, length = input_ids.shape
+    split.length = length
+    pad = -length % split.multiple()
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    positions = kwargs.get("position_ids")
+    positions = torch.arange(length, device=input_ids.device).expand(batch, -1) if positions is None else positions
+    # The padding goes after the last token, masked: causal attention never lets a real token see it.
+    input_ids, mask, positions = (nn.functional.pad(t, (0, pad)) for t in (input_ids, mask, positions))
+    if split.cp_group is not None:
+        from transformers.masking_utils import sdpa_mask
+
+        # The whole sequence's [batch, 1, query, key] mask as the model would build it unsplit; a
+        # 4D mask is passed through to attention as it is, where the queries are whole again.
+        mask = sdpa_mask(
+            batch_size=batch,
+            q_length=length + pad,
+            kv_length=length + pad,
+            attention_mask=mask.bool(),
+            allow_is_causal_skip=False,
+            device=input_ids.device,
+        )
+        input_ids, positions = _seq_shard(input_ids, split.cp_group), _seq_shard(positions, split.cp_group)
+    kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return args, kwargs
+
+
+def _gather_outputs(trunk, args, kwargs, output):
+    """The base model's forward hook: the whole sequence's last hidden state, padding cut off."""
+    split = trunk.sequence_split
+    if not split.active:
+        return output
+    hidden = output.last_hidden_state
+    if split.cp_group is not None:
+        # Every cp rank computes the same loss from the gathered states, and the gradients of the
+        # weights are then averaged over dp x cp; each rank's share of the sequence must count
+        # whole, not 1/cp: so the gradient flowing back into the split region is scaled by cp.
+        hidden = _GatherSequence.apply(hidden, split.cp_group, float(group_size(split.cp_group)))
+    output.last_hidden_state = hidden[:, : split.length]
+    if output.hidden_states is not None:  # only the last is gathered (the others stay this rank's shard)
+        output.hidden_states = (*output.hidden_states[:-1], output.last_hidden_state)
+    return output
+
+
+def _sequence_split(model: nn.Module) -> _SequenceSplit:
+    """The split state of the model's base model, installing its two hooks the first time."""
+    trunk = model.base_model
+    if getattr(trunk, "sequence_split", None) is None:
+        if model.config.model_type not in _SEQUENCE_LAYOUT:
+            raise SystemExit(
+                f"error: sequence and context parallel know the {', '.join(_SEQUENCE_LAYOUT)} families, not "
+                f"{model.config.model_type!r}"
+            )
+        trunk.sequence_split = _SequenceSplit()
+        trunk.register_forward_pre_hook(_split_inputs, with_kwargs=True)
+        trunk.register_forward_hook(_gather_outputs, with_kwargs=True)
+    return trunk.sequence_split
+
+
+def sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
+    """Megatron sequence parallelism on a model tensor_parallel has rewritten: between the matmuls
+    each tp rank keeps 1/tp of the sequence. The first layer's input is cut (_SplitSequence); each
+    layer's norms hand the column-parallel matmuls the all-gathered sequence
+    (_GatherSequenceToColumns); row-parallel matmuls reduce-scatter (_ReduceScatterSequence); the
+    final norm's output is all-gathered for the head (_GatherSequence). The weights the split
+    region shares (norms, row-parallel biases) see only this rank's positions, so their gradients
+    are all-reduced over tp_group as they are computed."""
+    if tp_group is None:
+        return model
+    split = _sequence_split(model)
+    split.sp_group = tp_group
+    base_name, _, layers_name, norm_name, _ = _PIPELINE_LAYOUT[model.config.model_type]
+    norm_names, _ = _SEQUENCE_LAYOUT[model.config.model_type]
+    layers, final_norm = getattr(model.base_model, layers_name), getattr(model.base_model, norm_name)
+
+    def split_first_input(layer, args, kwargs):
+        if split.sp_active:
+            args = (_SplitSequence.apply(args[0], tp_group), *args[1:])
+        return args, kwargs
+
+    def gather_for_columns(norm, args, output):
+        return _GatherSequenceToColumns.apply(output, tp_group) if split.sp_active else output
+
+    def gather_for_head(norm, args, output):
+        return _GatherSequence.apply(output, tp_group, 1.0) if split.sp_active else output
+
+    def all_reduce_partial(grad):
+        if split.sp_active:
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=tp_group)
+        return grad
+
+    layers[0].register_forward_pre_hook(split_first_input, with_kwargs=True)
+    for layer in layers:
+        for name in norm_names:
+            getattr(layer, name).register_forward_hook(gather_for_columns)
+        for module in layer.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.sequence_split = split
+    final_norm.register_forward_hook(gather_for_head)
+    for param in list(layers.parameters()) + list(final_norm.parameters()):
+        if param.requires_grad and not getattr(param, "tensor_parallel", False):
+            param.register_hook(all_reduce_partial)
+    return model
+
+
+def _ulysses_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, run by each cp rank over the whole sequence for 1/N of the
+    heads: query, key and value arrive as [batch, heads, this rank's positions, head_dim] and go
+    through one all-to-all each; the output, [batch, positions, heads, head_dim], goes back
+    through one more. Unsplit passes (sampling) are plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    split = module.sequence_split
+    if not split.cp_active:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    group = split.cp_group
+    query, key, value = (_AllToAll.apply(t, group, 1, 2) for t in (query, key, value))
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _AllToAll.apply(output, group, 1, 2), weights
+
+
+def context_parallel(model: nn.Module, cp_group, tp_group=None) -> nn.Module:
+    """Ulysses context parallelism over cp_group: each rank runs 1/N of every sequence through
+    the whole model (see the section's opening). Attention runs as `_ulysses_attention`,
+    registered with transformers as "context_parallel"; heads and key/value heads must divide by
+    N times the tensor-parallel size, as each rank attends with whole heads."""
+    if cp_group is None:
+        return model
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    split = _sequence_split(model)
+    config, cp = model.config, group_size(cp_group)
+    tp = group_size(tp_group)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % (cp * tp) or kv_heads % (cp * tp):
+        raise SystemExit(
+            f"error: --cp {cp} x --tp {tp} must divide the attention heads ({heads}) and key/value heads "
+            f"({kv_heads}): each rank attends with whole heads; choose --cp so that {cp * tp} divides both"
+        )
+    split.cp_group = cp_group
+    _, attention_name = _SEQUENCE_LAYOUT[config.model_type]
+    for layer in getattr(model.base_model, _PIPELINE_LAYOUT[config.model_type][2]):
+        getattr(layer, attention_name).sequence_split = split
+    AttentionInterface.register("context_parallel", _ulysses_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("context_parallel", sdpa_mask)  # unsplit passes: SDPA's mask
+    model.config._attn_implementation = "context_parallel"
+    return model
+
+
+def split_sequences(model: nn.Module, grid: Grid, sp: bool = False) -> nn.Module:
+    """What a script calls on each model after tensor_parallel: sequence parallel over the grid's
+    tp group if `sp`, context parallel over its cp group; a no-op without either."""
+    if sp:
+        model = sequence_parallel(model, grid.tp_group)
+    return context_parallel(model, grid.cp_group, grid.tp_group)
 
 
 # ---------------------------------------------------------------------------------------------

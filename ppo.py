@@ -140,6 +140,12 @@ class Args:
     """pipeline stages per model copy under torchrun (policy and reference split into contiguous stages of decoder
     layers, 1F1B schedule over the micro-batches, value head on the last stage; rollouts are generated with a whole copy
     gathered from the stages)"""
+    cp: int = 1
+    """context-parallel ranks per model copy under torchrun (Ulysses: each holds 1/cp of every sequence through the
+    whole model, attention trades positions for heads; for sequences whose activations outgrow one device)"""
+    sequence_parallel: bool = False
+    """with --tp: also split the activations between the tensor-parallel matmuls (norms, residual adds) along the
+    sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -270,6 +276,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in (
         "tp",
         "pp",
+        "cp",
         "samples_per_prompt",
         "num_updates",
         "batch_size",
@@ -313,31 +320,41 @@ def check_args(args: Args, world_size: int) -> Args:
             "--init-kl-coef 0; give a positive --init-kl-coef, or drop --target-kl"
         )
 
-    model_ranks = args.tp * args.pp
+    model_ranks = args.tp * args.pp * args.cp
+    layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
         fail(
-            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"{layout} splits the model over {model_ranks} processes; "
             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
         )
     if world_size % model_ranks:
         fail(
-            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"{world_size} processes do not split into {layout.replace(' --', ' x --')} groups; "
             f"make the process count a multiple of {model_ranks}"
         )
-    if args.zero_stage == 3 and model_ranks > 1:
+    if args.sequence_parallel and args.tp == 1:
+        fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
+        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
-    if args.lora_rank > 0 and model_ranks > 1:
+    if args.lora_rank > 0 and args.tp * args.pp > 1:
         fail(
             "--lora-rank is not supported with --tp or --pp (the adapters would need splitting too); "
             "use --num-layers-unfrozen for a cheap reference"
         )
-    if args.value_model and model_ranks > 1:
+    if args.value_model and args.tp * args.pp > 1:
         fail(
             "--value-model (a separate critic) is not supported with --tp or --pp; "
             "use the value head (the default) or a critic-free --advantage"
         )
     if args.num_layers_unfrozen > 0 and args.lora_rank > 0:
         fail("--num-layers-unfrozen and --lora-rank are two ways to get a cheap reference; pick one")
+    if args.num_layers_unfrozen > 0 and (args.cp > 1 or args.sequence_parallel):
+        fail(
+            "--num-layers-unfrozen (Hydra) runs the reference's top from the policy's intermediate states, which "
+            "--cp and --sequence-parallel leave split; use --lora-rank or a whole reference with them"
+        )
 
     ranks = world_size // model_ranks  # data-parallel ranks
     require(
@@ -1550,6 +1567,13 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device, dtype)
         torch.nn.init.zeros_(value_head.weight)  # V = 0 at the start: no prior opinion of any state
         torch.nn.init.zeros_(value_head.bias)
+    # Each model that runs whole sequences splits them (a no-op unless --cp > 1 or --sequence-parallel);
+    # after the reference is copied, which must not share the policy's split state.
+    policy = parallel.split_sequences(policy, grid, args.sequence_parallel)
+    if reference is not None:
+        reference = parallel.split_sequences(reference, grid, args.sequence_parallel)
+    if critic is not None:
+        critic.trunk = parallel.split_sequences(critic.trunk, grid)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -1577,14 +1601,14 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     else:
         trained = torch.nn.ModuleDict({"policy": policy, **value_modules})
     wrapper = parallel.data_parallel(
-        trained, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+        trained, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
     # Under ZeRO-3 a reference with weights of its own is sharded too and used only inside its
     # gathered(); Hydra's shares the frozen trunk with the policy, so only its copied top is wrapped.
     reference_wrapper = None
     if args.zero_stage == 3 and reference is not None:
         owned = hydra_owned(reference, policy) if args.num_layers_unfrozen > 0 else reference
-        reference_wrapper = parallel.FullyShardedDataParallel(owned, grid.dp_group)
+        reference_wrapper = parallel.FullyShardedDataParallel(owned, grid.dp_cp_group)
     return Models(
         policy,
         reference,
@@ -1640,7 +1664,7 @@ def truncate_and_score(generated: list, chunks: list, prompts: list, reward: Rew
         responses = truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), reward.raw(prompts[lo:hi], texts)))
-    shares = [part for share in parallel.all_gather_objects(local, grid.dp_group) for part in share]
+    shares = [part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share]
     sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(grid.device, dtype)
     generated = torch.cat([g for g, _, _ in shares]).to(grid.device)
     responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -1874,7 +1898,7 @@ def load_training_state(args: Args, grid) -> tuple:
         return None, None
     checkpoint = find_checkpoint(args.resume, verbose=grid.is_main)
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1 if k in ("tp", "pp") else 0) for k in ("zero_stage", "tp", "pp")}
+    layout = {k: state["args"].get(k, 1 if k in ("tp", "pp", "cp") else 0) for k in ("zero_stage", "tp", "pp", "cp")}
     if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
         fail(
             f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with "
@@ -2004,10 +2028,11 @@ def main(args: Args):
     # Flags, processes, sizes (plumbing). Prompts per batch times samples per prompt is the batch;
     # batch and minibatch sizes count all ranks' rollouts.
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp, cp=args.cp)
     device, ranks, critic_free = grid.device, grid.dp_size, args.advantage != "gae"
     local_mini_batch_size = args.mini_batch_size // ranks  # each rank's share of a minibatch
     generation_chunk = min(args.generation_batch_size, args.batch_size)
+    sampling_rank = grid.dp_rank * grid.cp_size + grid.cp_rank  # this rank's place in dp_cp_group
     # The trained weights, the value function and every tensor of the update; under bf16 autocast
     # the forward runs in bf16 and its outputs are upcast to this.
     dtype = torch.float64 if args.dtype == "fp64" else torch.float32
@@ -2085,7 +2110,8 @@ def main(args: Args):
         prompts = batch_prompts(train_prompts, update, args)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
         prompt_length = prompt_ids.shape[1]
-        my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks, grid.dp_rank)
+        # Context-parallel ranks hold whole weights: they share the sampling as data-parallel ranks do.
+        my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks * grid.cp_size, sampling_rank)
         samples = sample_chunks(
             models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, f"update {update}", autocast
         )

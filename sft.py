@@ -79,6 +79,12 @@ class Args:
     pp: int = 1
     """pipeline stages per model copy under torchrun (decoder layers split in contiguous stages, 1F1B schedule over the
     micro-batches)"""
+    cp: int = 1
+    """context-parallel ranks per model copy under torchrun (Ulysses: each holds 1/cp of every sequence through the
+    whole model, attention trades positions for heads; for sequences whose activations outgrow one device)"""
+    sequence_parallel: bool = False
+    """with --tp: also split the activations between the tensor-parallel matmuls (norms, residual adds) along the
+    sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
 
@@ -156,6 +162,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in (
         "tp",
         "pp",
+        "cp",
         "num_epochs",
         "batch_size",
         "eval_every",
@@ -173,18 +180,23 @@ def check_args(args: Args, world_size: int) -> Args:
     require(
         args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2"
     )
-    model_ranks = args.tp * args.pp
+    model_ranks = args.tp * args.pp * args.cp
+    layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
         fail(
-            f"--tp {args.tp} --pp {args.pp} splits the model over {model_ranks} processes; "
+            f"{layout} splits the model over {model_ranks} processes; "
             f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
         )
     if world_size % model_ranks:
         fail(
-            f"{world_size} processes do not split into --tp {args.tp} x --pp {args.pp} groups; "
+            f"{world_size} processes do not split into {layout.replace(' --', ' x --')} groups; "
             f"make the process count a multiple of {model_ranks}"
         )
-    if args.zero_stage == 3 and model_ranks > 1:
+    if args.sequence_parallel and args.tp == 1:
+        fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
+        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
     require(
@@ -847,7 +859,7 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
             os.makedirs(run_dir, exist_ok=True)
         return 0, run_name, run_dir, None
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp")}
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp", "cp")}
     if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
         fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
@@ -870,7 +882,7 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
 def main(args: Args):
     # Flags, then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp)
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp, cp=args.cp)
     device, ranks = grid.device, grid.dp_size
     local_batch_size = args.batch_size // ranks
     param_dtype = torch.float64 if args.dtype == "fp64" else torch.float32
@@ -927,10 +939,11 @@ def main(args: Args):
             "shard; use --zero-stage 0 with --pp"
         )
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
+    model = parallel.split_sequences(model, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
     if args.pp > 1:
         model = parallel.pipeline_stage(model, grid.pp_group)
     model = parallel.data_parallel(
-        model, grid.dp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
+        model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
 
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)

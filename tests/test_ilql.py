@@ -927,10 +927,12 @@ LAYOUTS = [
     (["--pp", "2"], 2),
     (["--tp", "2", "--pp", "2"], 4),
     (["--pp", "2", "--zero-stage", "2"], 4),
+    (["--tp", "2", "--sequence-parallel"], 2),
+    (["--cp", "2"], 2),
 ]
 
 
-@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero2"])
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero2", "sp-tp2", "cp2"])
 def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, randomwalks_llama, one_process_run, flags, nproc):
     """The LM's heads, MLP and vocabulary split over tensor-parallel ranks (the ILQL heads whole on
     each), its layers over pipeline stages (1F1B; the V and Q heads train on the last stage, which

@@ -31,8 +31,10 @@ def _entry(rank, world, port, experiment, args, queue):
     )
     torch.set_num_threads(1)
     try:
-        grid = parallel.init_distributed("cpu", tp=args.get("tp", 1), timeout_s=args.get("timeout_s", 120))
-        result = experiment(grid, **{k: v for k, v in args.items() if k not in ("timeout_s", "tp")})
+        grid = parallel.init_distributed(
+            "cpu", tp=args.get("tp", 1), cp=args.get("cp", 1), timeout_s=args.get("timeout_s", 120)
+        )
+        result = experiment(grid, **{k: v for k, v in args.items() if k not in ("timeout_s", "tp", "cp")})
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     except BaseException as error:  # report, never hang the parent

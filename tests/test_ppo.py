@@ -794,6 +794,25 @@ def test_two_ranks_equal_one_process(tmp_path, walk_policy, text_reward, one_pro
     assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
 
 
+@pytest.mark.parametrize(
+    "layout, variant",
+    [
+        (["--cp", "2"], SCALED_REWARDS),
+        (["--cp", "2", "--zero-stage", "3"], GRPO),
+        (["--tp", "2", "--sequence-parallel"], []),
+    ],
+    ids=["cp2", "cp2-zero3-grpo", "sp-tp2"],
+)
+def test_sequence_splits_equal_one_process(tmp_path, walk_policy, text_reward, one_process, layout, variant):
+    """Every sequence split over 2 context-parallel ranks (which share the sampling as data-parallel
+    ranks would), or over the 2 tensor-parallel ranks between their matmuls: one process's run."""
+    flags = data_parallel_flags(walk_policy, text_reward, *variant)
+    result = run_ranks("ppo.py", *flags, *layout, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved ") == 1  # rank 0 alone reports
+    assert_runs_agree(one_process(flags), tmp_path / "two", walk_policy)
+
+
 def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text_reward, one_process):
     """ZeRO-3 on 2 ranks equals one process, and killed after the checkpoint of update 2 (each
     rank's optimizer shard in its own file, all listed in the manifest) it resumes bitwise."""

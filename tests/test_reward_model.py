@@ -669,10 +669,12 @@ LAYOUTS = [
     (["--pp", "2"], 2),
     (["--tp", "2", "--pp", "2"], 4),
     (["--pp", "2", "--zero-stage", "1"], 4),
+    (["--tp", "2", "--sequence-parallel"], 2),
+    (["--cp", "2"], 2),
 ]
 
 
-@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero1"])
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero1", "sp-tp2", "cp2"])
 def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, pairs_run_inputs, one_process_run, flags, nproc):
     """Heads, MLP and vocabulary split over tensor-parallel ranks (the score head whole on each),
     layers over pipeline stages (1F1B; the last stage pools the scores and computes the pairwise

@@ -479,15 +479,21 @@ LAYOUTS = [
     (["--tp", "2", "--pp", "2"], 4),
     (["--pp", "2"], 4),
     (["--tp", "2", "--zero-stage", "1"], 4),
+    (["--tp", "2", "--sequence-parallel"], 2),
+    (["--cp", "2"], 2),
+    (["--cp", "2", "--zero-stage", "3"], 4),
+    (["--cp", "2", "--tp", "2", "--sequence-parallel"], 4),
 ]
+LAYOUT_IDS = ["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1", "sp-tp2", "cp2", "cp2xdp2-zero3", "cp2xsp-tp2"]
 
 
-@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1"])
+@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=LAYOUT_IDS)
 def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, text_run_inputs, one_process_run, flags, nproc):
     """Heads, MLP and vocabulary split over tensor-parallel ranks, layers over pipeline stages
-    (1F1B), and data parallel over what remains, on 2 and 4 processes: the same eval loss and the
-    same saved dense weights as one process (the tiny GPT-2 ties its embeddings, so the pipelined
-    runs also exercise the tied copy on the first and last stage)."""
+    (1F1B), sequences over context-parallel ranks (and over the tensor-parallel ones between their
+    matmuls under --sequence-parallel), and data parallel over what remains, on 2 and 4 processes:
+    the same eval loss and the same saved dense weights as one process (the tiny GPT-2 ties its
+    embeddings, so the pipelined runs also exercise the tied copy on the first and last stage)."""
     single, expected = one_process_run
     run = run_ranks(
         "sft.py",

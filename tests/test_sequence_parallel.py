@@ -1,0 +1,103 @@
+"""Sequence parallel (Megatron, over the tensor-parallel group) and context parallel (Ulysses)
+against the dense model, on 2 and 4 gloo ranks in fp64: logits, loss, every gradient and greedy
+generation, for GPT-2, Llama (grouped-query attention) and GPT-NeoX, on a left-padded batch whose
+length (11) divides by neither 2 nor 4."""
+
+import copy
+
+import pytest
+import torch
+
+import parallel
+from test_parallel import spawn
+
+TOLERANCE = 1e-12
+FAMILIES = ["gpt2", "llama", "gpt-neox"]
+
+
+def left_padded_batch():
+    """Three sequences of 11 tokens, the first two left-padded by 3 and 1, with the positions the
+    scripts give them (counting from each sequence's first real token)."""
+    ids = torch.randint(1, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def masked_loss(logits, ids, mask):
+    """Next-token cross-entropy over real tokens, plus a term on every real position's logits so
+    that each position's gradient differs."""
+    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    targets = mask[:, 1:].double()
+    return -(logprobs * targets).sum() / targets.sum() + (logits.tanh().sum(-1) * mask).sum() * 1e-3
+
+
+def split_experiment(grid, families, sequence_parallel):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    ids, mask, positions = left_padded_batch()
+    results = {}
+    for family in families:
+        config = tiny_config(family, vocab_size=64, eos_token_id=0)
+        if grid.world_size == 4:  # 8 heads, 4 of them key/value: whole heads for 4 ranks, still GQA
+            config.update(dict(num_attention_heads=8, num_key_value_heads=4) if family == "llama" else {})
+            config.update(dict(n_head=8) if family == "gpt2" else {})
+            config.update(dict(num_attention_heads=8) if family == "gpt-neox" else {})
+        torch.manual_seed(0)
+        dense = AutoModelForCausalLM.from_config(config).double()
+        model = parallel.tensor_parallel(copy.deepcopy(dense), grid.tp_group)
+        if sequence_parallel:
+            model = parallel.sequence_parallel(model, grid.tp_group)
+        model = parallel.context_parallel(model, grid.cp_group, grid.tp_group)
+        dense_logits = dense(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        masked_loss(dense_logits, ids, mask).backward()
+        lengths = []  # the sequence length the last decoder layer sees: the split is real
+        hook = model.base_model.get_submodule("h" if family == "gpt2" else "layers")[-1].register_forward_pre_hook(
+            lambda layer, args: lengths.append(args[0].shape[1])
+        )
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        hook.remove()
+        masked_loss(logits, ids, mask).backward()
+        for param in model.parameters():  # what data parallel over dp x cp does: the mean over cp ranks
+            param.grad = parallel.all_reduce_sum(param.grad, grid.cp_group) / grid.cp_size
+        grads = parallel.tensor_parallel_state_dict(model, grid.tp_group, grads=True)
+        with torch.no_grad():  # sampling uses the KV cache, and is not split
+            greedy = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            generated, dense_generated = model.generate(ids, **greedy), dense.generate(ids, **greedy)
+        real = mask.bool()
+        results[family] = {
+            "logits": (logits - dense_logits)[real].abs().max().item(),
+            "grads": max((grads[n] - p.grad).abs().max().item() for n, p in dense.named_parameters()),
+            "grad_names": set(grads) == {n for n, _ in dense.named_parameters()},
+            "grad_scale": min(p.grad.abs().max().item() for p in dense.parameters()),
+            "generated": generated.tolist() == dense_generated.tolist(),
+            "layer_length": lengths[0],
+        }
+    return results
+
+
+LAYOUTS = [
+    pytest.param(2, dict(tp=2), True, id="sp-tp2"),
+    pytest.param(4, dict(tp=4), True, id="sp-tp4"),
+    pytest.param(2, dict(cp=2), False, id="cp2"),
+    pytest.param(4, dict(cp=4), False, id="cp4"),
+    pytest.param(4, dict(cp=2, tp=2), True, id="cp2xsp-tp2"),
+]
+
+
+@pytest.mark.parametrize("world, layout, sequence_parallel", LAYOUTS)
+def test_split_model_equals_dense(world, layout, sequence_parallel):
+    results = spawn(world, split_experiment, families=FAMILIES, sequence_parallel=sequence_parallel, **layout)
+    ranks_per_sequence = layout.get("cp", 1) * (layout.get("tp", 1) if sequence_parallel else 1)
+    padded = -(-11 // ranks_per_sequence) * ranks_per_sequence
+    for rank, result in enumerate(results):
+        assert isinstance(result, dict), result
+        for family, numbers in result.items():
+            assert numbers["grad_names"] and numbers["grad_scale"] > 0 and numbers["generated"], (family, numbers)
+            assert numbers["layer_length"] == padded // ranks_per_sequence, (family, numbers)
+            for name in ("logits", "grads"):
+                assert numbers[name] <= TOLERANCE, f"{family}, rank {rank}: {name} differ by {numbers[name]:.3g}"
