@@ -1354,12 +1354,12 @@ _SEQUENCE_LAYOUT = {
 
 class _SequenceSplit:
     """How one base model's passes are split: sp_group (sequence parallel, the tp group) and
-    cp_group, and whether the pass running now is split (not when it uses a KV cache). The layers
-    and the attention function read it. A pass is split unless it asks for a KV cache
+    cp_group; whether the pass running now is split, its length and under cp the whole sequence's
+    attention mask. The layers and the attention function read it. A pass is split unless it asks for a KV cache
     (use_cache=True or past_key_values), as sampling does."""
 
     def __init__(self):
-        self.sp_group = self.cp_group = None
+        self.sp_group = self.cp_group = self.mask = None
         self.active, self.length = False, 0
 
     @property
@@ -1392,22 +1392,24 @@ def _split_inputs(trunk, args, kwargs):
     mask = torch.ones_like(input_ids) if mask is None else mask
     positions = kwargs.get("position_ids")
     positions = torch.arange(length, device=input_ids.device).expand(batch, -1) if positions is None else positions
-    # The padding goes after the last token, masked: causal attention never lets a real token see it.
-    input_ids, mask, positions = (nn.functional.pad(t, (0, pad)) for t in (input_ids, mask, positions))
+    # The padding goes after the last token, where causal attention never lets a real token see it;
+    # marking it attended keeps an all-ones mask all ones, so SDPA stays on its causal fast path.
+    input_ids, positions = nn.functional.pad(input_ids, (0, pad)), nn.functional.pad(positions, (0, pad))
+    mask = nn.functional.pad(mask, (0, pad), value=1)
     if split.cp_group is not None:
         from transformers.masking_utils import sdpa_mask
 
-        # The whole sequence's [batch, 1, query, key] mask as the model would build it unsplit; a
-        # 4D mask is passed through to attention as it is, where the queries are whole again.
-        mask = sdpa_mask(
+        # Attention sees the whole sequence, so it takes the whole sequence's [batch, 1, query, key]
+        # mask, built as the model would build it unsplit (None when nothing is padded: causal
+        # SDPA); the model is left to build one for its slice, which attention ignores.
+        split.mask = sdpa_mask(
             batch_size=batch,
             q_length=length + pad,
             kv_length=length + pad,
             attention_mask=mask.bool(),
-            allow_is_causal_skip=False,
-            device=input_ids.device,
+            device=mask.device,
         )
-        input_ids, positions = _seq_shard(input_ids, split.cp_group), _seq_shard(positions, split.cp_group)
+        input_ids, positions, mask = _seq_shard(input_ids, split.cp_group), _seq_shard(positions, split.cp_group), None
     kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return args, kwargs
 
@@ -1495,7 +1497,8 @@ def _ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention, run by each cp rank over the whole sequence for 1/N of the
     heads: query, key and value arrive as [batch, heads, this rank's positions, head_dim] and go
     through one all-to-all each; the output, [batch, positions, heads, head_dim], goes back
-    through one more. Unsplit passes (sampling) are plain SDPA."""
+    through one more. The mask is the whole sequence's, from the split state (the model's is for
+    its slice). Unsplit passes (sampling) are plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     split = module.sequence_split
@@ -1503,7 +1506,7 @@ def _ulysses_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     group = split.cp_group
     query, key, value = (_AllToAll.apply(t, group, 1, 2) for t in (query, key, value))
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    output, weights = sdpa_attention_forward(module, query, key, value, split.mask, **kwargs)
     return _AllToAll.apply(output, group, 1, 2), weights
 
 
@@ -1517,16 +1520,15 @@ def context_parallel(model: nn.Module, cp_group, tp_group=None) -> nn.Module:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    split = _sequence_split(model)
-    config, cp = model.config, group_size(cp_group)
-    tp = group_size(tp_group)
+    config, cp, tp = model.config, group_size(cp_group), group_size(tp_group)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % (cp * tp) or kv_heads % (cp * tp):
         raise SystemExit(
-            f"error: --cp {cp} x --tp {tp} must divide the attention heads ({heads}) and key/value heads "
-            f"({kv_heads}): each rank attends with whole heads; choose --cp so that {cp * tp} divides both"
+            f"error: --cp {cp} x --tp {tp} = {cp * tp} must divide the attention heads ({heads}) and key/value heads "
+            f"({kv_heads}), as each rank attends with whole heads; pick a --cp that does"
         )
+    split = _sequence_split(model)
     split.cp_group = cp_group
     _, attention_name = _SEQUENCE_LAYOUT[config.model_type]
     for layer in getattr(model.base_model, _PIPELINE_LAYOUT[config.model_type][2]):

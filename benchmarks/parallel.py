@@ -6,6 +6,15 @@ processes.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/parallel.py            # gloo on CPU
     torchrun --standalone --nproc_per_node 8 benchmarks/parallel.py --layers 24 --hidden 2048   # NCCL
+    torchrun --standalone --nproc_per_node 2 benchmarks/parallel.py --sequences 1024 2048 4096 8192
+
+With --sequences, the table is instead one row per layout and sequence length (one sequence per
+step): the activations a rank keeps for backward under dense (every rank the whole model and
+sequence), tensor parallel, tensor + sequence parallel and context parallel over all ranks, against
+dense and against the 1/N the split promises, and the forward-backward time. Activations are the
+tensors autograd saves, counted by saved_tensors_hooks (each storage once, parameters excluded):
+exact on any device, where a peak measured from the allocator would also count the transients of
+attention and the loss.
 
 Rank 0 prints a markdown table: median step time (forward, backward, clipping, AdamW step) and
 memory per rank, with ratios to the torch baseline of the same kind. Memory is measured twice:
@@ -22,11 +31,12 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import tyro
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
@@ -50,6 +60,8 @@ class Args:
     """pipeline rows: micro-batches the global batch (batch x ranks sequences) is cut into"""
     bf16: bool = False
     """bf16 autocast (fp32 master weights), as the scripts' --dtype bf16"""
+    sequences: tuple[int, ...] = ()
+    """sequence lengths for the sequence/context-parallel table (replaces the table above)"""
 
 
 def build_model(args: Args, device):
@@ -191,10 +203,89 @@ def run_variant(name: str, args: Args, grid, batches):
     return statistics.median(times), held, peak, bubble
 
 
+SPLITS = ("dense", "TP", "TP + SP", "CP")
+
+
+def saved_activation_bytes(function) -> int:
+    """Run function() and count the bytes autograd saves for backward, each storage once, leaving
+    out parameters (which backward reads but the pass does not allocate)."""
+    storages = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = function()
+    return sum(storages.values()), output
+
+
+def split_row(name: str, args: Args, length: int, grid):
+    """(activation bytes, median forward-backward seconds) of one layout on one sequence of `length`
+    tokens: the model's layers and final norm, then log-probs of the next tokens through
+    kernels.fused_logprobs (vocabulary-parallel under TP), as the scripts compute them."""
+    import kernels
+
+    world = dist.group.WORLD
+    model = build_model(replace(args, sequence=length), grid.device)
+    tp_group = world if name.startswith("TP") else None
+    model = parallel.tensor_parallel(model, tp_group)
+    if name == "TP + SP":
+        model = parallel.sequence_parallel(model, world)
+    if name == "CP":
+        model = parallel.context_parallel(model, world)
+    ids = torch.randint(0, args.vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(grid.device)
+    head = model.get_output_embeddings().weight
+
+    def forward():
+        hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]
+        return -kernels.fused_logprobs(hidden, head, ids[:, 1:], group=tp_group, compile=False).mean()
+
+    activations, times = None, []
+    for step in range(args.steps + 2):
+        dist.barrier()
+        started = time.perf_counter()
+        if step == 0:
+            activations, loss = saved_activation_bytes(forward)
+        else:
+            loss = forward()
+        loss.backward()
+        if grid.device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        if step >= 2:
+            times.append(time.perf_counter() - started)
+    return activations, statistics.median(times)
+
+
+def sequence_table(args: Args, grid):
+    world = grid.world_size
+    rows = {(name, length): split_row(name, args, length, grid) for length in args.sequences for name in SPLITS}
+    if grid.is_main:
+        print(
+            f"{world} ranks, {'NCCL' if grid.device.type == 'cuda' else 'gloo'} on {grid.device.type}, GPT-2 "
+            f"{args.layers} layers x {args.hidden} ({max(1, args.hidden // 64)} heads), vocabulary {args.vocab}, one "
+            f"sequence per step, fp32, torch {torch.__version__}"
+        )
+        print("| tokens | layout | activations per rank | vs dense | 1/N | forward-backward | vs dense |")
+        print("|---|---|---|---|---|---|---|")
+        for (name, length), (activations, seconds) in rows.items():
+            dense_bytes, dense_seconds = rows["dense", length]
+            print(
+                f"| {length} | {name} | {activations / 2**20:.1f} MiB | {activations / dense_bytes:.3f} | "
+                f"{'' if name == 'dense' else f'{1 / world:.3f}'} | {seconds * 1000:.0f} ms | "
+                f"{seconds / dense_seconds:.2f}x |"
+            )
+
+
 def main(args: Args):
     with parallel.clean_exit():
         grid = parallel.init_distributed("auto")
         assert grid.world_size > 1, "launch with torchrun --nproc_per_node 2 (or more)"
+        if args.sequences:
+            return sequence_table(args, grid)
         generator = torch.Generator().manual_seed(grid.rank)
         batches = [
             torch.randint(0, args.vocab, (args.batch, args.sequence), generator=generator).to(grid.device)

@@ -54,14 +54,16 @@ def split_experiment(grid, families, sequence_parallel):
             model = parallel.sequence_parallel(model, grid.tp_group)
         model = parallel.context_parallel(model, grid.cp_group, grid.tp_group)
         dense_logits = dense(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        masked_loss(dense_logits, ids, mask).backward()
+        whole = dense(input_ids=ids).logits  # and a batch without padding, mask or positions
+        (masked_loss(dense_logits, ids, mask) + masked_loss(whole, ids, torch.ones_like(mask))).backward()
         lengths = []  # the sequence length the last decoder layer sees: the split is real
         hook = model.base_model.get_submodule("h" if family == "gpt2" else "layers")[-1].register_forward_pre_hook(
             lambda layer, args: lengths.append(args[0].shape[1])
         )
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        split_whole = model(input_ids=ids).logits
         hook.remove()
-        masked_loss(logits, ids, mask).backward()
+        (masked_loss(logits, ids, mask) + masked_loss(split_whole, ids, torch.ones_like(mask))).backward()
         for param in model.parameters():  # what data parallel over dp x cp does: the mean over cp ranks
             param.grad = parallel.all_reduce_sum(param.grad, grid.cp_group) / grid.cp_size
         grads = parallel.tensor_parallel_state_dict(model, grid.tp_group, grads=True)
@@ -70,7 +72,7 @@ def split_experiment(grid, families, sequence_parallel):
             generated, dense_generated = model.generate(ids, **greedy), dense.generate(ids, **greedy)
         real = mask.bool()
         results[family] = {
-            "logits": (logits - dense_logits)[real].abs().max().item(),
+            "logits": max((logits - dense_logits)[real].abs().max().item(), (split_whole - whole).abs().max().item()),
             "grads": max((grads[n] - p.grad).abs().max().item() for n, p in dense.named_parameters()),
             "grad_names": set(grads) == {n for n, _ in dense.named_parameters()},
             "grad_scale": min(p.grad.abs().max().item() for p in dense.parameters()),
@@ -101,3 +103,18 @@ def test_split_model_equals_dense(world, layout, sequence_parallel):
             assert numbers["layer_length"] == padded // ranks_per_sequence, (family, numbers)
             for name in ("logits", "grads"):
                 assert numbers[name] <= TOLERANCE, f"{family}, rank {rank}: {name} differ by {numbers[name]:.3g}"
+
+
+def test_heads_that_do_not_divide_are_refused_in_one_line(monkeypatch):
+    """Ulysses gives each rank whole heads: 3 heads over --cp 2 stop before any hook is installed."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("gpt2", vocab_size=64, eos_token_id=0)
+    config.update(dict(n_head=3, n_embd=24))
+    model = AutoModelForCausalLM.from_config(config)
+    monkeypatch.setattr(parallel, "group_size", lambda group: 1 if group is None else group)  # a group of 2 ranks
+    with pytest.raises(SystemExit, match=r"^error: --cp 2 x --tp 1 = 2 must divide the attention heads \(3\)"):
+        parallel.context_parallel(model, 2)
+    assert getattr(model.base_model, "sequence_split", None) is None

@@ -513,12 +513,14 @@ def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, text_run_input
 
 
 def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inputs):
-    """ZeRO-2 on 2 ranks, the whole launcher killed after a checkpoint: the resumed run (each rank
-    reloading its own optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
-    flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "2", "--save-every", "2", "--num-epochs", "6"]
+    """ZeRO-2 on 2 ranks, which split each sequence (--cp 2) and so shard the optimizer over dp x cp,
+    the whole launcher killed after a checkpoint: the resumed run (each rank reloading its own
+    optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "2", "--cp", "2", "--save-every", "2"]
+    flags += ["--num-epochs", "6"]
     reference, killed = torchrun_kill_and_resume("sft.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
-    wrong_world = run_script("sft.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    wrong_world = run_script("sft.py", *flags, "--cp", "1", "--resume", str(killed), cwd=tmp_path)
     assert wrong_world.returncode == 1 and "written by 2 process(es)" in wrong_world.stderr
 
 
