@@ -1,5 +1,5 @@
-"""Multi-GPU training written out on torch.distributed: data parallel, ZeRO stages 1 to 3, tensor
-and pipeline parallelism. A script started without torchrun is world size 1: every wrapper below
+"""Multi-GPU training written out on torch.distributed: data parallel, ZeRO stages 1 to 3, tensor,
+sequence, context and pipeline parallelism. A script started without torchrun is world size 1: every wrapper below
 is then a thin pass-through and nothing is communicated. All collectives are NCCL on GPUs and gloo
 on CPUs (which makes the tests run anywhere). Mixed precision is torch.autocast: parameters,
 gradients and reductions stay fp32 (the master weights), matmuls run in bf16.
@@ -7,8 +7,9 @@ gradients and reductions stay fp32 (the master weights), matmuls run in bf16.
 The file, section by section; each section opens with what it communicates, when, and why.
 
 1. Process groups. `init_distributed` reads torchrun's environment and cuts the world into a
-   dp x pp x tp grid (`Grid`): tensor-parallel ranks adjacent (they talk every layer), then
-   pipeline stages, then data-parallel replicas. Small helpers: sums and object gathers over a
+   dp x pp x cp x tp grid (`Grid`): tensor-parallel ranks adjacent (they talk several times a
+   layer), then context-parallel ones (twice a layer), then pipeline stages, then data-parallel
+   replicas. Small helpers: sums and object gathers over a
    group, `clean_exit` (a failed collective becomes one line instead of a traceback per rank).
 2. Data parallel and ZeRO-1/2 (`DataParallel`). Gradients are averaged over dp_group in flat
    buckets, each all-reduced as soon as backward completes it, while backward goes on. ZeRO-1
@@ -21,15 +22,22 @@ The file, section by section; each section opens with what it communicates, when
 4. Tensor parallel (Megatron): four tiny autograd functions (copy, reduce, gather, split) carry
    all the communication; column- and row-parallel linear layers and a vocabulary-parallel
    embedding are built from them, and `tensor_parallel` rewrites a Hugging Face model in place.
-5. Pipeline parallel: `PipelineStage` keeps a model's consecutive layers; point-to-point sends
+5. Sequence and context parallel: activations split along the sequence. `sequence_parallel`
+   (Megatron) splits what lies between the tensor-parallel matmuls over the tp ranks, trading
+   each all-reduce for a reduce-scatter and an all-gather; `context_parallel` (Ulysses) splits
+   every layer over the cp ranks, with an all-to-all before and after attention. Both start and
+   end at the base model, which hands the heads the whole sequence's last hidden state.
+6. Pipeline parallel: `PipelineStage` keeps a model's consecutive layers; point-to-point sends
    carry activations forward and their gradients back, in the all-forward-all-backward or 1F1B
    schedule; `pipeline_forward` for passes without gradients; whole-model state dicts and copies
    for saving and generating.
 
 Every algorithm script uses it the same way:
 
-    grid = parallel.init_distributed(args.device)            # reads torchrun's environment
-    model = parallel.data_parallel(model, grid.dp_group, args.zero_stage)
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp, cp=args.cp)
+    model = parallel.tensor_parallel(model, grid.tp_group)    # each a no-op for a group of one
+    model = parallel.split_sequences(model, grid, args.sequence_parallel)
+    model = parallel.data_parallel(model, grid.dp_cp_group, args.zero_stage)
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=...)
     for micro_batch in batch:                                 # gradients are averaged over ranks
         with model.no_sync() if not last else nullcontext():  # when the last backward returns

@@ -84,6 +84,15 @@ from typing import Optional
 #     Q heads' with a gradient of the same size: 4 * T * 2h * (1 + 2 n_q) + 4 * T * vocab * 3 n_q;
 #   - ppo: the policy's, plus as much again for a separate critic (the same trunk; policy and
 #     value losses are summed into one backward in ppo.py, so both sets are alive at once).
+#   - sequence parallel (--sequence-parallel, with tp): the checkpoints are sequence shards, 2 * s
+#     * b * h / tp each, and the working set is Korthikanti et al.'s eq. 4, s * b * h * (34 / tp +
+#     5 * a * s / (h * tp)): what lay between the matmuls is divided by tp too;
+#   - context parallel (--cp N, Ulysses): a rank holds s / N tokens of every layer (checkpoints and
+#     the linear terms of the working set), and attends over all s tokens with a / N heads (the
+#     s^2 term / N as well); on the last stage the whole sequence's final hidden state is gathered
+#     for the head (2 * s * b * h more), whose log-prob blocks are those of the whole sequence.
+#     Context-parallel ranks hold whole weights (ZeRO shards them over dp x cp) and generate like
+#     data-parallel ranks, so the KV cache is not divided by N.
 # PPO's rollout (generation, then the scoring passes of policy, critic, reference and reward
 # model) is a separate phase. It holds the KV cache of `rollout_batch_size` sequences of seq_len
 # (prompt + response) tokens, bf16, for the layers of the stage and the tp rank's KV heads,
@@ -271,19 +280,32 @@ def ilql_head_parameters(shape: ModelShape, n_q: int = 2) -> tuple:
 
 
 def activation_bytes(
-    shape: ModelShape, tp: int, pp: int, stage: int, seq_len: int, sequences: int, logits: bool = True
+    shape: ModelShape,
+    tp: int,
+    pp: int,
+    stage: int,
+    seq_len: int,
+    sequences: int,
+    logits: bool = True,
+    cp: int = 1,
+    sequence_parallel: bool = False,
 ) -> float:
     """Training activations of one model on one rank (see the section's comment): the checkpointed
     layer inputs of the micro-batches in flight, one layer's working set, and on the last stage the
-    fused log-probs' logits block and gradient accumulator (when the model has an LM head)."""
+    fused log-probs' logits block and gradient accumulator (when the model has an LM head); the
+    layers' share divided along the sequence under cp and sequence parallel."""
     s, b, h, a = seq_len, sequences, shape.hidden, shape.heads
-    checkpoints = (pp - stage) * (shape.layers // pp) * 2 * s * b * h
-    working_set = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    between_matmuls = 34 / tp if sequence_parallel else 10 + 24 / tp
+    checkpoints = (pp - stage) * (shape.layers // pp) * 2 * s * b * h / (tp if sequence_parallel else 1)
+    working_set = s * b * h * (between_matmuls + 5 * a * s / (h * tp))
     head = 0
-    if logits and stage == pp - 1:
+    if stage == pp - 1:
         tokens = s * b
-        head = 8 * min(tokens, LOGITS_BLOCK[0]) * min(LOGITS_BLOCK[1], math.ceil(shape.vocab / tp)) + 4 * tokens * h
-    return checkpoints + working_set + head
+        head = 2 * tokens * h if cp > 1 else 0  # the final hidden state gathered whole
+        if logits:
+            head += 8 * min(tokens, LOGITS_BLOCK[0]) * min(LOGITS_BLOCK[1], math.ceil(shape.vocab / tp))
+            head += 4 * tokens * h
+    return (checkpoints + working_set) / cp + head
 
 
 def kv_cache_bytes(shape: ModelShape, tp: int, pp: int, sequences: int, seq_len: int) -> float:
@@ -308,6 +330,7 @@ class Memory:
     activations: float = 0.0  # training activations
     kv_cache: float = 0.0  # PPO rollout's KV cache (a separate phase from training)
     gathered: float = 0.0  # PPO rollout under ZeRO-3: the rest of the models, gathered whole
+    cp: int = 1  # context-parallel ranks per model copy
 
     @property
     def total(self) -> float:
@@ -335,6 +358,8 @@ def stage_memory(
     reward: Optional[ModelShape] = None,
     n_q: int = 2,
     rollout_gather: bool = True,
+    cp: int = 1,
+    sequence_parallel: bool = False,
 ) -> Memory:
     """Bytes on a rank of pipeline stage `stage` for algorithm sft, rm, ilql or ppo.
 
@@ -345,14 +370,16 @@ def stage_memory(
     policy's shape and a frozen bf16 reward model of shape `reward` (default: the policy's).
     rollout_gather: under ZeRO-3, PPO's rollout gathers the models whole, and under pipeline
     parallelism a bf16 whole-depth copy of the policy split over tp, as ppo.py does; False counts a
-    rollout that gathers nothing beyond the shards (a layer at a time, or through the stages)."""
+    rollout that gathers nothing beyond the shards (a layer at a time, or through the stages). cp,
+    sequence_parallel: the sequence splits (dp counts model copies; ZeRO shards over dp x cp)."""
     if algorithm not in ("sft", "rm", "ilql", "ppo"):
         raise SystemExit(f"error: unknown algorithm {algorithm!r}; use sft, rm, ilql or ppo")
     last = stage == pp - 1
     trained = stage_units(policy, tp, pp, stage, "score" if algorithm == "rm" else "lm")
     frozen_bytes = 0.0
     sequences = 2 * micro_batch_size if algorithm == "rm" else micro_batch_size
-    activations = activation_bytes(policy, tp, pp, stage, seq_len, sequences, logits=algorithm != "rm")
+    split = dict(cp=cp, sequence_parallel=sequence_parallel and tp > 1)
+    activations = activation_bytes(policy, tp, pp, stage, seq_len, sequences, logits=algorithm != "rm", **split)
     kv_cache = 0.0
     if algorithm == "ilql" and last:
         heads, targets = ilql_head_parameters(policy, n_q)
@@ -366,7 +393,7 @@ def stage_memory(
     elif algorithm == "ppo":
         if value == "critic":
             trained = trained + stage_units(policy, tp, pp, stage, "value")
-            activations += activation_bytes(policy, tp, pp, stage, seq_len, micro_batch_size, logits=False)
+            activations += activation_bytes(policy, tp, pp, stage, seq_len, micro_batch_size, logits=False, **split)
         elif last:
             trained = trained + [head_parameters(policy, "value")]
         frozen = sum(stage_units(policy, tp, pp, stage, "lm")) + sum(
@@ -375,9 +402,9 @@ def stage_memory(
         frozen_bytes += 2 * frozen
         kv_cache = kv_cache_bytes(policy, tp, 1 if rollout_gather else pp, rollout_batch_size, seq_len)
     n = sum(trained)
-    gathered = 0.0
+    gathered, shards = 0.0, dp * cp  # ZeRO shards over every rank that holds the same weights
     if algorithm == "ppo" and rollout_gather and zero >= 3:
-        gathered = (4 * n + frozen_bytes) * (dp - 1) / dp
+        gathered = (4 * n + frozen_bytes) * (shards - 1) / shards
     elif algorithm == "ppo" and rollout_gather and pp > 1:
         gathered = 2 * sum(stage_units(policy, tp, 1, 0, "lm"))
     return Memory(
@@ -386,13 +413,14 @@ def stage_memory(
         pp,
         zero,
         stage,
-        params=4 * n / (dp if zero >= 3 else 1) + (4 * max(trained) if zero >= 3 else 0),
-        grads=4 * n / (dp if zero >= 2 else 1),
-        optimizer=8 * n / (dp if zero >= 1 else 1),
-        frozen=frozen_bytes / (dp if zero >= 3 else 1),
+        params=4 * n / (shards if zero >= 3 else 1) + (4 * max(trained) if zero >= 3 else 0),
+        grads=4 * n / (shards if zero >= 2 else 1),
+        optimizer=8 * n / (shards if zero >= 1 else 1),
+        frozen=frozen_bytes / (shards if zero >= 3 else 1),
         activations=activations,
         kv_cache=kv_cache,
         gathered=gathered,
+        cp=cp,
     )
 
 
@@ -404,19 +432,22 @@ def layout_memory(algorithm: str, policy: ModelShape, dp: int, tp: int, pp: int,
     )
 
 
-def layouts(gpus: int, shapes: list, max_tp: int = MAX_TP) -> list:
-    """Every (dp, tp, pp, zero) with dp * tp * pp == gpus, tp <= max_tp dividing the attention
-    and KV heads of every model, pp dividing their layer counts, zero 3 only with pp == 1, and
-    only zero 0 when dp == 1 (nothing to shard)."""
+def layouts(gpus: int, shapes: list, max_tp: int = MAX_TP, cp: int = 1) -> list:
+    """Every (dp, tp, pp, zero) with dp * tp * pp * cp == gpus, tp <= max_tp and tp * cp dividing
+    the attention and KV heads of every model, pp dividing their layer counts (and 1 under cp,
+    which does not compose with it), zero 3 only with pp == 1, and only zero 0 when dp * cp == 1
+    (nothing to shard)."""
     found = []
-    for tp in range(1, min(gpus, max_tp) + 1):
-        if gpus % tp or any(shape.heads % tp or shape.kv_heads % tp for shape in shapes):
+    if gpus % cp:
+        return found
+    for tp in range(1, min(gpus // cp, max_tp) + 1):
+        if (gpus // cp) % tp or any(shape.heads % (tp * cp) or shape.kv_heads % (tp * cp) for shape in shapes):
             continue
-        for pp in range(1, gpus // tp + 1):
-            if (gpus // tp) % pp or any(shape.layers % pp for shape in shapes):
+        for pp in range(1, gpus // (tp * cp) + 1) if cp == 1 else [1]:
+            if (gpus // (tp * cp)) % pp or any(shape.layers % pp for shape in shapes):
                 continue
-            dp = gpus // (tp * pp)
-            for zero in range(4) if dp > 1 else [0]:
+            dp = gpus // (tp * pp * cp)
+            for zero in range(4) if dp * cp > 1 else [0]:
                 if zero == 3 and pp > 1:
                     continue
                 found.append((dp, tp, pp, zero))
@@ -427,11 +458,12 @@ def plan(
     algorithm: str, policy: ModelShape, gpus: int, reward: Optional[ModelShape] = None, max_tp: int = MAX_TP, **options
 ) -> list:
     """layout_memory of every layout of `gpus` GPUs, smallest total first. options go to
-    stage_memory (seq_len, micro_batch_size, rollout_batch_size, value, n_q, rollout_gather)."""
+    stage_memory (seq_len, micro_batch_size, rollout_batch_size, value, n_q, rollout_gather, cp,
+    sequence_parallel)."""
     shapes = [policy] + ([reward] if algorithm == "ppo" and reward is not None else [])
     rows = [
         layout_memory(algorithm, policy, dp, tp, pp, zero, reward=reward, **options)
-        for dp, tp, pp, zero in layouts(gpus, shapes, max_tp)
+        for dp, tp, pp, zero in layouts(gpus, shapes, max_tp, options.get("cp", 1))
     ]
     return sorted(rows, key=lambda m: (m.total, m.pp, m.tp, m.zero))
 
@@ -450,12 +482,14 @@ def format_plan(rows: list, gpu_memory_gb: float, margin: float = PLAN_MARGIN) -
     usable = (1 - margin) * gpu_memory_gb * GB
     columns = ("params", "grads", "optim", "frozen", "activ", "kv", "gather", "total")
     lines = [
-        f"{'dp':>4} {'tp':>3} {'pp':>3} {'zero':>4} {'stage':>5} " + " ".join(f"{c:>7}" for c in columns) + "  fits"
+        f"{'dp':>4} {'tp':>3} {'pp':>3} {'zero':>4} {'cp':>3} {'stage':>5} "
+        + " ".join(f"{c:>7}" for c in columns)
+        + "  fits"
     ]
     for m in rows:
         values = (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache, m.gathered, m.total)
         lines.append(
-            f"{m.dp:>4} {m.tp:>3} {m.pp:>3} {m.zero:>4} {m.stage:>5} "
+            f"{m.dp:>4} {m.tp:>3} {m.pp:>3} {m.zero:>4} {m.cp:>3} {m.stage:>5} "
             + " ".join(f"{v / GB:>7.1f}" for v in values)
             + f"  {'yes' if m.total <= usable else 'no'}"
         )
@@ -514,8 +548,14 @@ def main(argv: Optional[list] = None):
         help="ppo: the reward model's shape (built-in name or config.json); default: the policy's",
     )
     p.add_argument("--max-tp", type=int, default=MAX_TP, help="largest tensor-parallel size (GPUs of a node)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks per model copy (the scripts' --cp)")
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the activations between tensor-parallel matmuls along the sequence (for layouts with tp > 1)",
+    )
     args = p.parse_args(argv)
-    for flag in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "rollout_batch_size", "max_tp"):
+    for flag in ("gpus", "gpu_memory", "seq_len", "micro_batch_size", "rollout_batch_size", "max_tp", "cp"):
         values = getattr(args, flag)
         if any(v <= 0 for v in (values if isinstance(values, list) else [values])):
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive")
@@ -529,12 +569,16 @@ def main(argv: Optional[list] = None):
         rollout_batch_size=args.rollout_batch_size,
         value=args.value,
         rollout_gather=args.rollout_gather,
+        cp=args.cp,
+        sequence_parallel=args.sequence_parallel,
     )
     usable = (1 - args.margin) * args.gpu_memory
     print(
         f"{args.algorithm} on {policy.name} ({count_parameters(policy) / 1e9:.2f}B parameters), seq_len "
         f"{args.seq_len}, "
         f"micro-batch {args.micro_batch_size}"
+        + (f", --cp {args.cp}" if args.cp > 1 else "")
+        + (", sequence parallel" if args.sequence_parallel else "")
         + (
             f", rollouts {args.rollout_batch_size}, value {args.value}, reward model "
             f"{(reward or policy).name}, rollout "
@@ -555,7 +599,9 @@ def main(argv: Optional[list] = None):
             print(f"best on {gpus} GPUs: none fits in {usable:g} GB{smallest}")
         else:
             print(
-                f"best on {gpus} GPUs: dp {best.dp} tp {best.tp} pp {best.pp} zero {best.zero}, {best.total / GB:.1f} "
+                f"best on {gpus} GPUs: dp {best.dp} tp {best.tp} pp {best.pp} zero {best.zero}"
+                + (f" cp {best.cp}" if best.cp > 1 else "")
+                + f", {best.total / GB:.1f} "
                 f"GB of {usable:g} GB "
                 f"(rule: fewest pipeline stages, then smallest tp, then lowest ZeRO stage)"
             )
