@@ -1292,7 +1292,7 @@ class _SplitSequence(torch.autograd.Function):
 class _GatherSequence(torch.autograd.Function):
     """Forward: all-gather the sequence (leaving a split region: every rank then computes the same
     thing from the whole sequence). Backward: keep this rank's slice of the gradient, which is the
-    same on every rank, times grad_scale (see context_parallel for why cp needs one)."""
+    same on every rank, times grad_scale (see _gather_outputs for why cp needs one)."""
 
     @staticmethod
     def forward(ctx, x, group, grad_scale):
