@@ -168,6 +168,11 @@ class Args:
     (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
+    grpo_scale_by_std: bool = True
+    """--advantage grpo: divide each group's centred scores by their std (DeepSeekMath). --no-grpo-scale-by-std keeps
+    them centred only, as Dr. GRPO does (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2): the std
+    weighs groups of near-equal scores (too easy or too hard prompts) up. A flag rather than an --advantage of its own,
+    since Dr. GRPO's other change, a constant length normaliser, is --loss-aggregation constant and applies alone"""
     num_updates: int = 100
     """PPO updates (each: generate a batch, then optimise on it)"""
     batch_size: int = 128
@@ -202,10 +207,13 @@ class Args:
     """discount, in [0, 1] (1: none; 0: each token sees only its own reward)"""
     lam: float = 0.95
     """GAE lambda, in [0, 1] (0: one-step TD advantages; 1: Monte Carlo returns minus the value)"""
-    loss_aggregation: Optional[Literal["token", "sequence"]] = None
-    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence); default token, and
-    sequence
-    under --advantage grpo, as DeepSeekMath writes its objective"""
+    loss_aggregation: Optional[Literal["token", "sequence", "constant"]] = None
+    """how per-token losses become a minibatch's loss. token: their sum over all real tokens of the minibatch divided
+    by the count of those tokens (DAPO's token-level loss, Yu et al. 2025, sec. 3.3, as its release computes it over a
+    batch; its formula writes the count of one prompt's group); sequence: the mean over each sequence's real tokens,
+    then over sequences (DeepSeekMath's objective); constant: each sequence's sum divided by --max-new-tokens, then
+    the mean over sequences (Dr. GRPO's constant normaliser, Liu et al. 2025, sec. 3.2: no length bias). Default
+    token, and sequence under --advantage grpo"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
 
@@ -388,6 +396,8 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
         fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
+    if not args.grpo_scale_by_std and args.advantage != "grpo":
+        fail(f"--no-grpo-scale-by-std changes --advantage grpo's advantage; --advantage {args.advantage} has no std")
     if args.value_model and args.advantage != "gae":
         fail(
             f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
@@ -1051,13 +1061,16 @@ def token_rewards(scores, kl, mask, beta: float):
     return rewards
 
 
-def critic_free_advantages(method: str, scores, kl, mask, beta: float, group_size: int, gamma: float):
+def critic_free_advantages(
+    method: str, scores, kl, mask, beta: float, group_size: int, gamma: float, scale_by_std: bool = True
+):
     """Advantages without a value function, each as its paper has it; rows i*group_size ... are the
     responses to one prompt, and every token of a response gets its sequence's advantage.
     - rloo (Ahmadian et al. 2024, "Back to Basics"): the sequence reward R = score - beta * sum_t KL_t
       minus the mean R of the other responses to the same prompt.
     - grpo (Shao et al. 2024, DeepSeekMath 4.1.1, outcome supervision): (score - group mean) /
       group std (unbiased). The KL is not in the advantage: it is a k3 term of the loss (ppo_losses).
+      Without scale_by_std, score - group mean: Dr. GRPO (Liu et al. 2025, sec. 3.2).
     - reinforce++ (Hu 2025): per-token rewards -beta * KL_t with the score on the last token,
       discounted returns whitened over the whole batch."""
     if method == "reinforce++":
@@ -1068,18 +1081,30 @@ def critic_free_advantages(method: str, scores, kl, mask, beta: float, group_siz
         advantage = sequence_reward - (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (group_size - 1)
     else:  # grpo
         group = scores.to(kl.dtype).view(-1, group_size)
-        advantage = (group - group.mean(-1, keepdim=True)) / (group.std(-1, keepdim=True) + 1e-8)
+        advantage = group - group.mean(-1, keepdim=True)
+        if scale_by_std:
+            advantage = advantage / (group.std(-1, keepdim=True) + 1e-8)
     return torch.where(mask, advantage.view(-1, 1), 0.0)
 
 
-def aggregate(loss, mask, aggregation: str, normaliser: float):
-    """Sum of a per-token loss over a micro-batch, divided by the minibatch's count of real tokens
-    (token) or of sequences, after averaging within each sequence (sequence): accumulating these
-    over micro-batches gives the minibatch mean exactly."""
-    loss = torch.where(mask, loss, 0.0)
+def loss_normaliser(mask, aggregation: str, max_new_tokens: int) -> float:
+    """What `aggregate` divides by, from the mask of a whole minibatch (all ranks' rows, so that
+    micro-batches and ranks add up to the one-process loss): its count of real tokens (token), of
+    sequences with a token to train on (sequence), or that count times the token budget (constant)."""
     if aggregation == "token":
-        return loss.sum() / normaliser
-    return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+        return float(mask.sum())
+    sequences = float(mask.any(-1).sum())
+    return sequences * max_new_tokens if aggregation == "constant" else sequences
+
+
+def aggregate(loss, mask, aggregation: str, normaliser: float):
+    """Sum of a per-token loss over a micro-batch, divided by the minibatch's loss_normaliser; under
+    sequence, each sequence's sum is first divided by its own count of real tokens. Accumulating
+    these over micro-batches gives the minibatch's loss exactly."""
+    loss = torch.where(mask, loss, 0.0)
+    if aggregation == "sequence":
+        return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    return loss.sum() / normaliser  # token and constant: only the normaliser differs
 
 
 def ppo_losses(
@@ -2158,7 +2183,7 @@ def main(args: Args):
         returns = None
         if critic_free:
             advantages = critic_free_advantages(
-                args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma
+                args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma, args.grpo_scale_by_std
             )
         else:
             advantages, returns = kernels.gae(
@@ -2176,7 +2201,7 @@ def main(args: Args):
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
-                normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
+                normaliser = loss_normaliser(mask[minibatch], args.loss_aggregation, args.max_new_tokens)
                 loss_fn = functools.partial(
                     update_loss, normaliser=normaliser, first_minibatch=epoch == 0 and start == 0
                 )

@@ -223,6 +223,41 @@ def test_grpo_keeps_the_kl_out_of_the_advantage_and_puts_k3_in_the_loss():
     assert stats["policy/kl_loss"].item() == pytest.approx(sum(k3) / 4, abs=1e-15)
 
 
+# --- Dr. GRPO and DAPO's pieces, by hand -----------------------------------------------------------
+# Two prompts x four samples: the first group's scores spread evenly, the second's one outlier. Row 3 has padding.
+GROUPS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 4.0], dtype=torch.float64)
+GROUPS_MASK = torch.tensor([[1, 1]] * 3 + [[1, 0]] + [[1, 1]] * 4, dtype=torch.bool)
+
+
+def test_dr_grpo_leaves_the_group_std_out_of_the_advantage():
+    """Group 1: mean 0.5, unbiased std sqrt(1/3); group 2: mean 1, std 2. DeepSeekMath divides the
+    centred scores by the std, which lifts the evenly spread group's +-0.5 to +-sqrt(3)/2 and shrinks
+    the outlier's 3 to 1.5; Dr. GRPO keeps them centred only."""
+    kl = torch.full((8, 2), 0.3, dtype=torch.float64)  # never in a grpo advantage
+    scaled = ppo.critic_free_advantages("grpo", GROUPS, kl, GROUPS_MASK, 0.1, 4, 1.0)
+    s = math.sqrt(3) / 2
+    expected = [s, -s, -s, s, -0.5, -0.5, -0.5, 1.5]
+    assert_close(scaled, [[a, a if row != 3 else 0.0] for row, a in enumerate(expected)], 1e-7)  # std + 1e-8
+    centred = ppo.critic_free_advantages("grpo", GROUPS, kl, GROUPS_MASK, 0.1, 4, 1.0, scale_by_std=False)
+    expected = [0.5, -0.5, -0.5, 0.5, -1.0, -1.0, -1.0, 3.0]
+    assert_close(centred, [[a, a if row != 3 else 0.0] for row, a in enumerate(expected)], 1e-15)
+
+
+def test_loss_aggregations_by_hand_and_over_micro_batches():
+    """Per-token losses of three sequences of 2, 1 and 3 real tokens (9: padding, never counted),
+    a budget of 4 tokens. token (DAPO): 21 / 6; sequence: the mean of the means 1.5, 3 and 5;
+    constant (Dr. GRPO): 21 / (3 sequences x 4). Summed over micro-batches, each divided by the
+    whole minibatch's normaliser, the parts give the whole: what accumulation and ranks rely on."""
+    loss = torch.tensor([[1, 2, 9, 9], [3, 9, 9, 9], [4, 5, 6, 9]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    for aggregation, normaliser, expected in (("token", 6, 21 / 6), ("sequence", 3, 9.5 / 3), ("constant", 12, 1.75)):
+        assert ppo.loss_normaliser(mask, aggregation, max_new_tokens=4) == normaliser
+        whole = ppo.aggregate(loss, mask, aggregation, normaliser)
+        assert whole.item() == pytest.approx(expected, rel=1e-15), aggregation
+        parts = sum(ppo.aggregate(loss[rows], mask[rows], aggregation, normaliser) for rows in ([0, 1], [2]))
+        assert parts.item() == pytest.approx(expected, rel=1e-15), aggregation
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_rollout(tmp_path, family):
     """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
@@ -494,6 +529,7 @@ def test_bad_flags(tmp_path, walk_policy):
     refused("pass one of --reward-model and --reward-fn", reward_model="rm", reward_fn="m:f")
     refused("--reward-device cpu places the reward model, but no --reward-model", reward_device="cpu")
     refused("--samples-per-prompt 2", advantage="rloo")
+    refused("--advantage rloo has no std", advantage="rloo", samples_per_prompt=2, grpo_scale_by_std=False)
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
     refused("matched no linear layer", lora_rank=4, lora_target_modules="nothing_here")
