@@ -196,7 +196,10 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     cliprange: float = 0.2
-    """PPO ratio clip epsilon"""
+    """PPO ratio clip epsilon: the ratio is clipped to [1 - cliprange, 1 + cliprange_high]"""
+    cliprange_high: Optional[float] = None
+    """upper ratio clip epsilon, positive (default: --cliprange). DAPO's clip-higher (Yu et al. 2025, sec. 3.1, 0.28
+    beside a lower 0.2): more room to raise a token's probability than to lower it, against entropy collapse"""
     cliprange_value: float = 0.2
     """clip of the value prediction's change from the rollout's value"""
     vf_coef: float = 0.5
@@ -309,7 +312,7 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     for flag in ("learning_rate", "max_grad_norm", "cliprange", "cliprange_value", "temperature", "lora_alpha"):
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    for flag in ("reward_clip", "target_kl"):
+    for flag in ("reward_clip", "target_kl", "cliprange_high"):
         value = getattr(args, flag)
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
     for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
@@ -1121,15 +1124,17 @@ def ppo_losses(
     kl_coef: float = 0.0,
 ):
     """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
-    With ref_logprobs (grpo), plus kl_coef times the k3 estimate of KL(policy || reference) of the
-    current policy, pi_ref / pi - log(pi_ref / pi) - 1 per token, whose gradient pulls the policy
-    back (DeepSeekMath's eq. 3-4)."""
+    The ratio is clipped to [1 - cliprange, 1 + cliprange_high]; clip_fraction counts the real
+    tokens whose ratio lies outside, on either side. With ref_logprobs (grpo), plus kl_coef times
+    the k3 estimate of KL(policy || reference) of the current policy, pi_ref / pi - log(pi_ref / pi)
+    - 1 per token, whose gradient pulls the policy back (DeepSeekMath's eq. 3-4)."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
-    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+    low, high = 1 - args.cliprange, 1 + (args.cliprange if args.cliprange_high is None else args.cliprange_high)
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(low, high))
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
-        "policy/clip_fraction": kernels.masked_mean(((ratio - 1).abs() > args.cliprange).to(ratio.dtype), mask),
+        "policy/clip_fraction": kernels.masked_mean(((ratio < low) | (ratio > high)).to(ratio.dtype), mask),
         "policy/ratio_mean": kernels.masked_mean(ratio, mask),
         "policy/ratio_max": torch.where(mask, ratio, 0.0).max(),
     }

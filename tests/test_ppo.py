@@ -258,6 +258,26 @@ def test_loss_aggregations_by_hand_and_over_micro_batches():
         assert parts.item() == pytest.approx(expected, rel=1e-15), aggregation
 
 
+def test_clip_higher_clips_and_counts_each_side_by_hand():
+    """Ratios 1.25 and 1.4 with advantage +1, 0.7 and 0.9 with -1 (a padded token with ratio 5 is
+    never counted). Symmetric 0.2: the policy loss clips 1.25 and 1.4 to 1.2 and 0.7 to 0.8, and 3
+    of 4 tokens lie outside [0.8, 1.2]. DAPO's clip-higher 0.28: 1.25 is inside [0.8, 1.28] and 1.4
+    clips to 1.28; 2 of 4 lie outside."""
+    ratios = [1.25, 1.4, 0.7, 0.9, 5.0]
+    old_logprobs = torch.full((1, 5), -2.0, dtype=torch.float64)
+    logprobs = old_logprobs + torch.log(torch.tensor([ratios], dtype=torch.float64))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    for high, expected_loss, expected_fraction in (
+        (None, (-1.2 - 1.2 + 0.8 + 0.9) / 4, 0.75),
+        (0.28, (-1.25 - 1.28 + 0.8 + 0.9) / 4, 0.5),
+    ):
+        args = ppo.Args(cliprange=0.2, cliprange_high=high, loss_aggregation="token")
+        loss, stats = ppo.ppo_losses(logprobs, old_logprobs, advantages, None, None, None, mask, args, 4.0)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-12), high
+        assert stats["policy/clip_fraction"].item() == expected_fraction, high
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_rollout(tmp_path, family):
     """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
@@ -530,6 +550,7 @@ def test_bad_flags(tmp_path, walk_policy):
     refused("--reward-device cpu places the reward model, but no --reward-model", reward_device="cpu")
     refused("--samples-per-prompt 2", advantage="rloo")
     refused("--advantage rloo has no std", advantage="rloo", samples_per_prompt=2, grpo_scale_by_std=False)
+    refused("--cliprange-high -1.0 must be a positive number, or unset", cliprange_high=-1.0)
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
     refused("matched no linear layer", lora_rank=4, lora_target_modules="nothing_here")
