@@ -173,6 +173,11 @@ class Args:
     them centred only, as Dr. GRPO does (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2): the std
     weighs groups of near-equal scores (too easy or too hard prompts) up. A flag rather than an --advantage of its own,
     since Dr. GRPO's other change, a constant length normaliser, is --loss-aggregation constant and applies alone"""
+    drop_equal_groups: bool = False
+    """--advantage grpo or rloo: leave out of the update's losses and statistics every group whose scores are all equal
+    (its grpo advantage is 0; its rloo advantage only the KL's differences). DAPO's dynamic sampling (Yu et al. 2025,
+    sec. 3.2) without its resampling: the batch is not refilled, so an update trains on fewer responses, and on none
+    (no step) when every group is equal; objective/dropped_group_fraction logs the share dropped"""
     num_updates: int = 100
     """PPO updates (each: generate a batch, then optimise on it)"""
     batch_size: int = 128
@@ -401,6 +406,11 @@ def check_args(args: Args, world_size: int) -> Args:
         fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
     if not args.grpo_scale_by_std and args.advantage != "grpo":
         fail(f"--no-grpo-scale-by-std changes --advantage grpo's advantage; --advantage {args.advantage} has no std")
+    if args.drop_equal_groups and args.advantage not in ("grpo", "rloo"):
+        fail(
+            f"--drop-equal-groups drops groups of responses to one prompt, which --advantage {args.advantage} does "
+            "not compare; use --advantage grpo or rloo"
+        )
     if args.value_model and args.advantage != "gae":
         fail(
             f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
@@ -1090,10 +1100,23 @@ def critic_free_advantages(
     return torch.where(mask, advantage.view(-1, 1), 0.0)
 
 
+def drop_equal_groups(scores, mask, group_size: int, enabled: bool = True):
+    """DAPO's dynamic sampling as a filter (Yu et al. 2025, sec. 3.2): (the mask with every response
+    of a group whose scores are all equal switched off, the fraction of groups dropped), or (mask,
+    None) when not enabled. All right or all wrong, such a group has nothing to compare: its grpo
+    advantage is 0, and kept it would only dilute the token and sequence counts the loss is divided by."""
+    if not enabled:
+        return mask, None
+    group = scores.view(-1, group_size)
+    equal = (group == group[:, :1]).all(-1)
+    return mask & ~equal.repeat_interleave(group_size)[:, None].to(mask.device), equal.double().mean().item()
+
+
 def loss_normaliser(mask, aggregation: str, max_new_tokens: int) -> float:
     """What `aggregate` divides by, from the mask of a whole minibatch (all ranks' rows, so that
     micro-batches and ranks add up to the one-process loss): its count of real tokens (token), of
-    sequences with a token to train on (sequence), or that count times the token budget (constant)."""
+    sequences with a token to train on (sequence), or that count times the token budget (constant).
+    0 when nothing is left to train on (every row dropped by --drop-equal-groups)."""
     if aggregation == "token":
         return float(mask.sum())
     sequences = float(mask.any(-1).sum())
@@ -1878,7 +1901,9 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
         for rank_stats, _ in per_rank
         for s in rank_stats[group : group + micro_per_share]
     ]
-    metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
+    # A micro-batch with nothing to train on (--drop-equal-groups) recorded none: it is left out of the means.
+    keys = dict.fromkeys(k for s in statistics for k in s)
+    metrics = {k: float(np.mean([s[k] for s in statistics if k in s])) for k in keys}
     metrics["policy/first_minibatch_max_log_ratio"] = max(ratio for _, ratio in per_rank)
     return metrics
 
@@ -1994,6 +2019,8 @@ def update_metrics(batch: dict, score_mean: float, kl: float, has_eos, gap: floa
         "objective/response_length": mask.sum(-1).to(dtype).mean().item(),
         "policy/sampler_logprob_gap": gap,
     }
+    if batch["dropped_fraction"] is not None:
+        metrics["objective/dropped_group_fraction"] = batch["dropped_fraction"]
     if batch["returns"] is not None:
         real_returns, real_values = batch["returns"][mask], batch["old_values"][mask]
         unexplained = (real_returns - real_values).var() / real_returns.var().clamp(min=1e-8)
@@ -2006,8 +2033,9 @@ def micro_batch_loss(
 ):
     """Step 8 for one micro-batch, from the policy's final hidden states: the PPO loss (clipped
     policy loss, clipped value loss, under GRPO the k3 KL term), the entropy bonus, all
-    aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally.
-    Multiplied by the rank count, since the data-parallel wrapper averages gradients over ranks."""
+    aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally
+    (none from a micro-batch whose rows --drop-equal-groups dropped). Multiplied by the rank
+    count, since the data-parallel wrapper averages gradients over ranks."""
     rows, critic_free = micro_batch["rows"], args.advantage != "gae"
     logprobs, entropy, hidden = logprobs_from_hidden(
         models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True
@@ -2024,7 +2052,7 @@ def micro_batch_loss(
             batch["prompt_length"],
         )
     )
-    logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["mask"][rows]
+    logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["loss_mask"][rows]
     old_logprobs = batch["old_logprobs"][rows]
     loss, stats = ppo_losses(
         logprobs,
@@ -2042,7 +2070,7 @@ def micro_batch_loss(
     if args.entropy_coef:
         loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
     stats["policy/entropy"] = kernels.masked_mean(entropy, mask)
-    tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()})
+    tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()} if mask.any() else {})
     tally["loss"].add_(loss.detach())
     if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
         tally["first_ratio"] = max(
@@ -2195,18 +2223,23 @@ def main(args: Args):
                 old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam
             )
             advantages = kernels.masked_whiten(advantages, mask)
+        # DAPO's dynamic sampling as a filter: groups of equal scores leave the loss and its statistics.
+        loss_mask, dropped = drop_equal_groups(scores, mask, args.samples_per_prompt, enabled=args.drop_equal_groups)
 
         # 8. PPO epochs over shuffled minibatches, each rank its share of each in micro-batches.
         #    The loss is normalised by the whole minibatch's count of tokens (or sequences), so
         #    accumulating the micro-batches and ranks gives the one-process step.
         batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
         batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
+        batch.update(loss_mask=loss_mask, dropped_fraction=dropped)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
-                normaliser = loss_normaliser(mask[minibatch], args.loss_aggregation, args.max_new_tokens)
+                normaliser = loss_normaliser(loss_mask[minibatch], args.loss_aggregation, args.max_new_tokens)
+                if normaliser == 0:  # every row dropped: no step (Adam's momentum would still move the weights)
+                    continue
                 loss_fn = functools.partial(
                     update_loss, normaliser=normaliser, first_minibatch=epoch == 0 and start == 0
                 )

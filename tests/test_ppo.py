@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -278,6 +279,24 @@ def test_clip_higher_clips_and_counts_each_side_by_hand():
         assert stats["policy/clip_fraction"].item() == expected_fraction, high
 
 
+def test_dynamic_sampling_drops_the_groups_of_equal_scores():
+    """The second group's scores all equal 0.5: its four responses leave the loss mask (and the
+    counts the loss is divided by); the first group is kept whole, padding included. With every
+    group equal nothing is left: every normaliser is 0, which main reads as no step."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    kept, fraction = ppo.drop_equal_groups(scores, GROUPS_MASK, 4)
+    assert fraction == 0.5
+    assert torch.equal(kept[:4], GROUPS_MASK[:4]) and not kept[4:].any()
+    assert [ppo.loss_normaliser(kept, a, 2) for a in ("token", "sequence", "constant")] == [7, 4, 8]
+    nearly = scores.clone()
+    nearly[7] += 1e-12  # not equal: kept
+    assert ppo.drop_equal_groups(nearly, GROUPS_MASK, 4)[1] == 0.0
+    none_left, fraction = ppo.drop_equal_groups(torch.ones(8, dtype=torch.float64), GROUPS_MASK, 4)
+    assert (
+        fraction == 1.0 and [ppo.loss_normaliser(none_left, a, 2) for a in ("token", "sequence", "constant")] == [0] * 3
+    )
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_rollout(tmp_path, family):
     """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
@@ -463,6 +482,54 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
 
 
+def test_dr_grpo_and_dapo_flags_run_together_and_an_update_of_equal_groups_takes_no_step(tmp_path, walk_policy):
+    """The new flags in one run: Dr. GRPO (no std, constant normaliser) with DAPO's clip-higher and
+    dropped groups. The reward is 1 for start letters from k on (every such group equal) and the
+    response length before k: the logged dropped fraction is the share of equal groups among the
+    scores the reward function returned, and the micro-batches (of 2) whose responses were all
+    dropped stay out of the statistics (counted as zeros, they pulled the mean ratio to 0.87).
+    Then a run whose second update scores every response alike: every group is dropped, and that
+    update takes no step (Adam's momentum from the first would move the weights), makes no NaN and
+    logs no loss statistic."""
+    from safetensors.torch import load_file
+
+    record = tmp_path / "scores.jsonl"
+    body = (
+        "scores = [float(len(r)) if p < 'k' else 1.0 for p, r in zip(prompts, responses)]\n"
+        f"    open({str(record)!r}, 'a').write(__import__('json').dumps(scores) + '\\n')\n"
+        "    return scores"
+    )
+    flags = dict(advantage="grpo", samples_per_prompt=4, grpo_scale_by_std=False, loss_aggregation="constant")
+    flags.update(cliprange_high=0.28, drop_equal_groups=True, batch_size=16, mini_batch_size=8)
+    args = quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, body), num_updates=1, **flags)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)["last_update"]
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    scores = torch.tensor([b for b in batches if len(b) == 16][-1]).view(-1, 4)  # the last update's, not the eval's
+    equal = (scores == scores[:, :1]).all(-1).double().mean().item()
+    assert 0 < equal < 1, scores  # some groups kept, some dropped, as the letters of this seed fall
+    assert metrics["objective/dropped_group_fraction"] == equal
+    assert abs(metrics["policy/ratio_mean"] - 1) < 0.02 and 0 <= metrics["policy/clip_fraction"] <= 1
+    assert metrics["policy/first_minibatch_max_log_ratio"] == 0.0 and all(map(math.isfinite, metrics.values()))
+
+    second_equal = "calls.append(1)\n    return [float(len(r)) if len(calls) == 1 else 0.5 for r in responses]"
+    (tmp_path / "second.py").write_text(f"calls = []\n\n\ndef reward(prompts, responses):\n    {second_equal}\n")
+    args = quick_args(
+        tmp_path, walk_policy, reward_fn=f"{tmp_path / 'second.py'}:reward", output_dir=str(tmp_path / "equal"), **flags
+    )
+    ppo.main(replace(args, save_every=1))
+    metrics = last_update(args.output_dir)["last_update"]
+    assert metrics["objective/dropped_group_fraction"] == 1.0
+    assert {k for k in metrics if k.startswith("policy/")} == {
+        "policy/first_minibatch_max_log_ratio",
+        "policy/sampler_logprob_gap",
+    }
+    start, end = (load_file(os.path.join(d, "model.safetensors")) for d in (walk_policy, args.output_dir))
+    first = torch.load(os.path.join(args.output_dir, "checkpoints", "step_00000001", "trainer_state.pt"))["policy"]
+    assert not all(torch.equal(start[k], first[k]) for k in start)  # the first update trained
+    assert all(torch.equal(first[k], end[k]) for k in end)
+
+
 def test_reward_model_with_another_tokenizer_and_critic_from_it(tmp_path, walk_policy, text_reward_model, capsys):
     args = quick_args(
         tmp_path, walk_policy, reward_model=text_reward_model, value_model=text_reward_model, eval_every=2
@@ -550,6 +617,9 @@ def test_bad_flags(tmp_path, walk_policy):
     refused("--reward-device cpu places the reward model, but no --reward-model", reward_device="cpu")
     refused("--samples-per-prompt 2", advantage="rloo")
     refused("--advantage rloo has no std", advantage="rloo", samples_per_prompt=2, grpo_scale_by_std=False)
+    refused(
+        "--drop-equal-groups drops groups of responses to one prompt, which --advantage gae", drop_equal_groups=True
+    )
     refused("--cliprange-high -1.0 must be a positive number, or unset", cliprange_high=-1.0)
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
