@@ -168,6 +168,16 @@ class Args:
     (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
+    grpo_scale_by_std: bool = True
+    """--advantage grpo: divide each group's centred scores by their std (DeepSeekMath). --no-grpo-scale-by-std keeps
+    them centred only, as Dr. GRPO does (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2): the std
+    weighs groups of near-equal scores (too easy or too hard prompts) up. A flag rather than an --advantage of its own,
+    since Dr. GRPO's other change, a constant length normaliser, is --loss-aggregation constant and applies alone"""
+    drop_equal_groups: bool = False
+    """--advantage grpo or rloo: leave out of the update's losses and statistics every group whose scores are all equal
+    (its grpo advantage is 0; its rloo advantage only the KL's differences). DAPO's dynamic sampling (Yu et al. 2025,
+    sec. 3.2) without its resampling: the batch is not refilled, so an update trains on fewer responses, and on none
+    (no step) when every group is equal; objective/dropped_group_fraction logs the share dropped"""
     num_updates: int = 100
     """PPO updates (each: generate a batch, then optimise on it)"""
     batch_size: int = 128
@@ -191,7 +201,10 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     cliprange: float = 0.2
-    """PPO ratio clip epsilon"""
+    """PPO ratio clip epsilon: the ratio is clipped to [1 - cliprange, 1 + cliprange_high]"""
+    cliprange_high: Optional[float] = None
+    """upper ratio clip epsilon, positive (default: --cliprange). DAPO's clip-higher (Yu et al. 2025, sec. 3.1, 0.28
+    beside a lower 0.2): more room to raise a token's probability than to lower it, against entropy collapse"""
     cliprange_value: float = 0.2
     """clip of the value prediction's change from the rollout's value"""
     vf_coef: float = 0.5
@@ -202,10 +215,13 @@ class Args:
     """discount, in [0, 1] (1: none; 0: each token sees only its own reward)"""
     lam: float = 0.95
     """GAE lambda, in [0, 1] (0: one-step TD advantages; 1: Monte Carlo returns minus the value)"""
-    loss_aggregation: Optional[Literal["token", "sequence"]] = None
-    """average losses over all real tokens of a minibatch (token) or per sequence first (sequence); default token, and
-    sequence
-    under --advantage grpo, as DeepSeekMath writes its objective"""
+    loss_aggregation: Optional[Literal["token", "sequence", "constant"]] = None
+    """how per-token losses become a minibatch's loss. token: their sum over all real tokens of the minibatch divided
+    by the count of those tokens (DAPO's token-level loss, Yu et al. 2025, sec. 3.3, as its release computes it over a
+    batch; its formula writes the count of one prompt's group); sequence: the mean over each sequence's real tokens,
+    then over sequences (DeepSeekMath's objective); constant: each sequence's sum divided by --max-new-tokens, then
+    the mean over sequences (Dr. GRPO's constant normaliser, Liu et al. 2025, sec. 3.2: no length bias). Default
+    token, and sequence under --advantage grpo"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
 
@@ -301,7 +317,7 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     for flag in ("learning_rate", "max_grad_norm", "cliprange", "cliprange_value", "temperature", "lora_alpha"):
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    for flag in ("reward_clip", "target_kl"):
+    for flag in ("reward_clip", "target_kl", "cliprange_high"):
         value = getattr(args, flag)
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
     for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
@@ -388,6 +404,13 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     if args.advantage in ("rloo", "grpo") and args.samples_per_prompt < 2:
         fail(f"--advantage {args.advantage} compares responses to the same prompt; set --samples-per-prompt 2 or more")
+    if not args.grpo_scale_by_std and args.advantage != "grpo":
+        fail(f"--no-grpo-scale-by-std changes --advantage grpo's advantage; --advantage {args.advantage} has no std")
+    if args.drop_equal_groups and args.advantage not in ("grpo", "rloo"):
+        fail(
+            f"--drop-equal-groups drops groups of responses to one prompt, which --advantage {args.advantage} does "
+            "not compare; use --advantage grpo or rloo"
+        )
     if args.value_model and args.advantage != "gae":
         fail(
             f"--value-model starts a critic, which --advantage {args.advantage} does not use; "
@@ -1051,13 +1074,16 @@ def token_rewards(scores, kl, mask, beta: float):
     return rewards
 
 
-def critic_free_advantages(method: str, scores, kl, mask, beta: float, group_size: int, gamma: float):
+def critic_free_advantages(
+    method: str, scores, kl, mask, beta: float, group_size: int, gamma: float, scale_by_std: bool = True
+):
     """Advantages without a value function, each as its paper has it; rows i*group_size ... are the
     responses to one prompt, and every token of a response gets its sequence's advantage.
     - rloo (Ahmadian et al. 2024, "Back to Basics"): the sequence reward R = score - beta * sum_t KL_t
       minus the mean R of the other responses to the same prompt.
     - grpo (Shao et al. 2024, DeepSeekMath 4.1.1, outcome supervision): (score - group mean) /
       group std (unbiased). The KL is not in the advantage: it is a k3 term of the loss (ppo_losses).
+      Without scale_by_std, score - group mean: Dr. GRPO (Liu et al. 2025, sec. 3.2).
     - reinforce++ (Hu 2025): per-token rewards -beta * KL_t with the score on the last token,
       discounted returns whitened over the whole batch."""
     if method == "reinforce++":
@@ -1068,18 +1094,43 @@ def critic_free_advantages(method: str, scores, kl, mask, beta: float, group_siz
         advantage = sequence_reward - (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (group_size - 1)
     else:  # grpo
         group = scores.to(kl.dtype).view(-1, group_size)
-        advantage = (group - group.mean(-1, keepdim=True)) / (group.std(-1, keepdim=True) + 1e-8)
+        advantage = group - group.mean(-1, keepdim=True)
+        if scale_by_std:
+            advantage = advantage / (group.std(-1, keepdim=True) + 1e-8)
     return torch.where(mask, advantage.view(-1, 1), 0.0)
 
 
-def aggregate(loss, mask, aggregation: str, normaliser: float):
-    """Sum of a per-token loss over a micro-batch, divided by the minibatch's count of real tokens
-    (token) or of sequences, after averaging within each sequence (sequence): accumulating these
-    over micro-batches gives the minibatch mean exactly."""
-    loss = torch.where(mask, loss, 0.0)
+def drop_equal_groups(scores, mask, group_size: int, enabled: bool = True):
+    """DAPO's dynamic sampling as a filter (Yu et al. 2025, sec. 3.2): (the mask with every response
+    of a group whose scores are all equal switched off, the fraction of groups dropped), or (mask,
+    None) when not enabled. All right or all wrong, such a group has nothing to compare: its grpo
+    advantage is 0, and kept it would only dilute the token and sequence counts the loss is divided by."""
+    if not enabled:
+        return mask, None
+    group = scores.view(-1, group_size)
+    equal = (group == group[:, :1]).all(-1)
+    return mask & ~equal.repeat_interleave(group_size)[:, None].to(mask.device), equal.double().mean().item()
+
+
+def loss_normaliser(mask, aggregation: str, max_new_tokens: int) -> float:
+    """What `aggregate` divides by, from the mask of a whole minibatch (all ranks' rows, so that
+    micro-batches and ranks add up to the one-process loss): its count of real tokens (token), of
+    sequences with a token to train on (sequence), or that count times the token budget (constant).
+    0 when nothing is left to train on (every row dropped by --drop-equal-groups)."""
     if aggregation == "token":
-        return loss.sum() / normaliser
-    return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+        return float(mask.sum())
+    sequences = float(mask.any(-1).sum())
+    return sequences * max_new_tokens if aggregation == "constant" else sequences
+
+
+def aggregate(loss, mask, aggregation: str, normaliser: float):
+    """Sum of a per-token loss over a micro-batch, divided by the minibatch's loss_normaliser; under
+    sequence, each sequence's sum is first divided by its own count of real tokens. Accumulating
+    these over micro-batches gives the minibatch's loss exactly."""
+    loss = torch.where(mask, loss, 0.0)
+    if aggregation == "sequence":
+        return (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    return loss.sum() / normaliser  # token and constant: only the normaliser differs
 
 
 def ppo_losses(
@@ -1096,15 +1147,17 @@ def ppo_losses(
     kl_coef: float = 0.0,
 ):
     """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
-    With ref_logprobs (grpo), plus kl_coef times the k3 estimate of KL(policy || reference) of the
-    current policy, pi_ref / pi - log(pi_ref / pi) - 1 per token, whose gradient pulls the policy
-    back (DeepSeekMath's eq. 3-4)."""
+    The ratio is clipped to [1 - cliprange, 1 + cliprange_high]; clip_fraction counts the real
+    tokens whose ratio lies outside, on either side. With ref_logprobs (grpo), plus kl_coef times
+    the k3 estimate of KL(policy || reference) of the current policy, pi_ref / pi - log(pi_ref / pi)
+    - 1 per token, whose gradient pulls the policy back (DeepSeekMath's eq. 3-4)."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
-    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+    low, high = 1 - args.cliprange, 1 + (args.cliprange if args.cliprange_high is None else args.cliprange_high)
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(low, high))
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
-        "policy/clip_fraction": kernels.masked_mean(((ratio - 1).abs() > args.cliprange).to(ratio.dtype), mask),
+        "policy/clip_fraction": kernels.masked_mean(((ratio < low) | (ratio > high)).to(ratio.dtype), mask),
         "policy/ratio_mean": kernels.masked_mean(ratio, mask),
         "policy/ratio_max": torch.where(mask, ratio, 0.0).max(),
     }
@@ -1848,7 +1901,9 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
         for rank_stats, _ in per_rank
         for s in rank_stats[group : group + micro_per_share]
     ]
-    metrics = {k: float(np.mean([s[k] for s in statistics])) for k in statistics[0]}
+    # A micro-batch with nothing to train on (--drop-equal-groups) recorded none: it is left out of the means.
+    keys = dict.fromkeys(k for s in statistics for k in s)
+    metrics = {k: float(np.mean([s[k] for s in statistics if k in s])) for k in keys}
     metrics["policy/first_minibatch_max_log_ratio"] = max(ratio for _, ratio in per_rank)
     return metrics
 
@@ -1964,6 +2019,8 @@ def update_metrics(batch: dict, score_mean: float, kl: float, has_eos, gap: floa
         "objective/response_length": mask.sum(-1).to(dtype).mean().item(),
         "policy/sampler_logprob_gap": gap,
     }
+    if batch["dropped_fraction"] is not None:
+        metrics["objective/dropped_group_fraction"] = batch["dropped_fraction"]
     if batch["returns"] is not None:
         real_returns, real_values = batch["returns"][mask], batch["old_values"][mask]
         unexplained = (real_returns - real_values).var() / real_returns.var().clamp(min=1e-8)
@@ -1976,8 +2033,9 @@ def micro_batch_loss(
 ):
     """Step 8 for one micro-batch, from the policy's final hidden states: the PPO loss (clipped
     policy loss, clipped value loss, under GRPO the k3 KL term), the entropy bonus, all
-    aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally.
-    Multiplied by the rank count, since the data-parallel wrapper averages gradients over ranks."""
+    aggregated over real tokens with the whole minibatch's normaliser; statistics go to tally
+    (none from a micro-batch whose rows --drop-equal-groups dropped). Multiplied by the rank
+    count, since the data-parallel wrapper averages gradients over ranks."""
     rows, critic_free = micro_batch["rows"], args.advantage != "gae"
     logprobs, entropy, hidden = logprobs_from_hidden(
         models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True
@@ -1994,7 +2052,7 @@ def micro_batch_loss(
             batch["prompt_length"],
         )
     )
-    logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["mask"][rows]
+    logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["loss_mask"][rows]
     old_logprobs = batch["old_logprobs"][rows]
     loss, stats = ppo_losses(
         logprobs,
@@ -2012,7 +2070,7 @@ def micro_batch_loss(
     if args.entropy_coef:
         loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
     stats["policy/entropy"] = kernels.masked_mean(entropy, mask)
-    tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()})
+    tally["statistics"].append({k: float(v.detach()) for k, v in stats.items()} if mask.any() else {})
     tally["loss"].add_(loss.detach())
     if first_minibatch:  # exactly 0 unless old and new log-probs were computed differently
         tally["first_ratio"] = max(
@@ -2158,25 +2216,30 @@ def main(args: Args):
         returns = None
         if critic_free:
             advantages = critic_free_advantages(
-                args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma
+                args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma, args.grpo_scale_by_std
             )
         else:
             advantages, returns = kernels.gae(
                 old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam
             )
             advantages = kernels.masked_whiten(advantages, mask)
+        # DAPO's dynamic sampling as a filter: groups of equal scores leave the loss and its statistics.
+        loss_mask, dropped = drop_equal_groups(scores, mask, args.samples_per_prompt, enabled=args.drop_equal_groups)
 
         # 8. PPO epochs over shuffled minibatches, each rank its share of each in micro-batches.
         #    The loss is normalised by the whole minibatch's count of tokens (or sequences), so
         #    accumulating the micro-batches and ranks gives the one-process step.
         batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
         batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
+        batch.update(loss_mask=loss_mask, dropped_fraction=dropped)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):
             for start in range(0, args.batch_size, args.mini_batch_size):
                 minibatch = permutation[start : start + args.mini_batch_size]
-                normaliser = float(mask[minibatch].sum()) if args.loss_aggregation == "token" else float(len(minibatch))
+                normaliser = loss_normaliser(loss_mask[minibatch], args.loss_aggregation, args.max_new_tokens)
+                if normaliser == 0:  # every row dropped: no step (Adam's momentum would still move the weights)
+                    continue
                 loss_fn = functools.partial(
                     update_loss, normaliser=normaliser, first_minibatch=epoch == 0 and start == 0
                 )

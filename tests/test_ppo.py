@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,6 +224,79 @@ def test_grpo_keeps_the_kl_out_of_the_advantage_and_puts_k3_in_the_loss():
     assert stats["policy/kl_loss"].item() == pytest.approx(sum(k3) / 4, abs=1e-15)
 
 
+# --- Dr. GRPO and DAPO's pieces, by hand -----------------------------------------------------------
+# Two prompts x four samples: the first group's scores spread evenly, the second's one outlier. Row 3 has padding.
+GROUPS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 4.0], dtype=torch.float64)
+GROUPS_MASK = torch.tensor([[1, 1]] * 3 + [[1, 0]] + [[1, 1]] * 4, dtype=torch.bool)
+
+
+def test_dr_grpo_leaves_the_group_std_out_of_the_advantage():
+    """Group 1: mean 0.5, unbiased std sqrt(1/3); group 2: mean 1, std 2. DeepSeekMath divides the
+    centred scores by the std, which lifts the evenly spread group's +-0.5 to +-sqrt(3)/2 and shrinks
+    the outlier's 3 to 1.5; Dr. GRPO keeps them centred only."""
+    kl = torch.full((8, 2), 0.3, dtype=torch.float64)  # never in a grpo advantage
+    scaled = ppo.critic_free_advantages("grpo", GROUPS, kl, GROUPS_MASK, 0.1, 4, 1.0)
+    s = math.sqrt(3) / 2
+    expected = [s, -s, -s, s, -0.5, -0.5, -0.5, 1.5]
+    assert_close(scaled, [[a, a if row != 3 else 0.0] for row, a in enumerate(expected)], 1e-7)  # std + 1e-8
+    centred = ppo.critic_free_advantages("grpo", GROUPS, kl, GROUPS_MASK, 0.1, 4, 1.0, scale_by_std=False)
+    expected = [0.5, -0.5, -0.5, 0.5, -1.0, -1.0, -1.0, 3.0]
+    assert_close(centred, [[a, a if row != 3 else 0.0] for row, a in enumerate(expected)], 1e-15)
+
+
+def test_loss_aggregations_by_hand_and_over_micro_batches():
+    """Per-token losses of three sequences of 2, 1 and 3 real tokens (9: padding, never counted),
+    a budget of 4 tokens. token (DAPO): 21 / 6; sequence: the mean of the means 1.5, 3 and 5;
+    constant (Dr. GRPO): 21 / (3 sequences x 4). Summed over micro-batches, each divided by the
+    whole minibatch's normaliser, the parts give the whole: what accumulation and ranks rely on."""
+    loss = torch.tensor([[1, 2, 9, 9], [3, 9, 9, 9], [4, 5, 6, 9]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    for aggregation, normaliser, expected in (("token", 6, 21 / 6), ("sequence", 3, 9.5 / 3), ("constant", 12, 1.75)):
+        assert ppo.loss_normaliser(mask, aggregation, max_new_tokens=4) == normaliser
+        whole = ppo.aggregate(loss, mask, aggregation, normaliser)
+        assert whole.item() == pytest.approx(expected, rel=1e-15), aggregation
+        parts = sum(ppo.aggregate(loss[rows], mask[rows], aggregation, normaliser) for rows in ([0, 1], [2]))
+        assert parts.item() == pytest.approx(expected, rel=1e-15), aggregation
+
+
+def test_clip_higher_clips_and_counts_each_side_by_hand():
+    """Ratios 1.25 and 1.4 with advantage +1, 0.7 and 0.9 with -1 (a padded token with ratio 5 is
+    never counted). Symmetric 0.2: the policy loss clips 1.25 and 1.4 to 1.2 and 0.7 to 0.8, and 3
+    of 4 tokens lie outside [0.8, 1.2]. DAPO's clip-higher 0.28: 1.25 is inside [0.8, 1.28] and 1.4
+    clips to 1.28; 2 of 4 lie outside."""
+    ratios = [1.25, 1.4, 0.7, 0.9, 5.0]
+    old_logprobs = torch.full((1, 5), -2.0, dtype=torch.float64)
+    logprobs = old_logprobs + torch.log(torch.tensor([ratios], dtype=torch.float64))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    for high, expected_loss, expected_fraction in (
+        (None, (-1.2 - 1.2 + 0.8 + 0.9) / 4, 0.75),
+        (0.28, (-1.25 - 1.28 + 0.8 + 0.9) / 4, 0.5),
+    ):
+        args = ppo.Args(cliprange=0.2, cliprange_high=high, loss_aggregation="token")
+        loss, stats = ppo.ppo_losses(logprobs, old_logprobs, advantages, None, None, None, mask, args, 4.0)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-12), high
+        assert stats["policy/clip_fraction"].item() == expected_fraction, high
+
+
+def test_dynamic_sampling_drops_the_groups_of_equal_scores():
+    """The second group's scores all equal 0.5: its four responses leave the loss mask (and the
+    counts the loss is divided by); the first group is kept whole, padding included. With every
+    group equal nothing is left: every normaliser is 0, which main reads as no step."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    kept, fraction = ppo.drop_equal_groups(scores, GROUPS_MASK, 4)
+    assert fraction == 0.5
+    assert torch.equal(kept[:4], GROUPS_MASK[:4]) and not kept[4:].any()
+    assert [ppo.loss_normaliser(kept, a, 2) for a in ("token", "sequence", "constant")] == [7, 4, 8]
+    nearly = scores.clone()
+    nearly[7] += 1e-12  # not equal: kept
+    assert ppo.drop_equal_groups(nearly, GROUPS_MASK, 4)[1] == 0.0
+    none_left, fraction = ppo.drop_equal_groups(torch.ones(8, dtype=torch.float64), GROUPS_MASK, 4)
+    assert (
+        fraction == 1.0 and [ppo.loss_normaliser(none_left, a, 2) for a in ("token", "sequence", "constant")] == [0] * 3
+    )
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_rollout(tmp_path, family):
     """--dtype bf16: the full reference copy keeps only its matmul weights in bf16, so the KL of the
@@ -408,6 +482,54 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
 
 
+def test_dr_grpo_and_dapo_flags_run_together_and_an_update_of_equal_groups_takes_no_step(tmp_path, walk_policy):
+    """The new flags in one run: Dr. GRPO (no std, constant normaliser) with DAPO's clip-higher and
+    dropped groups. The reward is 1 for start letters from k on (every such group equal) and the
+    response length before k: the logged dropped fraction is the share of equal groups among the
+    scores the reward function returned, and the micro-batches (of 2) whose responses were all
+    dropped stay out of the statistics (counted as zeros, they pulled the mean ratio to 0.87).
+    Then a run whose second update scores every response alike: every group is dropped, and that
+    update takes no step (Adam's momentum from the first would move the weights), makes no NaN and
+    logs no loss statistic."""
+    from safetensors.torch import load_file
+
+    record = tmp_path / "scores.jsonl"
+    body = (
+        "scores = [float(len(r)) if p < 'k' else 1.0 for p, r in zip(prompts, responses)]\n"
+        f"    open({str(record)!r}, 'a').write(__import__('json').dumps(scores) + '\\n')\n"
+        "    return scores"
+    )
+    flags = dict(advantage="grpo", samples_per_prompt=4, grpo_scale_by_std=False, loss_aggregation="constant")
+    flags.update(cliprange_high=0.28, drop_equal_groups=True, batch_size=16, mini_batch_size=8)
+    args = quick_args(tmp_path, walk_policy, reward_fn=write_reward_fn(tmp_path, body), num_updates=1, **flags)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)["last_update"]
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    scores = torch.tensor([b for b in batches if len(b) == 16][-1]).view(-1, 4)  # the last update's, not the eval's
+    equal = (scores == scores[:, :1]).all(-1).double().mean().item()
+    assert 0 < equal < 1, scores  # some groups kept, some dropped, as the letters of this seed fall
+    assert metrics["objective/dropped_group_fraction"] == equal
+    assert abs(metrics["policy/ratio_mean"] - 1) < 0.02 and 0 <= metrics["policy/clip_fraction"] <= 1
+    assert metrics["policy/first_minibatch_max_log_ratio"] == 0.0 and all(map(math.isfinite, metrics.values()))
+
+    second_equal = "calls.append(1)\n    return [float(len(r)) if len(calls) == 1 else 0.5 for r in responses]"
+    (tmp_path / "second.py").write_text(f"calls = []\n\n\ndef reward(prompts, responses):\n    {second_equal}\n")
+    args = quick_args(
+        tmp_path, walk_policy, reward_fn=f"{tmp_path / 'second.py'}:reward", output_dir=str(tmp_path / "equal"), **flags
+    )
+    ppo.main(replace(args, save_every=1))
+    metrics = last_update(args.output_dir)["last_update"]
+    assert metrics["objective/dropped_group_fraction"] == 1.0
+    assert {k for k in metrics if k.startswith("policy/")} == {
+        "policy/first_minibatch_max_log_ratio",
+        "policy/sampler_logprob_gap",
+    }
+    start, end = (load_file(os.path.join(d, "model.safetensors")) for d in (walk_policy, args.output_dir))
+    first = torch.load(os.path.join(args.output_dir, "checkpoints", "step_00000001", "trainer_state.pt"))["policy"]
+    assert not all(torch.equal(start[k], first[k]) for k in start)  # the first update trained
+    assert all(torch.equal(first[k], end[k]) for k in end)
+
+
 def test_reward_model_with_another_tokenizer_and_critic_from_it(tmp_path, walk_policy, text_reward_model, capsys):
     args = quick_args(
         tmp_path, walk_policy, reward_model=text_reward_model, value_model=text_reward_model, eval_every=2
@@ -494,6 +616,11 @@ def test_bad_flags(tmp_path, walk_policy):
     refused("pass one of --reward-model and --reward-fn", reward_model="rm", reward_fn="m:f")
     refused("--reward-device cpu places the reward model, but no --reward-model", reward_device="cpu")
     refused("--samples-per-prompt 2", advantage="rloo")
+    refused("--advantage rloo has no std", advantage="rloo", samples_per_prompt=2, grpo_scale_by_std=False)
+    refused(
+        "--drop-equal-groups drops groups of responses to one prompt, which --advantage gae", drop_equal_groups=True
+    )
+    refused("--cliprange-high -1.0 must be a positive number, or unset", cliprange_high=-1.0)
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
     refused("matched no linear layer", lora_rank=4, lora_target_modules="nothing_here")
