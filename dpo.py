@@ -855,24 +855,28 @@ def collate(sequences: list, pad_token_id: int, device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
-def sequence_logprobs(model, batch: dict, tp_group) -> torch.Tensor:
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """log pi(response | prompt) of each row: the response tokens' log-probabilities, summed. The
-    LM head runs through kernels.fused_logprobs, which never builds the [tokens, vocabulary] logits
-    (under --tp each rank holds a slice of the vocabulary)."""
+    LM head runs through kernels.fused_logprobs, which never builds the [tokens, vocabulary] logits,
+    as the head module's forward for this one call: hooks on the head then fire as for any module
+    call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
+    backward). Under --tp the head is this rank's slice of the vocabulary, and fused_logprobs
+    combines the slices over its group."""
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     head = model.get_output_embeddings()
-    logprobs = kernels.fused_logprobs(
-        hidden[:, :-1], head.weight, batch["labels"][:, 1:], bias=head.bias, group=tp_group
+    head.forward = lambda x: kernels.fused_logprobs(
+        x, head.weight, batch["labels"][:, 1:], bias=head.bias, group=getattr(head, "group", None)
     )
-    return logprobs.sum(-1)
+    try:
+        return head(hidden[:, :-1]).sum(-1)
+    finally:
+        del head.forward
 
 
-def pair_logprobs(model, pairs: list, pad_token_id: int, device, tp_group) -> tuple:
+def pair_logprobs(model, pairs: list, pad_token_id: int, device) -> tuple:
     """(chosen, rejected) response log-probabilities of a micro-batch of pairs, from one forward
     pass over both sides."""
-    logprobs = sequence_logprobs(
-        model, collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id, device), tp_group
-    )
+    logprobs = sequence_logprobs(model, collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id, device))
     logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32))  # bf16 is upcast, fp64 kept
     return logprobs[: len(pairs)], logprobs[len(pairs) :]
 
@@ -927,7 +931,7 @@ def accumulate_gradients(
         micro_batch = pairs[start : start + args.micro_batch_size]
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
-                chosen, rejected = pair_logprobs(model.module, micro_batch, pad_token_id, grid.device, grid.tp_group)
+                chosen, rejected = pair_logprobs(model.module, micro_batch, pad_token_id, grid.device)
             losses, chosen_rewards, rejected_rewards = preference_losses(
                 torch.stack([chosen, rejected], 1),
                 reference[start : start + len(micro_batch)].to(chosen),
@@ -966,7 +970,7 @@ def all_pair_logprobs(model, pairs: list, args: Args, grid, pad_token_id, autoca
         mine = share(pairs, grid.dp_rank, grid.dp_size)
         for start in range(0, len(mine), args.micro_batch_size):
             chosen, rejected = pair_logprobs(
-                model.module, mine[start : start + args.micro_batch_size], pad_token_id, grid.device, grid.tp_group
+                model.module, mine[start : start + args.micro_batch_size], pad_token_id, grid.device
             )
             rows.append(torch.stack([chosen, rejected], 1).cpu())
     model.train(was_training)
@@ -1234,9 +1238,9 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
         responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
         sequences = [tokenize_side(tokenizer, p, tokenizer.decode(r), 1 << 30)[:2] for p, r in zip(mine, responses)]
         batch = collate(sequences, tokenizer.pad_token_id, device)
-        policy_logprobs = sequence_logprobs(model, batch, grid.tp_group)  # before the adapters go off under LoRA
+        policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:
-            log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch, grid.tp_group)
+            log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
             reference_responses = generate(reference_model, tokenizer, mine, args.max_new_tokens, 1.0, device)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         sums[0], sums[3] = log_ratio.double().sum().cpu(), len(mine)
@@ -1497,9 +1501,12 @@ def main(args: Args):
         total=total_steps, initial=step, desc="dpo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
     )
     metrics, started, start_step = {}, time.time(), step
-    first = evaluation() if step == 0 else {}  # where the policy starts, the reference itself
-    if grid.is_main and first:
-        progress.write("step 0: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in first.items()))
+    if checkpoint:  # where the policy started: the reference itself
+        first = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["first_eval"]
+    else:
+        first = evaluation()
+        if grid.is_main:
+            progress.write("step 0: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in first.items()))
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[
@@ -1569,8 +1576,6 @@ def main(args: Args):
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-    if checkpoint:
-        first = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["first_eval"]
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
         json.dump(
             {
