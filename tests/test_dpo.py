@@ -154,3 +154,27 @@ def test_bad_input_is_one_line(tmp_path, flags, message):
     run = run_script("dpo.py", *flags, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert run.returncode == 1 and run.stderr.startswith("error: ") and message in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path):
+    """jsonl pairs on a tiny text model, judged by a tiny reward model: at step 0 the policy is the
+    reference, so the KL of its samples is exactly 0; training moves it away (KL above 0), and the
+    win rate over the reference's samples is a fraction."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import text_tokenizer, tiny_config
+    from test_reward_model import write_preference_pairs
+
+    tokenizer = text_tokenizer()
+    config = tiny_config("llama", len(tokenizer), tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    flags = ["--task", "jsonl", "--data", write_preference_pairs(tmp_path / "pairs.jsonl", n=48)]
+    flags += ["--model", save_tiny_model(tmp_path / "policy", "llama"), "--reward-model", str(tmp_path / "judge")]
+    flags += ["--batch-size", "8", "--learning-rate", "1e-2", "--eval-prompts", "8", "--max-new-tokens", "6"]
+    run = run_script("dpo.py", *flags, "--output-dir", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
+    assert 0 <= metrics["eval/win_rate"] <= 1
