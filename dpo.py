@@ -1408,6 +1408,20 @@ def load_policy(args: Args, checkpoint: Optional[str], device):
     return model, tokenizer
 
 
+def evaluation_models(args: Args, grid, device) -> tuple:
+    """(a frozen reference to sample from, the judge (model, tokenizer)), each None when not needed:
+    text tasks sample the reference at evaluation (under LoRA it is the policy with its adapters
+    off, so no copy), and --reward-model judges their samples."""
+    frozen = judge = None
+    if args.task != "randomwalks" and not args.lora_rank:
+        frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
+        frozen = parallel.split_sequences(parallel.tensor_parallel(frozen, grid.tp_group), grid, args.sequence_parallel)
+    if args.reward_model:
+        model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=param_dtype(args))
+        judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+    return frozen, judge
+
+
 def main(args: Args):
     # Flags, then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
@@ -1439,18 +1453,7 @@ def main(args: Args):
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
     total_steps = steps_per_epoch * args.num_epochs
-    frozen = None
-    if args.task != "randomwalks" and not args.lora_rank:
-        frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
-        frozen = parallel.split_sequences(parallel.tensor_parallel(frozen, grid.tp_group), grid, args.sequence_parallel)
-    judge = None
-    if args.reward_model:
-        judge = (
-            AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=param_dtype(args))
-            .to(device)
-            .eval(),
-            AutoTokenizer.from_pretrained(args.reward_model),
-        )
+    frozen, judge = evaluation_models(args, grid, device)
 
     policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     policy = parallel.split_sequences(policy, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
