@@ -18,8 +18,8 @@ import pytest
 
 from conftest import ROOT, Job, run_script, save_tiny_model, torchrun
 
-SCRIPTS = ["sft", "reward_model", "ppo", "ilql"]
-BASE = {"ppo": dict(model="runs/sft")}  # ppo has no default policy: the flags it needs, no more
+SCRIPTS = ["sft", "reward_model", "ppo", "ilql", "dpo"]
+BASE = {"ppo": dict(model="runs/sft"), "dpo": dict(model="runs/sft")}  # the flags they need, no more
 
 
 def field_docstrings(script: str) -> dict:
@@ -150,7 +150,7 @@ def test_a_rank_that_fails_alone_names_itself(script, monkeypatch):
 
 def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
     """The first multi-process command a user types: no batch or micro-batch flag, 2 processes.
-    Only the run length is cut (and ppo is given the policy it needs), to keep the suite short."""
+    Only the run length is cut (and ppo and dpo are given the policy they need), to keep the suite short."""
     import sft
 
     policy = save_tiny_model(tmp_path / "policy", tokenizer=sft.randomwalks_tokenizer())
@@ -159,6 +159,7 @@ def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
         "reward_model.py": ["--num-epochs", "1", "--randomwalks-pairs", "256"],
         "ppo.py": ["--model", policy, "--num-updates", "1", "--eval-samples-per-start", "2"],
         "ilql.py": ["--num-epochs", "1", "--eval-samples-per-start", "2", "--eval-betas", "1"],
+        "dpo.py": ["--model", policy, "--randomwalks-pairs", "128", "--eval-samples-per-start", "2"],
     }
     for script, flags in commands.items():
         result = torchrun(script, *flags, "--output-dir", str(tmp_path / script), cwd=tmp_path)

@@ -1,0 +1,1607 @@
+"""Direct preference optimisation (DPO) of a causal LM on preference pairs.
+
+DPO (Rafailov et al., 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model") solves the KL-regularised RLHF objective without a reward model and without
+sampling. The policy's log-likelihood ratio to a frozen reference is an implicit reward,
+r(x, y) = beta * log(pi(y|x) / ref(y|x)), and the Bradley-Terry likelihood of the preferences
+under it is maximised:
+
+    loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+
+with log-probabilities summed over the response tokens; chosen and rejected go through one
+forward pass. The reference's log-probabilities are computed once, before training, and kept
+with the run. `--loss` picks a variant (each cited where it is computed, in `preference_losses`):
+ipo (Azar et al., 2023), the length-normalised form, and with `--label-smoothing` the
+conservative DPO of noisy labels (Mitchell, 2023). The default task runs offline on a CPU:
+
+    python sft.py --output-dir runs/sft && python dpo.py --model runs/sft    # randomwalks
+    python dpo.py --model runs/sft --loss ipo --beta 0.5
+    python dpo.py --model runs/sft --lora-rank 8                    # the reference: adapters off
+    python dpo.py --task jsonl --data pairs.jsonl --model gpt2
+    torchrun --nproc_per_node 8 dpo.py --model ... --zero-stage 3   # data parallel, see parallel.py
+
+The trained policy lands in the run directory, loadable with plain
+`AutoModelForCausalLM.from_pretrained(run_dir)` (LoRA adapters merged in).
+
+Reading order. The method is `main` (at the bottom): preference pairs, policy, the reference's
+log-probabilities (`reference_logprobs`), then the loop of optimizer steps over pairs, each
+accumulated over micro-batches by `accumulate_gradients` with the loss of `preference_losses` on
+the response log-probabilities of `pair_logprobs`; `evaluate` after it. Above it, in file order:
+Args and check_args; the randomwalks pairs; the data parsers and `tokenize_pairs`; the policy,
+LoRA and `generate`; the sentiment pairs; run directory, checkpoints and logging (plumbing).
+"""
+
+import contextlib
+import copy
+import functools
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+import tyro
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+import kernels
+import parallel
+
+
+@dataclass
+class Args:
+    exp_name: str = "dpo"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    seed: int = 1
+    """seed of python, numpy and torch (pair sampling, data order, dropout, evaluation samples): any integer from 0"""
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
+    (examples/sentiment_prompts.jsonl) sampled from --model itself, the more positive by VADER chosen (needs
+    vaderSentiment); jsonl: `{"prompt", "chosen", "rejected"}` records from --data; hh: Anthropic/hh-rlhf
+    chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download from the hub
+    unless --data is given)"""
+    data: Optional[str] = None
+    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for
+    hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    model: Optional[str] = None
+    """the policy to train and, frozen, the reference: hub name or local path of a causal LM (an sft.py run directory,
+    say); required"""
+    reward_model: Optional[str] = None
+    """text tasks: a reward_model.py run directory that judges, at each evaluation, the policy's samples against the
+    reference's (the win rate); none: no win rate"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation
+    in float64, slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
+    device: str = "auto"
+    """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also
+    parameters"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data
+    parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages per model copy: only 1 here (dpo.py has no pipeline schedule; use --tp, --cp and ZeRO)"""
+    cp: int = 1
+    """context-parallel ranks per model copy under torchrun (Ulysses: each holds 1/cp of every sequence through the
+    whole model, attention trades positions for heads; for sequences whose activations outgrow one device)"""
+    sequence_parallel: bool = False
+    """with --tp: also split the activations between the tensor-parallel matmuls (norms, residual adds) along the
+    sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
+    output_dir: Optional[str] = None
+    """where the run directory goes; default runs/<run name>"""
+
+    loss: Literal["dpo", "ipo", "length-normalized"] = "dpo"
+    """dpo: -log sigmoid(beta * h), h the chosen minus the rejected log-ratio to the reference; ipo: (h - 1 / (2 *
+    beta))^2 (Azar et al., 2023); length-normalized: dpo with each side's log-ratio divided by its response's length"""
+    beta: float = 0.1
+    """positive: the strength of the KL regularisation toward the reference (dpo: the implicit reward's scale; ipo:
+    the target margin is 1 / (2 beta))"""
+    label_smoothing: float = 0.0
+    """conservative DPO (Mitchell, 2023): the probability that a pair's preference is flipped, from 0 (plain DPO) up to
+    but not including 0.5; not with --loss ipo"""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on the policy's linear layers (0: off, the reference is a frozen copy); with adapters
+    the reference is the policy with its adapters switched off, at no memory cost"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator, positive: the adapter output is multiplied by alpha / rank"""
+    lora_target_modules: str = "all"
+    """comma-separated names (suffixes) of the linear layers that get adapters; `all` means every linear layer inside
+    the decoder blocks"""
+
+    max_length: int = 512
+    """longest prompt+response in tokens (capped at the model's context), at least 2; longer prompts lose tokens
+    on the left, pairs with a response that does not fit are skipped"""
+    eval_fraction: float = 0.1
+    """fraction of the pairs held out for evaluation, strictly between 0 and 1 (at least one pair is held out)"""
+    randomwalks_pairs: int = 4000
+    """randomwalks: number of training pairs drawn (held-out pairs come from held-out walks)"""
+    samples_per_prompt: int = 4
+    """sentiment: continuations of each prompt sampled from --model (temperature 1, no top-k), taken two by two as pairs
+    (pairs VADER scores equal are dropped), so at least 2; the pairs are written to sentiment_pairs.jsonl in the run
+    directory, in the format of --task jsonl"""
+    max_new_tokens: int = 24
+    """sentiment and text tasks: tokens sampled per continuation (pairs, evaluation samples)"""
+    generation_batch_size: int = 64
+    """sentiment: prompts per batch when sampling the continuations"""
+    eval_prompts: int = 64
+    """text tasks: held-out prompts whose sampled continuations are scored at each evaluation (VADER on sentiment, the
+    win rate with --reward-model) and give the KL to the reference"""
+
+    num_epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N;
+    64 splits over 1, 2, 4 or 8)"""
+    micro_batch_size: Optional[int] = None
+    """pairs per forward/backward pass on one rank, chosen and rejected together (default: the rank's whole share,
+    batch_size / ranks); the share must be a multiple of it"""
+    learning_rate: float = 1e-4
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0: none)"""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warm-up: cosine or linear to zero, or constant"""
+    warmup_steps: int = 5
+    """optimizer steps of linear learning-rate warm-up (0: none)"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+
+    eval_every: int = 20
+    """optimizer steps between evaluations (also before the first step and at the end)"""
+    eval_samples_per_start: int = 20
+    """randomwalks: walks sampled (temperature 1) from each start node for the sampled optimality"""
+    save_every: int = 0
+    """optimizer steps between checkpoints; 0 saves only the final model"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: Optional[str] = None
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the
+    original run"""
+
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project: str = "rlhf"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
+    ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
+    before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(10)
+    raise SystemExit(f"error: {message}" if rank == "0" else f"error: rank {rank}: {message}")
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded, sampled or written: ranges, sizes that must
+    divide, and what depends on the number of processes. Returns the flags with --micro-batch-size
+    settled."""
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in (
+        "tp",
+        "pp",
+        "cp",
+        "randomwalks_pairs",
+        "max_new_tokens",
+        "generation_batch_size",
+        "eval_prompts",
+        "num_epochs",
+        "batch_size",
+        "eval_every",
+        "eval_samples_per_start",
+        "keep_checkpoints",
+    ):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "warmup_steps", "save_every", "lora_rank"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    for flag in ("learning_rate", "max_grad_norm", "beta", "lora_alpha"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
+    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
+    require(0 <= args.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5): the chance a label is flipped")
+    if args.label_smoothing and args.loss == "ipo":
+        fail("--label-smoothing is conservative DPO's; IPO has no label noise term: drop it or use --loss dpo")
+    require(
+        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; use at least 2"
+    )
+    require(
+        args.samples_per_prompt >= 2,
+        "samples_per_prompt",
+        "must be at least 2: a pair is two continuations of one prompt",
+    )
+    require(args.pp == 1, "pp", "is not supported by dpo.py (no pipeline schedule); use --tp, --cp and --zero-stage")
+    model_ranks = args.tp * args.cp
+    layout = f"--tp {args.tp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
+    if model_ranks > 1 and world_size == 1:
+        fail(
+            f"{layout} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
+    if world_size % model_ranks:
+        fail(
+            f"{world_size} processes do not split into {layout.replace(' --', ' x --')} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
+    if args.sequence_parallel and args.tp == 1:
+        fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.zero_stage == 3 and args.tp > 1:
+        fail("--zero-stage 3 does not compose with --tp; use --zero-stage 0, 1 or 2")
+    if args.lora_rank > 0 and args.tp > 1:
+        fail("--lora-rank is not supported with --tp (the adapters would need splitting too); use --zero-stage instead")
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(
+        args.batch_size % ranks == 0,
+        "batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
+    share = args.batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of the batch "
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, "
+        "or leave it unset",
+    )
+    if args.model is None and args.resume is None:
+        fail(
+            "--model is needed: the policy to train (on randomwalks an sft.py run: python sft.py --output-dir runs/sft)"
+        )
+    if args.reward_model is not None and args.task == "randomwalks":
+        fail("--reward-model judges text tasks; randomwalks is judged by the walks' true optimality: drop it")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The randomwalks task (trlX's examples/randomwalks), as in sft.py. Preference pairs are two walks
+# from the same start whose optimality differs; the more optimal one is chosen.
+# ---------------------------------------------------------------------------------------------
+RANDOMWALKS_SEED = 1000
+RANDOMWALKS_NODES = 21
+RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
+
+
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
+    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    rng = np.random.RandomState(seed)
+    while True:  # redraw until every node has a way out
+        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[0, :] = False  # the goal is absorbing
+    adjacency[0, 0] = True
+    walks = []
+    for _ in range(n_walks):
+        node = rng.randint(n_nodes)
+        while node == 0:
+            node = rng.randint(n_nodes)
+        walk = [node]
+        for _ in range(max_nodes - 1):
+            node = rng.choice(np.nonzero(adjacency[node])[0])
+            walk.append(node)
+            if node == 0:
+                break
+        walks.append(walk)
+    return adjacency, walks
+
+
+def node_letter(node: int) -> str:
+    return chr(ord("a") + int(node))
+
+
+def shortest_path_nodes(adjacency) -> list:
+    """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
+    backwards from the goal; None where the goal is unreachable."""
+    n = len(adjacency)
+    nodes = [None] * n
+    nodes[0] = 1
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        for previous in np.nonzero(adjacency[:, node])[0]:
+            if nodes[previous] is None:
+                nodes[previous] = nodes[node] + 1
+                queue.append(previous)
+    return nodes
+
+
+def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NODES) -> float:
+    """(max_nodes - length) / (max_nodes - shortest length) for a walk written as letters, start included.
+
+    The walk is scanned up to its first visit of the goal (what follows is ignored); length counts
+    nodes, start included. An unknown letter or a missing edge before the goal, or never reaching
+    it, makes the walk invalid: 0. A shortest path scores 1."""
+    nodes = [ord(letter) - ord("a") for letter in walk]
+    if not nodes or not 0 < nodes[0] < len(adjacency) or shortest[nodes[0]] is None:
+        return 0.0
+    for position in range(1, len(nodes)):
+        if not 0 <= nodes[position] < len(adjacency) or not adjacency[nodes[position - 1], nodes[position]]:
+            return 0.0
+        if nodes[position] == 0:
+            return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
+    return 0.0
+
+
+def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per node letter (token id = node index), then EOS, pad and unknown."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
+    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def perturb_walk(walk: list, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NODES) -> list:
+    """A corrupted copy of a walk: a node replaced by a random one (usually a missing edge), or the
+    walk cut before its end (usually never reaching the goal). Gives the reward model bad walks
+    of the kind a policy produces, which the random-walk data alone has too few of."""
+    if len(walk) < 2:
+        return walk
+    if rng.rand() < 0.5:
+        position = rng.randint(1, len(walk))
+        return walk[:position] + [rng.randint(n_nodes)] + walk[position + 1 :]
+    return walk[: rng.randint(1, len(walk))]
+
+
+def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.random.RandomState) -> list:
+    """Preference pairs from the walks and one perturbed copy of each: two walks from the same
+    start with different optimality, drawn uniformly over starts, then over walks."""
+    pool = walks + [perturb_walk(walk, rng) for walk in walks]
+    by_start = {}
+    for walk in pool:
+        letters = "".join(node_letter(n) for n in walk)
+        by_start.setdefault(letters[0], []).append((letters, walk_optimality(letters, adjacency, shortest)))
+    starts = sorted(s for s, group in by_start.items() if len({score for _, score in group}) > 1)
+    if not starts:  # a handful of walks, when --eval-fraction leaves one side almost none
+        fail(
+            f"no start node has two walks of different optimality among {len(walks)} walks; "
+            "move --eval-fraction away from 0 and 1"
+        )
+    pairs = []
+    while len(pairs) < n_pairs:
+        group = by_start[starts[rng.randint(len(starts))]]
+        (walk_a, score_a), (walk_b, score_b) = (group[i] for i in rng.choice(len(group), 2, replace=False))
+        if score_a != score_b:
+            chosen, rejected = (walk_a, walk_b) if score_a > score_b else (walk_b, walk_a)
+            pairs.append({"prompt": chosen[0], "chosen": chosen[1:], "rejected": rejected[1:], "margin": 0.0})
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every task becomes a list of {"prompt", "chosen", "rejected", "margin"} pairs, where
+# chosen and rejected are the two responses to the same prompt.
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str) -> list:
+    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    if not os.path.isfile(path):
+        fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
+        return pyarrow.parquet.read_table(path).to_pylist()
+    records = []
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    fail(f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object")
+                if not isinstance(record, dict):
+                    fail(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read data file {path!r}: {error}")
+    return records
+
+
+def hh_example(dialogue: str):
+    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+    marker = "\n\nAssistant:"
+    cut = dialogue.rfind(marker)
+    if cut < 0:
+        return None
+    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+
+
+def tldr_prompt(info: dict) -> str:
+    """OpenAI's summarize-from-feedback prompt format (the same as sft.py's tldr task)."""
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def download(task: str) -> list:
+    """Fetch the upstream training comparisons from the Hugging Face hub (online only) and return their paths."""
+    from huggingface_hub import snapshot_download
+
+    repo, patterns = {
+        "hh": ("Anthropic/hh-rlhf", ["*/train.jsonl.gz"]),
+        "tldr": ("openai/summarize_from_feedback", ["comparisons/train/*.parquet"]),
+    }[task]
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
+    except Exception as error:  # offline, gated, renamed: all end the same way for the user
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in sorted(names)]
+    return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
+
+
+def load_pairs(task: str, data: Optional[str]) -> list:
+    """Preference pairs for a text task. Pairs whose two responses are identical carry no preference
+    and are dropped with a count (hh-rlhf has some); so are pairs the format cannot split."""
+    if task == "jsonl" and data is None:
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "chosen": ..., "rejected": ...} lines)')
+    paths = [data] if data else download(task)
+    pairs, unusable = [], 0
+    for path in paths:
+        records = read_records(path)
+        if task == "jsonl":
+            require_fields(records, ("prompt", "chosen", "rejected"), path)
+            for number, record in enumerate(records, 1):
+                for field in ("prompt", "chosen", "rejected"):
+                    if not isinstance(record[field], str):
+                        fail(
+                            f"{path}, record {number}: field {field!r} must be a string, got "
+                            f"{type(record[field]).__name__}"
+                        )
+                margin = record.get("margin", 0.0)
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                    fail(f"{path}, record {number}: 'margin' must be a finite number, got {margin!r}")
+                pairs.append(
+                    {
+                        "prompt": record["prompt"],
+                        "chosen": record["chosen"],
+                        "rejected": record["rejected"],
+                        "margin": float(margin),
+                    }
+                )
+        elif task == "hh":
+            require_fields(records, ("chosen", "rejected"), path)
+            for record in records:
+                chosen, rejected = hh_example(record["chosen"]), hh_example(record["rejected"])
+                if chosen is None or rejected is None or chosen[0] != rejected[0]:
+                    unusable += 1  # no final assistant reply, or the dialogues differ before it
+                    continue
+                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1], "margin": 0.0})
+        elif task == "tldr":
+            require_fields(records, ("info", "summaries", "choice"), path)
+            for record in records:
+                info, summaries = record["info"], record["summaries"]
+                if not info.get("post") or len(summaries) != 2 or record["choice"] not in (0, 1):
+                    unusable += 1  # the comparisons also hold CNN/DM articles, which have no post
+                    continue
+                choice = record["choice"]
+                pairs.append(
+                    {
+                        "prompt": tldr_prompt(info),
+                        "chosen": " " + summaries[choice]["text"].strip(),
+                        "rejected": " " + summaries[1 - choice]["text"].strip(),
+                        "margin": 0.0,
+                    }
+                )
+    identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
+    pairs = [pair for pair in pairs if pair["chosen"] != pair["rejected"]]
+    if unusable:
+        print(f"skipped {unusable} records that do not form a pair of replies to one prompt")
+    if identical:
+        print(f"dropped {identical} pairs whose chosen and rejected responses are identical (no preference to learn)")
+    if not pairs:
+        fail(f"no preference pairs in {', '.join(paths)}; the file is empty or no record has two different responses")
+    return pairs
+
+
+SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run directory
+
+
+def load_sentiment_prompts(data: Optional[str]) -> list:
+    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
+        fail(
+            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
+            f'pass --data with a file of {{"prompt": ...}} lines'
+        )
+    path = data or SENTIMENT_PROMPTS
+    records = read_records(path)
+    require_fields(records, ("prompt",), path)
+    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    if not prompts:
+        fail(f"no prompts in {path}; the file is empty")
+    return prompts
+
+
+@functools.cache
+def vader():
+    """VADER's analyser (the optional extra vaderSentiment): what ranks the sentiment task's pairs."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        fail(
+            "--task sentiment ranks continuations with VADER: pip install vaderSentiment (or pip install -r "
+            "requirements-examples.txt)"
+        )
+    return SentimentIntensityAnalyzer()
+
+
+@torch.no_grad()
+def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Continuations [B, <= max_new_tokens] of a left-padded batch, sampled token by token on the KV
+    cache from softmax(logits) and nothing else (model.generate() would also apply what the
+    checkpoint's generation_config.json asks, such as a repetition penalty); after EOS, padding."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    step_ids, cache, tokens = input_ids, None, []
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        output = lm(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = output.cache
+        logits = output.logits[:, -1]
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, pad_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    return torch.stack(tokens, 1)
+
+
+def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
+    """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
+    prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
+    two, and the one VADER finds more positive is chosen; ties carry no preference and are dropped
+    with a count. Batches are dealt round-robin over the data-parallel ranks and each is sampled
+    with a seed of its own on a forked RNG, so the pairs do not depend on the number of ranks and
+    training's random stream is untouched."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")  # prompts end where sampling starts
+        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=param_dtype(args)).to(device).eval()
+    except (OSError, ValueError) as error:
+        fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
+    mine = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for number, start in tqdm.tqdm(my_batches, desc="sampling pairs", dynamic_ncols=True, disable=not grid.is_main):
+            torch.manual_seed(
+                int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
+                & (2**63 - 1)
+            )
+            batch = tokenizer(
+                repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True
+            ).to(device)
+            output = sample(
+                lm,
+                batch["input_ids"],
+                batch["attention_mask"],
+                args.max_new_tokens,
+                tokenizer.eos_token_id,
+                pad_token_id,
+            )
+            mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
+    texts = [
+        text
+        for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
+        for text in batch
+    ]
+    scores = [vader().polarity_scores(text)["compound"] for text in texts]
+    pairs, ties = [], 0
+    for first in range(0, len(texts) - 1, 2):
+        if repeated[first] != repeated[first + 1] or scores[first] == scores[first + 1]:
+            ties += repeated[first] == repeated[first + 1]
+            continue
+        chosen, rejected = (first, first + 1) if scores[first] > scores[first + 1] else (first + 1, first)
+        pairs.append(
+            {
+                "prompt": repeated[first],
+                "chosen": texts[chosen],
+                "rejected": texts[rejected],
+                "margin": 0.0,
+                "chosen_score": scores[chosen],
+                "rejected_score": scores[rejected],
+            }
+        )
+    if grid.is_main:
+        print(
+            f"sampled {len(texts)} continuations of {len(prompts)} prompts (mean VADER score {np.mean(scores):.3f}): "
+            f"{len(pairs)} pairs, {ties} dropped as ties"
+        )
+    if not pairs:
+        fail(
+            f"no pair of {args.model}'s continuations differs in VADER score; raise --samples-per-prompt or "
+            "--max-new-tokens"
+        )
+    return pairs
+
+
+def write_jsonl_atomically(path: str, records: list):
+    """Records as --task jsonl reads them, renamed into place only once complete."""
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def require_fields(records: list, fields: tuple, path: str):
+    for number, record in enumerate(records, 1):
+        for field in fields:
+            if field not in record or record[field] is None:
+                fail(
+                    f"{path}, record {number}: field {field!r} is missing; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
+
+
+def tokenize_side(tokenizer, prompt: str, response: str, max_length: int):
+    """(token ids of prompt + response + EOS, where the response starts, whether the prompt was cut)
+    within max_length, cut from the left of the prompt; None if the response alone does not fit.
+    The EOS belongs to the response: where to stop is part of what is preferred. Prompt and response
+    are tokenized apart, so the boundary is exact."""
+    prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(response_ids) >= max_length:
+        return None
+    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
+    prompt_ids = prompt_ids[excess:]
+    return prompt_ids + response_ids, len(prompt_ids), excess > 0
+
+
+def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
+    """((chosen ids, its response start), (rejected ids, its response start)) per pair, reporting
+    how many prompts were cut and how many pairs were skipped."""
+    tokenized, truncated, too_long = [], 0, 0
+    for pair in pairs:
+        sides = [tokenize_side(tokenizer, pair["prompt"], pair[key], max_length) for key in ("chosen", "rejected")]
+        if None in sides:
+            too_long += 1
+            continue
+        truncated += sides[0][2] or sides[1][2]
+        tokenized.append(tuple(side[:2] for side in sides))
+    if truncated:
+        print(
+            f"{truncated} of {len(pairs)} pairs are longer than --max-length {max_length} tokens: their prompts were "
+            "cut on the left"
+        )
+    if too_long:
+        print(
+            f"skipped {too_long} pairs with a response of {max_length} tokens or more (raise --max-length to keep them)"
+        )
+    if not tokenized:
+        fail(f"no pairs left: every response is longer than --max-length {max_length}; raise it")
+    return tokenized
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy, its reference and their log-probabilities
+# ---------------------------------------------------------------------------------------------
+def param_dtype(args: Args) -> torch.dtype:
+    """The dtype of the weights: fp32 (also under bf16 autocast), or fp64 under --dtype fp64."""
+    return torch.float64 if args.dtype == "fp64" else torch.float32
+
+
+def load_model(name: str, device, dtype=torch.float32):
+    """A causal LM from a local directory or a hub name, with one clear line when it cannot be had.
+    Dropout is switched off: the implicit reward is the policy's log-ratio to the reference, and a
+    dropout draw would make the two differ before any step."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
+    if tokenizer.pad_token_id is None:  # padding is masked out of every log-prob, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.to(device), tokenizer
+
+
+# LoRA, written out (as in ppo.py): y = base(x) + (alpha / r) * B(A(x)), B initialised to zero so
+# the adapted policy starts equal to the base, and the base (adapters off) is the reference.
+class LoRA(torch.nn.Module):
+    """A frozen linear layer (nn.Linear, or GPT-2's Conv1D whose weight is [in, out]) plus a low-rank update."""
+
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.transposed = type(base).__name__ == "Conv1D"
+        in_features, out_features = base.weight.shape if self.transposed else base.weight.shape[::-1]
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, **like))
+        self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, **like))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        output = self.base(x)
+        if self.enabled:
+            output = output + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(output.dtype)
+        return output
+
+    def merged(self) -> torch.nn.Module:
+        """The base layer with the update added into its weight."""
+        layer = copy.deepcopy(self.base)
+        delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        with torch.no_grad():
+            layer.weight += (delta.T if self.transposed else delta).to(layer.weight.dtype)
+        return layer
+
+
+def add_lora(model, rank: int, alpha: float, targets: str) -> list:
+    """Freeze the model and wrap the chosen linear layers of its decoder blocks with LoRA; returns the wrappers."""
+    count = model.config.num_hidden_layers
+    blocks = [m for m in model.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if len(blocks) != 1:
+        fail(f"cannot find the {count} decoder layers of {type(model).__name__}; LoRA supports GPT-2, Llama, GPT-NeoX")
+    model.requires_grad_(False)
+    wanted = None if targets == "all" else [t.strip() for t in targets.split(",") if t.strip()]
+    wrapped = []
+    for block in blocks[0]:
+        for name, module in list(block.named_modules()):
+            is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+            if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
+                parent_name, _, child = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, child, LoRA(module, rank, alpha))
+                wrapped.append(getattr(parent, child))
+    if not wrapped:
+        fail(
+            f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
+            "c_attn (GPT-2)"
+        )
+    return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model, which under LoRA is the reference (a no-op without adapters)."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRA)]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
+
+
+def merge_lora(model) -> torch.nn.Module:
+    """A plain copy of the model with every adapter merged into its layer: what gets saved (the
+    model itself when it has no adapters)."""
+    if not any(isinstance(module, LoRA) for module in model.modules()):
+        return model
+    merged = copy.deepcopy(model)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, LoRA):
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, module.merged())
+    return merged
+
+
+def collate(sequences: list, pad_token_id: int, device) -> dict:
+    """A right-padded batch of (ids, response start); labels are -100 on the prompt and the
+    padding, so that only response tokens are scored."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), kernels.IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, response_start) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, response_start : len(ids)] = torch.tensor(ids[response_start:])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """log pi(response | prompt) of each row: the response tokens' log-probabilities, summed. The
+    LM head runs through kernels.fused_logprobs, which never builds the [tokens, vocabulary] logits,
+    as the head module's forward for this one call: hooks on the head then fire as for any module
+    call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
+    backward). Under --tp the head is this rank's slice of the vocabulary, and fused_logprobs
+    combines the slices over its group."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    head.forward = lambda x: kernels.fused_logprobs(
+        x, head.weight, batch["labels"][:, 1:], bias=head.bias, group=getattr(head, "group", None)
+    )
+    try:
+        return head(hidden[:, :-1]).sum(-1)
+    finally:
+        del head.forward
+
+
+def pair_logprobs(model, pairs: list, pad_token_id: int, device) -> tuple:
+    """(chosen, rejected) response log-probabilities of a micro-batch of pairs, from one forward
+    pass over both sides."""
+    logprobs = sequence_logprobs(model, collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id, device))
+    logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+    return logprobs[: len(pairs)], logprobs[len(pairs) :]
+
+
+def response_lengths(pairs: list, dtype) -> torch.Tensor:
+    """[pairs, 2] token counts of the chosen and rejected responses (EOS included)."""
+    return torch.tensor([[len(c[0]) - c[1], len(r[0]) - r[1]] for c, r in pairs], dtype=dtype)
+
+
+def preference_losses(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor, args: Args) -> tuple:
+    """Per pair: the loss, and the implicit rewards beta * log(pi / ref) of the chosen and the
+    rejected response. policy, reference: [pairs, 2] summed response log-probabilities (chosen,
+    rejected); lengths: [pairs, 2] response token counts. With h the chosen minus the rejected
+    log-ratio:
+
+      dpo (Rafailov et al., 2023):  -log sigmoid(beta h), and with --label-smoothing eps the
+          conservative DPO of Mitchell (2023), the expected loss when a label is wrong with
+          probability eps: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h);
+      ipo (Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human
+          Preferences"): (h - 1 / (2 beta))^2, a squared loss that stops pushing once the margin is
+          met, where DPO's keeps widening it on deterministic preferences;
+      length-normalized: dpo with each log-ratio divided by its response's token count, so that a
+          longer response does not get a larger implicit reward for its length alone (the
+          normalisation SimPO, Meng et al., 2024, applies to its reward; here DPO's reference is
+          kept)."""
+    log_ratios = policy - reference
+    if args.loss == "length-normalized":
+        log_ratios = log_ratios / lengths.to(log_ratios.dtype)
+    h = log_ratios[:, 0] - log_ratios[:, 1]
+    if args.loss == "ipo":
+        losses = (h - 1 / (2 * args.beta)) ** 2
+    else:
+        eps = args.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(args.beta * h) - eps * F.logsigmoid(-args.beta * h)
+    rewards = args.beta * log_ratios.detach()
+    return losses, rewards[:, 0], rewards[:, 1]
+
+
+def accumulate_gradients(
+    model, pairs: list, reference: torch.Tensor, batch_pairs: int, args: Args, grid, pad_token_id, autocast
+):
+    """Backward over this rank's share of the batch in micro-batches; returns the summed [loss,
+    pairs ranked right, chosen reward, rejected reward] of the share.
+
+    Each micro-batch's summed loss is divided by the pair count of the whole global batch, not its
+    own, so the accumulated gradient equals the one-big-batch gradient exactly. The data-parallel
+    reduction averages over ranks, hence the factor dp_size. Only the last micro-batch's backward
+    communicates (no_sync on the others)."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    starts = range(0, len(pairs), args.micro_batch_size)
+    for start in starts:
+        micro_batch = pairs[start : start + args.micro_batch_size]
+        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+            with autocast:
+                chosen, rejected = pair_logprobs(model.module, micro_batch, pad_token_id, grid.device)
+            losses, chosen_rewards, rejected_rewards = preference_losses(
+                torch.stack([chosen, rejected], 1),
+                reference[start : start + len(micro_batch)].to(chosen),
+                response_lengths(micro_batch, chosen.dtype).to(chosen.device),
+                args,
+            )
+            (losses.sum() / batch_pairs * grid.dp_size).backward()
+        sums += (
+            torch.stack(
+                [losses.sum(), (chosen_rewards > rejected_rewards).sum(), chosen_rewards.sum(), rejected_rewards.sum()]
+            )
+            .detach()
+            .double()
+            .cpu()
+        )
+    return sums
+
+
+def share(items: list, rank: int, ranks: int) -> list:
+    """Rank `rank`'s contiguous share of `items` for evaluation (the last ranks may get fewer, or
+    none); concatenating the shares in rank order gives back `items`."""
+    size = math.ceil(len(items) / ranks)
+    return items[rank * size : (rank + 1) * size]
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, pairs: list, args: Args, grid, pad_token_id, autocast) -> torch.Tensor:
+    """[pairs, 2] (chosen, rejected) response log-probabilities of every pair under `model` as it
+    is now: each data-parallel rank computes a contiguous share and the shares are gathered, so
+    every rank holds all of them. The whole model is gathered once (a no-op below ZeRO-3), so ranks
+    may run different numbers of forwards."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    with model.gathered(), autocast:
+        mine = share(pairs, grid.dp_rank, grid.dp_size)
+        for start in range(0, len(mine), args.micro_batch_size):
+            chosen, rejected = pair_logprobs(
+                model.module, mine[start : start + args.micro_batch_size], pad_token_id, grid.device
+            )
+            rows.append(torch.stack([chosen, rejected], 1).cpu())
+    model.train(was_training)
+    gathered = [row for part in parallel.all_gather_objects(rows, grid.dp_group) for row in part]
+    return torch.cat(gathered).to(param_dtype(args))
+
+
+def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, pad_token_id, autocast, path) -> dict:
+    """The reference's log-probabilities of every pair, computed once, before the first step, from
+    the policy as loaded (with its adapters switched off under LoRA: the base model, which is the
+    reference at every step), and saved in the run directory, so that a resumed run reads them
+    instead of needing the reference again. {"train": [pairs, 2], "eval": [pairs, 2]}."""
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    with adapters_disabled(model.module):
+        table = {
+            split: all_pair_logprobs(model, pairs, args, grid, pad_token_id, autocast)
+            for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
+        }
+    if grid.is_main:
+        torch.save(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    parallel.barrier()
+    return table
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """Shuffled pair order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def model_context(config):
+    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
+    """Response token ids for each prompt, cut before the first EOS: a left-padded batch decoded
+    token by token on the KV cache, greedy at temperature 0, else sampled from
+    softmax(logits / temperature) and nothing else (model.generate() would also apply what the
+    checkpoint's generation_config.json asks, and evaluation would no longer measure the policy's
+    own distribution)."""
+    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
+    context = model_context(model.config)
+    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
+    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        output = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = output.cache
+        logits = output.logits[:, -1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+        next_ids = (
+            logits.argmax(-1)
+            if temperature == 0
+            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        )
+        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == tokenizer.eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    model.train(was_training)
+    output = torch.stack(tokens, 1).tolist()
+    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints and logging (as in sft.py)
+# ---------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = (
+        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
+    if not steps:
+        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
+    steps.sort(reverse=True)
+    for name in steps:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
+
+
+ADAPTERS = "adapters.pt"  # under LoRA a checkpoint keeps the adapters; the base is --model
+REFERENCE_LOGPROBS = "reference_logprobs.pt"  # the reference's log-probabilities of every pair, in the run directory
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
+    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
+    leaves a broken checkpoint where --resume would find it. Rank 0 writes the policy (under LoRA
+    only its adapters) and the shared state; every rank writes its own optimizer state (a slice of
+    it under ZeRO) and RNG states to rank_R.pt; rank 0 then lists them all in the manifest. All
+    ranks must call this (ZeRO-3 gathers the parameters to save them)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:08d}")
+    temporary = final + ".tmp"
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with model.gathered():
+        state_dict = parallel.tensor_parallel_state_dict(model.module, grid.tp_group) if grid.tp_group else None
+        if grid.is_main:
+            adapters = {n: p.detach().clone() for n, p in model.module.named_parameters() if ".lora_" in n}
+            if adapters:
+                torch.save(adapters, os.path.join(temporary, ADAPTERS))
+            else:
+                model.module.save_pretrained(temporary, state_dict=state_dict)
+            tokenizer.save_pretrained(temporary)
+            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
+    if grid.is_main:
+        write_manifest(temporary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
+
+
+def save_final(run_dir: str, model, tokenizer, grid):
+    """save_pretrained of the policy (adapters merged) into the run directory itself; files are
+    written aside and moved in with config.json last, so a directory that has a config.json holds
+    a complete model. All ranks call it; rank 0 writes."""
+    with model.gathered():
+        state_dict = parallel.tensor_parallel_state_dict(model.module, grid.tp_group) if grid.tp_group else None
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        merge_lora(model.module).save_pretrained(temporary, state_dict=state_dict)
+        tokenizer.save_pretrained(temporary)
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
+    """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
+    import wandb
+
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
+    except Exception as error:
+        print(f"wandb could not start online ({type(error).__name__}); logging offline to {run_dir}/wandb")
+        return wandb.init(**kwargs, mode="offline")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def judge_scores(judge, tokenizer, prompts: list, responses: list) -> torch.Tensor:
+    """A reward_model.py model's raw scores of (prompt, response) pairs, read at the last real token."""
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    batch = tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True, truncation=True)
+    batch = batch.to(next(judge.parameters()).device)
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return judge(**batch, position_ids=position_ids).logits[:, 0].float().cpu()
+
+
+def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args, grid) -> dict:
+    """Text tasks: continuations of held-out prompts sampled from the policy (temperature 1), their
+    KL to the reference (the summed log-ratio of the sampled tokens, averaged over samples), their
+    mean VADER score on sentiment, and with --reward-model the win rate of the policy's samples
+    over the reference's, as the judge scores them (ties count half)."""
+    device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
+    sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
+    if mine:
+        responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
+        sequences = [tokenize_side(tokenizer, p, tokenizer.decode(r), 1 << 30)[:2] for p, r in zip(mine, responses)]
+        batch = collate(sequences, tokenizer.pad_token_id, device)
+        policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
+        with reference() as reference_model:
+            log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
+            reference_responses = generate(reference_model, tokenizer, mine, args.max_new_tokens, 1.0, device)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        sums[0], sums[3] = log_ratio.double().sum().cpu(), len(mine)
+        if args.task == "sentiment":
+            sums[1] = sum(vader().polarity_scores(text)["compound"] for text in texts)
+        if judge is not None:
+            reference_texts = tokenizer.batch_decode(reference_responses, skip_special_tokens=True)
+            judge_model, judge_tokenizer = judge
+            ours, theirs = (judge_scores(judge_model, judge_tokenizer, mine, t) for t in (texts, reference_texts))
+            sums[2] = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).sum()
+    sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu()
+    metrics = {"eval/kl": (sums[0] / sums[3]).item()}
+    if args.task == "sentiment":
+        metrics["eval/vader"] = (sums[1] / sums[3]).item()
+    if judge is not None:
+        metrics["eval/win_rate"] = (sums[2] / sums[3]).item()
+    return metrics
+
+
+def evaluate(
+    model,
+    reference,
+    judge,
+    eval_pairs: list,
+    eval_reference,
+    eval_prompts: list,
+    tokenizer,
+    graph,
+    args,
+    grid,
+    autocast,
+) -> dict:
+    """The DPO loss, the accuracy (the chosen response's implicit reward above the rejected one's)
+    and the implicit rewards on the held-out pairs; then what the policy generates: on randomwalks
+    the optimality of its greedy and sampled walks, on text tasks sample_metrics. Sampling runs on a
+    forked RNG with a fixed seed per rank, so evaluation never perturbs training and every
+    evaluation draws comparable samples. The whole model is gathered once (a no-op below ZeRO-3).
+    reference: a context manager giving the reference model (text tasks)."""
+    policy = all_pair_logprobs(model, eval_pairs, args, grid, tokenizer.pad_token_id, autocast)
+    losses, chosen, rejected = preference_losses(
+        policy, eval_reference, response_lengths(eval_pairs, policy.dtype), args
+    )
+    metrics = {
+        "eval/loss": losses.mean().item(),
+        "eval/accuracy": (chosen > rejected).double().mean().item(),
+        "eval/chosen_reward": chosen.mean().item(),
+        "eval/rejected_reward": rejected.mean().item(),
+        "eval/margin": (chosen - rejected).mean().item(),
+    }
+    device, sampler = grid.device, model.module
+    model.eval()
+    with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        torch.manual_seed(args.seed + grid.dp_rank)
+        if args.task == "randomwalks":
+            starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+            for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
+                prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: grid.dp_size]
+                completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                scores = [walk_optimality(p + tokenizer.decode(c), *graph) for p, c in zip(prompts, completions)]
+                scores = [s for part in parallel.all_gather_objects(scores, grid.dp_group) for s in part]
+                metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
+        else:
+            metrics.update(sample_metrics(sampler, reference, judge, eval_prompts, tokenizer, args, grid))
+    model.train()
+    return metrics
+
+
+def lr_scheduler(optimizer, args: Args, total_steps: int):
+    """Linear warm-up over --warmup-steps, then --lr-schedule (constant, linear or cosine decay to 0)."""
+
+    def factor(step):  # step counts finished optimizer steps
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
+            args.lr_schedule
+        ]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
+    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
+    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
+    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
+    if not checkpoint:
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        parallel.barrier()
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        return 0, run_name, run_dir, None
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp", "lora_rank")}
+    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track")
+    changed = {
+        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
+    }
+    if changed and grid.is_main:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(rank_state["rng"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if grid.is_main:
+        print(f"resuming {run_dir} from step {state['step']}")
+    return state["step"], state["run_name"], run_dir, state["wandb_id"]
+
+
+def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
+    """(training pairs, held-out pairs, every pair (sentiment: to keep), randomwalks' (adjacency,
+    shortest paths) or None): the task's preference pairs, split before pairing for randomwalks so
+    that no held-out walk is seen in training, and by prompt for sentiment."""
+    pairs, graph = None, None
+    if args.task == "randomwalks":
+        adjacency, walks = generate_random_walks()
+        graph = (adjacency, shortest_path_nodes(adjacency))
+        n_eval_walks = int(len(walks) * args.eval_fraction)
+        rng = np.random.RandomState(args.seed)
+        train_pairs = randomwalks_pairs(walks[n_eval_walks:], args.randomwalks_pairs, *graph, rng)
+        eval_pairs = randomwalks_pairs(
+            walks[:n_eval_walks], max(1, int(args.randomwalks_pairs * args.eval_fraction)), *graph, rng
+        )
+    elif args.task == "sentiment":
+        # Held-out pairs are those of held-out openings; a resumed run reads the pairs its run sampled.
+        prompts = load_sentiment_prompts(args.data)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
+        if checkpoint:
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+            pairs = read_records(os.path.join(run_dir, SENTIMENT_PAIRS))
+        else:
+            pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
+        eval_pairs = [p for p in pairs if p["prompt"] in eval_prompts]
+        train_pairs = [p for p in pairs if p["prompt"] not in eval_prompts]
+        if not eval_pairs:
+            fail(
+                f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise "
+                "--eval-fraction or --samples-per-prompt"
+            )
+    else:
+        pairs = load_pairs(args.task, args.data)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_eval = max(1, int(len(pairs) * args.eval_fraction))
+        eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
+    return train_pairs, eval_pairs, pairs, graph
+
+
+def load_policy(args: Args, checkpoint: Optional[str], device):
+    """(policy, tokenizer): --model, or a checkpoint's policy (under LoRA: --model and the
+    checkpoint's adapters), with LoRA adapters added under --lora-rank."""
+    model, tokenizer = load_model(
+        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args)
+    )
+    if args.lora_rank:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        if checkpoint:
+            missing, unexpected = model.load_state_dict(torch.load(os.path.join(checkpoint, ADAPTERS)), strict=False)
+            assert not unexpected, unexpected
+    return model, tokenizer
+
+
+def evaluation_models(args: Args, grid, device) -> tuple:
+    """(a frozen reference to sample from, the judge (model, tokenizer)), each None when not needed:
+    text tasks sample the reference at evaluation (under LoRA it is the policy with its adapters
+    off, so no copy), and --reward-model judges their samples."""
+    frozen = judge = None
+    if args.task != "randomwalks" and not args.lora_rank:
+        frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
+        frozen = parallel.split_sequences(parallel.tensor_parallel(frozen, grid.tp_group), grid, args.sequence_parallel)
+    if args.reward_model:
+        model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=param_dtype(args))
+        judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+    return frozen, judge
+
+
+def main(args: Args):
+    # Flags, then the other ranks (a no-op without torchrun).
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    grid = parallel.init_distributed(args.device, tp=args.tp, cp=args.cp)
+    device, ranks = grid.device, grid.dp_size
+    local_batch_size = args.batch_size // ranks
+    if grid.is_main:
+        print(
+            f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+            f"{local_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
+    if args.task == "sentiment":
+        vader()  # a missing optional extra ends the run here, before anything is written
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Data and models: the pairs, the policy, and for text tasks a frozen reference to sample from
+    # (under LoRA, the policy with its adapters off; randomwalks needs none after the log-probs).
+    train_pairs, eval_pairs, pairs, graph = preference_pairs(args, grid, checkpoint)
+    policy, tokenizer = load_policy(args, checkpoint, device)
+    context = model_context(policy.config)
+    max_length = min(args.max_length, context) if context else args.max_length
+    train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
+    eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)
+    eval_prompts = list(dict.fromkeys(p["prompt"] for p in eval_pairs))[: args.eval_prompts]
+    steps_per_epoch = len(train_sequences) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
+    total_steps = steps_per_epoch * args.num_epochs
+    frozen, judge = evaluation_models(args, grid, device)
+
+    policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
+    policy = parallel.split_sequences(policy, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
+    model = parallel.data_parallel(policy, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group)
+    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = lr_scheduler(optimizer, args, total_steps)
+
+    @contextlib.contextmanager
+    def reference():
+        if frozen is not None:
+            yield frozen
+        else:
+            with adapters_disabled(model.module):
+                yield model.module
+
+    # Run directory; the reference's log-probabilities of every pair, once (a resumed run reads them).
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
+    if grid.is_main and not checkpoint and args.task == "sentiment":
+        write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
+    if grid.is_main:
+        tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    pad = tokenizer.pad_token_id
+    references = reference_logprobs(
+        model, train_sequences, eval_sequences, args, grid, pad, autocast, os.path.join(run_dir, REFERENCE_LOGPROBS)
+    )
+
+    def evaluation() -> dict:
+        return evaluate(
+            model,
+            reference,
+            judge,
+            eval_sequences,
+            references["eval"],
+            eval_prompts,
+            tokenizer,
+            graph,
+            args,
+            grid,
+            autocast,
+        )
+
+    # The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
+    # accumulated over micro-batches.
+    model.train()
+    progress = tqdm.tqdm(
+        total=total_steps, initial=step, desc="dpo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
+    )
+    metrics, started, start_step = {}, time.time(), step
+    if checkpoint:  # where the policy started: the reference itself
+        first = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["first_eval"]
+    else:
+        first = evaluation()
+        if grid.is_main:
+            progress.write("step 0: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in first.items()))
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = epoch_order(len(train_sequences), args.seed, epoch)[
+            position * args.batch_size : (position + 1) * args.batch_size
+        ]
+        mine = indices[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
+        sums = accumulate_gradients(
+            model,
+            [train_sequences[i] for i in mine],
+            references["train"][mine],
+            len(indices),
+            args,
+            grid,
+            pad,
+            autocast,
+        )
+        sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / len(indices)
+        grad_norm = model.clip_grad_norm_(args.max_grad_norm)
+        if not math.isfinite(sums[0]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+            progress.close()  # the bar would otherwise print again at exit, after the error
+            fail(
+                f"the loss is {sums[0].item()} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
+                "training would learn nothing; lower --learning-rate, or check the data"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        progress.update(1)
+        progress.set_postfix(loss=f"{sums[0]:.4f}", accuracy=f"{sums[1]:.3f}")
+        metrics = {
+            "train/loss": sums[0].item(),
+            "train/accuracy": sums[1].item(),
+            "train/chosen_reward": sums[2].item(),
+            "train/rejected_reward": sums[3].item(),
+            "train/margin": (sums[2] - sums[3]).item(),
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/epoch": step / steps_per_epoch,
+            "time/steps_per_s": (step - start_step) / (time.time() - started),
+        }
+        if step % args.eval_every == 0 or step == total_steps:
+            eval_metrics = evaluation()
+            metrics.update(eval_metrics)
+            if grid.is_main:
+                progress.write(
+                    f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items())
+                )
+        if wandb_run:
+            wandb_run.log(metrics, step=step)
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            trainer_state = {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "args": asdict(args),
+                "world_size": grid.world_size,
+                "run_name": run_name,
+                "wandb_id": wandb_run.id if wandb_run else None,
+                "first_eval": first,
+            }
+            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
+    progress.close()
+
+    save_final(run_dir, model, tokenizer, grid)
+    if not grid.is_main:
+        return
+    summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as file:
+        json.dump(
+            {
+                "step": step,
+                **summary,
+                "start": first,
+                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
+            },
+            file,
+            indent=1,
+        )
+    print(
+        f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        + " (at step 0: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in first.items() if "optimality" in k or k in ("eval/vader", "eval/kl"))
+        + ")"
+    )
+    if wandb_run:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    with parallel.clean_exit():
+        main(tyro.cli(Args))
