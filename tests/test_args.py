@@ -18,8 +18,8 @@ import pytest
 
 from conftest import ROOT, Job, run_script, save_tiny_model, torchrun
 
-SCRIPTS = ["sft", "reward_model", "ppo", "ilql"]
-BASE = {"ppo": dict(model="runs/sft")}  # ppo has no default policy: the flags it needs, no more
+SCRIPTS = ["sft", "reward_model", "ppo", "ilql", "rft"]
+BASE = {"ppo": dict(model="runs/sft"), "rft": dict(model="runs/sft")}  # no default policy: the flags they need, no more
 
 
 def field_docstrings(script: str) -> dict:
