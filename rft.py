@@ -90,9 +90,9 @@ class Args:
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by the walk's optimality; sentiment: openings of movie reviews
     (examples/sentiment_prompts.jsonl) scored by VADER's compound score of the continuation (the optional extra
-    vaderSentiment) unless a reward is given; jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts;
-    tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is given; jsonl, hh and tldr need
-    --reward-model or --reward-fn)"""
+    vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: `{"prompt"}`
+    records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub
+    unless --data is given; jsonl, hh and tldr need --reward-model or --reward-fn)"""
     data: Optional[str] = None
     """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
     shipped ones; for hh/tldr a local copy in the upstream format"""
@@ -721,8 +721,8 @@ class Reward:
             load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
         )
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-        if args.task == "sentiment" and self.model is None and self.fn is None:
-            vader()  # a missing extra ends the run here, before any sampling
+        if args.task == "sentiment":
+            vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
 
     def __call__(self, prompts: list, responses: list) -> list:
         """One float per (prompt text, response text); called once per generation chunk."""
@@ -730,6 +730,12 @@ class Reward:
             return reward_model_scores(*self.model, prompts, responses)
         if self.fn is not None:
             return checked_scores(self.fn(prompts, responses), len(responses), f"--reward-fn {self.source}")
+        return self.task_metric(prompts, responses)
+
+    def task_metric(self, prompts: list, responses: list) -> list:
+        """The task's own measure, whatever the reward: the walk's optimality, or VADER's compound
+        score of the continuation (the prompt is not scored, so the opening's own sentiment does not
+        count)."""
         if self.task == "sentiment":
             return [vader().polarity_scores(response)["compound"] for response in responses]
         return [walk_optimality(p + r, self.adjacency, self.shortest) for p, r in zip(prompts, responses)]
@@ -854,13 +860,13 @@ def score_and_gather(responses: list, chunks: list, rows: list, prompts: list, r
 
 @torch.no_grad()
 def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, args: Args, grid, autocast) -> tuple:
-    """Step 5: scores of greedy and sampled (temperature 1, as sft.py evaluates) responses to the
-    held-out prompts (randomwalks: every start letter, --eval-samples-per-start times for the
-    sampled walks), drawn in chunks of fixed seeds as the rounds' samples are: evaluation never
-    changes training, evaluations compare, and the result does not depend on the number of ranks.
+    """Step 5: the reward of greedy and sampled (temperature 1, as sft.py evaluates) responses to
+    the held-out prompts (randomwalks: every start letter, --eval-samples-per-start times for the
+    sampled walks), and the task's own measure whatever the reward (optimality, VADER). They are
+    drawn in chunks of fixed seeds as the rounds' samples are: evaluation never changes training,
+    evaluations compare, and the result does not depend on the number of ranks.
     Returns (metrics, sample rows of the greedy responses)."""
     metrics, table = {}, []
-    name = "optimality" if args.task == "randomwalks" else "score"
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
     for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
         rows = [i for i in range(len(prompts)) for _ in range(copies)]
@@ -869,9 +875,13 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
             model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, autocast
         )
         _, texts, scores = score_and_gather(responses, chunks, rows, prompts, reward, tokenizer, grid)
-        metrics[f"eval/{name}_{mode}"] = float(np.mean(scores))
+        metrics[f"eval/score_{mode}"] = float(np.mean(scores))
         if args.task == "randomwalks":
-            metrics[f"eval/valid_walks_{mode}"] = float(np.mean([s > 0 for s in scores]))
+            optimality = reward.task_metric([prompts[row] for row in rows], texts)
+            metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))
+            metrics[f"eval/valid_walks_{mode}"] = float(np.mean([value > 0 for value in optimality]))
+        if args.task == "sentiment":
+            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric([prompts[row] for row in rows], texts)))
         if mode == "greedy":
             table = [[prompts[row], text, s] for row, text, s in zip(rows[:20], texts, scores)]
     return metrics, table

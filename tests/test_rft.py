@@ -1,5 +1,6 @@
 """rft.py: the threshold schedule and selection, the loss, a run end to end, exact resume, data parallel, bad input."""
 
+import importlib.util
 import json
 import os
 
@@ -27,6 +28,17 @@ def policy(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=rft.randomwalks_tokenizer())
 
 
+@pytest.fixture(scope="module")
+def policy_with_dropout(tmp_path_factory, policy):
+    """The tiny policy with GPT-2's dropout, so that the RNG state a resume restores matters."""
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.1
+    folder = tmp_path_factory.mktemp("dropout")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(folder)
+    return str(folder)
+
+
 # 20 start letters x 8 samples = 160 rows a round, in 10 chunks of 16; a few seconds a round.
 QUICK = [
     "--rounds",
@@ -49,6 +61,13 @@ QUICK = [
 def metrics_of(run_dir) -> dict:
     with open(os.path.join(run_dir, "metrics.json")) as file:
         return json.load(file)
+
+
+def write_reward_fn(folder, body: str) -> str:
+    """A --reward-fn in a file of its own: `def reward(prompts, responses): <body>`."""
+    path = folder / "reward.py"
+    path.write_text(f"import hashlib\n\n\ndef reward(prompts, responses):\n    {body}\n")
+    return f"{path}:reward"
 
 
 def without_clock(rounds: list) -> list:
@@ -122,12 +141,21 @@ def test_generate_is_greedy_decoding_up_to_and_including_eos():
 
 # --- a run --------------------------------------------------------------------------------------
 def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy):
+    """Selection by a --reward-fn that gives every response its own score (a hash of its text: a tiny
+    random policy's walks are nearly all invalid, so their optimality ties at 0 and everything
+    would be kept), so the kept share is the best 1 - percentile of each prompt's 8 samples; the
+    optimality of the walks is still reported."""
+    reward = write_reward_fn(
+        tmp_path, "return [int(hashlib.md5(r.encode()).hexdigest(), 16) % 1000 for r in responses]"
+    )
     run_dir = tmp_path / "run"
     result = run_script(
         "rft.py",
         "--model",
         policy,
         *QUICK,
+        "--reward-fn",
+        reward,
         "--track",
         "--output-dir",
         str(run_dir),
@@ -135,17 +163,21 @@ def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "round 0: optimality_greedy" in result.stdout and "round 2: percentile 0.9500" in result.stdout
+    assert "round 0: score_greedy" in result.stdout and "round 2: percentile 0.9500" in result.stdout
     metrics = metrics_of(run_dir)
     assert metrics["round"] == 2 and [r["round"] for r in metrics["rounds"]] == [1, 2]
-    for r, percentile in zip(metrics["rounds"], (0.7, 0.95)):
+    for r, percentile, kept_per_prompt in zip(metrics["rounds"], (0.7, 0.95), (3, 1)):
         assert r["samples/percentile"] == pytest.approx(percentile)
-        assert 1 - percentile <= r["samples/kept_fraction"] <= 1  # ties can only add to the best 1 - percentile
-        assert r["samples/kept"] == round(r["samples/kept_fraction"] * 160)
-        assert r["samples/score_min"] <= r["samples/threshold_mean"] <= r["samples/score_max"]
-        assert r["samples/kept_score_mean"] >= r["samples/score_mean"]
+        # Of 8 scores the 0.7 quantile lies between the 5th and 6th (index 4.9), the 0.95 one between
+        # the 7th and 8th; a tie could only add to the kept ones.
+        assert r["samples/kept"] >= 20 * kept_per_prompt and r["samples/kept_fraction"] == r["samples/kept"] / 160
+        assert r["samples/kept"] <= 20 * kept_per_prompt + 4
+        assert r["samples/score_min"] <= r["samples/threshold_mean"] <= r["samples/score_max"] < 1000
+        assert r["samples/kept_score_mean"] > r["samples/score_mean"]
         assert r["train/steps"] == r["samples/kept"] // 16
-    assert {"eval/optimality_greedy", "eval/optimality_sampled"} <= set(metrics["start"]) <= set(metrics)
+    keys = {"eval/score_greedy", "eval/optimality_greedy", "eval/optimality_sampled", "eval/valid_walks_sampled"}
+    assert keys <= set(metrics["start"]) and keys <= set(metrics)
+    assert metrics["eval/score_sampled"] > 1  # the hash, not the optimality
     assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
     model = AutoModelForCausalLM.from_pretrained(run_dir)
     assert AutoTokenizer.from_pretrained(run_dir)("bda")["input_ids"] == [1, 3, 0]
@@ -153,11 +185,41 @@ def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy
     assert model.config.n_layer == 2
 
 
-def test_resume_after_kill_is_bitwise_exact(tmp_path, policy):
+def sentiment_args(tmp_path, model, **overrides) -> rft.Args:
+    """One round on 12 review openings (one held out), 4 continuations of 4 tokens each."""
+    data = tmp_path / "openings.jsonl"
+    openings = ["The film", "The cast", "Its story", "The ending", "I thought", "This movie", "The plot", "Honestly"]
+    openings += ["The music", "Every scene", "The director", "Overall"]
+    data.write_text("".join(json.dumps({"prompt": opening}) + "\n" for opening in openings))
+    settings = dict(task="sentiment", data=str(data), model=model, output_dir=str(tmp_path / "run"), rounds=1)
+    settings.update(samples_per_prompt=4, batch_size=8, generation_batch_size=16, max_new_tokens=4, eval_prompts=1)
+    return rft.Args(**{**settings, **overrides})
+
+
+def test_sentiment_without_vader_is_one_line(tmp_path, tiny_gpt2):
+    if importlib.util.find_spec("vaderSentiment") is not None:
+        pytest.skip("vaderSentiment is installed")
+    expect_error(sentiment_args(tmp_path, tiny_gpt2), "pip install vaderSentiment")
+
+
+def test_sentiment_is_scored_by_vader_and_reports_it_beside_another_reward(tmp_path, tiny_gpt2, fake_vader):
+    args = sentiment_args(tmp_path, tiny_gpt2)
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    assert metrics["eval/score_sampled"] == pytest.approx(metrics["eval/vader_sampled"])  # VADER is the reward
+    assert -1 <= metrics["rounds"][0]["samples/score_min"] <= metrics["rounds"][0]["samples/score_max"] <= 1
+    reward = write_reward_fn(tmp_path, "return [-float(len(r)) for r in responses]")
+    args = sentiment_args(tmp_path, tiny_gpt2, reward_fn=reward, output_dir=str(tmp_path / "with_fn"))
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    assert metrics["eval/score_greedy"] < 0 and -1 <= metrics["eval/vader_greedy"] <= 1
+
+
+def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout):
     """Killed once the checkpoint after round 1 of 3 exists, resumed: the same weights and the same
     per-round log as the uninterrupted run (the sampling seeds, the optimizer and the dropout RNG
     carry over)."""
-    flags = ["--model", policy, *QUICK, "--rounds", "3", "--save-every", "1"]
+    flags = ["--model", policy_with_dropout, *QUICK, "--rounds", "3", "--save-every", "1"]
     reference, resumed = kill_and_resume("rft.py", flags, tmp_path, "round_00000001")
     assert_same_weights(reference, resumed)
     assert without_clock(metrics_of(resumed)["rounds"]) == without_clock(metrics_of(reference)["rounds"])
