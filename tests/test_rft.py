@@ -226,23 +226,48 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout):
     assert sorted(os.listdir(resumed / "checkpoints")) == ["round_00000001", "round_00000002"]
 
 
-# --- data parallel ------------------------------------------------------------------------------
-def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, policy):
-    """2 ranks, each sampling half the chunks and training on half of each batch in 2 micro-batches:
-    the same samples, kept sets and weights as one process, for every ZeRO stage (fp64: see SAME_MATH)."""
-    flags = ["--model", policy, *QUICK, "--dtype", "fp64", "--micro-batch-size", "4"]
-    single = run_script("rft.py", *flags, "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
+# --- data, tensor and context parallel ----------------------------------------------------------
+def parallel_flags(policy) -> list:
+    return ["--model", policy, *QUICK, "--dtype", "fp64", "--micro-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, policy):
+    """The single-process run every layout must reproduce."""
+    folder = tmp_path_factory.mktemp("one-process")
+    single = run_script("rft.py", *parallel_flags(policy), "--output-dir", str(folder / "run"), cwd=folder)
     assert single.returncode == 0, single.stderr[-2000:]
-    expected = metrics_of(tmp_path / "one")
+    return folder / "run"
+
+
+def assert_same_run(run_dir, single):
+    """The same samples, kept sets, losses and weights as one process (fp64: see SAME_MATH)."""
+    actual, expected = metrics_of(run_dir), metrics_of(single)
+    for key in ("samples/kept", "samples/score_mean", "eval/optimality_sampled", "train/loss"):
+        assert [r[key] for r in actual["rounds"]] == pytest.approx([r[key] for r in expected["rounds"]], rel=1e-9)
+    assert max_weight_difference(single, run_dir) < SAME_MATH
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, policy, one_process_run):
+    """2 ranks, each sampling half the chunks and training on half of each batch in 2 micro-batches."""
     for stage in (0, 1, 2, 3):
         run_dir = tmp_path / f"zero{stage}"
-        run = run_ranks("rft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(run_dir), cwd=tmp_path)
+        run = run_ranks(
+            "rft.py", *parallel_flags(policy), "--zero-stage", str(stage), "--output-dir", str(run_dir), cwd=tmp_path
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
-        actual = metrics_of(run_dir)
-        for key in ("samples/kept", "samples/score_mean", "eval/optimality_sampled", "train/loss"):
-            assert [r[key] for r in actual["rounds"]] == pytest.approx([r[key] for r in expected["rounds"]], rel=1e-9)
-        assert max_weight_difference(tmp_path / "one", run_dir) < SAME_MATH, f"ZeRO-{stage}"
+        assert_same_run(run_dir, one_process_run)
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sequence-parallel"], ["--cp", "2"]], ids=["sp-tp2", "cp2"])
+def test_tensor_and_context_parallel_match_one_process(tmp_path, policy, one_process_run, layout):
+    """One model copy split over 2 ranks: by heads, MLP and vocabulary (and the sequence between the
+    matmuls), or by the sequence (Ulysses; the 2 ranks then share the sampling as data-parallel
+    ranks do)."""
+    run = run_ranks("rft.py", *parallel_flags(policy), *layout, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(tmp_path / "run", one_process_run)
 
 
 # --- bad input ----------------------------------------------------------------------------------
