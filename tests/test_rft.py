@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import rft
 from conftest import (
@@ -137,6 +137,30 @@ def test_generate_is_greedy_decoding_up_to_and_including_eos():
         assert response == reference
     ended = [response[-1] == tokenizer.eos_token_id for response in responses]
     assert any(ended) and not all(ended), "the test would not see where a response stops"
+
+
+def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy):
+    """Batched and right-padded, the score of each (prompt, response) is the model's output on that
+    sequence alone; a run selects by it and still reports the walks' optimality."""
+    tokenizer = rft.randomwalks_tokenizer()
+    config = tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    model, rm_tokenizer = rft.load_reward_model(str(tmp_path / "rm"), "cpu", tokenizer, False, torch.float64)
+    prompts, responses = ["b", "cd", "e"], ["da", "a", "fghb"]
+    with torch.no_grad():
+        expected = [
+            model(torch.tensor([tokenizer(p + r)["input_ids"]])).logits[0, 0].item() for p, r in zip(prompts, responses)
+        ]
+    assert rft.reward_model_scores(model, rm_tokenizer, prompts, responses, batch_size=2) == pytest.approx(
+        expected, rel=1e-12
+    )
+    rm, run_dir = str(tmp_path / "rm"), str(tmp_path / "run")
+    rft.main(rft.Args(model=policy, reward_model=rm, output_dir=run_dir, rounds=1, samples_per_prompt=4, batch_size=16))
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["eval/score_greedy"] != metrics["eval/optimality_greedy"]
 
 
 # --- a run --------------------------------------------------------------------------------------
