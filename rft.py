@@ -15,15 +15,16 @@ improved policy, and its threshold is higher. One round, as the numbered steps o
 
     python sft.py --output-dir runs/sft      # behaviour cloning first
     python rft.py --model runs/sft           # randomwalks against the true optimality
-    python rft.py --task sentiment --model runs/smollm2-135m --max-new-tokens 24   # VADER
+    python rft.py --task sentiment --model runs/smollm2-135m --max-new-tokens 24 --samples-per-prompt 8
     python rft.py --task jsonl --data prompts.jsonl --model gpt2 --reward-model runs/rm
     torchrun --nproc_per_node 8 rft.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The method is trlX's RFT trainer (trlx/trainer/accelerate_rft_trainer.py), which implements the
 Grow and Improve steps of ReST (Gulcehre et al., 2023, "Reinforced Self-Training (ReST) for
 Language Modeling"); it is also RAFT (Dong et al., 2023, "RAFT: Reward rAnked FineTuning for
-Generative Foundation Model Alignment") and, with a 0/1 reward, Expert Iteration (Anthony et al.,
-2017). Like trlX, the threshold is a quantile (np.quantile, linear interpolation) of each prompt's
+Generative Foundation Model Alignment"), and an instance of expert iteration (Anthony et al., 2017:
+the policy imitates an expert that improves on it; here the expert is best-of-many sampling under
+the reward). Like trlX, the threshold is a quantile (np.quantile, linear interpolation) of each prompt's
 own scores, so a prompt that is hard for the policy still contributes its best responses, and
 identical kept samples are not de-duplicated (trlX does not: a response drawn twice weighs twice,
 as it does in the policy's distribution). Where this script differs from trlX, on purpose:
@@ -1100,6 +1101,34 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer) -> tuple:
     return state["round"], state["run_name"], run_dir, state["wandb_id"], state["history"]
 
 
+def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarray, percentile: float) -> dict:
+    """What a round selected from (the distribution of its scores) and what it kept."""
+    return {
+        "samples/percentile": percentile,
+        "samples/threshold_mean": float(thresholds.mean()),
+        "samples/kept": int(kept.sum()),
+        "samples/kept_fraction": float(kept.mean()),
+        "samples/kept_score_mean": float(scores[kept].mean()),
+        "samples/score_mean": float(scores.mean()),
+        "samples/score_std": float(scores.std()),
+        "samples/score_min": float(scores.min()),
+        "samples/score_max": float(scores.max()),
+    }
+
+
+def wandb_extras(scores: np.ndarray, thresholds: np.ndarray, eval_rows: list, kept_rows: list) -> dict:
+    """The round's histograms and sample tables, for --track."""
+    import wandb
+
+    columns = ["prompt", "response", "score"]
+    return {
+        "samples/scores": wandb.Histogram(scores.reshape(-1)),
+        "samples/thresholds": wandb.Histogram(thresholds),
+        "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
+        "eval/greedy": wandb.Table(columns=columns, data=eval_rows),
+    }
+
+
 def round_line(metrics: dict) -> str:
     """The progress line of a round: what was kept, from what, and where the policy stands."""
     keys = ("samples/percentile", "samples/threshold_mean", "samples/kept_fraction", "samples/score_mean", "train/loss")
@@ -1203,36 +1232,19 @@ def main(args: Args):
         # 5. Evaluate; log the round (the score distribution it selected from) and checkpoint it.
         eval_metrics, table = evaluate(model, eval_ids, eval_prompts, reward, tokenizer, args, grid, autocast)
         metrics.update(eval_metrics)
-        metrics.update(
-            {
-                "samples/percentile": percentile,
-                "samples/threshold_mean": float(thresholds.mean()),
-                "samples/kept": len(sequences),
-                "samples/kept_fraction": len(sequences) / scores.size,
-                "samples/kept_score_mean": float(scores[kept].mean()),
-                "samples/score_mean": float(scores.mean()),
-                "samples/score_std": float(scores.std()),
-                "samples/score_min": float(scores.min()),
-                "samples/score_max": float(scores.max()),
-                "time/round_s": time.time() - round_started,
-            }
-        )
+        metrics.update(selection_metrics(scores, kept, thresholds, percentile))
+        metrics["time/round_s"] = time.time() - round_started
         history.append({"round": round_index, **metrics})
         progress.update(1)
         if grid.is_main:
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
-            import wandb
-
-            wandb_run.log(
-                {
-                    **metrics,
-                    "samples/scores": wandb.Histogram(scores.reshape(-1)),
-                    "samples/thresholds": wandb.Histogram(thresholds),
-                    "eval/greedy": wandb.Table(columns=["prompt", "response", "score"], data=table),
-                },
-                step=round_index,
-            )
+            kept_samples = [
+                [train_prompts[row], text, score]
+                for row, text, score, keep in zip(rows, texts, scores.reshape(-1), kept.reshape(-1))
+                if keep
+            ]
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples[:32])}, step=round_index)
         if args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:
             trainer_state = {
                 "round": round_index,
