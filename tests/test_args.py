@@ -18,8 +18,8 @@ import pytest
 
 from conftest import ROOT, Job, run_script, save_tiny_model, torchrun
 
-SCRIPTS = ["sft", "reward_model", "ppo", "ilql", "dpo"]
-BASE = {"ppo": dict(model="runs/sft"), "dpo": dict(model="runs/sft")}  # the flags they need, no more
+SCRIPTS = ["sft", "reward_model", "ppo", "ilql", "dpo", "rft"]
+BASE = {name: dict(model="runs/sft") for name in ("ppo", "dpo", "rft")}  # no default policy: the flags they need
 
 
 def field_docstrings(script: str) -> dict:

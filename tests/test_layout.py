@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT
 
-SCRIPTS = ["sft.py", "reward_model.py", "ppo.py", "ilql.py", "dpo.py"]
+SCRIPTS = ["sft.py", "reward_model.py", "ppo.py", "ilql.py", "dpo.py", "rft.py"]
 SHARED = ["parallel.py", "kernels.py"]
 ALLOWED = {"torch", "transformers", "tokenizers", "numpy", "tqdm", "tyro", "wandb"}
 

@@ -1,0 +1,1281 @@
+"""Rejection-sampling fine-tuning (RFT): sample, keep the best, fine-tune on them, repeat.
+
+The simplest way to improve a policy against a reward: for each prompt draw many responses from
+the policy itself, score them, keep those that score at or above a percentile of their prompt's
+scores, and fine-tune on the kept (prompt, response) pairs with the supervised loss of sft.py
+(cross-entropy on the response tokens; the prompt is context). The next round samples from the
+improved policy, and its threshold is higher. One round, as the numbered steps of `main`:
+  1. sample --samples-per-prompt responses to every training prompt;
+  2. score them (randomwalks: the walk's optimality; sentiment: VADER; text tasks: --reward-model
+     or --reward-fn);
+  3. select, per prompt, the samples at or above the --start-percentile .. --end-percentile
+     threshold of the round (the percentile rises linearly over the rounds);
+  4. fine-tune on them for --epochs-per-round epochs;
+  5. evaluate.
+
+    python sft.py --output-dir runs/sft      # behaviour cloning first
+    python rft.py --model runs/sft           # randomwalks against the true optimality
+    python rft.py --task sentiment --model runs/smollm2-135m --max-new-tokens 24 --samples-per-prompt 8
+    python rft.py --task jsonl --data prompts.jsonl --model gpt2 --reward-model runs/rm
+    torchrun --nproc_per_node 8 rft.py --model ... --zero-stage 3   # data parallel, see parallel.py
+
+The method is trlX's RFT trainer (trlx/trainer/accelerate_rft_trainer.py), which implements the
+Grow and Improve steps of ReST (Gulcehre et al., 2023, "Reinforced Self-Training (ReST) for
+Language Modeling"); it is also RAFT (Dong et al., 2023, "RAFT: Reward rAnked FineTuning for
+Generative Foundation Model Alignment"), and an instance of expert iteration (Anthony et al., 2017:
+the policy imitates an expert that improves on it; here the expert is best-of-many sampling under
+the reward). Like trlX, the threshold is a quantile (np.quantile, linear interpolation) of each prompt's
+own scores, so a prompt that is hard for the policy still contributes its best responses, and
+identical kept samples are not de-duplicated (trlX does not: a response drawn twice weighs twice,
+as it does in the policy's distribution). Where this script differs from trlX, on purpose:
+  - a sample is kept when its score is at or above the threshold; trlX adds 1e-6 to the threshold,
+    which drops ties, so a prompt whose best score is shared by more than 1 - percentile of its
+    samples (an easy prompt: say 40% of the walks optimal at percentile 0.7) keeps none. Here a
+    prompt whose samples all score the same keeps them all;
+  - the percentile rises from --start-percentile at round 0 to --end-percentile at the last round;
+    trlX raises it over the improve steps of one grow step and starts again at the next;
+  - each round fine-tunes on its own samples; trlX keeps every grow step's samples in its pool;
+  - the loss covers response tokens only, as in sft.py; trlX's covers the prompt too.
+
+Under torchrun the samples do not depend on the number of ranks: the round's (prompt, sample)
+rows are cut into chunks of --generation-batch-size, each sampled with its own seed, dealt out to
+the ranks and scored there, and gathered, so that every rank holds every score and selects the same
+samples. Fine-tuning then splits each batch over the ranks as sft.py does; N ranks compute the
+one-process run up to float rounding.
+
+Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
+the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
+sft.py (`completion_loss_sum`, `accumulate_gradients`) and `fine_tune` (step 4). Then, in file
+order: the randomwalks task; prompts; rewards (`Reward`); `generate`, `sample_chunks` (step 1)
+and `score_and_gather` (step 2); `evaluate` (step 5); run directory, checkpoints and logging
+(plumbing).
+"""
+
+import contextlib
+import functools
+import gzip
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+import tyro
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
+
+import parallel
+
+
+@dataclass
+class Args:
+    exp_name: str = "rft"
+    """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
+    seed: int = 1
+    """seed of python, numpy and torch (sampling, data order, dropout): any integer from 0"""
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    """randomwalks: the 20 start letters, scored by the walk's optimality; sentiment: openings of movie reviews
+    (examples/sentiment_prompts.jsonl) scored by VADER's compound score of the continuation (the optional extra
+    vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: `{"prompt"}`
+    records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub
+    unless --data is given; jsonl, hh and tldr need --reward-model or --reward-fn)"""
+    data: Optional[str] = None
+    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
+    shipped ones; for hh/tldr a local copy in the upstream format"""
+    model: Optional[str] = None
+    """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
+    reward_model: Optional[str] = None
+    """a reward_model.py run directory (or any sequence-classification model with num_labels=1): its raw score ranks
+    the samples"""
+    reward_fn: Optional[str] = None
+    """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per
+    response"""
+    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    """fp32; bf16: autocast for the forward passes (weights and optimizer stay fp32); fp64: weights and every
+    computation in float64, slow, for checking that two layouts compute the same math (the tests compare runs this
+    way)"""
+    device: str = "auto"
+    """torch device; auto picks cuda when present, else cpu"""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage under torchrun: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also
+    parameters"""
+    tp: int = 1
+    """tensor-parallel ranks per model copy under torchrun (attention heads, MLP and vocabulary split over them; data
+    parallel takes the remaining ranks)"""
+    pp: int = 1
+    """pipeline stages: only 1 (rft.py does not pipeline; use --tp, --cp and ZeRO to split a large model)"""
+    cp: int = 1
+    """context-parallel ranks per model copy under torchrun (Ulysses: each holds 1/cp of every sequence through the
+    whole model while fine-tuning; sampling is not split, the cp ranks share it as data-parallel ranks do)"""
+    sequence_parallel: bool = False
+    """with --tp: also split the activations between the tensor-parallel matmuls (norms, residual adds) along the
+    sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
+    output_dir: Optional[str] = None
+    """where the run directory goes; default runs/<run name>"""
+
+    rounds: int = 4
+    """rounds of sample, score, select, fine-tune"""
+    samples_per_prompt: int = 64
+    """responses sampled per training prompt in each round (trlX's n_generations_per_prompt)"""
+    start_percentile: float = 0.7
+    """the threshold of round 0, as a fraction in [0, 1]: a sample is kept when its score is at or above this quantile
+    of its prompt's scores (0: keep every sample; 0.7: about the best 30%)"""
+    end_percentile: float = 0.95
+    """the threshold of the last round, in [0, 1] and not below --start-percentile; rounds in between rise linearly"""
+    temperature: float = 1.0
+    """sampling temperature of the rounds' samples, positive (evaluation samples at 1)"""
+    max_new_tokens: int = 10
+    """response budget in tokens (randomwalks needs 10: nine letters and EOS)"""
+    max_prompt_length: int = 256
+    """prompts are cut on the left to this many tokens"""
+    generation_batch_size: int = 64
+    """samples drawn by one generation call: a round's samples are cut into chunks of this size, each sampled with its
+    own seed and dealt out to the ranks in order, so the samples do not depend on the number of ranks"""
+
+    epochs_per_round: int = 2
+    """passes over a round's kept samples"""
+    batch_size: int = 64
+    """kept samples per optimizer step, over all ranks (each of N data-parallel ranks takes batch_size / N; a round's
+    last incomplete batch is left out, a different one each epoch)"""
+    micro_batch_size: Optional[int] = None
+    """samples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share
+    must be a multiple of it"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (constant; one optimizer for the whole run)"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+
+    eval_samples_per_start: int = 50
+    """randomwalks: sampled walks per start node at each evaluation"""
+    eval_prompts: int = 64
+    """text tasks: held-out prompts scored at each evaluation (at most a tenth of the prompts, and at least one)"""
+    save_every: int = 0
+    """rounds between checkpoints, written at the end of a round (a run killed mid-round redoes that round on
+    --resume); 0 saves only the final model"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep on disk"""
+    resume: Optional[str] = None
+    """checkpoint directory (or a run directory: its newest checkpoint) to continue from; pass the same flags as the
+    original run"""
+
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline)"""
+    wandb_project: str = "rlhf"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)"""
+
+
+def fail(message: str):
+    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
+    to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
+    ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
+    before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(10)
+    raise SystemExit(f"error: {message}" if rank == "0" else f"error: rank {rank}: {message}")
+
+
+def check_args(args: Args, world_size: int) -> Args:
+    """Every flag, checked before anything is loaded or written: ranges, sizes that must divide,
+    and what depends on the number of processes. Returns the flags with --micro-batch-size settled."""
+
+    def require(ok: bool, flag: str, what: str):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
+
+    for flag in (
+        "tp",
+        "pp",
+        "cp",
+        "rounds",
+        "samples_per_prompt",
+        "generation_batch_size",
+        "max_new_tokens",
+        "max_prompt_length",
+        "epochs_per_round",
+        "batch_size",
+        "eval_samples_per_start",
+        "eval_prompts",
+        "keep_checkpoints",
+    ):
+        require(getattr(args, flag) >= 1, flag, "must be at least 1")
+    for flag in ("seed", "save_every"):
+        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    for flag in ("learning_rate", "max_grad_norm", "temperature"):
+        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
+    for flag in ("start_percentile", "end_percentile"):
+        require(0 <= getattr(args, flag) <= 1, flag, "must lie in [0, 1] (a fraction: 0.7 keeps about the best 30%)")
+    require(
+        args.end_percentile >= args.start_percentile,
+        "end_percentile",
+        f"is below --start-percentile {args.start_percentile}; the threshold rises over the rounds",
+    )
+    if args.pp > 1:
+        fail(f"--pp {args.pp}: rft.py does not pipeline; split the model with --tp, --cp and --zero-stage instead")
+    model_ranks = args.tp * args.cp
+    layout = f"--tp {args.tp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
+    if model_ranks > 1 and world_size == 1:
+        fail(
+            f"{layout} splits the model over {model_ranks} processes; "
+            f"launch with torchrun --nproc_per_node {model_ranks} (or a multiple)"
+        )
+    if world_size % model_ranks:
+        fail(
+            f"{world_size} processes do not split into {layout.replace(' --', ' x --')} groups; "
+            f"make the process count a multiple of {model_ranks}"
+        )
+    if args.sequence_parallel and args.tp == 1:
+        fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.zero_stage == 3 and args.tp > 1:
+        fail("--zero-stage 3 does not compose with --tp; use --zero-stage 0, 1 or 2")
+    ranks = world_size // model_ranks  # data-parallel ranks
+    require(
+        args.batch_size % ranks == 0,
+        "batch_size",
+        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
+    )
+    share = args.batch_size // ranks
+    micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
+    require(
+        micro_batch_size >= 1, "micro_batch_size", "must be at least 1 (or unset: a rank's whole share of the batch)"
+    )
+    require(
+        share % micro_batch_size == 0,
+        "micro_batch_size",
+        f"does not divide a rank's share of the batch "
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset",
+    )
+    if args.model is None:
+        fail(
+            "--model is required: rejection sampling starts from a trained policy, "
+            "e.g. `python sft.py --output-dir runs/sft` then --model runs/sft"
+        )
+    if args.reward_model and args.reward_fn:
+        fail("pass one of --reward-model and --reward-fn")
+    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
+        fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
+    if args.task == "jsonl" and args.data is None:
+        fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
+    if args.task == "randomwalks" and args.data is not None:
+        fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.output_dir and not args.resume and holds_run(args.output_dir):
+        fail(
+            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
+            f"or pass --resume {args.output_dir} to continue it"
+        )
+    return replace(args, micro_batch_size=micro_batch_size)
+
+
+def holds_run(folder: str) -> bool:
+    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
+    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The method: which samples a round keeps (step 3), and the fine-tuning on them (step 4)
+# ---------------------------------------------------------------------------------------------
+def percentile_at(round_index: int, rounds: int, start: float, end: float) -> float:
+    """The selection percentile of round r (from 0): start at round 0, end at the last, linear between."""
+    return start if rounds == 1 else start + (end - start) * round_index / (rounds - 1)
+
+
+def select(scores: np.ndarray, percentile: float) -> tuple:
+    """(kept [P, S] bool, thresholds [P]) for the scores [P, S] of S samples of each of P prompts:
+    a prompt's threshold is the `percentile` quantile of its own S scores (linear interpolation
+    between the two nearest, numpy's default, as trlX), and a sample is kept when its score is at
+    or above it, ties included."""
+    thresholds = np.quantile(scores, percentile, axis=1)
+    return scores >= thresholds[:, None], thresholds
+
+
+def collate(sequences: list, pad_token_id: int, device):
+    """Right-padded batch; labels are -100 on prompt and padding so only response tokens carry loss."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def completion_loss_sum(model, input_ids, attention_mask, labels):
+    """Summed cross-entropy of the response tokens (the caller divides by the batch's token count,
+    so that gradient accumulation over micro-batches equals one big batch exactly)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast, fp64 kept
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def accumulate_gradients(
+    model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
+) -> float:
+    """Backward over this rank's share of the batch in micro-batches; returns its share of the
+    global batch's mean response-token loss (the shares sum to the mean over ranks).
+
+    Each micro-batch's summed loss is divided by the response-token count of the whole global
+    batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
+    data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
+    micro-batch's backward communicates (no_sync on the others)."""
+    starts = range(0, len(batch), micro_batch_size)
+    batch_loss = 0.0
+    for start in starts:
+        input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
+        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+            with autocast:
+                loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
+            (loss * ranks).backward()
+        batch_loss += loss.item()
+    return batch_loss
+
+
+def epoch_order(n: int, seed: int, round_index: int, epoch: int) -> list:
+    """Shuffled order of a round's kept samples in one epoch; a function of (seed, round, epoch)
+    alone, so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(chunk_seed(seed, f"round {round_index} order", epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, grid, pad_token_id, autocast, progress):
+    """Step 4: --epochs-per-round epochs over the kept (token ids, prompt length) pairs, in batches
+    of --batch-size (the last incomplete one left out), each rank its share of each batch, as
+    sft.py trains. Returns the round's training metrics."""
+    device, ranks = grid.device, grid.dp_size
+    local_batch_size = args.batch_size // ranks
+    steps_per_epoch = len(sequences) // args.batch_size
+    losses, grad_norm = [], None
+    for epoch in range(args.epochs_per_round):
+        order = epoch_order(len(sequences), args.seed, round_index, epoch)
+        for position in range(steps_per_epoch):
+            batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
+            batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+            rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
+            batch_loss = accumulate_gradients(
+                model, rank_share, batch_tokens, ranks, args.micro_batch_size, pad_token_id, device, autocast
+            )
+            batch_loss = parallel.all_reduce_sum(
+                torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group
+            ).item()
+            grad_norm = float(model.clip_grad_norm_(args.max_grad_norm))
+            if not math.isfinite(batch_loss) or not math.isfinite(grad_norm):  # every rank sees the same sums
+                progress.close()  # the bar would otherwise print again at exit, after the error
+                fail(
+                    f"the loss is {batch_loss} and the gradient norm {grad_norm} in round {round_index + 1}, so "
+                    "training would learn nothing; lower --learning-rate"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(batch_loss)
+            progress.set_postfix(loss=f"{batch_loss:.4f}")
+    if not losses:  # fewer kept samples than one batch
+        return {"train/steps": 0}
+    return {"train/loss": float(np.mean(losses)), "train/steps": len(losses), "train/grad_norm": grad_norm}
+
+
+# ---------------------------------------------------------------------------------------------
+# The randomwalks task (trlX's examples/randomwalks), as in sft.py: prompts are start letters,
+# and the true reward of a response is the optimality of the walk it completes.
+# ---------------------------------------------------------------------------------------------
+RANDOMWALKS_SEED = 1000
+RANDOMWALKS_NODES = 21
+RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
+
+
+def generate_random_walks(
+    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
+):
+    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    rng = np.random.RandomState(seed)
+    while True:  # redraw until every node has a way out
+        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        np.fill_diagonal(adjacency, False)
+        if adjacency.any(axis=1).all():
+            break
+    adjacency[0, :] = False  # the goal is absorbing
+    adjacency[0, 0] = True
+    walks = []
+    for _ in range(n_walks):
+        node = rng.randint(n_nodes)
+        while node == 0:
+            node = rng.randint(n_nodes)
+        walk = [node]
+        for _ in range(max_nodes - 1):
+            node = rng.choice(np.nonzero(adjacency[node])[0])
+            walk.append(node)
+            if node == 0:
+                break
+        walks.append(walk)
+    return adjacency, walks
+
+
+def node_letter(node: int) -> str:
+    return chr(ord("a") + int(node))
+
+
+def shortest_path_nodes(adjacency) -> list:
+    """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
+    backwards from the goal; None where the goal is unreachable."""
+    n = len(adjacency)
+    nodes = [None] * n
+    nodes[0] = 1
+    queue = deque([0])
+    while queue:
+        node = queue.popleft()
+        for previous in np.nonzero(adjacency[:, node])[0]:
+            if nodes[previous] is None:
+                nodes[previous] = nodes[node] + 1
+                queue.append(previous)
+    return nodes
+
+
+def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NODES) -> float:
+    """(max_nodes - length) / (max_nodes - shortest length) for a walk written as letters, start included.
+
+    The walk is scanned up to its first visit of the goal (what follows is ignored); length counts
+    nodes, start included. An unknown letter or a missing edge before the goal, or never reaching
+    it, makes the walk invalid: 0. A shortest path scores 1."""
+    nodes = [ord(letter) - ord("a") for letter in walk]
+    if not nodes or not 0 < nodes[0] < len(adjacency) or shortest[nodes[0]] is None:
+        return 0.0
+    for position in range(1, len(nodes)):
+        if not 0 <= nodes[position] < len(adjacency) or not adjacency[nodes[position - 1], nodes[position]]:
+            return 0.0
+        if nodes[position] == 0:
+            return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
+    return 0.0
+
+
+def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per node letter (token id = node index), then EOS, pad and unknown."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
+    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: randomwalks' start letters, or the prompts of a text task
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str) -> list:
+    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    if not os.path.isfile(path):
+        fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
+        return pyarrow.parquet.read_table(path).to_pylist()
+    records = []
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    fail(f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object")
+                if not isinstance(record, dict):
+                    fail(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"cannot read data file {path!r}: {error}")
+    return records
+
+
+def require_fields(records: list, fields: tuple, path: str):
+    for number, record in enumerate(records, 1):
+        for field in fields:
+            if not isinstance(record.get(field), str):
+                problem = "is missing" if field not in record else "is not a string"
+                fail(
+                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
+                    f"{', '.join(repr(f) for f in fields)}"
+                )
+
+
+def hh_example(dialogue: str):
+    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+    marker = "\n\nAssistant:"
+    cut = dialogue.rfind(marker)
+    if cut < 0:
+        return None
+    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+
+
+def download(task: str) -> list:
+    """Fetch the upstream training files from the Hugging Face hub (online only) and return their paths."""
+    from huggingface_hub import snapshot_download
+
+    repo, patterns = {
+        "hh": ("Anthropic/hh-rlhf", ["*/train.jsonl.gz"]),
+        "tldr": ("vwxyzjn/summarize_from_feedback_tldr_3_filtered", ["data/train-*"]),
+    }[task]
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=patterns)
+    except Exception as error:  # offline, gated, renamed: all end the same way for the user
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
+    paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in sorted(names)]
+    return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
+
+
+SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+
+
+def load_prompts(task: str, data: Optional[str]) -> list:
+    """The prompts of a text task: jsonl and sentiment `prompt`s, hh dialogues up to their last
+    assistant turn, TL;DR posts."""
+    if task == "sentiment" and data is None:
+        if not os.path.isfile(SENTIMENT_PROMPTS):
+            fail(
+                f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside rft.py); pass "
+                f'--data with a file of {{"prompt": ...}} lines'
+            )
+        data = SENTIMENT_PROMPTS
+    prompts = []
+    for path in [data] if data else download(task):
+        records = read_records(path)
+        if task in ("jsonl", "sentiment"):
+            require_fields(records, ("prompt",), path)
+            prompts += [r["prompt"] for r in records]
+        elif task == "hh":
+            require_fields(records, ("chosen",), path)
+            prompts += [p[0] for p in map(hh_example, (r["chosen"] for r in records)) if p is not None]
+        elif task == "tldr":
+            require_fields(records, ("subreddit", "title", "post"), path)
+            prompts += [
+                f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in records
+            ]
+    prompts = list(dict.fromkeys(prompts))  # hh repeats a prompt for each of its comparisons
+    if not prompts:
+        fail(f"no prompts in {data or task}; the file is empty or no record has a prompt")
+    return prompts
+
+
+def task_prompts(args: Args) -> tuple:
+    """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
+    task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
+    if args.task == "randomwalks":
+        prompts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+        return prompts, prompts
+    prompts = load_prompts(args.task, args.data)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+    if len(prompts) <= n_eval:  # n_eval is at least 1, so only a single prompt gets here
+        fail(
+            f"{args.data or args.task} holds {len(prompts)} distinct prompt, held out for evaluation, "
+            "and none is left to train on; give at least 2 prompts"
+        )
+    return [prompts[i] for i in order[n_eval:]], [prompts[i] for i in order[:n_eval]]
+
+
+def prompt_tokens(tokenizer, prompt: str, room: int) -> list:
+    """A prompt's token ids, cut on the left to `room` tokens (an empty prompt becomes EOS: generation
+    needs one position to start from)."""
+    return tokenizer(prompt)["input_ids"][-room:] or [tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards: the task's metric, VADER, a reward model (as in reward_model.py), or a user function
+# ---------------------------------------------------------------------------------------------
+def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
+    """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
+    what is judged, and its last token is where the score is read). None if the response alone does
+    not fit."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if len(response_ids) >= max_length:
+        return None
+    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
+    return prompt_ids[excess:] + response_ids
+
+
+@torch.no_grad()
+def reward_model_scores(model, tokenizer, prompts: list, responses: list, batch_size: int = 32) -> list:
+    """Raw reward-model scores of each (prompt, response), read at the last real token of the
+    right-padded sequence (the transformers class finds the rightmost non-pad token)."""
+    max_length = model_context(model.config) or 1 << 30
+    device = next(model.parameters()).device
+    sequences = []
+    for prompt, response in zip(prompts, responses):
+        ids = tokenize_pair_side(tokenizer, prompt, response, max_length)
+        sequences.append(ids if ids else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        scores += logits[:, 0].double().tolist()
+    return scores
+
+
+def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=torch.float32) -> tuple:
+    """A reward model with its tokenizer; texts are re-tokenized for it, so a tokenizer that differs
+    from the policy's is fine (and said once, when verbose)."""
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        fail(f"--reward-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
+    if model.config.num_labels != 1:
+        fail(f"--reward-model {path!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab() and verbose:
+        print(
+            "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
+            "re-tokenized for it"
+        )
+    return model.requires_grad_(False), tokenizer
+
+
+def load_reward_fn(spec: str):
+    """The user's reward function from `module:function` or `path/to/file.py:function`."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        fail(f"--reward-fn {spec!r}: expected module:function or file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            loader = importlib.util.spec_from_file_location("user_reward", module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, function_name)
+    except (ImportError, FileNotFoundError, AttributeError) as error:
+        fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+
+
+@functools.cache
+def vader():
+    """VADER's analyser (the optional extra vaderSentiment): the sentiment task's built-in reward."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        fail(
+            "--task sentiment scores responses with VADER: pip install vaderSentiment (or pip install -r "
+            "requirements-examples.txt)"
+        )
+    return SentimentIntensityAnalyzer()
+
+
+def checked_scores(values, count: int, source: str) -> list:
+    """A reward function's output as floats, refusing wrong lengths and non-finite numbers."""
+    try:
+        scores = [float(v) for v in values]
+    except (TypeError, ValueError):
+        fail(f"{source} must return a list of numbers, got {type(values).__name__}")
+    if len(scores) != count:
+        fail(f"{source} returned {len(scores)} scores for {count} responses; return exactly one per response")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        fail(f"{source} returned a non-finite score (NaN or inf) for response {bad[0]}; return finite numbers")
+    return scores
+
+
+class Reward:
+    """The score of each response as its source gives it: a reward model, --reward-fn, VADER on
+    sentiment, or the walk's optimality on randomwalks. Raw scores: the selection compares a
+    prompt's samples with each other, so no normalisation would change it. The reward model is
+    replicated on every rank: it only scores."""
+
+    def __init__(self, args: Args, tokenizer, device, dtype, verbose: bool):
+        self.task, self.source = args.task, args.reward_fn
+        if args.task == "randomwalks":
+            self.adjacency, _ = generate_random_walks()
+            self.shortest = shortest_path_nodes(self.adjacency)
+        self.model = (
+            load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
+        )
+        self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+        if args.task == "sentiment":
+            vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
+
+    def __call__(self, prompts: list, responses: list) -> list:
+        """One float per (prompt text, response text); called once per generation chunk."""
+        if self.model is not None:
+            return reward_model_scores(*self.model, prompts, responses)
+        if self.fn is not None:
+            return checked_scores(self.fn(prompts, responses), len(responses), f"--reward-fn {self.source}")
+        return self.task_metric(prompts, responses)
+
+    def task_metric(self, prompts: list, responses: list) -> list:
+        """The task's own measure, whatever the reward: the walk's optimality, or VADER's compound
+        score of the continuation (the prompt is not scored, so the opening's own sentiment does not
+        count)."""
+        if self.task == "sentiment":
+            return [vader().polarity_scores(response)["compound"] for response in responses]
+        return [walk_optimality(p + r, self.adjacency, self.shortest) for p, r in zip(prompts, responses)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (step 1) and scoring (step 2)
+# ---------------------------------------------------------------------------------------------
+def model_context(config):
+    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@torch.no_grad()
+def generate(model, prompts: list, max_new_tokens: int, temperature: float, tokenizer, device) -> list:
+    """Response token ids for each prompt (a list of token ids), up to and including the first EOS:
+    a left-padded batch decoded token by token on the KV cache, greedy at temperature 0, else
+    sampled from softmax(logits / temperature) and nothing else. (model.generate() would also
+    apply what the checkpoint's generation_config.json asks, a repetition penalty or banned
+    n-grams: samples from a distribution that is not the policy's.)"""
+    width = max(len(ids) for ids in prompts)
+    step_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        step_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    step_ids, attention_mask = step_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        output = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = output.cache
+        logits = output.logits[:, -1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
+        next_ids = (
+            logits.argmax(-1)
+            if temperature == 0
+            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
+        )
+        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        tokens.append(next_ids)
+        finished |= next_ids == tokenizer.eos_token_id
+        if finished.all():
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
+        position_ids = position_ids[:, -1:] + 1
+    model.train(was_training)
+    eos = tokenizer.eos_token_id
+    return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in torch.stack(tokens, 1).tolist()]
+
+
+def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
+    """This rank's chunks (index, start, end) of `total` rows cut into pieces of chunk_size (the
+    last may be shorter), dealt out in order: rank r takes chunks [r * n // ranks, (r + 1) * n // ranks)."""
+    chunks = [(index, start, min(start + chunk_size, total)) for index, start in enumerate(range(0, total, chunk_size))]
+    return chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
+
+
+def chunk_seed(seed: int, stream: str, chunk: int) -> int:
+    """The torch seed of one generation chunk: a hash of (--seed, which generation, chunk index), so
+    a chunk samples the same tokens whichever rank draws it, and in a resumed run."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def my_chunks(rows: int, args: Args, grid) -> list:
+    """This rank's chunks of `rows` samples. Context-parallel ranks hold whole weights, so they share
+    the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy draw the same
+    chunks together (their forwards are collective)."""
+    return deal_chunks(
+        rows, args.generation_batch_size, grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
+    )
+
+
+def sample_chunks(
+    model, prompt_ids: list, rows: list, chunks: list, temperature: float, stream: str, args, tokenizer, autocast
+) -> list:
+    """Step 1 on this rank's chunks: a response to prompt_ids[rows[i]] for each row i of each chunk,
+    each chunk on a forked RNG seeded by (seed, stream, chunk), so the samples depend neither on
+    the rank count nor on the training RNG (which drives dropout). The whole model is gathered
+    once (a no-op below ZeRO-3), so ranks may run different numbers of forwards."""
+    device = next(model.parameters()).device
+    responses = []
+    with model.gathered(), autocast:
+        for chunk, lo, hi in chunks:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(chunk_seed(args.seed, stream, chunk))
+                chunk_prompts = [prompt_ids[row] for row in rows[lo:hi]]
+                responses.append(
+                    generate(model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, device)
+                )
+    return responses
+
+
+def score_and_gather(responses: list, chunks: list, rows: list, prompts: list, reward: Reward, tokenizer, grid):
+    """Step 2 on this rank's chunks, then gathered over the ranks in chunk order: (every row's
+    response token ids, its text, its score). Every rank ends with all of them."""
+    local = []
+    for (chunk, lo, hi), chunk_responses in zip(chunks, responses):
+        eos = tokenizer.eos_token_id
+        # randomwalks decodes every token, so a pad or unknown token inside a walk makes it invalid.
+        texts = [
+            tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=reward.task != "randomwalks")
+            for ids in chunk_responses
+        ]
+        scores = reward([prompts[row] for row in rows[lo:hi]], texts)
+        local.append((chunk, chunk_responses, texts, scores))
+    gathered = sorted(
+        (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
+    )
+    return tuple([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+
+
+@torch.no_grad()
+def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, args: Args, grid, autocast) -> tuple:
+    """Step 5: the reward of greedy and sampled (temperature 1, as sft.py evaluates) responses to
+    the held-out prompts (randomwalks: every start letter, --eval-samples-per-start times for the
+    sampled walks), and the task's own measure whatever the reward (optimality, VADER). They are
+    drawn in chunks of fixed seeds as the rounds' samples are: evaluation never changes training,
+    evaluations compare, and the result does not depend on the number of ranks.
+    Returns (metrics, sample rows of the greedy responses)."""
+    metrics, table = {}, []
+    repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+    for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
+        rows = [i for i in range(len(prompts)) for _ in range(copies)]
+        chunks = my_chunks(len(rows), args, grid)
+        responses = sample_chunks(
+            model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, autocast
+        )
+        _, texts, scores = score_and_gather(responses, chunks, rows, prompts, reward, tokenizer, grid)
+        metrics[f"eval/score_{mode}"] = float(np.mean(scores))
+        if args.task == "randomwalks":
+            optimality = reward.task_metric([prompts[row] for row in rows], texts)
+            metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))
+            metrics[f"eval/valid_walks_{mode}"] = float(np.mean([value > 0 for value in optimality]))
+        if args.task == "sentiment":
+            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric([prompts[row] for row in rows], texts)))
+        if mode == "greedy":
+            table = [[prompts[row], text, s] for row, text, s in zip(rows[:20], texts, scores)]
+    return metrics, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory, checkpoints and logging (plumbing)
+# ---------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
+    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
+        return path
+    folder = os.path.join(path, "checkpoints")
+    rounds = (
+        [d for d in os.listdir(folder) if d.startswith("round_") and not d.endswith(".tmp")]
+        if os.path.isdir(folder)
+        else []
+    )
+    if not rounds:
+        fail(
+            f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/round_*"
+        )
+    rounds.sort(reverse=True)
+    for name in rounds:
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
+
+
+def whole_state_dict(model, grid) -> Optional[dict]:
+    """The state dict to save (None: the model's own), the dense weights reassembled from the shards
+    under tensor parallelism. Every rank must call it (it communicates)."""
+    return parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
+
+
+def save_checkpoint(run_dir: str, round_index: int, model, optimizer, tokenizer, trainer_state: dict, grid, keep: int):
+    """Write checkpoints/round_N (after N rounds) via a temporary directory and a rename, so a kill
+    mid-write never leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole
+    model and the shared state; every rank writes its own optimizer state (a slice of it under
+    ZeRO) and RNG states to rank_R.pt; rank 0 then lists them all in the manifest. A round boundary
+    needs nothing else: the next round's samples are drawn from seeds. All ranks must call this
+    (ZeRO-3 gathers the parameters to save them)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"round_{round_index:08d}")
+    temporary = final + ".tmp"
+    if grid.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    parallel.barrier()
+    rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    with model.gathered():
+        state_dict = whole_state_dict(model.module, grid)
+        if grid.is_main:
+            model.module.save_pretrained(temporary, state_dict=state_dict)
+            tokenizer.save_pretrained(temporary)
+            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
+    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
+    if grid.is_main:
+        write_manifest(temporary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if d.startswith("round_") and not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
+
+
+def save_final(run_dir: str, model, tokenizer, grid):
+    """save_pretrained into the run directory itself; files are written aside and moved in with
+    config.json last, so a directory that has a config.json holds a complete model. All ranks call
+    it; rank 0 writes."""
+    with model.gathered():
+        state_dict = whole_state_dict(model.module, grid)
+        if not grid.is_main:
+            return
+        temporary = os.path.join(run_dir, ".final.tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        model.module.save_pretrained(temporary, state_dict=state_dict)
+        tokenizer.save_pretrained(temporary)
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
+    """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
+    import wandb
+
+    kwargs = dict(
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        name=run_name,
+        config=asdict(args),
+        dir=run_dir,
+        id=run_id,
+        resume="allow",
+    )
+    try:
+        return wandb.init(**kwargs, settings=wandb.Settings(init_timeout=60))
+    except Exception as error:
+        print(f"wandb could not start online ({type(error).__name__}); logging offline to {run_dir}/wandb")
+        return wandb.init(**kwargs, mode="offline")
+
+
+def load_model(name: str, device, dtype=torch.float32):
+    """A causal LM from a local directory or a hub name, with one clear line when it cannot be had."""
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if tokenizer.eos_token_id is None:
+        fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
+    if tokenizer.pad_token_id is None:  # padding is masked out of the loss, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def open_run(checkpoint: Optional[str], args: Args, grid, optimizer) -> tuple:
+    """(rounds done, run name, run directory, wandb id, per-round history). A resumed run continues
+    in the directory its checkpoint belongs to, with the optimizer and RNG states restored; a
+    checkpoint of another layout is refused with one line. A new run's name comes from rank 0's
+    clock, so every rank agrees on the directory, which rank 0 creates once every rank has checked
+    its flags."""
+    if not checkpoint:
+        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        run_dir = args.output_dir or os.path.join("runs", run_name)
+        parallel.barrier()
+        if grid.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+        return 0, run_name, run_dir, None, []
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp")}
+    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track")
+    changed = {
+        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
+    }
+    if changed and grid.is_main:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    optimizer.load_state_dict(rank_state["optimizer"])
+    set_rng_states(rank_state["rng"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if grid.is_main:
+        print(f"resuming {run_dir} from round {state['round']}")
+    return state["round"], state["run_name"], run_dir, state["wandb_id"], state["history"]
+
+
+def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarray, percentile: float) -> dict:
+    """What a round selected from (the distribution of its scores) and what it kept."""
+    return {
+        "samples/percentile": percentile,
+        "samples/threshold_mean": float(thresholds.mean()),
+        "samples/kept": int(kept.sum()),
+        "samples/kept_fraction": float(kept.mean()),
+        "samples/kept_score_mean": float(scores[kept].mean()),
+        "samples/score_mean": float(scores.mean()),
+        "samples/score_std": float(scores.std()),
+        "samples/score_min": float(scores.min()),
+        "samples/score_max": float(scores.max()),
+    }
+
+
+def wandb_extras(scores: np.ndarray, thresholds: np.ndarray, eval_rows: list, kept_rows: list) -> dict:
+    """The round's histograms and sample tables, for --track."""
+    import wandb
+
+    columns = ["prompt", "response", "score"]
+    return {
+        "samples/scores": wandb.Histogram(scores.reshape(-1)),
+        "samples/thresholds": wandb.Histogram(thresholds),
+        "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
+        "eval/greedy": wandb.Table(columns=columns, data=eval_rows),
+    }
+
+
+def round_line(metrics: dict) -> str:
+    """The progress line of a round: what was kept, from what, and where the policy stands."""
+    keys = ("samples/percentile", "samples/threshold_mean", "samples/kept_fraction", "samples/score_mean", "train/loss")
+    keys += tuple(k for k in metrics if k.startswith("eval/"))
+    return ", ".join(f"{k.split('/')[1]} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def main(args: Args):
+    # Flags, then the other ranks (a no-op without torchrun).
+    args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    grid = parallel.init_distributed(args.device, tp=args.tp, pp=args.pp, cp=args.cp)
+    device, ranks = grid.device, grid.dp_size
+    dtype = torch.float64 if args.dtype == "fp64" else torch.float32
+    if grid.is_main:
+        print(
+            f"batch {args.batch_size} = {ranks} data-parallel rank(s) x "
+            f"{args.batch_size // ranks // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
+    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Prompts, the policy (from the checkpoint when resuming), the reward.
+    train_prompts, eval_prompts = task_prompts(args)
+    model, tokenizer = load_model(checkpoint or args.model, device, dtype)
+    context = model_context(model.config)
+    if context and args.max_new_tokens >= context:
+        fail(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context"
+        )
+    room = min(args.max_prompt_length, context - args.max_new_tokens) if context else args.max_prompt_length
+    train_ids = [prompt_tokens(tokenizer, p, room) for p in train_prompts]
+    eval_ids = [prompt_tokens(tokenizer, p, room) for p in eval_prompts]
+    reward = Reward(args, tokenizer, device, dtype, verbose=grid.is_main)
+
+    # The layout: each wrapper a no-op for a group of one. Same seed on every rank, so the weights
+    # start equal (the wrapper also broadcasts rank 0's).
+    model = parallel.tensor_parallel(model, grid.tp_group)
+    model = parallel.split_sequences(model, grid, args.sequence_parallel)
+    model = parallel.data_parallel(model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group)
+    optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=0.0)
+    # Data-parallel replicas draw their own dropout masks (replica 0 keeps the single-process
+    # stream); the tensor-parallel ranks of one replica must draw the same ones.
+    if grid.dp_rank:
+        torch.manual_seed(args.seed + grid.dp_rank)
+
+    # The run directory; a resumed run continues in its checkpoint's directory, its history restored.
+    round_index, run_name, run_dir, wandb_id, history = open_run(checkpoint, args, grid, optimizer)
+    if grid.is_main:
+        tokenizer.save_pretrained(run_dir)
+    wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    started = time.time()
+    if not history:  # where the policy starts, for comparison
+        start_metrics, _ = evaluate(model, eval_ids, eval_prompts, reward, tokenizer, args, grid, autocast)
+        history.append({"round": 0, **start_metrics})
+        if grid.is_main:
+            print("round 0: " + round_line(start_metrics))
+        if wandb_run:
+            wandb_run.log(start_metrics, step=0)
+
+    model.train()
+    progress = tqdm.tqdm(
+        total=args.rounds,
+        initial=round_index,
+        desc="rft",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not grid.is_main,
+    )
+    while round_index < args.rounds:
+        round_started = time.time()
+        # 1. Sample --samples-per-prompt responses to each training prompt: rows are (prompt, sample)
+        #    pairs, prompt by prompt; each rank samples its chunks of them.
+        rows = [i for i in range(len(train_prompts)) for _ in range(args.samples_per_prompt)]
+        chunks = my_chunks(len(rows), args, grid)
+        responses = sample_chunks(
+            model, train_ids, rows, chunks, args.temperature, f"round {round_index}", args, tokenizer, autocast
+        )
+
+        # 2. Score each rank's chunks, then gather every response and score on every rank.
+        responses, texts, scores = score_and_gather(responses, chunks, rows, train_prompts, reward, tokenizer, grid)
+        scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
+
+        # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
+        percentile = percentile_at(round_index, args.rounds, args.start_percentile, args.end_percentile)
+        kept, thresholds = select(scores, percentile)
+        sequences = [
+            (train_ids[row] + response, len(train_ids[row]))
+            for row, response, keep in zip(rows, responses, kept.reshape(-1))
+            if keep
+        ]
+
+        # 4. Fine-tune on the kept (prompt, response) pairs with the loss of sft.py.
+        metrics = fine_tune(
+            model, optimizer, sequences, round_index, args, grid, tokenizer.pad_token_id, autocast, progress
+        )
+        round_index += 1
+
+        # 5. Evaluate; log the round (the score distribution it selected from) and checkpoint it.
+        eval_metrics, table = evaluate(model, eval_ids, eval_prompts, reward, tokenizer, args, grid, autocast)
+        metrics.update(eval_metrics)
+        metrics.update(selection_metrics(scores, kept, thresholds, percentile))
+        metrics["time/round_s"] = time.time() - round_started
+        history.append({"round": round_index, **metrics})
+        progress.update(1)
+        if grid.is_main:
+            progress.write(f"round {round_index}: " + round_line(metrics))
+        if wandb_run:
+            kept_samples = [
+                [train_prompts[row], text, score]
+                for row, text, score, keep in zip(rows, texts, scores.reshape(-1), kept.reshape(-1))
+                if keep
+            ]
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples[:32])}, step=round_index)
+        if args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:
+            trainer_state = {
+                "round": round_index,
+                "history": history,
+                "args": asdict(args),
+                "world_size": grid.world_size,
+                "run_name": run_name,
+                "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            save_checkpoint(
+                run_dir, round_index, model, optimizer, tokenizer, trainer_state, grid, args.keep_checkpoints
+            )
+    progress.close()
+
+    # The result, loadable by plain transformers and by the other scripts.
+    save_final(run_dir, model, tokenizer, grid)
+    if not grid.is_main:
+        return
+    summary = {k: v for k, v in history[-1].items() if k.startswith("eval/")}
+    start = {k: v for k, v in history[0].items() if k.startswith("eval/")}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as file:
+        json.dump({"round": round_index, **summary, "start": start, "rounds": history[1:]}, file, indent=1)
+    print(
+        f"saved {run_dir} after {round_index} rounds in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k} {start[k]:.4f} -> {v:.4f}" for k, v in summary.items())
+    )
+    if wandb_run:
+        wandb_run.summary.update(summary)
+        wandb_run.finish()
+
+
+if __name__ == "__main__":
+    with parallel.clean_exit():
+        main(tyro.cli(Args))

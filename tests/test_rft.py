@@ -1,0 +1,321 @@
+"""rft.py: the threshold schedule and selection, the loss, a run end to end, exact resume, data parallel, bad input."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import rft
+from conftest import (
+    SAME_MATH,
+    assert_same_weights,
+    kill_and_resume,
+    max_weight_difference,
+    run_ranks,
+    run_script,
+    save_tiny_model,
+    tiny_config,
+)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny GPT-2 (no dropout) with the randomwalks tokenizer: an sft.py run directory in miniature."""
+    return save_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=rft.randomwalks_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def policy_with_dropout(tmp_path_factory, policy):
+    """The tiny policy with GPT-2's dropout, so that the RNG state a resume restores matters."""
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.1
+    folder = tmp_path_factory.mktemp("dropout")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(folder)
+    return str(folder)
+
+
+# 20 start letters x 8 samples = 160 rows a round, in 10 chunks of 16; a few seconds a round.
+QUICK = [
+    "--rounds",
+    "2",
+    "--samples-per-prompt",
+    "8",
+    "--generation-batch-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--epochs-per-round",
+    "1",
+    "--learning-rate",
+    "3e-3",
+    "--eval-samples-per-start",
+    "2",
+]
+
+
+def metrics_of(run_dir) -> dict:
+    with open(os.path.join(run_dir, "metrics.json")) as file:
+        return json.load(file)
+
+
+def write_reward_fn(folder, body: str) -> str:
+    """A --reward-fn in a file of its own: `def reward(prompts, responses): <body>`."""
+    path = folder / "reward.py"
+    path.write_text(f"import hashlib\n\n\ndef reward(prompts, responses):\n    {body}\n")
+    return f"{path}:reward"
+
+
+def without_clock(rounds: list) -> list:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rounds]
+
+
+# --- the method ---------------------------------------------------------------------------------
+def test_percentile_rises_linearly_from_start_to_end():
+    assert [rft.percentile_at(r, 4, 0.7, 0.95) for r in range(4)] == pytest.approx([0.7, 0.78333333, 0.86666667, 0.95])
+    assert rft.percentile_at(0, 1, 0.7, 0.95) == 0.7  # a single round uses the start
+
+
+def test_selection_keeps_each_prompts_samples_at_or_above_its_own_quantile():
+    scores = np.array(
+        [
+            [1.0, 0.0, 0.5, 0.25, 1.0],  # sorted 0, .25, .5, 1, 1: the 0.7 quantile lies at 2.8 -> 0.5 + 0.8 * 0.5
+            [0.3, 0.3, 0.3, 0.3, 0.3],  # all tied: all kept
+            [0.0, 0.2, 0.0, 0.1, 0.0],  # a hard prompt keeps its best, though below the others' thresholds
+        ]
+    )
+    kept, thresholds = rft.select(scores, 0.7)
+    assert thresholds == pytest.approx([0.9, 0.3, 0.08])
+    assert kept.tolist() == [
+        [True, False, False, False, True],
+        [True, True, True, True, True],
+        [False, True, False, True, False],
+    ]
+    # The quantile falling on a sample keeps it (at or above); 0 keeps everything, 1 the best (ties too).
+    assert rft.select(scores, 0.5)[0][0].tolist() == [True, False, True, False, True]
+    assert rft.select(scores, 0.0)[0].all()
+    assert rft.select(scores, 1.0)[0].tolist()[0] == [True, False, False, False, True]
+
+
+def test_loss_is_the_response_tokens_cross_entropy_and_ignores_the_prompt():
+    tokenizer = rft.randomwalks_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
+    eos = tokenizer.eos_token_id
+    sequences = [([3, 5, 0, eos], 1), ([7, 2, 9, 4, 0], 3)]  # (prompt + response ids, prompt length); no EOS drawn
+    input_ids, attention_mask, labels = rft.collate(sequences, tokenizer.pad_token_id, "cpu")
+    loss = rft.completion_loss_sum(model, input_ids, attention_mask, labels)
+    expected = 0.0
+    for ids, prompt_length in sequences:
+        log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+        expected -= sum(log_probs[t - 1, ids[t]] for t in range(prompt_length, len(ids)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    # The prompt is context only: changing a prompt token's label changes nothing.
+    assert labels.tolist() == [[-100, 5, 0, eos, -100], [-100, -100, -100, 4, 0]]
+
+
+def test_generate_is_greedy_decoding_up_to_and_including_eos():
+    tokenizer = rft.randomwalks_tokenizer()
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
+    model.lm_head.weight.data[tokenizer.eos_token_id] *= 8  # EOS likely enough to end some responses, not all
+    prompts = [[1], [4, 7, 2], [9, 3], [5], [6, 8]]
+    responses = rft.generate(model, prompts, 8, 0.0, tokenizer, "cpu")
+    for prompt, response in zip(prompts, responses):
+        ids, reference = list(prompt), []
+        with torch.no_grad():
+            for _ in range(8):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                reference.append(token)
+                ids.append(token)
+                if token == tokenizer.eos_token_id:
+                    break
+        assert response == reference
+    ended = [response[-1] == tokenizer.eos_token_id for response in responses]
+    assert any(ended) and not all(ended), "the test would not see where a response stops"
+
+
+def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy):
+    """Batched and right-padded, the score of each (prompt, response) is the model's output on that
+    sequence alone; a run selects by it and still reports the walks' optimality."""
+    tokenizer = rft.randomwalks_tokenizer()
+    config = tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    model, rm_tokenizer = rft.load_reward_model(str(tmp_path / "rm"), "cpu", tokenizer, False, torch.float64)
+    prompts, responses = ["b", "cd", "e"], ["da", "a", "fghb"]
+    with torch.no_grad():
+        expected = [
+            model(torch.tensor([tokenizer(p + r)["input_ids"]])).logits[0, 0].item() for p, r in zip(prompts, responses)
+        ]
+    assert rft.reward_model_scores(model, rm_tokenizer, prompts, responses, batch_size=2) == pytest.approx(
+        expected, rel=1e-12
+    )
+    rm, run_dir = str(tmp_path / "rm"), str(tmp_path / "run")
+    args = dict(rounds=1, samples_per_prompt=4, batch_size=16, eval_samples_per_start=2)
+    rft.main(rft.Args(model=policy, reward_model=rm, output_dir=run_dir, **args))
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["eval/score_greedy"] != metrics["eval/optimality_greedy"]
+
+
+# --- a run --------------------------------------------------------------------------------------
+def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy):
+    """Selection by a --reward-fn that gives every response its own score (a hash of its text: a tiny
+    random policy's walks are nearly all invalid, so their optimality ties at 0 and everything
+    would be kept), so the kept share is the best 1 - percentile of each prompt's 8 samples; the
+    optimality of the walks is still reported."""
+    reward = write_reward_fn(
+        tmp_path, "return [int(hashlib.md5(r.encode()).hexdigest(), 16) % 1000 for r in responses]"
+    )
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "rft.py",
+        "--model",
+        policy,
+        *QUICK,
+        "--reward-fn",
+        reward,
+        "--track",
+        "--output-dir",
+        str(run_dir),
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "round 0: score_greedy" in result.stdout and "round 2: percentile 0.9500" in result.stdout
+    metrics = metrics_of(run_dir)
+    assert metrics["round"] == 2 and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for r, percentile, kept_per_prompt in zip(metrics["rounds"], (0.7, 0.95), (3, 1)):
+        assert r["samples/percentile"] == pytest.approx(percentile)
+        # Of 8 scores the 0.7 quantile lies between the 5th and 6th (index 4.9), the 0.95 one between
+        # the 7th and 8th; a tie could only add to the kept ones.
+        assert r["samples/kept"] >= 20 * kept_per_prompt and r["samples/kept_fraction"] == r["samples/kept"] / 160
+        assert r["samples/kept"] <= 20 * kept_per_prompt + 4
+        assert r["samples/score_min"] <= r["samples/threshold_mean"] <= r["samples/score_max"] < 1000
+        assert r["samples/kept_score_mean"] > r["samples/score_mean"]
+        assert r["train/steps"] == r["samples/kept"] // 16
+    keys = {"eval/score_greedy", "eval/optimality_greedy", "eval/optimality_sampled", "eval/valid_walks_sampled"}
+    assert keys <= set(metrics["start"]) and keys <= set(metrics)
+    assert metrics["eval/score_sampled"] > 1  # the hash, not the optimality
+    assert any(name.startswith("offline-run") for name in os.listdir(run_dir / "wandb"))
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    assert AutoTokenizer.from_pretrained(run_dir)("bda")["input_ids"] == [1, 3, 0]
+    assert max_weight_difference(policy, run_dir) > 1e-4, "training changed nothing"
+    assert model.config.n_layer == 2
+
+
+def sentiment_args(tmp_path, model, **overrides) -> rft.Args:
+    """One round on 12 review openings (one held out), 4 continuations of 4 tokens each."""
+    data = tmp_path / "openings.jsonl"
+    openings = ["The film", "The cast", "Its story", "The ending", "I thought", "This movie", "The plot", "Honestly"]
+    openings += ["The music", "Every scene", "The director", "Overall"]
+    data.write_text("".join(json.dumps({"prompt": opening}) + "\n" for opening in openings))
+    settings = dict(task="sentiment", data=str(data), model=model, output_dir=str(tmp_path / "run"), rounds=1)
+    settings.update(samples_per_prompt=4, batch_size=8, generation_batch_size=16, max_new_tokens=4, eval_prompts=1)
+    return rft.Args(**{**settings, **overrides})
+
+
+def test_sentiment_without_vader_is_one_line(tmp_path, tiny_gpt2):
+    if importlib.util.find_spec("vaderSentiment") is not None:
+        pytest.skip("vaderSentiment is installed")
+    expect_error(sentiment_args(tmp_path, tiny_gpt2), "pip install vaderSentiment")
+
+
+def test_sentiment_is_scored_by_vader_and_reports_it_beside_another_reward(tmp_path, tiny_gpt2, fake_vader):
+    args = sentiment_args(tmp_path, tiny_gpt2)
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    assert metrics["eval/score_sampled"] == pytest.approx(metrics["eval/vader_sampled"])  # VADER is the reward
+    assert -1 <= metrics["rounds"][0]["samples/score_min"] <= metrics["rounds"][0]["samples/score_max"] <= 1
+    reward = write_reward_fn(tmp_path, "return [-float(len(r)) for r in responses]")
+    args = sentiment_args(tmp_path, tiny_gpt2, reward_fn=reward, output_dir=str(tmp_path / "with_fn"))
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    assert metrics["eval/score_greedy"] < 0 and -1 <= metrics["eval/vader_greedy"] <= 1
+
+
+def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout):
+    """Killed once the checkpoint after round 1 of 2 exists, resumed: the same weights and the same
+    per-round log as the uninterrupted run (the sampling seeds, the optimizer and the dropout RNG
+    carry over)."""
+    flags = ["--model", policy_with_dropout, *QUICK, "--save-every", "1"]
+    reference, resumed = kill_and_resume("rft.py", flags, tmp_path, "round_00000001")
+    assert_same_weights(reference, resumed)
+    assert without_clock(metrics_of(resumed)["rounds"]) == without_clock(metrics_of(reference)["rounds"])
+    assert os.listdir(resumed / "checkpoints") == ["round_00000001"]  # none after the last round
+
+
+# --- data, tensor and context parallel ----------------------------------------------------------
+def parallel_flags(policy) -> list:
+    return ["--model", policy, *QUICK, "--dtype", "fp64", "--micro-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, policy):
+    """The single-process run every layout must reproduce."""
+    folder = tmp_path_factory.mktemp("one-process")
+    single = run_script("rft.py", *parallel_flags(policy), "--output-dir", str(folder / "run"), cwd=folder)
+    assert single.returncode == 0, single.stderr[-2000:]
+    return folder / "run"
+
+
+def assert_same_run(run_dir, single):
+    """The same samples, kept sets, losses and weights as one process (fp64: see SAME_MATH)."""
+    actual, expected = metrics_of(run_dir), metrics_of(single)
+    for key in ("samples/kept", "samples/score_mean", "eval/optimality_sampled", "train/loss"):
+        assert [r[key] for r in actual["rounds"]] == pytest.approx([r[key] for r in expected["rounds"]], rel=1e-9)
+    assert max_weight_difference(single, run_dir) < SAME_MATH
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, policy, one_process_run):
+    """2 ranks, each sampling half the chunks and training on half of each batch in 2 micro-batches."""
+    for stage in (0, 1, 2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        run = run_ranks(
+            "rft.py", *parallel_flags(policy), "--zero-stage", str(stage), "--output-dir", str(run_dir), cwd=tmp_path
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("saved ") == 1, "only rank 0 reports"
+        assert_same_run(run_dir, one_process_run)
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sequence-parallel"], ["--cp", "2"]], ids=["sp-tp2", "cp2"])
+def test_tensor_and_context_parallel_match_one_process(tmp_path, policy, one_process_run, layout):
+    """One model copy split over 2 ranks: by heads, MLP and vocabulary (and the sequence between the
+    matmuls), or by the sequence (Ulysses; the 2 ranks then share the sampling as data-parallel
+    ranks do)."""
+    run = run_ranks("rft.py", *parallel_flags(policy), *layout, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(tmp_path / "run", one_process_run)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def expect_error(args, *fragments):
+    with pytest.raises(SystemExit) as error:
+        rft.main(args)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not os.path.exists(args.output_dir), "a failed run must not leave a run directory"
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, policy):
+    output = str(tmp_path / "run")
+    expect_error(rft.Args(output_dir=output), "--model is required")
+    expect_error(rft.Args(model=policy, output_dir=output, end_percentile=0.5), "--end-percentile 0.5", "is below")
+    expect_error(rft.Args(model=policy, output_dir=output, start_percentile=1.5), "--start-percentile 1.5", "[0, 1]")
+    expect_error(rft.Args(model=policy, output_dir=output, pp=2), "--pp 2", "does not pipeline")
+    expect_error(rft.Args(model=policy, output_dir=output, task="jsonl", data="x.jsonl"), "--reward-model")
+    expect_error(rft.Args(model=str(tmp_path / "missing"), output_dir=output), "missing", "no such directory")
+    expect_error(rft.Args(model=policy, output_dir=output, max_new_tokens=64), "--max-new-tokens 64", "context")
+    expect_error(rft.Args(model=policy, output_dir=output, resume=str(tmp_path)), "not a checkpoint")
+    result = run_script("rft.py", "--model", policy, "--samples-per-prompt", "0", "--output-dir", output, cwd=tmp_path)
+    assert result.returncode == 1 and os.listdir(tmp_path) == []
+    assert result.stderr.strip().splitlines() == ["error: --samples-per-prompt 0 must be at least 1"]
