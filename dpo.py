@@ -569,37 +569,6 @@ def vader():
     return SentimentIntensityAnalyzer()
 
 
-@torch.no_grad()
-def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Continuations [B, <= max_new_tokens] of a left-padded batch, sampled token by token on the KV
-    cache from softmax(logits) and nothing else (model.generate() would also apply what the
-    checkpoint's generation_config.json asks, such as a repetition penalty); after EOS, padding."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    step_ids, cache, tokens = input_ids, None, []
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        output = lm(
-            input_ids=step_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = output.cache
-        logits = output.logits[:, -1]
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, pad_token_id)
-        tokens.append(next_ids)
-        finished |= next_ids == eos_token_id
-        if finished.all():
-            break
-        step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], -1)
-        position_ids = position_ids[:, -1:] + 1
-    return torch.stack(tokens, 1)
-
-
 def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
     prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
@@ -607,14 +576,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     with a count. Batches are dealt round-robin over the data-parallel ranks and each is sampled
     with a seed of its own on a forked RNG, so the pairs do not depend on the number of ranks and
     training's random stream is untouched."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")  # prompts end where sampling starts
-        lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=param_dtype(args)).to(device).eval()
-    except (OSError, ValueError) as error:
-        fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lm, tokenizer = load_model(args.model, device, param_dtype(args))
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
@@ -624,17 +586,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
                 & (2**63 - 1)
             )
-            batch = tokenizer(
-                repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True
-            ).to(device)
-            output = sample(
-                lm,
-                batch["input_ids"],
-                batch["attention_mask"],
-                args.max_new_tokens,
-                tokenizer.eos_token_id,
-                pad_token_id,
-            )
+            chunk = repeated[start : start + args.generation_batch_size]
+            output = generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)
             mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
     texts = [
         text
@@ -1236,7 +1189,10 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
         responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
-        sequences = [tokenize_side(tokenizer, p, tokenizer.decode(r), 1 << 30)[:2] for p, r in zip(mine, responses)]
+        # The tokens as sampled (not the decoded text tokenized again), with the EOS that ended them.
+        ended = [r + [tokenizer.eos_token_id] if len(r) < args.max_new_tokens else r for r in responses]
+        prompt_ids = [tokenizer(p)["input_ids"] for p in mine]
+        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, ended)]
         batch = collate(sequences, tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:

@@ -349,7 +349,7 @@ def fake_vader(monkeypatch):
     monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", module)
 
     def clear():
-        for name in ("ppo", "ilql", "reward_model", "rft"):
+        for name in ("ppo", "ilql", "reward_model", "rft", "dpo"):
             if name in sys.modules:
                 sys.modules[name].vader.cache_clear()
 

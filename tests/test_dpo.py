@@ -178,3 +178,28 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert 0 <= metrics["eval/win_rate"] <= 1
+
+
+def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader):
+    """Pairs of the policy's own continuations, the more positive (by the stand-in VADER) chosen;
+    evaluation reports the policy's VADER score and its KL to the reference, 0 at step 0."""
+    words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the {a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
+    args = dpo.Args(
+        task="sentiment",
+        data=str(data),
+        model=tiny_gpt2,
+        output_dir=str(tmp_path / "run"),
+        max_new_tokens=4,
+        generation_batch_size=16,
+        batch_size=4,
+        eval_fraction=0.2,
+        learning_rate=1e-2,
+    )
+    dpo.main(args)
+    pairs = dpo.read_records(str(tmp_path / "run" / dpo.SENTIMENT_PAIRS))
+    assert pairs and all(fake_vader(p["chosen"]) > fake_vader(p["rejected"]) for p in pairs)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
+    assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
