@@ -119,17 +119,16 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     assert read_metrics(reference) == read_metrics(resumed)
 
 
-def test_data_parallel_every_zero_stage_and_context_parallel_match_one_process(tmp_path, walk_policy):
-    """2 ranks (micro-batches of 4 pairs, a global batch of 16) under every ZeRO stage, and the
-    sequences split over 2 context-parallel ranks: the eval metrics and weights of one process, in
-    fp64 (up to summation order: see SAME_MATH in conftest)."""
+def test_data_parallel_zero3_and_context_parallel_match_one_process(tmp_path, walk_policy):
+    """2 ranks (micro-batches of 4 pairs, a global batch of 16) under plain data parallel and ZeRO-3
+    (ZeRO-1 and 2 run DataParallel's code of stage 0 with other reductions, tested with every other
+    script), and the sequences split over 2 context-parallel ranks: the eval metrics and weights of
+    one process, in fp64 (up to summation order: see SAME_MATH in conftest)."""
     flags = ["--model", walk_policy, *FLAGS, "--dtype", "fp64"]
     single = run_script("dpo.py", *flags, "--output-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
     expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    for name, layout in [(f"zero{stage}", ["--zero-stage", str(stage)]) for stage in range(4)] + [
-        ("cp2", ["--cp", "2"])
-    ]:
+    for name, layout in [("zero0", []), ("zero3", ["--zero-stage", "3"]), ("cp2", ["--cp", "2"])]:
         run = run_ranks("dpo.py", *flags, *layout, "--output-dir", str(tmp_path / name))
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
