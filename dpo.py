@@ -1197,7 +1197,8 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:
             log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
-            reference_responses = generate(reference_model, tokenizer, mine, args.max_new_tokens, 1.0, device)
+            if judge is not None:  # the reference's own samples, for the judge to compare
+                reference_responses = generate(reference_model, tokenizer, mine, args.max_new_tokens, 1.0, device)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         sums[0], sums[3] = log_ratio.double().sum().cpu(), len(mine)
         if args.task == "sentiment":
