@@ -547,13 +547,14 @@ def vader():
 
 
 @torch.no_grad()
-def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Continuations [B, <= max_new_tokens] of a left-padded batch, sampled token by token on the KV
-    cache from softmax(logits) and nothing else (model.generate() would also apply what the
-    checkpoint's generation_config.json asks, such as a repetition penalty); after EOS, padding."""
+def sample(lm, batch, max_new_tokens: int, eos_token_id: int) -> list:
+    """Continuation token ids of each row of a left-padded batch (a tokenizer's output: input_ids and
+    attention_mask), up to and including the first EOS (one cut at max_new_tokens has none), sampled
+    token by token on the KV cache from softmax(logits) and nothing else (model.generate() would
+    also apply what the checkpoint's generation_config.json asks, such as a repetition penalty)."""
+    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    step_ids, cache, tokens = input_ids, None, []
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    cache, tokens, finished = None, [], torch.zeros(len(step_ids), dtype=torch.bool, device=step_ids.device)
     for _ in range(max_new_tokens):
         output = lm(
             input_ids=step_ids,
@@ -566,24 +567,28 @@ def sample(lm, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int
         cache = output.cache
         logits = output.logits[:, -1]
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, pad_token_id)
+        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, eos_token_id)
         tokens.append(next_ids)
         finished |= next_ids == eos_token_id
         if finished.all():
             break
         step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), 1)], -1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
-    return torch.stack(tokens, 1)
+    return [
+        ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids for ids in torch.stack(tokens, 1).tolist()
+    ]
 
 
 def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
     prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
     two, and the one VADER finds more positive is chosen; ties carry no preference and are dropped
-    with a count. Batches are dealt round-robin over the data-parallel ranks and each is sampled
-    with a seed of its own on a forked RNG, so the pairs do not depend on the number of ranks and
-    training's random stream is untouched."""
+    with a count. Each pair keeps its responses' token ids as sampled (`chosen_ids`, `rejected_ids`,
+    an EOS only where the sampler drew one), which the loss then sees: decoded and tokenized again,
+    a text need not give back the same ids. Batches are dealt round-robin over the data-parallel
+    ranks and each is sampled with a seed of its own on a forked RNG, so the pairs do not depend on
+    the number of ranks and training's random stream is untouched."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -591,7 +596,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
         lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=param_dtype(args)).to(device).eval()
     except (OSError, ValueError) as error:
         fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # left padding is masked out, so EOS serves as pad
+        tokenizer.pad_token = tokenizer.eos_token
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
@@ -601,23 +607,11 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
                 & (2**63 - 1)
             )
-            batch = tokenizer(
-                repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True
-            ).to(device)
-            output = sample(
-                lm,
-                batch["input_ids"],
-                batch["attention_mask"],
-                args.max_new_tokens,
-                tokenizer.eos_token_id,
-                pad_token_id,
-            )
-            mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
-    texts = [
-        text
-        for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
-        for text in batch
-    ]
+            batch = tokenizer(repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True)
+            mine.append((number, sample(lm, batch.to(device), args.max_new_tokens, tokenizer.eos_token_id)))
+    gathered = sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
+    responses = [ids for _, batch in gathered for ids in batch]
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # what VADER reads
     scores = [vader().polarity_scores(text)["compound"] for text in texts]
     pairs, ties = [], 0
     for first in range(0, len(texts) - 1, 2):
@@ -630,6 +624,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 "prompt": repeated[first],
                 "chosen": texts[chosen],
                 "rejected": texts[rejected],
+                "chosen_ids": responses[chosen],
+                "rejected_ids": responses[rejected],
                 "margin": 0.0,
                 "chosen_score": scores[chosen],
                 "rejected_score": scores[rejected],
@@ -666,12 +662,11 @@ def require_fields(records: list, fields: tuple, path: str):
                 )
 
 
-def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
+def tokenize_pair_side(tokenizer, prompt: str, response_ids: list, max_length: int):
     """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
     what is judged, and its last token is where the score is read), and whether the prompt was cut.
     None if the response alone does not fit."""
     prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if len(response_ids) >= max_length:
         return None
     excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
@@ -679,10 +674,15 @@ def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
 
 
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
-    """(chosen ids, rejected ids, margin) per pair, reporting how many prompts were truncated."""
+    """(chosen ids, rejected ids, margin) per pair, reporting how many prompts were truncated. A
+    sampled pair's responses are its token ids as sampled; a text pair's are tokenized, with no EOS."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        sides = [tokenize_pair_side(tokenizer, pair["prompt"], pair[key], max_length) for key in ("chosen", "rejected")]
+        responses = [
+            pair.get(f"{key}_ids") or tokenizer(pair[key], add_special_tokens=False)["input_ids"]
+            for key in ("chosen", "rejected")
+        ]
+        sides = [tokenize_pair_side(tokenizer, pair["prompt"], ids, max_length) for ids in responses]
         if None in sides:
             too_long += 1
             continue
@@ -789,10 +789,9 @@ def score(
     device = next(model.parameters()).device
     sequences = []
     for prompt, response in zip(prompts, responses):
-        tokenized = tokenize_pair_side(tokenizer, prompt, response, max_length)
-        sequences.append(
-            tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:]
-        )
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        tokenized = tokenize_pair_side(tokenizer, prompt, response_ids, max_length)
+        sequences.append(tokenized[0] if tokenized else response_ids[-max_length:])
     was_training = model.training
     model.eval()
     scores = torch.cat(

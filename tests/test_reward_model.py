@@ -179,25 +179,107 @@ def test_sentiment_sampling_is_the_models_own_whatever_its_generation_config_ask
     lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 100.0, 1
     batch = tokenizer(["b", "cde", "fg", "h"] * 2, return_tensors="pt", padding=True)
     torch.manual_seed(1)
-    tokens = rm.sample(
-        lm, batch["input_ids"], batch["attention_mask"], 12, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
+    responses = rm.sample(lm, batch, 12, tokenizer.eos_token_id)
     torch.manual_seed(1)
-    ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(tokens), dtype=torch.bool)
-    for t in range(tokens.shape[1]):
+    ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(responses), dtype=torch.bool)
+    reference = [[] for _ in responses]
+    for _ in range(12):
         with torch.no_grad():
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[
                 :, -1
             ]
         step = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
-        assert torch.equal(tokens[:, t], step.masked_fill(finished, tokenizer.pad_token_id)), t
+        for row in (~finished).nonzero()[:, 0].tolist():
+            reference[row].append(int(step[row]))
         finished |= step == tokenizer.eos_token_id
+        if finished.all():
+            break
         ids, mask = torch.cat([ids, step[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert finished.all() or tokens.shape[1] == 12
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    # Each row up to and including the EOS it drew; a row that drew none has all 12 tokens and no EOS.
+    assert responses == reference
+    ended = [response[-1] == tokenizer.eos_token_id for response in responses]
+    assert all(len(response) == 12 for response, end in zip(responses, ended) if not end)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     assert any(len(set(text)) < len(text) for text in texts), (
         "no continuation repeats a letter: the test would not see a penalty"
     )
+
+
+def eos_prone_gpt2(path) -> str:
+    """The tiny GPT-2 with EOS made likely (a logit of about 4.5 where the others lie within about 0.3
+    of 0), so that a few sampled tokens end with EOS about half the time."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model(path, "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 3.0
+        model.lm_head.weight[model.config.eos_token_id] = 0.0  # tied to the input embedding: EOS is no prompt token
+        model.lm_head.weight[model.config.eos_token_id, 0] = 1.5
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_sentiment_pairs_reach_the_loss_as_the_sampled_token_ids(tmp_path, fake_vader, monkeypatch):
+    """Token in, token out: every sequence the loss scores is a prompt's ids and a response's ids as
+    the sampler drew them, not the decoded text tokenized again; an EOS only where the sampler drew
+    one, so a response cut at --max-new-tokens has none."""
+    model_dir = eos_prone_gpt2(tmp_path / "lm")
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    sampled, scored = {}, []  # sampled: prompt + response ids -> response ids
+
+    def sample(lm, batch, *rest):
+        responses = real_sample(lm, batch, *rest)
+        for ids, mask, response in zip(batch["input_ids"], batch["attention_mask"], responses):
+            sampled[tuple(ids[mask.bool()].tolist() + response)] = response
+        return responses
+
+    def pair_scores(model, pairs, *rest):
+        scored.extend(tuple(ids) for pair in pairs for ids in pair[:2])
+        return real_pair_scores(model, pairs, *rest)
+
+    real_sample, real_pair_scores = rm.sample, rm.pair_scores
+    monkeypatch.setattr(rm, "sample", sample)
+    monkeypatch.setattr(rm, "pair_scores", pair_scores)
+    words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the {a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
+    settings = dict(task="sentiment", data=str(data), model=model_dir, output_dir=str(tmp_path / "run"))
+    settings.update(samples_per_prompt=4, max_new_tokens=4, num_epochs=1, batch_size=4, eval_fraction=0.2)
+    rm.main(rm.Args(**settings, warmup_steps=0))
+    assert len(scored) >= 16 and set(scored) <= set(sampled)
+    responses = [sampled[ids] for ids in scored]
+    cut = [response for response in responses if response[-1] != eos]
+    assert cut and all(len(response) == 4 and eos not in response for response in cut)
+    assert len(cut) < len(responses), "no response drew an EOS: the test would not see one kept"
+
+
+def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos(tmp_path):
+    """Where EOS is also the pad token (GPT-2's tokenizer has no other), a sampled EOS at the end of a
+    response reads as padding in a right-padded batch: the transformers pooling and the pipeline's
+    (pooled_pair_scores) both read the score at the token before it, where a response cut at
+    --max-new-tokens is read too (the EOS comes after, and a causal model's earlier outputs do not
+    see it)."""
+    from conftest import text_tokenizer
+
+    model_dir = save_tiny_model(tmp_path / "lm", "gpt2", tokenizer=text_tokenizer(pad_token=False))
+    model, tokenizer = rm.load_model(model_dir, "cpu", seed=0, dtype=torch.float64)
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    prompt, long, short = tokenizer("the cat")["input_ids"], [17, 42, 99, 7], [5, 6]
+    pairs = [(prompt + long + [eos], prompt + short, 0.0), (prompt + short + [eos], prompt + long, 0.0)]
+    with torch.no_grad():
+        chosen, rejected = rm.pair_scores(model.eval(), pairs, eos, "cpu")
+        micro_batch = rm.pair_micro_batch(pairs, eos, "cpu")
+        hidden = model.transformer(
+            input_ids=micro_batch["input_ids"],
+            attention_mask=micro_batch["attention_mask"],
+            position_ids=micro_batch["position_ids"],
+        ).last_hidden_state
+        pooled = rm.pooled_pair_scores(model.score(hidden), micro_batch, eos)
+        alone = [model(torch.tensor([prompt + response])).logits[0, 0] for response in (long, short, short, long)]
+    assert torch.allclose(torch.cat([chosen, rejected]), torch.stack(alone), rtol=0, atol=1e-12)
+    assert torch.allclose(torch.cat(pooled), torch.stack(alone), rtol=0, atol=1e-12)
 
 
 # --- data parsers on upstream formats -----------------------------------------------------------
