@@ -535,13 +535,15 @@ def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str)
     """(token ids of prompt + response + EOS, the prompt's length, reward) of each example.
 
     Prompt and response are tokenized apart so the boundary is exact (BOS, if the tokenizer adds
-    one, goes on the prompt); the response's tokens and the EOS are the actions. Over-long examples
-    are skipped, or truncated: the prompt loses tokens from its left first, the response from its
-    right after (the reward then lands on the last kept token)."""
+    one, goes on the prompt); the response's tokens and the EOS are the actions. A response given as
+    token ids (a sampled one) is taken as it is: an EOS only where the sampler drew one. Over-long
+    examples are skipped, or truncated: the prompt loses tokens from its left first, the response
+    from its right after (the reward then lands on the last kept token)."""
     sequences, too_long = [], 0
-    for prompt, response, reward in examples:
+    for prompt, response_ids, reward in examples:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if isinstance(response_ids, str):
+            response_ids = tokenizer(response_ids, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(prompt_ids) + len(response_ids) > max_length:
             too_long += 1
             if overlong == "skip":
@@ -935,19 +937,17 @@ def generate(
 ) -> list:
     """Response token ids for each prompt, cut before the first EOS. A left-padded batch runs token
     by token on the KV cache; each step samples from softmax(shifted scores / temperature), or
-    takes their argmax at temperature 0. With beta 0 and top_k 0 this is plain sampling from the LM."""
+    takes their argmax at temperature 0. With beta 0 and top_k 0 this is plain sampling from the LM.
+    No prompts (a rank's empty share of a few) give no responses."""
+    if not prompts:
+        return []
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
     context = model_context(lm.config)
     room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
     batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
-    attention_mask = batch["attention_mask"]
+    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    step_ids, cache, finished, tokens = (
-        batch["input_ids"],
-        None,
-        torch.zeros(len(prompts), dtype=torch.bool, device=device),
-        [],
-    )
+    cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = lm.training
     lm.eval()
     for _ in range(max_new_tokens):
@@ -1026,12 +1026,14 @@ def sentiment_scores(texts: list) -> list:
 
 
 def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, grid, device) -> list:
-    """(prompt, response, reward) for --samples-per-prompt continuations of each prompt, sampled from
-    the starting LM (beta 0, no top-k: the LM's own distribution) and scored by VADER. The batches
-    are dealt round-robin over the data-parallel ranks and each is sampled with a seed of its own
-    on a forked RNG, so the dataset does not depend on the number of ranks and training's random
-    stream is untouched. Continuations that are empty (EOS first) have nothing to act on and are
-    dropped."""
+    """(prompt, response token ids, reward) for --samples-per-prompt continuations of each prompt,
+    sampled from the starting LM (beta 0, no top-k: the LM's own distribution) and scored by VADER:
+    the ids as sampled, which the loss then sees (decoded and tokenized again, a text need not give
+    back the same ids), with an EOS only where the sampler drew one. The batches are dealt
+    round-robin over the data-parallel ranks and each is sampled with a seed of its own on a forked
+    RNG, so the dataset does not depend on the number of ranks and training's random stream is
+    untouched. Continuations whose text is empty (EOS first) are dropped: the dataset file, in the
+    format of --task jsonl, has no empty response."""
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
@@ -1047,17 +1049,22 @@ def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, gr
             )
             batch_prompts = repeated[start : start + args.generation_batch_size]
             responses = generate(lm, heads, tokenizer, batch_prompts, args.max_new_tokens, 0.0, 1.0, 0, device)
+            # generate cuts before the first EOS: a response shorter than the budget is one that drew it
+            responses = [r + [tokenizer.eos_token_id] if len(r) < args.max_new_tokens else r for r in responses]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            mine.append((number, list(zip(batch_prompts, texts, sentiment_scores(texts)))))
+            scored = zip(batch_prompts, responses, sentiment_scores(texts), texts)
+            mine.append((number, [(prompt, ids, score) for prompt, ids, score, text in scored if text]))
     batches = sorted(b for share_of_rank in parallel.all_gather_objects(mine, grid.dp_group) for b in share_of_rank)
-    return [example for _, batch in batches for example in batch if example[1]]
+    return [example for _, batch in batches for example in batch]
 
 
-def write_jsonl_atomically(path: str, examples: list):
-    """The dataset as --task jsonl reads it, renamed into place only once complete."""
+def write_jsonl_atomically(path: str, examples: list, tokenizer):
+    """The sampled dataset as --task jsonl reads it (the response as text), with each response's
+    token ids beside it for a resumed run, renamed into place only once complete."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for prompt, response, reward in examples:
-            file.write(json.dumps({"prompt": prompt, "response": response, "reward": reward}) + "\n")
+        for prompt, ids, reward in examples:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            file.write(json.dumps({"prompt": prompt, "response": text, "response_ids": ids, "reward": reward}) + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -1322,9 +1329,10 @@ def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Arg
     eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
     if checkpoint:
         samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
-        examples = [
-            scored_example(record, number, samples_file) for number, record in enumerate(read_records(samples_file), 1)
-        ]
+        records = read_records(samples_file)
+        examples = [scored_example(record, number, samples_file) for number, record in enumerate(records, 1)]
+        # The ids the run sampled and trained on (a file without them, from an older run, has only the text).
+        examples = [(p, record.get("response_ids", text), r) for (p, text, r), record in zip(examples, records)]
     else:
         examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
         if not examples:
@@ -1361,20 +1369,16 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
                     ("sampled", args.temperature, args.eval_samples_per_start),
                 ):
                     prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
-                    responses = (
-                        generate(
-                            sampler,
-                            heads,
-                            tokenizer,
-                            prompts,
-                            RANDOMWALKS_MAX_NODES - 1,
-                            beta,
-                            temperature,
-                            args.top_k,
-                            device,
-                        )
-                        if prompts
-                        else []
+                    responses = generate(
+                        sampler,
+                        heads,
+                        tokenizer,
+                        prompts,
+                        RANDOMWALKS_MAX_NODES - 1,
+                        beta,
+                        temperature,
+                        args.top_k,
+                        device,
                     )
                     walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
                     scored = [(w, walk_optimality(w, *graph)) for w in walks]
@@ -1388,12 +1392,8 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
                 for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[
                     : 2 if sentiment else 1
                 ]:
-                    responses = (
-                        generate(
-                            sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device
-                        )
-                        if prompts
-                        else []
+                    responses = generate(
+                        sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device
                     )
                     responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
                     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -1599,7 +1599,7 @@ def main(args: Args):
     step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
     if grid.is_main and not checkpoint and sentiment:
         written = os.path.join(run_dir, SENTIMENT_SAMPLES)
-        write_jsonl_atomically(written, examples)
+        write_jsonl_atomically(written, examples, tokenizer)
         print(f"{len(examples)} samples of {len(train_prompts)} prompts, mean VADER {dataset_mean:.3f}: {written}")
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)

@@ -35,6 +35,7 @@ from conftest import (
     run_and_kill,
     run_script,
     run_ranks,
+    save_tiny_model,
     torchrun_kill_and_resume,
 )
 
@@ -496,6 +497,54 @@ def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, ti
     monkeypatch.setattr(ilql, "sample_sentiment_dataset", lambda *a: pytest.fail("a resumed run sampled a new dataset"))
     ilql.main(replace(args, resume=str(run_dir / "checkpoints" / "step_00000003")))
     assert (run_dir / "model.safetensors").read_bytes() == finished
+
+
+def eos_prone_gpt2(path) -> str:
+    """The tiny GPT-2 with EOS made likely (a logit of about 4.5 where the others lie within about 0.3
+    of 0), so that a few sampled tokens end with EOS about half the time."""
+    model_dir = save_tiny_model(path, "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.transformer.ln_f.bias[0] = 3.0
+        model.lm_head.weight[model.config.eos_token_id] = 0.0  # tied to the input embedding: EOS is no prompt token
+        model.lm_head.weight[model.config.eos_token_id, 0] = 1.5
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_sentiment_samples_reach_the_loss_as_the_sampled_token_ids(tmp_path, fake_vader, monkeypatch):
+    """Token in, token out: every sequence the loss sees is a prompt's ids and a continuation's ids as
+    the sampler drew them, not the decoded text tokenized again; an EOS only where the sampler drew
+    one (generate cuts before it: a response shorter than --max-new-tokens drew one), so a response
+    cut at --max-new-tokens has none and its last token is the terminal action."""
+    model_dir = eos_prone_gpt2(tmp_path / "lm")
+    sampled, trained = {}, []  # sampled: prompt + response ids -> response ids as drawn
+
+    def generate(lm, heads, tokenizer, prompts, max_new_tokens, *rest):
+        responses = real_generate(lm, heads, tokenizer, prompts, max_new_tokens, *rest)
+        for prompt, response in zip(prompts, responses):
+            drawn = response + [tokenizer.eos_token_id] if len(response) < max_new_tokens else response
+            sampled[tuple(tokenizer(prompt)["input_ids"] + drawn)] = drawn
+        return responses
+
+    def collate(sequences, *rest):
+        trained.extend(tuple(ids) for ids, _, _ in sequences)
+        return real_collate(sequences, *rest)
+
+    real_generate, real_collate = ilql.generate, ilql.collate
+    monkeypatch.setattr(ilql, "generate", generate)
+    monkeypatch.setattr(ilql, "collate", collate)
+    words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"the {a} {b}"} for a, b in zip(words, reversed(words))])
+    settings = dict(task="sentiment", data=data, model=model_dir, output_dir=str(tmp_path / "run"), eval_betas=(0.0,))
+    settings.update(samples_per_prompt=2, generation_batch_size=8, max_new_tokens=4, num_epochs=1, batch_size=4)
+    ilql.main(ilql.Args(**settings, micro_batch_size=2, eval_prompts=2))
+    assert len(trained) >= 16 and set(trained) <= set(sampled)
+    responses = [sampled[ids] for ids in trained]
+    eos = ilql.load_model(model_dir, "cpu")[1].eos_token_id
+    cut = [response for response in responses if response[-1] != eos]
+    assert cut and all(len(response) == 4 and eos not in response for response in cut)
+    assert len(cut) < len(responses), "no response drew an EOS: the test would not see one kept"
 
 
 def test_sentiment_dataset_does_not_depend_on_the_number_of_ranks(tiny_gpt2, fake_vader):
