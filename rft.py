@@ -30,8 +30,10 @@ identical kept samples are not de-duplicated (trlX does not: a response drawn tw
 as it does in the policy's distribution). Where this script differs from trlX, on purpose:
   - a sample is kept when its score is at or above the threshold; trlX adds 1e-6 to the threshold,
     which drops ties, so a prompt whose best score is shared by more than 1 - percentile of its
-    samples (an easy prompt: say 40% of the walks optimal at percentile 0.7) keeps none. Here a
-    prompt whose samples all score the same keeps them all;
+    samples (an easy prompt: say 40% of the walks optimal at percentile 0.7) keeps none. Here such
+    a prompt keeps its best; but a prompt whose samples all score the same keeps none, as in trlX:
+    the tie says nothing of which response is better, and a prompt whose 64 walks all fail would
+    otherwise put 64 failures into the fine-tuning set;
   - the percentile rises from --start-percentile at round 0 to --end-percentile at the last round;
     trlX raises it over the improve steps of one grow step and starts again at the next;
   - each round fine-tunes on its own samples; trlX keeps every grow step's samples in its pool;
@@ -300,9 +302,12 @@ def select(scores: np.ndarray, percentile: float) -> tuple:
     """(kept [P, S] bool, thresholds [P]) for the scores [P, S] of S samples of each of P prompts:
     a prompt's threshold is the `percentile` quantile of its own S scores (linear interpolation
     between the two nearest, numpy's default, as trlX), and a sample is kept when its score is at
-    or above it, ties included."""
+    or above it, ties included. A prompt whose samples all score the same keeps none: the tie says
+    nothing of which is better (all walks failing, or all optimal), and kept, an all-failure prompt
+    would weigh as much as the prompts that do tell good from bad."""
     thresholds = np.quantile(scores, percentile, axis=1)
-    return scores >= thresholds[:, None], thresholds
+    informative = scores.max(axis=1) > scores.min(axis=1)
+    return (scores >= thresholds[:, None]) & informative[:, None], thresholds
 
 
 def collate(sequences: list, pad_token_id: int, device):
@@ -388,7 +393,12 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
             optimizer.zero_grad(set_to_none=True)
             losses.append(batch_loss)
             progress.set_postfix(loss=f"{batch_loss:.4f}")
-    if not losses:  # fewer kept samples than one batch
+    if not losses:  # a clear outcome, not an error: the next round samples the unchanged policy with new seeds
+        if grid.is_main:
+            progress.write(
+                f"round {round_index + 1} kept {len(sequences)} samples, fewer than one batch of {args.batch_size}: "
+                "no fine-tuning step (a prompt whose samples all scored the same keeps none)"
+            )
         return {"train/steps": 0}
     return {"train/loss": float(np.mean(losses)), "train/steps": len(losses), "train/grad_norm": grad_norm}
 
@@ -604,39 +614,25 @@ def prompt_tokens(tokenizer, prompt: str, room: int) -> list:
 # ---------------------------------------------------------------------------------------------
 # Rewards: the task's metric, VADER, a reward model (as in reward_model.py), or a user function
 # ---------------------------------------------------------------------------------------------
-def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
-    """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
-    what is judged, and its last token is where the score is read). None if the response alone does
-    not fit."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if len(response_ids) >= max_length:
-        return None
-    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
-    return prompt_ids[excess:] + response_ids
-
-
 @torch.no_grad()
 def reward_model_scores(model, tokenizer, prompts: list, responses: list, batch_size: int = 32) -> list:
     """Raw reward-model scores of each (prompt, response), read at the last real token of the
-    right-padded sequence (the transformers class finds the rightmost non-pad token)."""
+    right-padded sequence (the transformers class finds the rightmost non-pad token). The texts are
+    tokenized for the reward model and cut to its context from the left: the response is what is
+    judged, and its last token is where the score is read."""
     max_length = model_context(model.config) or 1 << 30
     device = next(model.parameters()).device
-    sequences = []
-    for prompt, response in zip(prompts, responses):
-        ids = tokenize_pair_side(tokenizer, prompt, response, max_length)
-        sequences.append(ids if ids else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:])
+    sequences = [
+        (tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"])[-max_length:]
+        for prompt, response in zip(prompts, responses)
+    ]
     scores = []
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        scores += logits[:, 0].double().tolist()
+        # collate's labels go unused: a reward model is not trained here
+        input_ids, attention_mask, _ = collate(
+            [(ids, 0) for ids in sequences[start : start + batch_size]], tokenizer.pad_token_id, device
+        )
+        scores += model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].double().tolist()
     return scores
 
 
@@ -1102,13 +1098,14 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer) -> tuple:
 
 
 def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarray, percentile: float) -> dict:
-    """What a round selected from (the distribution of its scores) and what it kept."""
+    """What a round selected from (the distribution of its scores) and what it kept (the kept samples'
+    mean score only when there are some)."""
     return {
         "samples/percentile": percentile,
         "samples/threshold_mean": float(thresholds.mean()),
         "samples/kept": int(kept.sum()),
         "samples/kept_fraction": float(kept.mean()),
-        "samples/kept_score_mean": float(scores[kept].mean()),
+        **({"samples/kept_score_mean": float(scores[kept].mean())} if kept.any() else {}),
         "samples/score_mean": float(scores.mean()),
         "samples/score_std": float(scores.std()),
         "samples/score_min": float(scores.min()),

@@ -70,6 +70,15 @@ def write_reward_fn(folder, body: str) -> str:
     return f"{path}:reward"
 
 
+@pytest.fixture(scope="module")
+def hash_reward(tmp_path_factory):
+    """A --reward-fn that gives every response its own score (a hash of its text): a tiny random
+    policy's walks are nearly all invalid, so their optimality ties at 0 and, a prompt whose samples
+    all tie keeping none, a run would keep next to nothing."""
+    body = "return [int(hashlib.md5(r.encode()).hexdigest(), 16) % 1000 for r in responses]"
+    return write_reward_fn(tmp_path_factory.mktemp("reward"), body)
+
+
 def without_clock(rounds: list) -> list:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rounds]
 
@@ -84,7 +93,7 @@ def test_selection_keeps_each_prompts_samples_at_or_above_its_own_quantile():
     scores = np.array(
         [
             [1.0, 0.0, 0.5, 0.25, 1.0],  # sorted 0, .25, .5, 1, 1: the 0.7 quantile lies at 2.8 -> 0.5 + 0.8 * 0.5
-            [0.3, 0.3, 0.3, 0.3, 0.3],  # all tied: all kept
+            [0.3, 0.3, 0.3, 0.3, 0.3],  # all tied: none kept
             [0.0, 0.2, 0.0, 0.1, 0.0],  # a hard prompt keeps its best, though below the others' thresholds
         ]
     )
@@ -92,13 +101,65 @@ def test_selection_keeps_each_prompts_samples_at_or_above_its_own_quantile():
     assert thresholds == pytest.approx([0.9, 0.3, 0.08])
     assert kept.tolist() == [
         [True, False, False, False, True],
-        [True, True, True, True, True],
+        [False, False, False, False, False],
         [False, True, False, True, False],
     ]
     # The quantile falling on a sample keeps it (at or above); 0 keeps everything, 1 the best (ties too).
     assert rft.select(scores, 0.5)[0][0].tolist() == [True, False, True, False, True]
-    assert rft.select(scores, 0.0)[0].all()
+    assert rft.select(scores, 0.0)[0].tolist() == [[True] * 5, [False] * 5, [True] * 5]
     assert rft.select(scores, 1.0)[0].tolist()[0] == [True, False, False, False, True]
+
+
+def test_a_prompt_whose_samples_all_tie_contributes_nothing():
+    """All 8 walks of the first prompt fail: the tie tells no better from worse, and kept they would be
+    8 failures in the fine-tuning set. The second prompt keeps its two successes."""
+    kept, thresholds = rft.select(np.array([[0.0] * 8, [0, 0, 0, 0, 0, 0, 1, 1]], dtype=np.float64), 0.95)
+    assert kept.sum(axis=1).tolist() == [0, 2] and kept[1, 6:].all()
+    assert rft.select(np.ones((3, 4)), 0.0)[0].sum() == 0  # all optimal: no signal either
+
+
+def test_a_round_that_keeps_nothing_says_so_and_leaves_the_policy_as_it_was(tmp_path, policy, capsys):
+    """A reward that scores every response the same: every prompt ties, no sample is kept, and the
+    round is a clear outcome (a line saying so, no step, no mean score of an empty set), not a crash."""
+    reward = write_reward_fn(tmp_path, "return [0.0 for r in responses]")
+    run_dir = tmp_path / "run"
+    args = dict(rounds=2, samples_per_prompt=2, batch_size=16, eval_samples_per_start=1, save_every=1)
+    rft.main(rft.Args(model=policy, reward_fn=reward, output_dir=str(run_dir), **args))
+    out = capsys.readouterr().out
+    assert out.count("kept 0 samples, fewer than one batch of 16: no fine-tuning step") == 2
+    for r in metrics_of(run_dir)["rounds"]:
+        assert r["samples/kept"] == 0 and r["samples/kept_fraction"] == 0 and r["train/steps"] == 0
+        assert "samples/kept_score_mean" not in r and "train/loss" not in r
+    assert max_weight_difference(policy, run_dir) == 0
+
+
+def test_the_loss_sees_the_sampled_token_ids(tmp_path, policy, hash_reward, monkeypatch):
+    """Token in, token out: every kept (prompt, response) the loss sees is the prompt's ids and the
+    response's ids as the sampler drew them, with an EOS only where it drew one (a response cut at
+    --max-new-tokens has none)."""
+    eos = rft.randomwalks_tokenizer().eos_token_id
+    sampled, trained = [], []
+
+    def generate(model, prompts, *rest):
+        responses = real_generate(model, prompts, *rest)
+        sampled.extend(tuple(prompt + response) for prompt, response in zip(prompts, responses))
+        return responses
+
+    def collate(sequences, *rest):
+        trained.extend((tuple(ids), prompt_length) for ids, prompt_length in sequences)
+        return real_collate(sequences, *rest)
+
+    real_generate, real_collate = rft.generate, rft.collate
+    monkeypatch.setattr(rft, "generate", generate)
+    monkeypatch.setattr(rft, "collate", collate)
+    args = dict(rounds=1, samples_per_prompt=8, batch_size=8, epochs_per_round=1, eval_samples_per_start=1)
+    rft.main(rft.Args(model=policy, reward_fn=hash_reward, output_dir=str(tmp_path / "run"), **args))
+    assert len(trained) >= 32 and {ids for ids, _ in trained} <= set(sampled)
+    responses = [ids[prompt_length:] for ids, prompt_length in trained]
+    assert all(eos not in response[:-1] for response in responses)
+    cut = [response for response in responses if response[-1] != eos]
+    assert cut and all(len(response) == 10 for response in cut)  # cut at --max-new-tokens, no EOS added
+    assert len(cut) < len(responses), "no kept response drew an EOS: the test would not see one kept"
 
 
 def test_loss_is_the_response_tokens_cross_entropy_and_ignores_the_prompt():
@@ -165,14 +226,9 @@ def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy)
 
 
 # --- a run --------------------------------------------------------------------------------------
-def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy):
-    """Selection by a --reward-fn that gives every response its own score (a hash of its text: a tiny
-    random policy's walks are nearly all invalid, so their optimality ties at 0 and everything
-    would be kept), so the kept share is the best 1 - percentile of each prompt's 8 samples; the
-    optimality of the walks is still reported."""
-    reward = write_reward_fn(
-        tmp_path, "return [int(hashlib.md5(r.encode()).hexdigest(), 16) % 1000 for r in responses]"
-    )
+def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy, hash_reward):
+    """Selection by hash_reward, so the kept share is the best 1 - percentile of each prompt's 8
+    samples; the optimality of the walks is still reported."""
     run_dir = tmp_path / "run"
     result = run_script(
         "rft.py",
@@ -180,7 +236,7 @@ def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy
         policy,
         *QUICK,
         "--reward-fn",
-        reward,
+        hash_reward,
         "--track",
         "--output-dir",
         str(run_dir),
@@ -240,11 +296,11 @@ def test_sentiment_is_scored_by_vader_and_reports_it_beside_another_reward(tmp_p
     assert metrics["eval/score_greedy"] < 0 and -1 <= metrics["eval/vader_greedy"] <= 1
 
 
-def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout):
+def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout, hash_reward):
     """Killed once the checkpoint after round 1 of 2 exists, resumed: the same weights and the same
     per-round log as the uninterrupted run (the sampling seeds, the optimizer and the dropout RNG
     carry over)."""
-    flags = ["--model", policy_with_dropout, *QUICK, "--save-every", "1"]
+    flags = ["--model", policy_with_dropout, *QUICK, "--reward-fn", hash_reward, "--save-every", "1"]
     reference, resumed = kill_and_resume("rft.py", flags, tmp_path, "round_00000001")
     assert_same_weights(reference, resumed)
     assert without_clock(metrics_of(resumed)["rounds"]) == without_clock(metrics_of(reference)["rounds"])
@@ -252,15 +308,15 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout):
 
 
 # --- data, tensor and context parallel ----------------------------------------------------------
-def parallel_flags(policy) -> list:
-    return ["--model", policy, *QUICK, "--dtype", "fp64", "--micro-batch-size", "4"]
+def parallel_flags(policy, reward) -> list:
+    return ["--model", policy, *QUICK, "--reward-fn", reward, "--dtype", "fp64", "--micro-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, policy):
+def one_process_run(tmp_path_factory, policy, hash_reward):
     """The single-process run every layout must reproduce."""
     folder = tmp_path_factory.mktemp("one-process")
-    single = run_script("rft.py", *parallel_flags(policy), "--output-dir", str(folder / "run"), cwd=folder)
+    single = run_script("rft.py", *parallel_flags(policy, hash_reward), "--output-dir", str(folder / "run"), cwd=folder)
     assert single.returncode == 0, single.stderr[-2000:]
     return folder / "run"
 
@@ -273,14 +329,20 @@ def assert_same_run(run_dir, single):
     assert max_weight_difference(single, run_dir) < SAME_MATH
 
 
-def test_data_parallel_and_zero3_match_one_process(tmp_path, policy, one_process_run):
+def test_data_parallel_and_zero3_match_one_process(tmp_path, policy, hash_reward, one_process_run):
     """2 ranks, each sampling half the chunks and training on half of each batch in 2 micro-batches,
     under plain data parallel and ZeRO-3 (ZeRO-1 and 2 run DataParallel's code of stage 0 with other
     reductions, tested against one process with every other script)."""
     for stage in (0, 3):
         run_dir = tmp_path / f"zero{stage}"
         run = run_ranks(
-            "rft.py", *parallel_flags(policy), "--zero-stage", str(stage), "--output-dir", str(run_dir), cwd=tmp_path
+            "rft.py",
+            *parallel_flags(policy, hash_reward),
+            "--zero-stage",
+            str(stage),
+            "--output-dir",
+            str(run_dir),
+            cwd=tmp_path,
         )
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
@@ -288,11 +350,13 @@ def test_data_parallel_and_zero3_match_one_process(tmp_path, policy, one_process
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2", "--sequence-parallel"], ["--cp", "2"]], ids=["sp-tp2", "cp2"])
-def test_tensor_and_context_parallel_match_one_process(tmp_path, policy, one_process_run, layout):
+def test_tensor_and_context_parallel_match_one_process(tmp_path, policy, hash_reward, one_process_run, layout):
     """One model copy split over 2 ranks: by heads, MLP and vocabulary (and the sequence between the
     matmuls), or by the sequence (Ulysses; the 2 ranks then share the sampling as data-parallel
     ranks do)."""
-    run = run_ranks("rft.py", *parallel_flags(policy), *layout, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    run = run_ranks(
+        "rft.py", *parallel_flags(policy, hash_reward), *layout, "--output-dir", str(tmp_path / "run"), cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_run(tmp_path / "run", one_process_run)
 
