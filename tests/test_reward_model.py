@@ -254,6 +254,19 @@ def test_sentiment_pairs_reach_the_loss_as_the_sampled_token_ids(tmp_path, fake_
     assert len(cut) < len(responses), "no response drew an EOS: the test would not see one kept"
 
 
+def test_sentiment_pairs_sample_from_a_model_whose_tokenizer_has_no_pad_token(tmp_path, fake_vader):
+    """GPT-2's tokenizer has no pad token: the left-padded prompts take EOS as pad (masked out)."""
+    from types import SimpleNamespace
+
+    from conftest import text_tokenizer
+
+    model_dir = save_tiny_model(tmp_path / "lm", "gpt2", tokenizer=text_tokenizer(pad_token=False))
+    args = rm.Args(task="sentiment", model=model_dir, samples_per_prompt=4, max_new_tokens=4)
+    grid = SimpleNamespace(dp_rank=0, dp_size=1, dp_group=None, is_main=True)
+    pairs = rm.sample_sentiment_pairs(["the cat sat", "a dog ran to", "hello"], args, grid, torch.device("cpu"))
+    assert pairs and all(len(p["chosen_ids"]) <= 4 and len(p["rejected_ids"]) <= 4 for p in pairs)
+
+
 def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos(tmp_path):
     """Where EOS is also the pad token (GPT-2's tokenizer has no other), a sampled EOS at the end of a
     response reads as padding in a right-padded batch: the transformers pooling and the pipeline's
