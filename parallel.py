@@ -1053,7 +1053,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         y = nn.functional.linear(x, self.weight)
         if self.sequence_split is not None and self.sequence_split.sp_active:
-            y = _ReduceScatterSequence.apply(y, self.group)
+            y = _reduce_scatter_sequence(y, self.group)
         else:
             y = reduce_from_group(y, self.group)
         return y + self.bias if self.bias is not None else y
@@ -1275,81 +1275,60 @@ def _seq_reduce_scatter(x, group):
     return out
 
 
-class _SplitSequence(torch.autograd.Function):
-    """Forward: keep this rank's slice of the sequence (entering a split region from one where
-    every rank holds the whole sequence). Backward: all-gather the gradient."""
+class _Exchange(torch.autograd.Function):
+    """Forward: forward(x, group); backward: backward(grad, group), its adjoint. Every crossing
+    below is one: sequence parallel's pairs of _seq_shard, _seq_all_gather and _seq_reduce_scatter,
+    context parallel's all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_shard(x, group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_all_gather(grad, ctx.group), None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
-class _GatherSequence(torch.autograd.Function):
+def _split_sequence(x, group):
+    """Forward: keep this rank's slice of the sequence (entering a split region from one where
+    every rank holds the whole sequence). Backward: all-gather the gradient."""
+    return _Exchange.apply(x, group, _seq_shard, _seq_all_gather)
+
+
+def _gather_sequence(x, group, grad_scale: float = 1.0):
     """Forward: all-gather the sequence (leaving a split region: every rank then computes the same
     thing from the whole sequence). Backward: keep this rank's slice of the gradient, which is the
     same on every rank, times grad_scale (see _gather_outputs for why cp needs one)."""
-
-    @staticmethod
-    def forward(ctx, x, group, grad_scale):
-        ctx.group, ctx.grad_scale = group, grad_scale
-        return _seq_all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_shard(grad, ctx.group) * ctx.grad_scale, None, None
+    return _Exchange.apply(x, group, _seq_all_gather, lambda grad, group: _seq_shard(grad, group) * grad_scale)
 
 
-class _GatherSequenceToColumns(torch.autograd.Function):
+def _gather_sequence_to_columns(x, group):
     """Forward: all-gather the sequence, the whole input column-parallel layers need. Backward:
     reduce-scatter: each rank's column shard gave part of every position's gradient, and each rank
     keeps the sum for its own positions."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_reduce_scatter(grad, ctx.group), None
+    return _Exchange.apply(x, group, _seq_all_gather, _seq_reduce_scatter)
 
 
-class _ReduceScatterSequence(torch.autograd.Function):
+def _reduce_scatter_sequence(x, group):
     """Forward: sum a row-parallel layer's partial products and keep this rank's positions.
     Backward: all-gather the gradient, which every rank's partial product needs whole."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_all_gather(grad, ctx.group), None
+    return _Exchange.apply(x, group, _seq_reduce_scatter, _seq_all_gather)
 
 
-class _AllToAll(torch.autograd.Function):
-    """Forward: cut dimension `scatter` into N pieces, send piece j to rank j, and join what
-    arrives along dimension `gather` in rank order. Ulysses uses it on [batch, heads, sequence,
-    head_dim]: sequence shards of all heads in, the whole sequence of 1/N of the heads out.
-    Backward: the same exchange with the two dimensions swapped."""
+def _all_to_all(x, group, scatter: int = 1, gather: int = 2):
+    """Cut dimension `scatter` into N pieces, send piece j to rank j, and join what arrives along
+    dimension `gather` in rank order. Ulysses uses it on [batch, heads, sequence, head_dim]:
+    sequence shards of all heads in, the whole sequence of 1/N of the heads out."""
+    inputs = [piece.contiguous() for piece in x.chunk(dist.get_world_size(group), dim=scatter)]
+    outputs = [torch.empty_like(piece) for piece in inputs]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather)
 
-    @staticmethod
-    def forward(ctx, x, group, scatter, gather):
-        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
-        inputs = [piece.contiguous() for piece in x.chunk(dist.get_world_size(group), dim=scatter)]
-        outputs = [torch.empty_like(piece) for piece in inputs]
-        dist.all_to_all(outputs, inputs, group=group)
-        return torch.cat(outputs, dim=gather)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _AllToAll.apply(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
+def _ulysses_exchange(x, group):
+    """Forward: _all_to_all of dimension 1 into 2. Backward: the same exchange with the two dimensions swapped."""
+    return _Exchange.apply(x, group, _all_to_all, lambda grad, group: _all_to_all(grad, group, 2, 1))
 
 
 _SEQUENCE_LAYOUT = {
@@ -1368,15 +1347,23 @@ class _SequenceSplit:
 
     def __init__(self):
         self.sp_group = self.cp_group = self.mask = None
-        self.active, self.length = False, 0
+        self.active, self.length, self.passes, self.forks = False, 0, 0, []
+
+    def fork_rng(self, device: torch.device, shard: int):
+        """From here to the end of the pass (_gather_outputs), draw dropout masks of this rank's own:
+        ranks holding different shards of the same sequences would otherwise draw the same masks, as
+        they share a seed (Megatron's model-parallel RNG tracker seeds them apart too). The default
+        generators are saved and reseeded from the run's seed, the pass and `shard` (this rank's
+        index among those splitting the region); the pass's end restores them, so with dropout 0,
+        where nothing is drawn, the run stays that of one process."""
+        self.passes += 1
+        self.forks.append(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        self.forks[-1].__enter__()
+        torch.manual_seed(hash((torch.initial_seed(), self.passes, shard)) % 2**63)
 
     @property
     def sp_active(self) -> bool:
         return self.active and self.sp_group is not None
-
-    @property
-    def cp_active(self) -> bool:
-        return self.active and self.cp_group is not None
 
     def multiple(self) -> int:
         return group_size(self.sp_group) * group_size(self.cp_group)
@@ -1393,6 +1380,8 @@ def _split_inputs(trunk, args, kwargs):
     split.active = input_ids is not None and not args and not cached
     if not split.active:
         return args, kwargs
+    if split.cp_group is not None:  # from the embeddings' dropout on, each cp rank holds its own positions
+        split.fork_rng(input_ids.device, dist.get_rank(split.cp_group))
     batch, length = input_ids.shape
     split.length = length
     pad = -length % split.multiple()
@@ -1427,12 +1416,14 @@ def _gather_outputs(trunk, args, kwargs, output):
     split = trunk.sequence_split
     if not split.active:
         return output
+    while split.forks:
+        split.forks.pop().__exit__(None, None, None)
     hidden = output.last_hidden_state
     if split.cp_group is not None:
         # Every cp rank computes the same loss from the gathered states, and the gradients of the
         # weights are then averaged over dp x cp; each rank's share of the sequence must count
         # whole, not 1/cp: so the gradient flowing back into the split region is scaled by cp.
-        hidden = _GatherSequence.apply(hidden, split.cp_group, float(group_size(split.cp_group)))
+        hidden = _gather_sequence(hidden, split.cp_group, float(group_size(split.cp_group)))
     output.last_hidden_state = hidden[:, : split.length]
     if output.hidden_states is not None:  # only the last is gathered (the others stay this rank's shard)
         output.hidden_states = (*output.hidden_states[:-1], output.last_hidden_state)
@@ -1456,12 +1447,14 @@ def _sequence_split(model: nn.Module) -> _SequenceSplit:
 
 def sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
     """Megatron sequence parallelism on a model tensor_parallel has rewritten: between the matmuls
-    each tp rank keeps 1/tp of the sequence. The first layer's input is cut (_SplitSequence); each
+    each tp rank keeps 1/tp of the sequence. The first layer's input is cut (_split_sequence); each
     layer's norms hand the column-parallel matmuls the all-gathered sequence
-    (_GatherSequenceToColumns); row-parallel matmuls reduce-scatter (_ReduceScatterSequence); the
-    final norm's output is all-gathered for the head (_GatherSequence). The weights the split
-    region shares (norms, row-parallel biases) see only this rank's positions, so their gradients
-    are all-reduced over tp_group as they are computed."""
+    (_gather_sequence_to_columns); row-parallel matmuls reduce-scatter (_reduce_scatter_sequence); the
+    final norm's output is all-gathered for the head (_gather_sequence). The weights the split
+    region shares (norms, row-parallel biases) see only this rank's positions, so in a split pass
+    they enter the forward through copy_to_group, whose backward all-reduces their gradients over
+    tp_group: decided as each pass runs, so a backward treats every pass it differentiates as that
+    pass ran, whatever passes (sampling's, unsplit) came between."""
     if tp_group is None:
         return model
     split = _sequence_split(model)
@@ -1471,21 +1464,26 @@ def sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
     layers, final_norm = getattr(model.base_model, layers_name), getattr(model.base_model, norm_name)
 
     def split_first_input(layer, args, kwargs):
-        if split.sp_active:
-            args = (_SplitSequence.apply(args[0], tp_group), *args[1:])
+        if split.sp_active:  # from here each tp rank holds its own positions: its own dropout masks
+            split.fork_rng(args[0].device, dist.get_rank(tp_group))
+            args = (_split_sequence(args[0], tp_group), *args[1:])
         return args, kwargs
 
     def gather_for_columns(norm, args, output):
-        return _GatherSequenceToColumns.apply(output, tp_group) if split.sp_active else output
+        return _gather_sequence_to_columns(output, tp_group) if split.sp_active else output
 
     def gather_for_head(norm, args, output):
-        return _GatherSequence.apply(output, tp_group, 1.0) if split.sp_active else output
+        return _gather_sequence(output, tp_group) if split.sp_active else output
 
-    def all_reduce_partial(grad):
+    def share_gradients(module, args):
         if split.sp_active:
-            grad = grad.contiguous()
-            dist.all_reduce(grad, group=tp_group)
-        return grad
+            module.unsplit_parameters = dict(module._parameters)
+            for name, param in module.unsplit_parameters.items():
+                if param is not None and param.requires_grad and not getattr(param, "tensor_parallel", False):
+                    module._parameters[name] = copy_to_group(param, tp_group)
+
+    def restore_parameters(module, args, output):
+        module._parameters.update(module.__dict__.pop("unsplit_parameters", {}))
 
     layers[0].register_forward_pre_hook(split_first_input, with_kwargs=True)
     for layer in layers:
@@ -1495,9 +1493,10 @@ def sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 module.sequence_split = split
     final_norm.register_forward_hook(gather_for_head)
-    for param in list(layers.parameters()) + list(final_norm.parameters()):
-        if param.requires_grad and not getattr(param, "tensor_parallel", False):
-            param.register_hook(all_reduce_partial)
+    for module in [*layers.modules(), final_norm]:
+        if module._parameters:
+            module.register_forward_pre_hook(share_gradients)
+            module.register_forward_hook(restore_parameters)
     return model
 
 
@@ -1510,12 +1509,11 @@ def _ulysses_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     split = module.sequence_split
-    if not split.cp_active:
+    if not split.active:  # this attention is only installed where cp_group is set
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    group = split.cp_group
-    query, key, value = (_AllToAll.apply(t, group, 1, 2) for t in (query, key, value))
+    query, key, value = (_ulysses_exchange(t, split.cp_group) for t in (query, key, value))
     output, weights = sdpa_attention_forward(module, query, key, value, split.mask, **kwargs)
-    return _AllToAll.apply(output, group, 1, 2), weights
+    return _ulysses_exchange(output, split.cp_group), weights
 
 
 def context_parallel(model: nn.Module, cp_group, tp_group=None) -> nn.Module:

@@ -1625,8 +1625,8 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     policy = parallel.split_sequences(policy, grid, args.sequence_parallel)
     if reference is not None:
         reference = parallel.split_sequences(reference, grid, args.sequence_parallel)
-    if critic is not None:
-        critic.trunk = parallel.split_sequences(critic.trunk, grid)
+    if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
+        critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
