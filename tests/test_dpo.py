@@ -4,6 +4,7 @@ process, and bad input."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ import dpo
 from conftest import (
     SAME_MATH,
     assert_same_weights,
-    kill_and_resume,
     max_weight_difference,
     read_metrics,
+    run_and_kill,
     run_ranks,
     run_script,
     save_tiny_model,
@@ -95,8 +96,13 @@ def walk_policy(tmp_path_factory):
 @pytest.mark.parametrize("variant", [[], ["--lora-rank", "2", "--lora-alpha", "4"]], ids=["copy", "lora"])
 def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path, walk_policy, variant):
     """Before the first step the policy is its reference (a frozen copy, or under LoRA itself with
-    its adapters off): every log-ratio is 0, so the loss is log 2 and no pair is ranked yet. The
-    saved model loads in plain transformers and has moved."""
+    its adapters off): every log-ratio is 0, so the loss is log 2 and no pair is ranked yet, even
+    where the output directory holds a reference table of other pairs, left by a run (with other
+    flags) that stopped before its first checkpoint: the 96 + 9 pairs of these flags, so the shapes
+    match. The saved model loads in plain transformers and has moved."""
+    (tmp_path / "run").mkdir()
+    stale = {"train": torch.randn(96, 2) - 20, "eval": torch.randn(9, 2) - 20}
+    torch.save(stale, tmp_path / "run" / "reference_logprobs.pt")
     run = run_script("dpo.py", "--model", walk_policy, *FLAGS, *variant, "--output-dir", str(tmp_path / "run"))
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -112,11 +118,30 @@ def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path,
 
 def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     """Killed after the checkpoint of step 2 and resumed: the reference log-probabilities are read
-    back from the run directory, and the run ends bitwise where an uninterrupted one does."""
+    back from the checkpoint (nothing of them in the run directory is needed), and the run ends
+    bitwise where an uninterrupted one does. A checkpoint without them (as an older dpo.py wrote),
+    or a resume whose flags make other pairs (--seed), stops with one line: the policy it would
+    recompute them from is trained, no longer the reference."""
     flags = ["--model", walk_policy, *FLAGS, "--save-every", "2", "--num-epochs", "2"]
-    reference, resumed = kill_and_resume("dpo.py", flags, tmp_path, "step_00000002")
-    assert_same_weights(reference, resumed)
-    assert read_metrics(reference) == read_metrics(resumed)
+    reference, killed = run_and_kill("dpo.py", flags, tmp_path, "step_00000002")
+    (killed / "reference_logprobs.pt").unlink(missing_ok=True)  # copied elsewhere without it
+    older = tmp_path / "older" / "checkpoints" / "step_00000002"
+    shutil.copytree(killed / "checkpoints" / "step_00000002", older)
+    state = torch.load(older / "trainer_state.pt", weights_only=False)
+    state.pop("reference_logprobs", None)
+    torch.save(state, older / "trainer_state.pt")
+    (older / dpo.MANIFEST).unlink()
+    dpo.write_manifest(str(older))
+    for resume, extra in ((older, []), (killed, ["--seed", "2"])):
+        run = run_script("dpo.py", *flags, *extra, "--resume", str(resume), cwd=tmp_path)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]  # after transformers' bars
+        assert run.returncode == 1 and "Traceback" not in run.stderr and len(errors) == 1, run.stderr[-2000:]
+        assert errors[0].startswith("error: --resume: the checkpoint holds no reference log-probabilities")
+        assert not (resume.parent.parent / "config.json").exists()
+    resumed = run_script("dpo.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    assert_same_weights(reference, killed)
+    assert read_metrics(reference) == read_metrics(killed)
 
 
 def test_data_parallel_zero3_and_context_parallel_match_one_process(tmp_path, walk_policy):
