@@ -576,13 +576,10 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 & (2**63 - 1)
             )
             chunk = repeated[start : start + args.generation_batch_size]
-            output = generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)
-            mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
-    texts = [
-        text
-        for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
-        for text in batch
-    ]
+            mine.append((number, generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)))
+    batches = sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
+    sampled = [ids for _, batch in batches for ids in batch]
+    texts = tokenizer.batch_decode(sampled, skip_special_tokens=True)  # for VADER only: the pairs keep the ids
     scores = [vader().polarity_scores(text)["compound"] for text in texts]
     pairs, ties = [], 0
     for first in range(0, len(texts) - 1, 2):
@@ -595,7 +592,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 "prompt": repeated[first],
                 "chosen": texts[chosen],
                 "rejected": texts[rejected],
-                "margin": 0.0,
+                "chosen_ids": sampled[chosen],
+                "rejected_ids": sampled[rejected],
                 "chosen_score": scores[chosen],
                 "rejected_score": scores[rejected],
             }
@@ -631,13 +629,15 @@ def require_fields(records: list, fields: tuple, path: str):
                 )
 
 
-def tokenize_side(tokenizer, prompt: str, response: str, max_length: int):
+def tokenize_side(tokenizer, pair: dict, side: str, max_length: int):
     """(token ids of prompt + response + EOS, where the response starts, whether the prompt was cut)
     within max_length, cut from the left of the prompt; None if the response alone does not fit.
     The EOS belongs to the response: where to stop is part of what is preferred. Prompt and response
-    are tokenized apart, so the boundary is exact."""
-    prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    are tokenized apart, so the boundary is exact; sampled responses (sentiment) keep their ids."""
+    prompt_ids = tokenizer(pair["prompt"])["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
+    response_ids = pair.get(f"{side}_ids")  # as sampled: an EOS only where the sampler drew one
+    if response_ids is None:
+        response_ids = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(response_ids) >= max_length:
         return None
     excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
@@ -650,7 +650,7 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
     how many prompts were cut and how many pairs were skipped."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        sides = [tokenize_side(tokenizer, pair["prompt"], pair[key], max_length) for key in ("chosen", "rejected")]
+        sides = [tokenize_side(tokenizer, pair, side, max_length) for side in ("chosen", "rejected")]
         if None in sides:
             too_long += 1
             continue
@@ -955,11 +955,11 @@ def model_context(config):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """Response token ids for each prompt, cut before the first EOS: a left-padded batch decoded
-    token by token on the KV cache, greedy at temperature 0, else sampled from
-    softmax(logits / temperature) and nothing else (model.generate() would also apply what the
-    checkpoint's generation_config.json asks, and evaluation would no longer measure the policy's
-    own distribution)."""
+    """Response token ids for each prompt up to its first EOS, included (one cut at max_new_tokens
+    has none): a left-padded batch decoded token by token on the KV cache, greedy at temperature 0,
+    else sampled from softmax(logits / temperature) and nothing else (model.generate() would also
+    apply what the checkpoint's generation_config.json asks, and evaluation would no longer measure
+    the policy's own distribution)."""
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
     context = model_context(model.config)
     room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
@@ -996,7 +996,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
     output = torch.stack(tokens, 1).tolist()
-    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    return [ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids for ids in output]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1180,11 +1180,10 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
+        # The tokens as sampled (not the decoded text tokenized again), with an EOS only where one was drawn.
         responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
-        # The tokens as sampled (not the decoded text tokenized again), with the EOS that ended them.
-        ended = [r + [tokenizer.eos_token_id] if len(r) < args.max_new_tokens else r for r in responses]
         prompt_ids = [tokenizer(p)["input_ids"] for p in mine]
-        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, ended)]
+        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, responses)]
         batch = collate(sequences, tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:
@@ -1248,7 +1247,8 @@ def evaluate(
             for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
                 prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: grid.dp_size]
                 completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
-                scores = [walk_optimality(p + tokenizer.decode(c), *graph) for p, c in zip(prompts, completions)]
+                walks = [p + w for p, w in zip(prompts, tokenizer.batch_decode(completions, skip_special_tokens=True))]
+                scores = [walk_optimality(walk, *graph) for walk in walks]
                 scores = [s for part in parallel.all_gather_objects(scores, grid.dp_group) for s in part]
                 metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
         else:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
 from conftest import (
@@ -184,8 +184,6 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     """jsonl pairs on a tiny text model, judged by a tiny reward model: at step 0 the policy is the
     reference, so the KL of its samples is exactly 0; training moves it away (KL above 0), and the
     win rate over the reference's samples is a fraction."""
-    from transformers import AutoModelForSequenceClassification
-
     from conftest import text_tokenizer, tiny_config
     from test_reward_model import write_preference_pairs
 
@@ -204,9 +202,26 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     assert 0 <= metrics["eval/win_rate"] <= 1
 
 
-def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader):
+def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader, monkeypatch):
     """Pairs of the policy's own continuations, the more positive (by the stand-in VADER) chosen;
-    evaluation reports the policy's VADER score and its KL to the reference, 0 at step 0."""
+    evaluation reports the policy's VADER score and its KL to the reference, 0 at step 0. Token in,
+    token out: every response a forward pass scores (the pairs' in the loss and the reference's
+    table, the evaluation samples) is exactly what the sampler drew, with an EOS only where it drew
+    one, so a continuation cut at --max-new-tokens has none; the pairs kept for a resume hold the ids."""
+    sampled, scored = set(), []
+    generate, sequence_logprobs = dpo.generate, dpo.sequence_logprobs
+
+    def recording_generate(*args, **kwargs):
+        responses = generate(*args, **kwargs)
+        sampled.update(tuple(ids) for ids in responses)
+        return responses
+
+    def recording_logprobs(model, batch):
+        scored.extend(tuple(row[row != dpo.kernels.IGNORE_INDEX].tolist()) for row in batch["labels"])
+        return sequence_logprobs(model, batch)
+
+    monkeypatch.setattr(dpo, "generate", recording_generate)
+    monkeypatch.setattr(dpo, "sequence_logprobs", recording_logprobs)
     words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"the {a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
@@ -224,6 +239,10 @@ def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, f
     dpo.main(args)
     pairs = dpo.read_records(str(tmp_path / "run" / dpo.SENTIMENT_PAIRS))
     assert pairs and all(fake_vader(p["chosen"]) > fake_vader(p["rejected"]) for p in pairs)
+    assert scored and set(scored) <= sampled
+    eos = AutoTokenizer.from_pretrained(tiny_gpt2).eos_token_id
+    assert any(len(ids) == args.max_new_tokens and eos not in ids for ids in scored)
+    assert {tuple(p[side]) for p in pairs for side in ("chosen_ids", "rejected_ids")} <= set(scored)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
