@@ -1164,12 +1164,16 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def judge_scores(judge, tokenizer, prompts: list, responses: list) -> torch.Tensor:
-    """A reward_model.py model's raw scores of (prompt, response) pairs, read at the last real token."""
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    batch = tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True, truncation=True)
-    batch = batch.to(next(judge.parameters()).device)
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return judge(**batch, position_ids=position_ids).logits[:, 0].float().cpu()
+    """A reward_model.py model's raw scores of (prompt, response) texts, fed as it was trained: the
+    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
+    fit the judge's context, right-padded, the score read at the last real token."""
+    context = model_context(judge.config) or 1 << 30
+    sequences = [
+        (tokenizer(p)["input_ids"] + tokenizer(r, add_special_tokens=False)["input_ids"])[-context:]
+        for p, r in zip(prompts, responses)
+    ]
+    batch = collate([(ids, len(ids)) for ids in sequences], tokenizer.pad_token_id, next(judge.parameters()).device)
+    return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
 def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args, grid) -> dict:

@@ -1,6 +1,7 @@
 """dpo.py: the losses against hand computations, the response log-probabilities against a plain
-softmax, the reference at step 0, LoRA, exact resume, data and context parallel against one
-process, and bad input."""
+softmax, the reference at step 0 (never a table left in the run directory), LoRA, exact resume
+(the reference's log-probabilities from the checkpoint), data and context parallel against one
+process, bad input, the judge fed as reward_model.py trained it, and sampled pairs kept as sampled."""
 
 import json
 import math
@@ -246,3 +247,34 @@ def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, f
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
+
+
+def test_the_judge_is_fed_as_reward_model_py_trained_it(tmp_path):
+    """The win rate's judge sees what reward_model.py trained it on and ppo.py scores with: the
+    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
+    fit the context (64 here), right-padded; so it scores as reward_model.score does. Both run the
+    same fp64 forward on the same batch; dpo.py's scores are then rounded once to fp32, hence
+    rtol 2^-23."""
+    import reward_model
+    from conftest import text_tokenizer, tiny_config
+
+    tokenizer = text_tokenizer()
+    config = tiny_config("llama", len(tokenizer), tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(0)
+    judge = AutoModelForSequenceClassification.from_config(config).double().eval()
+    prompts = ["the ca", "my friend said hello to the dog in the park", "a"]
+    responses = ["t sat on the mat", " hello", " the cat sat on the mat" * 12]  # the last one outgrows the context
+    fed = []
+    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs), with_kwargs=True)
+    scores = dpo.judge_scores(judge, tokenizer, prompts, responses)
+    expected = reward_model.score(judge, tokenizer, prompts, responses)
+    torch.testing.assert_close(scores, expected.float(), rtol=2**-23, atol=0)
+    inputs = fed[0]  # dpo.py's call (reward_model.score's is the second)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        side = reward_model.tokenize_pair_side(tokenizer, prompt, response, 64)
+        ids = side[0] if side else tokenizer(response, add_special_tokens=False)["input_ids"][-64:]
+        assert inputs["input_ids"][row, : len(ids)].tolist() == ids
+        assert inputs["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (
+            inputs["input_ids"].shape[1] - len(ids)
+        )
