@@ -10,7 +10,7 @@ under it is maximised:
 
 with log-probabilities summed over the response tokens; chosen and rejected go through one
 forward pass. The reference's log-probabilities are computed once, before training, and kept
-with the run. `--loss` picks a variant (each cited where it is computed, in `preference_losses`):
+in checkpoints. `--loss` picks a variant (each cited where it is computed, in `preference_losses`):
 ipo (Azar et al., 2023), the length-normalised form, and with `--label-smoothing` the
 conservative DPO of noisy labels (Mitchell, 2023). The default task runs offline on a CPU:
 
@@ -406,13 +406,13 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
         (walk_a, score_a), (walk_b, score_b) = (group[i] for i in rng.choice(len(group), 2, replace=False))
         if score_a != score_b:
             chosen, rejected = (walk_a, walk_b) if score_a > score_b else (walk_b, walk_a)
-            pairs.append({"prompt": chosen[0], "chosen": chosen[1:], "rejected": rejected[1:], "margin": 0.0})
+            pairs.append({"prompt": chosen[0], "chosen": chosen[1:], "rejected": rejected[1:]})
     return pairs
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every task becomes a list of {"prompt", "chosen", "rejected", "margin"} pairs, where
-# chosen and rejected are the two responses to the same prompt.
+# Data: every task becomes a list of {"prompt", "chosen", "rejected"} pairs, two responses to one
+# prompt (a jsonl record may also carry reward_model.py's "margin": DPO has no use for it).
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> list:
     """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
@@ -490,17 +490,7 @@ def load_pairs(task: str, data: Optional[str]) -> list:
                             f"{path}, record {number}: field {field!r} must be a string, got "
                             f"{type(record[field]).__name__}"
                         )
-                margin = record.get("margin", 0.0)
-                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                    fail(f"{path}, record {number}: 'margin' must be a finite number, got {margin!r}")
-                pairs.append(
-                    {
-                        "prompt": record["prompt"],
-                        "chosen": record["chosen"],
-                        "rejected": record["rejected"],
-                        "margin": float(margin),
-                    }
-                )
+                pairs.append({field: record[field] for field in ("prompt", "chosen", "rejected")})
         elif task == "hh":
             require_fields(records, ("chosen", "rejected"), path)
             for record in records:
@@ -508,7 +498,7 @@ def load_pairs(task: str, data: Optional[str]) -> list:
                 if chosen is None or rejected is None or chosen[0] != rejected[0]:
                     unusable += 1  # no final assistant reply, or the dialogues differ before it
                     continue
-                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1], "margin": 0.0})
+                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]})
         elif task == "tldr":
             require_fields(records, ("info", "summaries", "choice"), path)
             for record in records:
@@ -522,7 +512,6 @@ def load_pairs(task: str, data: Optional[str]) -> list:
                         "prompt": tldr_prompt(info),
                         "chosen": " " + summaries[choice]["text"].strip(),
                         "rejected": " " + summaries[1 - choice]["text"].strip(),
-                        "margin": 0.0,
                     }
                 )
     identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
@@ -587,13 +576,10 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 & (2**63 - 1)
             )
             chunk = repeated[start : start + args.generation_batch_size]
-            output = generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)
-            mine.append((number, tokenizer.batch_decode(output, skip_special_tokens=True)))
-    texts = [
-        text
-        for _, batch in sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
-        for text in batch
-    ]
+            mine.append((number, generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)))
+    batches = sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
+    sampled = [ids for _, batch in batches for ids in batch]
+    texts = tokenizer.batch_decode(sampled, skip_special_tokens=True)  # for VADER only: the pairs keep the ids
     scores = [vader().polarity_scores(text)["compound"] for text in texts]
     pairs, ties = [], 0
     for first in range(0, len(texts) - 1, 2):
@@ -606,7 +592,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 "prompt": repeated[first],
                 "chosen": texts[chosen],
                 "rejected": texts[rejected],
-                "margin": 0.0,
+                "chosen_ids": sampled[chosen],
+                "rejected_ids": sampled[rejected],
                 "chosen_score": scores[chosen],
                 "rejected_score": scores[rejected],
             }
@@ -642,13 +629,15 @@ def require_fields(records: list, fields: tuple, path: str):
                 )
 
 
-def tokenize_side(tokenizer, prompt: str, response: str, max_length: int):
+def tokenize_side(tokenizer, pair: dict, side: str, max_length: int):
     """(token ids of prompt + response + EOS, where the response starts, whether the prompt was cut)
     within max_length, cut from the left of the prompt; None if the response alone does not fit.
     The EOS belongs to the response: where to stop is part of what is preferred. Prompt and response
-    are tokenized apart, so the boundary is exact."""
-    prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    are tokenized apart, so the boundary is exact; sampled responses (sentiment) keep their ids."""
+    prompt_ids = tokenizer(pair["prompt"])["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
+    response_ids = pair.get(f"{side}_ids")  # as sampled: an EOS only where the sampler drew one
+    if response_ids is None:
+        response_ids = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(response_ids) >= max_length:
         return None
     excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
@@ -661,7 +650,7 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
     how many prompts were cut and how many pairs were skipped."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        sides = [tokenize_side(tokenizer, pair["prompt"], pair[key], max_length) for key in ("chosen", "rejected")]
+        sides = [tokenize_side(tokenizer, pair, side, max_length) for side in ("chosen", "rejected")]
         if None in sides:
             too_long += 1
             continue
@@ -931,23 +920,27 @@ def all_pair_logprobs(model, pairs: list, args: Args, grid, pad_token_id, autoca
     return torch.cat(gathered).to(param_dtype(args))
 
 
-def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, pad_token_id, autocast, path) -> dict:
-    """The reference's log-probabilities of every pair, computed once, before the first step, from
-    the policy as loaded (with its adapters switched off under LoRA: the base model, which is the
-    reference at every step), and saved in the run directory, so that a resumed run reads them
-    instead of needing the reference again. {"train": [pairs, 2], "eval": [pairs, 2]}."""
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, pad_token_id, autocast, saved) -> dict:
+    """{"train": [pairs, 2], "eval": [pairs, 2], "pairs": SHA-256 of the pairs' token ids}: the
+    reference's log-probabilities of every pair. A new run computes them before the first step from
+    the policy as loaded (under LoRA with its adapters off: the base, the reference at every step).
+    Checkpoints keep the table in trainer_state.pt (under its manifest); a resumed run reads it from
+    `saved`, its checkpoint's state, and stops with one line if it is missing or of other pairs:
+    the policy it loads is trained, no reference to recompute them from."""
+    fingerprint = hashlib.sha256(json.dumps([train_pairs, eval_pairs]).encode()).hexdigest()
+    if saved is not None:
+        if saved.get("reference_logprobs", {}).get("pairs") != fingerprint:
+            fail(
+                "--resume: the checkpoint holds no reference log-probabilities of these pairs (an older dpo.py wrote "
+                "it, or --seed, --data, --max-length or the tokenizer changed); resume with the original flags"
+            )
+        return saved["reference_logprobs"]
     with adapters_disabled(model.module):
         table = {
             split: all_pair_logprobs(model, pairs, args, grid, pad_token_id, autocast)
             for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
         }
-    if grid.is_main:
-        torch.save(table, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    parallel.barrier()
-    return table
+    return {**table, "pairs": fingerprint}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list:
@@ -962,11 +955,11 @@ def model_context(config):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """Response token ids for each prompt, cut before the first EOS: a left-padded batch decoded
-    token by token on the KV cache, greedy at temperature 0, else sampled from
-    softmax(logits / temperature) and nothing else (model.generate() would also apply what the
-    checkpoint's generation_config.json asks, and evaluation would no longer measure the policy's
-    own distribution)."""
+    """Response token ids for each prompt up to its first EOS, included (one cut at max_new_tokens
+    has none): a left-padded batch decoded token by token on the KV cache, greedy at temperature 0,
+    else sampled from softmax(logits / temperature) and nothing else (model.generate() would also
+    apply what the checkpoint's generation_config.json asks, and evaluation would no longer measure
+    the policy's own distribution)."""
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
     context = model_context(model.config)
     room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
@@ -1003,7 +996,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
     output = torch.stack(tokens, 1).tolist()
-    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    return [ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids for ids in output]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1077,7 +1070,6 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
 
 
 ADAPTERS = "adapters.pt"  # under LoRA a checkpoint keeps the adapters; the base is --model
-REFERENCE_LOGPROBS = "reference_logprobs.pt"  # the reference's log-probabilities of every pair, in the run directory
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
@@ -1172,12 +1164,16 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def judge_scores(judge, tokenizer, prompts: list, responses: list) -> torch.Tensor:
-    """A reward_model.py model's raw scores of (prompt, response) pairs, read at the last real token."""
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    batch = tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True, truncation=True)
-    batch = batch.to(next(judge.parameters()).device)
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return judge(**batch, position_ids=position_ids).logits[:, 0].float().cpu()
+    """A reward_model.py model's raw scores of (prompt, response) texts, fed as it was trained: the
+    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
+    fit the judge's context, right-padded, the score read at the last real token."""
+    context = model_context(judge.config) or 1 << 30
+    sequences = [
+        (tokenizer(p)["input_ids"] + tokenizer(r, add_special_tokens=False)["input_ids"])[-context:]
+        for p, r in zip(prompts, responses)
+    ]
+    batch = collate([(ids, len(ids)) for ids in sequences], tokenizer.pad_token_id, next(judge.parameters()).device)
+    return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
 def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args, grid) -> dict:
@@ -1188,11 +1184,10 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
+        # The tokens as sampled (not the decoded text tokenized again), with an EOS only where one was drawn.
         responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
-        # The tokens as sampled (not the decoded text tokenized again), with the EOS that ended them.
-        ended = [r + [tokenizer.eos_token_id] if len(r) < args.max_new_tokens else r for r in responses]
         prompt_ids = [tokenizer(p)["input_ids"] for p in mine]
-        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, ended)]
+        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, responses)]
         batch = collate(sequences, tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:
@@ -1256,7 +1251,8 @@ def evaluate(
             for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
                 prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: grid.dp_size]
                 completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
-                scores = [walk_optimality(p + tokenizer.decode(c), *graph) for p, c in zip(prompts, completions)]
+                walks = [p + w for p, w in zip(prompts, tokenizer.batch_decode(completions, skip_special_tokens=True))]
+                scores = [walk_optimality(walk, *graph) for walk in walks]
                 scores = [s for part in parallel.all_gather_objects(scores, grid.dp_group) for s in part]
                 metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
         else:
@@ -1279,11 +1275,12 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
-    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
-    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
-    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
-    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
+def open_run(checkpoint: Optional[str], state: Optional[dict], args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run (state: its checkpoint's trainer
+    state) continues in the directory its checkpoint belongs to, with the optimizer, scheduler and
+    RNG states restored; a checkpoint of another layout is refused with one line. A new run's name
+    comes from rank 0's clock, so every rank agrees on the directory, which rank 0 creates once
+    every rank has checked its flags."""
     if not checkpoint:
         run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
         run_dir = args.output_dir or os.path.join("runs", run_name)
@@ -1291,7 +1288,6 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
         if grid.is_main:
             os.makedirs(run_dir, exist_ok=True)
         return 0, run_name, run_dir, None
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp", "lora_rank")}
     if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
@@ -1426,21 +1422,20 @@ def main(args: Args):
             with adapters_disabled(model.module):
                 yield model.module
 
-    # Run directory; the reference's log-probabilities of every pair, once (a resumed run reads them).
-    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
+    # The reference's log-probabilities of every pair (a resumed run reads its checkpoint's), then the run directory.
+    saved = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False) if checkpoint else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    pad = tokenizer.pad_token_id
+    references = reference_logprobs(model, train_sequences, eval_sequences, args, grid, pad, autocast, saved)
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, saved, args, grid, optimizer, scheduler)
     if grid.is_main and not checkpoint and args.task == "sentiment":
         write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    pad = tokenizer.pad_token_id
-    references = reference_logprobs(
-        model, train_sequences, eval_sequences, args, grid, pad, autocast, os.path.join(run_dir, REFERENCE_LOGPROBS)
-    )
 
     def evaluation() -> dict:
-        return evaluate(
+        results = evaluate(
             model,
             reference,
             judge,
@@ -1453,6 +1448,9 @@ def main(args: Args):
             grid,
             autocast,
         )
+        if grid.is_main:
+            progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in results.items()))
+        return results
 
     # The loop: one optimizer step per batch of pairs; each rank takes a contiguous share of it,
     # accumulated over micro-batches.
@@ -1461,12 +1459,7 @@ def main(args: Args):
         total=total_steps, initial=step, desc="dpo", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
     )
     metrics, started, start_step = {}, time.time(), step
-    if checkpoint:  # where the policy started: the reference itself
-        first = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["first_eval"]
-    else:
-        first = evaluation()
-        if grid.is_main:
-            progress.write("step 0: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in first.items()))
+    first = saved["first_eval"] if checkpoint else evaluation()  # where the policy started: the reference itself
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[
@@ -1510,12 +1503,7 @@ def main(args: Args):
             "time/steps_per_s": (step - start_step) / (time.time() - started),
         }
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics = evaluation()
-            metrics.update(eval_metrics)
-            if grid.is_main:
-                progress.write(
-                    f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in eval_metrics.items())
-                )
+            metrics.update(evaluation())
         if wandb_run:
             wandb_run.log(metrics, step=step)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
@@ -1527,6 +1515,7 @@ def main(args: Args):
                 "run_name": run_name,
                 "wandb_id": wandb_run.id if wandb_run else None,
                 "first_eval": first,
+                "reference_logprobs": references,
             }
             rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
             save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)

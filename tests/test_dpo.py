@@ -1,21 +1,23 @@
 """dpo.py: the losses against hand computations, the response log-probabilities against a plain
-softmax, the reference at step 0, LoRA, exact resume, data and context parallel against one
-process, and bad input."""
+softmax, the reference at step 0 (never a table left in the run directory), LoRA, exact resume
+(the reference's log-probabilities from the checkpoint), data and context parallel against one
+process, bad input, the judge fed as reward_model.py trained it, and sampled pairs kept as sampled."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
 from conftest import (
     SAME_MATH,
     assert_same_weights,
-    kill_and_resume,
     max_weight_difference,
     read_metrics,
+    run_and_kill,
     run_ranks,
     run_script,
     save_tiny_model,
@@ -95,8 +97,13 @@ def walk_policy(tmp_path_factory):
 @pytest.mark.parametrize("variant", [[], ["--lora-rank", "2", "--lora-alpha", "4"]], ids=["copy", "lora"])
 def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path, walk_policy, variant):
     """Before the first step the policy is its reference (a frozen copy, or under LoRA itself with
-    its adapters off): every log-ratio is 0, so the loss is log 2 and no pair is ranked yet. The
-    saved model loads in plain transformers and has moved."""
+    its adapters off): every log-ratio is 0, so the loss is log 2 and no pair is ranked yet, even
+    where the output directory holds a reference table of other pairs, left by a run (with other
+    flags) that stopped before its first checkpoint: the 96 + 9 pairs of these flags, so the shapes
+    match. The saved model loads in plain transformers and has moved."""
+    (tmp_path / "run").mkdir()
+    stale = {"train": torch.randn(96, 2) - 20, "eval": torch.randn(9, 2) - 20}
+    torch.save(stale, tmp_path / "run" / "reference_logprobs.pt")
     run = run_script("dpo.py", "--model", walk_policy, *FLAGS, *variant, "--output-dir", str(tmp_path / "run"))
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -112,11 +119,30 @@ def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path,
 
 def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     """Killed after the checkpoint of step 2 and resumed: the reference log-probabilities are read
-    back from the run directory, and the run ends bitwise where an uninterrupted one does."""
+    back from the checkpoint (nothing of them in the run directory is needed), and the run ends
+    bitwise where an uninterrupted one does. A checkpoint without them (as an older dpo.py wrote),
+    or a resume whose flags make other pairs (--seed), stops with one line: the policy it would
+    recompute them from is trained, no longer the reference."""
     flags = ["--model", walk_policy, *FLAGS, "--save-every", "2", "--num-epochs", "2"]
-    reference, resumed = kill_and_resume("dpo.py", flags, tmp_path, "step_00000002")
-    assert_same_weights(reference, resumed)
-    assert read_metrics(reference) == read_metrics(resumed)
+    reference, killed = run_and_kill("dpo.py", flags, tmp_path, "step_00000002")
+    (killed / "reference_logprobs.pt").unlink(missing_ok=True)  # copied elsewhere without it
+    older = tmp_path / "older" / "checkpoints" / "step_00000002"
+    shutil.copytree(killed / "checkpoints" / "step_00000002", older)
+    state = torch.load(older / "trainer_state.pt", weights_only=False)
+    state.pop("reference_logprobs", None)
+    torch.save(state, older / "trainer_state.pt")
+    (older / dpo.MANIFEST).unlink()
+    dpo.write_manifest(str(older))
+    for resume, extra in ((older, []), (killed, ["--seed", "2"])):
+        run = run_script("dpo.py", *flags, *extra, "--resume", str(resume), cwd=tmp_path)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]  # after transformers' bars
+        assert run.returncode == 1 and "Traceback" not in run.stderr and len(errors) == 1, run.stderr[-2000:]
+        assert errors[0].startswith("error: --resume: the checkpoint holds no reference log-probabilities")
+        assert not (resume.parent.parent / "config.json").exists()
+    resumed = run_script("dpo.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    assert_same_weights(reference, killed)
+    assert read_metrics(reference) == read_metrics(killed)
 
 
 def test_data_parallel_zero3_and_context_parallel_match_one_process(tmp_path, walk_policy):
@@ -159,8 +185,6 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     """jsonl pairs on a tiny text model, judged by a tiny reward model: at step 0 the policy is the
     reference, so the KL of its samples is exactly 0; training moves it away (KL above 0), and the
     win rate over the reference's samples is a fraction."""
-    from transformers import AutoModelForSequenceClassification
-
     from conftest import text_tokenizer, tiny_config
     from test_reward_model import write_preference_pairs
 
@@ -179,9 +203,26 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     assert 0 <= metrics["eval/win_rate"] <= 1
 
 
-def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader):
+def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader, monkeypatch):
     """Pairs of the policy's own continuations, the more positive (by the stand-in VADER) chosen;
-    evaluation reports the policy's VADER score and its KL to the reference, 0 at step 0."""
+    evaluation reports the policy's VADER score and its KL to the reference, 0 at step 0. Token in,
+    token out: every response a forward pass scores (the pairs' in the loss and the reference's
+    table, the evaluation samples) is exactly what the sampler drew, with an EOS only where it drew
+    one, so a continuation cut at --max-new-tokens has none; the pairs kept for a resume hold the ids."""
+    sampled, scored = set(), []
+    generate, sequence_logprobs = dpo.generate, dpo.sequence_logprobs
+
+    def recording_generate(*args, **kwargs):
+        responses = generate(*args, **kwargs)
+        sampled.update(tuple(ids) for ids in responses)
+        return responses
+
+    def recording_logprobs(model, batch):
+        scored.extend(tuple(row[row != dpo.kernels.IGNORE_INDEX].tolist()) for row in batch["labels"])
+        return sequence_logprobs(model, batch)
+
+    monkeypatch.setattr(dpo, "generate", recording_generate)
+    monkeypatch.setattr(dpo, "sequence_logprobs", recording_logprobs)
     words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"the {a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
@@ -199,6 +240,41 @@ def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, f
     dpo.main(args)
     pairs = dpo.read_records(str(tmp_path / "run" / dpo.SENTIMENT_PAIRS))
     assert pairs and all(fake_vader(p["chosen"]) > fake_vader(p["rejected"]) for p in pairs)
+    assert scored and set(scored) <= sampled
+    eos = AutoTokenizer.from_pretrained(tiny_gpt2).eos_token_id
+    assert any(len(ids) == args.max_new_tokens and eos not in ids for ids in scored)
+    assert {tuple(p[side]) for p in pairs for side in ("chosen_ids", "rejected_ids")} <= set(scored)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
+
+
+def test_the_judge_is_fed_as_reward_model_py_trained_it(tmp_path):
+    """The win rate's judge sees what reward_model.py trained it on and ppo.py scores with: the
+    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
+    fit the context (64 here), right-padded; so it scores as reward_model.score does. Both run the
+    same fp64 forward on the same batch; dpo.py's scores are then rounded once to fp32, hence
+    rtol 2^-23."""
+    import reward_model
+    from conftest import text_tokenizer, tiny_config
+
+    tokenizer = text_tokenizer()
+    config = tiny_config("llama", len(tokenizer), tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(0)
+    judge = AutoModelForSequenceClassification.from_config(config).double().eval()
+    prompts = ["the ca", "my friend said hello to the dog in the park", "a"]
+    responses = ["t sat on the mat", " hello", " the cat sat on the mat" * 12]  # the last one outgrows the context
+    fed = []
+    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs), with_kwargs=True)
+    scores = dpo.judge_scores(judge, tokenizer, prompts, responses)
+    expected = reward_model.score(judge, tokenizer, prompts, responses)
+    torch.testing.assert_close(scores, expected.float(), rtol=2**-23, atol=0)
+    inputs = fed[0]  # dpo.py's call (reward_model.score's is the second)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        side = reward_model.tokenize_pair_side(tokenizer, prompt, response, 64)
+        ids = side[0] if side else tokenizer(response, add_special_tokens=False)["input_ids"][-64:]
+        assert inputs["input_ids"][row, : len(ids)].tolist() == ids
+        assert inputs["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (
+            inputs["input_ids"].shape[1] - len(ids)
+        )
