@@ -489,9 +489,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -1006,11 +1004,11 @@ class Critic(torch.nn.Module):
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
 
 
-def values_of(value_head, critic, hidden, input_ids, attention_mask, prompt_length):
+def values_of(models, hidden, micro_batch: dict, prompt_length: int):
     """V(state) before each response token, from the policy's hidden states or the separate critic."""
-    if critic is not None:
-        return upcast(critic(input_ids, attention_mask, prompt_length))
-    return upcast(value_head(hidden).squeeze(-1))
+    if models.critic is not None:
+        return upcast(models.critic(micro_batch["input_ids"], micro_batch["attention_mask"], prompt_length))
+    return upcast(models.value_head(hidden).squeeze(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1315,14 +1313,10 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = (
-        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    steps.sort(reverse=True)
     for name in steps:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
@@ -1531,9 +1525,7 @@ class Reward:
                     f"first batch's {len(scores)} scores"
                 )
         scores = (scores - self.norm["shift"]) / self.norm["scale"]
-        return (
-            scores.clamp(-self.args.reward_clip, self.args.reward_clip) if self.args.reward_clip is not None else scores
-        )
+        return scores if self.args.reward_clip is None else scores.clamp(-self.args.reward_clip, self.args.reward_clip)
 
 
 def head_of(model):
@@ -1742,21 +1734,13 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
         )
         rollout[0, rows] = upcast(logprobs)
         if not critic_free:
-            rollout[2, rows] = values_of(
-                models.value_head,
-                models.critic,
-                hidden,
-                micro_batch["input_ids"],
-                micro_batch["attention_mask"],
-                prompt_length,
-            )
+            rollout[2, rows] = values_of(models, hidden, micro_batch, prompt_length)
 
     def reference_outputs(hidden, micro_batch):
-        rollout[1, micro_batch["rows"]] = upcast(
-            logprobs_from_hidden(head_of(reference), hidden, micro_batch["input_ids"], prompt_length, args.temperature)[
-                0
-            ]
+        logprobs, _, _ = logprobs_from_hidden(
+            head_of(reference), hidden, micro_batch["input_ids"], prompt_length, args.temperature
         )
+        rollout[1, micro_batch["rows"]] = upcast(logprobs)
 
     reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
@@ -1782,18 +1766,16 @@ def evaluate(
     stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
     grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
     policy.eval()
-    sampler, reference_sampler = (
-        models.whole(models.stage if models.stage is not None else policy),
-        models.whole(models.reference),
-    )
+    sampler = models.whole(models.stage if models.stage is not None else policy)
+    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
-            model = reference_sampler if reference_sampler is not None else policy
-            return response_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature)[0]
+            return response_logprobs(reference_sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
 
     with models.wrapper.gathered(), models.reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
         for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
@@ -1803,11 +1785,8 @@ def evaluate(
             for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank):
                 torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                 chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                responses, mask, _ = truncate_at_eos(
-                    generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0],
-                    tokenizer.eos_token_id,
-                    tokenizer.pad_token_id,
-                )
+                generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)
+                responses, mask, _ = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 result = {"text": texts, "score": reward.normalized(reward.raw(chunk_prompts, texts)).tolist()}
                 if args.task == "randomwalks":
@@ -1815,26 +1794,16 @@ def evaluate(
                 if args.task == "sentiment":  # the task's metric, whatever the reward
                     result["vader"] = sentiment_scores(texts, dtype).tolist()
                 if name == "sampled":
-                    input_ids, attention_mask = (
-                        torch.cat([prompt_ids, responses], 1),
-                        torch.cat([prompt_mask, mask.long()], 1),
-                    )
-                    logprobs = response_logprobs(
-                        sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature
-                    )[0]
-                    kl = kl_per_token(
-                        logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1"
-                    )
+                    input_ids, prompt_length = torch.cat([prompt_ids, responses], 1), prompt_ids.shape[1]
+                    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+                    logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
+                    kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_length), "k1")
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
                         with models.as_reference():
-                            reference_responses = generate(
-                                reference_sampler if reference_sampler is not None else policy,
-                                prompt_ids,
-                                prompt_mask,
-                                args,
-                                tokenizer,
-                            )[0]
+                            reference_responses, _ = generate(
+                                reference_sampler, prompt_ids, prompt_mask, args, tokenizer
+                            )
                         reference_texts = tokenizer.batch_decode(
                             truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
                             skip_special_tokens=True,
@@ -1842,9 +1811,8 @@ def evaluate(
                         ours, theirs = reward.raw(chunk_prompts, texts), reward.raw(chunk_prompts, reference_texts)
                         result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
                 local.append(result)
-            results = [
-                result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share
-            ]  # chunk order
+            # In chunk order.
+            results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]
 
             def mean(key):
                 return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
@@ -2040,18 +2008,7 @@ def micro_batch_loss(
     logprobs, entropy, hidden = logprobs_from_hidden(
         models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True
     )
-    values = (
-        None
-        if critic_free
-        else values_of(
-            models.value_head,
-            models.critic,
-            hidden,
-            micro_batch["input_ids"],
-            micro_batch["attention_mask"],
-            batch["prompt_length"],
-        )
-    )
+    values = None if critic_free else values_of(models, hidden, micro_batch, batch["prompt_length"])
     logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["loss_mask"][rows]
     old_logprobs = batch["old_logprobs"][rows]
     loss, stats = ppo_losses(

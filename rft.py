@@ -436,9 +436,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -941,16 +939,12 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    rounds = (
-        [d for d in os.listdir(folder) if d.startswith("round_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    rounds = sorted((d for d in names if d.startswith("round_") and not d.endswith(".tmp")), reverse=True)
     if not rounds:
         fail(
             f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/round_*"
         )
-    rounds.sort(reverse=True)
     for name in rounds:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
