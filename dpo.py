@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import tqdm
 import tyro
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -67,7 +68,7 @@ class Args:
     exp_name: str = "dpo"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (pair sampling, data order, dropout, evaluation samples): any integer from 0"""
+    """seed of python, numpy and torch (pair sampling, data order, evaluation samples): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
     (examples/sentiment_prompts.jsonl) sampled from --model itself, the more positive by VADER chosen (needs
@@ -687,25 +688,37 @@ def param_dtype(args: Args) -> torch.dtype:
     return torch.float64 if args.dtype == "fp64" else torch.float32
 
 
+def without_dropout(config):
+    """A copy of the config without dropout: every number named for a drop (dropout, attn_pdrop, layerdrop)
+    or a jitter (MoE router noise), in nested configs (text_config, attn_config) too. Build the model
+    from it: attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
+
+
 def load_model(name: str, device, dtype=torch.float32):
     """A causal LM from a local directory or a hub name, with one clear line when it cannot be had.
-    Dropout is switched off: the implicit reward is the policy's log-ratio to the reference, and a
-    dropout draw would make the two differ before any step."""
+    It is built without dropout (without_dropout): the implicit reward is the policy's log-ratio to
+    the reference, and a dropout draw would make the two differ before any step."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = without_dropout(AutoConfig.from_pretrained(name))
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of every log-prob, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     return model.to(device), tokenizer
 
 

@@ -985,8 +985,11 @@ class Critic(torch.nn.Module):
 
     def __init__(self, path: str, dtype=torch.float32):
         super().__init__()
-        config = AutoConfig.from_pretrained(path)
-        self.trunk = AutoModel.from_pretrained(path, dtype=dtype)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.trunk = AutoModel.from_pretrained(path, config=without_dropout(config), dtype=dtype)
+        except (OSError, ValueError) as error:
+            fail(f"--value-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
         self.head = torch.nn.Linear(config.hidden_size, 1, dtype=dtype)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
@@ -1419,15 +1422,30 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
         return wandb.init(**kwargs, mode="offline")
 
 
+def without_dropout(config):
+    """A copy of the config without dropout, so that the first minibatch's ratio is exactly 1: every number
+    named for a drop (dropout, attn_pdrop, layerdrop) or a jitter (MoE router noise), nested ones too. Build
+    the model from it: attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
+
+
 def load_policy(name: str, device, dtype=torch.float32):
-    """The policy's causal LM and tokenizer, with one clear line when they cannot be had."""
+    """The policy's causal LM, without dropout, and tokenizer, with one clear line when they cannot be had."""
     if not os.path.isdir(os.path.expanduser(name)) and (
         name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     ):
         fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = without_dropout(AutoConfig.from_pretrained(name))
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
@@ -1620,9 +1638,6 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:
         critic.trunk = parallel.split_sequences(critic.trunk, grid)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
     if states is not None:
         # Under --tp/--pp every rank saved its own shard of the policy (see save_training_state).
         state, rank_state = states
@@ -2108,7 +2123,7 @@ def main(args: Args):
             for i in range(0, local_mini_batch_size, args.micro_batch_size)
         ]
 
-    models.policy.train()  # dropout was switched off in build_models for every forward pass that PPO compares
+    models.policy.train()  # dropout is off (without_dropout) in every forward pass that PPO compares
     progress = tqdm.tqdm(
         total=args.num_updates,
         initial=update,

@@ -705,12 +705,18 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
 # ---------------------------------------------------------------------------------------------
 def without_dropout(config):
     """A copy of the config with every dropout probability set to 0: a reward model is a regression
-    whose scores must not depend on a dropout draw, in training or when PPO queries it."""
-    config = config.__class__.from_dict(config.to_dict())
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-    return config
+    whose scores must not depend on a dropout draw, in training or when PPO queries it. Every number
+    named for a drop (dropout, attn_pdrop, layerdrop, drop_path_rate) or a jitter (MoE router noise)
+    is zeroed, in nested configs (text_config, attn_config) too. The model must be built from it:
+    attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
 
 
 def init_head(model, seed: int):

@@ -110,6 +110,31 @@ def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path,
     assert max_weight_difference(walk_policy, tmp_path / "run") > 1e-4
 
 
+def test_attention_dropout_is_off_so_the_first_step_starts_at_the_reference(tmp_path):
+    """Llama's attention applies config.attention_dropout as a rate it copied at init, not through an
+    nn.Dropout module: at 0.3 the first step's training forward drew masks, and its log-ratios to the
+    reference (computed in eval mode) were not 0. One pair per micro-batch, as the reference's were
+    computed, so the two forwards are the same computation: every implicit reward is exactly 0."""
+    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=dpo.randomwalks_tokenizer(), attention_dropout=0.3)
+    flags = [
+        "--randomwalks-pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--eval-samples-per-start",
+        "1",
+    ]
+    run = run_script("dpo.py", "--model", policy, *flags, "--output-dir", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 1
+    first_step = metrics["last_step"]  # the sums of the first step's forward, before its update
+    assert first_step["train/chosen_reward"] == 0 and first_step["train/rejected_reward"] == 0
+    assert first_step["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     """Killed after the checkpoint of step 2 and resumed: the reference log-probabilities are read
     back from the run directory, and the run ends bitwise where an uninterrupted one does."""
