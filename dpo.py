@@ -187,6 +187,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -1296,7 +1298,10 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp", "lora_rank")}
@@ -1381,8 +1386,18 @@ def evaluation_models(args: Args, grid, device) -> tuple:
         frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
         frozen = parallel.split_sequences(parallel.tensor_parallel(frozen, grid.tp_group), grid, args.sequence_parallel)
     if args.reward_model:
-        model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=param_dtype(args))
-        judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                args.reward_model, dtype=param_dtype(args), output_loading_info=True
+            )
+            judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+        except (OSError, ValueError) as error:
+            fail(f"--reward-model {args.reward_model!r} could not be loaded: {str(error).splitlines()[0]}")
+        if loading["missing_keys"] or model.config.num_labels != 1:  # a causal LM's score head is made up at random
+            fail(
+                f"--reward-model {args.reward_model!r} has no trained score head of one output; "
+                "pass a reward_model.py run directory"
+            )
     return frozen, judge
 
 
@@ -1493,7 +1508,6 @@ def main(args: Args):
         sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / len(indices)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(sums[0]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
-            progress.close()  # the bar would otherwise print again at exit, after the error
             fail(
                 f"the loss is {sums[0].item()} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
                 "training would learn nothing; lower --learning-rate, or check the data"

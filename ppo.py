@@ -274,6 +274,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -700,10 +702,12 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         fail(f"--reward-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
+    if loading["missing_keys"]:  # a causal LM, say: transformers made up the score head at random
+        fail(f"--reward-model {path!r} has no trained score head; pass a reward_model.py run directory")
     if model.config.num_labels != 1:
         fail(f"--reward-model {path!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)")
     if tokenizer.pad_token_id is None:
@@ -717,8 +721,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
     if not hasattr(model.config, "reward_mean") and verbose:
         print(f"note: {path} has no reward_mean/reward_std (not trained by reward_model.py); raw scores are used")
-    model.requires_grad_(False)
-    return model, tokenizer, mean, std
+    return model.to(device).eval().requires_grad_(False), tokenizer, mean, std
 
 
 def load_reward_fn(spec: str):
@@ -733,9 +736,12 @@ def load_reward_fn(spec: str):
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-        return getattr(module, function_name)
+        function = getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+    if not callable(function):
+        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, responses)")
+    return function
 
 
 @functools.cache
@@ -1978,12 +1984,11 @@ def samples_table(wandb_run, columns: list, rows: list) -> dict:
     return {"samples": wandb.Table(columns=columns, data=rows)}
 
 
-def stop_unless_finite(loss: float, grad_norm, where: str, progress):
+def stop_unless_finite(loss: float, grad_norm, where: str):
     """A loss or gradient norm that is not finite (every rank sees the same sums) ends the run
     before the step that would wreck the policy."""
     if math.isfinite(loss) and torch.isfinite(grad_norm):
         return
-    progress.close()  # the bar would otherwise print again at exit, after the error
     fail(
         f"the loss is {loss} and the gradient norm {float(grad_norm)} at {where}, so the step would wreck the policy; "
         "lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)"
@@ -2111,7 +2116,10 @@ def main(args: Args):
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()  # every rank is past its checks before rank 0 creates anything
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
     states = None  # the model states are loaded; let them go
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 
@@ -2220,7 +2228,7 @@ def main(args: Args):
                 loss = minibatch_loss(tally, grid)
                 grad_norm = models.wrapper.clip_grad_norm_(args.max_grad_norm)
                 where = f"update {update + 1} (PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1})"
-                stop_unless_finite(loss, grad_norm, where, progress)
+                stop_unless_finite(loss, grad_norm, where)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)

@@ -2,6 +2,7 @@
 softmax, the reference at step 0, LoRA, exact resume, data and context parallel against one
 process, and bad input."""
 
+import dataclasses
 import json
 import math
 
@@ -202,6 +203,23 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert 0 <= metrics["eval/win_rate"] <= 1
+
+
+def test_a_causal_lm_is_not_a_judge(tmp_path):
+    """A causal LM given as --reward-model loaded with a score head transformers made up at random;
+    with num_labels=1 in its config it judged the win rate with it, and the run exited 0."""
+    from test_reward_model import write_preference_pairs
+
+    data = write_preference_pairs(tmp_path / "pairs.jsonl", n=16)
+    causal_lm = save_tiny_model(tmp_path / "lm", "llama", num_labels=1)
+    args = dpo.Args(
+        task="jsonl", data=data, model=save_tiny_model(tmp_path / "policy", "llama"), reward_model=causal_lm
+    )
+    args = dataclasses.replace(args, batch_size=8, eval_prompts=2, max_new_tokens=2, output_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit) as error:
+        dpo.main(args)
+    assert str(error.value).startswith("error: --reward-model") and "has no trained score head" in str(error.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader):

@@ -640,6 +640,31 @@ def test_bad_reward_functions(tmp_path, walk_policy):
     expect_error(
         quick_args(tmp_path, walk_policy, reward_fn=str(tmp_path / "absent.py") + ":reward"), "could not be loaded"
     )
+    (tmp_path / "not_a_function.py").write_text("reward = 'good'\n")  # was a TypeError traceback at the first call
+    reward_fn = str(tmp_path / "not_a_function.py") + ":reward"
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=reward_fn), "is a str, not a function")
+
+
+def test_a_causal_lm_is_not_a_reward_model(tmp_path, walk_policy):
+    """A causal LM given as --reward-model loads with a score head transformers makes up at random
+    (it says so in a load report); with num_labels=1 in its config PPO trained against random rewards
+    and exited 0."""
+    causal_lm = save_tiny_model(tmp_path / "lm", "llama", tokenizer=ppo.randomwalks_tokenizer(), num_labels=1)
+    expect_error(quick_args(tmp_path, walk_policy, reward_model=causal_lm), "has no trained score head")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_error_under_the_progress_bar_starts_a_line_of_its_own(tmp_path, walk_policy):
+    """A reward function that fails at the first update, while the bar is open: the bar ends its line
+    first (the error was glued to it: `ppo:   0%|...| 0/1 [00:00<?, ?it/s]error: ...`)."""
+    flags = ["--model", walk_policy, "--reward-fn", write_reward_fn(tmp_path, "return [1.0]"), "--num-updates", "1"]
+    flags += ["--batch-size", "8", "--mini-batch-size", "4", "--eval-samples-per-start", "1"]
+    run = run_script("ppo.py", *flags, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 1
+    lines = run.stderr.split("\n")  # only a newline ends a line in a log: a bar redraws itself after a \r
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --reward-fn"), run.stderr[-2000:]
+    assert "ppo:" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_bad_flags(tmp_path, walk_policy):
@@ -674,6 +699,7 @@ def test_bad_flags(tmp_path, walk_policy):
     expect_error(quick_args(tmp_path, None), "--model is required")
     refused("no built-in reward", task="jsonl", data=str(tmp_path / "x.jsonl"))
     refused("no such directory", reward_model=str(tmp_path / "no-rm"))
+    refused("--value-model", value_model=str(tmp_path / "no-critic"))  # was an OSError traceback
     refused("launch with torchrun", tp=2)
     assert not os.path.exists(tmp_path / "run"), "nothing is written"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
