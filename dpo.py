@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import tqdm
 import tyro
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -67,7 +68,7 @@ class Args:
     exp_name: str = "dpo"
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
-    """seed of python, numpy and torch (pair sampling, data order, dropout, evaluation samples): any integer from 0"""
+    """seed of python, numpy and torch (pair sampling, data order, evaluation samples): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
     (examples/sentiment_prompts.jsonl) sampled from --model itself, the more positive by VADER chosen (needs
@@ -186,6 +187,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -332,9 +335,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -678,25 +679,37 @@ def param_dtype(args: Args) -> torch.dtype:
     return torch.float64 if args.dtype == "fp64" else torch.float32
 
 
+def without_dropout(config):
+    """A copy of the config without dropout: every number named for a drop (dropout, attn_pdrop, layerdrop)
+    or a jitter (MoE router noise), in nested configs (text_config, attn_config) too. Build the model
+    from it: attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
+
+
 def load_model(name: str, device, dtype=torch.float32):
     """A causal LM from a local directory or a hub name, with one clear line when it cannot be had.
-    Dropout is switched off: the implicit reward is the policy's log-ratio to the reference, and a
-    dropout draw would make the two differ before any step."""
+    It is built without dropout (without_dropout): the implicit reward is the policy's log-ratio to
+    the reference, and a dropout draw would make the two differ before any step."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r}: no such directory; pass a local model directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = without_dropout(AutoConfig.from_pretrained(name))
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of every log-prob, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     return model.to(device), tokenizer
 
 
@@ -1052,14 +1065,10 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = (
-        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    steps.sort(reverse=True)
     for name in steps:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
@@ -1286,7 +1295,10 @@ def open_run(checkpoint: Optional[str], state: Optional[dict], args: Args, grid,
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
     layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp", "lora_rank")}
     if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
@@ -1370,8 +1382,18 @@ def evaluation_models(args: Args, grid, device) -> tuple:
         frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
         frozen = parallel.split_sequences(parallel.tensor_parallel(frozen, grid.tp_group), grid, args.sequence_parallel)
     if args.reward_model:
-        model = AutoModelForSequenceClassification.from_pretrained(args.reward_model, dtype=param_dtype(args))
-        judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                args.reward_model, dtype=param_dtype(args), output_loading_info=True
+            )
+            judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+        except (OSError, ValueError) as error:
+            fail(f"--reward-model {args.reward_model!r} could not be loaded: {str(error).splitlines()[0]}")
+        if loading["missing_keys"] or model.config.num_labels != 1:  # a causal LM's score head is made up at random
+            fail(
+                f"--reward-model {args.reward_model!r} has no trained score head of one output; "
+                "pass a reward_model.py run directory"
+            )
     return frozen, judge
 
 
@@ -1479,7 +1501,6 @@ def main(args: Args):
         sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / len(indices)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(sums[0]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
-            progress.close()  # the bar would otherwise print again at exit, after the error
             fail(
                 f"the loss is {sums[0].item()} and the gradient norm {float(grad_norm)} at step {step + 1}, so "
                 "training would learn nothing; lower --learning-rate, or check the data"

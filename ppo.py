@@ -274,6 +274,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -489,9 +491,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -702,10 +702,12 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         fail(f"--reward-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
+    if loading["missing_keys"]:  # a causal LM, say: transformers made up the score head at random
+        fail(f"--reward-model {path!r} has no trained score head; pass a reward_model.py run directory")
     if model.config.num_labels != 1:
         fail(f"--reward-model {path!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)")
     if tokenizer.pad_token_id is None:
@@ -719,8 +721,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
     if not hasattr(model.config, "reward_mean") and verbose:
         print(f"note: {path} has no reward_mean/reward_std (not trained by reward_model.py); raw scores are used")
-    model.requires_grad_(False)
-    return model, tokenizer, mean, std
+    return model.to(device).eval().requires_grad_(False), tokenizer, mean, std
 
 
 def load_reward_fn(spec: str):
@@ -735,9 +736,12 @@ def load_reward_fn(spec: str):
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-        return getattr(module, function_name)
+        function = getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+    if not callable(function):
+        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, responses)")
+    return function
 
 
 @functools.cache
@@ -987,8 +991,11 @@ class Critic(torch.nn.Module):
 
     def __init__(self, path: str, dtype=torch.float32):
         super().__init__()
-        config = AutoConfig.from_pretrained(path)
-        self.trunk = AutoModel.from_pretrained(path, dtype=dtype)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.trunk = AutoModel.from_pretrained(path, config=without_dropout(config), dtype=dtype)
+        except (OSError, ValueError) as error:
+            fail(f"--value-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
         self.head = torch.nn.Linear(config.hidden_size, 1, dtype=dtype)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
@@ -1006,11 +1013,11 @@ class Critic(torch.nn.Module):
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
 
 
-def values_of(value_head, critic, hidden, input_ids, attention_mask, prompt_length):
+def values_of(models, hidden, micro_batch: dict, prompt_length: int):
     """V(state) before each response token, from the policy's hidden states or the separate critic."""
-    if critic is not None:
-        return upcast(critic(input_ids, attention_mask, prompt_length))
-    return upcast(value_head(hidden).squeeze(-1))
+    if models.critic is not None:
+        return upcast(models.critic(micro_batch["input_ids"], micro_batch["attention_mask"], prompt_length))
+    return upcast(models.value_head(hidden).squeeze(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1315,14 +1322,10 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = (
-        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    steps.sort(reverse=True)
     for name in steps:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
@@ -1425,15 +1428,30 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
         return wandb.init(**kwargs, mode="offline")
 
 
+def without_dropout(config):
+    """A copy of the config without dropout, so that the first minibatch's ratio is exactly 1: every number
+    named for a drop (dropout, attn_pdrop, layerdrop) or a jitter (MoE router noise), nested ones too. Build
+    the model from it: attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
+
+
 def load_policy(name: str, device, dtype=torch.float32):
-    """The policy's causal LM and tokenizer, with one clear line when they cannot be had."""
+    """The policy's causal LM, without dropout, and tokenizer, with one clear line when they cannot be had."""
     if not os.path.isdir(os.path.expanduser(name)) and (
         name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     ):
         fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = without_dropout(AutoConfig.from_pretrained(name))
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
     if tokenizer.eos_token_id is None:
@@ -1531,9 +1549,7 @@ class Reward:
                     f"first batch's {len(scores)} scores"
                 )
         scores = (scores - self.norm["shift"]) / self.norm["scale"]
-        return (
-            scores.clamp(-self.args.reward_clip, self.args.reward_clip) if self.args.reward_clip is not None else scores
-        )
+        return scores if self.args.reward_clip is None else scores.clamp(-self.args.reward_clip, self.args.reward_clip)
 
 
 def head_of(model):
@@ -1628,9 +1644,6 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0  # a ratio of 1 on the first minibatch needs the same network twice
     if states is not None:
         # Under --tp/--pp every rank saved its own shard of the policy (see save_training_state).
         state, rank_state = states
@@ -1742,21 +1755,13 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
         )
         rollout[0, rows] = upcast(logprobs)
         if not critic_free:
-            rollout[2, rows] = values_of(
-                models.value_head,
-                models.critic,
-                hidden,
-                micro_batch["input_ids"],
-                micro_batch["attention_mask"],
-                prompt_length,
-            )
+            rollout[2, rows] = values_of(models, hidden, micro_batch, prompt_length)
 
     def reference_outputs(hidden, micro_batch):
-        rollout[1, micro_batch["rows"]] = upcast(
-            logprobs_from_hidden(head_of(reference), hidden, micro_batch["input_ids"], prompt_length, args.temperature)[
-                0
-            ]
+        logprobs, _, _ = logprobs_from_hidden(
+            head_of(reference), hidden, micro_batch["input_ids"], prompt_length, args.temperature
         )
+        rollout[1, micro_batch["rows"]] = upcast(logprobs)
 
     reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
@@ -1782,18 +1787,16 @@ def evaluate(
     stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
     grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
     policy.eval()
-    sampler, reference_sampler = (
-        models.whole(models.stage if models.stage is not None else policy),
-        models.whole(models.reference),
-    )
+    sampler = models.whole(models.stage if models.stage is not None else policy)
+    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
-            model = reference_sampler if reference_sampler is not None else policy
-            return response_logprobs(model, input_ids, attention_mask, prompt_length, args.temperature)[0]
+            return response_logprobs(reference_sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
 
     with models.wrapper.gathered(), models.reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
         for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
@@ -1803,11 +1806,8 @@ def evaluate(
             for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank):
                 torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                 chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                responses, mask, _ = truncate_at_eos(
-                    generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)[0],
-                    tokenizer.eos_token_id,
-                    tokenizer.pad_token_id,
-                )
+                generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)
+                responses, mask, _ = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 result = {"text": texts, "score": reward.normalized(reward.raw(chunk_prompts, texts)).tolist()}
                 if args.task == "randomwalks":
@@ -1815,26 +1815,16 @@ def evaluate(
                 if args.task == "sentiment":  # the task's metric, whatever the reward
                     result["vader"] = sentiment_scores(texts, dtype).tolist()
                 if name == "sampled":
-                    input_ids, attention_mask = (
-                        torch.cat([prompt_ids, responses], 1),
-                        torch.cat([prompt_mask, mask.long()], 1),
-                    )
-                    logprobs = response_logprobs(
-                        sampler, input_ids, attention_mask, prompt_ids.shape[1], args.temperature
-                    )[0]
-                    kl = kl_per_token(
-                        logprobs, reference_logprobs(input_ids, attention_mask, prompt_ids.shape[1]), "k1"
-                    )
+                    input_ids, prompt_length = torch.cat([prompt_ids, responses], 1), prompt_ids.shape[1]
+                    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+                    logprobs = response_logprobs(sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
+                    kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_length), "k1")
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
                         with models.as_reference():
-                            reference_responses = generate(
-                                reference_sampler if reference_sampler is not None else policy,
-                                prompt_ids,
-                                prompt_mask,
-                                args,
-                                tokenizer,
-                            )[0]
+                            reference_responses, _ = generate(
+                                reference_sampler, prompt_ids, prompt_mask, args, tokenizer
+                            )
                         reference_texts = tokenizer.batch_decode(
                             truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
                             skip_special_tokens=True,
@@ -1842,9 +1832,8 @@ def evaluate(
                         ours, theirs = reward.raw(chunk_prompts, texts), reward.raw(chunk_prompts, reference_texts)
                         result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
                 local.append(result)
-            results = [
-                result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share
-            ]  # chunk order
+            # In chunk order.
+            results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]
 
             def mean(key):
                 return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
@@ -1995,12 +1984,11 @@ def samples_table(wandb_run, columns: list, rows: list) -> dict:
     return {"samples": wandb.Table(columns=columns, data=rows)}
 
 
-def stop_unless_finite(loss: float, grad_norm, where: str, progress):
+def stop_unless_finite(loss: float, grad_norm, where: str):
     """A loss or gradient norm that is not finite (every rank sees the same sums) ends the run
     before the step that would wreck the policy."""
     if math.isfinite(loss) and torch.isfinite(grad_norm):
         return
-    progress.close()  # the bar would otherwise print again at exit, after the error
     fail(
         f"the loss is {loss} and the gradient norm {float(grad_norm)} at {where}, so the step would wreck the policy; "
         "lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)"
@@ -2040,18 +2028,7 @@ def micro_batch_loss(
     logprobs, entropy, hidden = logprobs_from_hidden(
         models.head, hidden, micro_batch["input_ids"], batch["prompt_length"], args.temperature, with_entropy=True
     )
-    values = (
-        None
-        if critic_free
-        else values_of(
-            models.value_head,
-            models.critic,
-            hidden,
-            micro_batch["input_ids"],
-            micro_batch["attention_mask"],
-            batch["prompt_length"],
-        )
-    )
+    values = None if critic_free else values_of(models, hidden, micro_batch, batch["prompt_length"])
     logprobs, entropy, mask = upcast(logprobs), upcast(entropy), batch["loss_mask"][rows]
     old_logprobs = batch["old_logprobs"][rows]
     loss, stats = ppo_losses(
@@ -2139,7 +2116,10 @@ def main(args: Args):
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()  # every rank is past its checks before rank 0 creates anything
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
     states = None  # the model states are loaded; let them go
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 
@@ -2151,7 +2131,7 @@ def main(args: Args):
             for i in range(0, local_mini_batch_size, args.micro_batch_size)
         ]
 
-    models.policy.train()  # dropout was switched off in build_models for every forward pass that PPO compares
+    models.policy.train()  # dropout is off (without_dropout) in every forward pass that PPO compares
     progress = tqdm.tqdm(
         total=args.num_updates,
         initial=update,
@@ -2248,7 +2228,7 @@ def main(args: Args):
                 loss = minibatch_loss(tally, grid)
                 grad_norm = models.wrapper.clip_grad_norm_(args.max_grad_norm)
                 where = f"update {update + 1} (PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1})"
-                stop_unless_finite(loss, grad_norm, where, progress)
+                stop_unless_finite(loss, grad_norm, where)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)

@@ -157,6 +157,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -293,9 +295,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -707,12 +707,18 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
 # ---------------------------------------------------------------------------------------------
 def without_dropout(config):
     """A copy of the config with every dropout probability set to 0: a reward model is a regression
-    whose scores must not depend on a dropout draw, in training or when PPO queries it."""
-    config = config.__class__.from_dict(config.to_dict())
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-    return config
+    whose scores must not depend on a dropout draw, in training or when PPO queries it. Every number
+    named for a drop (dropout, attn_pdrop, layerdrop, drop_path_rate) or a jitter (MoE router noise)
+    is zeroed, in nested configs (text_config, attn_config) too. The model must be built from it:
+    attention modules keep the rate they read at init (Llama's self.attention_dropout)."""
+
+    def zeroed(key: str, value):
+        if isinstance(value, dict):
+            return {k: zeroed(k, v) for k, v in value.items()}
+        random = type(value) in (int, float) and ("drop" in key or "jitter" in key)
+        return type(value)(0) if random else value  # an int stays an int: configs check their fields' types
+
+    return config.__class__.from_dict(zeroed("", config.to_dict()))
 
 
 def init_head(model, seed: int):
@@ -974,14 +980,10 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    steps = (
-        [d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
     if not steps:
         fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    steps.sort(reverse=True)
     for name in steps:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
@@ -1191,7 +1193,10 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp", "cp")}
@@ -1284,10 +1289,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
 
     train_pairs, eval_pairs, pairs, walks_to_score = preference_pairs(args, grid, checkpoint)
-    if checkpoint:
-        model, tokenizer = load_model(checkpoint, device, args.seed, dtype)
-    elif args.model:
-        model, tokenizer = load_model(args.model, device, args.seed, dtype)
+    if checkpoint or args.model:
+        model, tokenizer = load_model(checkpoint or args.model, device, args.seed, dtype)
     else:
         tokenizer = randomwalks_tokenizer()
         model = randomwalks_model(tokenizer)
@@ -1352,7 +1355,6 @@ def main(args: Args):
         batch_loss, batch_accuracy = totals[0], totals[1] / len(batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
-            progress.close()  # the bar would otherwise print again at exit, after the error
             fail(
                 f"the loss is {batch_loss} and the gradient norm {float(grad_norm)} at step {step + 1}, so training "
                 "would learn nothing; lower --learning-rate, or check the data"

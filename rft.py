@@ -188,6 +188,8 @@ def fail(message: str):
     to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
     ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
     before it has printed). A rank still running after the wait failed alone: it prints its own line."""
+    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
+        bar.close()
     rank = os.environ.get("RANK", "0")
     if rank != "0":
         time.sleep(10)
@@ -384,7 +386,6 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
             ).item()
             grad_norm = float(model.clip_grad_norm_(args.max_grad_norm))
             if not math.isfinite(batch_loss) or not math.isfinite(grad_norm):  # every rank sees the same sums
-                progress.close()  # the bar would otherwise print again at exit, after the error
                 fail(
                     f"the loss is {batch_loss} and the gradient norm {grad_norm} in round {round_index + 1}, so "
                     "training would learn nothing; lower --learning-rate"
@@ -446,9 +447,7 @@ def node_letter(node: int) -> str:
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
-    n = len(adjacency)
-    nodes = [None] * n
-    nodes[0] = 1
+    nodes = [1] + [None] * (len(adjacency) - 1)  # the goal itself: a path of one node
     queue = deque([0])
     while queue:
         node = queue.popleft()
@@ -642,10 +641,12 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         fail(f"--reward-model {path!r}: no such directory; pass a reward_model.py run directory")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         fail(f"--reward-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
+    if loading["missing_keys"]:  # a causal LM, say: transformers made up the score head at random
+        fail(f"--reward-model {path!r} has no trained score head; pass a reward_model.py run directory")
     if model.config.num_labels != 1:
         fail(f"--reward-model {path!r} has {model.config.num_labels} outputs; a reward model has one (num_labels=1)")
     if tokenizer.pad_token_id is None:
@@ -656,7 +657,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=
             "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
             "re-tokenized for it"
         )
-    return model.requires_grad_(False), tokenizer
+    return model.to(device).eval().requires_grad_(False), tokenizer
 
 
 def load_reward_fn(spec: str):
@@ -671,9 +672,12 @@ def load_reward_fn(spec: str):
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-        return getattr(module, function_name)
+        function = getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+    if not callable(function):
+        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, responses)")
+    return function
 
 
 @functools.cache
@@ -937,16 +941,12 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
             )
         return path
     folder = os.path.join(path, "checkpoints")
-    rounds = (
-        [d for d in os.listdir(folder) if d.startswith("round_") and not d.endswith(".tmp")]
-        if os.path.isdir(folder)
-        else []
-    )
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    rounds = sorted((d for d in names if d.startswith("round_") and not d.endswith(".tmp")), reverse=True)
     if not rounds:
         fail(
             f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/round_*"
         )
-    rounds.sort(reverse=True)
     for name in rounds:
         damage = checkpoint_damage(os.path.join(folder, name))
         if damage is None:
@@ -1075,7 +1075,10 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer) -> tuple:
         run_dir = args.output_dir or os.path.join("runs", run_name)
         parallel.barrier()
         if grid.is_main:
-            os.makedirs(run_dir, exist_ok=True)
+            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as error:
+                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None, []
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
     layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp")}

@@ -310,13 +310,16 @@ def tiny_config(family: str, vocab_size: int, eos_token_id: int):
     raise ValueError(family)
 
 
-def save_tiny_model(path, family="gpt2", tokenizer=None, seed=0):
-    """A tiny randomly initialised causal LM of the given family, saved with its tokenizer."""
+def save_tiny_model(path, family="gpt2", tokenizer=None, seed=0, **config):
+    """A tiny randomly initialised causal LM of the given family, saved with its tokenizer; `config`
+    overrides settings of tiny_config (attention_dropout=0.3, say)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or text_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), tokenizer.eos_token_id))
+    settings = tiny_config(family, len(tokenizer), tokenizer.eos_token_id)
+    settings.update(config)
+    model = AutoModelForCausalLM.from_config(settings)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -148,6 +148,49 @@ def test_a_rank_that_fails_alone_names_itself(script, monkeypatch):
     assert waits == [10] and stop.value.code == "error: rank 1: the shard is unreadable"
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fail_ends_the_line_of_an_open_progress_bar(script):
+    """An error raised while a bar is open was glued to it (`ppo:   0%|...| 0/1 [...]error: ...`):
+    fail() closes the bars first, which ends their line."""
+    import io
+
+    import tqdm
+
+    module, output = importlib.import_module(script), io.StringIO()
+    bar = tqdm.tqdm(total=2, desc="run", file=output)
+    with pytest.raises(SystemExit):
+        module.fail("the reward is broken")
+    assert output.getvalue().endswith("\n") and bar.disable, repr(output.getvalue())
+
+
+@pytest.fixture(scope="module")
+def walk_policy(tmp_path_factory):
+    import sft
+
+    return save_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=sft.randomwalks_tokenizer())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, script, walk_policy):
+    """--output-dir under a file (or under /proc, where nothing can be made) ended in a traceback; it is
+    refused with one line when the run directory is made, before anything is written."""
+    (tmp_path / "file").write_text("")
+    flags = {
+        "sft": ["--num-epochs", "1"],
+        "reward_model": ["--randomwalks-pairs", "64"],
+        "ppo": ["--model", walk_policy],
+        "ilql": ["--num-epochs", "1"],
+        "dpo": ["--model", walk_policy, "--randomwalks-pairs", "64"],
+        "rft": ["--model", walk_policy],
+    }[script]
+    for output in [tmp_path / "file" / "run"] + (["/proc/nope/run"] if script == "sft" else []):
+        result = run_script(f"{script}.py", *flags, "--output-dir", str(output), cwd=tmp_path)
+        errors = [line for line in result.stderr.split("\n") if "error" in line.lower()]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert len(errors) == 1 and errors[0].startswith(f"error: cannot create the run directory {output}: "), errors
+    assert os.listdir(tmp_path) == ["file"]
+
+
 def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
     """The first multi-process command a user types: no batch or micro-batch flag, 2 processes.
     Only the run length is cut (and ppo and dpo are given the policy they need), to keep the suite short."""

@@ -3,6 +3,7 @@ softmax, the reference at step 0 (never a table left in the run directory), LoRA
 (the reference's log-probabilities from the checkpoint), data and context parallel against one
 process, bad input, the judge fed as reward_model.py trained it, and sampled pairs kept as sampled."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -117,6 +118,31 @@ def test_the_reference_is_the_policy_at_step_0_and_training_moves_away(tmp_path,
     assert max_weight_difference(walk_policy, tmp_path / "run") > 1e-4
 
 
+def test_attention_dropout_is_off_so_the_first_step_starts_at_the_reference(tmp_path):
+    """Llama's attention applies config.attention_dropout as a rate it copied at init, not through an
+    nn.Dropout module: at 0.3 the first step's training forward drew masks, and its log-ratios to the
+    reference (computed in eval mode) were not 0. One pair per micro-batch, as the reference's were
+    computed, so the two forwards are the same computation: every implicit reward is exactly 0."""
+    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=dpo.randomwalks_tokenizer(), attention_dropout=0.3)
+    flags = [
+        "--randomwalks-pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--eval-samples-per-start",
+        "1",
+    ]
+    run = run_script("dpo.py", "--model", policy, *flags, "--output-dir", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["step"] == 1
+    first_step = metrics["last_step"]  # the sums of the first step's forward, before its update
+    assert first_step["train/chosen_reward"] == 0 and first_step["train/rejected_reward"] == 0
+    assert first_step["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     """Killed after the checkpoint of step 2 and resumed: the reference log-probabilities are read
     back from the checkpoint (nothing of them in the run directory is needed), and the run ends
@@ -201,6 +227,23 @@ def test_a_text_task_reports_the_kl_and_the_win_rate_over_the_reference(tmp_path
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] > 0
     assert 0 <= metrics["eval/win_rate"] <= 1
+
+
+def test_a_causal_lm_is_not_a_judge(tmp_path):
+    """A causal LM given as --reward-model loaded with a score head transformers made up at random;
+    with num_labels=1 in its config it judged the win rate with it, and the run exited 0."""
+    from test_reward_model import write_preference_pairs
+
+    data = write_preference_pairs(tmp_path / "pairs.jsonl", n=16)
+    causal_lm = save_tiny_model(tmp_path / "lm", "llama", num_labels=1)
+    args = dpo.Args(
+        task="jsonl", data=data, model=save_tiny_model(tmp_path / "policy", "llama"), reward_model=causal_lm
+    )
+    args = dataclasses.replace(args, batch_size=8, eval_prompts=2, max_new_tokens=2, output_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit) as error:
+        dpo.main(args)
+    assert str(error.value).startswith("error: --reward-model") and "has no trained score head" in str(error.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, fake_vader, monkeypatch):

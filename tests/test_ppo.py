@@ -482,6 +482,53 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
 
 
+def test_attention_dropout_is_off_too_so_the_first_minibatch_ratio_is_exactly_one(tmp_path):
+    """Llama's attention applies config.attention_dropout as a rate it copied at init, not through an
+    nn.Dropout module: at 0.3 the training forward drew masks the rollout's did not, and the first
+    minibatch's ratio was not 1. The policy and a separate critic are built from a config without it."""
+    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=ppo.randomwalks_tokenizer(), attention_dropout=0.3)
+    args = quick_args(tmp_path, policy, num_updates=1, value_model=policy)
+    ppo.main(args)
+    assert last_update(args.output_dir)["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("GPT2", dict(n_embd=32, n_layer=2, n_head=4, summary_first_dropout=0.3)),  # attn_, resid_, embd_pdrop 0.1
+        ("GPTNeoX", dict(attention_dropout=0.3, hidden_dropout=0.3)),
+        ("OPT", dict(ffn_dim=64, word_embed_proj_dim=32, dropout=0.3, attention_dropout=0.3, layerdrop=0.3)),
+        ("Phi", dict(resid_pdrop=0.3, embd_pdrop=0.3, attention_dropout=0.3)),
+        ("Mixtral", dict(num_local_experts=2, num_experts_per_tok=1, num_key_value_heads=4, router_jitter_noise=0.3)),
+        ("Llava", dict(text_config=dict(model_type="llama", attention_dropout=0.3))),  # nested, not built here
+    ],
+)
+def test_without_dropout_leaves_no_random_number_in_training(family, config):
+    """Every family names its dropout its own way (attention_dropout, attn_pdrop, layerdrop, an MoE
+    router's jitter noise), some in nested configs; the model built from the cleaned config computes
+    in training mode bitwise what it computes in evaluation mode. dpo.py and reward_model.py keep
+    copies of the function, which must agree."""
+    import transformers
+
+    import dpo
+    import reward_model
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
+    settings = {**({} if family in ("GPT2", "Llava") else sizes), **config}
+    original = getattr(transformers, f"{family}Config")(**settings)
+    cleaned = ppo.without_dropout(original)
+    assert all(m.without_dropout(original).to_dict() == cleaned.to_dict() for m in (dpo, reward_model))
+    if family == "Llava":
+        assert original.text_config.attention_dropout == 0.3 and cleaned.text_config.attention_dropout == 0.0
+        return
+    ids = torch.randint(0, 50, (2, 7))
+    for built, same in ((original, False), (cleaned, True)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(built)
+        training = model.train()(ids).logits
+        assert torch.equal(training, model.eval()(ids).logits) == same, built
+
+
 def test_dr_grpo_and_dapo_flags_run_together_and_an_update_of_equal_groups_takes_no_step(tmp_path, walk_policy):
     """The new flags in one run: Dr. GRPO (no std, constant normaliser) with DAPO's clip-higher and
     dropped groups. The reward is 1 for start letters from k on (every such group equal) and the
@@ -593,6 +640,31 @@ def test_bad_reward_functions(tmp_path, walk_policy):
     expect_error(
         quick_args(tmp_path, walk_policy, reward_fn=str(tmp_path / "absent.py") + ":reward"), "could not be loaded"
     )
+    (tmp_path / "not_a_function.py").write_text("reward = 'good'\n")  # was a TypeError traceback at the first call
+    reward_fn = str(tmp_path / "not_a_function.py") + ":reward"
+    expect_error(quick_args(tmp_path, walk_policy, reward_fn=reward_fn), "is a str, not a function")
+
+
+def test_a_causal_lm_is_not_a_reward_model(tmp_path, walk_policy):
+    """A causal LM given as --reward-model loads with a score head transformers makes up at random
+    (it says so in a load report); with num_labels=1 in its config PPO trained against random rewards
+    and exited 0."""
+    causal_lm = save_tiny_model(tmp_path / "lm", "llama", tokenizer=ppo.randomwalks_tokenizer(), num_labels=1)
+    expect_error(quick_args(tmp_path, walk_policy, reward_model=causal_lm), "has no trained score head")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_error_under_the_progress_bar_starts_a_line_of_its_own(tmp_path, walk_policy):
+    """A reward function that fails at the first update, while the bar is open: the bar ends its line
+    first (the error was glued to it: `ppo:   0%|...| 0/1 [00:00<?, ?it/s]error: ...`)."""
+    flags = ["--model", walk_policy, "--reward-fn", write_reward_fn(tmp_path, "return [1.0]"), "--num-updates", "1"]
+    flags += ["--batch-size", "8", "--mini-batch-size", "4", "--eval-samples-per-start", "1"]
+    run = run_script("ppo.py", *flags, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 1
+    lines = run.stderr.split("\n")  # only a newline ends a line in a log: a bar redraws itself after a \r
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --reward-fn"), run.stderr[-2000:]
+    assert "ppo:" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_bad_flags(tmp_path, walk_policy):
@@ -627,6 +699,7 @@ def test_bad_flags(tmp_path, walk_policy):
     expect_error(quick_args(tmp_path, None), "--model is required")
     refused("no built-in reward", task="jsonl", data=str(tmp_path / "x.jsonl"))
     refused("no such directory", reward_model=str(tmp_path / "no-rm"))
+    refused("--value-model", value_model=str(tmp_path / "no-critic"))  # was an OSError traceback
     refused("launch with torchrun", tp=2)
     assert not os.path.exists(tmp_path / "run"), "nothing is written"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

@@ -385,3 +385,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, policy):
     result = run_script("rft.py", "--model", policy, "--samples-per-prompt", "0", "--output-dir", output, cwd=tmp_path)
     assert result.returncode == 1 and os.listdir(tmp_path) == []
     assert result.stderr.strip().splitlines() == ["error: --samples-per-prompt 0 must be at least 1"]
+    (tmp_path / "not_a_function.py").write_text("reward = 'good'\n")  # was a TypeError traceback at the first call
+    reward_fn = str(tmp_path / "not_a_function.py") + ":reward"
+    quick = dict(model=policy, output_dir=output, rounds=1, samples_per_prompt=2, eval_samples_per_start=1)
+    expect_error(rft.Args(**quick, reward_fn=reward_fn), "is a str, not a function")
+    # A causal LM loads with a made-up score head; with num_labels=1 in its config rft selected on random scores.
+    causal_lm = save_tiny_model(tmp_path / "lm", tokenizer=rft.randomwalks_tokenizer(), num_labels=1)
+    expect_error(rft.Args(**quick, reward_model=causal_lm), "has no trained score head")
