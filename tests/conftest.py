@@ -396,15 +396,53 @@ def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
     return tmp_path / "reference", killed
 
 
+# Rounding bounds, for the comparisons that are not in fp64 and hold on any CPU (another vector width,
+# blocking, thread count or math library sums in another order). u is a dtype's unit roundoff, 2^-p
+# for p significand bits (the implicit one included): one correctly rounded operation errs by at most
+# u of its result. A sum or dot product of n terms, in any order, errs by at most gamma(n) times the
+# sum of its terms' sizes, gamma(n) = n u / (1 - n u) (Higham, Accuracy and Stability of Numerical
+# Algorithms, 2nd ed., sec. 3.1); a bf16 matmul accumulates in fp32 (ATen, oneDNN, cuBLAS) and rounds
+# its result once to bf16; exp and log are within 2 ulps (4 u) in every library torch uses.
+UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float32: 2**-24, torch.float64: 2**-53}
+
+
+def gamma(n, dtype=torch.float32):
+    """gamma(n) = n u / (1 - n u): the relative error bound of n chained roundings in `dtype`."""
+    nu = n * UNIT_ROUNDOFF[dtype]
+    assert nu < 1, "no bound: too many roundings for this dtype"
+    return nu / (1 - nu)
+
+
+# The sampler's log-prob of a token and the trainer's are one function computed twice in another
+# order (the decode loop on the KV cache, the full forward), so their gap is rounding. In fp32 that
+# is the rounding of each layer's sums, at most 4H = 128 terms of order 1 in the tests' 2-layer
+# models (LayerNorm-ed inputs, 0.02-std weights), gamma(128) ~ 2^7 u each: to first order the gap is
+# under 2^8 u = 2^-16 = 1.5e-5 (2.4e-7 seen). bf16 rounds every matmul's result to 8 bits and the
+# two orders flip some of those roundings, through the whole model: no bound follows from u, and
+# the claim is only that the gap stays within bf16's spacing of log-probs of size 8 to 16, 2^-4.
+# Seen: 2.4e-7 on ATen's scalar kernels; 4.7e-4 and 1.9e-3 on the tests' GPT-2 and Llama with AVX2
+# (AMD EPYC); on the benchmark's trained model 4.5e-4 with an AMX Xeon's kernels and 0.014 with
+# AVX2's. A model copy cast whole to bf16 gave 0.017 there and 1.9e-3 on the tests' models, which
+# no bound tells from rounding on every CPU: test_pipeline_parallel checks that copy exactly.
+# Sampling off-policy (--top-k 3) gave more than 1e-2 in fp32.
+LOGPROB_GAP = {torch.float32: 2**-16, torch.bfloat16: 2**-4}
+
 # Runs that claim to compute the same math in another layout (ranks, ZeRO stages, tensor or
 # pipeline splits) are compared in fp64 (--dtype fp64), where they differ only in the order of
-# their sums. Each sum rounds at 2**-53 (1.1e-16) of its size, and a few tens of AdamW steps carry
-# that to well under 1e-12 of the weights' size (the tests see 1e-14 to 1e-13); a ReLU, clip or
-# argmax flips only for a value within ~1e-13 of its kink, which among the few thousand values of
-# these runs has a chance of order 1e-9. So a bound of 1e-9 holds on any CPU and thread count,
-# and a real difference in the math (a missed reduction, a wrong normaliser) moves the weights by
-# at least the learning rate's order, 1e-4 or more.
+# their sums. A sum of n terms moves by at most n 2^-53 (n 1.1e-16) of its terms' sizes when its
+# order changes, and a few tens of AdamW steps carry that to well under 1e-12 of the weights' size
+# (the tests see 1e-14 to 1e-13); a ReLU, clip or argmax flips only for a value within ~1e-13 of
+# its kink, which among the few thousand values of these runs has a chance of order 1e-9. So a
+# bound of 1e-9 holds on any CPU and thread count, and a real difference in the math (a missed
+# reduction, a wrong normaliser) moves the weights by at least the learning rate's order, 1e-4 or
+# more.
 SAME_MATH = 1e-9
+
+# Single computations checked in fp64 against a hand computation or another order of the same math
+# (padding against none, micro-batches against one batch, a cached decode against a full forward)
+# use bounds of 1e-15 to 1e-10 (relative or absolute) by the same argument: their sums have tens
+# to a few hundred terms of order 1, so rounding moves them by n 2^-53 sum|terms|, 1e-14 or less,
+# where a wrong formula moves them by far more than 1e-10.
 
 
 def max_weight_difference(first, second, name="model.safetensors"):

@@ -711,15 +711,16 @@ def test_lora_trains_adapters_saves_them_merged_and_resumes_exactly(tmp_path, ra
     assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in adapters.items())  # trained away from B = 0
 
     # The checkpoint reloads as the adapted LM: its logits are those of the base with B A added by hand.
-    lm, _, _ = ilql.load_trained(str(checkpoint))
-    by_hand = AutoModelForCausalLM.from_pretrained(randomwalks_llama)
+    # In fp64, where W x + s B (A x) and (W + s B A) x differ by rounding of order 1e-15 (SAME_MATH's argument).
+    lm, _, _ = ilql.load_trained(str(checkpoint), dtype=torch.float64)
+    by_hand = AutoModelForCausalLM.from_pretrained(randomwalks_llama, dtype=torch.float64)
     with torch.no_grad():
         for key, a in adapters.items():
             if key.endswith("lora_A"):
                 layer = by_hand.get_submodule(key[: -len(".lora_A")])
-                layer.weight += adapters[key[:-1] + "B"] @ a * (4.0 / 2)
+                layer.weight += adapters[key[:-1] + "B"].double() @ a.double() * (4.0 / 2)
         ids = torch.tensor([[1, 2, 3, 4]])
-        assert torch.allclose(lm(ids).logits, by_hand(ids).logits, atol=1e-5)
+        assert torch.allclose(lm(ids).logits, by_hand(ids).logits, rtol=0, atol=1e-12)
 
     # Final save: adapters merged, loadable with plain transformers, every adapted matrix moved, norms and
     # embeddings not.

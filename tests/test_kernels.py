@@ -4,6 +4,7 @@ Everything runs eagerly (compile=False) except test_compiled_matches_eager, whic
 chunk bodies once on small shapes and checks that new shapes do not recompile.
 """
 
+import math
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import kernels
+from conftest import UNIT_ROUNDOFF, gamma
 
 F64 = torch.float64
 
@@ -60,6 +62,103 @@ def make_inputs(n, h, v, dtype=F64, bias=True, ignore=(), seed=0, shape=None):
         hidden = hidden.detach().view(*shape, h).requires_grad_()
         labels = labels.view(shape)
     return hidden, weight, b, labels
+
+
+# -----------------------------------------------------------------------------
+# rounding bounds: how far results computed in fp32 or bf16 can be from exact math on the same
+# (rounded) inputs on any CPU, from u and gamma(n) (see conftest) and these inputs' magnitudes. The
+# fp64 references' own rounding is 2^-29 of these bounds. The fp64 comparisons of fused_logprobs
+# use 1e-12: in fp64 these bounds are at most 3e-13 for their log-probs and entropies, and up to
+# 1e-11 for gradients only if every rounding of a sum errs the same way; they add like a random walk
+# (1e-14 seen, see conftest). GAE's fp64 comparisons use gae_rounding's bound.
+
+
+def logit_rounding(hidden, weight, bias, temperature):
+    """The exact logits z = (h w^T + b) / T [n, V], in fp64, and a bound [n, V] on the error of the
+    kernel's: H + 1 products summed in fp32 (a bf16 matmul too) and the division by T err by at
+    most gamma(H + 2) sum|terms| / T, and bf16 logits are rounded once more, by u_bf16 |z|."""
+    h, w = hidden.detach().double().reshape(-1, hidden.shape[-1]), weight.detach().double()
+    b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=F64)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    z = (h @ w.T + b) / temperature
+    dz = gamma(h.shape[-1] + 2, acc) * (h.abs() @ w.abs().T + b.abs()) / temperature
+    return z, dz + (UNIT_ROUNDOFF[hidden.dtype] * z.abs() if hidden.dtype != acc else 0.0)
+
+
+def softmax_rounding(z, dz, labels, blocks=1, dtype=torch.float32):
+    """Bounds [n] on the error of log p(label) and of the entropy, computed in dtype over `blocks`
+    vocabulary blocks from logits whose error is at most dz [n, V] (z: exact, fp64), and a bound on
+    that of any log p_j. Each rounding inside the softmax statistics is an error of a logit:
+    exp(x (1 + u)) (1 + 4u) for |x| <= 2 max|z|, the sum of V positive terms (gamma(V)), each block
+    merge's exp of a difference, product and sums; so each logit is off by at most
+    d = dz + gamma(V + (blocks + 1)(2 max|z| + 8)). Then log p_y moves by at most d_y + sum_j p_j d_j
+    and the entropy H by sum_j p_j |log p_j + H| d_j (their derivatives), where, between the exact
+    and the computed logits, p_j grows by at most exp(2 max d) and |log p_j + H| by
+    2 max d (1 + log V) (mean value theorem). The last roundings, of log s, m + log s and
+    z_y - (m + log s), add u (3 max|z| + 6 log V); those of a = sum_j e_j x_j (relative gamma(V +
+    4 blocks + 4), and 4u of s) in H = log s - a / s, with |a / s| <= log V, add (log V + 1)
+    gamma(V + 4 blocks + 8)."""
+    u, vocab = UNIT_ROUNDOFF[dtype], z.shape[-1]
+    zmax, log_v = (z.abs() + dz).max().item(), math.log(vocab)
+    d = dz + gamma(vocab + (blocks + 1) * (2 * zmax + 8), dtype)
+    grow, dmax = math.exp(2 * d.max().item()), d.max().item()
+    logp = torch.log_softmax(z, -1)
+    p, entropy = logp.exp(), -(logp.exp() * logp).sum(-1, keepdim=True)
+    through_lse = (p * d).sum(-1)
+    last = u * (3 * zmax + 6 * log_v)
+    label = d.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    logprob = grow * (label + through_lse) + last
+    any_logprob = (grow * (dmax + through_lse) + last).max().item()
+    spread = (logp + entropy).abs() + 2 * dmax * (1 + log_v)
+    entropy_bound = grow * (p * spread * d).sum(-1) + (log_v + 1) * gamma(vocab + 4 * blocks + 8, dtype)
+    ignored = labels == kernels.IGNORE_INDEX
+    return logprob.masked_fill(ignored, 0.0), entropy_bound.masked_fill(ignored, 0.0), any_logprob
+
+
+def fused_rounding(hidden, weight, bias, labels, temperature, vocab_chunk_size, seed=1):
+    """Bounds on the errors of forward_backward(ours(...)): of the log-probs and entropies [n], and
+    elementwise of the gradients of hidden, weight and bias (in fp64 for fp64 inputs). The gradient
+    of the loss with respect to the raw logits is G = (g1 (onehot - p) - g2 p (log p + H)) / T; the
+    kernel's log p are off by at most L (softmax_rounding's), so p by p expm1(L + 4u), and its
+    coefficient g1 + g2 (log p + H) by |g2| (L + error of H) plus 3 roundings; G is cast to the
+    input dtype (u_in |G|). Then the gradients are sums of V (hidden) or n (weight, bias) products
+    accumulated in fp32 (fp64): gamma(V + 2) or gamma(n + 2) of sum|terms|, plus, for bf16 inputs,
+    u_bf16 of each block's product and of the result."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    u, u_in = UNIT_ROUNDOFF[acc], UNIT_ROUNDOFF[hidden.dtype] if hidden.dtype != acc else 0.0
+    labels = labels.reshape(-1)
+    z, dz = logit_rounding(hidden, weight, bias, temperature)
+    blocks = -(-weight.shape[0] // vocab_chunk_size)
+    d_logprob, d_entropy, any_logprob = softmax_rounding(z, dz, labels, blocks, acc)
+    generator = torch.Generator().manual_seed(seed)  # forward_backward's output gradients
+    ignored = labels == kernels.IGNORE_INDEX
+    g1 = torch.randn(labels.shape, generator=generator, dtype=F64).masked_fill(ignored, 0.0)[:, None]
+    g2 = torch.randn(labels.shape, generator=generator, dtype=F64).masked_fill(ignored, 0.0)[:, None]
+    logp = torch.log_softmax(z, -1)
+    p, entropy = logp.exp(), -(logp.exp() * logp).sum(-1, keepdim=True)
+    hit = F.one_hot(labels.clamp(min=0), z.shape[-1]).double()
+    coef = g1 + g2 * (logp + entropy)
+    grad_z = (hit * g1 - p * coef) / temperature
+    eta = math.expm1(any_logprob + 4 * u)
+    d_coef = g2.abs() * (any_logprob + d_entropy.max().item()) + 3 * u * (g1.abs() + g2.abs() * (logp.abs() + entropy))
+    d_grad_z = (1 + eta) * (p * (eta * coef.abs() + d_coef) * (1 + 4 * u) + 4 * u * (hit * g1.abs() + p * coef.abs()))
+    d_grad_z = d_grad_z / temperature + u_in * grad_z.abs()
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().double()
+    n, vocab = h.shape[0], w.shape[0]
+    bounds = [
+        d_grad_z @ w.abs() + (gamma(vocab + 2, acc) + u_in) * grad_z.abs() @ w.abs() + u_in * (grad_z @ w).abs(),
+        d_grad_z.T @ h.abs() + (gamma(n + 2, acc) + u_in) * grad_z.abs().T @ h.abs() + u_in * (grad_z.T @ h).abs(),
+    ]
+    if bias is not None:
+        bounds.append(d_grad_z.sum(0) + gamma(n + 2, acc) * grad_z.abs().sum(0) + u_in * grad_z.sum(0).abs())
+    return d_logprob, d_entropy, [b.view(x.shape) for b, x in zip(bounds, (hidden, weight, bias))]
+
+
+def assert_within(actual, expected, bound, what=""):
+    """Elementwise |actual - expected| <= bound, with the worst ratio in the message."""
+    error = (actual.double() - expected.double()).abs()
+    assert (error <= bound).all(), f"{what}: error / bound up to {(error / bound).max().item():.3g}"
 
 
 def forward_backward(fn, hidden, weight, bias, labels, seed=1):
@@ -157,9 +256,10 @@ def test_logprob_only_entropy_only_and_frozen_weight():
     torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.precision
 def test_fused_fp32_and_bf16():
-    # The reference is fp64 on the same (rounded) inputs.
-    for dtype, atol, grad_tol in [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.1, 3e-2)]:
+    # The reference is fp64 on the same (rounded) inputs; the bounds are fused_rounding's.
+    for dtype in (torch.float32, torch.bfloat16):
         hidden, weight, bias, labels = make_inputs(50, 32, 301, dtype=dtype, ignore=(7,))
         logprob, entropy, grads = forward_backward(
             ours(temperature=0.9, chunk_size=16, vocab_chunk_size=128), hidden, weight, bias, labels
@@ -167,28 +267,40 @@ def test_fused_fp32_and_bf16():
         assert logprob.dtype == torch.float32 and [g.dtype for g in grads] == [dtype] * 3
         promoted = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
         ref_logprob, ref_entropy, ref_grads = forward_backward(naive(0.9), *promoted, labels)
-        torch.testing.assert_close(logprob.double(), ref_logprob, rtol=0, atol=atol)
-        torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=atol)
-        for grad, ref in zip(grads, ref_grads):
-            assert (grad.double() - ref).norm() / ref.norm() < grad_tol
+        d_logprob, d_entropy, d_grads = fused_rounding(hidden, weight, bias, labels, 0.9, 128)
+        assert_within(logprob, ref_logprob, d_logprob, f"{dtype} log-probs")
+        assert_within(entropy, ref_entropy, d_entropy, f"{dtype} entropies")
+        for grad, ref, bound, name in zip(grads, ref_grads, d_grads, ("hidden", "weight", "bias")):
+            assert_within(grad, ref, bound, f"{dtype} gradient of {name}")
 
 
+@pytest.mark.precision
 def test_bf16_matches_what_generation_sampled_from():
-    # bf16 logits as the model computes them, upcast, then divided by the temperature.
+    # bf16 logits as the model computes them, upcast, then divided by the temperature. One chunk holds
+    # every token and the whole vocabulary, so the kernel's logits are those of this same F.linear call,
+    # bit for bit; the two fp32 log-softmaxes of them each err by at most softmax_rounding's bound.
     hidden, weight, bias, labels = make_inputs(40, 16, 97, dtype=torch.bfloat16)
     logprob = kernels.fused_logprobs(
         hidden, weight, labels, 0.7, bias=bias, chunk_size=40, vocab_chunk_size=97, compile=False
     )
-    ref, _ = naive_logprobs(F.linear(hidden, weight, bias).float(), labels, 0.7)
-    torch.testing.assert_close(logprob, ref, rtol=0, atol=1e-5)
+    logits = F.linear(hidden, weight, bias).float() / 0.7
+    ref, _ = naive_logprobs(logits, labels)
+    bound, _, _ = softmax_rounding(logits.double(), torch.zeros(logits.shape, dtype=F64), labels)
+    assert_within(logprob, ref, 2 * bound)
 
 
+@pytest.mark.precision
 def test_gradient_under_autocast_with_the_backward_outside_it():
     """The scripts' pattern: fp32 weights, the forward under bf16 autocast, .backward() after the
     block. The gradient must be that of the same expression under autocast (autograd replays the
     bf16 casts it recorded). A backward that recomputed the logits in fp32 against the logsumexp
     of the forward's bf16 logits was off by 5.3% here (sharp logits: weights of std 1); inside
-    autocast, or now outside it, by 0.28% (bf16 rounding of two different summation orders)."""
+    autocast, or now outside it, by 0.28% (bf16 rounding of two different summation orders).
+
+    Both sides differentiate the same bf16 logits (one chunk: the same F.linear call, bit for bit),
+    G = g (onehot - p), each within |g| p expm1(L + 4u) and two roundings of exact; each rounds G
+    and w (or h) to bf16 at most once each and its result once, and sums V (or n) products in fp32:
+    |ours - reference| <= 2 (|dG| @ |w| + (2 u_bf16 + gamma(V + 2)) |G| @ |w| + u_bf16 |G @ w|)."""
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(256, 128, generator=generator), torch.randn(4096, 128, generator=generator)
     labels, grad_output = torch.randint(4096, (256,), generator=generator), torch.randn(256, generator=generator)
@@ -200,15 +312,27 @@ def test_gradient_under_autocast_with_the_backward_outside_it():
         (output.float() * grad_output).sum().backward()
         return h.grad, w.grad
 
-    ours = gradients(lambda h, w: kernels.fused_logprobs(h, w, labels, compile=False))
+    u, u_bf16 = UNIT_ROUNDOFF[torch.float32], UNIT_ROUNDOFF[torch.bfloat16]
+    logits = F.linear(hidden.bfloat16(), weight.bfloat16()).double()
+    _, _, any_logprob = softmax_rounding(logits, torch.zeros(logits.shape, dtype=F64), labels)
+    p, hit, g = torch.softmax(logits, -1), F.one_hot(labels, 4096).double(), grad_output.double()[:, None]
+    grad_z = g * (hit - p)
+    d_grad_z = g.abs() * (p * math.expm1(any_logprob + 4 * u) + 2 * u * (hit + p))
+    bounds = []
+    for left, d_left, right in ((grad_z, d_grad_z, weight), (grad_z.T, d_grad_z.T, hidden)):
+        right = right.bfloat16().double()  # the gradient of hidden sums over V, that of weight over n
+        one_side = d_left @ right.abs() + (2 * u_bf16 + gamma(left.shape[1] + 2)) * left.abs() @ right.abs()
+        bounds.append(2 * (one_side + u_bf16 * (left @ right).abs()))
+
     reference = gradients(
         lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1)
     )
-    for grad, ref in zip(ours, reference):
-        assert (grad - ref).norm() / ref.norm() < 0.01
+    ours = gradients(lambda h, w: kernels.fused_logprobs(h, w, labels, compile=False))
+    for grad, ref, bound in zip(ours, reference, bounds):
+        assert_within(grad, ref, bound)
     ours = gradients(lambda h, w: kernels.logprobs_from_logits(F.linear(h, w), labels, compile=False))
-    for grad, ref in zip(ours, reference):
-        assert (grad - ref).norm() / ref.norm() < 0.01
+    for grad, ref, bound in zip(ours, reference, bounds):
+        assert_within(grad, ref, bound)
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +365,7 @@ def test_logprobs_from_logits_matches_naive(temperature):
     assert torch.autograd.gradcheck(fn, (logits[:2, :3].detach().requires_grad_(),))
 
 
+@pytest.mark.precision
 def test_logprobs_from_logits_bf16_and_filtered_tokens():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(11, 40, generator=generator).bfloat16().requires_grad_()
@@ -250,8 +375,16 @@ def test_logprobs_from_logits_bf16_and_filtered_tokens():
     ref_logprob, _ = naive_logprobs(logits, labels)
     (ref,) = torch.autograd.grad(ref_logprob.sum(), logits)
     assert logprob.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    torch.testing.assert_close(logprob, ref_logprob, rtol=0, atol=1e-5)
-    torch.testing.assert_close(grad.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    # Both take the log-softmax of the same (exactly upcast) logits in fp32: each errs by at most
+    # softmax_rounding's bound, its p by p expm1(L + 4u); the gradients onehot - p, each with two more
+    # roundings, are then rounded to bf16: |bf16(a) - bf16(b)| <= |a - b| (1 + u_bf16) + 2 u_bf16 |grad|.
+    exact = logits.detach().double()
+    bound, _, any_logprob = softmax_rounding(exact, torch.zeros(exact.shape, dtype=F64), labels)
+    assert_within(logprob, ref_logprob, 2 * bound)
+    u, u_bf16 = UNIT_ROUNDOFF[torch.float32], UNIT_ROUNDOFF[torch.bfloat16]
+    p, hit = torch.softmax(exact, -1), F.one_hot(labels, 40).double()
+    apart = 2 * (p * math.expm1(any_logprob + 4 * u) + 2 * u * (hit + p))
+    assert_within(grad, ref, apart * (1 + u_bf16) + 2 * u_bf16 * (hit - p).abs())
     # top-k filtered logits (-inf) keep a finite entropy and gradient
     filtered = logits.detach().double().masked_fill(torch.arange(40) >= 30, float("-inf")).requires_grad_()
     labels = labels.clamp(max=29)
@@ -283,10 +416,15 @@ def test_compiled_matches_eager():
 
     for n, v in [(21, 100), (30, 150)]:  # the second shape must reuse the dynamic graphs
         compiled, eager = run(True, n, v), run(False, n, v)
-        torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-5)
-        torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-5)
-        for a, b in zip(compiled[2], eager[2]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # Each is within fused_rounding's bounds of exact (the compiled code may fuse and reorder, not
+        # add roundings), so the two are within twice those.
+        d_logprob, d_entropy, d_grads = fused_rounding(
+            *make_inputs(n, 16, v, dtype=torch.float32, ignore=(2,)), 0.8, 48
+        )
+        assert_within(compiled[0], eager[0], 2 * d_logprob, "log-probs")
+        assert_within(compiled[1], eager[1], 2 * d_entropy, "entropies")
+        for a, b, bound in zip(compiled[2], eager[2], d_grads):
+            assert_within(a, b, 2 * bound, "gradients")
         if n == 21:
             graphs = counters["stats"]["unique_graphs"]
             assert graphs >= 2  # the stats and the gradient chunk bodies were compiled
@@ -337,17 +475,38 @@ def random_lengths_mask(batch, length, generator):
     return torch.arange(length) < lengths[:, None]
 
 
+def gae_rounding(values, rewards, advantages, gamma_, lam, dtype):
+    """A bound on how far gae() in `dtype` and the fp64 loop can be apart, from these (fp64) inputs
+    and the loop's advantages. A_t = sum_k d^k delta_{t+k}, d = gamma lam (the one Python product
+    both use), delta_t = r_t - v_t + gamma v_{t+1}, whose terms sum to at most S. gae() rounds each
+    delta at most 6 times (the inputs to dtype, gamma, a product, two sums) and each term d^k delta
+    at most rho k + L + nb + 16 times (rho = 1 where d is not exact in dtype; powers within 2 ulps,
+    products, sums of L ~ sqrt(T) and nb = T / L terms, the block starts' addcmul): an error of at
+    most sum_k d^k gamma(rho k + L + nb + 22) S. The loop rounds 5 times a step, on terms of at most
+    S + d max|A|, an error carried on times d; the returns A + v add u (max|v| + max|A|)."""
+    length = values.shape[-1]
+    block = max(1, int(length**0.5))
+    d = gamma_ * lam
+    rho = int(torch.tensor(d, dtype=dtype).item() != d)
+    size = (rewards.abs() + values.abs() + gamma_ * F.pad(values.abs()[..., 1:], (0, 1))).max().item()
+    ours = sum(d**k * gamma(rho * k + block + -(-length // block) + 22, dtype) for k in range(length)) * size
+    loop = sum(d**k for k in range(length)) * gamma(5, F64) * (size + d * advantages.abs().max().item())
+    u = UNIT_ROUNDOFF[dtype]
+    return ours + loop, ours + loop + u * (values.abs().max().item() + advantages.abs().max().item())
+
+
 @pytest.mark.parametrize("length", [1, 2, 37, 1024])
 def test_gae_matches_loop_fp64(length):
     generator = torch.Generator().manual_seed(length)
     values = torch.randn(64, length, generator=generator, dtype=F64)
     rewards = torch.randn(64, length, generator=generator, dtype=F64)
     mask = random_lengths_mask(64, length, generator)
-    for gamma, lam in [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0), (0.9, 0.0)]:
-        advantages, returns = kernels.gae(values, rewards, mask, gamma, lam)
-        ref_advantages, ref_returns = batched_loop_gae(values, rewards, mask, gamma, lam)
-        torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
-        torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
+    for gamma_, lam in [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0), (0.9, 0.0)]:
+        advantages, returns = kernels.gae(values, rewards, mask, gamma_, lam)
+        ref_advantages, ref_returns = batched_loop_gae(values, rewards, mask, gamma_, lam)
+        d_advantages, d_returns = gae_rounding(values, rewards, ref_advantages, gamma_, lam, F64)
+        torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=d_advantages)
+        torch.testing.assert_close(returns, ref_returns, rtol=0, atol=d_returns)
         assert advantages[~mask].abs().max() == 0 and returns[~mask].abs().max() == 0
 
 
@@ -359,10 +518,12 @@ def test_gae_mask_with_holes_skips_masked_tokens():
     mask[0] = False
     advantages, returns = kernels.gae(values, rewards, mask, 0.99, 0.9)
     ref_advantages, ref_returns = kernels.gae_loop(values, rewards, mask, 0.99, 0.9)
-    torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
-    torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
+    d_advantages, d_returns = gae_rounding(values, rewards, ref_advantages, 0.99, 0.9, F64)
+    torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=d_advantages)
+    torch.testing.assert_close(returns, ref_returns, rtol=0, atol=d_returns)
 
 
+@pytest.mark.precision
 def test_gae_fp32_and_float_mask():
     generator = torch.Generator().manual_seed(1)
     values, rewards = torch.randn(2, 8, 300, generator=generator, dtype=F64)
@@ -370,8 +531,9 @@ def test_gae_fp32_and_float_mask():
     advantages, returns = kernels.gae(values.float(), rewards.float(), mask.float(), 0.99, 0.95)
     ref_advantages, ref_returns = batched_loop_gae(values, rewards, mask, 0.99, 0.95)
     assert advantages.dtype == torch.float32
-    torch.testing.assert_close(advantages.double(), ref_advantages, rtol=0, atol=1e-4)
-    torch.testing.assert_close(returns.double(), ref_returns, rtol=0, atol=1e-4)
+    d_advantages, d_returns = gae_rounding(values, rewards, ref_advantages, 0.99, 0.95, torch.float32)
+    torch.testing.assert_close(advantages.double(), ref_advantages, rtol=0, atol=d_advantages)
+    torch.testing.assert_close(returns.double(), ref_returns, rtol=0, atol=d_returns)
 
 
 # -----------------------------------------------------------------------------

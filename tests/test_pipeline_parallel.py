@@ -135,7 +135,9 @@ def dropping_experiment(pp: int) -> dict:
 def gathering_experiment() -> dict:
     """Whole copies gathered from tp=2 x pp=2 stages of each family: the one still split over tp
     (what ppo.py generates with) and the dense one (what the scripts save) give the dense model's
-    logits, and making them leaves the RNG where it was."""
+    logits, and making them leaves the RNG where it was. Under bf16 autocast, a copy of an fp32
+    model with its matmul weights stored in bf16 (what ppo.py samples from under --pp --dtype bf16)
+    computes bit for bit what the fp32 copy computes, and one cast whole to bf16 does not."""
     grid = parallel.init_distributed("cpu", tp=2, pp=2, timeout_s=60)
     batch = make_batch()
     results = {}
@@ -156,6 +158,20 @@ def gathering_experiment() -> dict:
                 "parameters": sum(p.numel() for p in whole.parameters()),
                 "dense_parameters": sum(p.numel() for p in dense.parameters()),
             }
+        stage = parallel.PipelineStage(
+            parallel.tensor_parallel(copy.deepcopy(dense).float(), grid.tp_group), grid.pp_group
+        )
+        copies = [  # split over tp, as ppo.py's
+            parallel.pipeline_gathered_model(stage, grid.tp_group, keep_tensor_parallel=True, matmul_dtype=dtype)
+            for dtype in (None, torch.bfloat16)
+        ]
+        copies.append(parallel.pipeline_gathered_model(stage, grid.tp_group, keep_tensor_parallel=True).bfloat16())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32, matmul_bf16, whole_bf16 = (
+                m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for m in copies
+            )
+        results[(family, True)]["bf16_matmul_weights_same"] = torch.equal(fp32, matmul_bf16)
+        results[(family, True)]["whole_bf16_differs"] = not torch.equal(fp32, whole_bf16)
     return results
 
 
@@ -253,6 +269,7 @@ def test_whole_copies_gathered_from_the_stages_equal_dense(world_4, family):
         assert split["rng_kept"] and dense["rng_kept"]
         assert split["split"] and not dense["split"]
         assert split["parameters"] < dense["parameters"] == dense["dense_parameters"]
+        assert split["bf16_matmul_weights_same"] and split["whole_bf16_differs"], rank
 
 
 def test_stage_drops_other_stages_parameters(world_2):
