@@ -318,8 +318,9 @@ def test_the_judge_is_fed_as_reward_model_py_trained_it(tmp_path):
     torch.testing.assert_close(scores, expected.float(), rtol=2**-23, atol=0)
     inputs = fed[0]  # dpo.py's call (reward_model.score's is the second)
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        side = reward_model.tokenize_pair_side(tokenizer, prompt, response, 64)
-        ids = side[0] if side else tokenizer(response, add_special_tokens=False)["input_ids"][-64:]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        side = reward_model.tokenize_pair_side(tokenizer, prompt, response_ids, 64)
+        ids = side[0] if side else response_ids[-64:]
         assert inputs["input_ids"][row, : len(ids)].tolist() == ids
         assert inputs["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (
             inputs["input_ids"].shape[1] - len(ids)
