@@ -276,6 +276,68 @@ def text_tokenizer(pad_token=True):
     )
 
 
+# Two chat templates of different styles, written here so no test downloads one. ChatML (SmolLM2,
+# Qwen) ends a turn with <|im_end|> and a newline, while its EOS is <|endoftext|>; the Llama-3 style
+# opens with a BOS in the text and ends a turn with <|eot_id|>. Both pass a `tools` list on.
+CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nTools: {{ tools | tojson }}<|eot_id|>{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Like Qwen3's: an assistant turn before the last loses its <think>...</think> block, so the rendering
+# of a conversation is not a prefix of the rendering of its continuation.
+DROPS_THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% for message in messages %}",
+    "{% for message in messages %}{% if message['role'] == 'assistant' and not loop.last %}"
+    "{% set message = {'role': 'assistant', 'content': message['content'].split('</think>')[-1]} %}{% endif %}",
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "drops-thinking": DROPS_THINKING_TEMPLATE}
+CHAT_SPECIAL_TOKENS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+}
+CHAT_SPECIAL_TOKENS["drops-thinking"] = CHAT_SPECIAL_TOKENS["chatml"]
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "drops-thinking": "<|im_end|>"}
+
+
+def chat_tokenizer(style="chatml"):
+    """text_tokenizer with a chat template and its special tokens; its EOS stays <|endoftext|>, so the
+    end of a turn is a different token from the EOS, as in SmolLM2 and Llama 3."""
+    tokenizer = text_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS[style]})
+    tokenizer.chat_template = CHAT_TEMPLATES[style]
+    return tokenizer
+
+
+def save_tiny_chat_model(path, style="chatml", family="gpt2", seed=0, **config):
+    """A tiny chat model: chat_tokenizer(style), and a generation config whose eos_token_id is a list
+    holding the EOS and the end-of-turn id (as Llama 3's and many chat models' are)."""
+    from transformers import GenerationConfig
+
+    tokenizer = chat_tokenizer(style)
+    save_tiny_model(path, family, tokenizer, seed, **config)
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN[style])
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_turn]).save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path, records: list):
+    with open(path, "w") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    return str(path)
+
+
 def tiny_config(family: str, vocab_size: int, eos_token_id: int):
     """The smallest model of each family that still has every part (GQA for Llama, parallel residual for
     NeoX), without dropout so that runs can be compared exactly."""
