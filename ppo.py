@@ -52,6 +52,7 @@ import gzip
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -88,24 +89,30 @@ class Args:
     """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of
-    movie reviews
-    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model
-    is given (VADER, an
-    optional extra, is then still reported as eval/vader_*);
-    jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr
-    download from the hub unless --data is given)"""
+    movie reviews (examples/sentiment_prompts.jsonl, or --data), scored by VADER's compound score of the reply unless a
+    reward is given (VADER, an optional extra, is then still reported as eval/vader_*); jsonl: prompt-only records from
+    --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is
+    given). Every task's prompts become prompt-only records, read by one code path"""
     data: Optional[str] = None
-    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
-    shipped
-    ones; for hh/tldr a local copy in the upstream format"""
+    """prompt-only records (TRL's format): `{"prompt": text}` or `{"prompt": [{"role": "user", "content": ...}]}`, one
+    kind per file, any other columns (a reference answer, `tools` for the chat template) kept for --reward-fn; a .jsonl
+    or .jsonl.gz file, or with the datasets package a .parquet file or a datasets directory. Required for --task jsonl;
+    for sentiment it replaces the shipped openings; for hh/tldr a local copy in the upstream format"""
+    chat_template: Optional[str] = None
+    """a Jinja chat template file replacing the tokenizer's (saved with the policy); conversational prompts are
+    rendered by it with the generation prompt, and its end-of-turn token ends a response"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
     """a reward_model.py run directory (or any sequence-classification model with num_labels=1); scores are normalised
     with its saved mean/std"""
     reward_fn: Optional[str] = None
-    """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per
-    response"""
+    """`module:function` (or `path/file.py:function`) called as TRL's reward functions are, once per generation chunk:
+    f(prompts, completions, **columns), prompts and completions message lists for conversational data (a completion
+    is [{"role": "assistant", "content": reply}]) and strings otherwise, every other column of the rows a keyword
+    argument (a list, one value per sample); returns one float per sample, or None for no score: that sample carries
+    no loss this update and stands at its group's (or the batch's) mean score in the statistics
+    (objective/unscored_fraction counts them; all None is an error). A function of exactly two parameters is called f(prompts, responses)"""
     reward_device: Optional[str] = None
     """device of the reward model given by --reward-model (default: the policy's)"""
     reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
@@ -119,8 +126,8 @@ class Args:
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
-    """subtracted from the score of a response that has no EOS within --max-new-tokens (0: none; default: 1.0 for text
-    tasks, 0 for randomwalks and sentiment)"""
+    """subtracted from the score of a response cut at --max-new-tokens without an end-of-turn id (0: none; default: 1.0
+    for text tasks, 0 for randomwalks and sentiment)"""
     value_model: Optional[str] = None
     """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the
     policy (--advantage gae only)"""
@@ -434,6 +441,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
     if args.task == "randomwalks" and args.data is not None:
         fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -535,15 +544,21 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 # Prompts
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> list:
-    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or of a .parquet file or a
+    directory written by datasets' save_to_disk, read through the optional datasets package."""
+    if path.endswith(".parquet") or os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            fail(f"reading {path} needs the datasets package: pip install datasets")
+        try:
+            return (
+                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a folder of several splits: one line either way
+            fail(f"cannot read {path!r} as one dataset ({type(error).__name__}: {error}); pass a .jsonl file")
     if not os.path.isfile(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet
-        except ImportError:
-            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
-        return pyarrow.parquet.read_table(path).to_pylist()
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -562,24 +577,21 @@ def read_records(path: str) -> list:
     return records
 
 
-def require_fields(records: list, fields: tuple, path: str):
-    for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+def is_conversation(value) -> bool:
+    """A message list: a non-empty list of dicts, each with a string role and a string content."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
 
 
-def hh_example(dialogue: str):
-    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
-    marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+def hh_prompt(dialogue) -> Optional[str]:
+    """An hh-rlhf dialogue up to and including its last "\\n\\nAssistant:" (None without one)."""
+    cut = dialogue.rfind("\n\nAssistant:") if isinstance(dialogue, str) else -1
+    return dialogue[: cut + len("\n\nAssistant:")] if cut >= 0 else None
 
 
 def download(task: str) -> list:
@@ -599,51 +611,96 @@ def download(task: str) -> list:
 
 
 SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+PROMPT_ONLY = "'prompt' (a string or a list of role/content messages)"
+TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"  # Stiennon et al.'s format
 
 
 def load_prompts(task: str, data: Optional[str]) -> list:
-    """The prompts of a text task: jsonl and sentiment `prompt`s, hh dialogues up to their last
-    assistant turn, TL;DR posts."""
-    if task == "sentiment" and data is None:
-        if not os.path.isfile(SENTIMENT_PROMPTS):
-            fail(
-                f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ppo.py); pass "
-                f'--data with a file of {{"prompt": ...}} lines'
-            )
-        data = SENTIMENT_PROMPTS
-    prompts = []
-    for path in [data] if data else download(task):
-        records = read_records(path)
-        if task in ("jsonl", "sentiment"):
-            require_fields(records, ("prompt",), path)
-            prompts += [r["prompt"] for r in records]
-        elif task == "hh":
-            require_fields(records, ("chosen",), path)
-            prompts += [p[0] for p in map(hh_example, (r["chosen"] for r in records)) if p is not None]
-        elif task == "tldr":
-            require_fields(records, ("subreddit", "title", "post"), path)
-            prompts += [
-                f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in records
-            ]
-    prompts = list(dict.fromkeys(prompts))  # hh repeats a prompt for each of its comparisons
-    if not prompts:
-        fail(f"no prompts in {data or task}; the file is empty or no record has a prompt")
-    return prompts
+    """The prompt-only records of a text task (TRL's format): `prompt` a string or a message list, the same kind in
+    every record, every other column kept. The upstream tasks' records become such records: an hh dialogue up to
+    its last assistant turn (its comparison left out, so that the prompt it repeats for each is kept once), a TL;DR
+    post in its prompt format. Each record once, with every column (None where it had none), so that a reward
+    function gets the same arguments for every chunk."""
+    expected = {"hh": "'chosen' (a dialogue)", "tldr": "'subreddit', 'title', 'post'"}
+    records, kinds = [], set()
+    for path in [data or SENTIMENT_PROMPTS] if data or task == "sentiment" else download(task):
+        for number, record in enumerate(read_records(path), 1):
+            prompt = hh_prompt(record.get("chosen")) if task == "hh" else record.get("prompt")
+            if task == "tldr" and all(isinstance(record.get(k), str) for k in ("subreddit", "title", "post")):
+                prompt = TLDR_PROMPT.format(**record)
+            if not isinstance(prompt, str) and not is_conversation(prompt):
+                found = ", ".join(record) or "none"
+                fail(f"{path}, record {number}: expected {expected.get(task, PROMPT_ONLY)}, found fields {found}")
+            kinds.add(type(prompt))
+            records.append({"prompt": prompt} if task == "hh" else {**record, "prompt": prompt})
+    if len(kinds) > 1:
+        fail(f"{data} mixes string prompts and message lists; use one kind of prompt per file")
+    records = list({json.dumps(r, sort_keys=True, default=str): r for r in records}.values())
+    if not records:
+        fail(f"no prompts in {data or task}; the file is empty")
+    columns = dict.fromkeys(k for r in records for k in r)
+    return [{k: r.get(k) for k in columns} for r in records]
+
+
+def render(tokenizer, messages: list, tools=None, add_generation_prompt=False) -> list:
+    """Token ids of a conversation in the tokenizer's chat template (the template writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_tokens(tokenizer, record: dict, room: int) -> list:
+    """A prompt's token ids, cut on the left to `room` tokens: a conversation rendered by the chat template with the
+    generation prompt, a string as the tokenizer encodes it (an empty prompt becomes EOS: generation needs a
+    position to start from)."""
+    prompt = record["prompt"]
+    if is_conversation(prompt):
+        return render(tokenizer, prompt, record.get("tools"), add_generation_prompt=True)[-room:]
+    return tokenizer(prompt)["input_ids"][-room:] or [tokenizer.eos_token_id]
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list:
+    """The ids that end a response: the tokenizer's EOS, generation_config.eos_token_id (an int or a list), and the
+    chat template's end-of-turn token (<|im_end|>, <|eot_id|>), found as the first token after a reply's text."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        user, reply = [{"role": "user", "content": "x"}], tokenizer("y", add_special_tokens=False)["input_ids"]
+        context = render(tokenizer, user, add_generation_prompt=True)
+        tail = render(tokenizer, user + [{"role": "assistant", "content": "y"}])[len(context) :]
+        if tail[: len(reply)] == reply and len(tail) > len(reply):
+            ids.add(tail[len(reply)])
+    return sorted(i for i in ids if i is not None)
+
+
+def use_chat_template(tokenizer, path: Optional[str], records: list, name: str):
+    """--chat-template replaces the tokenizer's template (and is saved with it); conversations need a template."""
+    if path:
+        with open(path, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()
+    if is_conversation(records[0]["prompt"]) and not tokenizer.chat_template:
+        fail(
+            f"the prompts are conversations and the tokenizer of {name!r} has no chat template; "
+            "pass --chat-template PATH"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Rewards: a reward model (as in reward_model.py), the task metric, or a user function
 # ---------------------------------------------------------------------------------------------
-def tokenize_pair_side(tokenizer, prompt: str, response: str, max_length: int):
-    """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
-    what is judged, and its last token is where the score is read), and whether the prompt was cut.
-    None if the response alone does not fit."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if len(response_ids) >= max_length:
-        return None
-    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
-    return prompt_ids[excess:] + response_ids, excess > 0
+def reward_model_ids(tokenizer, record: dict, response: str) -> list:
+    """What a reward model with a tokenizer of its own reads: the conversation (the prompt's messages and the reply)
+    in its chat template, up to the reply's end-of-turn token, or without a template the prompt's text (a
+    conversation's contents, a line each) and the reply's."""
+    prompt, tools = record["prompt"], record.get("tools")
+    if is_conversation(prompt) and tokenizer.chat_template:
+        context = render(tokenizer, prompt, tools, add_generation_prompt=True)
+        reply = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)[len(context) :]
+        ends = [i + 1 for i, t in enumerate(reply) if t in set(end_of_turn_ids(tokenizer))]
+        return context + reply[: ends[0] if ends else len(reply)]
+    text = "\n".join(m["content"] for m in prompt) if is_conversation(prompt) else prompt
+    return tokenizer(text)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
 
 
 def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
@@ -668,22 +725,16 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 
 
 @torch.no_grad()
-def score(
-    model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None
-) -> torch.Tensor:
-    """Raw reward-model scores of each (prompt, response), as a float tensor on the CPU (fp64 from an
-    fp64 model, else fp32). Normalise with the statistics in the model's config:
-    (score - config.reward_mean) / config.reward_std."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    max_length = max_length or model_context(model.config) or 1 << 30
+def score(model, tokenizer, records: list, responses: list, sequences=None, batch_size: int = 32) -> torch.Tensor:
+    """Raw reward-model scores of each (prompt record, response text), as a float tensor on the CPU (fp64 from an
+    fp64 model, else fp32): of `sequences` when given (prompt and response token ids as sampled, for a model with
+    the policy's tokenizer), else of reward_model_ids. Each is cut on the left to the model's context (the response
+    is what is judged, and its last token is where the score is read). Normalise with the statistics in the
+    model's config: (score - config.reward_mean) / config.reward_std."""
+    max_length = model_context(model.config) or 1 << 30
     device = next(model.parameters()).device
-    sequences = []
-    for prompt, response in zip(prompts, responses):
-        tokenized = tokenize_pair_side(tokenizer, prompt, response, max_length)
-        sequences.append(
-            tokenized[0] if tokenized else tokenizer(response, add_special_tokens=False)["input_ids"][-max_length:]
-        )
+    sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
+    sequences = [ids[-max_length:] for ids in sequences]
     was_training = model.training
     model.eval()
     scores = torch.cat(
@@ -716,7 +767,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab() and verbose:
         print(
             "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
-            "re-tokenized for it"
+            "rendered for it (with its chat template, if it has one)"
         )
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
     if not hasattr(model.config, "reward_mean") and verbose:
@@ -740,8 +791,21 @@ def load_reward_fn(spec: str):
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, responses)")
+        fail(
+            f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions, **columns)"
+        )
     return function
+
+
+def call_reward_fn(function, records: list, texts: list):
+    """--reward-fn on one chunk in TRL's convention (see Args.reward_fn): f(prompts, completions, **columns), or
+    f(prompts, responses) for a function of exactly two positional parameters, as before."""
+    prompts = [r["prompt"] for r in records]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversation(prompts[0]) else texts
+    parameters = inspect.signature(function).parameters.values()
+    if len(parameters) == 2 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return function(prompts, completions)
+    return function(prompts, completions, **{k: [r[k] for r in records] for k in records[0] if k != "prompt"})
 
 
 @functools.cache
@@ -764,19 +828,18 @@ def sentiment_scores(responses: list, dtype=torch.float32) -> torch.Tensor:
 
 
 def checked_scores(values, count: int, source: str, dtype=torch.float32) -> torch.Tensor:
-    """A reward source's output as a tensor of `dtype`, refusing wrong lengths and non-finite numbers
-    (in that dtype: a score beyond fp32's range is refused under fp32)."""
+    """A reward source's output as a tensor of `dtype`, None as NaN (no score), refusing wrong lengths and
+    non-finite numbers (in that dtype: a score beyond fp32's range is refused under fp32)."""
     try:
-        scores = torch.tensor([float(v) for v in values], dtype=dtype)
+        values = list(values)
+        scores = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=dtype)
     except (TypeError, ValueError):
-        fail(f"{source} must return a list of numbers, got {type(values).__name__}")
+        fail(f"{source} must return a list of numbers (or None for no score), got {type(values).__name__}")
     if len(scores) != count:
         fail(f"{source} returned {len(scores)} scores for {count} responses; return exactly one per response")
-    if not torch.isfinite(scores).all():
-        fail(
-            f"{source} returned a non-finite score (NaN or inf) for response "
-            f"{int((~torch.isfinite(scores)).nonzero()[0])}; return finite numbers"
-        )
+    bad = (~torch.isfinite(scores) & torch.tensor([v is not None for v in values])).nonzero()
+    if len(bad):
+        fail(f"{source} returned a non-finite score (NaN or inf) for response {int(bad[0])}; return finite numbers")
     return scores
 
 
@@ -1023,13 +1086,14 @@ def values_of(models, hidden, micro_batch: dict, prompt_length: int):
 # ---------------------------------------------------------------------------------------------
 # The pieces of the update, each small enough to test by hand
 # ---------------------------------------------------------------------------------------------
-def truncate_at_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """Everything after the first EOS becomes padding. Returns (responses, mask of real tokens, has_eos);
-    the EOS itself is a real token: it is an action the policy took."""
-    is_eos = responses == eos_token_id
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    mask = ~after_eos
-    return torch.where(mask, responses, pad_token_id), mask, is_eos.any(-1)
+def truncate_at_eos(responses: torch.Tensor, end_ids, pad_token_id: int):
+    """Everything after the first end-of-turn id (any of end_ids: the EOS, a chat template's <|im_end|>, ...)
+    becomes padding. Returns (responses, mask of real tokens, has an end id); the id that ended a response is a real
+    token: it is an action the policy took. A response cut at --max-new-tokens has none."""
+    is_end = torch.isin(responses, torch.as_tensor(end_ids, device=responses.device))
+    after_end = (is_end.cumsum(-1) - is_end.long()) > 0
+    mask = ~after_end
+    return torch.where(mask, responses, pad_token_id), mask, is_end.any(-1)
 
 
 class KLController:
@@ -1211,15 +1275,15 @@ def restrict(logits, top_k: int, top_p: float):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False):
+def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, end_ids: list, greedy=False):
     """Responses [B, max_new_tokens] to left-padded prompts, and the log-prob of each response
     token under the distribution it was drawn from: softmax(logits / temperature) over the tokens
     --top-k and --top-p keep. A short decode loop on the KV cache rather than model.generate(),
     which would also apply what the checkpoint's generation_config.json asks (a repetition
     penalty, banned n-grams, min_p, ...): sampling from a distribution that the trainer's
-    log-probs do not describe. Greedy takes the argmax. Rows that end with EOS are padded, with
-    log-prob 0, and the loop stops when every row has ended."""
-    rows, width = prompt_ids.shape[0], args.max_new_tokens
+    log-probs do not describe. Greedy takes the argmax. Rows that drew one of end_ids are padded
+    after it, with log-prob 0, and the loop stops when every row has ended."""
+    rows, width, end_ids = prompt_ids.shape[0], args.max_new_tokens, torch.tensor(end_ids, device=prompt_ids.device)
     responses = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long, device=prompt_ids.device)
     logprobs, finished = None, torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     step_ids, attention_mask, position_ids, cache = prompt_ids, prompt_mask, positions_from_mask(prompt_mask), None
@@ -1244,7 +1308,7 @@ def generate(model, prompt_ids, prompt_mask, args: Args, tokenizer, greedy=False
             logprobs = torch.zeros(rows, width, dtype=logits.dtype, device=prompt_ids.device)
         responses[:, t] = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         logprobs[:, t] = probs.gather(-1, next_ids[:, None]).squeeze(-1).log().masked_fill(finished, 0.0)
-        finished |= next_ids == tokenizer.eos_token_id
+        finished |= torch.isin(next_ids, end_ids)
         if finished.all():
             break
         step_ids = next_ids[:, None]
@@ -1266,10 +1330,10 @@ def chunk_seed(seed: int, stream: str, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device):
-    tokenizer.padding_side = tokenizer.truncation_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def encode_prompts(tokenizer, records: list, max_prompt_length: int, device):
+    """Left-padded token ids and mask of prompt records (prompt_tokens): generation starts where every prompt ends."""
+    ids = [prompt_tokens(tokenizer, record, max_prompt_length) for record in records]
+    return pad_batch(ids, tokenizer.pad_token_id, device, side="left")[:2]
 
 
 MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
@@ -1468,7 +1532,7 @@ def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
     prompts = load_prompts(args.task, args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -1499,8 +1563,8 @@ class Reward:
     task's metric), and the (shift, scale) that normalises it before the KL penalty weighs
     against it. The reward model is replicated on every rank: it only scores."""
 
-    def __init__(self, args: Args, tokenizer, device, dtype, verbose: bool):
-        self.args, self.dtype = args, dtype
+    def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
+        self.args, self.dtype, self.tokenizer, self.end_ids = args, dtype, tokenizer, end_ids
         if args.task == "randomwalks":
             self.adjacency, _ = generate_random_walks()
             self.shortest = shortest_path_nodes(self.adjacency)
@@ -1512,6 +1576,7 @@ class Reward:
             if args.reward_model
             else None
         )
+        self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
         # A continuation of a review is not expected to end within the budget: no penalty by default.
         default_penalty = 0.0 if args.task in ("randomwalks", "sentiment") else 1.0
@@ -1523,21 +1588,35 @@ class Reward:
         elif self.model is not None:
             self.norm = {"shift": self.model[2], "scale": self.model[3]}
 
-    def raw(self, prompts: list, responses: list) -> torch.Tensor:
-        """Called once per generation chunk, so a --reward-fn sees one chunk's responses at a time."""
+    def raw(self, records: list, texts: list, sequences: list) -> torch.Tensor:
+        """Scores of one generation chunk (so a --reward-fn sees one chunk's responses at a time): `records` the
+        prompt records, `texts` the replies before their end-of-turn id, `sequences` the prompt's and reply's token ids
+        as sampled, which a reward model with the policy's tokenizer reads; NaN where a --reward-fn gave None."""
         if self.model is not None:
             model, tokenizer, _, _ = self.model
-            return score(model, tokenizer, prompts, responses)
+            return score(model, tokenizer, records, texts, sequences if self.same_tokenizer else None)
         if self.fn is not None:
-            return checked_scores(
-                self.fn(prompts, responses), len(responses), f"--reward-fn {self.args.reward_fn}", self.dtype
-            )
+            scores = call_reward_fn(self.fn, records, texts)
+            return checked_scores(scores, len(texts), f"--reward-fn {self.args.reward_fn}", self.dtype)
         if self.args.task == "sentiment":
-            return sentiment_scores(responses, self.dtype)
-        return torch.tensor(self.optimality(prompts, responses), dtype=self.dtype)
+            return sentiment_scores(texts, self.dtype)
+        return torch.tensor(self.optimality(records, texts), dtype=self.dtype)
 
-    def optimality(self, prompts: list, responses: list) -> list:
-        return [walk_optimality(p + r, self.adjacency, self.shortest) for p, r in zip(prompts, responses)]
+    def optimality(self, records: list, responses: list) -> list:
+        return [walk_optimality(r["prompt"] + t, self.adjacency, self.shortest) for r, t in zip(records, responses)]
+
+    def of_chunk(self, records: list, prompt_ids, prompt_mask, generated) -> tuple:
+        """(texts, raw scores) of a chunk of generated responses: what a reward reads of each response is its text
+        before the id that ended it, or for a reward model with the policy's tokenizer the sampled token ids."""
+        responses, mask, has_end = truncate_at_eos(generated, self.end_ids, self.tokenizer.pad_token_id)
+        lengths = (mask.sum(-1) - has_end.long()).tolist()
+        texts = [
+            self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(responses.tolist(), lengths)
+        ]
+        sequences = [
+            p[m.bool()].tolist() + r[k].tolist() for p, m, r, k in zip(prompt_ids, prompt_mask, responses, mask)
+        ]
+        return texts, self.raw(records, texts, sequences)
 
     def normalized(self, scores: torch.Tensor, verbose: bool = False) -> torch.Tensor:
         """Under --reward-normalization first-batch, the first call measures the shift and scale."""
@@ -1705,7 +1784,7 @@ def micro_batches_of(micro_rows: list, input_ids, attention_mask) -> list:
 
 
 def sample_chunks(
-    models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, stream: str, autocast, greedy=False
+    models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, end_ids, stream: str, autocast
 ) -> list:
     """(responses, their sampler log-probs) of this rank's chunks of the prompts, each chunk on a
     forked RNG seeded by (seed, stream, chunk), so the rollouts do not depend on the rank count."""
@@ -1716,27 +1795,35 @@ def sample_chunks(
         for chunk, lo, hi in chunks:
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
-                generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer, greedy))
+                generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer, end_ids))
     models.policy.train()
     return generated
 
 
-def truncate_and_score(generated: list, chunks: list, prompts: list, reward: Reward, tokenizer, grid, dtype) -> tuple:
+def truncate_and_score(
+    generated: list, chunks: list, prompts: list, prompt_ids, prompt_mask, reward: Reward, grid, dtype
+):
     """Steps 2 and 3 on this rank's chunks, then gathered over the ranks in chunk order: (responses
-    padded after their first EOS, mask of real tokens, has EOS, sampler log-probs, scores). The
-    scores are normalised, and a response that never ended pays the missing-EOS penalty."""
+    padded after their end-of-turn id, mask of real tokens, has an end id, sampler log-probs, scores,
+    scored). The scores are normalised, and a response cut at --max-new-tokens pays the missing-EOS
+    penalty. A response a --reward-fn gave None (scored False) stands at its group's mean score (the
+    batch's when its whole group has none), so that it moves no statistic of the group; main takes it
+    out of the loss."""
     local = []
     for (chunk, lo, hi), (chunk_generated, chunk_logprobs) in zip(chunks, generated):
-        responses = truncate_at_eos(chunk_generated, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), reward.raw(prompts[lo:hi], texts)))
+        _, scores = reward.of_chunk(prompts[lo:hi], prompt_ids[lo:hi], prompt_mask[lo:hi], chunk_generated)
+        local.append((chunk_generated.cpu(), chunk_logprobs.cpu(), scores))
     shares = [part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share]
     sampler_logprobs = torch.cat([lp for _, lp, _ in shares]).to(grid.device, dtype)
     generated = torch.cat([g for g, _, _ in shares]).to(grid.device)
-    responses, mask, has_eos = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    scores = reward.normalized(torch.cat([s for _, _, s in shares]), verbose=grid.is_main)
+    responses, mask, has_eos = truncate_at_eos(generated, reward.end_ids, reward.tokenizer.pad_token_id)
+    group = torch.cat([s for _, _, s in shares]).view(-1, reward.args.samples_per_prompt)
+    if group.isnan().all():
+        fail(f"--reward-fn {reward.args.reward_fn} returned None for every response of a batch; score some of them")
+    scores = torch.where(group.isnan(), group.nanmean(-1, keepdim=True), group).nan_to_num(group.nanmean().item())
+    scores = reward.normalized(scores.view(-1), verbose=grid.is_main)
     scores = scores - reward.missing_eos_penalty * (~has_eos).cpu().to(scores.dtype)
-    return responses, mask, has_eos, sampler_logprobs, scores
+    return responses, mask, has_eos, sampler_logprobs, scores, ~group.isnan().view(-1).to(grid.device)
 
 
 @torch.no_grad()
@@ -1806,10 +1893,10 @@ def evaluate(
             for chunk, lo, hi in deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank):
                 torch.manual_seed(chunk_seed(args.seed, f"eval {name}", chunk))
                 chunk_prompts, prompt_ids, prompt_mask = prompts[lo:hi], all_prompt_ids[lo:hi], all_prompt_mask[lo:hi]
-                generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, greedy)
-                responses, mask, _ = truncate_at_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                result = {"text": texts, "score": reward.normalized(reward.raw(chunk_prompts, texts)).tolist()}
+                generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids, greedy)
+                responses, mask, _ = truncate_at_eos(generated, reward.end_ids, tokenizer.pad_token_id)
+                texts, ours = reward.of_chunk(chunk_prompts, prompt_ids, prompt_mask, generated)
+                result = {"text": texts, "score": reward.normalized(ours).tolist()}
                 if args.task == "randomwalks":
                     result["optimality"] = reward.optimality(chunk_prompts, texts)
                 if args.task == "sentiment":  # the task's metric, whatever the reward
@@ -1822,21 +1909,20 @@ def evaluate(
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
                         with models.as_reference():
-                            reference_responses, _ = generate(
-                                reference_sampler, prompt_ids, prompt_mask, args, tokenizer
+                            theirs, _ = generate(
+                                reference_sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids
                             )
-                        reference_texts = tokenizer.batch_decode(
-                            truncate_at_eos(reference_responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0],
-                            skip_special_tokens=True,
-                        )
-                        ours, theirs = reward.raw(chunk_prompts, texts), reward.raw(chunk_prompts, reference_texts)
+                        theirs = reward.of_chunk(chunk_prompts, prompt_ids, prompt_mask, theirs)[1]
                         result["win"] = ((ours > theirs).to(dtype) + 0.5 * (ours == theirs).to(dtype)).tolist()
                 local.append(result)
             # In chunk order.
             results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]
 
             def mean(key):
-                return torch.tensor([value for result in results for value in result[key]], dtype=dtype).mean().item()
+                # nanmean: a response a --reward-fn gave None has no score to average
+                return (
+                    torch.tensor([value for result in results for value in result[key]], dtype=dtype).nanmean().item()
+                )
 
             metrics[f"eval/score_{name}"] = mean("score")
             if args.task == "randomwalks":
@@ -1850,7 +1936,7 @@ def evaluate(
                 if reward.model is not None:
                     metrics["eval/win_rate"] = mean("win")
                 texts = [text for result in results for text in result["text"]]
-                rows = [[update, p, t] for p, t in zip(prompts[:16], texts[:16])]
+                rows = [[update, str(p["prompt"]), t] for p, t in zip(prompts[:16], texts[:16])]
     policy.train()
     return metrics, rows
 
@@ -2004,6 +2090,7 @@ def update_metrics(batch: dict, score_mean: float, kl: float, has_eos, gap: floa
         "objective/kl": kl,
         "objective/kl_coef": batch["beta"],
         "objective/eos_fraction": has_eos.to(dtype).mean().item(),
+        "objective/unscored_fraction": 1 - batch["scored"].to(dtype).mean().item(),
         "objective/response_length": mask.sum(-1).to(dtype).mean().item(),
         "policy/sampler_logprob_gap": gap,
     }
@@ -2081,7 +2168,9 @@ def main(args: Args):
     # The prompts, the policy, the reward, and the models of the layout.
     train_prompts, eval_prompts = task_prompts(args)
     policy, tokenizer = load_policy(args.model, device, dtype)
-    reward = Reward(args, tokenizer, device, dtype, verbose=grid.is_main)
+    use_chat_template(tokenizer, args.chat_template, train_prompts, args.model)
+    end_ids = end_of_turn_ids(tokenizer, policy.generation_config)  # a response ends at any of them
+    reward = Reward(args, tokenizer, end_ids, device, dtype, verbose=grid.is_main)
     models = build_models(args, grid, policy, states, device, dtype)
     # fused: one kernel for all parameters, about 4x faster than the default per-tensor loop on CPU
     # (benchmarks/vs_trl.py)
@@ -2151,14 +2240,14 @@ def main(args: Args):
         # Context-parallel ranks hold whole weights: they share the sampling as data-parallel ranks do.
         my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks * grid.cp_size, sampling_rank)
         samples = sample_chunks(
-            models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, f"update {update}", autocast
+            models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, end_ids, f"update {update}", autocast
         )
         timer.lap("generation")
 
-        # 2-3. Truncate at the first EOS (what follows is padding, outside every loss and statistic)
-        #      and score; each rank its chunks, then all are gathered in chunk order.
-        responses, mask, has_eos, sampler_logprobs, scores = truncate_and_score(
-            samples, my_chunks, prompts, reward, tokenizer, grid, dtype
+        # 2-3. Truncate at the first end-of-turn id (what follows is padding, outside every loss and
+        #      statistic) and score; each rank its chunks, then all are gathered in chunk order.
+        responses, mask, has_eos, sampler_logprobs, scores, scored = truncate_and_score(
+            samples, my_chunks, prompts, prompt_ids, prompt_mask, reward, grid, dtype
         )
         input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
         raw_mean = scores.mean().item()
@@ -2203,15 +2292,17 @@ def main(args: Args):
                 old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam
             )
             advantages = kernels.masked_whiten(advantages, mask)
-        # DAPO's dynamic sampling as a filter: groups of equal scores leave the loss and its statistics.
+        # DAPO's dynamic sampling as a filter: groups of equal scores leave the loss and its statistics;
+        # so does every response a --reward-fn gave no score.
         loss_mask, dropped = drop_equal_groups(scores, mask, args.samples_per_prompt, enabled=args.drop_equal_groups)
+        loss_mask = loss_mask & scored[:, None]
 
         # 8. PPO epochs over shuffled minibatches, each rank its share of each in micro-batches.
         #    The loss is normalised by the whole minibatch's count of tokens (or sequences), so
         #    accumulating the micro-batches and ranks gives the one-process step.
         batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
         batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
-        batch.update(loss_mask=loss_mask, dropped_fraction=dropped)
+        batch.update(loss_mask=loss_mask, dropped_fraction=dropped, scored=scored)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):

@@ -59,6 +59,7 @@ import gzip
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -92,21 +93,31 @@ class Args:
     """seed of python, numpy and torch (sampling, data order, dropout): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by the walk's optimality; sentiment: openings of movie reviews
-    (examples/sentiment_prompts.jsonl) scored by VADER's compound score of the continuation (the optional extra
-    vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: `{"prompt"}`
-    records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub
-    unless --data is given; jsonl, hh and tldr need --reward-model or --reward-fn)"""
+    (examples/sentiment_prompts.jsonl, or --data) scored by VADER's compound score of the reply (the optional extra
+    vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: prompt-only records
+    from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless
+    --data is given; jsonl, hh and tldr need --reward-model or --reward-fn). Every task's prompts become prompt-only
+    records, read by one code path"""
     data: Optional[str] = None
-    """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
-    shipped ones; for hh/tldr a local copy in the upstream format"""
+    """prompt-only records (TRL's format): `{"prompt": text}` or `{"prompt": [{"role": "user", "content": ...}]}`, one
+    kind per file, any other columns (a reference answer, `tools` for the chat template) kept for --reward-fn; a .jsonl
+    or .jsonl.gz file, or with the datasets package a .parquet file or a datasets directory. Required for --task jsonl;
+    for sentiment it replaces the shipped openings; for hh/tldr a local copy in the upstream format"""
+    chat_template: Optional[str] = None
+    """a Jinja chat template file replacing the tokenizer's (saved with the policy); conversational prompts are
+    rendered by it with the generation prompt, and its end-of-turn token ends a response"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
     """a reward_model.py run directory (or any sequence-classification model with num_labels=1): its raw score ranks
     the samples"""
     reward_fn: Optional[str] = None
-    """`module:function` (or `path/file.py:function`) taking (prompts, responses) and returning one float per
-    response"""
+    """`module:function` (or `path/file.py:function`) called as TRL's reward functions are, once per generation chunk:
+    f(prompts, completions, **columns), prompts and completions message lists for conversational data (a completion
+    is [{"role": "assistant", "content": reply}]) and strings otherwise, every other column of the rows a keyword
+    argument (a list, one value per sample); returns one float per sample, or None for no score: that sample is never
+    kept and its prompt's threshold is the quantile of the others' scores (samples/unscored_fraction counts them; all
+    None in a round is an error). A function of exactly two parameters is called f(prompts, responses)"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
     """fp32; bf16: autocast for the forward passes (weights and optimizer stay fp32); fp64: weights and every
     computation in float64, slow, for checking that two layouts compute the same math (the tests compare runs this
@@ -279,6 +290,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
     if args.task == "randomwalks" and args.data is not None:
         fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -306,9 +319,11 @@ def select(scores: np.ndarray, percentile: float) -> tuple:
     between the two nearest, numpy's default, as trlX), and a sample is kept when its score is at
     or above it, ties included. A prompt whose samples all score the same keeps none: the tie says
     nothing of which is better (all walks failing, or all optimal), and kept, an all-failure prompt
-    would weigh as much as the prompts that do tell good from bad."""
-    thresholds = np.quantile(scores, percentile, axis=1)
-    informative = scores.max(axis=1) > scores.min(axis=1)
+    would weigh as much as the prompts that do tell good from bad. A NaN score (a --reward-fn's None)
+    is never kept and leaves its prompt's quantile to the other samples' scores."""
+    scores = np.where(np.isnan(scores).all(axis=1, keepdims=True), 0.0, scores)  # no score at all: a tie
+    thresholds = np.nanquantile(scores, percentile, axis=1)
+    informative = np.nanmax(scores, axis=1) > np.nanmin(scores, axis=1)
     return (scores >= thresholds[:, None]) & informative[:, None], thresholds
 
 
@@ -491,15 +506,21 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 # Prompts: randomwalks' start letters, or the prompts of a text task
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> list:
-    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or of a .parquet file or a
+    directory written by datasets' save_to_disk, read through the optional datasets package."""
+    if path.endswith(".parquet") or os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            fail(f"reading {path} needs the datasets package: pip install datasets")
+        try:
+            return (
+                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a folder of several splits: one line either way
+            fail(f"cannot read {path!r} as one dataset ({type(error).__name__}: {error}); pass a .jsonl file")
     if not os.path.isfile(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet
-        except ImportError:
-            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
-        return pyarrow.parquet.read_table(path).to_pylist()
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -518,24 +539,21 @@ def read_records(path: str) -> list:
     return records
 
 
-def require_fields(records: list, fields: tuple, path: str):
-    for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+def is_conversation(value) -> bool:
+    """A message list: a non-empty list of dicts, each with a string role and a string content."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
 
 
-def hh_example(dialogue: str):
-    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
-    marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+def hh_prompt(dialogue) -> Optional[str]:
+    """An hh-rlhf dialogue up to and including its last "\\n\\nAssistant:" (None without one)."""
+    cut = dialogue.rfind("\n\nAssistant:") if isinstance(dialogue, str) else -1
+    return dialogue[: cut + len("\n\nAssistant:")] if cut >= 0 else None
 
 
 def download(task: str) -> list:
@@ -555,43 +573,42 @@ def download(task: str) -> list:
 
 
 SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "sentiment_prompts.jsonl")
+PROMPT_ONLY = "'prompt' (a string or a list of role/content messages)"
+TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"  # Stiennon et al.'s format
 
 
 def load_prompts(task: str, data: Optional[str]) -> list:
-    """The prompts of a text task: jsonl and sentiment `prompt`s, hh dialogues up to their last
-    assistant turn, TL;DR posts."""
-    if task == "sentiment" and data is None:
-        if not os.path.isfile(SENTIMENT_PROMPTS):
-            fail(
-                f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside rft.py); pass "
-                f'--data with a file of {{"prompt": ...}} lines'
-            )
-        data = SENTIMENT_PROMPTS
-    prompts = []
-    for path in [data] if data else download(task):
-        records = read_records(path)
-        if task in ("jsonl", "sentiment"):
-            require_fields(records, ("prompt",), path)
-            prompts += [r["prompt"] for r in records]
-        elif task == "hh":
-            require_fields(records, ("chosen",), path)
-            prompts += [p[0] for p in map(hh_example, (r["chosen"] for r in records)) if p is not None]
-        elif task == "tldr":
-            require_fields(records, ("subreddit", "title", "post"), path)
-            prompts += [
-                f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR:" for r in records
-            ]
-    prompts = list(dict.fromkeys(prompts))  # hh repeats a prompt for each of its comparisons
-    if not prompts:
-        fail(f"no prompts in {data or task}; the file is empty or no record has a prompt")
-    return prompts
+    """The prompt-only records of a text task (TRL's format): `prompt` a string or a message list, the same kind in
+    every record, every other column kept. The upstream tasks' records become such records: an hh dialogue up to
+    its last assistant turn (its comparison left out, so that the prompt it repeats for each is kept once), a TL;DR
+    post in its prompt format. Each record once, with every column (None where it had none), so that a reward
+    function gets the same arguments for every chunk."""
+    expected = {"hh": "'chosen' (a dialogue)", "tldr": "'subreddit', 'title', 'post'"}
+    records, kinds = [], set()
+    for path in [data or SENTIMENT_PROMPTS] if data or task == "sentiment" else download(task):
+        for number, record in enumerate(read_records(path), 1):
+            prompt = hh_prompt(record.get("chosen")) if task == "hh" else record.get("prompt")
+            if task == "tldr" and all(isinstance(record.get(k), str) for k in ("subreddit", "title", "post")):
+                prompt = TLDR_PROMPT.format(**record)
+            if not isinstance(prompt, str) and not is_conversation(prompt):
+                found = ", ".join(record) or "none"
+                fail(f"{path}, record {number}: expected {expected.get(task, PROMPT_ONLY)}, found fields {found}")
+            kinds.add(type(prompt))
+            records.append({"prompt": prompt} if task == "hh" else {**record, "prompt": prompt})
+    if len(kinds) > 1:
+        fail(f"{data} mixes string prompts and message lists; use one kind of prompt per file")
+    records = list({json.dumps(r, sort_keys=True, default=str): r for r in records}.values())
+    if not records:
+        fail(f"no prompts in {data or task}; the file is empty")
+    columns = dict.fromkeys(k for r in records for k in r)
+    return [{k: r.get(k) for k in columns} for r in records]
 
 
 def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
     prompts = load_prompts(args.task, args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -604,32 +621,82 @@ def task_prompts(args: Args) -> tuple:
     return [prompts[i] for i in order[n_eval:]], [prompts[i] for i in order[:n_eval]]
 
 
-def prompt_tokens(tokenizer, prompt: str, room: int) -> list:
-    """A prompt's token ids, cut on the left to `room` tokens (an empty prompt becomes EOS: generation
-    needs one position to start from)."""
+def render(tokenizer, messages: list, tools=None, add_generation_prompt=False) -> list:
+    """Token ids of a conversation in the tokenizer's chat template (the template writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_tokens(tokenizer, record: dict, room: int) -> list:
+    """A prompt's token ids, cut on the left to `room` tokens: a conversation rendered by the chat template with the
+    generation prompt, a string as the tokenizer encodes it (an empty prompt becomes EOS: generation needs a
+    position to start from)."""
+    prompt = record["prompt"]
+    if is_conversation(prompt):
+        return render(tokenizer, prompt, record.get("tools"), add_generation_prompt=True)[-room:]
     return tokenizer(prompt)["input_ids"][-room:] or [tokenizer.eos_token_id]
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list:
+    """The ids that end a response: the tokenizer's EOS, generation_config.eos_token_id (an int or a list), and the
+    chat template's end-of-turn token (<|im_end|>, <|eot_id|>), found as the first token after a reply's text."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        user, reply = [{"role": "user", "content": "x"}], tokenizer("y", add_special_tokens=False)["input_ids"]
+        context = render(tokenizer, user, add_generation_prompt=True)
+        tail = render(tokenizer, user + [{"role": "assistant", "content": "y"}])[len(context) :]
+        if tail[: len(reply)] == reply and len(tail) > len(reply):
+            ids.add(tail[len(reply)])
+    return sorted(i for i in ids if i is not None)
+
+
+def use_chat_template(tokenizer, path: Optional[str], records: list, name: str):
+    """--chat-template replaces the tokenizer's template (and is saved with it); conversations need a template."""
+    if path:
+        with open(path, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()
+    if is_conversation(records[0]["prompt"]) and not tokenizer.chat_template:
+        fail(
+            f"the prompts are conversations and the tokenizer of {name!r} has no chat template; "
+            "pass --chat-template PATH"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Rewards: the task's metric, VADER, a reward model (as in reward_model.py), or a user function
 # ---------------------------------------------------------------------------------------------
+def reward_model_ids(tokenizer, record: dict, response: str) -> list:
+    """What a reward model with a tokenizer of its own reads: the conversation (the prompt's messages and the reply)
+    in its chat template, up to the reply's end-of-turn token, or without a template the prompt's text (a
+    conversation's contents, a line each) and the reply's."""
+    prompt, tools = record["prompt"], record.get("tools")
+    if is_conversation(prompt) and tokenizer.chat_template:
+        context = render(tokenizer, prompt, tools, add_generation_prompt=True)
+        reply = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)[len(context) :]
+        ends = [i + 1 for i, t in enumerate(reply) if t in set(end_of_turn_ids(tokenizer))]
+        return context + reply[: ends[0] if ends else len(reply)]
+    text = "\n".join(m["content"] for m in prompt) if is_conversation(prompt) else prompt
+    return tokenizer(text)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
-def reward_model_scores(model, tokenizer, prompts: list, responses: list, batch_size: int = 32) -> list:
-    """Raw reward-model scores of each (prompt, response), read at the last real token of the
-    right-padded sequence (the transformers class finds the rightmost non-pad token). The texts are
-    tokenized for the reward model and cut to its context from the left: the response is what is
-    judged, and its last token is where the score is read."""
+def reward_model_scores(model, tokenizer, records: list, responses: list, sequences=None, batch_size: int = 32) -> list:
+    """Raw reward-model scores of each (prompt record, response text), read at the last real token of the
+    right-padded sequence (the transformers class finds the rightmost non-pad token): of `sequences` when given
+    (prompt and response token ids as sampled, for a model with the policy's tokenizer), else of reward_model_ids.
+    Each is cut to the model's context from the left: the response is what is judged, and its last token is where
+    the score is read."""
     max_length = model_context(model.config) or 1 << 30
     device = next(model.parameters()).device
-    sequences = [
-        (tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"])[-max_length:]
-        for prompt, response in zip(prompts, responses)
-    ]
+    sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
     scores = []
     for start in range(0, len(sequences), batch_size):
         # collate's labels go unused: a reward model is not trained here
         input_ids, attention_mask, _ = collate(
-            [(ids, 0) for ids in sequences[start : start + batch_size]], tokenizer.pad_token_id, device
+            [(ids[-max_length:], 0) for ids in sequences[start : start + batch_size]], tokenizer.pad_token_id, device
         )
         scores += model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].double().tolist()
     return scores
@@ -655,7 +722,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab() and verbose:
         print(
             "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
-            "re-tokenized for it"
+            "rendered for it (with its chat template, if it has one)"
         )
     return model.to(device).eval().requires_grad_(False), tokenizer
 
@@ -676,8 +743,21 @@ def load_reward_fn(spec: str):
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, responses)")
+        fail(
+            f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions, **columns)"
+        )
     return function
+
+
+def call_reward_fn(function, records: list, texts: list):
+    """--reward-fn on one chunk in TRL's convention (see Args.reward_fn): f(prompts, completions, **columns), or
+    f(prompts, responses) for a function of exactly two positional parameters, as before."""
+    prompts = [r["prompt"] for r in records]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversation(prompts[0]) else texts
+    parameters = inspect.signature(function).parameters.values()
+    if len(parameters) == 2 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return function(prompts, completions)
+    return function(prompts, completions, **{k: [r[k] for r in records] for k in records[0] if k != "prompt"})
 
 
 @functools.cache
@@ -694,14 +774,15 @@ def vader():
 
 
 def checked_scores(values, count: int, source: str) -> list:
-    """A reward function's output as floats, refusing wrong lengths and non-finite numbers."""
+    """A reward function's output as floats, None as NaN (no score), refusing wrong lengths and non-finite numbers."""
     try:
-        scores = [float(v) for v in values]
+        values = list(values)
+        scores = [math.nan if v is None else float(v) for v in values]
     except (TypeError, ValueError):
-        fail(f"{source} must return a list of numbers, got {type(values).__name__}")
+        fail(f"{source} must return a list of numbers (or None for no score), got {type(values).__name__}")
     if len(scores) != count:
         fail(f"{source} returned {len(scores)} scores for {count} responses; return exactly one per response")
-    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    bad = [i for i, (s, v) in enumerate(zip(scores, values)) if not math.isfinite(s) and v is not None]
     if bad:
         fail(f"{source} returned a non-finite score (NaN or inf) for response {bad[0]}; return finite numbers")
     return scores
@@ -713,33 +794,36 @@ class Reward:
     prompt's samples with each other, so no normalisation would change it. The reward model is
     replicated on every rank: it only scores."""
 
-    def __init__(self, args: Args, tokenizer, device, dtype, verbose: bool):
-        self.task, self.source = args.task, args.reward_fn
+    def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
+        self.task, self.source, self.end_ids = args.task, args.reward_fn, end_ids
         if args.task == "randomwalks":
             self.adjacency, _ = generate_random_walks()
             self.shortest = shortest_path_nodes(self.adjacency)
         self.model = (
             load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
         )
+        self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
         if args.task == "sentiment":
             vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
 
-    def __call__(self, prompts: list, responses: list) -> list:
-        """One float per (prompt text, response text); called once per generation chunk."""
+    def __call__(self, records: list, texts: list, sequences: list) -> list:
+        """One float (NaN: a --reward-fn's None) per response of one generation chunk: `records` the prompt records,
+        `texts` the replies before their end-of-turn id, `sequences` the prompt's and reply's token ids as sampled,
+        which a reward model with the policy's tokenizer reads."""
         if self.model is not None:
-            return reward_model_scores(*self.model, prompts, responses)
+            return reward_model_scores(*self.model, records, texts, sequences if self.same_tokenizer else None)
         if self.fn is not None:
-            return checked_scores(self.fn(prompts, responses), len(responses), f"--reward-fn {self.source}")
-        return self.task_metric(prompts, responses)
+            return checked_scores(call_reward_fn(self.fn, records, texts), len(texts), f"--reward-fn {self.source}")
+        return self.task_metric(records, texts)
 
-    def task_metric(self, prompts: list, responses: list) -> list:
+    def task_metric(self, records: list, responses: list) -> list:
         """The task's own measure, whatever the reward: the walk's optimality, or VADER's compound
-        score of the continuation (the prompt is not scored, so the opening's own sentiment does not
+        score of the reply (the prompt is not scored, so the opening's own sentiment does not
         count)."""
         if self.task == "sentiment":
             return [vader().polarity_scores(response)["compound"] for response in responses]
-        return [walk_optimality(p + r, self.adjacency, self.shortest) for p, r in zip(prompts, responses)]
+        return [walk_optimality(r["prompt"] + t, self.adjacency, self.shortest) for r, t in zip(records, responses)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,8 +835,9 @@ def model_context(config):
 
 
 @torch.no_grad()
-def generate(model, prompts: list, max_new_tokens: int, temperature: float, tokenizer, device) -> list:
-    """Response token ids for each prompt (a list of token ids), up to and including the first EOS:
+def generate(model, prompts: list, max_new_tokens: int, temperature: float, tokenizer, end_ids: list, device) -> list:
+    """Response token ids for each prompt (a list of token ids), up to and including the first of end_ids (the EOS,
+    a chat template's end-of-turn id; a response cut at max_new_tokens has none):
     a left-padded batch decoded token by token on the KV cache, greedy at temperature 0, else
     sampled from softmax(logits / temperature) and nothing else. (model.generate() would also
     apply what the checkpoint's generation_config.json asks, a repetition penalty or banned
@@ -787,15 +872,17 @@ def generate(model, prompts: list, max_new_tokens: int, temperature: float, toke
         )
         next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
         tokens.append(next_ids)
-        finished |= next_ids == tokenizer.eos_token_id
+        finished |= torch.isin(next_ids, torch.tensor(end_ids, device=device))
         if finished.all():
             break
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
-    eos = tokenizer.eos_token_id
-    return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in torch.stack(tokens, 1).tolist()]
+    return [
+        ids[: next((i + 1 for i, t in enumerate(ids) if t in end_ids), len(ids))]
+        for ids in torch.stack(tokens, 1).tolist()
+    ]
 
 
 def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
@@ -821,7 +908,16 @@ def my_chunks(rows: int, args: Args, grid) -> list:
 
 
 def sample_chunks(
-    model, prompt_ids: list, rows: list, chunks: list, temperature: float, stream: str, args, tokenizer, autocast
+    model,
+    prompt_ids: list,
+    rows: list,
+    chunks: list,
+    temperature: float,
+    stream: str,
+    args,
+    tokenizer,
+    end_ids,
+    autocast,
 ) -> list:
     """Step 1 on this rank's chunks: a response to prompt_ids[rows[i]] for each row i of each chunk,
     each chunk on a forked RNG seeded by (seed, stream, chunk), so the samples depend neither on
@@ -835,28 +931,35 @@ def sample_chunks(
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
                 chunk_prompts = [prompt_ids[row] for row in rows[lo:hi]]
                 responses.append(
-                    generate(model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, device)
+                    generate(model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, end_ids, device)
                 )
     return responses
 
 
-def score_and_gather(responses: list, chunks: list, rows: list, prompts: list, reward: Reward, tokenizer, grid):
+def score_and_gather(
+    responses: list, chunks: list, rows: list, prompts: list, prompt_ids: list, reward: Reward, tokenizer, grid
+):
     """Step 2 on this rank's chunks, then gathered over the ranks in chunk order: (every row's
     response token ids, its text, its score). Every rank ends with all of them."""
     local = []
     for (chunk, lo, hi), chunk_responses in zip(chunks, responses):
-        eos = tokenizer.eos_token_id
-        # randomwalks decodes every token, so a pad or unknown token inside a walk makes it invalid.
+        # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
+        # inside a walk makes it invalid.
         texts = [
-            tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=reward.task != "randomwalks")
+            tokenizer.decode(
+                ids[:-1] if ids[-1] in reward.end_ids else ids, skip_special_tokens=reward.task != "randomwalks"
+            )
             for ids in chunk_responses
         ]
-        scores = reward([prompts[row] for row in rows[lo:hi]], texts)
-        local.append((chunk, chunk_responses, texts, scores))
+        sequences = [prompt_ids[row] + ids for row, ids in zip(rows[lo:hi], chunk_responses)]
+        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in rows[lo:hi]], texts, sequences)))
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
     )
-    return tuple([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+    responses, texts, scores = ([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+    if all(math.isnan(score) for score in scores):
+        fail(f"--reward-fn {reward.source} returned None for every response of a round; score some of them")
+    return responses, texts, scores
 
 
 @torch.no_grad()
@@ -873,10 +976,10 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
         rows = [i for i in range(len(prompts)) for _ in range(copies)]
         chunks = my_chunks(len(rows), args, grid)
         responses = sample_chunks(
-            model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, autocast
+            model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, reward.end_ids, autocast
         )
-        _, texts, scores = score_and_gather(responses, chunks, rows, prompts, reward, tokenizer, grid)
-        metrics[f"eval/score_{mode}"] = float(np.mean(scores))
+        _, texts, scores = score_and_gather(responses, chunks, rows, prompts, prompt_ids, reward, tokenizer, grid)
+        metrics[f"eval/score_{mode}"] = float(np.nanmean(scores))
         if args.task == "randomwalks":
             optimality = reward.task_metric([prompts[row] for row in rows], texts)
             metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))
@@ -884,7 +987,7 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
         if args.task == "sentiment":
             metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric([prompts[row] for row in rows], texts)))
         if mode == "greedy":
-            table = [[prompts[row], text, s] for row, text, s in zip(rows[:20], texts, scores)]
+            table = [[str(prompts[row]["prompt"]), text, s] for row, text, s in zip(rows[:20], texts, scores)]
     return metrics, table
 
 
@@ -1109,10 +1212,11 @@ def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarr
         "samples/kept": int(kept.sum()),
         "samples/kept_fraction": float(kept.mean()),
         **({"samples/kept_score_mean": float(scores[kept].mean())} if kept.any() else {}),
-        "samples/score_mean": float(scores.mean()),
-        "samples/score_std": float(scores.std()),
-        "samples/score_min": float(scores.min()),
-        "samples/score_max": float(scores.max()),
+        "samples/score_mean": float(np.nanmean(scores)),
+        "samples/score_std": float(np.nanstd(scores)),
+        "samples/score_min": float(np.nanmin(scores)),
+        "samples/score_max": float(np.nanmax(scores)),
+        "samples/unscored_fraction": float(np.isnan(scores).mean()),
     }
 
 
@@ -1122,7 +1226,7 @@ def wandb_extras(scores: np.ndarray, thresholds: np.ndarray, eval_rows: list, ke
 
     columns = ["prompt", "response", "score"]
     return {
-        "samples/scores": wandb.Histogram(scores.reshape(-1)),
+        "samples/scores": wandb.Histogram(scores[~np.isnan(scores)]),
         "samples/thresholds": wandb.Histogram(thresholds),
         "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
         "eval/greedy": wandb.Table(columns=columns, data=eval_rows),
@@ -1161,9 +1265,11 @@ def main(args: Args):
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context"
         )
     room = min(args.max_prompt_length, context - args.max_new_tokens) if context else args.max_prompt_length
+    use_chat_template(tokenizer, args.chat_template, train_prompts, args.model)
     train_ids = [prompt_tokens(tokenizer, p, room) for p in train_prompts]
     eval_ids = [prompt_tokens(tokenizer, p, room) for p in eval_prompts]
-    reward = Reward(args, tokenizer, device, dtype, verbose=grid.is_main)
+    end_ids = end_of_turn_ids(tokenizer, model.generation_config)  # a response ends at any of them
+    reward = Reward(args, tokenizer, end_ids, device, dtype, verbose=grid.is_main)
 
     # The layout: each wrapper a no-op for a group of one. Same seed on every rank, so the weights
     # start equal (the wrapper also broadcasts rank 0's).
@@ -1207,11 +1313,13 @@ def main(args: Args):
         rows = [i for i in range(len(train_prompts)) for _ in range(args.samples_per_prompt)]
         chunks = my_chunks(len(rows), args, grid)
         responses = sample_chunks(
-            model, train_ids, rows, chunks, args.temperature, f"round {round_index}", args, tokenizer, autocast
+            model, train_ids, rows, chunks, args.temperature, f"round {round_index}", args, tokenizer, end_ids, autocast
         )
 
         # 2. Score each rank's chunks, then gather every response and score on every rank.
-        responses, texts, scores = score_and_gather(responses, chunks, rows, train_prompts, reward, tokenizer, grid)
+        responses, texts, scores = score_and_gather(
+            responses, chunks, rows, train_prompts, train_ids, reward, tokenizer, grid
+        )
         scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
 
         # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
@@ -1240,7 +1348,7 @@ def main(args: Args):
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
             kept_samples = [
-                [train_prompts[row], text, score]
+                [str(train_prompts[row]["prompt"]), text, score]
                 for row, text, score, keep in zip(rows, texts, scores.reshape(-1), kept.reshape(-1))
                 if keep
             ]

@@ -99,7 +99,7 @@ def main():
 
         def ours():
             with torch.no_grad(), autocast:
-                responses, _ = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer)
+                responses, _ = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer, [tokenizer.eos_token_id])
             assert responses.shape == (batch, options.new_tokens)
 
         def theirs():

@@ -8,17 +8,23 @@ import json
 import math
 import os
 import shutil
+import types
 from dataclasses import replace
 
 import pytest
 import torch
 import tyro
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import kernels
 import ppo
 from conftest import (
+    CHAT_TEMPLATES,
+    END_OF_TURN,
     FIXTURES,
+    chat_tokenizer,
+    save_tiny_chat_model,
+    write_jsonl,
     LOGPROB_GAP,
     SAME_MATH,
     assert_same_weights,
@@ -379,9 +385,10 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
     )
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
     args = ppo.Args(model="m", max_new_tokens=12, temperature=0.7)
-    prompt_ids, prompt_mask = ppo.encode_prompts(tokenizer, ["b", "cde", "f", "ghi"] * 2, 8, "cpu")
+    prompts = [{"prompt": p} for p in ["b", "cde", "f", "ghi"] * 2]
+    prompt_ids, prompt_mask = ppo.encode_prompts(tokenizer, prompts, 8, "cpu")
     torch.manual_seed(1)
-    responses, logprobs = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer)
+    responses, logprobs = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer, [tokenizer.eos_token_id])
 
     torch.manual_seed(1)
     ids, mask, finished = prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
@@ -843,7 +850,7 @@ def test_smoke_run_with_wandb_offline(tmp_path, walk_policy):
 
 def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
     prompts = ppo.load_prompts("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
-    assert prompts[0] == "\n\nHuman: What is a good way to learn to cook?\n\nAssistant:"
+    assert prompts[0] == {"prompt": "\n\nHuman: What is a good way to learn to cook?\n\nAssistant:"}
     compressed = tmp_path / "train.jsonl.gz"  # the hub's format
     compressed.write_bytes(gzip.compress(open(os.path.join(FIXTURES, "hh-rlhf-train.jsonl"), "rb").read()))
     assert ppo.load_prompts("hh", str(compressed)) == prompts
@@ -864,6 +871,7 @@ def test_text_task_with_a_reward_function(tmp_path, tiny_gpt2):
 
 def test_sentiment_task_prompts_and_reward(tmp_path, tiny_gpt2):
     prompts = ppo.load_prompts("sentiment", None)  # the shipped openings of movie reviews
+    prompts = [p["prompt"] for p in prompts]
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts) and all(2 <= len(p.split()) <= 8 for p in prompts)
     args = quick_args(tmp_path, tiny_gpt2, task="sentiment", max_new_tokens=4, eval_prompts=2)
     if importlib.util.find_spec("vaderSentiment") is None:  # an optional extra: without it, one clear line
@@ -1085,3 +1093,153 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, text_reward
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_runs_agree(one_process(flags), tmp_path / "four", policy)
+
+
+# --- conversational data and chat models (issue 25) ---------------------------------------------
+class ScriptedModel(torch.nn.Module):
+    """A causal LM whose greedy choice at step t of row r is script[r][t]: the logits the decode loop sees."""
+
+    def __init__(self, script: list, vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size, self.step = script, vocab_size, 0
+
+    def forward(self, input_ids, **kwargs):
+        logits = torch.zeros(len(self.script), 1, self.vocab_size, dtype=torch.float64)
+        for row, tokens in enumerate(self.script):
+            logits[row, 0, tokens[min(self.step, len(tokens) - 1)]] = 50.0
+        self.step += 1
+        return types.SimpleNamespace(logits=logits, cache=None)
+
+
+def test_generation_stops_on_every_end_of_turn_id_and_a_cut_response_has_none():
+    """The tiny chat tokenizer's EOS is <|endoftext|> and its turns end with <|im_end|>; the generation
+    config lists both. A row stops at whichever it draws first and keeps it; a row that draws neither
+    within --max-new-tokens is cut there, with no end token (the old loop stopped on the EOS alone)."""
+    tokenizer = chat_tokenizer("chatml")
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN["chatml"])
+    end_ids = ppo.end_of_turn_ids(tokenizer, GenerationConfig(eos_token_id=[eos, im_end]))
+    assert end_ids == sorted({eos, im_end}) and ppo.end_of_turn_ids(tokenizer) == end_ids  # found in the template
+    llama3 = chat_tokenizer("llama3")
+    assert ppo.end_of_turn_ids(llama3) == sorted({llama3.eos_token_id, llama3.convert_tokens_to_ids("<|eot_id|>")})
+    assert ppo.end_of_turn_ids(text_tokenizer(), GenerationConfig(eos_token_id=7)) == sorted({0, 7})
+    script = [[5, im_end, 6, 7], [5, 6, eos, 8], [5, 6, 7, 8, 9, 10]]
+    model = ScriptedModel(script, len(tokenizer))
+    prompt_ids, prompt_mask = torch.tensor([[1, 2]] * 3), torch.ones(3, 2, dtype=torch.long)
+    args = ppo.Args(model="m", max_new_tokens=4)
+    generated, _ = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer, end_ids, greedy=True)
+    responses, mask, has_end = ppo.truncate_at_eos(generated, end_ids, tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    assert responses.tolist() == [[5, im_end, pad, pad], [5, 6, eos, pad], [5, 6, 7, 8]]
+    assert mask.sum(-1).tolist() == [2, 3, 4] and has_end.tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_prompts_are_rendered_as_apply_chat_template_with_the_generation_prompt(style):
+    tokenizer = chat_tokenizer(style)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on the mat"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    for record in ({"prompt": messages}, {"prompt": messages, "tools": tools}):
+        expected = tokenizer.apply_chat_template(
+            messages, tools=record.get("tools"), add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        assert ppo.prompt_tokens(tokenizer, record, 1000) == expected
+    assert ppo.prompt_tokens(tokenizer, {"prompt": "the cat"}, 1000) == tokenizer("the cat")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def chat_policy(tmp_path_factory):
+    """A tiny ChatML model whose <|im_end|> is likely enough that some responses end with it (not all):
+    its generation config lists the EOS and <|im_end|>."""
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("chat"), "chatml")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = chat_tokenizer("chatml")
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("<|im_end|>")] *= 30
+    model.save_pretrained(path)
+    return path
+
+
+CONVERSATIONS = [
+    {"prompt": [{"role": "user", "content": f"what does the {word} say"}], "answer": word}
+    for word in ("cat", "dog", "friend", "park", "world", "post", "title", "mat")
+]
+CHECKING_REWARD = """
+def reward(prompts, completions, answer, **columns):
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts), prompts
+    assert all(len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions)
+    assert len(answer) == len(prompts) and all(a in p[0]["content"] for a, p in zip(answer, prompts)), answer
+    return [None if i % 2 else 1.0 for i in range(len(answer))]
+"""
+
+
+def test_conversational_prompts_a_trl_reward_function_and_the_missing_eos_penalty(tmp_path, chat_policy):
+    """Message-list prompts with an extra column: the reward function gets message lists and the column,
+    and gives no score to half the responses (a share logged, no loss). A constant reward shows the
+    penalty: every response cut at --max-new-tokens without an end-of-turn id (<|im_end|> counts) pays it."""
+    (tmp_path / "reward.py").write_text(CHECKING_REWARD)
+    args = quick_args(
+        tmp_path,
+        chat_policy,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS * 2),
+        reward_fn=f"{tmp_path / 'reward.py'}:reward",
+        missing_eos_penalty=0.25,
+        max_new_tokens=4,
+        eval_prompts=1,
+        eval_every=2,
+    )
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    update = metrics["last_update"]
+    assert 0 < update["objective/eos_fraction"] < 1, "the test would not see both kinds of response"
+    assert update["objective/unscored_fraction"] == 0.5  # one chunk of 8, every other one None
+    # Exact in fp32: scores 1 or 0.75 (an unscored one stands at the mean score, 1), 8 of them, divided by 8.
+    assert update["objective/score"] == pytest.approx(1.0 - 0.25 * (1 - update["objective/eos_fraction"]), abs=1e-6)
+    assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["chatml"]
+
+
+def test_string_prompts_with_a_column_and_a_template_flag(tmp_path, chat_policy):
+    """Standard prompts through the same path: strings, and the extra column as a keyword argument;
+    --chat-template replaces the tokenizer's template and is saved with the policy."""
+    (tmp_path / "reward.py").write_text(
+        "def reward(prompts, completions, **columns):\n"
+        "    assert all(isinstance(p, str) for p in prompts + completions) and columns.keys() == {'answer'}\n"
+        "    return [float(len(c)) for c in completions]\n"
+    )
+    (tmp_path / "template.jinja").write_text(CHAT_TEMPLATES["drops-thinking"])
+    records = [{"prompt": r["prompt"][0]["content"], "answer": r["answer"]} for r in CONVERSATIONS]
+    args = quick_args(
+        tmp_path,
+        chat_policy,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "plain.jsonl", records),
+        reward_fn=f"{tmp_path / 'reward.py'}:reward",
+        chat_template=str(tmp_path / "template.jinja"),
+        max_new_tokens=3,
+        num_updates=1,
+        eval_prompts=1,
+    )
+    ppo.main(args)
+    assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["drops-thinking"]
+
+
+def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
+    def refused(records, *fragments, model=chat_policy, name="data.jsonl"):
+        data = write_jsonl(tmp_path / name, records)
+        reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")
+        expect_error(quick_args(tmp_path, model, task="jsonl", data=data, reward_fn=reward_fn), *fragments)
+        assert not os.path.exists(tmp_path / "run")
+
+    refused(
+        [{"prompt": "a"}, {"question": "b", "answer": "c"}],
+        "data.jsonl, record 2: expected 'prompt' (a string or a list of role/content messages), found fields "
+        "question, answer",
+    )
+    refused([{"prompt": [{"role": "user"}]}], "record 1: expected 'prompt'", "found fields prompt")
+    refused([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}], "mixes string prompts and message lists")
+    refused(CONVERSATIONS, "has no chat template; pass --chat-template PATH", model=tiny_gpt2)
+    if importlib.util.find_spec("datasets") is None:
+        (tmp_path / "data.parquet").write_bytes(b"PAR1")
+        reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")
+        args = quick_args(tmp_path, chat_policy, task="jsonl", data=str(tmp_path / "data.parquet"), reward_fn=reward_fn)
+        expect_error(args, "needs the datasets package: pip install datasets")
