@@ -112,7 +112,8 @@ class Args:
     is [{"role": "assistant", "content": reply}]) and strings otherwise, every other column of the rows a keyword
     argument (a list, one value per sample); returns one float per sample, or None for no score: that sample carries
     no loss this update and stands at its group's (or the batch's) mean score in the statistics
-    (objective/unscored_fraction counts them; all None is an error). A function of exactly two parameters is called f(prompts, responses)"""
+    (objective/unscored_fraction counts them; all None is an error). A function of exactly two parameters is called
+    f(prompts, responses)"""
     reward_device: Optional[str] = None
     """device of the reward model given by --reward-model (default: the policy's)"""
     reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
