@@ -956,10 +956,7 @@ def score_and_gather(
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
     )
-    responses, texts, scores = ([item for part in gathered for item in part[k]] for k in (1, 2, 3))
-    if all(math.isnan(score) for score in scores):
-        fail(f"--reward-fn {reward.source} returned None for every response of a round; score some of them")
-    return responses, texts, scores
+    return tuple([item for part in gathered for item in part[k]] for k in (1, 2, 3))
 
 
 @torch.no_grad()
@@ -1321,6 +1318,8 @@ def main(args: Args):
             responses, chunks, rows, train_prompts, train_ids, reward, tokenizer, grid
         )
         scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
+        if np.isnan(scores).all():
+            fail(f"--reward-fn {args.reward_fn} returned None for every sample of round {round_index + 1}; score some")
 
         # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
         percentile = percentile_at(round_index, args.rounds, args.start_percentile, args.end_percentile)

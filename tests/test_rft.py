@@ -7,11 +7,16 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import rft
 from conftest import (
+    CHAT_TEMPLATES,
+    END_OF_TURN,
     SAME_MATH,
+    chat_tokenizer,
+    save_tiny_chat_model,
+    write_jsonl,
     assert_same_weights,
     kill_and_resume,
     max_weight_difference,
@@ -185,7 +190,7 @@ def test_generate_is_greedy_decoding_up_to_and_including_eos():
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
     model.lm_head.weight.data[tokenizer.eos_token_id] *= 8  # EOS likely enough to end some responses, not all
     prompts = [[1], [4, 7, 2], [9, 3], [5], [6, 8]]
-    responses = rft.generate(model, prompts, 8, 0.0, tokenizer, "cpu")
+    responses = rft.generate(model, prompts, 8, 0.0, tokenizer, [tokenizer.eos_token_id], "cpu")
     for prompt, response in zip(prompts, responses):
         ids, reference = list(prompt), []
         with torch.no_grad():
@@ -215,7 +220,8 @@ def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy)
         expected = [
             model(torch.tensor([tokenizer(p + r)["input_ids"]])).logits[0, 0].item() for p, r in zip(prompts, responses)
         ]
-    assert rft.reward_model_scores(model, rm_tokenizer, prompts, responses, batch_size=2) == pytest.approx(
+    records = [{"prompt": p} for p in prompts]
+    assert rft.reward_model_scores(model, rm_tokenizer, records, responses, batch_size=2) == pytest.approx(
         expected, rel=1e-12
     )
     rm, run_dir = str(tmp_path / "rm"), str(tmp_path / "run")
@@ -392,3 +398,86 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, policy):
     # A causal LM loads with a made-up score head; with num_labels=1 in its config rft selected on random scores.
     causal_lm = save_tiny_model(tmp_path / "lm", tokenizer=rft.randomwalks_tokenizer(), num_labels=1)
     expect_error(rft.Args(**quick, reward_model=causal_lm), "has no trained score head")
+
+
+# --- conversational data and chat models (issue 25) ---------------------------------------------
+def test_generate_stops_on_every_end_of_turn_id_and_keeps_it():
+    """A model biased towards the Llama-3 style template's <|eot_id|>, which is not its EOS: responses end
+    at the first of the EOS or <|eot_id|>, keep it, and a response cut at the budget has neither."""
+    tokenizer = chat_tokenizer("llama3")
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN["llama3"])
+    end_ids = rft.end_of_turn_ids(tokenizer, GenerationConfig(eos_token_id=[tokenizer.eos_token_id, eot]))
+    assert end_ids == sorted({tokenizer.eos_token_id, eot}) == rft.end_of_turn_ids(tokenizer)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
+    model.lm_head.weight.data[eot] *= 30
+    prompts = [rft.prompt_tokens(tokenizer, {"prompt": [{"role": "user", "content": w}]}, 32) for w in "abcdefgh"]
+    torch.manual_seed(0)
+    responses = rft.generate(model, prompts, 6, 1.0, tokenizer, end_ids, "cpu")
+    assert all(not set(response[:-1]) & set(end_ids) for response in responses)
+    ended = [response[-1] == eot for response in responses]
+    assert any(ended) and all(response[-1] in end_ids or len(response) == 6 for response in responses)
+    assert not all(ended), "the test would not see a response cut at the budget"
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_prompts_are_rendered_as_apply_chat_template_with_the_generation_prompt(style):
+    tokenizer = chat_tokenizer(style)
+    messages = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on the mat"}]
+    messages.append({"role": "user", "content": "my friend said hello"})
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    for record in ({"prompt": messages}, {"prompt": messages, "tools": tools}):
+        expected = tokenizer.apply_chat_template(
+            messages, tools=record.get("tools"), add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        assert rft.prompt_tokens(tokenizer, record, 1000) == expected
+
+
+def test_conversational_prompts_with_a_trl_reward_function(tmp_path):
+    """Message-list prompts with an extra column, scored by a reward function that checks it gets message
+    lists and the column, and leaves some samples unscored: those are never kept, and a share is logged."""
+    policy = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    (tmp_path / "reward.py").write_text(
+        "def reward(prompts, completions, answer):\n"
+        "    assert all(p[-1]['role'] == 'user' for p in prompts)\n"
+        "    assert all(c[0]['role'] == 'assistant' for c in completions)\n"
+        "    assert all(a in p[-1]['content'] for a, p in zip(answer, prompts)), answer\n"
+        "    return [None if i % 4 == 0 else float(len(c[0]['content'])) for i, c in enumerate(completions)]\n"
+    )
+    words = ["cat", "dog", "friend", "park", "world", "post", "title", "mat", "hello", "summary"]
+    records = [{"prompt": [{"role": "user", "content": f"what does the {w} say"}], "answer": w} for w in words]
+    args = rft.Args(
+        model=policy,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "chat.jsonl", records),
+        reward_fn=f"{tmp_path / 'reward.py'}:reward",
+        output_dir=str(tmp_path / "run"),
+        rounds=1,
+        samples_per_prompt=4,
+        batch_size=4,
+        max_new_tokens=4,
+        eval_prompts=1,
+        start_percentile=0.0,
+    )
+    rft.main(args)
+    (round_metrics,) = metrics_of(args.output_dir)["rounds"]
+    assert round_metrics["samples/unscored_fraction"] == 0.25 and round_metrics["train/steps"] >= 1
+    # Percentile 0: every scored sample of an informative prompt is kept, no unscored one.
+    assert round_metrics["samples/kept"] <= 27
+    assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["chatml"]
+
+
+def test_bad_prompt_data_is_one_line(tmp_path, tiny_gpt2):
+    reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")
+
+    def refused(records, *fragments, model=tiny_gpt2):
+        data = write_jsonl(tmp_path / "data.jsonl", records)
+        expect_error(
+            rft.Args(model=model, task="jsonl", data=data, reward_fn=reward_fn, output_dir=str(tmp_path / "run")),
+            *fragments,
+        )
+
+    refused([{"prompt": "a"}, {"text": "b"}], "data.jsonl, record 2: expected 'prompt'", "found fields text")
+    refused([{"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}], "mixes string prompts and message lists")
+    conversations = [{"prompt": [{"role": "user", "content": word}]} for word in ("a", "b")]
+    refused(conversations, "has no chat template; pass --chat-template PATH")
