@@ -553,9 +553,8 @@ def read_records(path: str) -> list:
         except ImportError:
             fail(f"reading {path} needs the datasets package: pip install datasets")
         try:
-            return (
-                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
-            ).to_list()
+            table = datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            return table.to_list()
         except Exception as error:  # a corrupt file, a folder of several splits: one line either way
             fail(f"cannot read {path!r} as one dataset ({type(error).__name__}: {error}); pass a .jsonl file")
     if not os.path.isfile(path):
@@ -580,13 +579,8 @@ def read_records(path: str) -> list:
 
 def is_conversation(value) -> bool:
     """A message list: a non-empty list of dicts, each with a string role and a string content."""
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )
-    )
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
 def hh_prompt(dialogue) -> Optional[str]:
@@ -681,10 +675,7 @@ def use_chat_template(tokenizer, path: Optional[str], records: list, name: str):
         with open(path, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
     if is_conversation(records[0]["prompt"]) and not tokenizer.chat_template:
-        fail(
-            f"the prompts are conversations and the tokenizer of {name!r} has no chat template; "
-            "pass --chat-template PATH"
-        )
+        fail(f"the tokenizer of {name!r} has no chat template for the conversations; pass --chat-template PATH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,10 +687,9 @@ def reward_model_ids(tokenizer, record: dict, response: str) -> list:
     conversation's contents, a line each) and the reply's."""
     prompt, tools = record["prompt"], record.get("tools")
     if is_conversation(prompt) and tokenizer.chat_template:
-        context = render(tokenizer, prompt, tools, add_generation_prompt=True)
-        reply = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)[len(context) :]
-        ends = [i + 1 for i, t in enumerate(reply) if t in set(end_of_turn_ids(tokenizer))]
-        return context + reply[: ends[0] if ends else len(reply)]
+        ids = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)
+        reply, end_ids = len(render(tokenizer, prompt, tools, add_generation_prompt=True)), end_of_turn_ids(tokenizer)
+        return ids[: next((i + 1 for i in range(reply, len(ids)) if ids[i] in end_ids), len(ids))]
     text = "\n".join(m["content"] for m in prompt) if is_conversation(prompt) else prompt
     return tokenizer(text)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
 
@@ -718,34 +708,28 @@ def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.Tensor:
-    """Scalar score of each sequence, read at its last real token (the transformers class finds the
-    rightmost non-pad token, so a pad token must not occur inside the text)."""
-    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0]
-
-
 @torch.no_grad()
 def score(model, tokenizer, records: list, responses: list, sequences=None, batch_size: int = 32) -> torch.Tensor:
     """Raw reward-model scores of each (prompt record, response text), as a float tensor on the CPU (fp64 from an
     fp64 model, else fp32): of `sequences` when given (prompt and response token ids as sampled, for a model with
     the policy's tokenizer), else of reward_model_ids. Each is cut on the left to the model's context (the response
     is what is judged, and its last token is where the score is read). Normalise with the statistics in the
-    model's config: (score - config.reward_mean) / config.reward_std."""
+    model's config: (score - config.reward_mean) / config.reward_std. The score is read at each sequence's last real
+    token (the transformers class finds the rightmost non-pad token, so a pad token must not occur inside the text)."""
     max_length = model_context(model.config) or 1 << 30
     device = next(model.parameters()).device
     sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
     sequences = [ids[-max_length:] for ids in sequences]
-    was_training = model.training
+    was_training, scores = model.training, []
     model.eval()
-    scores = torch.cat(
-        [
-            upcast(forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device)).cpu()
-            for i in range(0, len(sequences), batch_size)
-        ]
-    )
+    for i in range(0, len(sequences), batch_size):
+        input_ids, attention_mask, position_ids = pad_batch(
+            sequences[i : i + batch_size], tokenizer.pad_token_id, device
+        )
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        scores.append(upcast(output.logits[:, 0]).cpu())
     model.train(was_training)
-    return scores
+    return torch.cat(scores)
 
 
 def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True, dtype=torch.float32):
@@ -792,9 +776,7 @@ def load_reward_fn(spec: str):
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(
-            f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions, **columns)"
-        )
+        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions)")
     return function
 
 
@@ -1925,13 +1907,9 @@ def evaluate(
                     torch.tensor([value for result in results for value in result[key]], dtype=dtype).nanmean().item()
                 )
 
-            metrics[f"eval/score_{name}"] = mean("score")
-            if args.task == "randomwalks":
-                metrics[f"eval/optimality_{name}"] = float(
-                    np.mean([value for result in results for value in result["optimality"]])
-                )
-            if args.task == "sentiment":
-                metrics[f"eval/vader_{name}"] = mean("vader")
+            metrics.update(
+                {f"eval/{key}_{name}": mean(key) for key in ("score", "optimality", "vader") if key in results[0]}
+            )
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
                 if reward.model is not None:

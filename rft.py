@@ -514,9 +514,8 @@ def read_records(path: str) -> list:
         except ImportError:
             fail(f"reading {path} needs the datasets package: pip install datasets")
         try:
-            return (
-                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
-            ).to_list()
+            table = datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            return table.to_list()
         except Exception as error:  # a corrupt file, a folder of several splits: one line either way
             fail(f"cannot read {path!r} as one dataset ({type(error).__name__}: {error}); pass a .jsonl file")
     if not os.path.isfile(path):
@@ -541,13 +540,8 @@ def read_records(path: str) -> list:
 
 def is_conversation(value) -> bool:
     """A message list: a non-empty list of dicts, each with a string role and a string content."""
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )
-    )
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
 def hh_prompt(dialogue) -> Optional[str]:
@@ -659,10 +653,7 @@ def use_chat_template(tokenizer, path: Optional[str], records: list, name: str):
         with open(path, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
     if is_conversation(records[0]["prompt"]) and not tokenizer.chat_template:
-        fail(
-            f"the prompts are conversations and the tokenizer of {name!r} has no chat template; "
-            "pass --chat-template PATH"
-        )
+        fail(f"the tokenizer of {name!r} has no chat template for the conversations; pass --chat-template PATH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,10 +665,9 @@ def reward_model_ids(tokenizer, record: dict, response: str) -> list:
     conversation's contents, a line each) and the reply's."""
     prompt, tools = record["prompt"], record.get("tools")
     if is_conversation(prompt) and tokenizer.chat_template:
-        context = render(tokenizer, prompt, tools, add_generation_prompt=True)
-        reply = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)[len(context) :]
-        ends = [i + 1 for i, t in enumerate(reply) if t in set(end_of_turn_ids(tokenizer))]
-        return context + reply[: ends[0] if ends else len(reply)]
+        ids = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)
+        reply, end_ids = len(render(tokenizer, prompt, tools, add_generation_prompt=True)), end_of_turn_ids(tokenizer)
+        return ids[: next((i + 1 for i in range(reply, len(ids)) if ids[i] in end_ids), len(ids))]
     text = "\n".join(m["content"] for m in prompt) if is_conversation(prompt) else prompt
     return tokenizer(text)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
 
@@ -743,9 +733,7 @@ def load_reward_fn(spec: str):
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"--reward-fn {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(
-            f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions, **columns)"
-        )
+        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions)")
     return function
 
 

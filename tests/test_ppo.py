@@ -1237,7 +1237,7 @@ def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
     )
     refused([{"prompt": [{"role": "user"}]}], "record 1: expected 'prompt'", "found fields prompt")
     refused([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}], "mixes string prompts and message lists")
-    refused(CONVERSATIONS, "has no chat template; pass --chat-template PATH", model=tiny_gpt2)
+    refused(CONVERSATIONS, "has no chat template", "pass --chat-template PATH", model=tiny_gpt2)
     if importlib.util.find_spec("datasets") is None:
         (tmp_path / "data.parquet").write_bytes(b"PAR1")
         reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")

@@ -480,4 +480,4 @@ def test_bad_prompt_data_is_one_line(tmp_path, tiny_gpt2):
     refused([{"prompt": "a"}, {"text": "b"}], "data.jsonl, record 2: expected 'prompt'", "found fields text")
     refused([{"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}], "mixes string prompts and message lists")
     conversations = [{"prompt": [{"role": "user", "content": word}]} for word in ("a", "b")]
-    refused(conversations, "has no chat template; pass --chat-template PATH")
+    refused(conversations, "has no chat template", "pass --chat-template PATH")
