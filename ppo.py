@@ -224,6 +224,15 @@ class Args:
     token, and sequence under --advantage grpo"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """weigh each token's policy loss by rho = pi_old / pi_sampler, the trainer's probability of the token over the
+    sampler's, kept from going large. tis: min(rho, --is-cap) (truncated importance sampling, Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"); mis: rho, or 0 above the cap (masked
+    importance sampling, Liu et al. 2025, "When Speed Kills Stability", token level). The sampler here is the policy
+    itself on its KV cache, so rho is 1 up to rounding under fp32; it matters where sampling rounds differently (--dtype
+    bf16, the bf16 copy gathered under --pp) or draws from another distribution (--top-k/--top-p: rho <= 1)"""
+    is_cap: float = 2.0
+    """the cap C of --is-correction, at least 1 (below, tokens the sampler and trainer agree on would be cut)"""
 
     init_kl_coef: float = 0.05
     """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token
@@ -328,6 +337,11 @@ def check_args(args: Args, world_size: int) -> Args:
         args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
         "missing_eos_penalty",
         "must be 0 or a positive number, or unset",
+    )
+    require(
+        1 <= args.is_cap < math.inf,
+        "is_cap",
+        "must be a number of at least 1 (rho is 1 where sampler and trainer agree)",
     )
     for flag in ("gamma", "lam"):
         require(0 <= getattr(args, flag) <= 1, flag, "must lie between 0 and 1")
@@ -1140,6 +1154,19 @@ def aggregate(loss, mask, aggregation: str, normaliser: float):
     return loss.sum() / normaliser  # token and constant: only the normaliser differs
 
 
+def importance_weights(old_logprobs, sampler_logprobs, mask, correction: str, cap: float) -> tuple:
+    """(per-token weights of the policy loss, their statistics) for --is-correction: rho = pi_old /
+    pi_sampler, the trainer's probability of each sampled token over the sampler's, is capped at
+    `cap` (tis) or zeroed above it (mis); none weighs every token 1. Constants of the update: the
+    gradient flows through the PPO ratio alone. Where sampler and trainer agree, rho is exactly 1
+    and so is every weight, which leaves the loss bitwise unchanged."""
+    rho = torch.exp(torch.where(mask, old_logprobs - sampler_logprobs, 0.0))
+    weights = {"none": torch.ones_like(rho), "tis": rho.clamp(max=cap), "mis": torch.where(rho <= cap, rho, 0.0)}
+    stats = {"is/ratio_mean": kernels.masked_mean(rho, mask).item(), "is/ratio_max": rho[mask].max().item()}
+    stats["is/capped_fraction"] = kernels.masked_mean((rho > cap).to(rho.dtype), mask).item()
+    return weights[correction], stats if correction != "none" else {}
+
+
 def ppo_losses(
     logprobs,
     old_logprobs,
@@ -1152,16 +1179,20 @@ def ppo_losses(
     normaliser: float,
     ref_logprobs=None,
     kl_coef: float = 0.0,
+    is_weights=None,
 ):
     """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
     The ratio is clipped to [1 - cliprange, 1 + cliprange_high]; clip_fraction counts the real
-    tokens whose ratio lies outside, on either side. With ref_logprobs (grpo), plus kl_coef times
+    tokens whose ratio lies outside, on either side. Each token's policy loss is multiplied by its
+    is_weights (importance_weights) when given. With ref_logprobs (grpo), plus kl_coef times
     the k3 estimate of KL(policy || reference) of the current policy, pi_ref / pi - log(pi_ref / pi)
     - 1 per token, whose gradient pulls the policy back (DeepSeekMath's eq. 3-4)."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     low, high = 1 - args.cliprange, 1 + (args.cliprange if args.cliprange_high is None else args.cliprange_high)
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(low, high))
+    if is_weights is not None:
+        policy_loss = policy_loss * is_weights
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
         "policy/clip_fraction": kernels.masked_mean(((ratio < low) | (ratio > high)).to(ratio.dtype), mask),
@@ -2043,6 +2074,7 @@ def micro_batch_loss(
         normaliser,
         batch["ref_logprobs"][rows] if args.advantage == "grpo" else None,
         batch["beta"],
+        batch["is_weights"][rows],
     )
     if args.entropy_coef:
         loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
@@ -2178,6 +2210,7 @@ def main(args: Args):
         )
         # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
+        is_weights, is_stats = importance_weights(old_logprobs, sampler_logprobs, mask, args.is_correction, args.is_cap)
         timer.lap("logprobs")
 
         # 5. Per-token KL to the reference and the coefficient that weighs it (from here on every
@@ -2211,7 +2244,7 @@ def main(args: Args):
         #    accumulating the micro-batches and ranks gives the one-process step.
         batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
         batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
-        batch.update(loss_mask=loss_mask, dropped_fraction=dropped)
+        batch.update(loss_mask=loss_mask, dropped_fraction=dropped, is_weights=is_weights)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):
@@ -2241,6 +2274,7 @@ def main(args: Args):
             update_metrics(batch, score_mean=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap)
         )
         metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
+        metrics.update(is_stats)
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:

@@ -293,6 +293,56 @@ def test_clip_higher_clips_and_counts_each_side_by_hand():
         assert stats["policy/clip_fraction"].item() == expected_fraction, high
 
 
+def test_importance_sampling_weights_and_losses_by_hand():
+    """Trainer-over-sampler ratios 0.5, 1.5 and 3 on real tokens (a padded token at 10 is never
+    counted), cap 2: tis weighs the tokens' policy losses 0.5, 1.5 and 2; mis 0.5, 1.5 and 0. The
+    update's ratio is 1 here, so each token's policy loss is -A times its weight; token aggregation
+    divides by the 3 real tokens. Every weight, product and sum is exact in fp64 except the log
+    and exp that carry the ratios (a few units of 2^-53 each)."""
+    sampler_logprobs = torch.full((1, 4), -2.0, dtype=torch.float64)
+    old_logprobs = sampler_logprobs + torch.log(torch.tensor([[0.5, 1.5, 3.0, 10.0]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    advantages = torch.tensor([[2.0, -1.0, 4.0, 8.0]], dtype=torch.float64)
+    args = ppo.Args(loss_aggregation="token")
+    for correction, weights in (("none", [1, 1, 1]), ("tis", [0.5, 1.5, 2.0]), ("mis", [0.5, 1.5, 0.0])):
+        is_weights, stats = ppo.importance_weights(old_logprobs, sampler_logprobs, mask, correction, cap=2.0)
+        assert_close(is_weights[:, :3], [weights], 1e-15)
+        loss, _ = ppo.ppo_losses(
+            old_logprobs, old_logprobs, advantages, None, None, None, mask, args, 3.0, None, 0.0, is_weights
+        )
+        expected = -(2.0 * weights[0] - 1.0 * weights[1] + 4.0 * weights[2]) / 3
+        assert loss.item() == pytest.approx(expected, rel=1e-14), correction
+        if correction != "none":
+            assert stats["is/ratio_mean"] == pytest.approx(5 / 3, rel=1e-14)
+            assert stats["is/ratio_max"] == pytest.approx(3.0, rel=1e-14)
+            assert stats["is/capped_fraction"] == pytest.approx(1 / 3, rel=1e-15)
+    assert ppo.importance_weights(old_logprobs, sampler_logprobs, mask, "none", cap=2.0)[1] == {}
+
+
+def test_importance_sampling_changes_nothing_where_sampler_and_trainer_agree():
+    """Identical sampler and trainer log-probs: rho is exp(0) = 1 exactly, every weight is 1, and
+    the loss and its gradient are bitwise those without a correction, whatever the update's ratio."""
+    torch.manual_seed(0)
+    old_logprobs = -torch.rand(3, 5, dtype=torch.float64) * 3
+    advantages = torch.randn(3, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    args = ppo.Args(loss_aggregation="token", cliprange=0.2)
+    results = {}
+    for correction in ("none", "tis", "mis"):
+        logprobs = (
+            old_logprobs + 0.3 * torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ).requires_grad_()
+        weights, _ = ppo.importance_weights(old_logprobs, old_logprobs.clone(), mask, correction, cap=1.0)
+        loss, _ = ppo.ppo_losses(
+            logprobs, old_logprobs, advantages, None, None, None, mask, args, 8.0, None, 0.0, weights
+        )
+        loss.backward()
+        results[correction] = (loss.detach(), logprobs.grad)
+    for correction in ("tis", "mis"):
+        assert torch.equal(results[correction][0], results["none"][0]), correction
+        assert torch.equal(results[correction][1], results["none"][1]), correction
+
+
 def test_dynamic_sampling_drops_the_groups_of_equal_scores():
     """The second group's scores all equal 0.5: its four responses leave the loss mask (and the
     counts the loss is divided by); the first group is kept whole, padding included. With every
@@ -502,6 +552,20 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert not any("lora" in name for name in reloaded.state_dict())
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_importance_sampling_corrections_run_and_log_the_ratio(tmp_path, walk_policy, correction):
+    """Two updates under each correction, sampling with --top-k 3: the sampler draws from the kept
+    tokens' renormalised distribution, which gives each drawn token at least the trainer's
+    probability, so rho <= 1 up to rounding (fp32, LOGPROB_GAP), nothing is capped, and the mean is
+    below 1. The first minibatch's PPO ratio stays exactly 1: the weights touch the loss, not it."""
+    args = quick_args(tmp_path, walk_policy, is_correction=correction, top_k=3)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)["last_update"]
+    assert metrics["is/ratio_max"] <= math.exp(LOGPROB_GAP[torch.float32])
+    assert metrics["is/capped_fraction"] == 0.0 and 0 < metrics["is/ratio_mean"] < 1
+    assert metrics["policy/first_minibatch_max_log_ratio"] == 0.0
 
 
 def test_attention_dropout_is_off_too_so_the_first_minibatch_ratio_is_exactly_one(tmp_path):
@@ -716,6 +780,7 @@ def test_bad_flags(tmp_path, walk_policy):
         "--drop-equal-groups drops groups of responses to one prompt, which --advantage gae", drop_equal_groups=True
     )
     refused("--cliprange-high -1.0 must be a positive number, or unset", cliprange_high=-1.0)
+    refused("--is-cap 0.5 must be a number of at least 1", is_correction="tis", is_cap=0.5)
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
     refused("matched no linear layer", lora_rank=4, lora_target_modules="nothing_here")
