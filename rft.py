@@ -59,10 +59,12 @@ import gzip
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -485,6 +487,86 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # letters join without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic task: integer problems generated from the seed, whose answers can be checked
+# ---------------------------------------------------------------------------------------------
+ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+
+
+def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
+    """`count` distinct problems of one side, drawn from `seed`, as prompt-only rows {"prompt": [the
+    user message], "answer": its value}: `operands` numbers of exactly `digits` digits (0-9 for
+    one) joined by operators drawn from `operations`, * binding before + and -. A problem is held
+    out when the first byte of its text's SHA-256 is below 26 (about a tenth), whatever the seed
+    and count: training and held-out problems never meet, in any two runs. A side holding fewer
+    than `count` problems (one-digit addition has 100 in all) gives every one of them."""
+    numbers, rng = range(0 if digits == 1 else 10 ** (digits - 1), 10**digits), random.Random(seed)
+    if len(numbers) ** operands * len(operations) ** (operands - 1) <= max(100_000, 20 * count):
+        # A small space is listed whole, in a seeded order: draws from it would mostly repeat.
+        candidates = list(
+            itertools.product(
+                itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
+            )
+        )
+        rng.shuffle(candidates)
+    else:  # each side holds more than twice `count`: drawn until enough are distinct
+        candidates = iter(
+            lambda: ([rng.choice(numbers) for _ in range(operands)], rng.choices(operations, k=operands - 1)), None
+        )
+    problems = {}
+    for values, operators in candidates:
+        text = " ".join(f"{value} {operator}" for value, operator in zip(values, operators)) + f" {values[-1]}"
+        if (hashlib.sha256(text.encode()).digest()[0] < 26) == held_out:
+            problems[text] = eval(text)  # integers and + - * only: Python's precedence is arithmetic's
+        if len(problems) == count:
+            break
+    return [
+        {"prompt": [{"role": "user", "content": ARITHMETIC_QUESTION.format(t)}], "answer": a}
+        for t, a in problems.items()
+    ]
+
+
+def arithmetic_answer(reply: str) -> tuple:
+    """(the reply's answer, whether it is well-formed). The answer is the last integer in the reply
+    (digits with an optional minus sign, so "1,234" reads 234), None when it holds none; a reply is
+    well-formed when, stripped, it is exactly one integer."""
+    integers = re.findall(r"-?\d+", reply)
+    return (int(integers[-1]) if integers else None), re.fullmatch(r"-?\d+", reply.strip()) is not None
+
+
+def arithmetic_reward(prompts, completions, answer, format_reward: float = 0.0, **columns) -> list:
+    """The arithmetic task's reward, a function of TRL's convention: 1 for each completion (a string,
+    or a list holding the assistant message) whose answer is its row's `answer`, plus format_reward
+    (--format-reward) when it is well-formed."""
+    scores = []
+    for completion, expected in zip(completions, answer):
+        value, well_formed = arithmetic_answer(
+            completion[-1]["content"] if isinstance(completion, list) else completion
+        )
+        scores.append(float(value == expected) + format_reward * well_formed)
+    return scores
+
+
+def pass_at_k(n: int, right: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which `right` are right, 1 - C(n - right, k)
+    / C(n, k), in the product form of Chen et al. 2021 ("Evaluating Large Language Models Trained
+    on Code", fig. 3), which never forms the large binomials."""
+    return 1.0 if n - right < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - right + 1, n + 1)))
+
+
+def arithmetic_metrics(mode: str, replies: list, answers: list, lengths: list, samples: int) -> dict:
+    """What an evaluation reports of the replies to held-out problems, `samples` consecutive replies
+    per problem: accuracy, the share of well-formed replies, the mean length in tokens, and with
+    several samples pass@k for k = 1, 2, 4, ... and `samples`."""
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    right = np.array([value == answer for (value, _), answer in zip(parsed, answers)]).reshape(-1, samples)
+    metrics = {f"eval/accuracy_{mode}": float(right.mean()), f"eval/response_length_{mode}": float(np.mean(lengths))}
+    metrics[f"eval/well_formed_{mode}"] = float(np.mean([well_formed for _, well_formed in parsed]))
+    for k in sorted({2**i for i in range(samples.bit_length())} | {samples}) if samples > 1 else ():
+        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in right.sum(1)]))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import kernels
 import ppo
+import rft
 from conftest import (
     FIXTURES,
     LOGPROB_GAP,
@@ -341,6 +343,97 @@ def test_importance_sampling_changes_nothing_where_sampler_and_trainer_agree():
     for correction in ("tis", "mis"):
         assert torch.equal(results[correction][0], results["none"][0]), correction
         assert torch.equal(results[correction][1], results["none"][1]), correction
+
+
+# --- the arithmetic task (its core is in ppo.py and rft.py alike: both copies are checked) --------
+def evaluated_by_hand(text):
+    """A problem's value computed apart from the scripts: products first, then sums, left to right."""
+    tokens = text.split()
+    terms, signs = [int(tokens[0])], [1]
+    for operator, number in zip(tokens[1::2], tokens[2::2]):
+        if operator == "*":
+            terms[-1] *= int(number)
+        else:
+            terms.append(int(number))
+            signs.append(1 if operator == "+" else -1)
+    return sum(sign * term for sign, term in zip(signs, terms))
+
+
+def problem_text(row):
+    """The expression of a generated problem's question, which must be the task's one user message."""
+    (message,) = row["prompt"]
+    assert message["role"] == "user"
+    return re.fullmatch(r"What is ([0-9 +*-]+)\? Answer with the number only\.", message["content"]).group(1)
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_arithmetic_problems_are_distinct_right_and_disjoint_from_the_held_out_ones(script):
+    rows = script.arithmetic_problems(1, 200, 3, 2, "+-*", held_out=False)
+    texts = [problem_text(row) for row in rows]
+    assert len(set(texts)) == 200
+    for text, row in zip(texts, rows):
+        numbers, operators = text.split()[::2], text.split()[1::2]
+        assert len(numbers) == 3 and all(10 <= int(n) <= 99 for n in numbers) and set(operators) <= set("+-*")
+        assert row["answer"] == evaluated_by_hand(text), text
+    assert {"+", "-", "*"} <= {o for text in texts for o in text.split()[1::2]}
+    assert script.arithmetic_problems(1, 200, 3, 2, "+-*", held_out=False) == rows  # a function of the seed
+    assert script.arithmetic_problems(2, 200, 3, 2, "+-*", held_out=False) != rows
+    # Drawn (729,000 x 9 problems), from another seed: the sides never meet.
+    held_out = [problem_text(row) for row in script.arithmetic_problems(2, 200, 3, 2, "+-*", held_out=True)]
+    assert len(set(held_out)) == 200 and set(held_out).isdisjoint(texts)
+    # Listed (one-digit addition, 100 problems): the sides split the whole space whatever the seed and
+    # count, and the held-out side is the same set from any seed.
+    train = script.arithmetic_problems(1, 1000, 2, 1, "+", held_out=False)
+    held_out = script.arithmetic_problems(5, 1000, 2, 1, "+", held_out=True)
+    assert len(train) + len(held_out) == 100 and 0 < len(held_out) < 20
+    assert {problem_text(r) for r in train}.isdisjoint(problem_text(r) for r in held_out)
+    assert all(r["answer"] == evaluated_by_hand(problem_text(r)) for r in train + held_out)
+    again = script.arithmetic_problems(9, 1000, 2, 1, "+", held_out=True)
+    assert again != held_out and sorted(map(problem_text, again)) == sorted(map(problem_text, held_out))
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_arithmetic_answer_extraction_and_reward_by_hand(script):
+    for reply, expected in (
+        ("68", (68, True)),
+        ("  68\n", (68, True)),
+        ("-22", (-22, True)),
+        ("The answer is 68.", (68, False)),
+        ("23 + 45 = 68", (68, False)),  # several numbers: the last one counts
+        ("68 or maybe 69", (69, False)),
+        ("It is -7", (-7, False)),
+        ("1,234", (234, False)),
+        ("68 68", (68, False)),
+        ("sixty-eight", (None, False)),
+        ("", (None, False)),
+    ):
+        assert script.arithmetic_answer(reply) == expected, reply
+    replies = ["68", "The answer is 68", "67", "I do not know", " -3 "]
+    answers = [68, 68, 68, 68, -3]
+    expected = [1.25, 1.0, 0.25, 0.0, 1.25]
+    prompts = [[{"role": "user", "content": "What is 23 + 45?"}]] * 5
+    conversational = [[{"role": "assistant", "content": reply}] for reply in replies]
+    assert script.arithmetic_reward(prompts, conversational, answers, format_reward=0.25, tests=[None] * 5) == expected
+    assert script.arithmetic_reward(["What is 23 + 45?"] * 5, replies, answers) == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_pass_at_k_and_the_arithmetic_metrics_by_hand(script):
+    for n, right, k in ((4, 1, 2), (5, 2, 3), (10, 3, 4), (3, 0, 1), (3, 3, 2), (4, 2, 3)):
+        assert script.pass_at_k(n, right, k) == pytest.approx(1 - math.comb(n - right, k) / math.comb(n, k), rel=1e-14)
+    # Two problems (answers 5 and 7) with four samples each: the first right once, the second never.
+    replies = ["5", "6", "the answer is 4", "4", "x", "8", "9", "-7"]
+    metrics = script.arithmetic_metrics("sampled", replies, [5] * 4 + [7] * 4, [1, 1, 4, 1, 1, 1, 1, 2], samples=4)
+    assert metrics == {
+        "eval/accuracy_sampled": 1 / 8,
+        "eval/response_length_sampled": 12 / 8,
+        "eval/well_formed_sampled": 6 / 8,
+        "eval/pass@1": pytest.approx(1 / 8, rel=1e-15),  # (1/4 + 0) / 2
+        "eval/pass@2": pytest.approx(1 / 4, rel=1e-15),  # (1 - C(3,2)/C(4,2) = 1/2, + 0) / 2
+        "eval/pass@4": 1 / 2,
+    }
+    greedy = script.arithmetic_metrics("greedy", ["5", "7 "], [5, 8], [1, 2], samples=1)
+    assert greedy == {"eval/accuracy_greedy": 0.5, "eval/response_length_greedy": 1.5, "eval/well_formed_greedy": 1.0}
 
 
 def test_dynamic_sampling_drops_the_groups_of_equal_scores():
