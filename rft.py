@@ -503,18 +503,14 @@ def arithmetic_problems(seed: int, count: int, operands: int, digits: int, opera
     and count: training and held-out problems never meet, in any two runs. A side holding fewer
     than `count` problems (one-digit addition has 100 in all) gives every one of them."""
     numbers, rng = range(0 if digits == 1 else 10 ** (digits - 1), 10**digits), random.Random(seed)
+    space = itertools.product(
+        itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
+    )
     if len(numbers) ** operands * len(operations) ** (operands - 1) <= max(100_000, 20 * count):
-        # A small space is listed whole, in a seeded order: draws from it would mostly repeat.
-        candidates = list(
-            itertools.product(
-                itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
-            )
-        )
+        candidates = list(space)  # small: listed whole, in a seeded order (draws would mostly repeat)
         rng.shuffle(candidates)
-    else:  # each side holds more than twice `count`: drawn until enough are distinct
-        candidates = iter(
-            lambda: ([rng.choice(numbers) for _ in range(operands)], rng.choices(operations, k=operands - 1)), None
-        )
+    else:  # each side holds over twice `count`: drawn until enough are distinct
+        candidates = iter(lambda: (rng.choices(numbers, k=operands), rng.choices(operations, k=operands - 1)), None)
     problems = {}
     for values, operators in candidates:
         text = " ".join(f"{value} {operator}" for value, operator in zip(values, operators)) + f" {values[-1]}"
@@ -540,13 +536,11 @@ def arithmetic_reward(prompts, completions, answer, format_reward: float = 0.0, 
     """The arithmetic task's reward, a function of TRL's convention: 1 for each completion (a string,
     or a list holding the assistant message) whose answer is its row's `answer`, plus format_reward
     (--format-reward) when it is well-formed."""
-    scores = []
-    for completion, expected in zip(completions, answer):
-        value, well_formed = arithmetic_answer(
-            completion[-1]["content"] if isinstance(completion, list) else completion
-        )
-        scores.append(float(value == expected) + format_reward * well_formed)
-    return scores
+    replies = [completion[-1]["content"] if isinstance(completion, list) else completion for completion in completions]
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    return [
+        float(value == expected) + format_reward * well_formed for (value, well_formed), expected in zip(parsed, answer)
+    ]
 
 
 def pass_at_k(n: int, right: int, k: int) -> float:
