@@ -88,18 +88,31 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
-    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr", "arithmetic"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of
     movie reviews
     (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model
     is given (VADER, an
     optional extra, is then still reported as eval/vader_*);
     jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr
-    download from the hub unless --data is given)"""
+    download from the hub unless --data is given); arithmetic: integer problems from --seed as a user message (a chat
+    model), rewarded for the right answer, the last integer of the reply (--train-problems, --operands,
+    --digits, --operations, --format-reward)"""
     data: Optional[str] = None
     """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
     shipped
     ones; for hh/tldr a local copy in the upstream format"""
+    train_problems: int = 1000
+    """--task arithmetic: problems generated for training (all there are, if the difficulty allows fewer); the
+    held-out ones are --eval-prompts more"""
+    operands: int = 2
+    """--task arithmetic: numbers in a problem, at least 2"""
+    digits: int = 1
+    """--task arithmetic: digits of each number (1: 0 to 9, 2: 10 to 99, ...)"""
+    operations: str = "+"
+    """--task arithmetic: the operators drawn from, some of + - * (e.g. "+-*"); * binds before + and -"""
+    format_reward: float = 0.0
+    """--task arithmetic: added to the reward of a well-formed reply (stripped, exactly one integer), 0 or more"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
@@ -262,6 +275,8 @@ class Args:
     """updates between evaluations (and at the end)"""
     eval_samples_per_start: int = 20
     """randomwalks: sampled walks per start node at each evaluation"""
+    eval_samples: int = 1
+    """text tasks: sampled responses per held-out prompt at each evaluation (arithmetic: pass@k estimated from them)"""
     eval_prompts: int = 64
     """text tasks: held-out prompts scored at each evaluation (at most a tenth of the prompts, and at least one)"""
     save_every: int = 0
@@ -317,7 +332,10 @@ def check_args(args: Args, world_size: int) -> Args:
         "max_prompt_length",
         "eval_every",
         "eval_samples_per_start",
+        "eval_samples",
         "eval_prompts",
+        "digits",
+        "train_problems",
         "keep_checkpoints",
     ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
@@ -444,12 +462,19 @@ def check_args(args: Args, world_size: int) -> Args:
         fail("pass one of --reward-model and --reward-fn")
     if args.reward_device and not args.reward_model:
         fail(f"--reward-device {args.reward_device} places the reward model, but no --reward-model is given")
-    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
+    require(args.operands >= 2, "operands", "must be at least 2: a problem joins two numbers or more")
+    require(
+        0 < len(args.operations) and set(args.operations) <= set("+-*"),
+        "operations",
+        'must be some of the operators + - * (e.g. "+-*")',
+    )
+    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
+    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
-    if args.task == "randomwalks" and args.data is not None:
-        fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.task in ("randomwalks", "arithmetic") and args.data is not None:
+        fail(f"--data {args.data} is for the text tasks; {args.task} builds its own prompts")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
