@@ -98,8 +98,8 @@ class Args:
     vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: `{"prompt"}`
     records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub
     unless --data is given; jsonl, hh and tldr need --reward-model or --reward-fn); arithmetic: integer problems from
-    --seed as a user message (a chat model), rewarded for the right answer, the last integer of the reply (--train-problems,
-    --operands, --digits, --operations, --format-reward)"""
+    --seed as a user message (a chat model), rewarded for the right answer, the last integer of the reply
+    (--train-problems, --operands, --digits, --operations, --format-reward)"""
     data: Optional[str] = None
     """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
     shipped ones; for hh/tldr a local copy in the upstream format"""
