@@ -90,14 +90,12 @@ class Args:
     """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr", "arithmetic"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of
-    movie reviews
-    (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a reward model
-    is given (VADER, an
-    optional extra, is then still reported as eval/vader_*);
-    jsonl: `{"prompt"}` records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr
-    download from the hub unless --data is given); arithmetic: integer problems from --seed as a user message (a chat
-    model), rewarded for the right answer, the last integer of the reply (--train-problems, --operands,
-    --digits, --operations, --format-reward)"""
+    movie reviews (examples/sentiment_prompts.jsonl), scored by VADER's positive sentiment of the continuation unless a
+    reward model is given (VADER, an optional extra, is then still reported as eval/vader_*); jsonl: `{"prompt"}`
+    records from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub
+    unless --data is given); arithmetic: integer problems from --seed as a user message (a chat model), rewarded for the
+    right answer, the last integer of the reply (--train-problems, --operands, --digits, --operations,
+    --format-reward)"""
     data: Optional[str] = None
     """local prompt file (text tasks only): required for --task jsonl; for sentiment `{"prompt"}` records replacing the
     shipped
@@ -125,12 +123,10 @@ class Args:
     """device of the reward model given by --reward-model (default: the policy's)"""
     reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
     """how scores are centred and scaled before the KL penalty weighs against them. reward-model: by a reward model's
-    saved
-    reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a --reward-fn or
-    a task
-    metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference policy's own samples,
-    fixed for
-    the run (lm-human-preferences), so that beta weighs the same against any reward's scale"""
+    saved reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a
+    --reward-fn or a task metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference
+    policy's own samples, fixed for the run (lm-human-preferences), so that beta weighs the same against any reward's
+    scale"""
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
@@ -178,9 +174,8 @@ class Args:
 
     advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
     """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline (Ahmadian et al. 2024); grpo:
-    group-normalised
-    score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally whitened returns
-    (Hu 2025)"""
+    group-normalised score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally
+    whitened returns (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
     grpo_scale_by_std: bool = True
@@ -205,10 +200,8 @@ class Args:
     mini_batch_size / ranks); the share must be a multiple of it (gradient accumulation inside the share)"""
     generation_batch_size: int = 64
     """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter),
-    each
-    sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks;
-    make
-    batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
+    each sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of
+    ranks; make batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
     learning_rate: float = 1e-4
@@ -251,8 +244,7 @@ class Args:
 
     init_kl_coef: float = 0.05
     """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token
-    penalty in the
-    reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
+    penalty in the reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
     target_kl: Optional[float] = None
     """adaptive KL controller target (per-sequence KL), positive; unset keeps beta fixed"""
     kl_horizon: int = 10000
