@@ -53,10 +53,12 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -87,12 +89,15 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (sampling, minibatch order): any integer from 0"""
-    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr", "arithmetic"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by optimality unless a reward model is given; sentiment: openings of
     movie reviews (examples/sentiment_prompts.jsonl, or --data), scored by VADER's compound score of the reply unless a
     reward is given (VADER, an optional extra, is then still reported as eval/vader_*); jsonl: prompt-only records from
     --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is
-    given). Every task's prompts become prompt-only records, read by one code path"""
+    given). arithmetic: integer problems from --seed as a user
+    message for a chat model, rewarded for the right answer, the last integer of the reply (--train-problems,
+    --operands, --digits, --operations, --format-reward). Every task's prompts become prompt-only records, read by one
+    code path"""
     data: Optional[str] = None
     """prompt-only records (TRL's format): `{"prompt": text}` or `{"prompt": [{"role": "user", "content": ...}]}`, one
     kind per file, any other columns (a reference answer, `tools` for the chat template) kept for --reward-fn; a .jsonl
@@ -101,6 +106,17 @@ class Args:
     chat_template: Optional[str] = None
     """a Jinja chat template file replacing the tokenizer's (saved with the policy); conversational prompts are
     rendered by it with the generation prompt, and its end-of-turn token ends a response"""
+    train_problems: int = 1000
+    """--task arithmetic: problems generated for training (all there are, if the difficulty allows fewer); the
+    held-out ones are --eval-prompts more"""
+    operands: int = 2
+    """--task arithmetic: numbers in a problem, at least 2"""
+    digits: int = 1
+    """--task arithmetic: digits of each number (1: 0 to 9, 2: 10 to 99, ...)"""
+    operations: str = "+"
+    """--task arithmetic: the operators drawn from, some of + - * (e.g. "+-*"); * binds before + and -"""
+    format_reward: float = 0.0
+    """--task arithmetic: added to the reward of a well-formed reply (stripped, exactly one integer), 0 or more"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
@@ -118,12 +134,10 @@ class Args:
     """device of the reward model given by --reward-model (default: the policy's)"""
     reward_normalization: Literal["reward-model", "first-batch"] = "reward-model"
     """how scores are centred and scaled before the KL penalty weighs against them. reward-model: by a reward model's
-    saved
-    reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a --reward-fn or
-    a task
-    metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference policy's own samples,
-    fixed for
-    the run (lm-human-preferences), so that beta weighs the same against any reward's scale"""
+    saved reward_mean and reward_std (reward_model.py measures them on held-out dataset responses; scores of a
+    --reward-fn or a task metric stay raw). first-batch: by the mean and std of the first batch's scores, the reference
+    policy's own samples, fixed for the run (lm-human-preferences), so that beta weighs the same against any reward's
+    scale"""
     reward_clip: Optional[float] = None
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
@@ -171,9 +185,8 @@ class Args:
 
     advantage: Literal["gae", "rloo", "grpo", "reinforce++"] = "gae"
     """gae: critic and generalized advantage estimation; rloo: leave-one-out baseline (Ahmadian et al. 2024); grpo:
-    group-normalised
-    score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally whitened returns
-    (Hu 2025)"""
+    group-normalised score, the KL to the reference a loss term (DeepSeekMath, Shao et al. 2024); reinforce++: globally
+    whitened returns (Hu 2025)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (rloo and grpo need at least 2)"""
     grpo_scale_by_std: bool = True
@@ -198,10 +211,8 @@ class Args:
     mini_batch_size / ranks); the share must be a multiple of it (gradient accumulation inside the share)"""
     generation_batch_size: int = 64
     """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter),
-    each
-    sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of ranks;
-    make
-    batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
+    each sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of
+    ranks; make batch_size / generation_batch_size a multiple of the rank count to keep every rank busy"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
     learning_rate: float = 1e-4
@@ -232,11 +243,19 @@ class Args:
     token, and sequence under --advantage grpo"""
     scale_rewards: bool = False
     """divide scores by their running standard deviation (the mean is never shifted)"""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """weigh each token's policy loss by rho = pi_old / pi_sampler, the trainer's probability of the token over the
+    sampler's, kept from going large. tis: min(rho, --is-cap) (truncated importance sampling, Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training"); mis: rho, or 0 above the cap (masked
+    importance sampling, Liu et al. 2025, "When Speed Kills Stability", token level). The sampler here is the policy
+    itself on its KV cache, so rho is 1 up to rounding under fp32; it matters where sampling rounds differently (--dtype
+    bf16, the bf16 copy gathered under --pp) or draws from another distribution (--top-k/--top-p: rho <= 1)"""
+    is_cap: float = 2.0
+    """the cap C of --is-correction, at least 1 (below, tokens the sampler and trainer agree on would be cut)"""
 
     init_kl_coef: float = 0.05
     """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token
-    penalty in the
-    reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
+    penalty in the reward, or under --advantage grpo the weight of a k3 term in the loss (DeepSeekMath used 0.04)"""
     target_kl: Optional[float] = None
     """adaptive KL controller target (per-sequence KL), positive; unset keeps beta fixed"""
     kl_horizon: int = 10000
@@ -259,6 +278,8 @@ class Args:
     """updates between evaluations (and at the end)"""
     eval_samples_per_start: int = 20
     """randomwalks: sampled walks per start node at each evaluation"""
+    eval_samples: int = 1
+    """text tasks: sampled responses per held-out prompt at each evaluation (arithmetic: pass@k estimated from them)"""
     eval_prompts: int = 64
     """text tasks: held-out prompts scored at each evaluation (at most a tenth of the prompts, and at least one)"""
     save_every: int = 0
@@ -314,7 +335,10 @@ def check_args(args: Args, world_size: int) -> Args:
         "max_prompt_length",
         "eval_every",
         "eval_samples_per_start",
+        "eval_samples",
         "eval_prompts",
+        "digits",
+        "train_problems",
         "keep_checkpoints",
     ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
@@ -336,6 +360,11 @@ def check_args(args: Args, world_size: int) -> Args:
         args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
         "missing_eos_penalty",
         "must be 0 or a positive number, or unset",
+    )
+    require(
+        1 <= args.is_cap < math.inf,
+        "is_cap",
+        "must be a number of at least 1 (rho is 1 where sampler and trainer agree)",
     )
     for flag in ("gamma", "lam"):
         require(0 <= getattr(args, flag) <= 1, flag, "must lie between 0 and 1")
@@ -436,12 +465,19 @@ def check_args(args: Args, world_size: int) -> Args:
         fail("pass one of --reward-model and --reward-fn")
     if args.reward_device and not args.reward_model:
         fail(f"--reward-device {args.reward_device} places the reward model, but no --reward-model is given")
-    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
+    require(args.operands >= 2, "operands", "must be at least 2: a problem joins two numbers or more")
+    require(
+        0 < len(args.operations) and set(args.operations) <= set("+-*"),
+        "operations",
+        'must be some of the operators + - * (e.g. "+-*")',
+    )
+    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
+    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
-    if args.task == "randomwalks" and args.data is not None:
-        fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.task in ("randomwalks", "arithmetic") and args.data is not None:
+        fail(f"--data {args.data} is for the text tasks; {args.task} builds its own prompts")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
@@ -539,6 +575,80 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # letters join without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic task: integer problems generated from the seed, whose answers can be checked
+# ---------------------------------------------------------------------------------------------
+ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+
+
+def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
+    """`count` distinct problems of one side, drawn from `seed`, as prompt-only rows {"prompt": [the
+    user message], "answer": its value}: `operands` numbers of exactly `digits` digits (0-9 for
+    one) joined by operators drawn from `operations`, * binding before + and -. A problem is held
+    out when the first byte of its text's SHA-256 is below 26 (about a tenth), whatever the seed
+    and count: training and held-out problems never meet, in any two runs. A side holding fewer
+    than `count` problems (one-digit addition has 100 in all) gives every one of them."""
+    numbers, rng = range(0 if digits == 1 else 10 ** (digits - 1), 10**digits), random.Random(seed)
+    space = itertools.product(
+        itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
+    )
+    if len(numbers) ** operands * len(operations) ** (operands - 1) <= max(100_000, 20 * count):
+        candidates = list(space)  # small: listed whole, in a seeded order (draws would mostly repeat)
+        rng.shuffle(candidates)
+    else:  # each side holds over twice `count`: drawn until enough are distinct
+        candidates = iter(lambda: (rng.choices(numbers, k=operands), rng.choices(operations, k=operands - 1)), None)
+    problems = {}
+    for values, operators in candidates:
+        text = " ".join(f"{value} {operator}" for value, operator in zip(values, operators)) + f" {values[-1]}"
+        if (hashlib.sha256(text.encode()).digest()[0] < 26) == held_out:
+            problems[text] = eval(text)  # integers and + - * only: Python's precedence is arithmetic's
+        if len(problems) == count:
+            break
+    return [
+        {"prompt": [{"role": "user", "content": ARITHMETIC_QUESTION.format(t)}], "answer": a}
+        for t, a in problems.items()
+    ]
+
+
+def arithmetic_answer(reply: str) -> tuple:
+    """(the reply's answer, whether it is well-formed). The answer is the last integer in the reply
+    (digits with an optional minus sign, so "1,234" reads 234), None when it holds none; a reply is
+    well-formed when, stripped, it is exactly one integer."""
+    integers = re.findall(r"-?\d+", reply)
+    return (int(integers[-1]) if integers else None), re.fullmatch(r"-?\d+", reply.strip()) is not None
+
+
+def arithmetic_reward(prompts, completions, answer, format_reward: float = 0.0, **columns) -> list:
+    """The arithmetic task's reward, a function of TRL's convention: 1 for each completion (a string,
+    or a list holding the assistant message) whose answer is its row's `answer`, plus format_reward
+    (--format-reward) when it is well-formed."""
+    replies = [completion[-1]["content"] if isinstance(completion, list) else completion for completion in completions]
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    return [
+        float(value == expected) + format_reward * well_formed for (value, well_formed), expected in zip(parsed, answer)
+    ]
+
+
+def pass_at_k(n: int, right: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which `right` are right, 1 - C(n - right, k)
+    / C(n, k), in the product form of Chen et al. 2021 ("Evaluating Large Language Models Trained
+    on Code", fig. 3), which never forms the large binomials."""
+    return 1.0 if n - right < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - right + 1, n + 1)))
+
+
+def arithmetic_metrics(mode: str, replies: list, answers: list, lengths: list, samples: int) -> dict:
+    """What an evaluation reports of the replies to held-out problems, `samples` consecutive replies
+    per problem: accuracy, the share of well-formed replies, the mean length in tokens, and with
+    several samples pass@k for k = 1, 2, 4, ... and `samples`."""
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    right = np.array([value == answer for (value, _), answer in zip(parsed, answers)]).reshape(-1, samples)
+    metrics = {f"eval/accuracy_{mode}": float(right.mean()), f"eval/response_length_{mode}": float(np.mean(lengths))}
+    metrics[f"eval/well_formed_{mode}"] = float(np.mean([well_formed for _, well_formed in parsed]))
+    for k in sorted({2**i for i in range(samples.bit_length())} | {samples}) if samples > 1 else ():
+        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in right.sum(1)]))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1187,6 +1297,19 @@ def aggregate(loss, mask, aggregation: str, normaliser: float):
     return loss.sum() / normaliser  # token and constant: only the normaliser differs
 
 
+def importance_weights(old_logprobs, sampler_logprobs, mask, correction: str, cap: float) -> tuple:
+    """(per-token weights of the policy loss, their statistics) for --is-correction: rho = pi_old /
+    pi_sampler, the trainer's probability of each sampled token over the sampler's, is capped at
+    `cap` (tis) or zeroed above it (mis); none weighs every token 1. Constants of the update: the
+    gradient flows through the PPO ratio alone. Where sampler and trainer agree, rho is exactly 1
+    and so is every weight, which leaves the loss bitwise unchanged."""
+    rho = torch.exp(torch.where(mask, old_logprobs - sampler_logprobs, 0.0))
+    weights = {"none": torch.ones_like(rho), "tis": rho.clamp(max=cap), "mis": torch.where(rho <= cap, rho, 0.0)}
+    stats = {"is/ratio_mean": kernels.masked_mean(rho, mask).item(), "is/ratio_max": rho[mask].max().item()}
+    stats["is/capped_fraction"] = kernels.masked_mean((rho > cap).to(rho.dtype), mask).item()
+    return weights[correction], stats if correction != "none" else {}
+
+
 def ppo_losses(
     logprobs,
     old_logprobs,
@@ -1199,16 +1322,20 @@ def ppo_losses(
     normaliser: float,
     ref_logprobs=None,
     kl_coef: float = 0.0,
+    is_weights=None,
 ):
     """Clipped policy loss and clipped value loss (each aggregated), with the statistics to log.
     The ratio is clipped to [1 - cliprange, 1 + cliprange_high]; clip_fraction counts the real
-    tokens whose ratio lies outside, on either side. With ref_logprobs (grpo), plus kl_coef times
+    tokens whose ratio lies outside, on either side. Each token's policy loss is multiplied by its
+    is_weights (importance_weights) when given. With ref_logprobs (grpo), plus kl_coef times
     the k3 estimate of KL(policy || reference) of the current policy, pi_ref / pi - log(pi_ref / pi)
     - 1 per token, whose gradient pulls the policy back (DeepSeekMath's eq. 3-4)."""
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     low, high = 1 - args.cliprange, 1 + (args.cliprange if args.cliprange_high is None else args.cliprange_high)
     policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(low, high))
+    if is_weights is not None:
+        policy_loss = policy_loss * is_weights
     stats = {
         "policy/approx_kl": kernels.masked_mean(ratio - 1 - log_ratio, mask),  # k3 of the update, >= 0
         "policy/clip_fraction": kernels.masked_mean(((ratio < low) | (ratio > high)).to(ratio.dtype), mask),
@@ -2109,6 +2236,7 @@ def micro_batch_loss(
         normaliser,
         batch["ref_logprobs"][rows] if args.advantage == "grpo" else None,
         batch["beta"],
+        batch["is_weights"][rows],
     )
     if args.entropy_coef:
         loss = loss - args.entropy_coef * aggregate(entropy, mask, args.loss_aggregation, normaliser)
@@ -2246,6 +2374,7 @@ def main(args: Args):
         )
         # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
+        is_weights, is_stats = importance_weights(old_logprobs, sampler_logprobs, mask, args.is_correction, args.is_cap)
         timer.lap("logprobs")
 
         # 5. Per-token KL to the reference and the coefficient that weighs it (from here on every
@@ -2281,7 +2410,7 @@ def main(args: Args):
         #    accumulating the micro-batches and ranks gives the one-process step.
         batch = dict(prompt_length=prompt_length, mask=mask, advantages=advantages, returns=returns, beta=beta)
         batch.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values)
-        batch.update(loss_mask=loss_mask, dropped_fraction=dropped, scored=scored)
+        batch.update(loss_mask=loss_mask, dropped_fraction=dropped, scored=scored, is_weights=is_weights)
         tally = {"statistics": [], "first_ratio": 0.0, "loss": torch.zeros(1, dtype=torch.float64, device=device)}
         update_loss = functools.partial(micro_batch_loss, models=models, batch=batch, args=args, tally=tally)
         for epoch, permutation in enumerate(permutations):
@@ -2311,6 +2440,7 @@ def main(args: Args):
             update_metrics(batch, score_mean=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap)
         )
         metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
+        metrics.update(is_stats)
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:

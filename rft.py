@@ -60,10 +60,12 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections import deque
@@ -91,13 +93,15 @@ class Args:
     """name of this experiment, part of the run name `{task}__{exp_name}__{seed}__{time}`"""
     seed: int = 1
     """seed of python, numpy and torch (sampling, data order, dropout): any integer from 0"""
-    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
+    task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr", "arithmetic"] = "randomwalks"
     """randomwalks: the 20 start letters, scored by the walk's optimality; sentiment: openings of movie reviews
     (examples/sentiment_prompts.jsonl, or --data) scored by VADER's compound score of the reply (the optional extra
     vaderSentiment) unless a reward is given (VADER is then still reported as eval/vader_*); jsonl: prompt-only records
     from --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless
-    --data is given; jsonl, hh and tldr need --reward-model or --reward-fn). Every task's prompts become prompt-only
-    records, read by one code path"""
+    --data is given; jsonl, hh and tldr need --reward-model or --reward-fn); arithmetic: integer problems from --seed
+    as a user message for a chat model, rewarded for the right answer, the last integer of the reply (--train-problems,
+    --operands, --digits, --operations, --format-reward). Every task's prompts become prompt-only records, read by one
+    code path"""
     data: Optional[str] = None
     """prompt-only records (TRL's format): `{"prompt": text}` or `{"prompt": [{"role": "user", "content": ...}]}`, one
     kind per file, any other columns (a reference answer, `tools` for the chat template) kept for --reward-fn; a .jsonl
@@ -106,6 +110,17 @@ class Args:
     chat_template: Optional[str] = None
     """a Jinja chat template file replacing the tokenizer's (saved with the policy); conversational prompts are
     rendered by it with the generation prompt, and its end-of-turn token ends a response"""
+    train_problems: int = 1000
+    """--task arithmetic: problems generated for training (all there are, if the difficulty allows fewer); the
+    held-out ones are --eval-prompts more"""
+    operands: int = 2
+    """--task arithmetic: numbers in a problem, at least 2"""
+    digits: int = 1
+    """--task arithmetic: digits of each number (1: 0 to 9, 2: 10 to 99, ...)"""
+    operations: str = "+"
+    """--task arithmetic: the operators drawn from, some of + - * (e.g. "+-*"); * binds before + and -"""
+    format_reward: float = 0.0
+    """--task arithmetic: added to the reward of a well-formed reply (stripped, exactly one integer), 0 or more"""
     model: Optional[str] = None
     """the policy's starting point: an sft.py run directory, or any causal LM hub name or local path (required)"""
     reward_model: Optional[str] = None
@@ -175,6 +190,8 @@ class Args:
 
     eval_samples_per_start: int = 50
     """randomwalks: sampled walks per start node at each evaluation"""
+    eval_samples: int = 1
+    """text tasks: sampled responses per held-out prompt at each evaluation (arithmetic: pass@k estimated from them)"""
     eval_prompts: int = 64
     """text tasks: held-out prompts scored at each evaluation (at most a tenth of the prompts, and at least one)"""
     save_every: int = 0
@@ -227,7 +244,10 @@ def check_args(args: Args, world_size: int) -> Args:
         "epochs_per_round",
         "batch_size",
         "eval_samples_per_start",
+        "eval_samples",
         "eval_prompts",
+        "digits",
+        "train_problems",
         "keep_checkpoints",
     ):
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
@@ -284,12 +304,19 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
-    if args.task not in ("randomwalks", "sentiment") and not (args.reward_model or args.reward_fn):
+    require(args.operands >= 2, "operands", "must be at least 2: a problem joins two numbers or more")
+    require(
+        0 < len(args.operations) and set(args.operations) <= set("+-*"),
+        "operations",
+        'must be some of the operators + - * (e.g. "+-*")',
+    )
+    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
+    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
-    if args.task == "randomwalks" and args.data is not None:
-        fail(f"--data {args.data} is for the text tasks; randomwalks builds its own prompts")
+    if args.task in ("randomwalks", "arithmetic") and args.data is not None:
+        fail(f"--data {args.data} is for the text tasks; {args.task} builds its own prompts")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
@@ -500,6 +527,80 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # letters join without spaces
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic task: integer problems generated from the seed, whose answers can be checked
+# ---------------------------------------------------------------------------------------------
+ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+
+
+def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
+    """`count` distinct problems of one side, drawn from `seed`, as prompt-only rows {"prompt": [the
+    user message], "answer": its value}: `operands` numbers of exactly `digits` digits (0-9 for
+    one) joined by operators drawn from `operations`, * binding before + and -. A problem is held
+    out when the first byte of its text's SHA-256 is below 26 (about a tenth), whatever the seed
+    and count: training and held-out problems never meet, in any two runs. A side holding fewer
+    than `count` problems (one-digit addition has 100 in all) gives every one of them."""
+    numbers, rng = range(0 if digits == 1 else 10 ** (digits - 1), 10**digits), random.Random(seed)
+    space = itertools.product(
+        itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
+    )
+    if len(numbers) ** operands * len(operations) ** (operands - 1) <= max(100_000, 20 * count):
+        candidates = list(space)  # small: listed whole, in a seeded order (draws would mostly repeat)
+        rng.shuffle(candidates)
+    else:  # each side holds over twice `count`: drawn until enough are distinct
+        candidates = iter(lambda: (rng.choices(numbers, k=operands), rng.choices(operations, k=operands - 1)), None)
+    problems = {}
+    for values, operators in candidates:
+        text = " ".join(f"{value} {operator}" for value, operator in zip(values, operators)) + f" {values[-1]}"
+        if (hashlib.sha256(text.encode()).digest()[0] < 26) == held_out:
+            problems[text] = eval(text)  # integers and + - * only: Python's precedence is arithmetic's
+        if len(problems) == count:
+            break
+    return [
+        {"prompt": [{"role": "user", "content": ARITHMETIC_QUESTION.format(t)}], "answer": a}
+        for t, a in problems.items()
+    ]
+
+
+def arithmetic_answer(reply: str) -> tuple:
+    """(the reply's answer, whether it is well-formed). The answer is the last integer in the reply
+    (digits with an optional minus sign, so "1,234" reads 234), None when it holds none; a reply is
+    well-formed when, stripped, it is exactly one integer."""
+    integers = re.findall(r"-?\d+", reply)
+    return (int(integers[-1]) if integers else None), re.fullmatch(r"-?\d+", reply.strip()) is not None
+
+
+def arithmetic_reward(prompts, completions, answer, format_reward: float = 0.0, **columns) -> list:
+    """The arithmetic task's reward, a function of TRL's convention: 1 for each completion (a string,
+    or a list holding the assistant message) whose answer is its row's `answer`, plus format_reward
+    (--format-reward) when it is well-formed."""
+    replies = [completion[-1]["content"] if isinstance(completion, list) else completion for completion in completions]
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    return [
+        float(value == expected) + format_reward * well_formed for (value, well_formed), expected in zip(parsed, answer)
+    ]
+
+
+def pass_at_k(n: int, right: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which `right` are right, 1 - C(n - right, k)
+    / C(n, k), in the product form of Chen et al. 2021 ("Evaluating Large Language Models Trained
+    on Code", fig. 3), which never forms the large binomials."""
+    return 1.0 if n - right < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - right + 1, n + 1)))
+
+
+def arithmetic_metrics(mode: str, replies: list, answers: list, lengths: list, samples: int) -> dict:
+    """What an evaluation reports of the replies to held-out problems, `samples` consecutive replies
+    per problem: accuracy, the share of well-formed replies, the mean length in tokens, and with
+    several samples pass@k for k = 1, 2, 4, ... and `samples`."""
+    parsed = [arithmetic_answer(reply) for reply in replies]
+    right = np.array([value == answer for (value, _), answer in zip(parsed, answers)]).reshape(-1, samples)
+    metrics = {f"eval/accuracy_{mode}": float(right.mean()), f"eval/response_length_{mode}": float(np.mean(lengths))}
+    metrics[f"eval/well_formed_{mode}"] = float(np.mean([well_formed for _, well_formed in parsed]))
+    for k in sorted({2**i for i in range(samples.bit_length())} | {samples}) if samples > 1 else ():
+        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in right.sum(1)]))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import types
 from dataclasses import replace
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import kernels
 import ppo
+import rft
 from conftest import (
     CHAT_TEMPLATES,
     END_OF_TURN,
@@ -299,6 +301,147 @@ def test_clip_higher_clips_and_counts_each_side_by_hand():
         assert stats["policy/clip_fraction"].item() == expected_fraction, high
 
 
+def test_importance_sampling_weights_and_losses_by_hand():
+    """Trainer-over-sampler ratios 0.5, 1.5 and 3 on real tokens (a padded token at 10 is never
+    counted), cap 2: tis weighs the tokens' policy losses 0.5, 1.5 and 2; mis 0.5, 1.5 and 0. The
+    update's ratio is 1 here, so each token's policy loss is -A times its weight; token aggregation
+    divides by the 3 real tokens. Every weight, product and sum is exact in fp64 except the log
+    and exp that carry the ratios (a few units of 2^-53 each)."""
+    sampler_logprobs = torch.full((1, 4), -2.0, dtype=torch.float64)
+    old_logprobs = sampler_logprobs + torch.log(torch.tensor([[0.5, 1.5, 3.0, 10.0]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    advantages = torch.tensor([[2.0, -1.0, 4.0, 8.0]], dtype=torch.float64)
+    args = ppo.Args(loss_aggregation="token")
+    for correction, weights in (("none", [1, 1, 1]), ("tis", [0.5, 1.5, 2.0]), ("mis", [0.5, 1.5, 0.0])):
+        is_weights, stats = ppo.importance_weights(old_logprobs, sampler_logprobs, mask, correction, cap=2.0)
+        assert_close(is_weights[:, :3], [weights], 1e-15)
+        loss, _ = ppo.ppo_losses(
+            old_logprobs, old_logprobs, advantages, None, None, None, mask, args, 3.0, None, 0.0, is_weights
+        )
+        expected = -(2.0 * weights[0] - 1.0 * weights[1] + 4.0 * weights[2]) / 3
+        assert loss.item() == pytest.approx(expected, rel=1e-14), correction
+        if correction != "none":
+            assert stats["is/ratio_mean"] == pytest.approx(5 / 3, rel=1e-14)
+            assert stats["is/ratio_max"] == pytest.approx(3.0, rel=1e-14)
+            assert stats["is/capped_fraction"] == pytest.approx(1 / 3, rel=1e-15)
+    assert ppo.importance_weights(old_logprobs, sampler_logprobs, mask, "none", cap=2.0)[1] == {}
+
+
+def test_importance_sampling_changes_nothing_where_sampler_and_trainer_agree():
+    """Identical sampler and trainer log-probs: rho is exp(0) = 1 exactly, every weight is 1, and
+    the loss and its gradient are bitwise those without a correction, whatever the update's ratio."""
+    torch.manual_seed(0)
+    old_logprobs = -torch.rand(3, 5, dtype=torch.float64) * 3
+    advantages = torch.randn(3, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    args = ppo.Args(loss_aggregation="token", cliprange=0.2)
+    results = {}
+    for correction in ("none", "tis", "mis"):
+        logprobs = (
+            old_logprobs + 0.3 * torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ).requires_grad_()
+        weights, _ = ppo.importance_weights(old_logprobs, old_logprobs.clone(), mask, correction, cap=1.0)
+        loss, _ = ppo.ppo_losses(
+            logprobs, old_logprobs, advantages, None, None, None, mask, args, 8.0, None, 0.0, weights
+        )
+        loss.backward()
+        results[correction] = (loss.detach(), logprobs.grad)
+    for correction in ("tis", "mis"):
+        assert torch.equal(results[correction][0], results["none"][0]), correction
+        assert torch.equal(results[correction][1], results["none"][1]), correction
+
+
+# --- the arithmetic task (its core is in ppo.py and rft.py alike: both copies are checked) --------
+def evaluated_by_hand(text):
+    """A problem's value computed apart from the scripts: products first, then sums, left to right."""
+    tokens = text.split()
+    terms, signs = [int(tokens[0])], [1]
+    for operator, number in zip(tokens[1::2], tokens[2::2]):
+        if operator == "*":
+            terms[-1] *= int(number)
+        else:
+            terms.append(int(number))
+            signs.append(1 if operator == "+" else -1)
+    return sum(sign * term for sign, term in zip(signs, terms))
+
+
+def problem_text(row):
+    """The expression of a generated problem's question, which must be the task's one user message."""
+    (message,) = row["prompt"]
+    assert message["role"] == "user"
+    return re.fullmatch(r"What is ([0-9 +*-]+)\? Answer with the number only\.", message["content"]).group(1)
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_arithmetic_problems_are_distinct_right_and_disjoint_from_the_held_out_ones(script):
+    rows = script.arithmetic_problems(1, 200, 3, 2, "+-*", held_out=False)
+    texts = [problem_text(row) for row in rows]
+    assert len(set(texts)) == 200
+    for text, row in zip(texts, rows):
+        numbers, operators = text.split()[::2], text.split()[1::2]
+        assert len(numbers) == 3 and all(10 <= int(n) <= 99 for n in numbers) and set(operators) <= set("+-*")
+        assert row["answer"] == evaluated_by_hand(text), text
+    assert {"+", "-", "*"} <= {o for text in texts for o in text.split()[1::2]}
+    assert script.arithmetic_problems(1, 200, 3, 2, "+-*", held_out=False) == rows  # a function of the seed
+    assert script.arithmetic_problems(2, 200, 3, 2, "+-*", held_out=False) != rows
+    # Drawn (729,000 x 9 problems), from another seed: the sides never meet.
+    held_out = [problem_text(row) for row in script.arithmetic_problems(2, 200, 3, 2, "+-*", held_out=True)]
+    assert len(set(held_out)) == 200 and set(held_out).isdisjoint(texts)
+    # Listed (one-digit addition, 100 problems): the sides split the whole space whatever the seed and
+    # count, and the held-out side is the same set from any seed.
+    train = script.arithmetic_problems(1, 1000, 2, 1, "+", held_out=False)
+    held_out = script.arithmetic_problems(5, 1000, 2, 1, "+", held_out=True)
+    assert len(train) + len(held_out) == 100 and 0 < len(held_out) < 20
+    assert {problem_text(r) for r in train}.isdisjoint(problem_text(r) for r in held_out)
+    assert all(r["answer"] == evaluated_by_hand(problem_text(r)) for r in train + held_out)
+    again = script.arithmetic_problems(9, 1000, 2, 1, "+", held_out=True)
+    assert again != held_out and sorted(map(problem_text, again)) == sorted(map(problem_text, held_out))
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_arithmetic_answer_extraction_and_reward_by_hand(script):
+    for reply, expected in (
+        ("68", (68, True)),
+        ("  68\n", (68, True)),
+        ("-22", (-22, True)),
+        ("The answer is 68.", (68, False)),
+        ("23 + 45 = 68", (68, False)),  # several numbers: the last one counts
+        ("68 or maybe 69", (69, False)),
+        ("It is -7", (-7, False)),
+        ("1,234", (234, False)),
+        ("68 68", (68, False)),
+        ("sixty-eight", (None, False)),
+        ("", (None, False)),
+    ):
+        assert script.arithmetic_answer(reply) == expected, reply
+    replies = ["68", "The answer is 68", "67", "I do not know", " -3 "]
+    answers = [68, 68, 68, 68, -3]
+    expected = [1.25, 1.0, 0.25, 0.0, 1.25]
+    prompts = [[{"role": "user", "content": "What is 23 + 45?"}]] * 5
+    conversational = [[{"role": "assistant", "content": reply}] for reply in replies]
+    assert script.arithmetic_reward(prompts, conversational, answers, format_reward=0.25, tests=[None] * 5) == expected
+    assert script.arithmetic_reward(["What is 23 + 45?"] * 5, replies, answers) == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("script", [ppo, rft])
+def test_pass_at_k_and_the_arithmetic_metrics_by_hand(script):
+    for n, right, k in ((4, 1, 2), (5, 2, 3), (10, 3, 4), (3, 0, 1), (3, 3, 2), (4, 2, 3)):
+        assert script.pass_at_k(n, right, k) == pytest.approx(1 - math.comb(n - right, k) / math.comb(n, k), rel=1e-14)
+    # Two problems (answers 5 and 7) with four samples each: the first right once, the second never.
+    replies = ["5", "6", "the answer is 4", "4", "x", "8", "9", "-7"]
+    metrics = script.arithmetic_metrics("sampled", replies, [5] * 4 + [7] * 4, [1, 1, 4, 1, 1, 1, 1, 2], samples=4)
+    assert metrics == {
+        "eval/accuracy_sampled": 1 / 8,
+        "eval/response_length_sampled": 12 / 8,
+        "eval/well_formed_sampled": 6 / 8,
+        "eval/pass@1": pytest.approx(1 / 8, rel=1e-15),  # (1/4 + 0) / 2
+        "eval/pass@2": pytest.approx(1 / 4, rel=1e-15),  # (1 - C(3,2)/C(4,2) = 1/2, + 0) / 2
+        "eval/pass@4": 1 / 2,
+    }
+    greedy = script.arithmetic_metrics("greedy", ["5", "7 "], [5, 8], [1, 2], samples=1)
+    assert greedy == {"eval/accuracy_greedy": 0.5, "eval/response_length_greedy": 1.5, "eval/well_formed_greedy": 1.0}
+
+
 def test_dynamic_sampling_drops_the_groups_of_equal_scores():
     """The second group's scores all equal 0.5: its four responses leave the loss mask (and the
     counts the loss is divided by); the first group is kept whole, padding included. With every
@@ -509,6 +652,20 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert not any("lora" in name for name in reloaded.state_dict())
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_importance_sampling_corrections_run_and_log_the_ratio(tmp_path, walk_policy, correction):
+    """Two updates under each correction, sampling with --top-k 3: the sampler draws from the kept
+    tokens' renormalised distribution, which gives each drawn token at least the trainer's
+    probability, so rho <= 1 up to rounding (fp32, LOGPROB_GAP), nothing is capped, and the mean is
+    below 1. The first minibatch's PPO ratio stays exactly 1: the weights touch the loss, not it."""
+    args = quick_args(tmp_path, walk_policy, is_correction=correction, top_k=3)
+    ppo.main(args)
+    metrics = last_update(args.output_dir)["last_update"]
+    assert metrics["is/ratio_max"] <= math.exp(LOGPROB_GAP[torch.float32])
+    assert metrics["is/capped_fraction"] == 0.0 and 0 < metrics["is/ratio_mean"] < 1
+    assert metrics["policy/first_minibatch_max_log_ratio"] == 0.0
 
 
 def test_attention_dropout_is_off_too_so_the_first_minibatch_ratio_is_exactly_one(tmp_path):
@@ -723,6 +880,12 @@ def test_bad_flags(tmp_path, walk_policy):
         "--drop-equal-groups drops groups of responses to one prompt, which --advantage gae", drop_equal_groups=True
     )
     refused("--cliprange-high -1.0 must be a positive number, or unset", cliprange_high=-1.0)
+    refused("--is-cap 0.5 must be a number of at least 1", is_correction="tis", is_cap=0.5)
+    refused("--operands 1 must be at least 2", task="arithmetic", operands=1)
+    refused("--digits 0 must be at least 1", task="arithmetic", digits=0)
+    refused("--operations +/ must be some of the operators + - *", task="arithmetic", operations="+/")
+    refused("--format-reward -0.1 must be 0 or a positive number", task="arithmetic", format_reward=-0.1)
+    refused("is for the text tasks; arithmetic builds its own prompts", task="arithmetic", data=str(tmp_path / "x"))
     refused("pick one", lora_rank=4, num_layers_unfrozen=1)
     refused("between 1 and", num_layers_unfrozen=7)
     refused("matched no linear layer", lora_rank=4, lora_target_modules="nothing_here")

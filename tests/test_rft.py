@@ -384,6 +384,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, policy):
     expect_error(rft.Args(model=policy, output_dir=output, end_percentile=0.5), "--end-percentile 0.5", "is below")
     expect_error(rft.Args(model=policy, output_dir=output, start_percentile=1.5), "--start-percentile 1.5", "[0, 1]")
     expect_error(rft.Args(model=policy, output_dir=output, pp=2), "--pp 2", "does not pipeline")
+    expect_error(rft.Args(model=policy, output_dir=output, task="arithmetic", operations=""), "--operations  must be")
+    expect_error(rft.Args(model=policy, output_dir=output, task="arithmetic", train_problems=0), "--train-problems 0")
     expect_error(rft.Args(model=policy, output_dir=output, task="jsonl", data="x.jsonl"), "--reward-model")
     expect_error(rft.Args(model=str(tmp_path / "missing"), output_dir=output), "missing", "no such directory")
     expect_error(rft.Args(model=policy, output_dir=output, max_new_tokens=64), "--max-new-tokens 64", "context")
