@@ -94,10 +94,9 @@ class Args:
     movie reviews (examples/sentiment_prompts.jsonl, or --data), scored by VADER's compound score of the reply unless a
     reward is given (VADER, an optional extra, is then still reported as eval/vader_*); jsonl: prompt-only records from
     --data; hh: Anthropic/hh-rlhf prompts; tldr: Reddit TL;DR posts (hh and tldr download from the hub unless --data is
-    given). arithmetic: integer problems from --seed as a user
-    message for a chat model, rewarded for the right answer, the last integer of the reply (--train-problems,
-    --operands, --digits, --operations, --format-reward). Every task's prompts become prompt-only records, read by one
-    code path"""
+    given); arithmetic: integer problems from --seed as a user message for a chat model, rewarded for the right answer,
+    the last integer of the reply (--train-problems, --operands, --digits, --operations, --format-reward). Every task's
+    prompts become prompt-only records, read by one code path"""
     data: Optional[str] = None
     """prompt-only records (TRL's format): `{"prompt": text}` or `{"prompt": [{"role": "user", "content": ...}]}`, one
     kind per file, any other columns (a reference answer, `tools` for the chat template) kept for --reward-fn; a .jsonl

@@ -4,12 +4,19 @@
     python examples/convert_smollm2.py                      # once: runs/smollm2-135m/
     python examples/sentiment_baseline.py                   # every prompt, sampled and greedy
     python examples/sentiment_baseline.py --model runs/ppo_run --num-prompts 128
+    python examples/sentiment_baseline.py --prompts examples/sentiment_chat_prompts.jsonl   # as chat
+    python examples/sentiment_baseline.py --prompts examples/sentiment_chat_prompts.jsonl \
+        --best-of 4 --demos runs/sentiment_chat_demos.jsonl                              # SFT data
 
-Continues each prompt of examples/sentiment_prompts.jsonl as plain text (no chat template), in
-left-padded batches, once sampled (temperature 1, no top-k, no top-p) and once greedily, and scores
+Continues each prompt of examples/sentiment_prompts.jsonl as plain text, or of
+examples/sentiment_chat_prompts.jsonl (a user message "Continue this movie review: ...") rendered with
+the model's chat template and its generation prompt, in left-padded batches, once sampled
+(temperature 1, no top-k, no top-p) and once greedily, and scores
 the continuation alone, cut at the first EOS, with VADER's compound score (-1 very negative to +1
 very positive). Prints the mean score, the fraction of continuations that end with EOS, the seconds
 per batch, and a few samples; `--output` also writes every continuation and score as JSONL.
+`--demos` writes SFT data for sft.py: for each prompt the best of `--best-of` sampled replies by VADER,
+as a `{"messages": [user, assistant]}` conversation (chat prompts) or `{"prompt", "completion"}` record.
 """
 
 import importlib.util
@@ -42,6 +49,10 @@ class Args:
     """torch seed for sampling"""
     output: str = ""
     """if set, write every prompt, continuation and score to this JSONL file"""
+    best_of: int = 4
+    """replies sampled per prompt for --demos"""
+    demos: str = ""
+    """if set, write the best of --best-of sampled replies per prompt to this JSONL file as SFT data"""
 
 
 def continue_prompts(model, tokenizer, prompts: list, args: Args, greedy: bool):
@@ -60,9 +71,20 @@ def continue_prompts(model, tokenizer, prompts: list, args: Args, greedy: bool):
         **sampling,
     )
     tokenizer.padding_side = "left"
+    # A chat prompt is rendered by the template, which writes its own special tokens.
+    chat = [isinstance(p, list) for p in prompts]
+    texts_in = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) if c else p
+        for p, c in zip(prompts, chat)
+    ]
     texts, ended, seconds = [], [], []
     for start in range(0, len(prompts), args.batch_size):
-        batch = tokenizer(prompts[start : start + args.batch_size], return_tensors="pt", padding=True)
+        batch = tokenizer(
+            texts_in[start : start + args.batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not any(chat),
+        )
         began = time.perf_counter()
         with torch.no_grad():
             output = model.generate(**batch, generation_config=config)
@@ -129,3 +151,23 @@ if __name__ == "__main__":
     if args.output:
         with open(args.output, "w") as file:
             file.writelines(json.dumps(record) + "\n" for record in records)
+    if args.demos:
+        # Best of N: the prompts repeated N times in one pass, each prompt's highest-scored reply kept.
+        texts, _, _ = continue_prompts(model, tokenizer, prompts * args.best_of, args, greedy=False)
+        scores = [analyzer.polarity_scores(text)["compound"] for text in texts]
+        with open(args.demos, "w") as file:
+            for i, prompt in enumerate(prompts):
+                best = max(range(i, len(texts), len(prompts)), key=lambda j: scores[j])
+                reply = texts[best].strip()
+                record = (
+                    {"messages": prompt + [{"role": "assistant", "content": reply}]}
+                    if isinstance(prompt, list)
+                    else {"prompt": prompt, "completion": " " + reply}
+                )
+                file.write(json.dumps(record) + "\n")
+        mean = sum(max(scores[j] for j in range(i, len(texts), len(prompts))) for i in range(len(prompts))) / len(
+            prompts
+        )
+        print(
+            f"wrote {len(prompts)} demonstrations to {args.demos} (best of {args.best_of}: mean compound {mean:+.4f})"
+        )
