@@ -471,25 +471,17 @@ def read_records(path: str) -> list:
 
 
 def require_fields(records: list, fields: tuple, path: str):
+    """Every record has these string fields (an upstream format's), else one line naming the first that does not."""
     for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+        if not all(isinstance(record.get(field), str) for field in fields):
+            fail(f"{path}, record {number}: expected strings {', '.join(fields)}, found fields {', '.join(record)}")
 
 
 def is_conversation(value) -> bool:
     """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
-    return (
-        bool(value)
-        and isinstance(value, list)
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )
-    )
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
 
 
 def scored_example(record: dict, number: int, path: str) -> tuple:
@@ -572,11 +564,9 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set:
     configured = getattr(generation_config, "eos_token_id", None)
     ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     if tokenizer.chat_template:
-        question, reply = [{"role": "user", "content": "x"}], tokenizer("y", add_special_tokens=False)["input_ids"]
+        question, reply = [{"role": "user", "content": "x"}], len(tokenizer("y", add_special_tokens=False)["input_ids"])
         context = render(tokenizer, question, generation_prompt=True)
-        tail = render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) :]
-        if tail[: len(reply)] == reply and len(tail) > len(reply):
-            ids.add(tail[len(reply)])
+        ids.update(render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) + reply :][:1])
     return ids - {None}
 
 
@@ -644,8 +634,8 @@ def normalize_returns(sequences: list) -> list:
     return [(ids, prompt_length, float(r)) for (ids, prompt_length, _), r in zip(sequences, returns)]
 
 
-def collate(sequences: list, pad_token_id: int, device):
-    """Right-padded batch, and over the T - 1 positions that predict a next token:
+def collate(sequences: list, pad_token_id: int, device) -> dict:
+    """Right-padded batch (input_ids, attention_mask), and over the T - 1 positions that predict a next token:
 
     action_mask[b, t]: position t is a state that acts, i.e. token t + 1 belongs to the response
     (EOS included); rewards[b, t]: the sequence's return on its last action, 0 elsewhere (fp64, as
@@ -661,7 +651,8 @@ def collate(sequences: list, pad_token_id: int, device):
         attention_mask[row, : len(ids)] = 1
         action_mask[row, prompt_length - 1 : len(ids) - 1] = True
         rewards[row, len(ids) - 2] = reward
-    return input_ids.to(device), attention_mask.to(device), action_mask.to(device), rewards.to(device)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask, "rewards": rewards}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list:
@@ -795,73 +786,51 @@ def accumulate_gradients(
     last micro-batch's backward communicates (no_sync on the others)."""
     totals = {}
     starts = range(0, len(batch), args.micro_batch_size)
-    if isinstance(model.module, parallel.PipelineStage):
-        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
-        # applies the LM head and the ILQL heads to the final hidden states and computes the loss,
-        # and the sums of the terms come back to every stage.
-        stage = model.module
-        micro_batches = [
-            dict(
-                zip(
-                    ("input_ids", "attention_mask", "action_mask", "rewards"),
-                    collate(batch[start : start + args.micro_batch_size], pad_token_id, device),
-                )
-            )
-            for start in starts
-        ]
+    micro_batches = [collate(batch[start : start + args.micro_batch_size], pad_token_id, device) for start in starts]
 
-        def loss_fn(hidden, micro_batch):
-            logits = stage.head(hidden)  # under autocast, as the LM's own head runs outside the pipeline
-            with torch.autocast(
-                torch.device(device).type, enabled=False
-            ):  # the ILQL heads run in fp32, as outside the pipeline
-                terms = ilql_loss(
-                    heads,
-                    logits,
-                    hidden,
-                    micro_batch["input_ids"],
-                    micro_batch["action_mask"],
-                    micro_batch["rewards"],
-                    args.tau,
-                    args.gamma,
-                    args.beta,
-                )
-                terms["loss"] = (
-                    terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
-                )
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
-            return terms["loss"] / batch_actions * ranks
-
-        with autocast:
-            parallel.pipeline_1f1b(model, micro_batches, loss_fn, broadcast_loss=False)
-        sums = torch.tensor(
-            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
-        )  # zeros but on the last stage
-        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
-    lm = model.module["lm"]
-    for start in starts:
-        input_ids, attention_mask, action_mask, rewards = collate(
-            batch[start : start + args.micro_batch_size], pad_token_id, device
-        )
-        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
-            with autocast:
-                output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    def loss_fn(logits, hidden, micro_batch):
+        """The micro-batch's loss, scaled for the global batch; its terms are added to the totals."""
+        with torch.autocast(torch.device(device).type, enabled=False):  # the ILQL heads run in their own precision
             terms = ilql_loss(
                 heads,
-                output.logits,
-                output.hidden_states[-1],
-                input_ids,
-                action_mask,
-                rewards,
+                logits,
+                hidden,
+                micro_batch["input_ids"],
+                micro_batch["action_mask"],
+                micro_batch["rewards"],
                 args.tau,
                 args.gamma,
                 args.beta,
             )
             terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
-            (terms["loss"] / batch_actions * ranks).backward()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
+        return terms["loss"] / batch_actions * ranks
+
+    if isinstance(model.module, parallel.PipelineStage):
+        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
+        # applies the LM head (under autocast, as the LM's own head runs outside the pipeline) and
+        # the ILQL heads to the final hidden states and computes the loss, and the sums of the
+        # terms come back to every stage.
+        stage = model.module
+        with autocast:
+            parallel.pipeline_1f1b(
+                model, micro_batches, lambda hidden, mb: loss_fn(stage.head(hidden), hidden, mb), broadcast_loss=False
+            )
+        sums = torch.tensor(
+            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
+        )  # zeros but on the last stage
+        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
+    lm = model.module["lm"]
+    for number, micro_batch in enumerate(micro_batches, 1):
+        with model.no_sync() if number < len(micro_batches) else contextlib.nullcontext():
+            with autocast:
+                output = lm(
+                    input_ids=micro_batch["input_ids"],
+                    attention_mask=micro_batch["attention_mask"],
+                    output_hidden_states=True,
+                )
+            loss_fn(output.logits, output.hidden_states[-1], micro_batch).backward()
     return totals
 
 

@@ -380,25 +380,17 @@ def read_records(path: str) -> list:
 
 
 def require_fields(records: list, fields: tuple, path: str):
+    """Every record has these string fields (an upstream format's), else one line naming the first that does not."""
     for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+        if not all(isinstance(record.get(field), str) for field in fields):
+            fail(f"{path}, record {number}: expected strings {', '.join(fields)}, found fields {', '.join(record)}")
 
 
 def is_conversation(value) -> bool:
     """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
-    return (
-        bool(value)
-        and isinstance(value, list)
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )
-    )
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
 
 
 def example_of(record: dict, number: int, path: str) -> tuple:
@@ -492,11 +484,9 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set:
     configured = getattr(generation_config, "eos_token_id", None)
     ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     if tokenizer.chat_template:
-        question, reply = [{"role": "user", "content": "x"}], tokenizer("y", add_special_tokens=False)["input_ids"]
+        question, reply = [{"role": "user", "content": "x"}], len(tokenizer("y", add_special_tokens=False)["input_ids"])
         context = render(tokenizer, question, generation_prompt=True)
-        tail = render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) :]
-        if tail[: len(reply)] == reply and len(tail) > len(reply):
-            ids.add(tail[len(reply)])
+        ids.update(render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) + reply :][:1])
     return ids - {None}
 
 
@@ -651,9 +641,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     own distribution.)"""
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     context = model_context(model.config)
-    prompts = [
-        p[-(context - max_new_tokens) :] if context else p for p in prompts
-    ]  # prompts end where generation starts
+    # Prompts end where generation starts: a long one loses its oldest tokens.
+    prompts = [p[-(context - max_new_tokens) :] if context else p for p in prompts]
     width = max(len(p) for p in prompts)
     step_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -890,21 +879,19 @@ def evaluate(
                 collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
                 for start in range(0, len(shard), args.micro_batch_size)
             ]
-            if args.pp > 1:
-                totals += parallel.pipeline_forward(
-                    model,
-                    micro_batches,
-                    lambda logits, mb: torch.stack(
-                        [
-                            loss_sum_from_logits(logits, mb["labels"]).double(),
-                            (mb["labels"][:, 1:] != -100).sum().double(),
-                        ]
-                    ),
+
+            def sums(logits, micro_batch):
+                labels = micro_batch["labels"]
+                return torch.stack(
+                    [loss_sum_from_logits(logits, labels).double(), (labels[:, 1:] != -100).sum().double()]
                 )
+
+            if args.pp > 1:
+                totals += parallel.pipeline_forward(model, micro_batches, sums)
             else:
                 for micro_batch in micro_batches:
-                    totals[0] += completion_loss_sum(model.module, **micro_batch).double()
-                    totals[1] += (micro_batch["labels"][:, 1:] != -100).sum()
+                    output = model.module(micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"])
+                    totals += sums(output.logits, micro_batch)
         parallel.all_reduce_sum(totals, grid.dp_group)
         sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
         metrics["eval/loss"] = (totals[0] / totals[1]).item()

@@ -26,6 +26,9 @@ from transformers import (
 import ilql
 import parallel
 from conftest import (
+    CHAT_TEMPLATES,
+    chat_tokenizer,
+    save_tiny_chat_model,
     read_metrics,
     FIXTURES,
     SAME_MATH,
@@ -111,7 +114,7 @@ def test_loss_terms_match_a_hand_written_loop(two_qs):
     # response token, then padding (token 4).
     # The rewards are not exact in fp32: with fp64 heads the loss must keep them in fp64.
     sequences = [([3, 1, 2, 0], 2, 0.7), ([2, 1], 1, -1.3)]
-    input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu")
+    input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu").values()
     assert input_ids.tolist() == [[3, 1, 2, 0], [2, 1, 4, 4]] and attention_mask.tolist() == [
         [1, 1, 1, 1],
         [1, 1, 0, 0],
@@ -157,7 +160,7 @@ def test_v_loss_is_an_asymmetric_expectile():
             head[2].weight.zero_()
         heads.v_head[2].bias.fill_(1.0)
     sequences = [([0, 1, 2], 1, 0.0)]  # two actions
-    input_ids, _, action_mask, rewards = ilql.collate(sequences, 0, "cpu")
+    input_ids, _, action_mask, rewards = ilql.collate(sequences, 0, "cpu").values()
     logits, hidden = torch.zeros(1, 3, 3, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)
     losses = {}
     for offset in (0.5, -0.5):
@@ -377,6 +380,73 @@ def test_hh_parser_gives_chosen_plus_one_and_rejected_minus_one():
     assert chosen == (prompt, " Try The Left Hand of Darkness by Ursula K. Le Guin.", 1.0, None)
     assert rejected == (prompt, " I don't read.", -1.0, None)
     assert [reward for _, _, reward, _ in examples] == [1.0, -1.0] * 4
+
+
+def chat(*turns):
+    return [{"role": role, "content": content} for role, content in zip(("user", "assistant") * 2, turns)]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_conversational_records_are_rendered_as_apply_chat_template_does(tmp_path, style):
+    """A conversational prompt is the template's rendering with the generation prompt (and the record's
+    tools); its completion is the rest of the conversation's rendering up to and including the end-of-turn
+    token, which is not the EOS; a string prompt-completion is tokenized as before."""
+    tokenizer, tools = chat_tokenizer(style), [{"name": "lookup"}]
+    records = [
+        {"prompt": chat("Capital of France?"), "completion": chat("", "Paris")[1:], "reward": 1, "tools": tools},
+        {"prompt": chat("Hi", "Hello", "Capital of Italy?"), "completion": chat("", "Rome")[1:], "reward": -1},
+    ]
+    examples = ilql.load_examples("jsonl", write_jsonl(tmp_path / "chat.jsonl", records))
+    for (ids, prompt_length, reward), record in zip(ilql.tokenize_examples(tokenizer, examples, 512, "skip"), records):
+        messages, tools = record["prompt"] + record["completion"], record.get("tools")
+        prompt = tokenizer.apply_chat_template(record["prompt"], tools=tools, add_generation_prompt=True, tokenize=True)
+        whole = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"]
+        assert ids[:prompt_length] == prompt["input_ids"] and reward == record["reward"]
+        assert ids == whole[: len(ids)]
+        end = tokenizer.convert_tokens_to_ids({"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[style])
+        assert ids[prompt_length:] == tokenizer(record["completion"][0]["content"], add_special_tokens=False)[
+            "input_ids"
+        ] + [end]
+        assert end != tokenizer.eos_token_id and end in ilql.end_of_turn_ids(tokenizer)
+
+
+def test_conversational_data_train_and_sample_end_to_end(tmp_path, tiny_gpt2, fake_vader):
+    """A tiny chat model trains on conversational scored records, and samples the sentiment task from
+    conversational prompts rendered with the generation prompt (its samples file, in the jsonl format, keeps
+    the conversation); a template-less tokenizer takes --chat-template, and without one stops with one line."""
+    model = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    scored = write_jsonl(
+        tmp_path / "scored.jsonl",
+        [{"prompt": chat("Hi"), "completion": chat("", "Hello")[1:], "reward": r} for r in (1, -1, 0.5, 2)],
+    )
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": chat(f"Continue this review: the {w}")}
+            for w in "cat dog mat park friend hello world post title summary".split()
+        ],
+    )
+    settings = dict(
+        model=model, num_epochs=1, batch_size=2, max_new_tokens=3, eval_generations=1, eval_prompts=1, eval_betas=(0.0,)
+    )
+    ilql.main(ilql.Args(task="jsonl", data=scored, output_dir=str(tmp_path / "jsonl"), **settings))
+    ilql.main(
+        ilql.Args(
+            task="sentiment", data=prompts, samples_per_prompt=1, output_dir=str(tmp_path / "sentiment"), **settings
+        )
+    )
+    records = ilql.read_records(str(tmp_path / "sentiment" / ilql.SENTIMENT_SAMPLES))
+    assert records and all(
+        r["prompt"][0]["role"] == "user" and r["completion"][0]["role"] == "assistant" for r in records
+    )
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    args = ilql.Args(task="jsonl", data=scored, output_dir=str(tmp_path / "plain"), **{**settings, "model": tiny_gpt2})
+    expect_error(args, "has no chat template; pass --chat-template PATH")
+    bad = write_jsonl(tmp_path / "bad-prompts.jsonl", [{"prompt": "a"}, {"prompt": [{"content": "b"}]}])
+    expect_error(replace(args, task="sentiment", data=bad), "record 2: expected a 'prompt' string or conversation")
+    ilql.main(replace(args, chat_template=str(template)))
+    assert read_metrics(tmp_path / "plain")["step"] == 2
 
 
 # --- training runs ------------------------------------------------------------------------------
@@ -762,6 +832,12 @@ def expect_error(args, *fragments):
         ('{"prompt": "a", "completion": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
         ({"prompt": "a", "completion": "", "reward": 1}, ["record 2", "'completion' is empty"]),
         ({"prompt": "a", "reward": 1}, ["record 2: expected", "found fields prompt, reward"]),
+        ({"prompt": chat("a"), "completion": "b", "reward": 1}, ["record 2: expected", "prompt, completion, reward"]),
+        ({"prompt": [{"role": "user"}], "completion": chat("", "b")[1:], "reward": 1}, ["record 2: expected"]),
+        (
+            {"prompt": chat("a"), "completion": chat("", "b")[1:], "reward": 1},
+            ["record 2: strings and conversations mixed"],
+        ),
         (
             {"prompt": "a", "response": "b", "reward": 1},
             ["record 2: expected", "found fields prompt, response, reward"],
