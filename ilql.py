@@ -65,13 +65,15 @@ class Args:
     task: Literal["randomwalks", "sentiment", "jsonl", "hh"] = "randomwalks"
     """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review
     openings
-    (examples/sentiment_prompts.jsonl) sampled from --model itself and scored by VADER (needs vaderSentiment); jsonl:
-    `{"prompt", "response", "reward"}` records from --data;
+    (examples/sentiment_prompts.jsonl, or --data's `prompt` strings or conversations) sampled from --model itself and
+    scored by VADER (needs vaderSentiment); jsonl: --data's `prompt`, `completion` (strings or conversations) and
+    `reward` records;
     hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is
     given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for hh
-    a local copy in the upstream format (.jsonl or .jsonl.gz)"""
+    """local data: .jsonl or .jsonl.gz, or (with the datasets package) .parquet or a datasets directory; required for
+    --task jsonl; for sentiment `prompt` records replacing the shipped ones; for hh a local copy in the upstream
+    format"""
     model: Optional[str] = None
     """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other
     tasks)"""
@@ -98,6 +100,9 @@ class Args:
     sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
+    chat_template: Optional[str] = None
+    """a Jinja file replacing the tokenizer's chat template (saved with the tokenizer), which renders conversational
+    data"""
 
     num_layers_unfrozen: int = -1
     """train only the LM's top k decoder layers, its final norm and an untied LM head besides the ILQL heads; the rest
@@ -309,6 +314,8 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     if not randomwalks and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template} does not exist; pass the path of a Jinja file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):  # before sentiment's minutes of sampling
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -422,12 +429,29 @@ def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every task becomes a list of (prompt, response, reward).
+# Data: every task becomes (prompt, completion, reward, tools) examples, prompt and completion
+# strings or conversations (message lists) rendered by the chat template; a sampled completion
+# is token ids.
 # ---------------------------------------------------------------------------------------------
+KIND = "'prompt' and 'completion' (strings or conversations) and a 'reward'"
+
+
 def read_records(path: str) -> list:
-    """Records of a .jsonl or .jsonl.gz file; malformed lines are named by number."""
-    if not os.path.isfile(path):
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or of a .parquet file or a
+    directory written by datasets' save_to_disk, read through the optional datasets package."""
+    if not os.path.exists(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
+    if path.endswith(".parquet") or os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            fail(f"reading {path} needs the datasets package: pip install datasets")
+        try:
+            return (
+                datasets.Dataset.from_parquet(path) if os.path.isfile(path) else datasets.load_from_disk(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a DatasetDict, a folder of something else
+            fail(f"cannot read {path!r} as a dataset ({type(error).__name__}); pass a .parquet file or one saved split")
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -447,37 +471,32 @@ def read_records(path: str) -> list:
 
 
 def require_fields(records: list, fields: tuple, path: str):
+    """Every record has these string fields (an upstream format's), else one line naming the first that does not."""
     for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+        if not all(isinstance(record.get(field), str) for field in fields):
+            fail(f"{path}, record {number}: expected strings {', '.join(fields)}, found fields {', '.join(record)}")
 
 
-def scored_example(record: dict, number: int, path: str):
-    """(prompt, response, reward) of a jsonl record, with one clear line for each way it can be wrong."""
-    for field in ("prompt", "response"):
-        if not isinstance(record.get(field), str):
-            problem = "is missing" if field not in record else "is not a string"
-            fail(
-                f"{path}, record {number}: field {field!r} {problem}; every record needs 'prompt', 'response' and "
-                "'reward'"
-            )
-    if not record["response"]:
-        fail(f"{path}, record {number}: 'response' is empty; ILQL needs at least one response token to act on")
-    reward = record.get("reward")
-    if "reward" not in record:
-        fail(
-            f"{path}, record {number}: field 'reward' is missing; every record needs 'prompt', 'response' and 'reward'"
-        )
+def is_conversation(value) -> bool:
+    """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
+
+
+def scored_example(record: dict, number: int, path: str) -> tuple:
+    """(prompt, completion, reward, tools) of a record, with one clear line for each way it can be wrong."""
+    prompt, completion, reward = record.get("prompt"), record.get("completion"), record.get("reward")
+    strings = isinstance(prompt, str) and isinstance(completion, str)
+    if "reward" not in record or not (strings or is_conversation(prompt) and is_conversation(completion)):
+        fail(f"{path}, record {number}: expected {KIND}, found fields {', '.join(record) or 'none'}")
+    if not completion:
+        fail(f"{path}, record {number}: 'completion' is empty; ILQL needs at least one completion token to act on")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         fail(f"{path}, record {number}: 'reward' is {json.dumps(reward)}, not a number")
     if not math.isfinite(reward):
         fail(f"{path}, record {number}: 'reward' is {reward}; rewards must be finite numbers")
-    return record["prompt"], record["response"], float(reward)
+    return prompt, completion, float(reward), record.get("tools")
 
 
 def hh_example(dialogue: str):
@@ -506,24 +525,26 @@ def download_hh() -> list:
 
 
 def load_examples(task: str, data: Optional[str]) -> list:
-    """(prompt, response, reward) triples of a text task."""
+    """(prompt, completion, reward, tools) examples of a text task: hh's pairs are first converted to scored
+    prompt-completion records, so every task's records are checked and read by the same code."""
     if task == "jsonl" and data is None:
-        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "response": ..., "reward": ...} lines)')
+        fail(f"--task jsonl needs --data PATH (records with {KIND})")
     paths = [data] if data else download_hh()
     examples, unusable = [], 0
     for path in paths:
         records = read_records(path)
-        if task == "jsonl":
-            examples += [scored_example(record, number, path) for number, record in enumerate(records, 1)]
-        else:  # hh: both dialogues of a pair share the prompt; the preferred reply earns +1, the other -1
+        if task == "hh":  # both dialogues of a pair share the prompt; the preferred reply earns +1, the other -1
             require_fields(records, ("chosen", "rejected"), path)
-            for record in records:
-                for field, reward in (("chosen", 1.0), ("rejected", -1.0)):
-                    pair = hh_example(record[field])
-                    if pair is None or not pair[1].strip():
-                        unusable += 1
-                    else:
-                        examples.append((*pair, reward))
+            pairs = [
+                (hh_example(r[field]), reward) for r in records for field, reward in (("chosen", 1), ("rejected", -1))
+            ]
+            records = [dict(prompt=p[0], completion=p[1], reward=r) for p, r in pairs if p is not None and p[1].strip()]
+            unusable += len(pairs) - len(records)
+        scored = [scored_example(record, number, path) for number, record in enumerate(records, 1)]
+        strings = [isinstance(completion, str) for _, completion, _, _ in scored]
+        if not all(strings) and any(strings):
+            fail(f"{path}, record {strings.index(not strings[0]) + 1}: strings and conversations mixed in one file")
+        examples += scored
     if unusable:
         print(f"skipped {unusable} dialogues without an '\\n\\nAssistant:' turn or with an empty final reply")
     if not examples:
@@ -531,27 +552,63 @@ def load_examples(task: str, data: Optional[str]) -> list:
     return examples
 
 
-def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
-    """(token ids of prompt + response + EOS, the prompt's length, reward) of each example.
+def render(tokenizer, messages: list, tools=None, generation_prompt=False) -> list:
+    """Token ids of a conversation as the chat template writes it (the template writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    Prompt and response are tokenized apart so the boundary is exact (BOS, if the tokenizer adds
-    one, goes on the prompt); the response's tokens and the EOS are the actions. A response given as
-    token ids (a sampled one) is taken as it is: an EOS only where the sampler drew one. Over-long
-    examples are skipped, or truncated: the prompt loses tokens from its left first, the response
-    from its right after (the reward then lands on the last kept token)."""
-    sequences, too_long = [], 0
-    for prompt, response_ids, reward in examples:
-        prompt_ids = tokenizer(prompt)["input_ids"]
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> set:
+    """The ids that end a turn: the tokenizer's EOS, the generation config's (an int or a list), and the token the
+    chat template writes right after an assistant's reply (<|im_end|>, <|eot_id|>: often not the EOS)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        question, reply = [{"role": "user", "content": "x"}], len(tokenizer("y", add_special_tokens=False)["input_ids"])
+        context = render(tokenizer, question, generation_prompt=True)
+        ids.update(render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) + reply :][:1])
+    return ids - {None}
+
+
+def encode_prompt(tokenizer, prompt, tools=None) -> list:
+    """Token ids of a prompt: a string tokenized (an empty one gives an EOS, a position to act from), a
+    conversation rendered by the chat template with the generation prompt, as the model will see it."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]
+    if not tokenizer.chat_template:
+        fail("the data are conversations and the model's tokenizer has no chat template; pass --chat-template PATH")
+    return render(tokenizer, prompt, tools, generation_prompt=True)
+
+
+def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
+    """(token ids of prompt + response, the prompt's length, reward) of each example.
+
+    Strings: prompt and response are tokenized apart so the boundary is exact (BOS, if the tokenizer
+    adds one, goes on the prompt), and the response ends with EOS. A conversational response is the
+    conversation's rendering after the prompt's, up to and including its end-of-turn token. A
+    response given as token ids (a sampled one) is taken as it is: an end-of-turn id only where the
+    sampler drew one. The response's tokens are the actions. Over-long examples are skipped, or
+    truncated: the prompt loses tokens from its left first, the response from its right after (the
+    reward then lands on the last kept token)."""
+    sequences, too_long, end_ids = [], 0, end_of_turn_ids(tokenizer)
+    for prompt, response_ids, reward, tools in examples:
+        prompt_ids = encode_prompt(tokenizer, prompt, tools)
         if isinstance(response_ids, str):
             response_ids = tokenizer(response_ids, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        elif is_conversation(response_ids):
+            whole = render(tokenizer, prompt + response_ids, tools)
+            if whole[: len(prompt_ids)] != prompt_ids:
+                fail(
+                    "the chat template renders a prompt differently once a completion follows; fix it (--chat-template)"
+                )
+            response_ids = whole[len(prompt_ids) :]
+            response_ids = response_ids[: next((k + 1 for k, t in enumerate(response_ids) if t in end_ids), None)]
         if len(prompt_ids) + len(response_ids) > max_length:
             too_long += 1
             if overlong == "skip":
                 continue
             response_ids = response_ids[: max_length - 1]  # keep at least one prompt token as context
             prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)) :]
-        if not prompt_ids:
-            prompt_ids = [tokenizer.eos_token_id]  # an empty prompt still needs one position to act from
         sequences.append((prompt_ids + response_ids, len(prompt_ids), reward))
     if too_long:
         action = "skipped" if overlong == "skip" else "truncated"
@@ -577,8 +634,8 @@ def normalize_returns(sequences: list) -> list:
     return [(ids, prompt_length, float(r)) for (ids, prompt_length, _), r in zip(sequences, returns)]
 
 
-def collate(sequences: list, pad_token_id: int, device):
-    """Right-padded batch, and over the T - 1 positions that predict a next token:
+def collate(sequences: list, pad_token_id: int, device) -> dict:
+    """Right-padded batch (input_ids, attention_mask), and over the T - 1 positions that predict a next token:
 
     action_mask[b, t]: position t is a state that acts, i.e. token t + 1 belongs to the response
     (EOS included); rewards[b, t]: the sequence's return on its last action, 0 elsewhere (fp64, as
@@ -594,7 +651,8 @@ def collate(sequences: list, pad_token_id: int, device):
         attention_mask[row, : len(ids)] = 1
         action_mask[row, prompt_length - 1 : len(ids) - 1] = True
         rewards[row, len(ids) - 2] = reward
-    return input_ids.to(device), attention_mask.to(device), action_mask.to(device), rewards.to(device)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask, "rewards": rewards}
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list:
@@ -728,73 +786,51 @@ def accumulate_gradients(
     last micro-batch's backward communicates (no_sync on the others)."""
     totals = {}
     starts = range(0, len(batch), args.micro_batch_size)
-    if isinstance(model.module, parallel.PipelineStage):
-        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
-        # applies the LM head and the ILQL heads to the final hidden states and computes the loss,
-        # and the sums of the terms come back to every stage.
-        stage = model.module
-        micro_batches = [
-            dict(
-                zip(
-                    ("input_ids", "attention_mask", "action_mask", "rewards"),
-                    collate(batch[start : start + args.micro_batch_size], pad_token_id, device),
-                )
-            )
-            for start in starts
-        ]
+    micro_batches = [collate(batch[start : start + args.micro_batch_size], pad_token_id, device) for start in starts]
 
-        def loss_fn(hidden, micro_batch):
-            logits = stage.head(hidden)  # under autocast, as the LM's own head runs outside the pipeline
-            with torch.autocast(
-                torch.device(device).type, enabled=False
-            ):  # the ILQL heads run in fp32, as outside the pipeline
-                terms = ilql_loss(
-                    heads,
-                    logits,
-                    hidden,
-                    micro_batch["input_ids"],
-                    micro_batch["action_mask"],
-                    micro_batch["rewards"],
-                    args.tau,
-                    args.gamma,
-                    args.beta,
-                )
-                terms["loss"] = (
-                    terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
-                )
-            for name, value in terms.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
-            return terms["loss"] / batch_actions * ranks
-
-        with autocast:
-            parallel.pipeline_1f1b(model, micro_batches, loss_fn, broadcast_loss=False)
-        sums = torch.tensor(
-            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
-        )  # zeros but on the last stage
-        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
-    lm = model.module["lm"]
-    for start in starts:
-        input_ids, attention_mask, action_mask, rewards = collate(
-            batch[start : start + args.micro_batch_size], pad_token_id, device
-        )
-        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
-            with autocast:
-                output = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    def loss_fn(logits, hidden, micro_batch):
+        """The micro-batch's loss, scaled for the global batch; its terms are added to the totals."""
+        with torch.autocast(torch.device(device).type, enabled=False):  # the ILQL heads run in their own precision
             terms = ilql_loss(
                 heads,
-                output.logits,
-                output.hidden_states[-1],
-                input_ids,
-                action_mask,
-                rewards,
+                logits,
+                hidden,
+                micro_batch["input_ids"],
+                micro_batch["action_mask"],
+                micro_batch["rewards"],
                 args.tau,
                 args.gamma,
                 args.beta,
             )
             terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
-            (terms["loss"] / batch_actions * ranks).backward()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
+        return terms["loss"] / batch_actions * ranks
+
+    if isinstance(model.module, parallel.PipelineStage):
+        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
+        # applies the LM head (under autocast, as the LM's own head runs outside the pipeline) and
+        # the ILQL heads to the final hidden states and computes the loss, and the sums of the
+        # terms come back to every stage.
+        stage = model.module
+        with autocast:
+            parallel.pipeline_1f1b(
+                model, micro_batches, lambda hidden, mb: loss_fn(stage.head(hidden), hidden, mb), broadcast_loss=False
+            )
+        sums = torch.tensor(
+            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
+        )  # zeros but on the last stage
+        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
+    lm = model.module["lm"]
+    for number, micro_batch in enumerate(micro_batches, 1):
+        with model.no_sync() if number < len(micro_batches) else contextlib.nullcontext():
+            with autocast:
+                output = lm(
+                    input_ids=micro_batch["input_ids"],
+                    attention_mask=micro_batch["attention_mask"],
+                    output_hidden_states=True,
+                )
+            loss_fn(output.logits, output.hidden_states[-1], micro_batch).backward()
     return totals
 
 
@@ -935,17 +971,19 @@ def shifted_scores(logits, advantage, beta: float, top_k: int):
 def generate(
     lm, heads, tokenizer, prompts: list, max_new_tokens: int, beta: float, temperature: float, top_k: int, device
 ) -> list:
-    """Response token ids for each prompt, cut before the first EOS. A left-padded batch runs token
+    """Response token ids for each prompt (token ids), up to and including the first end-of-turn id
+    (see end_of_turn_ids; a response cut at max_new_tokens has none). A left-padded batch runs token
     by token on the KV cache; each step samples from softmax(shifted scores / temperature), or
     takes their argmax at temperature 0. With beta 0 and top_k 0 this is plain sampling from the LM.
     No prompts (a rank's empty share of a few) give no responses."""
     if not prompts:
         return []
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
+    stop_ids = end_of_turn_ids(tokenizer, lm.generation_config)
     context = model_context(lm.config)
-    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
-    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    prompts = [list(p)[-(context - max_new_tokens) :] if context else list(p) for p in prompts]  # the newest context
+    width = max(len(p) for p in prompts)
+    step_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = lm.training
@@ -969,9 +1007,9 @@ def generate(
             next_ids = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(-1)
         else:
             next_ids = scores.argmax(-1)
-        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         tokens.append(next_ids)
-        finished |= next_ids == tokenizer.eos_token_id
+        finished |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
         if finished.all():
             break
         step_ids = next_ids[:, None]
@@ -979,7 +1017,7 @@ def generate(
         position_ids = position_ids[:, -1:] + 1
     lm.train(was_training)
     output = torch.stack(tokens, 1).tolist()
-    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    return [ids[: next((k + 1 for k, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in output]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -992,7 +1030,8 @@ SENTIMENT_SAMPLES = "sentiment_samples.jsonl"  # the sampled dataset, kept in th
 
 
 def load_sentiment_prompts(data: Optional[str]) -> list:
-    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    """The openings to continue, as (prompt, tools): the shipped file, or --data's prompt-only records (a `prompt`
+    string or conversation, and optional `tools`)."""
     if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
         fail(
             f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass "
@@ -1000,8 +1039,12 @@ def load_sentiment_prompts(data: Optional[str]) -> list:
         )
     path = data or SENTIMENT_PROMPTS
     records = read_records(path)
-    require_fields(records, ("prompt",), path)
-    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    for number, record in enumerate(records, 1):
+        if not isinstance(record.get("prompt"), str) and not is_conversation(record.get("prompt")):
+            fail(
+                f"{path}, record {number}: expected a 'prompt' string or conversation, found fields {', '.join(record)}"
+            )
+    prompts = list({json.dumps(r["prompt"]): (r["prompt"], r.get("tools")) for r in records}.values())
     if not prompts:
         fail(f"no prompts in {path}; the file is empty")
     return prompts
@@ -1026,10 +1069,10 @@ def sentiment_scores(texts: list) -> list:
 
 
 def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, grid, device) -> list:
-    """(prompt, response token ids, reward) for --samples-per-prompt continuations of each prompt,
+    """(prompt, response token ids, reward, tools) for --samples-per-prompt continuations of each prompt,
     sampled from the starting LM (beta 0, no top-k: the LM's own distribution) and scored by VADER:
     the ids as sampled, which the loss then sees (decoded and tokenized again, a text need not give
-    back the same ids), with an EOS only where the sampler drew one. The batches are dealt
+    back the same ids), with an end-of-turn id only where the sampler drew one. The batches are dealt
     round-robin over the data-parallel ranks and each is sampled with a seed of its own on a forked
     RNG, so the dataset does not depend on the number of ranks and training's random stream is
     untouched. Continuations whose text is empty (EOS first) are dropped: the dataset file, in the
@@ -1048,23 +1091,31 @@ def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, gr
                 & (2**63 - 1)
             )
             batch_prompts = repeated[start : start + args.generation_batch_size]
-            responses = generate(lm, heads, tokenizer, batch_prompts, args.max_new_tokens, 0.0, 1.0, 0, device)
-            # generate cuts before the first EOS: a response shorter than the budget is one that drew it
-            responses = [r + [tokenizer.eos_token_id] if len(r) < args.max_new_tokens else r for r in responses]
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            encoded = [encode_prompt(tokenizer, prompt, tools) for prompt, tools in batch_prompts]
+            responses = generate(lm, heads, tokenizer, encoded, args.max_new_tokens, 0.0, 1.0, 0, device)
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]  # without the end-of-turn id
             scored = zip(batch_prompts, responses, sentiment_scores(texts), texts)
-            mine.append((number, [(prompt, ids, score) for prompt, ids, score, text in scored if text]))
+            mine.append((number, [(prompt, ids, score, tools) for (prompt, tools), ids, score, text in scored if text]))
     batches = sorted(b for share_of_rank in parallel.all_gather_objects(mine, grid.dp_group) for b in share_of_rank)
     return [example for _, batch in batches for example in batch]
 
 
 def write_jsonl_atomically(path: str, examples: list, tokenizer):
-    """The sampled dataset as --task jsonl reads it (the response as text), with each response's
-    token ids beside it for a resumed run, renamed into place only once complete."""
+    """The sampled dataset as --task jsonl reads it (the completion as text, or as an assistant message after a
+    conversation), with each completion's token ids beside it for a resumed run, renamed into place only once
+    complete."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for prompt, ids, reward in examples:
+        for prompt, ids, reward, tools in examples:
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            file.write(json.dumps({"prompt": prompt, "response": text, "response_ids": ids, "reward": reward}) + "\n")
+            completion = text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+            record = {
+                "prompt": prompt,
+                "completion": completion,
+                "completion_ids": ids,
+                "reward": reward,
+                "tools": tools,
+            }
+            file.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -1316,19 +1367,20 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Args, grid) -> tuple:
-    """(examples, training prompts, held-out prompts) of the sentiment task. The held-out openings
+    """(examples, training prompts, held-out prompts' token ids) of the sentiment task. The held-out openings
     are those ppo.py picks (same seed, same split), so the two compare. The dataset is sampled by
     the starting model; a resumed run reads the one its run sampled."""
     prompts = load_sentiment_prompts(args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
-    eval_prompts, train_prompts = [prompts[i] for i in order[:n_eval]], [prompts[i] for i in order[n_eval:]]
+    eval_prompts = [encode_prompt(tokenizer, *prompts[i]) for i in order[:n_eval]]
+    train_prompts = [prompts[i] for i in order[n_eval:]]
     if checkpoint:
         samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
         records = read_records(samples_file)
         examples = [scored_example(record, number, samples_file) for number, record in enumerate(records, 1)]
-        # The ids the run sampled and trained on (a file without them, from an older run, has only the text).
-        examples = [(p, record.get("response_ids", text), r) for (p, text, r), record in zip(examples, records)]
+        # The ids the run sampled and trained on (a file without them, written by hand, has only the text).
+        examples = [(p, record.get("completion_ids", c), r, t) for (p, c, r, t), record in zip(examples, records)]
     else:
         examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
         if not examples:
@@ -1359,7 +1411,7 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
         for beta in args.eval_betas:
             torch.manual_seed(args.seed + grid.dp_rank)
             if randomwalks:
-                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                starts = [[node] for node in range(1, RANDOMWALKS_NODES)]  # a node's token id is its number
                 for name, temperature, repeats in (
                     ("greedy", 0.0, 1),
                     ("sampled", args.temperature, args.eval_samples_per_start),
@@ -1376,7 +1428,7 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
                         args.top_k,
                         device,
                     )
-                    walks = [p + tokenizer.decode(r) for p, r in zip(prompts, responses)]
+                    walks = [tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
                     scored = [(w, walk_optimality(w, *graph)) for w in walks]
                     scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
                     metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean([s for _, s in scored]))
@@ -1398,7 +1450,9 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
                         metrics[f"eval/score_{name}_beta{beta:g}"] = float(np.mean(scores))
                     if name == "greedy":
                         metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
-                        rows += [[step, beta, p, t, s] for p, t, s in zip(eval_prompts, texts, scores)]
+                        rows += [
+                            [step, beta, tokenizer.decode(p), t, s] for p, t, s in zip(eval_prompts, texts, scores)
+                        ]
     if randomwalks or sentiment:
         metric = "optimality" if randomwalks else "score"
         for name in ("greedy", "sampled"):
@@ -1546,20 +1600,24 @@ def main(args: Args):
         shortest = shortest_path_nodes(adjacency)
         walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
         scores = [walk_optimality(w, adjacency, shortest) for w in walk_strings]
-        examples = [(walk[0], walk[1:], score) for walk, score in zip(walk_strings, scores)]
+        examples = [(walk[0], walk[1:], score, None) for walk, score in zip(walk_strings, scores)]
         dataset_mean, graph = float(np.mean(scores)), (adjacency, shortest)
     elif not sentiment:
         examples, dataset_mean, graph = load_examples(args.task, args.data), None, None
     lm, tokenizer, heads = load_lm_and_heads(args, checkpoint, device, param_dtype)
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()  # saved with the tokenizer, so the trained model keeps it
     if sentiment:
         examples, train_prompts, eval_prompts = sentiment_dataset(lm, heads, tokenizer, checkpoint, args, grid)
-        dataset_mean, graph = float(np.mean([reward for _, _, reward in examples])), None
+        dataset_mean, graph = float(np.mean([reward for _, _, reward, _ in examples])), None
     context = model_context(lm.config)
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = normalize_returns(tokenize_examples(tokenizer, examples, max_length, args.overlong))
     if not sentiment:
-        eval_order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        eval_prompts = list(dict.fromkeys(examples[i][0] for i in eval_order))[: args.eval_generations]
+        eval_order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        eval_prompts = list(dict.fromkeys(tuple(sequences[i][0][: sequences[i][1]]) for i in eval_order))
+        eval_prompts = eval_prompts[: args.eval_generations]
     steps_per_epoch = len(sequences) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(sequences)} examples; lower it")

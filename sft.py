@@ -6,6 +6,7 @@ is context. The default task, randomwalks, runs offline on a CPU in a couple of 
 
     python sft.py                                    # randomwalks, fresh 6-layer GPT-2
     python sft.py --task jsonl --data demos.jsonl --model gpt2
+    python sft.py --task jsonl --data chats.jsonl --model runs/smollm2-135m   # {"messages": [...]}: assistant turns
     python sft.py --task hh --model EleutherAI/pythia-160m   # needs the network
     torchrun --nproc_per_node 8 sft.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
@@ -55,12 +56,13 @@ class Args:
     seed: int = 1
     """seed of python, numpy and torch (model init, data order, dropout): any integer from 0"""
     task: Literal["randomwalks", "jsonl", "hh", "tldr"] = "randomwalks"
-    """randomwalks: built-in offline graph task; jsonl: `{"prompt", "completion"}` records from --data;
-    hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the hub unless
-    --data is given)"""
+    """randomwalks: built-in offline graph task; jsonl: --data's records of TRL's kinds, `text` or `messages` (every
+    token, or every assistant turn, learned) or `prompt` and `completion` (the completion learned), strings or
+    conversations; hh: Anthropic/hh-rlhf chosen dialogues; tldr: Reddit TL;DR summaries (hh and tldr download from the
+    hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz,
-    or .parquet for tldr)"""
+    """local data: .jsonl or .jsonl.gz, or (with the datasets package) .parquet or a datasets directory; required for
+    --task jsonl; for hh/tldr a local copy in the upstream format"""
     model: Optional[str] = None
     """hub name or local path of any causal LM; default: a fresh 6-layer GPT-2 for randomwalks (required for other
     tasks)"""
@@ -87,6 +89,9 @@ class Args:
     sequence (Megatron sequence parallelism: the same communication, 1/tp of those activations)"""
     output_dir: Optional[str] = None
     """where the run directory goes; default runs/<run name>"""
+    chat_template: Optional[str] = None
+    """a Jinja file replacing the tokenizer's chat template (saved with the tokenizer), which renders conversational
+    data"""
 
     max_length: int = 512
     """longest prompt+completion in tokens (capped at the model's context)"""
@@ -219,6 +224,8 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template} does not exist; pass the path of a Jinja file")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -332,18 +339,28 @@ def randomwalks_model(tokenizer) -> GPT2LMHeadModel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every task becomes a list of (prompt, completion) strings.
+# Data: every task becomes (prompt, completion, tools) examples of TRL's kinds: strings, or
+# conversations (message lists) rendered by the chat template.
 # ---------------------------------------------------------------------------------------------
+KINDS = "'text' (a string), 'messages' (a conversation), or 'prompt' and 'completion' (strings or conversations)"
+
+
 def read_records(path: str) -> list:
-    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
-    if not os.path.isfile(path):
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or of a .parquet file or a
+    directory written by datasets' save_to_disk, read through the optional datasets package."""
+    if not os.path.exists(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
-    if path.endswith(".parquet"):
+    if path.endswith(".parquet") or os.path.isdir(path):
         try:
-            import pyarrow.parquet
+            import datasets
         except ImportError:
-            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
-        return pyarrow.parquet.read_table(path).to_pylist()
+            fail(f"reading {path} needs the datasets package: pip install datasets")
+        try:
+            return (
+                datasets.Dataset.from_parquet(path) if os.path.isfile(path) else datasets.load_from_disk(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a DatasetDict, a folder of something else
+            fail(f"cannot read {path!r} as a dataset ({type(error).__name__}); pass a .parquet file or one saved split")
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -363,14 +380,36 @@ def read_records(path: str) -> list:
 
 
 def require_fields(records: list, fields: tuple, path: str):
+    """Every record has these string fields (an upstream format's), else one line naming the first that does not."""
     for number, record in enumerate(records, 1):
-        for field in fields:
-            if not isinstance(record.get(field), str):
-                problem = "is missing" if field not in record else "is not a string"
-                fail(
-                    f"{path}, record {number}: field {field!r} {problem}; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+        if not all(isinstance(record.get(field), str) for field in fields):
+            fail(f"{path}, record {number}: expected strings {', '.join(fields)}, found fields {', '.join(record)}")
+
+
+def is_conversation(value) -> bool:
+    """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
+
+
+def example_of(record: dict, number: int, path: str) -> tuple:
+    """(kind, (prompt, completion, tools)) of a record. `text` and `messages` are a completion with an empty prompt,
+    so every token, or every assistant turn, is learned; of `prompt` and `completion`, the completion."""
+    prompt, completion, tools = record.get("prompt"), record.get("completion"), record.get("tools")
+    if isinstance(record.get("text"), str):
+        return "text", ("", record["text"], None)
+    if is_conversation(record.get("messages")):
+        kind, (prompt, completion) = "messages", ([], record["messages"])
+    elif isinstance(prompt, str) and isinstance(completion, str):
+        return "prompt-completion", (prompt, completion, None)
+    elif is_conversation(prompt) and is_conversation(completion):
+        kind = "conversational prompt-completion"
+    else:
+        fail(f"{path}, record {number}: expected {KINDS}, found fields {', '.join(record) or 'none'}")
+    if not any(message["role"] == "assistant" for message in completion):
+        fail(f"{path}, record {number}: the conversation has no assistant message to learn from")
+    return kind, (prompt, completion, tools)
 
 
 def hh_example(dialogue: str):
@@ -405,24 +444,27 @@ def download(task: str) -> list:
 
 
 def load_examples(task: str, data: Optional[str]) -> list:
-    """(prompt, completion) pairs for a text task."""
+    """(prompt, completion, tools) examples of a text task: hh and tldr records are first converted to
+    prompt-completion ones, so every task's records are checked and read by the same code."""
     if task == "jsonl" and data is None:
-        fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "completion": ...} lines)')
+        fail(f"--task jsonl needs --data PATH (records with {KINDS})")
     paths = [data] if data else download(task)
     examples, unusable = [], 0
     for path in paths:
         records = read_records(path)
-        if task == "jsonl":
-            require_fields(records, ("prompt", "completion"), path)
-            examples += [(r["prompt"], r["completion"]) for r in records]
-        elif task == "hh":
+        if task == "hh":
             require_fields(records, ("chosen",), path)
             pairs = [hh_example(r["chosen"]) for r in records]
             unusable += sum(p is None for p in pairs)
-            examples += [p for p in pairs if p is not None]
+            records = [{"prompt": p[0], "completion": p[1]} for p in pairs if p is not None]
         elif task == "tldr":
             require_fields(records, ("subreddit", "title", "post", "summary"), path)
-            examples += [tldr_example(r) for r in records]
+            records = [dict(zip(("prompt", "completion"), tldr_example(r))) for r in records]
+        kinds = [example_of(record, number, path) for number, record in enumerate(records, 1)]
+        for number, (kind, _) in enumerate(kinds, 1):
+            if kind != kinds[0][0]:
+                fail(f"{path}, record {number}: a {kind} record after {kinds[0][0]} ones; one file holds one kind")
+        examples += [example for _, example in kinds]
     if unusable:
         print(f"skipped {unusable} dialogues without an '\\n\\nAssistant:' turn")
     if not examples:
@@ -430,50 +472,108 @@ def load_examples(task: str, data: Optional[str]) -> list:
     return examples
 
 
-def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
-    """Token ids of prompt + completion + EOS, and the prompt's length (its tokens get no loss).
+def render(tokenizer, messages: list, tools=None, generation_prompt=False) -> list:
+    """Token ids of a conversation as the chat template writes it (the template writes any BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    Prompt and completion are tokenized apart so the boundary is exact (BOS, if the tokenizer
-    adds one, goes on the prompt). Over-long examples are skipped, or truncated keeping what is
-    learned: the prompt loses tokens from its left first, the completion from its right after."""
-    sequences, too_long = [], 0
-    for prompt, completion in examples:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt_ids) + len(completion_ids) > max_length:
-            too_long += 1
-            if overlong == "skip":
-                continue
-            completion_ids = completion_ids[: max_length - 1]  # keep at least one prompt token as context
-            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(completion_ids)) :]
-        if not prompt_ids:
-            prompt_ids = [tokenizer.eos_token_id]  # an empty prompt still needs one position to predict from
-        sequences.append((prompt_ids + completion_ids, len(prompt_ids)))
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> set:
+    """The ids that end a turn: the tokenizer's EOS, the generation config's (an int or a list), and the token the
+    chat template writes right after an assistant's reply (<|im_end|>, <|eot_id|>: often not the EOS)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        question, reply = [{"role": "user", "content": "x"}], len(tokenizer("y", add_special_tokens=False)["input_ids"])
+        context = render(tokenizer, question, generation_prompt=True)
+        ids.update(render(tokenizer, question + [{"role": "assistant", "content": "y"}])[len(context) + reply :][:1])
+    return ids - {None}
+
+
+def conversation_sequences(tokenizer, messages: list, tools, first: int, end_ids: set) -> tuple:
+    """([(token ids, loss mask)], whether the template is prefix-preserving on this conversation): the loss covers
+    each assistant turn from message `first` on, up to and including its end-of-turn token.
+
+    A turn's tokens are found by rendering growing prefixes: the context before the turn (with the generation
+    prompt) and the conversation up to the turn must each extend the previous rendering. When the template rewrites
+    earlier turns (drops their <think> blocks, say), the whole rendering is not what the model saw at each turn:
+    then every assistant turn becomes its own sequence, its context as the template renders it at that turn."""
+    whole = render(tokenizer, messages, tools)
+    mask, turns, preserving = [0] * len(whole), [], True
+    for i in [i for i in range(first, len(messages)) if messages[i]["role"] == "assistant"]:
+        context = render(tokenizer, messages[:i], tools, generation_prompt=True)
+        turn = render(tokenizer, messages[: i + 1], tools)
+        if turn[: len(context)] != context:
+            fail(
+                f"the chat template renders message {i + 1} of a conversation so that its context changes; "
+                "its tokens cannot be told apart: fix the template (--chat-template)"
+            )
+        end = next((k + 1 for k in range(len(context), len(turn)) if turn[k] in end_ids), len(turn))
+        turns.append((turn[:end], [0] * len(context) + [1] * (end - len(context))))
+        mask[len(context) : end] = turns[-1][1][len(context) :]
+        preserving &= whole[: len(turn)] == turn
+    return ([(whole, mask)], True) if preserving else (turns, False)
+
+
+def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str):
+    """(token ids, loss mask) of each example: 1 on the tokens learned, 0 on the context.
+
+    Strings: prompt and completion are tokenized apart so the boundary is exact (BOS, if the
+    tokenizer adds one, goes on the prompt), and the completion ends with EOS. Conversations are
+    rendered by the chat template (see conversation_sequences). Over-long sequences are skipped, or
+    truncated keeping what is learned: the context before the first learned token loses tokens from
+    its left first (one stays, to predict from), the rest from its right after."""
+    sequences, total, too_long, rewritten, end_ids = [], 0, 0, 0, end_of_turn_ids(tokenizer)
+    for prompt, completion, tools in examples:
+        if isinstance(completion, str):
+            prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id]  # a position to predict from
+            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            pieces = [(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids))]
+        else:
+            if not tokenizer.chat_template:
+                fail(
+                    "the data are conversations and the model's tokenizer has no chat template; pass --chat-template "
+                    "PATH (a Jinja file)"
+                )
+            pieces, preserving = conversation_sequences(tokenizer, prompt + completion, tools, len(prompt), end_ids)
+            rewritten += not preserving
+        total += len(pieces)
+        for ids, mask in pieces:
+            if len(ids) > max_length:
+                too_long += 1
+                if overlong == "skip":
+                    continue
+                start = min(mask.index(1) - 1, len(ids) - max_length)
+                ids, mask = ids[start : start + max_length], mask[start : start + max_length]
+            sequences.append((ids, mask))
+    if rewritten:
+        print(
+            f"{rewritten} conversation(s) are not rendered prefix-preserving by the chat template (it rewrites earlier "
+            "turns); each of their assistant turns became its own example"
+        )
     if too_long:
         action = "skipped" if overlong == "skip" else "truncated"
         print(
-            f"{too_long} of {len(examples)} examples are longer than --max-length {max_length} tokens: {action} (see "
+            f"{too_long} of {total} examples are longer than --max-length {max_length} tokens: {action} (see "
             "--overlong)"
         )
     if not sequences:
-        fail(
-            f"no examples left: all {len(examples)} exceed --max-length {max_length}; raise it or use --overlong "
-            "truncate"
-        )
+        fail(f"no examples left: all {total} exceed --max-length {max_length}; raise it or use --overlong truncate")
     return sequences
 
 
-def collate(sequences: list, pad_token_id: int, device):
-    """Right-padded batch; labels are -100 on prompt and padding so only completion tokens carry loss."""
+def collate(sequences: list, pad_token_id: int, device) -> dict:
+    """Right-padded batch (the model's keyword arguments and the labels); labels are -100 on context and
+    padding so only the learned tokens carry loss."""
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(sequences):
+    for row, (ids, mask) in enumerate(sequences):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+        labels[row, : len(ids)] = torch.tensor([token if learned else -100 for token, learned in zip(ids, mask)])
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
 
 
 def completion_loss_sum(model, input_ids, attention_mask, labels):
@@ -501,18 +601,10 @@ def accumulate_gradients(
     data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
     micro-batch's backward communicates (no_sync on the others)."""
     starts = range(0, len(batch), micro_batch_size)
+    micro_batches = [collate(batch[start : start + micro_batch_size], pad_token_id, device) for start in starts]
     if isinstance(model.module, parallel.PipelineStage):
         # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
         # computes the loss, and the sum comes back to every stage.
-        micro_batches = [
-            dict(
-                zip(
-                    ("input_ids", "attention_mask", "labels"),
-                    collate(batch[start : start + micro_batch_size], pad_token_id, device),
-                )
-            )
-            for start in starts
-        ]
 
         def loss_fn(logits, micro_batch):
             return loss_sum_from_logits(logits, micro_batch["labels"]) / batch_tokens * ranks
@@ -520,11 +612,10 @@ def accumulate_gradients(
         with autocast:
             return parallel.pipeline_1f1b(model, micro_batches, loss_fn).item() / ranks
     batch_loss = 0.0
-    for start in starts:
-        input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
-        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
+    for number, micro_batch in enumerate(micro_batches, 1):
+        with model.no_sync() if number < len(micro_batches) else contextlib.nullcontext():
             with autocast:
-                loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
+                loss = completion_loss_sum(model, **micro_batch) / batch_tokens
             (loss * ranks).backward()
         batch_loss += loss.item()
     return batch_loss
@@ -542,16 +633,19 @@ def model_context(config):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """Completion token ids for each prompt, cut before the first EOS: a left-padded batch decoded
-    token by token on the KV cache, greedy at temperature 0, else sampled from
-    softmax(logits / temperature) and nothing else. (model.generate() would also apply what the
-    checkpoint's generation_config.json asks, a repetition penalty or banned n-grams, and the
-    evaluation would no longer measure the model's own distribution.)"""
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
+    """Completion token ids for each prompt (token ids), cut before the first end-of-turn id (see
+    end_of_turn_ids): a left-padded batch decoded token by token on the KV cache, greedy at
+    temperature 0, else sampled from softmax(logits / temperature) and nothing else.
+    (model.generate() would also apply what the checkpoint's generation_config.json asks, a
+    repetition penalty or banned n-grams, and the evaluation would no longer measure the model's
+    own distribution.)"""
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     context = model_context(model.config)
-    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
-    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    # Prompts end where generation starts: a long one loses its oldest tokens.
+    prompts = [p[-(context - max_new_tokens) :] if context else p for p in prompts]
+    width = max(len(p) for p in prompts)
+    step_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = model.training
@@ -573,9 +667,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             if temperature == 0
             else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         )
-        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         tokens.append(next_ids)
-        finished |= next_ids == tokenizer.eos_token_id
+        finished |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
         if finished.all():
             break
         step_ids = next_ids[:, None]
@@ -583,7 +677,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
     output = torch.stack(tokens, 1).tolist()
-    return [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    return [ids[: next((k for k, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in output]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,33 +879,30 @@ def evaluate(
                 collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
                 for start in range(0, len(shard), args.micro_batch_size)
             ]
-            if args.pp > 1:
-                micro_batches = [dict(zip(("input_ids", "attention_mask", "labels"), batch)) for batch in micro_batches]
-                totals += parallel.pipeline_forward(
-                    model,
-                    micro_batches,
-                    lambda logits, mb: torch.stack(
-                        [
-                            loss_sum_from_logits(logits, mb["labels"]).double(),
-                            (mb["labels"][:, 1:] != -100).sum().double(),
-                        ]
-                    ),
+
+            def sums(logits, micro_batch):
+                labels = micro_batch["labels"]
+                return torch.stack(
+                    [loss_sum_from_logits(logits, labels).double(), (labels[:, 1:] != -100).sum().double()]
                 )
+
+            if args.pp > 1:
+                totals += parallel.pipeline_forward(model, micro_batches, sums)
             else:
-                for input_ids, attention_mask, labels in micro_batches:
-                    totals[0] += completion_loss_sum(model.module, input_ids, attention_mask, labels).double()
-                    totals[1] += (labels[:, 1:] != -100).sum()
+                for micro_batch in micro_batches:
+                    output = model.module(micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"])
+                    totals += sums(output.logits, micro_batch)
         parallel.all_reduce_sum(totals, grid.dp_group)
         sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
         metrics["eval/loss"] = (totals[0] / totals[1]).item()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + grid.dp_rank)
             if args.task == "randomwalks":
-                starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
+                starts = [[node] for node in range(1, RANDOMWALKS_NODES)]  # a node's token id is its number
                 for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
                     prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: ranks]
                     completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
-                    walks = [p + tokenizer.decode(c) for p, c in zip(prompts, completions)]
+                    walks = [tokenizer.decode(p + c) for p, c in zip(prompts, completions)]
                     scored = [(w, walk_optimality(w, *graph)) for w in walks]
                     scored = [pair for share in parallel.all_gather_objects(scored, grid.dp_group) for pair in share]
                     metrics[f"eval/optimality_{name}"] = float(np.mean([s for _, s in scored]))
@@ -821,7 +912,7 @@ def evaluate(
             elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
                 completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
                 rows = [
-                    [step, p, tokenizer.decode(c, skip_special_tokens=True), None]
+                    [step, tokenizer.decode(p), tokenizer.decode(c, skip_special_tokens=True), None]
                     for p, c in zip(eval_prompts, completions)
                 ]
     model.train()
@@ -901,7 +992,7 @@ def main(args: Args):
         adjacency, walks = generate_random_walks()
         shortest = shortest_path_nodes(adjacency)
         walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
-        examples = [(walk[0], walk[1:]) for walk in walk_strings]
+        examples = [(walk[0], walk[1:], None) for walk in walk_strings]
         dataset_optimality = float(np.mean([walk_optimality(w, adjacency, shortest) for w in walk_strings]))
         graph = (adjacency, shortest)
     else:
@@ -913,6 +1004,9 @@ def main(args: Args):
         model = randomwalks_model(tokenizer).to(device, param_dtype)
     context = model_context(model.config)
     max_length = min(args.max_length, context) if context else args.max_length
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()  # saved with the tokenizer, so the trained model keeps it
     sequences = tokenize_examples(tokenizer, examples, max_length, args.overlong)
     if context and args.task != "randomwalks" and args.max_new_tokens >= context:
         fail(
@@ -923,7 +1017,7 @@ def main(args: Args):
     n_eval = max(1, int(len(sequences) * args.eval_fraction))
     eval_sequences = [sequences[i] for i in order[:n_eval]]
     train_sequences = [sequences[i] for i in order[n_eval:]]
-    eval_prompts = [examples[i][0] for i in order[:n_eval]][: args.eval_generations]
+    eval_prompts = [ids[: mask.index(1)] for ids, mask in eval_sequences[: args.eval_generations]]
     steps_per_epoch = len(train_sequences) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training examples; lower it")
@@ -969,7 +1063,7 @@ def main(args: Args):
             position * args.batch_size : (position + 1) * args.batch_size
         ]
         batch = [train_sequences[i] for i in indices]
-        batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+        batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         batch_loss = accumulate_gradients(
             model, rank_share, batch_tokens, ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast

@@ -26,6 +26,9 @@ from transformers import (
 import ilql
 import parallel
 from conftest import (
+    CHAT_TEMPLATES,
+    chat_tokenizer,
+    save_tiny_chat_model,
     read_metrics,
     FIXTURES,
     SAME_MATH,
@@ -42,10 +45,10 @@ from conftest import (
 # Scored records in the jsonl format. They live here rather than in tests/fixtures/, whose files
 # conftest.text_tokenizer reads as text-only records.
 SCORED = [
-    {"prompt": "Q: What is 2+2?\nA:", "response": " 4", "reward": 1},
-    {"prompt": "Q: What is 2+2?\nA:", "response": " 5", "reward": -1.5},
-    {"prompt": "Q: Capital of France?\nA:", "response": " Paris", "reward": 0.25},
-    {"prompt": "", "response": " Blue", "reward": 2e-3},
+    {"prompt": "Q: What is 2+2?\nA:", "completion": " 4", "reward": 1},
+    {"prompt": "Q: What is 2+2?\nA:", "completion": " 5", "reward": -1.5},
+    {"prompt": "Q: Capital of France?\nA:", "completion": " Paris", "reward": 0.25},
+    {"prompt": "", "completion": " Blue", "reward": 2e-3},
 ]
 
 
@@ -111,7 +114,7 @@ def test_loss_terms_match_a_hand_written_loop(two_qs):
     # response token, then padding (token 4).
     # The rewards are not exact in fp32: with fp64 heads the loss must keep them in fp64.
     sequences = [([3, 1, 2, 0], 2, 0.7), ([2, 1], 1, -1.3)]
-    input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu")
+    input_ids, attention_mask, action_mask, rewards = ilql.collate(sequences, 4, "cpu").values()
     assert input_ids.tolist() == [[3, 1, 2, 0], [2, 1, 4, 4]] and attention_mask.tolist() == [
         [1, 1, 1, 1],
         [1, 1, 0, 0],
@@ -157,7 +160,7 @@ def test_v_loss_is_an_asymmetric_expectile():
             head[2].weight.zero_()
         heads.v_head[2].bias.fill_(1.0)
     sequences = [([0, 1, 2], 1, 0.0)]  # two actions
-    input_ids, _, action_mask, rewards = ilql.collate(sequences, 0, "cpu")
+    input_ids, _, action_mask, rewards = ilql.collate(sequences, 0, "cpu").values()
     logits, hidden = torch.zeros(1, 3, 3, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)
     losses = {}
     for offset in (0.5, -0.5):
@@ -190,12 +193,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     batch = ilql.tokenize_examples(
         tokenizer,
         [
-            ("b", "cda", 1.0),
-            ("cd", "a", -1.0),
-            ("e", "fghia", 0.5),
-            ("f", "a", 0.0),
-            ("g", "ha", 2.0),
-            ("hij", "ka", -0.5),
+            ("b", "cda", 1.0, None),
+            ("cd", "a", -1.0, None),
+            ("e", "fghia", 0.5, None),
+            ("f", "a", 0.0, None),
+            ("g", "ha", 2.0, None),
+            ("hij", "ka", -0.5, None),
         ],
         16,
         "truncate",
@@ -257,7 +260,7 @@ def test_target_heads_get_no_gradient(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_randomwalks_model(tmp_path / "model"))
     tokenizer = ilql.randomwalks_tokenizer()
     heads = ilql.new_heads(model, two_qs=True)
-    batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0), ("c", "a", -1.0)], 16, "truncate")
+    batch = ilql.tokenize_examples(tokenizer, [("b", "cda", 1.0, None), ("c", "a", -1.0, None)], 16, "truncate")
     wrapped = parallel.DataParallel(ilql.trained_modules(model, heads))
     ilql.accumulate_gradients(
         wrapped,
@@ -282,11 +285,12 @@ def test_beta_zero_sampling_equals_plain_lm_sampling():
     torch.manual_seed(0)
     model = ilql.randomwalks_model(tokenizer).double().eval()
     heads = double_heads(144, len(tokenizer))
-    prompts = ["b", "cde", "f", "ghij"] * 5  # unequal lengths: left padding must not change the result
+    texts = ["b", "cde", "f", "ghij"] * 5  # unequal lengths: left padding must not change the result
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
     torch.manual_seed(3)
     ours = ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 1.0, 0, "cpu")
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
     config = GenerationConfig(
         do_sample=True,
         top_k=0,
@@ -298,7 +302,7 @@ def test_beta_zero_sampling_equals_plain_lm_sampling():
     )
     torch.manual_seed(3)
     output = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1] :].tolist()
-    plain = [ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids for ids in output]
+    plain = [ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids for ids in output]
     assert ours == plain
     assert len({tuple(ids) for ids in ours}) > 10  # the samples do differ from each other
     # A non-zero beta changes what is drawn with the same seed.
@@ -323,10 +327,10 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
     assert torch.equal(torch.isfinite(top), scores >= scores.topk(4, -1).values[:, -1:])
 
     # Greedy generation with the KV cache equals a loop that re-runs the whole prefix each step.
-    prompts, beta = ["b", "cde", "f"], 3.0
+    prompts, beta = [tokenizer(text)["input_ids"] for text in ("b", "cde", "f")], 3.0
     generated = ilql.generate(model, heads, tokenizer, prompts, 9, beta, 0.0, 10, "cpu")
     for prompt, response in zip(prompts, generated):
-        ids = tokenizer(prompt)["input_ids"]
+        ids = list(prompt)
         reference = []
         with torch.no_grad():
             for _ in range(9):
@@ -336,10 +340,10 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
                     torch.minimum(heads.target_q_heads[0](h), heads.target_q_heads[1](h)) - heads.v_head(h)
                 )
                 token = int(step_scores.topk(10).indices[0])
+                reference.append(token)  # the response keeps the EOS that ends it
+                ids.append(token)
                 if token == tokenizer.eos_token_id:
                     break
-                reference.append(token)
-                ids.append(token)
         assert response == reference
     assert generated != ilql.generate(model, heads, tokenizer, prompts, 9, 0.0, 0.0, 10, "cpu")  # the shift matters
 
@@ -360,8 +364,8 @@ def test_shifted_scores_and_greedy_decoding_follow_the_advantage():
 def test_jsonl_parser(tmp_path):
     path = write_jsonl(tmp_path / "scored.jsonl", SCORED)
     examples = ilql.load_examples("jsonl", path)
-    assert examples == [(r["prompt"], r["response"], float(r["reward"])) for r in SCORED]
-    sequences = ilql.tokenize_examples(ilql.randomwalks_tokenizer(), [("", "bc", 1.0)], 16, "truncate")
+    assert examples == [(r["prompt"], r["completion"], float(r["reward"]), None) for r in SCORED]
+    sequences = ilql.tokenize_examples(ilql.randomwalks_tokenizer(), [("", "bc", 1.0, None)], 16, "truncate")
     assert sequences == [([21, 1, 2, 21], 1, 1.0)]  # an empty prompt acts from an EOS; the response ends with one
 
 
@@ -373,9 +377,76 @@ def test_hh_parser_gives_chosen_plus_one_and_rejected_minus_one():
         "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?"
         "\n\nHuman: Science fiction.\n\nAssistant:"
     )
-    assert chosen == (prompt, " Try The Left Hand of Darkness by Ursula K. Le Guin.", 1.0)
-    assert rejected == (prompt, " I don't read.", -1.0)
-    assert [reward for _, _, reward in examples] == [1.0, -1.0] * 4
+    assert chosen == (prompt, " Try The Left Hand of Darkness by Ursula K. Le Guin.", 1.0, None)
+    assert rejected == (prompt, " I don't read.", -1.0, None)
+    assert [reward for _, _, reward, _ in examples] == [1.0, -1.0] * 4
+
+
+def chat(*turns):
+    return [{"role": role, "content": content} for role, content in zip(("user", "assistant") * 2, turns)]
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_conversational_records_are_rendered_as_apply_chat_template_does(tmp_path, style):
+    """A conversational prompt is the template's rendering with the generation prompt (and the record's
+    tools); its completion is the rest of the conversation's rendering up to and including the end-of-turn
+    token, which is not the EOS; a string prompt-completion is tokenized as before."""
+    tokenizer, tools = chat_tokenizer(style), [{"name": "lookup"}]
+    records = [
+        {"prompt": chat("Capital of France?"), "completion": chat("", "Paris")[1:], "reward": 1, "tools": tools},
+        {"prompt": chat("Hi", "Hello", "Capital of Italy?"), "completion": chat("", "Rome")[1:], "reward": -1},
+    ]
+    examples = ilql.load_examples("jsonl", write_jsonl(tmp_path / "chat.jsonl", records))
+    for (ids, prompt_length, reward), record in zip(ilql.tokenize_examples(tokenizer, examples, 512, "skip"), records):
+        messages, tools = record["prompt"] + record["completion"], record.get("tools")
+        prompt = tokenizer.apply_chat_template(record["prompt"], tools=tools, add_generation_prompt=True, tokenize=True)
+        whole = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)["input_ids"]
+        assert ids[:prompt_length] == prompt["input_ids"] and reward == record["reward"]
+        assert ids == whole[: len(ids)]
+        end = tokenizer.convert_tokens_to_ids({"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[style])
+        assert ids[prompt_length:] == tokenizer(record["completion"][0]["content"], add_special_tokens=False)[
+            "input_ids"
+        ] + [end]
+        assert end != tokenizer.eos_token_id and end in ilql.end_of_turn_ids(tokenizer)
+
+
+def test_conversational_data_train_and_sample_end_to_end(tmp_path, tiny_gpt2, fake_vader):
+    """A tiny chat model trains on conversational scored records, and samples the sentiment task from
+    conversational prompts rendered with the generation prompt (its samples file, in the jsonl format, keeps
+    the conversation); a template-less tokenizer takes --chat-template, and without one stops with one line."""
+    model = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    scored = write_jsonl(
+        tmp_path / "scored.jsonl",
+        [{"prompt": chat("Hi"), "completion": chat("", "Hello")[1:], "reward": r} for r in (1, -1, 0.5, 2)],
+    )
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": chat(f"Continue this review: the {w}")}
+            for w in "cat dog mat park friend hello world post title summary".split()
+        ],
+    )
+    settings = dict(
+        model=model, num_epochs=1, batch_size=2, max_new_tokens=3, eval_generations=1, eval_prompts=1, eval_betas=(0.0,)
+    )
+    ilql.main(ilql.Args(task="jsonl", data=scored, output_dir=str(tmp_path / "jsonl"), **settings))
+    ilql.main(
+        ilql.Args(
+            task="sentiment", data=prompts, samples_per_prompt=1, output_dir=str(tmp_path / "sentiment"), **settings
+        )
+    )
+    records = ilql.read_records(str(tmp_path / "sentiment" / ilql.SENTIMENT_SAMPLES))
+    assert records and all(
+        r["prompt"][0]["role"] == "user" and r["completion"][0]["role"] == "assistant" for r in records
+    )
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    args = ilql.Args(task="jsonl", data=scored, output_dir=str(tmp_path / "plain"), **{**settings, "model": tiny_gpt2})
+    expect_error(args, "has no chat template; pass --chat-template PATH")
+    bad = write_jsonl(tmp_path / "bad-prompts.jsonl", [{"prompt": "a"}, {"prompt": [{"content": "b"}]}])
+    expect_error(replace(args, task="sentiment", data=bad), "record 2: expected a 'prompt' string or conversation")
+    ilql.main(replace(args, chat_template=str(template)))
+    assert read_metrics(tmp_path / "plain")["step"] == 2
 
 
 # --- training runs ------------------------------------------------------------------------------
@@ -422,11 +493,10 @@ def test_smoke_run_with_wandb_offline_and_reload(tmp_path):
     assert saved.keys() == heads.state_dict().keys() and len(heads.q_heads) == 2
     adjacency, _ = ilql.generate_random_walks()
     shortest = ilql.shortest_path_nodes(adjacency)
-    starts = [ilql.node_letter(n) for n in range(1, 21)]
+    starts = [[node] for node in range(1, 21)]
     responses = ilql.generate(model, heads, tokenizer, starts, 9, 4.0, 0.0, 10, "cpu")
-    greedy = (
-        sum(ilql.walk_optimality(s + tokenizer.decode(r), adjacency, shortest) for s, r in zip(starts, responses)) / 20
-    )
+    walks = [tokenizer.decode(s + r, skip_special_tokens=True) for s, r in zip(starts, responses)]
+    greedy = sum(ilql.walk_optimality(walk, adjacency, shortest) for walk in walks) / 20
     assert greedy == pytest.approx(metrics["eval/optimality_greedy_beta4"], abs=1e-12)
 
 
@@ -482,8 +552,8 @@ def test_sentiment_task_samples_its_own_dataset_and_resumes_from_it(tmp_path, ti
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held_out = {prompts[i] for i in order[:1]}
     assert {r["prompt"] for r in records} <= set(prompts) - held_out and 24 <= len(records) <= 2 * (len(prompts) - 1)
-    assert all(r["response"] and r["reward"] == fake_vader(r["response"]) for r in records)
-    assert len({r["response"] for r in records}) > len(records) // 2  # sampled, not greedy
+    assert all(r["completion"] and r["reward"] == fake_vader(r["completion"]) for r in records)
+    assert len({r["completion"] for r in records}) > len(records) // 2  # sampled, not greedy
     with open(run_dir / "metrics.json") as file:
         metrics = json.load(file)
     assert metrics["dataset/score"] == pytest.approx(sum(r["reward"] for r in records) / len(records))
@@ -523,8 +593,7 @@ def test_sentiment_samples_reach_the_loss_as_the_sampled_token_ids(tmp_path, fak
     def generate(lm, heads, tokenizer, prompts, max_new_tokens, *rest):
         responses = real_generate(lm, heads, tokenizer, prompts, max_new_tokens, *rest)
         for prompt, response in zip(prompts, responses):
-            drawn = response + [tokenizer.eos_token_id] if len(response) < max_new_tokens else response
-            sampled[tuple(tokenizer(prompt)["input_ids"] + drawn)] = drawn
+            sampled[tuple(prompt + response)] = response
         return responses
 
     def collate(sequences, *rest):
@@ -553,7 +622,7 @@ def test_sentiment_dataset_does_not_depend_on_the_number_of_ranks(tiny_gpt2, fak
     lm, tokenizer = ilql.load_model(tiny_gpt2, "cpu")
     heads = ilql.new_heads(lm, True)
     args = ilql.Args(samples_per_prompt=3, generation_batch_size=4, max_new_tokens=4)
-    prompts = ["the cat", "a dog ran", "my friend said", "hello world", "the park"]
+    prompts = [(text, None) for text in ("the cat", "a dog ran", "my friend said", "hello world", "the park")]
     device = torch.device("cpu")
 
     def sample(rank, ranks):  # each rank's batches (one process cannot gather, so the test joins them)
@@ -753,13 +822,26 @@ def expect_error(args, *fragments):
 @pytest.mark.parametrize(
     "record, fragments",
     [
-        ({"prompt": "a", "response": "b", "reward": "high"}, ["record 2", "'reward' is \"high\", not a number"]),
-        ({"prompt": "a", "response": "b", "reward": True}, ["record 2", "'reward' is true, not a number"]),
-        ({"prompt": "a", "response": "b"}, ["record 2", "'reward' is missing"]),
-        ('{"prompt": "a", "response": "b", "reward": NaN}', ["record 2", "'reward' is nan"]),
-        ('{"prompt": "a", "response": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
-        ({"prompt": "a", "response": "", "reward": 1}, ["record 2", "'response' is empty"]),
-        ({"prompt": "a", "reward": 1}, ["record 2", "'response' is missing"]),
+        ({"prompt": "a", "completion": "b", "reward": "high"}, ["record 2", "'reward' is \"high\", not a number"]),
+        ({"prompt": "a", "completion": "b", "reward": True}, ["record 2", "'reward' is true, not a number"]),
+        (
+            {"prompt": "a", "completion": "b"},
+            ["record 2: expected 'prompt' and 'completion'", "fields prompt, completion"],
+        ),
+        ('{"prompt": "a", "completion": "b", "reward": NaN}', ["record 2", "'reward' is nan"]),
+        ('{"prompt": "a", "completion": "b", "reward": -Infinity}', ["record 2", "'reward' is -inf"]),
+        ({"prompt": "a", "completion": "", "reward": 1}, ["record 2", "'completion' is empty"]),
+        ({"prompt": "a", "reward": 1}, ["record 2: expected", "found fields prompt, reward"]),
+        ({"prompt": chat("a"), "completion": "b", "reward": 1}, ["record 2: expected", "prompt, completion, reward"]),
+        ({"prompt": [{"role": "user"}], "completion": chat("", "b")[1:], "reward": 1}, ["record 2: expected"]),
+        (
+            {"prompt": chat("a"), "completion": chat("", "b")[1:], "reward": 1},
+            ["record 2: strings and conversations mixed"],
+        ),
+        (
+            {"prompt": "a", "response": "b", "reward": 1},
+            ["record 2: expected", "found fields prompt, response, reward"],
+        ),
     ],
 )
 def test_bad_records(tmp_path, record, fragments):
@@ -841,7 +923,7 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, tiny_gpt2):
 
 
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "response": "b", "reward": NaN}'])
+    path = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "completion": "b", "reward": NaN}'])
     result = run_script(
         "ilql.py",
         "--task",

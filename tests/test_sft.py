@@ -2,19 +2,23 @@
 
 import gzip
 import json
+import math
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import parallel
 import sft
 from conftest import (
+    CHAT_TEMPLATES,
+    END_OF_TURN,
     FIXTURES,
     ROOT,
     SAME_MATH,
@@ -24,6 +28,9 @@ from conftest import (
     run_script,
     save_tiny_model,
     text_tokenizer,
+    chat_tokenizer,
+    save_tiny_chat_model,
+    write_jsonl,
     run_ranks,
     write_text_examples,
     max_weight_difference,
@@ -48,7 +55,7 @@ def final_metrics(run_dir):
 def test_hh_parser_on_upstream_format(tmp_path):
     examples = sft.load_examples("hh", os.path.join(FIXTURES, "hh-rlhf-train.jsonl"))
     assert len(examples) == 4
-    prompt, completion = examples[1]  # a multi-turn dialogue: the prompt keeps every earlier turn
+    prompt, completion, _ = examples[1]  # a multi-turn dialogue: the prompt keeps every earlier turn
     assert (
         prompt == "\n\nHuman: Can you recommend a book?\n\nAssistant: What kind of books do you enjoy?"
         "\n\nHuman: Science fiction.\n\nAssistant:"
@@ -65,7 +72,7 @@ def test_hh_parser_on_upstream_format(tmp_path):
 def test_tldr_parser_on_upstream_format():
     examples = sft.load_examples("tldr", os.path.join(FIXTURES, "tldr-train.jsonl"))
     assert len(examples) == 4
-    prompt, completion = examples[0]
+    prompt, completion, _ = examples[0]
     assert prompt.startswith("SUBREDDIT: r/relationships\n\nTITLE: My roommate keeps eating my food\n\nPOST: We agreed")
     assert prompt.endswith("How do I bring it up?\n\nTL;DR:")
     assert completion == " roommate eats my groceries, how do I talk to them without a fight?"
@@ -73,19 +80,149 @@ def test_tldr_parser_on_upstream_format():
 
 def test_jsonl_parser():
     examples = sft.load_examples("jsonl", os.path.join(FIXTURES, "demos.jsonl"))
-    assert examples[1] == ("Q: Capital of France?\nA:", " Paris")
+    assert examples[1] == ("Q: Capital of France?\nA:", " Paris", None)
 
 
 def test_tokenize_examples_appends_eos_and_truncates_from_the_left_of_the_prompt(capsys):
     tokenizer = sft.randomwalks_tokenizer()
     eos = tokenizer.eos_token_id
-    sequences = sft.tokenize_examples(tokenizer, [("bc", "da"), ("bcdefg", "hij")], max_length=6, overlong="truncate")
-    assert sequences[0] == ([1, 2, 3, 0, eos], 2)
-    assert sequences[1] == ([5, 6, 7, 8, 9, eos], 2)  # "efg" lost "bcd"; the completion is whole
+    examples = [("bc", "da", None), ("bcdefg", "hij", None)]
+    sequences = sft.tokenize_examples(tokenizer, examples, max_length=6, overlong="truncate")
+    assert sequences[0] == ([1, 2, 3, 0, eos], [0, 0, 1, 1, 1])
+    assert sequences[1] == ([5, 6, 7, 8, 9, eos], [0, 0, 1, 1, 1, 1])  # "efg" lost "bcd"; the completion is whole
     assert "1 of 2 examples are longer than --max-length 6" in capsys.readouterr().out
-    assert sft.tokenize_examples(tokenizer, [("bc", "da"), ("bcdefg", "hij")], 6, "skip") == [([1, 2, 3, 0, eos], 2)]
+    assert sft.tokenize_examples(tokenizer, examples, 6, "skip") == [([1, 2, 3, 0, eos], [0, 0, 1, 1, 1])]
     # A completion longer than the budget keeps one prompt token and is cut on the right.
-    assert sft.tokenize_examples(tokenizer, [("bc", "defghij")], 4, "truncate") == [([2, 3, 4, 5], 1)]
+    assert sft.tokenize_examples(tokenizer, [("bc", "defghij", None)], 4, "truncate") == [([2, 3, 4, 5], [0, 1, 1, 1])]
+
+
+# --- conversations ------------------------------------------------------------------------------
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+THREE_TURNS = [
+    turn("system", "Be terse."),
+    turn("user", "Capital of France?"),
+    turn("assistant", "Paris"),
+    turn("user", "And Italy?"),
+    turn("assistant", "<think>easy</think>Rome"),
+    turn("user", "Spain?"),
+    turn("assistant", "Madrid"),
+]
+# The three-turn conversation as each template writes it, in pieces: 1 marks the pieces learned (each
+# assistant reply and its end-of-turn token), 0 the context (the template's framing after an end-of-turn
+# token included).
+THREE_TURNS_RENDERED = {
+    "chatml": [
+        ("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n", 0),
+        ("<|im_start|>assistant\n", 0),
+        ("Paris<|im_end|>", 1),
+        ("\n<|im_start|>user\nAnd Italy?<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("<think>easy</think>Rome<|im_end|>", 1),
+        ("\n<|im_start|>user\nSpain?<|im_end|>\n<|im_start|>assistant\n", 0),
+        ("Madrid<|im_end|>", 1),
+        ("\n", 0),
+    ],
+    "llama3": [
+        ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|>", 0),
+        ("<|start_header_id|>user<|end_header_id|>\n\nCapital of France?<|eot_id|>", 0),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", 0),
+        ("Paris<|eot_id|>", 1),
+        ("<|start_header_id|>user<|end_header_id|>\n\nAnd Italy?<|eot_id|>", 0),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", 0),
+        ("<think>easy</think>Rome<|eot_id|>", 1),
+        ("<|start_header_id|>user<|end_header_id|>\n\nSpain?<|eot_id|>", 0),
+        ("<|start_header_id|>assistant<|end_header_id|>\n\n", 0),
+        ("Madrid<|eot_id|>", 1),
+    ],
+}
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_loss_mask_of_a_three_turn_conversation_token_by_token(style):
+    """Every assistant turn and its end-of-turn token are learned, nothing else: the mask, token by
+    token, against the pieces written out by hand; the ids are the template's own rendering."""
+    tokenizer = chat_tokenizer(style)
+    pieces = [
+        (tokenizer(text, add_special_tokens=False)["input_ids"], learned)
+        for text, learned in THREE_TURNS_RENDERED[style]
+    ]
+    [(ids, mask)] = sft.tokenize_examples(tokenizer, [([], THREE_TURNS, None)], 512, "truncate")
+    assert ids == [token for piece, _ in pieces for token in piece]
+    assert mask == [learned for piece, learned in pieces for _ in piece]
+    assert ids == tokenizer.apply_chat_template(THREE_TURNS, tokenize=True)["input_ids"]
+    assert sft.end_of_turn_ids(tokenizer) == {
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids(END_OF_TURN[style]),
+    }
+
+
+def test_every_format_is_read_and_rendered_as_apply_chat_template_does(tmp_path):
+    """Each kind of record, from jsonl (and parquet and a datasets directory where datasets is
+    installed), becomes the sequence the tokenizer's own rendering gives: conversations through
+    apply_chat_template with their tools and, for a prompt, the generation prompt; strings
+    tokenized as before. Only the completion (or every token of a text) is learned."""
+    tokenizer, tools = chat_tokenizer("chatml"), [{"name": "lookup", "parameters": {}}]
+    question, answer = THREE_TURNS[:2], [turn("assistant", "Paris")]
+    records = {
+        "text": {"text": "the cat sat"},
+        "messages": {"messages": question + answer, "tools": tools},
+        "prompt-completion": {"prompt": "the cat", "completion": " sat"},
+        "conversational prompt-completion": {"prompt": question, "completion": answer, "tools": tools, "id": 7},
+    }
+    for kind, record in records.items():
+        [example] = sft.load_examples("jsonl", write_jsonl(tmp_path / "data.jsonl", [record]))
+        [(ids, mask)] = sft.tokenize_examples(tokenizer, [example], 512, "truncate")
+        if kind in ("text", "prompt-completion"):
+            prompt_ids = tokenizer(record.get("prompt", ""))["input_ids"] or [tokenizer.eos_token_id]
+            completion = tokenizer(record.get("completion", record.get("text")))["input_ids"] + [tokenizer.eos_token_id]
+            assert (ids, mask) == (prompt_ids + completion, [0] * len(prompt_ids) + [1] * len(completion))
+            continue
+        assert ids == tokenizer.apply_chat_template(question + answer, tools=tools, tokenize=True)["input_ids"]
+        context = tokenizer.apply_chat_template(question, tools=tools, add_generation_prompt=True, tokenize=True)
+        learned = tokenizer("Paris<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert mask == [0] * len(context["input_ids"]) + [1] * len(learned) + [0]  # the "\n" after <|im_end|>
+    datasets = pytest.importorskip("datasets")
+    rows = [{"messages": THREE_TURNS}, {"messages": question + answer}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for path in (tmp_path / "data.parquet", tmp_path / "saved"):
+        assert sft.load_examples("jsonl", str(path)) == [([], row["messages"], None) for row in rows]
+
+
+def test_a_template_that_rewrites_earlier_turns_gives_one_example_per_turn(capsys):
+    """The drops-thinking template (as Qwen3's) writes an earlier turn without its <think> block, so the
+    rendering of the whole conversation is not what the model saw when it wrote that turn: each assistant
+    turn becomes an example of its own, whose context is the template's rendering at that turn."""
+    tokenizer = chat_tokenizer("drops-thinking")
+    sequences = sft.tokenize_examples(tokenizer, [([], THREE_TURNS, None)], 512, "truncate")
+    assert len(sequences) == 3
+    for (ids, mask), reply in zip(sequences, (2, 4, 6)):
+        context = tokenizer.apply_chat_template(THREE_TURNS[:reply], add_generation_prompt=True, tokenize=True)
+        learned = tokenizer(THREE_TURNS[reply]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert ids == context["input_ids"] + learned and mask == [0] * len(context["input_ids"]) + [1] * len(learned)
+    assert "<think>easy</think>" in tokenizer.decode(sequences[1][0])  # the turn that thought keeps its thinking
+    assert "easy" not in tokenizer.decode(sequences[2][0])  # and it is dropped from the next turn's context
+    assert capsys.readouterr().out.count("1 conversation(s) are not rendered prefix-preserving") == 1
+
+
+def test_evaluation_stops_on_every_end_of_turn_id():
+    """A chat model ends a turn with a token that is not its EOS (<|im_end|> here) and lists both in its
+    generation config: generation stops on either, and on none at --max-new-tokens."""
+    tokenizer = chat_tokenizer("chatml")
+    eos, end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    script = torch.tensor([[5, 6, end, 7], [5, eos, 7, 7], [5, 6, 7, 8]])  # each row's tokens, step by step
+
+    class Scripted(torch.nn.Module):
+        config, generation_config, step = object(), GenerationConfig(eos_token_id=[eos, end]), 0
+
+        def forward(self, input_ids, **_):
+            logits = torch.nn.functional.one_hot(script[:, self.step], len(tokenizer)).double()[:, None]
+            self.step += 1
+            return type("Output", (), {"logits": logits, "cache": None})
+
+    assert sft.generate(Scripted(), tokenizer, [[1], [2, 3], [4]], 4, 0.0, "cpu") == [[5, 6], [5], [5, 6, 7, 8]]
 
 
 # --- loss ---------------------------------------------------------------------------------------
@@ -102,8 +239,9 @@ class FixedLogits(torch.nn.Module):
 
 def test_loss_covers_completion_tokens_only():
     tokenizer = sft.randomwalks_tokenizer()
-    sequences = sft.tokenize_examples(tokenizer, [("bcd", "ea"), ("f", "ghija")], 16, "truncate")
-    input_ids, attention_mask, labels = sft.collate(sequences, tokenizer.pad_token_id, "cpu")
+    sequences = sft.tokenize_examples(tokenizer, [("bcd", "ea", None), ("f", "ghija", None)], 16, "truncate")
+    batch = sft.collate(sequences, tokenizer.pad_token_id, "cpu")
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert labels.tolist()[0] == [-100, -100, -100, 4, 0, 21, -100]  # prompt and padding carry no label
     model = FixedLogits(2, input_ids.shape[1], len(tokenizer))
     loss = sft.completion_loss_sum(model, input_ids, attention_mask, labels)
@@ -131,7 +269,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
     examples = sft.load_examples("tldr", os.path.join(FIXTURES, "tldr-train.jsonl"))
     batch = sft.tokenize_examples(tokenizer, examples, 64, "truncate")  # unequal lengths and completion sizes
     model = parallel.DataParallel(model)  # one process: the pass-through wrapper the script uses
-    batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+    batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
     gradients, losses = [], []
     for micro_batch_size in (4, 3, 1):
         model.zero_grad()
@@ -155,6 +293,30 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
 
 
 # --- training -----------------------------------------------------------------------------------
+def test_conversational_formats_train_end_to_end(tmp_path, tiny_gpt2):
+    """text, messages and conversational prompt-completion records train a tiny chat model (prompt-completion
+    strings: the tests above); a template-less model takes its template from --chat-template, saved with it."""
+    chat_model = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    records = {
+        "text": [{"text": "the cat sat on the mat"}] * 4,
+        "messages": [{"messages": THREE_TURNS}] * 4,
+        "prompt-completion": [{"prompt": THREE_TURNS[:2], "completion": THREE_TURNS[2:3]}] * 4,
+    }
+    for kind, rows in records.items():
+        model = tiny_gpt2 if kind == "messages" else chat_model  # tiny_gpt2's tokenizer has no template
+        args = text_args(
+            tmp_path, write_jsonl(tmp_path / f"{kind}.jsonl", rows), model=model, output_dir=str(tmp_path / kind)
+        )
+        args = replace(args, num_epochs=1, batch_size=2, eval_fraction=0.25, max_new_tokens=3, eval_generations=1)
+        sft.main(replace(args, chat_template=str(template)) if kind == "messages" else args)
+        assert final_metrics(args.output_dir)["step"] == 1 and math.isfinite(
+            final_metrics(args.output_dir)["eval/loss"]
+        )
+    assert AutoTokenizer.from_pretrained(tmp_path / "messages").chat_template == CHAT_TEMPLATES["chatml"]
+
+
 def test_loss_decreases_and_model_reloads(tmp_path):
     args = quick_args(tmp_path, num_epochs=2)
     sft.main(args)
@@ -249,10 +411,10 @@ def test_generation_is_the_models_own_whatever_its_generation_config_asks():
         AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
     )
     model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 100.0, 1
-    prompts = ["b", "cde", "fg"]
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in ("b", "cde", "fg")]
     completions = sft.generate(model, tokenizer, prompts, 12, 0.0, "cpu")
     for prompt, completion in zip(prompts, completions):
-        ids, reference = tokenizer(prompt)["input_ids"], []
+        ids, reference = list(prompt), []
         with torch.no_grad():
             for _ in range(12):
                 token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
@@ -356,7 +518,9 @@ def test_bad_data_files(tmp_path, tiny_gpt2):
     )
     expect_error(text_args(tmp_path, malformed), "line 2", "not valid JSON")
     missing = write(tmp_path / "missing_field.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
-    expect_error(text_args(tmp_path, missing), "record 2", "'completion' is missing")
+    expect_error(
+        text_args(tmp_path, missing), "record 2: expected 'text' (a string), 'messages'", "found fields prompt"
+    )
     expect_error(text_args(tmp_path, write(tmp_path / "empty.jsonl", "\n")), "no examples")
 
 
@@ -371,6 +535,29 @@ def test_bad_model_batch_and_resume(tmp_path, tiny_gpt2):
     expect_error(quick_args(tmp_path, batch_size=100, micro_batch_size=30), "--batch-size 100", "--micro-batch-size 30")
     expect_error(quick_args(tmp_path, resume=str(tmp_path)), "not a checkpoint")
     expect_error(sft.Args(task="hh", output_dir=str(tmp_path / "run")), "--model")
+
+
+def test_bad_conversational_records(tmp_path, tiny_gpt2, monkeypatch):
+    """Each kind of bad record, and conversations for a tokenizer without a chat template, stop with one line."""
+    chat = [turn("user", "hi"), turn("assistant", "hello")]
+    for record, fragments in (
+        ({"text": 3}, ["record 2: expected 'text' (a string)", "found fields text"]),
+        ({"messages": [{"role": "user"}]}, ["record 2: expected", "found fields messages"]),
+        ({"prompt": chat[:1], "completion": "hello"}, ["record 2: expected", "found fields prompt, completion"]),
+        ({"prompt": "hi"}, ["record 2: expected", "found fields prompt"]),
+        ({"messages": chat[:1]}, ["record 2: the conversation has no assistant message to learn from"]),
+        ({"prompt": "hi", "completion": "hello"}, ["record 2: a prompt-completion record after messages ones"]),
+    ):
+        data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": chat}, record])
+        expect_error(text_args(tmp_path, data), data, *fragments)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}] * 4)
+    expect_error(text_args(tmp_path, data, model=tiny_gpt2), "has no chat template; pass --chat-template PATH")
+    expect_error(text_args(tmp_path, data, chat_template="missing.jinja"), "--chat-template missing.jinja does not")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    expect_error(
+        text_args(tmp_path, str(tmp_path / "data.parquet")), "needs the datasets package: pip install datasets"
+    )
 
 
 def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
