@@ -295,33 +295,39 @@ def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, f
     assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
 
 
-def test_the_judge_is_fed_as_reward_model_py_trained_it(tmp_path):
-    """The win rate's judge sees what reward_model.py trained it on and ppo.py scores with: the
-    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
-    fit the context (64 here), right-padded; so it scores as reward_model.score does. Both run the
-    same fp64 forward on the same batch; dpo.py's scores are then rounded once to fp32, hence
+def test_the_judge_is_fed_as_reward_model_py_trained_it():
+    """The win rate's judge sees what reward_model.py trains on. With the policy's tokenizer: the
+    prompt's ids then the response's as sampled (never decoded and tokenized again), cut on the left
+    to fit the judge's context (64 here), right-padded. With a tokenizer of its own (a Llama-3 style
+    template, where the policy speaks ChatML): the reply decoded and the conversation rendered with
+    the judge's template, through its end-of-turn token, exactly as reward_model.score feeds it; both
+    run the same fp64 forward on the same batch, and dpo.py's scores are rounded once to fp32, hence
     rtol 2^-23."""
     import reward_model
-    from conftest import text_tokenizer, tiny_config
+    from conftest import chat_tokenizer, tiny_config
 
-    tokenizer = text_tokenizer()
-    config = tiny_config("llama", len(tokenizer), tokenizer.eos_token_id)
-    config.update(dict(num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    tokenizer, judge_tokenizer = chat_tokenizer("chatml"), chat_tokenizer("llama3")
+    config = tiny_config("llama", len(judge_tokenizer), judge_tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=judge_tokenizer.pad_token_id))
     torch.manual_seed(0)
     judge = AutoModelForSequenceClassification.from_config(config).double().eval()
-    prompts = ["the ca", "my friend said hello to the dog in the park", "a"]
-    responses = ["t sat on the mat", " hello", " the cat sat on the mat" * 12]  # the last one outgrows the context
     fed = []
-    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs), with_kwargs=True)
-    scores = dpo.judge_scores(judge, tokenizer, prompts, responses)
-    expected = reward_model.score(judge, tokenizer, prompts, responses)
+    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
+    prompts = [{"prompt": [{"role": "user", "content": "the cat"}]}, {"prompt": "my friend said hello to the dog"}]
+    prompt_ids = [dpo.prompt_token_ids(tokenizer, p["prompt"]) for p in prompts]
+    # One reply ended by the model's end of turn; one cut at --max-new-tokens, longer than the judge's context.
+    responses = [tokenizer(" sat on the mat<|im_end|>")["input_ids"], tokenizer(" hello" * 70)["input_ids"]]
+    dpo.judge_scores(judge, None, tokenizer, prompts, prompt_ids, responses)
+    for row, ids in enumerate([prompt_ids[0] + responses[0], (prompt_ids[1] + responses[1])[-64:]]):
+        assert fed[0][row].tolist() == ids + [judge_tokenizer.pad_token_id] * (fed[0].shape[1] - len(ids))
+    scores = dpo.judge_scores(judge, judge_tokenizer, tokenizer, prompts, prompt_ids, responses)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    expected = reward_model.score(judge, judge_tokenizer, [p["prompt"] for p in prompts], texts)
     torch.testing.assert_close(scores, expected.float(), rtol=2**-23, atol=0)
-    inputs = fed[0]  # dpo.py's call (reward_model.score's is the second)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        side = reward_model.tokenize_pair_side(tokenizer, prompt, response_ids, 64)
-        ids = side[0] if side else response_ids[-64:]
-        assert inputs["input_ids"][row, : len(ids)].tolist() == ids
-        assert inputs["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (
-            inputs["input_ids"].shape[1] - len(ids)
-        )
+    assert torch.equal(fed[1], fed[2])
+    rendered = judge_tokenizer.apply_chat_template(
+        prompts[0]["prompt"] + [{"role": "assistant", "content": " sat on the mat"}], tokenize=True
+    )["input_ids"]
+    assert fed[1][0, : len(rendered)].tolist() == rendered and rendered[-1] == judge_tokenizer.convert_tokens_to_ids(
+        "<|eot_id|>"
+    )

@@ -180,7 +180,7 @@ def test_sentiment_sampling_is_the_models_own_whatever_its_generation_config_ask
     lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 100.0, 1
     batch = tokenizer(["b", "cde", "fg", "h"] * 2, return_tensors="pt", padding=True)
     torch.manual_seed(1)
-    responses = rm.sample(lm, batch, 12, tokenizer.eos_token_id)
+    responses = rm.sample(lm, batch, 12, {tokenizer.eos_token_id})
     torch.manual_seed(1)
     ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(responses), dtype=torch.bool)
     reference = [[] for _ in responses]
@@ -299,7 +299,13 @@ def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos
 # --- data parsers on upstream formats -----------------------------------------------------------
 def test_jsonl_pairs_with_margin():
     pairs = rm.load_pairs("jsonl", os.path.join(FIXTURES, "preference-pairs.jsonl"))
-    assert pairs[1] == {"prompt": "Q: Capital of France?\nA:", "chosen": " Paris", "rejected": " Rome", "margin": 1.5}
+    assert pairs[1] == {
+        "prompt": "Q: Capital of France?\nA:",
+        "chosen": " Paris",
+        "rejected": " Rome",
+        "margin": 1.5,
+        "tools": None,
+    }
     assert pairs[0]["margin"] == 0.0
 
 
@@ -532,8 +538,8 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
         pairs_args(
             tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n', tiny_gpt2
         ),
-        "record 2",
-        "'rejected' is missing",
+        "record 2: expected 'prompt', 'chosen', 'rejected'",
+        "found fields prompt, chosen",
     )
     expect_error(
         pairs_args(tmp_path, '{"prompt": "p", "chosen": "same", "rejected": "same"}\n', tiny_gpt2),
@@ -545,7 +551,8 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
         "'margin' must be a finite number",
     )
     expect_error(
-        pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string"
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2),
+        "(all strings or all message lists)",
     )
     expect_error(
         pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")),
@@ -636,7 +643,8 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {path}, record 1: field 'rejected' is missing; every record needs 'prompt', 'chosen', 'rejected'"
+        f"error: {path}, record 1: expected 'prompt', 'chosen', 'rejected' (all strings or all message lists) or "
+        "'chosen', 'rejected' (conversations opening with the same messages, the prompt); found fields prompt, chosen"
     ]
 
 
