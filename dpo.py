@@ -18,6 +18,7 @@ conservative DPO of noisy labels (Mitchell, 2023). The default task runs offline
     python dpo.py --model runs/sft --loss ipo --beta 0.5
     python dpo.py --model runs/sft --lora-rank 8                    # the reference: adapters off
     python dpo.py --task jsonl --data pairs.jsonl --model gpt2
+    python dpo.py --task jsonl --data chats.jsonl --model runs/sft-chat --chat-template chatml.jinja  # conversations
     torchrun --nproc_per_node 8 dpo.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The trained policy lands in the run directory, loadable with plain
@@ -622,7 +623,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     lm, tokenizer = load_model(args.model, device, param_dtype(args), args.chat_template)
     room = (model_context(lm.config) or 1 << 30) - args.max_new_tokens  # prompts are cut on the left to leave it
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    prompt_ids = [ids for p in prompts for ids in [prompt_token_ids(tokenizer, p)[-room:]] * args.samples_per_prompt]
+    prompt_ids = [ids for p in prompts for ids in [tokenize_prompt(tokenizer, p)[0][-room:]] * args.samples_per_prompt]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -708,31 +709,31 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set:
     return ids - {None}
 
 
-def prompt_token_ids(tokenizer, prompt, tools=None) -> list:
-    """A string tokenized with the tokenizer's special tokens (a BOS, say); a conversation rendered
-    with the generation prompt, so that the assistant's reply comes next."""
+def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
+    """(prompt ids, [each completion's ids]): a string prompt tokenized with the tokenizer's special
+    tokens (a BOS, say), each completion alone
+    without and with an EOS after it, since where to stop is part of what is preferred; a conversation rendered with the
+    generation prompt, so that the assistant's reply comes next, and each completion as the chat
+    template writes it after the prompt in the whole conversation, through its last end-of-turn id
+    (template framing after it, ChatML's newline, is no part of the reply)."""
     if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return render(tokenizer, prompt, tools, generation_prompt=True)
-
-
-def completion_token_ids(tokenizer, prompt, prompt_ids: list, completion, tools, end_of_turn: set) -> list:
-    """A completion's token ids, to follow prompt_ids: a string tokenized alone (no special tokens)
-    and an EOS, since where to stop is part of what is preferred; messages as the chat template
-    writes them after the prompt in the whole conversation, through their last end-of-turn id
-    (template framing after it, ChatML's newline, is not theirs)."""
-    if isinstance(completion, str):
-        return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    whole = render(tokenizer, prompt + completion, tools)
-    if whole[: len(prompt_ids)] != prompt_ids:
-        fail(
-            f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with its "
-            "prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
-            "--chat-template PATH with one that does"
-        )
-    tail = whole[len(prompt_ids) :]
-    ends = [i for i, token in enumerate(tail) if token in end_of_turn]
-    return tail[: ends[-1] + 1] if ends else tail
+        return tokenizer(prompt)["input_ids"], [
+            tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for completion in completions
+        ]
+    prompt_ids, end_of_turn, tails = render(tokenizer, prompt, tools, True), end_of_turn_ids(tokenizer), []
+    for completion in completions:
+        whole = render(tokenizer, prompt + completion, tools)
+        if whole[: len(prompt_ids)] != prompt_ids:
+            fail(
+                f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with "
+                "its prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
+                "--chat-template PATH with one that does"
+            )
+        tail = whole[len(prompt_ids) :]
+        ends = [i for i, token in enumerate(tail) if token in end_of_turn]
+        tails.append(tail[: ends[-1] + 1] if ends else tail)
+    return prompt_ids, tails
 
 
 def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
@@ -746,19 +747,16 @@ def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
 
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
     """((chosen ids, its response start), (rejected ids, its response start)) per pair, each the
-    prompt's ids (prompt_token_ids; an EOS for an empty one, a position to predict the response
-    from) then a response's (completion_token_ids; a sampled pair's responses are its ids as
-    sampled), reporting how many prompts were cut and how many pairs were skipped. Prompt and
-    response are tokenized apart, so the boundary is exact."""
-    end_of_turn = end_of_turn_ids(tokenizer)
+    prompt's ids (an EOS for an empty one, a position to predict the response from) then a
+    response's, as tokenize_prompt splits them (a sampled pair's responses are its ids as sampled),
+    reporting how many prompts were cut and how many pairs were skipped."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        prompt_ids = prompt_token_ids(tokenizer, pair["prompt"], pair.get("tools")) or [tokenizer.eos_token_id]
-        responses = [
-            pair.get(f"{key}_ids")
-            or completion_token_ids(tokenizer, pair["prompt"], prompt_ids, pair[key], pair.get("tools"), end_of_turn)
-            for key in ("chosen", "rejected")
-        ]
+        prompt_ids, responses = tokenize_prompt(
+            tokenizer, pair["prompt"], [pair["chosen"], pair["rejected"]], pair.get("tools")
+        )
+        prompt_ids = prompt_ids or [tokenizer.eos_token_id]
+        responses = [pair.get(f"{key}_ids") or ids for key, ids in zip(("chosen", "rejected"), responses)]
         sides = [fit_pair_side(prompt_ids, ids, max_length) for ids in responses]
         if None in sides:
             too_long += 1
@@ -1284,20 +1282,19 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 @torch.no_grad()
 def judge_scores(judge, judge_tokenizer, tokenizer, prompts: list, prompt_ids: list, responses: list) -> torch.Tensor:
     """A reward_model.py model's raw scores of sampled responses (token ids) to prompts (pairs, for
-    their prompt and tools), fed as it was trained: where it has the policy's tokenizer
-    (judge_tokenizer None), the prompt's ids and the response's as sampled; else the response,
+    their prompt and tools), fed as it was trained: where its tokenizer is the policy's (the same
+    vocabulary and chat template), the prompt's ids and the response's as sampled; else the response,
     decoded up to its end-of-turn token, tokenized as reward_model.py tokenizes a pair with the
     judge's tokenizer (a conversation rendered by its own chat template, the reply through its
     end-of-turn id; a string prompt and reply tokenized apart, no EOS added). The prompt is cut on
     the left to fit the judge's context; right-padded, the score read at the last real token."""
     context = model_context(judge.config) or 1 << 30
     sequences = [p + r for p, r in zip(prompt_ids, responses)]
-    if judge_tokenizer is not None:
-        end_of_turn, sequences = end_of_turn_ids(judge_tokenizer), []
+    if (judge_tokenizer.get_vocab(), judge_tokenizer.chat_template) != (tokenizer.get_vocab(), tokenizer.chat_template):
+        sequences = []
         for pair, text in zip(prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)):
-            prompt, tools = pair["prompt"], pair.get("tools")
-            ids = prompt_token_ids(judge_tokenizer, prompt, tools)
-            reply = completion_token_ids(judge_tokenizer, prompt, ids, completion_of(prompt, text), tools, end_of_turn)
+            prompt = pair["prompt"]
+            ids, [reply] = tokenize_prompt(judge_tokenizer, prompt, [completion_of(prompt, text)], pair.get("tools"))
             sequences.append(ids + (reply[:-1] if isinstance(prompt, str) else reply))  # reward_model.py adds no EOS
     batch = collate(
         [(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, next(judge.parameters()).device
@@ -1314,7 +1311,7 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
         room = (model_context(model.config) or 1 << 30) - args.max_new_tokens  # prompts are cut on the left to leave it
-        prompt_ids = [prompt_token_ids(tokenizer, p["prompt"], p.get("tools"))[-room:] for p in mine]
+        prompt_ids = [tokenize_prompt(tokenizer, p["prompt"], tools=p.get("tools"))[0][-room:] for p in mine]
         # The tokens as sampled (not the decoded text tokenized again), with an end-of-turn id only where one was drawn.
         responses = generate(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
         batch = collate([(p + r, len(p)) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, device)
@@ -1494,11 +1491,10 @@ def load_policy(args: Args, checkpoint: Optional[str], device):
     return model, tokenizer
 
 
-def evaluation_models(args: Args, grid, device, tokenizer) -> tuple:
-    """(a frozen reference to sample from, the judge (model, its tokenizer or None where it is the
-    policy's tokenizer)), each None when not needed: text tasks sample the reference at evaluation
-    (under LoRA it is the policy with its adapters off, so no copy), and --reward-model judges their
-    samples."""
+def evaluation_models(args: Args, grid, device) -> tuple:
+    """(a frozen reference to sample from, the judge (model, tokenizer)), each None when not needed:
+    text tasks sample the reference at evaluation (under LoRA it is the policy with its adapters
+    off, so no copy), and --reward-model judges their samples."""
     frozen = judge = None
     if args.task != "randomwalks" and not args.lora_rank:
         frozen = load_model(args.model, device, param_dtype(args))[0].requires_grad_(False).eval()
@@ -1508,7 +1504,7 @@ def evaluation_models(args: Args, grid, device, tokenizer) -> tuple:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 args.reward_model, dtype=param_dtype(args), output_loading_info=True
             )
-            judge_tokenizer = AutoTokenizer.from_pretrained(args.reward_model)
+            judge_tokenizer = AutoTokenizer.from_pretrained(args.reward_model)  # its own, to render conversations
         except (OSError, ValueError) as error:
             fail(f"--reward-model {args.reward_model!r} could not be loaded: {str(error).splitlines()[0]}")
         if loading["missing_keys"] or model.config.num_labels != 1:  # a causal LM's score head is made up at random
@@ -1516,11 +1512,7 @@ def evaluation_models(args: Args, grid, device, tokenizer) -> tuple:
                 f"--reward-model {args.reward_model!r} has no trained score head of one output; "
                 "pass a reward_model.py run directory"
             )
-        same = (judge_tokenizer.get_vocab(), judge_tokenizer.chat_template) == (
-            tokenizer.get_vocab(),
-            tokenizer.chat_template,
-        )
-        judge = model.to(device).eval(), None if same else judge_tokenizer
+        judge = model.to(device).eval(), judge_tokenizer
     return frozen, judge
 
 
@@ -1555,7 +1547,9 @@ def main(args: Args):
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
     total_steps = steps_per_epoch * args.num_epochs
-    frozen, judge = evaluation_models(args, grid, device, tokenizer)
+    frozen, judge = evaluation_models(args, grid, device)
+    if judge and not isinstance(eval_prompts[0]["prompt"], str) and not judge[1].chat_template:
+        fail(f"--reward-model {args.reward_model}: its tokenizer has no chat template to render the conversations")
 
     policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     policy = parallel.split_sequences(policy, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked

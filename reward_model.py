@@ -7,6 +7,7 @@ on the hidden state of the last real token, trained on pairs where one response 
     python reward_model.py                                  # randomwalks, fresh 6-layer GPT-2
     python reward_model.py --model runs/sft                 # start from sft.py's checkpoint
     python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
+    python reward_model.py --task jsonl --data chats.jsonl --model runs/sft-chat   # conversations, its chat template
     python reward_model.py --task sentiment --model runs/smollm2-135m  # the model's own samples, ranked by VADER
     python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
     torchrun --nproc_per_node 8 reward_model.py --model ... --zero-stage 3   # data parallel, see parallel.py
@@ -643,7 +644,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
         tokenizer.pad_token = tokenizer.eos_token
     stop_ids = end_of_turn_ids(tokenizer, lm.generation_config)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
-    prompt_ids = [ids for p in prompts for ids in [prompt_token_ids(tokenizer, p)] * args.samples_per_prompt]
+    prompt_ids = [ids for p in prompts for ids in [tokenize_prompt(tokenizer, p)[0]] * args.samples_per_prompt]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -732,30 +733,30 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set:
     return ids - {None}
 
 
-def prompt_token_ids(tokenizer, prompt, tools=None) -> list:
-    """A string tokenized with the tokenizer's special tokens (a BOS, say); a conversation rendered
-    with the generation prompt, so that the assistant's reply comes next."""
+def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
+    """(prompt ids, [each completion's ids]): a string prompt tokenized with the tokenizer's special
+    tokens (a BOS, say), each completion alone
+    without (no EOS); a conversation rendered with the
+    generation prompt, so that the assistant's reply comes next, and each completion as the chat
+    template writes it after the prompt in the whole conversation, through its last end-of-turn id
+    (template framing after it, ChatML's newline, is no part of the reply)."""
     if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    return render(tokenizer, prompt, tools, generation_prompt=True)
-
-
-def completion_token_ids(tokenizer, prompt, prompt_ids: list, completion, tools, end_of_turn: set) -> list:
-    """A completion's token ids, to follow prompt_ids: a string tokenized alone (no special tokens,
-    no EOS); messages as the chat template writes them after the prompt in the whole conversation,
-    through their last end-of-turn id (template framing after it, ChatML's newline, is not theirs)."""
-    if isinstance(completion, str):
-        return tokenizer(completion, add_special_tokens=False)["input_ids"]
-    whole = render(tokenizer, prompt + completion, tools)
-    if whole[: len(prompt_ids)] != prompt_ids:
-        fail(
-            f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with its "
-            "prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
-            "--chat-template PATH with one that does"
-        )
-    tail = whole[len(prompt_ids) :]
-    ends = [i for i, token in enumerate(tail) if token in end_of_turn]
-    return tail[: ends[-1] + 1] if ends else tail
+        return tokenizer(prompt)["input_ids"], [
+            tokenizer(completion, add_special_tokens=False)["input_ids"] for completion in completions
+        ]
+    prompt_ids, end_of_turn, tails = render(tokenizer, prompt, tools, True), end_of_turn_ids(tokenizer), []
+    for completion in completions:
+        whole = render(tokenizer, prompt + completion, tools)
+        if whole[: len(prompt_ids)] != prompt_ids:
+            fail(
+                f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with "
+                "its prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
+                "--chat-template PATH with one that does"
+            )
+        tail = whole[len(prompt_ids) :]
+        ends = [i for i, token in enumerate(tail) if token in end_of_turn]
+        tails.append(tail[: ends[-1] + 1] if ends else tail)
+    return prompt_ids, tails
 
 
 def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
@@ -769,18 +770,15 @@ def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
 
 
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
-    """(chosen ids, rejected ids, margin) per pair, each the prompt's ids then a response's
-    (prompt_token_ids, completion_token_ids; a sampled pair's responses are its ids as sampled),
-    reporting how many prompts were truncated."""
-    end_of_turn = end_of_turn_ids(tokenizer)
+    """(chosen ids, rejected ids, margin) per pair, each the prompt's ids then a response's, as
+    tokenize_prompt splits them (a sampled pair's responses are its ids as sampled), reporting how
+    many prompts were truncated."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        prompt_ids = prompt_token_ids(tokenizer, pair["prompt"], pair.get("tools"))
-        responses = [
-            pair.get(f"{key}_ids")
-            or completion_token_ids(tokenizer, pair["prompt"], prompt_ids, pair[key], pair.get("tools"), end_of_turn)
-            for key in ("chosen", "rejected")
-        ]
+        prompt_ids, responses = tokenize_prompt(
+            tokenizer, pair["prompt"], [pair["chosen"], pair["rejected"]], pair.get("tools")
+        )
+        responses = [pair.get(f"{key}_ids") or ids for key, ids in zip(("chosen", "rejected"), responses)]
         sides = [fit_pair_side(prompt_ids, ids, max_length) for ids in responses]
         if None in sides:
             too_long += 1
@@ -894,13 +892,9 @@ def score(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_length = max_length or model_context(model.config) or 1 << 30
-    device, end_of_turn = next(model.parameters()).device, end_of_turn_ids(tokenizer)
-    sequences = []
+    device, sequences = next(model.parameters()).device, []
     for prompt, response in zip(prompts, responses):
-        prompt_ids = prompt_token_ids(tokenizer, prompt)
-        response_ids = completion_token_ids(
-            tokenizer, prompt, prompt_ids, completion_of(prompt, response), None, end_of_turn
-        )
+        prompt_ids, [response_ids] = tokenize_prompt(tokenizer, prompt, [completion_of(prompt, response)])
         fitted = fit_pair_side(prompt_ids, response_ids, max_length)
         sequences.append(fitted[0] if fitted else response_ids[-max_length:])
     was_training = model.training

@@ -314,10 +314,10 @@ def test_the_judge_is_fed_as_reward_model_py_trained_it():
     fed = []
     judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
     prompts = [{"prompt": [{"role": "user", "content": "the cat"}]}, {"prompt": "my friend said hello to the dog"}]
-    prompt_ids = [dpo.prompt_token_ids(tokenizer, p["prompt"]) for p in prompts]
+    prompt_ids = [dpo.tokenize_prompt(tokenizer, p["prompt"])[0] for p in prompts]
     # One reply ended by the model's end of turn; one cut at --max-new-tokens, longer than the judge's context.
     responses = [tokenizer(" sat on the mat<|im_end|>")["input_ids"], tokenizer(" hello" * 70)["input_ids"]]
-    dpo.judge_scores(judge, None, tokenizer, prompts, prompt_ids, responses)
+    dpo.judge_scores(judge, tokenizer, tokenizer, prompts, prompt_ids, responses)
     for row, ids in enumerate([prompt_ids[0] + responses[0], (prompt_ids[1] + responses[1])[-64:]]):
         assert fed[0][row].tolist() == ids + [judge_tokenizer.pad_token_id] * (fed[0].shape[1] - len(ids))
     scores = dpo.judge_scores(judge, judge_tokenizer, tokenizer, prompts, prompt_ids, responses)
@@ -380,11 +380,12 @@ def test_generation_stops_on_every_end_of_turn_id_of_the_generation_config():
 def test_conversational_data_end_to_end_with_a_judge_of_another_template(tmp_path):
     """Implicit-prompt conversations train a tiny ChatML model, evaluated on its samples of the
     held-out conversations (KL, and the win rate by a reward model with a Llama-3 style template,
-    which renders them itself). A bad record of each kind, and conversational data with a tokenizer
-    that has no chat template, stop with one error line before anything is written."""
+    which renders them itself). A bad record of each kind, conversational data with a tokenizer that
+    has no chat template, and a judge whose tokenizer has none, stop with one error line before
+    anything is written."""
     from test_reward_model import BAD_RECORDS, preference_records
 
-    from conftest import chat_tokenizer, save_tiny_chat_model, tiny_config, write_jsonl
+    from conftest import chat_tokenizer, save_tiny_chat_model, text_tokenizer, tiny_config, write_jsonl
 
     judge_tokenizer = chat_tokenizer("llama3")
     config = tiny_config("llama", len(judge_tokenizer), judge_tokenizer.eos_token_id)
@@ -410,6 +411,11 @@ def test_conversational_data_end_to_end_with_a_judge_of_another_template(tmp_pat
             dpo.main(dataclasses.replace(args, data=bad, model=model))
         assert str(error.value).startswith("error: ") and "\n" not in str(error.value) and message in str(error.value)
         assert not (tmp_path / "run").exists()
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "plain-judge")
+    text_tokenizer().save_pretrained(tmp_path / "plain-judge")  # trained on text: no template for conversations
+    with pytest.raises(SystemExit, match="its tokenizer has no chat template to render the conversations"):
+        dpo.main(dataclasses.replace(args, reward_model=str(tmp_path / "plain-judge")))
+    assert not (tmp_path / "run").exists()
     dpo.main(args)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] != 0 and 0 <= metrics["eval/win_rate"] <= 1
