@@ -700,23 +700,6 @@ def write_jsonl_atomically(path: str, records: list):
     os.replace(path + ".tmp", path)
 
 
-def render(tokenizer, messages: list, tools=None, generation_prompt: bool = False) -> list:
-    """Token ids of a conversation as the chat template writes it (then the opening of the assistant's
-    turn with generation_prompt), tokenized without adding special tokens: the template writes any BOS."""
-    if not tokenizer.chat_template:
-        fail(
-            f"the data is conversational and the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
-            "pass --chat-template PATH (a Jinja file)"
-        )
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
-        )
-    except Exception as error:  # a template's own checks raise (roles that do not alternate, say)
-        fail(f"the chat template cannot render a conversation of the data: {error}")
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def end_of_turn_ids(tokenizer, generation_config=None) -> set:
     """The tokenizer's EOS, the generation config's eos_token_id (an int, a list or None), and the
     added token the chat template writes right after an assistant's message (ChatML's <|im_end|>,
@@ -734,19 +717,32 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> set:
 
 
 def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
-    """(prompt ids, [each completion's ids]): a string prompt tokenized with the tokenizer's special
-    tokens (a BOS, say), each completion alone
-    without (no EOS); a conversation rendered with the
-    generation prompt, so that the assistant's reply comes next, and each completion as the chat
-    template writes it after the prompt in the whole conversation, through its last end-of-turn id
-    (template framing after it, ChatML's newline, is no part of the reply)."""
+    """(prompt ids, [each completion's ids]). A string prompt is tokenized with the tokenizer's
+    special tokens (a BOS, say), each completion alone without them (no EOS). A conversation is
+    rendered by the chat template and tokenized without adding special tokens (the template writes
+    any BOS): the prompt with the generation prompt, so that the assistant's reply comes next; each
+    completion as the template writes it after the prompt in the whole conversation, through its
+    last end-of-turn id (framing after it, ChatML's newline, is no part of the reply)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"], [
             tokenizer(completion, add_special_tokens=False)["input_ids"] for completion in completions
         ]
-    prompt_ids, end_of_turn, tails = render(tokenizer, prompt, tools, True), end_of_turn_ids(tokenizer), []
-    for completion in completions:
-        whole = render(tokenizer, prompt + completion, tools)
+    if not tokenizer.chat_template:
+        fail(
+            f"the data is conversational and the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            "pass --chat-template PATH (a Jinja file)"
+        )
+    renderings = [(prompt, True)] + [(prompt + completion, False) for completion in completions]
+    try:
+        texts = [
+            tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=g, tokenize=False)
+            for m, g in renderings
+        ]
+    except Exception as error:  # a template's own checks raise (roles that do not alternate, say)
+        fail(f"the chat template cannot render a conversation of the data: {error}")
+    prompt_ids, *wholes = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    end_of_turn, tails = end_of_turn_ids(tokenizer), []
+    for whole in wholes:
         if whole[: len(prompt_ids)] != prompt_ids:
             fail(
                 f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with "

@@ -559,10 +559,30 @@ def test_bad_prompts_and_unreadable_formats_are_one_error_line(tmp_path, monkeyp
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             rm.load_sentiment_prompts(write_jsonl(tmp_path / "prompts.jsonl", records))
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
     (tmp_path / "pairs.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
     with pytest.raises(SystemExit, match="needs the datasets package: pip install datasets"):
         rm.load_pairs("jsonl", str(tmp_path / "pairs.parquet"))
+    # A stand-in datasets package: a directory saved by save_to_disk is read; a corrupt .parquet is one line.
+    from types import ModuleType, SimpleNamespace
+
+    def from_parquet(path):
+        raise ValueError("Parquet magic bytes not found in footer.\nEither the file is corrupted or this is not...")
+
+    datasets = ModuleType("datasets")
+    datasets.Dataset = SimpleNamespace(from_parquet=from_parquet)
+    datasets.load_from_disk = lambda path: SimpleNamespace(
+        to_list=lambda: [{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}]
+    )
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    (tmp_path / "saved").mkdir()
+    assert rm.load_pairs("jsonl", str(tmp_path / "saved"))[0]["chosen"] == CHOSEN
+    with pytest.raises(SystemExit) as error:
+        rm.load_pairs("jsonl", str(tmp_path / "pairs.parquet"))
+    assert str(error.value) == (
+        f"error: cannot read {tmp_path / 'pairs.parquet'} as a dataset (ValueError: Parquet magic bytes not found in "
+        "footer.); pass a .jsonl file, a .parquet file or the directory of one split"
+    )
 
 
 # --- training, saving, reloading ----------------------------------------------------------------
