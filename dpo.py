@@ -621,7 +621,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     a forked RNG, so the pairs do not depend on the number of ranks and training's random stream is
     untouched."""
     lm, tokenizer = load_model(args.model, device, param_dtype(args), args.chat_template)
-    room = (model_context(lm.config) or 1 << 30) - args.max_new_tokens  # prompts are cut on the left to leave it
+    # Prompts are cut on the left to leave --max-new-tokens of room in the context.
+    room = max(1, (model_context(lm.config) or 1 << 30) - args.max_new_tokens)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
     prompt_ids = [ids for p in prompts for ids in [tokenize_prompt(tokenizer, p)[0][-room:]] * args.samples_per_prompt]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
@@ -1307,7 +1308,8 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
-        room = (model_context(model.config) or 1 << 30) - args.max_new_tokens  # prompts are cut on the left to leave it
+        # Prompts are cut on the left to leave --max-new-tokens of room in the context.
+        room = max(1, (model_context(model.config) or 1 << 30) - args.max_new_tokens)
         prompt_ids = [tokenize_prompt(tokenizer, p["prompt"], tools=p.get("tools"))[0][-room:] for p in mine]
         # The tokens as sampled (not the decoded text tokenized again), with an end-of-turn id only where one was drawn.
         responses = generate(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
