@@ -18,6 +18,7 @@ conservative DPO of noisy labels (Mitchell, 2023). The default task runs offline
     python dpo.py --model runs/sft --loss ipo --beta 0.5
     python dpo.py --model runs/sft --lora-rank 8                    # the reference: adapters off
     python dpo.py --task jsonl --data pairs.jsonl --model gpt2
+    python dpo.py --task jsonl --data chats.jsonl --model runs/sft-chat --chat-template chatml.jinja  # conversations
     torchrun --nproc_per_node 8 dpo.py --model ... --zero-stage 3   # data parallel, see parallel.py
 
 The trained policy lands in the run directory, loadable with plain
@@ -44,6 +45,7 @@ import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -72,12 +74,17 @@ class Args:
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
     (examples/sentiment_prompts.jsonl) sampled from --model itself, the more positive by VADER chosen (needs
-    vaderSentiment); jsonl: `{"prompt", "chosen", "rejected"}` records from --data; hh: Anthropic/hh-rlhf
-    chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download from the hub
-    unless --data is given)"""
+    vaderSentiment); jsonl: preference records from --data, `{"prompt", "chosen", "rejected"}` as strings or message
+    lists (optional "tools"), or `{"chosen", "rejected"}` conversations whose shared first messages are the prompt; hh:
+    Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr download
+    from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for
-    hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    """local data: required for --task jsonl; for sentiment `{"prompt"}` records (strings or message lists) replacing
+    the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz; .parquet or a directory
+    saved by `datasets` need the datasets package)"""
+    chat_template: Optional[str] = None
+    """a Jinja chat template file replacing the tokenizer's (saved with it) for conversational data, which is rendered
+    by the template: prompts with the generation prompt, each completion through its end-of-turn token"""
     model: Optional[str] = None
     """the policy to train and, frozen, the reference: hub name or local path of a causal LM (an sft.py run directory,
     say); required"""
@@ -279,6 +286,8 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.reward_model is not None and args.task == "randomwalks":
         fail("--reward-model judges text tasks; randomwalks is judged by the walks' true optimality: drop it")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template}: no such file; pass the path of a Jinja chat template")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -412,19 +421,31 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every task becomes a list of {"prompt", "chosen", "rejected"} pairs, two responses to one
-# prompt (a jsonl record may also carry reward_model.py's "margin": DPO has no use for it).
+# Data: every task becomes a list of {"prompt", "chosen", "rejected", "tools"} pairs, chosen and
+# rejected two responses to the same prompt, all strings (standard) or all message lists
+# (conversational, rendered by the chat template). hh and tldr records are turned into standard
+# pairs first, so that one path checks and tokenizes the pairs of every task (a record may also
+# carry reward_model.py's "margin": DPO has no use for it).
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> list:
-    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
-    if not os.path.isfile(path):
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or through the
+    optional datasets package of a .parquet file or a directory `Dataset.save_to_disk` wrote."""
+    if not os.path.exists(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
-    if path.endswith(".parquet"):
+    if os.path.isdir(path) or path.endswith(".parquet"):
         try:
-            import pyarrow.parquet
+            import datasets
         except ImportError:
-            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
-        return pyarrow.parquet.read_table(path).to_pylist()
+            fail(f"reading {path} needs the datasets package: pip install datasets (or convert it to .jsonl)")
+        try:
+            return (
+                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a folder of something else, a dictionary of splits
+            fail(
+                f"cannot read {path} as a dataset ({type(error).__name__}: {str(error).split(chr(10))[0]}); pass a "
+                ".jsonl file, a .parquet file or the directory of one split"
+            )
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -443,18 +464,32 @@ def read_records(path: str) -> list:
     return records
 
 
-def hh_example(dialogue: str):
-    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
-    marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+def is_conversation(value) -> bool:
+    """A message list: a non-empty list of dicts, each with a string "role" and a string "content"."""
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
-def tldr_prompt(info: dict) -> str:
-    """OpenAI's summarize-from-feedback prompt format (the same as sft.py's tldr task)."""
-    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+def upstream_record(task: str, record: dict) -> Optional[dict]:
+    """An hh-rlhf pair of dialogues (the prompt: all up to the last "\\n\\nAssistant:") or a
+    summarize-from-feedback comparison (OpenAI's prompt format, as sft.py's) as a standard preference
+    record; None where it is no pair of replies to one prompt; itself where it lacks the fields."""
+    if task == "hh" and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str):
+        marker = "\n\nAssistant:"
+        (prompt, found, chosen), (other, found_too, rejected) = (
+            record[k].rpartition(marker) for k in ("chosen", "rejected")
+        )
+        if not (found and found_too) or prompt != other:
+            return None  # no final assistant reply, or the dialogues differ before it
+        return {"prompt": prompt + marker, "chosen": chosen, "rejected": rejected}
+    if task == "hh" or not {"info", "summaries", "choice"} <= record.keys():
+        return record
+    info, summaries, choice = record["info"], record["summaries"], record["choice"]
+    if not info.get("post") or len(summaries) != 2 or choice not in (0, 1):
+        return None  # the comparisons also hold CNN/DM articles, which have no post
+    prompt = f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+    chosen, rejected = (" " + summaries[i]["text"].strip() for i in (choice, 1 - choice))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def download(task: str) -> list:
@@ -473,48 +508,53 @@ def download(task: str) -> list:
     return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
 
 
+def preference_pair(record: dict, where: str) -> tuple:
+    """(pair, kind) of a record: `prompt`, `chosen`, `rejected` all strings (standard) or all message
+    lists (conversational); or `chosen` and `rejected` conversations (implicit prompt): their longest
+    common prefix of messages is the prompt, the rest each side's completion. The pair keeps the
+    record's "tools" (for the chat template)."""
+    prompt, chosen, rejected = values = tuple(record.get(key) for key in ("prompt", "chosen", "rejected"))
+    implicit = prompt is None and is_conversation(chosen) and is_conversation(rejected)
+    if implicit:
+        shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt or (chosen != rejected and not (chosen and rejected)):
+            fail(f"{where}: 'chosen' and 'rejected' must open with the same messages (the prompt), then each go on")
+    elif not (all(map(is_conversation, values)) or all(isinstance(value, str) for value in values)):
+        fail(
+            f"{where}: expected 'prompt', 'chosen', 'rejected' (all strings or all message lists) or 'chosen', "
+            "'rejected' (conversations opening with the same messages, the prompt); found fields "
+            + (", ".join(record) or "none")
+        )
+    kind = ("standard" if isinstance(prompt, str) else "conversational") + " implicit-prompt" * implicit
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "tools": record.get("tools"),
+    }, f"{kind} preference"
+
+
 def load_pairs(task: str, data: Optional[str]) -> list:
-    """Preference pairs for a text task. Pairs whose two responses are identical carry no preference
-    and are dropped with a count (hh-rlhf has some); so are pairs the format cannot split."""
+    """Preference pairs of a text task; a record of no kind, or of another kind than the first's,
+    stops the run. Pairs whose two responses are identical carry no preference and are dropped with a
+    count (hh-rlhf has some); so are upstream records the format cannot split."""
     if task == "jsonl" and data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "chosen": ..., "rejected": ...} lines)')
     paths = [data] if data else download(task)
-    pairs, unusable = [], 0
+    pairs, unusable, first = [], 0, None
     for path in paths:
-        records = read_records(path)
-        if task == "jsonl":
-            require_fields(records, ("prompt", "chosen", "rejected"), path)
-            for number, record in enumerate(records, 1):
-                for field in ("prompt", "chosen", "rejected"):
-                    if not isinstance(record[field], str):
-                        fail(
-                            f"{path}, record {number}: field {field!r} must be a string, got "
-                            f"{type(record[field]).__name__}"
-                        )
-                pairs.append({field: record[field] for field in ("prompt", "chosen", "rejected")})
-        elif task == "hh":
-            require_fields(records, ("chosen", "rejected"), path)
-            for record in records:
-                chosen, rejected = hh_example(record["chosen"]), hh_example(record["rejected"])
-                if chosen is None or rejected is None or chosen[0] != rejected[0]:
-                    unusable += 1  # no final assistant reply, or the dialogues differ before it
-                    continue
-                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]})
-        elif task == "tldr":
-            require_fields(records, ("info", "summaries", "choice"), path)
-            for record in records:
-                info, summaries = record["info"], record["summaries"]
-                if not info.get("post") or len(summaries) != 2 or record["choice"] not in (0, 1):
-                    unusable += 1  # the comparisons also hold CNN/DM articles, which have no post
-                    continue
-                choice = record["choice"]
-                pairs.append(
-                    {
-                        "prompt": tldr_prompt(info),
-                        "chosen": " " + summaries[choice]["text"].strip(),
-                        "rejected": " " + summaries[1 - choice]["text"].strip(),
-                    }
-                )
+        for number, record in enumerate(read_records(path), 1):
+            record = record if task == "jsonl" else upstream_record(task, record)
+            if record is None:
+                unusable += 1
+                continue
+            where = f"{path}, record {number}"
+            pair, kind = preference_pair(record, where)
+            first = first or (kind, where)
+            if kind != first[0]:
+                fail(f"{where} is a {kind} record but {first[1]} a {first[0]} one; the data must be of one kind")
+            pairs.append(pair)
     identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
     pairs = [pair for pair in pairs if pair["chosen"] != pair["rejected"]]
     if unusable:
@@ -531,19 +571,32 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 
 
 def load_sentiment_prompts(data: Optional[str]) -> list:
-    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    """The openings to continue, each once: the shipped file, or --data's `{"prompt"}` records, all
+    strings or all message lists."""
     if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
         fail(
             f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
             f'pass --data with a file of {{"prompt": ...}} lines'
         )
-    path = data or SENTIMENT_PROMPTS
-    records = read_records(path)
-    require_fields(records, ("prompt",), path)
-    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    path, prompts = data or SENTIMENT_PROMPTS, {}
+    for number, record in enumerate(read_records(path), 1):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) and not is_conversation(prompt):
+            fail(
+                f"{path}, record {number}: expected 'prompt' (a string or a message list), found fields "
+                f"{', '.join(record) or 'none'}"
+            )
+        if prompts and isinstance(prompt, str) != isinstance(next(iter(prompts.values())), str):
+            fail(f"{path}, record {number}: the prompts must be all strings or all message lists, not both")
+        prompts.setdefault(json.dumps(prompt), prompt)
     if not prompts:
         fail(f"no prompts in {path}; the file is empty")
-    return prompts
+    return list(prompts.values())
+
+
+def completion_of(prompt, text: str):
+    """A reply's text as its prompt's kind of completion: the text, or one assistant message."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
 @functools.cache
@@ -561,13 +614,17 @@ def vader():
 
 def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
-    prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
-    two, and the one VADER finds more positive is chosen; ties carry no preference and are dropped
-    with a count. Batches are dealt round-robin over the data-parallel ranks and each is sampled
-    with a seed of its own on a forked RNG, so the pairs do not depend on the number of ranks and
-    training's random stream is untouched."""
-    lm, tokenizer = load_model(args.model, device, param_dtype(args))
+    prompt (a conversation rendered with the generation prompt) are sampled (temperature 1, no top-k
+    or top-p: the LM's own distribution) until an end-of-turn id, taken two by two, and the one VADER
+    finds more positive is chosen; ties carry no preference and are dropped with a count. Batches
+    are dealt round-robin over the data-parallel ranks and each is sampled with a seed of its own on
+    a forked RNG, so the pairs do not depend on the number of ranks and training's random stream is
+    untouched."""
+    lm, tokenizer = load_model(args.model, device, param_dtype(args), args.chat_template)
+    # Prompts are cut on the left to leave --max-new-tokens of room in the context.
+    room = max(1, (model_context(lm.config) or 1 << 30) - args.max_new_tokens)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    prompt_ids = [ids for p in prompts for ids in [tokenize_prompt(tokenizer, p)[0][-room:]] * args.samples_per_prompt]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -576,7 +633,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
                 & (2**63 - 1)
             )
-            chunk = repeated[start : start + args.generation_batch_size]
+            chunk = prompt_ids[start : start + args.generation_batch_size]
             mine.append((number, generate(lm, tokenizer, chunk, args.max_new_tokens, 1.0, device)))
     batches = sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
     sampled = [ids for _, batch in batches for ids in batch]
@@ -591,8 +648,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
         pairs.append(
             {
                 "prompt": repeated[first],
-                "chosen": texts[chosen],
-                "rejected": texts[rejected],
+                "chosen": completion_of(repeated[first], texts[chosen]),
+                "rejected": completion_of(repeated[first], texts[rejected]),
                 "chosen_ids": sampled[chosen],
                 "rejected_ids": sampled[rejected],
                 "chosen_score": scores[chosen],
@@ -620,38 +677,85 @@ def write_jsonl_atomically(path: str, records: list):
     os.replace(path + ".tmp", path)
 
 
-def require_fields(records: list, fields: tuple, path: str):
-    for number, record in enumerate(records, 1):
-        for field in fields:
-            if field not in record or record[field] is None:
-                fail(
-                    f"{path}, record {number}: field {field!r} is missing; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+def end_of_turn_ids(tokenizer, generation_config=None) -> set:
+    """The tokenizer's EOS, the generation config's eos_token_id (an int, a list or None), and the
+    added token the chat template writes right after an assistant's message (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>), with which chat models end a turn: often not the EOS."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+        )
+        after = tokenizer(text[text.rfind("y") + 1 :], add_special_tokens=False)["input_ids"]
+        if after and after[0] in tokenizer.added_tokens_decoder:  # a marker, not text (a newline) that ends turns
+            ids.add(after[0])
+    return ids - {None}
 
 
-def tokenize_side(tokenizer, pair: dict, side: str, max_length: int):
-    """(token ids of prompt + response + EOS, where the response starts, whether the prompt was cut)
-    within max_length, cut from the left of the prompt; None if the response alone does not fit.
-    The EOS belongs to the response: where to stop is part of what is preferred. Prompt and response
-    are tokenized apart, so the boundary is exact; sampled responses (sentiment) keep their ids."""
-    prompt_ids = tokenizer(pair["prompt"])["input_ids"] or [tokenizer.eos_token_id]  # one position to predict from
-    response_ids = pair.get(f"{side}_ids")  # as sampled: an EOS only where the sampler drew one
-    if response_ids is None:
-        response_ids = tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
+    """(prompt ids, [each completion's ids]). A string prompt is tokenized with the tokenizer's
+    special tokens (a BOS, say), each completion alone without them and an EOS after it (where to
+    stop is part of what is preferred). A conversation is rendered by the chat template and
+    tokenized without adding special tokens (the template writes any BOS): the prompt with the
+    generation prompt, so that the assistant's reply comes next; each completion as the template
+    writes it after the prompt in the whole conversation, through its last end-of-turn id (framing
+    after it, ChatML's newline, is no part of the reply)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"], [
+            tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for completion in completions
+        ]
+    if not tokenizer.chat_template:
+        fail(
+            f"the data is conversational and the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            "pass --chat-template PATH (a Jinja file)"
+        )
+    renderings = [(prompt, True)] + [(prompt + completion, False) for completion in completions]
+    try:
+        texts = [
+            tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=g, tokenize=False)
+            for m, g in renderings
+        ]
+    except Exception as error:  # a template's own checks raise (roles that do not alternate, say)
+        fail(f"the chat template cannot render a conversation of the data: {error}")
+    prompt_ids, *wholes = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    end_of_turn, tails = end_of_turn_ids(tokenizer), []
+    for whole in wholes:
+        if whole[: len(prompt_ids)] != prompt_ids:
+            fail(
+                f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with "
+                "its prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
+                "--chat-template PATH with one that does"
+            )
+        tail = whole[len(prompt_ids) :]
+        ends = [i for i, token in enumerate(tail) if token in end_of_turn]
+        tails.append(tail[: ends[-1] + 1] if ends else tail)
+    return prompt_ids, tails
+
+
+def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
+    """(token ids of prompt + response, where the response starts, whether the prompt was cut) within
+    max_length, cut from the left of the prompt; None if the response alone does not fit."""
     if len(response_ids) >= max_length:
         return None
     excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
-    prompt_ids = prompt_ids[excess:]
-    return prompt_ids + response_ids, len(prompt_ids), excess > 0
+    return prompt_ids[excess:] + response_ids, len(prompt_ids) - excess, excess > 0
 
 
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
-    """((chosen ids, its response start), (rejected ids, its response start)) per pair, reporting
-    how many prompts were cut and how many pairs were skipped."""
+    """((chosen ids, its response start), (rejected ids, its response start)) per pair, each the
+    prompt's ids (an EOS for an empty one, a position to predict the response from) then a
+    response's, as tokenize_prompt splits them (a sampled pair's responses are its ids as sampled),
+    reporting how many prompts were cut and how many pairs were skipped."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        sides = [tokenize_side(tokenizer, pair, side, max_length) for side in ("chosen", "rejected")]
+        prompt_ids, responses = tokenize_prompt(
+            tokenizer, pair["prompt"], [pair["chosen"], pair["rejected"]], pair.get("tools")
+        )
+        prompt_ids = prompt_ids or [tokenizer.eos_token_id]
+        responses = [pair.get(f"{key}_ids") or ids for key, ids in zip(("chosen", "rejected"), responses)]
+        sides = [fit_pair_side(prompt_ids, ids, max_length) for ids in responses]
         if None in sides:
             too_long += 1
             continue
@@ -693,7 +797,7 @@ def without_dropout(config):
     return config.__class__.from_dict(zeroed("", config.to_dict()))
 
 
-def load_model(name: str, device, dtype=torch.float32):
+def load_model(name: str, device, dtype=torch.float32, chat_template: Optional[str] = None):
     """A causal LM from a local directory or a hub name, with one clear line when it cannot be had.
     It is built without dropout (without_dropout): the implicit reward is the policy's log-ratio to
     the reference, and a dropout draw would make the two differ before any step."""
@@ -706,6 +810,8 @@ def load_model(name: str, device, dtype=torch.float32):
         model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if chat_template:  # saved with the tokenizer, so the run directory renders as training did
+        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     if tokenizer.eos_token_id is None:
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of every log-prob, so EOS serves as pad
@@ -968,16 +1074,16 @@ def model_context(config):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
-    """Response token ids for each prompt up to its first EOS, included (one cut at max_new_tokens
-    has none): a left-padded batch decoded token by token on the KV cache, greedy at temperature 0,
-    else sampled from softmax(logits / temperature) and nothing else (model.generate() would also
-    apply what the checkpoint's generation_config.json asks, and evaluation would no longer measure
-    the policy's own distribution)."""
-    tokenizer.padding_side = tokenizer.truncation_side = "left"  # prompts end where generation starts
-    context = model_context(model.config)
-    room = dict(truncation=True, max_length=context - max_new_tokens) if context else {}
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, **room).to(device)
-    step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    """Response token ids for each prompt (token ids, leaving max_new_tokens of room in the model's
+    context) up to its first end-of-turn id (end_of_turn_ids of the model's generation config),
+    included (one cut at max_new_tokens has none): a left-padded batch decoded token by token on the
+    KV cache, greedy at temperature 0, else sampled from softmax(logits / temperature) and nothing
+    else (model.generate() would also apply what the checkpoint's generation_config.json asks, and
+    evaluation would no longer measure the policy's own distribution)."""
+    stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
+    stop, width = torch.tensor(sorted(stop_ids), device=device), max(map(len, prompts))
+    step_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = model.training
@@ -999,17 +1105,17 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             if temperature == 0
             else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         )
-        next_ids = next_ids.masked_fill(finished, tokenizer.eos_token_id)
+        next_ids = next_ids.masked_fill(finished, int(stop[0]))
         tokens.append(next_ids)
-        finished |= next_ids == tokenizer.eos_token_id
+        finished |= torch.isin(next_ids, stop)
         if finished.all():
             break
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
-    output = torch.stack(tokens, 1).tolist()
-    return [ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids for ids in output]
+    rows = torch.stack(tokens, 1).tolist()
+    return [ids[: next((i + 1 for i, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1172,16 +1278,25 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # Training
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def judge_scores(judge, tokenizer, prompts: list, responses: list) -> torch.Tensor:
-    """A reward_model.py model's raw scores of (prompt, response) texts, fed as it was trained: the
-    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
-    fit the judge's context, right-padded, the score read at the last real token."""
+def judge_scores(judge, judge_tokenizer, tokenizer, prompts: list, prompt_ids: list, responses: list) -> torch.Tensor:
+    """A reward_model.py model's raw scores of sampled responses (token ids) to prompts (pairs, for
+    their prompt and tools), fed as it was trained: where its tokenizer is the policy's (the same
+    vocabulary and chat template), the prompt's ids and the response's as sampled; else the response,
+    decoded up to its end-of-turn token, tokenized as reward_model.py tokenizes a pair with the
+    judge's tokenizer (a conversation rendered by its own chat template, the reply through its
+    end-of-turn id; a string prompt and reply tokenized apart, no EOS added). The prompt is cut on
+    the left to fit the judge's context; right-padded, the score read at the last real token."""
     context = model_context(judge.config) or 1 << 30
-    sequences = [
-        (tokenizer(p)["input_ids"] + tokenizer(r, add_special_tokens=False)["input_ids"])[-context:]
-        for p, r in zip(prompts, responses)
-    ]
-    batch = collate([(ids, len(ids)) for ids in sequences], tokenizer.pad_token_id, next(judge.parameters()).device)
+    sequences = [p + r for p, r in zip(prompt_ids, responses)]
+    if (judge_tokenizer.get_vocab(), judge_tokenizer.chat_template) != (tokenizer.get_vocab(), tokenizer.chat_template):
+        sequences = []
+        for pair, text in zip(prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)):
+            prompt = pair["prompt"]
+            ids, [reply] = tokenize_prompt(judge_tokenizer, prompt, [completion_of(prompt, text)], pair.get("tools"))
+            sequences.append(ids + (reply[:-1] if isinstance(prompt, str) else reply))  # reward_model.py adds no EOS
+    batch = collate(
+        [(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, next(judge.parameters()).device
+    )
     return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
@@ -1193,24 +1308,25 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
     device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
-        # The tokens as sampled (not the decoded text tokenized again), with an EOS only where one was drawn.
-        responses = generate(model, tokenizer, mine, args.max_new_tokens, 1.0, device)
-        prompt_ids = [tokenizer(p)["input_ids"] for p in mine]
-        sequences = [(p + r, len(p)) for p, r in zip(prompt_ids, responses)]
-        batch = collate(sequences, tokenizer.pad_token_id, device)
+        # Prompts are cut on the left to leave --max-new-tokens of room in the context.
+        room = max(1, (model_context(model.config) or 1 << 30) - args.max_new_tokens)
+        prompt_ids = [tokenize_prompt(tokenizer, p["prompt"], tools=p.get("tools"))[0][-room:] for p in mine]
+        # The tokens as sampled (not the decoded text tokenized again), with an end-of-turn id only where one was drawn.
+        responses = generate(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
+        batch = collate([(p + r, len(p)) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
         with reference() as reference_model:
             log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
             if judge is not None:  # the reference's own samples, for the judge to compare
-                reference_responses = generate(reference_model, tokenizer, mine, args.max_new_tokens, 1.0, device)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+                reference_responses = generate(reference_model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
         sums[0], sums[3] = log_ratio.double().sum().cpu(), len(mine)
         if args.task == "sentiment":
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             sums[1] = sum(vader().polarity_scores(text)["compound"] for text in texts)
         if judge is not None:
-            reference_texts = tokenizer.batch_decode(reference_responses, skip_special_tokens=True)
-            judge_model, judge_tokenizer = judge
-            ours, theirs = (judge_scores(judge_model, judge_tokenizer, mine, t) for t in (texts, reference_texts))
+            ours, theirs = (
+                judge_scores(*judge, tokenizer, mine, prompt_ids, r) for r in (responses, reference_responses)
+            )
             sums[2] = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).sum()
     sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu()
     metrics = {"eval/kl": (sums[0] / sums[3]).item()}
@@ -1259,7 +1375,8 @@ def evaluate(
             starts = [node_letter(n) for n in range(1, RANDOMWALKS_NODES)]
             for temperature, repeats, name in ((0.0, 1, "greedy"), (1.0, args.eval_samples_per_start, "sampled")):
                 prompts = [s for s in starts for _ in range(repeats)][grid.dp_rank :: grid.dp_size]
-                completions = generate(sampler, tokenizer, prompts, RANDOMWALKS_MAX_NODES, temperature, device)
+                prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+                completions = generate(sampler, tokenizer, prompt_ids, RANDOMWALKS_MAX_NODES, temperature, device)
                 walks = [p + w for p, w in zip(prompts, tokenizer.batch_decode(completions, skip_special_tokens=True))]
                 scores = [walk_optimality(walk, *graph) for walk in walks]
                 scores = [s for part in parallel.all_gather_objects(scores, grid.dp_group) for s in part]
@@ -1338,14 +1455,14 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         # Held-out pairs are those of held-out openings; a resumed run reads the pairs its run sampled.
         prompts = load_sentiment_prompts(args.data)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
+        eval_prompts = {json.dumps(prompts[i]) for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
         if checkpoint:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
             pairs = read_records(os.path.join(run_dir, SENTIMENT_PAIRS))
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
-        eval_pairs = [p for p in pairs if p["prompt"] in eval_prompts]
-        train_pairs = [p for p in pairs if p["prompt"] not in eval_prompts]
+        eval_pairs = [p for p in pairs if json.dumps(p["prompt"]) in eval_prompts]
+        train_pairs = [p for p in pairs if json.dumps(p["prompt"]) not in eval_prompts]
         if not eval_pairs:
             fail(
                 f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise "
@@ -1363,7 +1480,7 @@ def load_policy(args: Args, checkpoint: Optional[str], device):
     """(policy, tokenizer): --model, or a checkpoint's policy (under LoRA: --model and the
     checkpoint's adapters), with LoRA adapters added under --lora-rank."""
     model, tokenizer = load_model(
-        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args)
+        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
     )
     if args.lora_rank:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
@@ -1386,7 +1503,7 @@ def evaluation_models(args: Args, grid, device) -> tuple:
             model, loading = AutoModelForSequenceClassification.from_pretrained(
                 args.reward_model, dtype=param_dtype(args), output_loading_info=True
             )
-            judge = model.to(device).eval(), AutoTokenizer.from_pretrained(args.reward_model)
+            judge_tokenizer = AutoTokenizer.from_pretrained(args.reward_model)  # its own, to render conversations
         except (OSError, ValueError) as error:
             fail(f"--reward-model {args.reward_model!r} could not be loaded: {str(error).splitlines()[0]}")
         if loading["missing_keys"] or model.config.num_labels != 1:  # a causal LM's score head is made up at random
@@ -1394,6 +1511,7 @@ def evaluation_models(args: Args, grid, device) -> tuple:
                 f"--reward-model {args.reward_model!r} has no trained score head of one output; "
                 "pass a reward_model.py run directory"
             )
+        judge = model.to(device).eval(), judge_tokenizer
     return frozen, judge
 
 
@@ -1423,12 +1541,14 @@ def main(args: Args):
     max_length = min(args.max_length, context) if context else args.max_length
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
     eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)
-    eval_prompts = list(dict.fromkeys(p["prompt"] for p in eval_pairs))[: args.eval_prompts]
+    eval_prompts = list({json.dumps(p["prompt"]): p for p in eval_pairs}.values())[: args.eval_prompts]
     steps_per_epoch = len(train_sequences) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training pairs; lower it")
     total_steps = steps_per_epoch * args.num_epochs
     frozen, judge = evaluation_models(args, grid, device)
+    if judge and not isinstance(eval_prompts[0]["prompt"], str) and not judge[1].chat_template:
+        fail(f"--reward-model {args.reward_model}: its tokenizer has no chat template to render the conversations")
 
     policy = parallel.tensor_parallel(policy, grid.tp_group)  # a no-op unless --tp > 1
     policy = parallel.split_sequences(policy, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked

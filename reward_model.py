@@ -7,6 +7,7 @@ on the hidden state of the last real token, trained on pairs where one response 
     python reward_model.py                                  # randomwalks, fresh 6-layer GPT-2
     python reward_model.py --model runs/sft                 # start from sft.py's checkpoint
     python reward_model.py --task jsonl --data pairs.jsonl --model gpt2
+    python reward_model.py --task jsonl --data chats.jsonl --model runs/sft-chat   # conversations, its chat template
     python reward_model.py --task sentiment --model runs/smollm2-135m  # the model's own samples, ranked by VADER
     python reward_model.py --task hh --model EleutherAI/pythia-160m      # needs the network
     torchrun --nproc_per_node 8 reward_model.py --model ... --zero-stage 3   # data parallel, see parallel.py
@@ -36,6 +37,7 @@ import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -64,13 +66,18 @@ class Args:
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
     (examples/sentiment_prompts.jsonl)
-    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: `{"prompt", "chosen",
-    "rejected"}` records (optional "margin") from --data;
+    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: preference records
+    from --data, `{"prompt", "chosen", "rejected"}` as strings or message lists (optional "margin", "tools"), or
+    `{"chosen", "rejected"}` conversations whose shared first messages are the prompt;
     hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr
     download from the hub unless --data is given)"""
     data: Optional[str] = None
-    """local data file: required for --task jsonl; for sentiment `{"prompt"}` records replacing the shipped ones; for
-    hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz, or .parquet)"""
+    """local data: required for --task jsonl; for sentiment `{"prompt"}` records (strings or message lists) replacing
+    the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz; .parquet or a directory
+    saved by `datasets` need the datasets package)"""
+    chat_template: Optional[str] = None
+    """a Jinja chat template file replacing the tokenizer's (saved with it) for conversational data, which is rendered
+    by the template: prompts with the generation prompt, each completion through its end-of-turn token"""
     model: Optional[str] = None
     """hub name or local path of a causal LM (an sft.py run directory, say); default: a fresh 6-layer GPT-2 for
     randomwalks"""
@@ -239,6 +246,8 @@ def check_args(args: Args, world_size: int) -> Args:
     )
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        fail(f"--chat-template {args.chat_template}: no such file; pass the path of a Jinja chat template")
     if args.output_dir and not args.resume and holds_run(args.output_dir):
         fail(
             f"--output-dir {args.output_dir} already holds a run; pick another directory, "
@@ -388,19 +397,30 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every task becomes a list of {"prompt", "chosen", "rejected", "margin"} pairs, where
-# chosen and rejected are the two responses to the same prompt.
+# Data: every task becomes a list of {"prompt", "chosen", "rejected", "margin", "tools"} pairs,
+# chosen and rejected two responses to the same prompt, all strings (standard) or all message
+# lists (conversational, rendered by the chat template). hh and tldr records are turned into
+# standard pairs first, so that one path checks and tokenizes the pairs of every task.
 # ---------------------------------------------------------------------------------------------
 def read_records(path: str) -> list:
-    """Records of a .jsonl, .jsonl.gz or .parquet file; malformed lines are named by number."""
-    if not os.path.isfile(path):
+    """Records of a .jsonl or .jsonl.gz file (malformed lines are named by number), or through the
+    optional datasets package of a .parquet file or a directory `Dataset.save_to_disk` wrote."""
+    if not os.path.exists(path):
         fail(f"data file {path!r} does not exist; pass --data with the path of a .jsonl file")
-    if path.endswith(".parquet"):
+    if os.path.isdir(path) or path.endswith(".parquet"):
         try:
-            import pyarrow.parquet
+            import datasets
         except ImportError:
-            fail("reading .parquet needs pyarrow: pip install pyarrow (or convert the file to .jsonl)")
-        return pyarrow.parquet.read_table(path).to_pylist()
+            fail(f"reading {path} needs the datasets package: pip install datasets (or convert it to .jsonl)")
+        try:
+            return (
+                datasets.load_from_disk(path) if os.path.isdir(path) else datasets.Dataset.from_parquet(path)
+            ).to_list()
+        except Exception as error:  # a corrupt file, a folder of something else, a dictionary of splits
+            fail(
+                f"cannot read {path} as a dataset ({type(error).__name__}: {str(error).split(chr(10))[0]}); pass a "
+                ".jsonl file, a .parquet file or the directory of one split"
+            )
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as file:
@@ -419,18 +439,32 @@ def read_records(path: str) -> list:
     return records
 
 
-def hh_example(dialogue: str):
-    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
-    marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+def is_conversation(value) -> bool:
+    """A message list: a non-empty list of dicts, each with a string "role" and a string "content"."""
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
-def tldr_prompt(info: dict) -> str:
-    """OpenAI's summarize-from-feedback prompt format (the same as sft.py's tldr task)."""
-    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+def upstream_record(task: str, record: dict) -> Optional[dict]:
+    """An hh-rlhf pair of dialogues (the prompt: all up to the last "\\n\\nAssistant:") or a
+    summarize-from-feedback comparison (OpenAI's prompt format, as sft.py's) as a standard preference
+    record; None where it is no pair of replies to one prompt; itself where it lacks the fields."""
+    if task == "hh" and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str):
+        marker = "\n\nAssistant:"
+        (prompt, found, chosen), (other, found_too, rejected) = (
+            record[k].rpartition(marker) for k in ("chosen", "rejected")
+        )
+        if not (found and found_too) or prompt != other:
+            return None  # no final assistant reply, or the dialogues differ before it
+        return {"prompt": prompt + marker, "chosen": chosen, "rejected": rejected}
+    if task == "hh" or not {"info", "summaries", "choice"} <= record.keys():
+        return record
+    info, summaries, choice = record["info"], record["summaries"], record["choice"]
+    if not info.get("post") or len(summaries) != 2 or choice not in (0, 1):
+        return None  # the comparisons also hold CNN/DM articles, which have no post
+    prompt = f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+    chosen, rejected = (" " + summaries[i]["text"].strip() for i in (choice, 1 - choice))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def download(task: str) -> list:
@@ -449,59 +483,52 @@ def download(task: str) -> list:
     return sorted(p for p in paths if p.endswith((".jsonl.gz", ".parquet")))
 
 
+def preference_pair(record: dict, where: str) -> tuple:
+    """(pair, kind) of a record: `prompt`, `chosen`, `rejected` all strings (standard) or all message
+    lists (conversational); or `chosen` and `rejected` conversations (implicit prompt): their longest
+    common prefix of messages is the prompt, the rest each side's completion. The pair keeps the
+    record's "margin" (0 if absent) and "tools" (for the chat template)."""
+    prompt, chosen, rejected = values = tuple(record.get(key) for key in ("prompt", "chosen", "rejected"))
+    implicit = prompt is None and is_conversation(chosen) and is_conversation(rejected)
+    if implicit:
+        shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt or (chosen != rejected and not (chosen and rejected)):
+            fail(f"{where}: 'chosen' and 'rejected' must open with the same messages (the prompt), then each go on")
+    elif not (all(map(is_conversation, values)) or all(isinstance(value, str) for value in values)):
+        fail(
+            f"{where}: expected 'prompt', 'chosen', 'rejected' (all strings or all message lists) or 'chosen', "
+            "'rejected' (conversations opening with the same messages, the prompt); found fields "
+            + (", ".join(record) or "none")
+        )
+    margin = record.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        fail(f"{where}: 'margin' must be a finite number, got {margin!r}")
+    kind = ("standard" if isinstance(prompt, str) else "conversational") + " implicit-prompt" * implicit
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+    return {**pair, "tools": record.get("tools")}, f"{kind} preference"
+
+
 def load_pairs(task: str, data: Optional[str]) -> list:
-    """Preference pairs for a text task. Pairs whose two responses are identical carry no preference
-    and are dropped with a count (hh-rlhf has some); so are pairs the format cannot split."""
+    """Preference pairs of a text task; a record of no kind, or of another kind than the first's,
+    stops the run. Pairs whose two responses are identical carry no preference and are dropped with a
+    count (hh-rlhf has some); so are upstream records the format cannot split."""
     if task == "jsonl" and data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ..., "chosen": ..., "rejected": ...} lines)')
     paths = [data] if data else download(task)
-    pairs, unusable = [], 0
+    pairs, unusable, first = [], 0, None
     for path in paths:
-        records = read_records(path)
-        if task == "jsonl":
-            require_fields(records, ("prompt", "chosen", "rejected"), path)
-            for number, record in enumerate(records, 1):
-                for field in ("prompt", "chosen", "rejected"):
-                    if not isinstance(record[field], str):
-                        fail(
-                            f"{path}, record {number}: field {field!r} must be a string, got "
-                            f"{type(record[field]).__name__}"
-                        )
-                margin = record.get("margin", 0.0)
-                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                    fail(f"{path}, record {number}: 'margin' must be a finite number, got {margin!r}")
-                pairs.append(
-                    {
-                        "prompt": record["prompt"],
-                        "chosen": record["chosen"],
-                        "rejected": record["rejected"],
-                        "margin": float(margin),
-                    }
-                )
-        elif task == "hh":
-            require_fields(records, ("chosen", "rejected"), path)
-            for record in records:
-                chosen, rejected = hh_example(record["chosen"]), hh_example(record["rejected"])
-                if chosen is None or rejected is None or chosen[0] != rejected[0]:
-                    unusable += 1  # no final assistant reply, or the dialogues differ before it
-                    continue
-                pairs.append({"prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1], "margin": 0.0})
-        elif task == "tldr":
-            require_fields(records, ("info", "summaries", "choice"), path)
-            for record in records:
-                info, summaries = record["info"], record["summaries"]
-                if not info.get("post") or len(summaries) != 2 or record["choice"] not in (0, 1):
-                    unusable += 1  # the comparisons also hold CNN/DM articles, which have no post
-                    continue
-                choice = record["choice"]
-                pairs.append(
-                    {
-                        "prompt": tldr_prompt(info),
-                        "chosen": " " + summaries[choice]["text"].strip(),
-                        "rejected": " " + summaries[1 - choice]["text"].strip(),
-                        "margin": 0.0,
-                    }
-                )
+        for number, record in enumerate(read_records(path), 1):
+            record = record if task == "jsonl" else upstream_record(task, record)
+            if record is None:
+                unusable += 1
+                continue
+            where = f"{path}, record {number}"
+            pair, kind = preference_pair(record, where)
+            first = first or (kind, where)
+            if kind != first[0]:
+                fail(f"{where} is a {kind} record but {first[1]} a {first[0]} one; the data must be of one kind")
+            pairs.append(pair)
     identical = sum(pair["chosen"] == pair["rejected"] for pair in pairs)
     pairs = [pair for pair in pairs if pair["chosen"] != pair["rejected"]]
     if unusable:
@@ -518,19 +545,32 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 
 
 def load_sentiment_prompts(data: Optional[str]) -> list:
-    """The openings to continue: the shipped file, or --data's `{"prompt"}` records."""
+    """The openings to continue, each once: the shipped file, or --data's `{"prompt"}` records, all
+    strings or all message lists."""
     if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
         fail(
             f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
             f'pass --data with a file of {{"prompt": ...}} lines'
         )
-    path = data or SENTIMENT_PROMPTS
-    records = read_records(path)
-    require_fields(records, ("prompt",), path)
-    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    path, prompts = data or SENTIMENT_PROMPTS, {}
+    for number, record in enumerate(read_records(path), 1):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) and not is_conversation(prompt):
+            fail(
+                f"{path}, record {number}: expected 'prompt' (a string or a message list), found fields "
+                f"{', '.join(record) or 'none'}"
+            )
+        if prompts and isinstance(prompt, str) != isinstance(next(iter(prompts.values())), str):
+            fail(f"{path}, record {number}: the prompts must be all strings or all message lists, not both")
+        prompts.setdefault(json.dumps(prompt), prompt)
     if not prompts:
         fail(f"no prompts in {path}; the file is empty")
-    return prompts
+    return list(prompts.values())
+
+
+def completion_of(prompt, text: str):
+    """A reply's text as its prompt's kind of completion: the text, or one assistant message."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
 @functools.cache
@@ -547,14 +587,16 @@ def vader():
 
 
 @torch.no_grad()
-def sample(lm, batch, max_new_tokens: int, eos_token_id: int) -> list:
-    """Continuation token ids of each row of a left-padded batch (a tokenizer's output: input_ids and
-    attention_mask), up to and including the first EOS (one cut at max_new_tokens has none), sampled
-    token by token on the KV cache from softmax(logits) and nothing else (model.generate() would
-    also apply what the checkpoint's generation_config.json asks, such as a repetition penalty)."""
+def sample(lm, batch, max_new_tokens: int, stop_ids: set) -> list:
+    """Continuation token ids of each row of a left-padded batch (input_ids and attention_mask), up
+    to and including the first of stop_ids (the end-of-turn ids; one cut at max_new_tokens has
+    none), sampled token by token on the KV cache from softmax(logits) and nothing else
+    (model.generate() would also apply what the checkpoint's generation_config.json asks, such as a
+    repetition penalty)."""
     step_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, tokens, finished = None, [], torch.zeros(len(step_ids), dtype=torch.bool, device=step_ids.device)
+    stop = torch.tensor(sorted(stop_ids), device=step_ids.device)
     for _ in range(max_new_tokens):
         output = lm(
             input_ids=step_ids,
@@ -567,38 +609,42 @@ def sample(lm, batch, max_new_tokens: int, eos_token_id: int) -> list:
         cache = output.cache
         logits = output.logits[:, -1]
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, eos_token_id)
+        next_ids = torch.multinomial(probs, 1).squeeze(-1).masked_fill(finished, int(stop[0]))
         tokens.append(next_ids)
-        finished |= next_ids == eos_token_id
+        finished |= torch.isin(next_ids, stop)
         if finished.all():
             break
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
-    return [
-        ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids for ids in torch.stack(tokens, 1).tolist()
-    ]
+    rows = torch.stack(tokens, 1).tolist()
+    return [ids[: next((i + 1 for i, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in rows]
 
 
 def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     """Preference pairs from --model's own continuations: --samples-per-prompt continuations of each
-    prompt are sampled (temperature 1, no top-k or top-p: the LM's own distribution), taken two by
-    two, and the one VADER finds more positive is chosen; ties carry no preference and are dropped
-    with a count. Each pair keeps its responses' token ids as sampled (`chosen_ids`, `rejected_ids`,
-    an EOS only where the sampler drew one), which the loss then sees: decoded and tokenized again,
-    a text need not give back the same ids. Batches are dealt round-robin over the data-parallel
-    ranks and each is sampled with a seed of its own on a forked RNG, so the pairs do not depend on
-    the number of ranks and training's random stream is untouched."""
+    prompt (a conversation rendered with the generation prompt) are sampled (temperature 1, no top-k
+    or top-p: the LM's own distribution) until an end-of-turn id, taken two by two, and the one VADER
+    finds more positive is chosen; ties carry no preference and are dropped with a count. Each pair
+    keeps its responses' token ids as sampled (`chosen_ids`, `rejected_ids`, an end-of-turn id only
+    where the sampler drew one), which the loss then sees: decoded and tokenized again, a text need
+    not give back the same ids. Batches are dealt round-robin over the data-parallel ranks and each
+    is sampled with a seed of its own on a forked RNG, so the pairs do not depend on the number of
+    ranks and training's random stream is untouched."""
     from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")  # prompts end where sampling starts
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
         lm = AutoModelForCausalLM.from_pretrained(args.model, dtype=param_dtype(args)).to(device).eval()
     except (OSError, ValueError) as error:
         fail(f"--model {args.model!r} could not be loaded as a causal LM to sample from: {str(error).splitlines()[0]}")
+    if args.chat_template:
+        tokenizer.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     if tokenizer.pad_token is None:  # left padding is masked out, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = end_of_turn_ids(tokenizer, lm.generation_config)
     repeated = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    prompt_ids = [ids for p in prompts for ids in [tokenize_prompt(tokenizer, p)[0]] * args.samples_per_prompt]
     my_batches = list(enumerate(range(0, len(repeated), args.generation_batch_size)))[grid.dp_rank :: grid.dp_size]
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -607,8 +653,10 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
                 int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
                 & (2**63 - 1)
             )
-            batch = tokenizer(repeated[start : start + args.generation_batch_size], return_tensors="pt", padding=True)
-            mine.append((number, sample(lm, batch.to(device), args.max_new_tokens, tokenizer.eos_token_id)))
+            chunk = prompt_ids[start : start + args.generation_batch_size]
+            input_ids, attention_mask, _ = pad_batch(chunk, tokenizer.pad_token_id, device, side="left")
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            mine.append((number, sample(lm, batch, args.max_new_tokens, stop_ids)))
     gathered = sorted(b for part in parallel.all_gather_objects(mine, grid.dp_group) for b in part)
     responses = [ids for _, batch in gathered for ids in batch]
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)  # what VADER reads
@@ -622,8 +670,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
         pairs.append(
             {
                 "prompt": repeated[first],
-                "chosen": texts[chosen],
-                "rejected": texts[rejected],
+                "chosen": completion_of(repeated[first], texts[chosen]),
+                "rejected": completion_of(repeated[first], texts[rejected]),
                 "chosen_ids": responses[chosen],
                 "rejected_ids": responses[rejected],
                 "margin": 0.0,
@@ -652,21 +700,65 @@ def write_jsonl_atomically(path: str, records: list):
     os.replace(path + ".tmp", path)
 
 
-def require_fields(records: list, fields: tuple, path: str):
-    for number, record in enumerate(records, 1):
-        for field in fields:
-            if field not in record or record[field] is None:
-                fail(
-                    f"{path}, record {number}: field {field!r} is missing; every record needs "
-                    f"{', '.join(repr(f) for f in fields)}"
-                )
+def end_of_turn_ids(tokenizer, generation_config=None) -> set:
+    """The tokenizer's EOS, the generation config's eos_token_id (an int, a list or None), and the
+    added token the chat template writes right after an assistant's message (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>), with which chat models end a turn: often not the EOS."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+        )
+        after = tokenizer(text[text.rfind("y") + 1 :], add_special_tokens=False)["input_ids"]
+        if after and after[0] in tokenizer.added_tokens_decoder:  # a marker, not text (a newline) that ends turns
+            ids.add(after[0])
+    return ids - {None}
 
 
-def tokenize_pair_side(tokenizer, prompt: str, response_ids: list, max_length: int):
+def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
+    """(prompt ids, [each completion's ids]). A string prompt is tokenized with the tokenizer's
+    special tokens (a BOS, say), each completion alone without them (no EOS). A conversation is
+    rendered by the chat template and tokenized without adding special tokens (the template writes
+    any BOS): the prompt with the generation prompt, so that the assistant's reply comes next; each
+    completion as the template writes it after the prompt in the whole conversation, through its
+    last end-of-turn id (framing after it, ChatML's newline, is no part of the reply)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"], [
+            tokenizer(completion, add_special_tokens=False)["input_ids"] for completion in completions
+        ]
+    if not tokenizer.chat_template:
+        fail(
+            f"the data is conversational and the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            "pass --chat-template PATH (a Jinja file)"
+        )
+    renderings = [(prompt, True)] + [(prompt + completion, False) for completion in completions]
+    try:
+        texts = [
+            tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=g, tokenize=False)
+            for m, g in renderings
+        ]
+    except Exception as error:  # a template's own checks raise (roles that do not alternate, say)
+        fail(f"the chat template cannot render a conversation of the data: {error}")
+    prompt_ids, *wholes = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+    end_of_turn, tails = end_of_turn_ids(tokenizer), []
+    for whole in wholes:
+        if whole[: len(prompt_ids)] != prompt_ids:
+            fail(
+                f"the chat template of {tokenizer.name_or_path!r} does not open a conversation's rendering with "
+                "its prompt's (rendered with the generation prompt), so a completion has no place to start; pass "
+                "--chat-template PATH with one that does"
+            )
+        tail = whole[len(prompt_ids) :]
+        ends = [i for i, token in enumerate(tail) if token in end_of_turn]
+        tails.append(tail[: ends[-1] + 1] if ends else tail)
+    return prompt_ids, tails
+
+
+def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
     """Token ids of prompt + response cut to max_length from the left of the prompt (the response is
     what is judged, and its last token is where the score is read), and whether the prompt was cut.
     None if the response alone does not fit."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
     if len(response_ids) >= max_length:
         return None
     excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
@@ -674,15 +766,16 @@ def tokenize_pair_side(tokenizer, prompt: str, response_ids: list, max_length: i
 
 
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
-    """(chosen ids, rejected ids, margin) per pair, reporting how many prompts were truncated. A
-    sampled pair's responses are its token ids as sampled; a text pair's are tokenized, with no EOS."""
+    """(chosen ids, rejected ids, margin) per pair, each the prompt's ids then a response's, as
+    tokenize_prompt splits them (a sampled pair's responses are its ids as sampled), reporting how
+    many prompts were truncated."""
     tokenized, truncated, too_long = [], 0, 0
     for pair in pairs:
-        responses = [
-            pair.get(f"{key}_ids") or tokenizer(pair[key], add_special_tokens=False)["input_ids"]
-            for key in ("chosen", "rejected")
-        ]
-        sides = [tokenize_pair_side(tokenizer, pair["prompt"], ids, max_length) for ids in responses]
+        prompt_ids, responses = tokenize_prompt(
+            tokenizer, pair["prompt"], [pair["chosen"], pair["rejected"]], pair.get("tools")
+        )
+        responses = [pair.get(f"{key}_ids") or ids for key, ids in zip(("chosen", "rejected"), responses)]
+        sides = [fit_pair_side(prompt_ids, ids, max_length) for ids in responses]
         if None in sides:
             too_long += 1
             continue
@@ -736,7 +829,7 @@ def param_dtype(args: Args) -> torch.dtype:
     return torch.float64 if args.dtype == "fp64" else torch.float32
 
 
-def load_model(name: str, device, seed: int, dtype=torch.float32):
+def load_model(name: str, device, seed: int, dtype=torch.float32, chat_template: Optional[str] = None):
     """A sequence-classification model (num_labels=1) from a causal LM or reward model directory or hub name."""
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
@@ -751,6 +844,8 @@ def load_model(name: str, device, seed: int, dtype=torch.float32):
         model = AutoModelForSequenceClassification.from_pretrained(name, config=without_dropout(config), dtype=dtype)
     except (OSError, ValueError) as error:
         fail(f"--model {name!r} could not be loaded: {str(error).splitlines()[0]}")
+    if chat_template:  # saved with the tokenizer, so the run directory renders as training did
+        tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     if tokenizer.pad_token_id is None:  # pooling reads the last non-pad token, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
@@ -786,18 +881,18 @@ def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.T
 def score(
     model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None
 ) -> torch.Tensor:
-    """Raw reward-model scores of each (prompt, response), as a tensor on the CPU (fp32; fp64 for an
-    fp64 model). Normalise with the statistics in the model's config:
-    (score - config.reward_mean) / config.reward_std."""
+    """Raw reward-model scores of each (prompt, response text), as a tensor on the CPU (fp32; fp64 for
+    an fp64 model), tokenized as training tokenized its pairs: a prompt that is a message list and
+    the response as the assistant's reply are rendered by the tokenizer's chat template. Normalise
+    with the statistics in the model's config: (score - config.reward_mean) / config.reward_std."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_length = max_length or model_context(model.config) or 1 << 30
-    device = next(model.parameters()).device
-    sequences = []
+    device, sequences = next(model.parameters()).device, []
     for prompt, response in zip(prompts, responses):
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        tokenized = tokenize_pair_side(tokenizer, prompt, response_ids, max_length)
-        sequences.append(tokenized[0] if tokenized else response_ids[-max_length:])
+        prompt_ids, [response_ids] = tokenize_prompt(tokenizer, prompt, [completion_of(prompt, response)])
+        fitted = fit_pair_side(prompt_ids, response_ids, max_length)
+        sequences.append(fitted[0] if fitted else response_ids[-max_length:])
     was_training = model.training
     model.eval()
     scores = torch.cat(
@@ -1244,7 +1339,7 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         # A resumed run reads the pairs its run sampled.
         prompts = load_sentiment_prompts(args.data)
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        eval_prompts = {prompts[i] for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
+        eval_prompts = {json.dumps(prompts[i]) for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
         if checkpoint:
             pairs = read_records(
                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS)
@@ -1252,8 +1347,8 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
         eval_pairs, train_pairs = (
-            [p for p in pairs if p["prompt"] in eval_prompts],
-            [p for p in pairs if p["prompt"] not in eval_prompts],
+            [p for p in pairs if json.dumps(p["prompt"]) in eval_prompts],
+            [p for p in pairs if json.dumps(p["prompt"]) not in eval_prompts],
         )
         if not eval_pairs:
             fail(
@@ -1290,7 +1385,7 @@ def main(args: Args):
 
     train_pairs, eval_pairs, pairs, walks_to_score = preference_pairs(args, grid, checkpoint)
     if checkpoint or args.model:
-        model, tokenizer = load_model(checkpoint or args.model, device, args.seed, dtype)
+        model, tokenizer = load_model(checkpoint or args.model, device, args.seed, dtype, args.chat_template)
     else:
         tokenizer = randomwalks_tokenizer()
         model = randomwalks_model(tokenizer)

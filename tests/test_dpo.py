@@ -295,33 +295,150 @@ def test_the_sentiment_task_ranks_the_policys_own_samples(tmp_path, tiny_gpt2, f
     assert -1 <= metrics["start"]["eval/vader"] <= 1 and -1 <= metrics["eval/vader"] <= 1
 
 
-def test_the_judge_is_fed_as_reward_model_py_trained_it(tmp_path):
-    """The win rate's judge sees what reward_model.py trained it on and ppo.py scores with: the
-    prompt's ids then the response's, tokenized apart (no EOS added), the prompt cut on the left to
-    fit the context (64 here), right-padded; so it scores as reward_model.score does. Both run the
-    same fp64 forward on the same batch; dpo.py's scores are then rounded once to fp32, hence
+def test_the_judge_is_fed_as_reward_model_py_trained_it():
+    """The win rate's judge sees what reward_model.py trains on. With the policy's tokenizer: the
+    prompt's ids then the response's as sampled (never decoded and tokenized again), cut on the left
+    to fit the judge's context (64 here), right-padded. With a tokenizer of its own (a Llama-3 style
+    template, where the policy speaks ChatML): the reply decoded and the conversation rendered with
+    the judge's template, through its end-of-turn token, exactly as reward_model.score feeds it; both
+    run the same fp64 forward on the same batch, and dpo.py's scores are rounded once to fp32, hence
     rtol 2^-23."""
     import reward_model
-    from conftest import text_tokenizer, tiny_config
+    from conftest import chat_tokenizer, tiny_config
 
-    tokenizer = text_tokenizer()
-    config = tiny_config("llama", len(tokenizer), tokenizer.eos_token_id)
-    config.update(dict(num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    tokenizer, judge_tokenizer = chat_tokenizer("chatml"), chat_tokenizer("llama3")
+    config = tiny_config("llama", len(judge_tokenizer), judge_tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=judge_tokenizer.pad_token_id))
     torch.manual_seed(0)
     judge = AutoModelForSequenceClassification.from_config(config).double().eval()
-    prompts = ["the ca", "my friend said hello to the dog in the park", "a"]
-    responses = ["t sat on the mat", " hello", " the cat sat on the mat" * 12]  # the last one outgrows the context
     fed = []
-    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs), with_kwargs=True)
-    scores = dpo.judge_scores(judge, tokenizer, prompts, responses)
-    expected = reward_model.score(judge, tokenizer, prompts, responses)
+    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
+    prompts = [{"prompt": [{"role": "user", "content": "the cat"}]}, {"prompt": "my friend said hello to the dog"}]
+    prompt_ids = [dpo.tokenize_prompt(tokenizer, p["prompt"])[0] for p in prompts]
+    # One reply ended by the model's end of turn; one cut at --max-new-tokens, longer than the judge's context.
+    responses = [tokenizer(" sat on the mat<|im_end|>")["input_ids"], tokenizer(" hello" * 70)["input_ids"]]
+    dpo.judge_scores(judge, tokenizer, tokenizer, prompts, prompt_ids, responses)
+    for row, ids in enumerate([prompt_ids[0] + responses[0], (prompt_ids[1] + responses[1])[-64:]]):
+        assert fed[0][row].tolist() == ids + [judge_tokenizer.pad_token_id] * (fed[0].shape[1] - len(ids))
+    scores = dpo.judge_scores(judge, judge_tokenizer, tokenizer, prompts, prompt_ids, responses)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    expected = reward_model.score(judge, judge_tokenizer, [p["prompt"] for p in prompts], texts)
     torch.testing.assert_close(scores, expected.float(), rtol=2**-23, atol=0)
-    inputs = fed[0]  # dpo.py's call (reward_model.score's is the second)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        side = reward_model.tokenize_pair_side(tokenizer, prompt, response_ids, 64)
-        ids = side[0] if side else response_ids[-64:]
-        assert inputs["input_ids"][row, : len(ids)].tolist() == ids
-        assert inputs["attention_mask"][row].tolist() == [1] * len(ids) + [0] * (
-            inputs["input_ids"].shape[1] - len(ids)
-        )
+    assert torch.equal(fed[1], fed[2])
+    rendered = judge_tokenizer.apply_chat_template(
+        prompts[0]["prompt"] + [{"role": "assistant", "content": " sat on the mat"}], tokenize=True
+    )["input_ids"]
+    assert fed[1][0, : len(rendered)].tolist() == rendered and rendered[-1] == judge_tokenizer.convert_tokens_to_ids(
+        "<|eot_id|>"
+    )
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_conversational_pairs_score_exactly_the_completion_tokens(style):
+    """An implicit-prompt pair (the prompt: the conversations' three shared messages) is the chat
+    template's rendering written out by hand: the prompt with the generation prompt, each response
+    through its end-of-turn token and no EOS after it; a standard pair's response ends with the EOS.
+    The loss's labels are exactly the response tokens."""
+    from test_reward_model import CHOSEN, PROMPT, REJECTED, RENDERED_PROMPT, written_out
+
+    from conftest import END_OF_TURN, chat_tokenizer
+
+    tokenizer = chat_tokenizer(style)
+    pair, kind = dpo.preference_pair({"chosen": PROMPT + CHOSEN, "rejected": PROMPT + REJECTED}, "record 1")
+    assert kind == "conversational implicit-prompt preference" and (pair["prompt"], pair["chosen"]) == (PROMPT, CHOSEN)
+    standard = {"prompt": "the cat", "chosen": " sat", "rejected": " ran"}
+    [(chosen, rejected), (standard_chosen, _)] = dpo.tokenize_pairs(tokenizer, [pair, standard], max_length=512)
+    prompt = written_out(tokenizer, RENDERED_PROMPT[style])
+    assert chosen == (prompt + written_out(tokenizer, ["the cat sat", END_OF_TURN[style]]), len(prompt))
+    assert rejected == (prompt + written_out(tokenizer, ["a dog", END_OF_TURN[style]]), len(prompt))
+    the_cat = tokenizer("the cat")["input_ids"]
+    assert standard_chosen == (the_cat + tokenizer(" sat")["input_ids"] + [tokenizer.eos_token_id], len(the_cat))
+    labels = dpo.collate([chosen, rejected], tokenizer.pad_token_id, "cpu")["labels"]
+    assert [row[row != dpo.kernels.IGNORE_INDEX].tolist() for row in labels] == [
+        chosen[0][len(prompt) :],
+        rejected[0][len(prompt) :],
+    ]
+
+
+def test_generation_stops_on_every_end_of_turn_id_of_the_generation_config():
+    """The policy's samples end at the first of the EOS and the generation config's ids (a list, here
+    holding <|im_end|>), kept; a sample cut at --max-new-tokens has none."""
+    from transformers import GenerationConfig
+
+    from conftest import chat_tokenizer
+    from test_reward_model import ScriptedLM
+
+    tokenizer = chat_tokenizer("chatml")
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    tokenizer.chat_template = None  # so that only the generation config can name <|im_end|>
+    model = ScriptedLM([[7, im_end, 8, eos], [7, 8, eos, im_end], [7, 8, 9, 10, 11, 12]], len(tokenizer))
+    model.generation_config = GenerationConfig(eos_token_id=[eos, im_end])
+    responses = dpo.generate(model, tokenizer, [[3], [4, 5], [6]], 5, 1.0, "cpu")
+    assert responses == [[7, im_end], [7, 8, eos], [7, 8, 9, 10, 11]]
+
+
+def test_conversational_data_end_to_end_with_a_judge_of_another_template(tmp_path):
+    """Implicit-prompt conversations train a tiny ChatML model, evaluated on its samples of the
+    held-out conversations (KL, and the win rate by a reward model with a Llama-3 style template,
+    which renders them itself). A bad record of each kind, conversational data with a tokenizer that
+    has no chat template, and a judge whose tokenizer has none, stop with one error line before
+    anything is written."""
+    from test_reward_model import BAD_RECORDS, preference_records
+
+    from conftest import chat_tokenizer, save_tiny_chat_model, text_tokenizer, tiny_config, write_jsonl
+
+    judge_tokenizer = chat_tokenizer("llama3")
+    config = tiny_config("llama", len(judge_tokenizer), judge_tokenizer.eos_token_id)
+    config.update(dict(num_labels=1, pad_token_id=judge_tokenizer.pad_token_id))
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "judge")
+    judge_tokenizer.save_pretrained(tmp_path / "judge")
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records("implicit", n=16))
+    args = dpo.Args(
+        task="jsonl",
+        data=data,
+        model=save_tiny_chat_model(tmp_path / "policy", "chatml", "llama"),
+        reward_model=str(tmp_path / "judge"),
+        output_dir=str(tmp_path / "run"),
+        batch_size=8,
+        eval_prompts=4,
+        max_new_tokens=4,
+        learning_rate=1e-2,
+    )
+    for records, message in [*BAD_RECORDS, (preference_records("implicit", n=16), "has no chat template")]:
+        model = save_tiny_model(tmp_path / "bare", "llama") if "chat template" in message else args.model
+        bad = write_jsonl(tmp_path / "bad.jsonl", records)
+        with pytest.raises(SystemExit) as error:
+            dpo.main(dataclasses.replace(args, data=bad, model=model))
+        assert str(error.value).startswith("error: ") and "\n" not in str(error.value) and message in str(error.value)
+        assert not (tmp_path / "run").exists()
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "plain-judge")
+    text_tokenizer().save_pretrained(tmp_path / "plain-judge")  # trained on text: no template for conversations
+    with pytest.raises(SystemExit, match="its tokenizer has no chat template to render the conversations"):
+        dpo.main(dataclasses.replace(args, reward_model=str(tmp_path / "plain-judge")))
+    assert not (tmp_path / "run").exists()
+    dpo.main(args)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["start"]["eval/kl"] == 0 and metrics["eval/kl"] != 0 and 0 <= metrics["eval/win_rate"] <= 1
+
+
+def test_sentiment_prompts_as_conversations_are_sampled_from_their_rendering(tmp_path, fake_vader, monkeypatch):
+    """Message-list prompts are sampled from as the chat template renders them with the generation
+    prompt; the pairs are conversational (one assistant message a side) and keep the sampled ids."""
+    from types import SimpleNamespace
+
+    from conftest import save_tiny_chat_model
+
+    model_dir = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [[{"role": "user", "content": f"Continue this review: the {word}"}] for word in ("cat", "dog", "park")]
+    fed, generate = [], dpo.generate
+    monkeypatch.setattr(
+        dpo, "generate", lambda model, tok, ids, *rest: fed.extend(ids) or generate(model, tok, ids, *rest)
+    )
+    args = dpo.Args(task="sentiment", model=model_dir, samples_per_prompt=4, max_new_tokens=4)
+    grid = SimpleNamespace(dp_rank=0, dp_size=1, dp_group=None, is_main=True)
+    pairs = dpo.sample_sentiment_pairs(prompts, args, grid, torch.device("cpu"))
+    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in prompts]
+    assert fed == [ids for ids in rendered for _ in range(4)]
+    assert pairs and all(p["prompt"] in prompts and p["chosen"][0]["role"] == "assistant" for p in pairs)
+    assert all(tokenizer.decode(p["chosen_ids"], skip_special_tokens=True) == p["chosen"][0]["content"] for p in pairs)

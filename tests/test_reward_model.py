@@ -4,7 +4,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import parallel
 import reward_model as rm
 from conftest import (
+    CHAT_TEMPLATES,
+    END_OF_TURN,
+    chat_tokenizer,
+    save_tiny_chat_model,
+    write_jsonl,
     read_metrics,
     FIXTURES,
     SAME_MATH,
@@ -180,7 +187,7 @@ def test_sentiment_sampling_is_the_models_own_whatever_its_generation_config_ask
     lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 100.0, 1
     batch = tokenizer(["b", "cde", "fg", "h"] * 2, return_tensors="pt", padding=True)
     torch.manual_seed(1)
-    responses = rm.sample(lm, batch, 12, tokenizer.eos_token_id)
+    responses = rm.sample(lm, batch, 12, {tokenizer.eos_token_id})
     torch.manual_seed(1)
     ids, mask, finished = batch["input_ids"], batch["attention_mask"], torch.zeros(len(responses), dtype=torch.bool)
     reference = [[] for _ in responses]
@@ -299,7 +306,13 @@ def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos
 # --- data parsers on upstream formats -----------------------------------------------------------
 def test_jsonl_pairs_with_margin():
     pairs = rm.load_pairs("jsonl", os.path.join(FIXTURES, "preference-pairs.jsonl"))
-    assert pairs[1] == {"prompt": "Q: Capital of France?\nA:", "chosen": " Paris", "rejected": " Rome", "margin": 1.5}
+    assert pairs[1] == {
+        "prompt": "Q: Capital of France?\nA:",
+        "chosen": " Paris",
+        "rejected": " Rome",
+        "margin": 1.5,
+        "tools": None,
+    }
     assert pairs[0]["margin"] == 0.0
 
 
@@ -325,6 +338,251 @@ def test_tldr_comparisons(capsys):
         " loan",
     )  # choice 1
     assert "skipped 1 records" in capsys.readouterr().out
+
+
+# --- conversational data: TRL's preference kinds, rendered by the chat template ------------------
+USER, ASSISTANT = "user", "assistant"
+PROMPT = [
+    {"role": USER, "content": "hi there"},
+    {"role": ASSISTANT, "content": "hello"},
+    {"role": USER, "content": "name a pet"},
+]
+CHOSEN, REJECTED = [{"role": ASSISTANT, "content": "the cat sat"}], [{"role": ASSISTANT, "content": "a dog"}]
+# The chat templates' renderings written out by hand: special tokens by name, the text between them.
+RENDERED_PROMPT = {
+    "chatml": ["<|im_start|>", "user\nhi there", "<|im_end|>", "\n", "<|im_start|>", "assistant\nhello", "<|im_end|>"]
+    + ["\n", "<|im_start|>", "user\nname a pet", "<|im_end|>", "\n", "<|im_start|>", "assistant\n"],
+    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\nhi there", "<|eot_id|>"]
+    + ["<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\nhello", "<|eot_id|>", "<|start_header_id|>"]
+    + ["user", "<|end_header_id|>", "\n\nname a pet", "<|eot_id|>", "<|start_header_id|>", "assistant"]
+    + ["<|end_header_id|>", "\n\n"],
+}
+
+
+def written_out(tokenizer, pieces: list) -> list:
+    """Token ids of a rendering written out by hand: a special token by its name, text tokenized alone."""
+    special = set(tokenizer.all_special_tokens)
+    return [
+        i
+        for piece in pieces
+        for i in (
+            [tokenizer.convert_tokens_to_ids(piece)]
+            if piece in special
+            else tokenizer(piece, add_special_tokens=False)["input_ids"]
+        )
+    ]
+
+
+def preference_records(kind: str, n: int = 1) -> list:
+    """n preference records of one kind: standard, conversational, or conversational with an implicit prompt."""
+    words = "the cat sat on mat a dog ran to park my friend said hello world post title summary".split()
+    rng = random.Random(0)
+    records = []
+    for i in range(n):
+        prompt, chosen, rejected = (" ".join(rng.choice(words) for _ in range(rng.randint(2, 5))) for _ in range(3))
+        if kind == "standard":
+            records.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
+            continue
+        messages = [{"role": USER, "content": prompt}]
+        chosen, rejected = ([{"role": ASSISTANT, "content": text}] for text in (chosen, rejected + " " + str(i)))
+        records.append(
+            {"chosen": messages + chosen, "rejected": messages + rejected}
+            if kind == "implicit"
+            else {"prompt": messages, "chosen": chosen, "rejected": rejected}
+        )
+    return records
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_conversational_pairs_are_the_chat_templates_rendering_token_by_token(tmp_path, style):
+    """Both conversational kinds, the implicit prompt taken as the conversations' longest common prefix
+    (three messages, an assistant turn among them): the prompt is rendered with the generation prompt,
+    each response is what the template writes after it through the end-of-turn token (ChatML's newline
+    after <|im_end|> is no part of it), checked against the rendering written out by hand and against
+    tokenizer.apply_chat_template; a `tools` column reaches the template."""
+    tokenizer = chat_tokenizer(style)
+    end = END_OF_TURN[style]
+    tools = [{"type": "function", "function": {"name": "pet_names", "parameters": {}}}]
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"chosen": PROMPT + CHOSEN, "rejected": PROMPT + REJECTED, "margin": 0.5}],
+    )
+    pairs = rm.load_pairs("jsonl", data)
+    assert pairs == [{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED, "margin": 0.5, "tools": None}]
+    explicit = rm.load_pairs(
+        "jsonl",
+        write_jsonl(
+            tmp_path / "tools.jsonl", [{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED, "tools": tools}]
+        ),
+    )
+    [(chosen, rejected, margin)] = rm.tokenize_pairs(tokenizer, pairs, max_length=512)
+    prompt = written_out(tokenizer, RENDERED_PROMPT[style])
+    assert chosen == prompt + written_out(tokenizer, ["the cat sat", end])
+    assert rejected == prompt + written_out(tokenizer, ["a dog", end]) and margin == 0.5
+    [(chosen_with_tools, _, _)] = rm.tokenize_pairs(tokenizer, explicit, max_length=512)
+    rendered_prompt = tokenizer.apply_chat_template(PROMPT, tools=tools, add_generation_prompt=True)["input_ids"]
+    rendered = tokenizer.apply_chat_template(PROMPT + CHOSEN, tools=tools)["input_ids"]
+    assert chosen_with_tools[: len(rendered_prompt)] == rendered_prompt != prompt
+    assert chosen_with_tools == rendered[: len(chosen_with_tools)] and chosen_with_tools[
+        -1
+    ] == tokenizer.convert_tokens_to_ids(end)
+    assert tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)["input_ids"] == prompt
+
+
+def test_end_of_turn_ids_are_the_eos_the_generation_configs_and_the_templates():
+    from transformers import GenerationConfig
+
+    from conftest import text_tokenizer
+
+    chatml, llama3 = chat_tokenizer("chatml"), chat_tokenizer("llama3")
+    ids = chatml.convert_tokens_to_ids
+    assert rm.end_of_turn_ids(chatml) == {chatml.eos_token_id, ids("<|im_end|>")}
+    assert rm.end_of_turn_ids(llama3) == {llama3.eos_token_id, llama3.convert_tokens_to_ids("<|eot_id|>")}
+    assert rm.end_of_turn_ids(chatml, GenerationConfig(eos_token_id=[7, ids("<|im_end|>")])) == {
+        0,
+        7,
+        ids("<|im_end|>"),
+    }
+    assert rm.end_of_turn_ids(text_tokenizer(), GenerationConfig(eos_token_id=9)) == {text_tokenizer().eos_token_id, 9}
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM that emits, row by row, the tokens of a script (then token 5 forever), as the
+    scripts' samplers call one: a step on the KV cache returns logits for the last position only."""
+
+    def __init__(self, scripts: list, vocab: int):
+        super().__init__()
+        self.scripts, self.vocab = scripts, vocab
+        self.generation_config = None
+
+    def forward(self, input_ids, cache=None, **kwargs):
+        from types import SimpleNamespace
+
+        step = 0 if cache is None else cache + 1
+        logits = torch.full((len(input_ids), 1, self.vocab), -1e9, dtype=torch.float64)
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[step] if step < len(script) else 5] = 0.0
+        return SimpleNamespace(logits=logits, cache=step)
+
+
+def test_sampling_stops_on_every_end_of_turn_id_and_keeps_it():
+    """A row ends at the first of the end-of-turn ids it draws (the EOS or the template's <|im_end|>),
+    which it keeps; one that reaches --max-new-tokens first is truncated and has none."""
+    tokenizer = chat_tokenizer("chatml")
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    lm = ScriptedLM([[7, im_end, 8, eos], [7, 8, eos, im_end], [7, 8, 9, 10, 11, 12]], len(tokenizer))
+    batch = {"input_ids": torch.ones(3, 2, dtype=torch.long), "attention_mask": torch.ones(3, 2, dtype=torch.long)}
+    assert rm.sample(lm, batch, 5, rm.end_of_turn_ids(tokenizer)) == [[7, im_end], [7, 8, eos], [7, 8, 9, 10, 11]]
+
+
+def test_sentiment_prompts_as_conversations_are_rendered_with_the_generation_prompt(tmp_path, fake_vader, monkeypatch):
+    """Message-list prompts are sampled from as the chat template renders them with the generation
+    prompt, stopping on every end-of-turn id of the model (its generation config lists <|im_end|>);
+    the pairs are conversational (one assistant message per side) and keep the sampled ids."""
+    from types import SimpleNamespace
+
+    model_dir = save_tiny_chat_model(tmp_path / "chat", "chatml")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [[{"role": USER, "content": f"Continue this review: the {word}"}] for word in ("cat", "dog", "park")]
+    fed, real_sample = [], rm.sample
+
+    def sample(lm, batch, max_new_tokens, stop_ids):
+        fed.extend(ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"]))
+        assert stop_ids == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        return real_sample(lm, batch, max_new_tokens, stop_ids)
+
+    monkeypatch.setattr(rm, "sample", sample)
+    args = rm.Args(task="sentiment", model=model_dir, samples_per_prompt=4, max_new_tokens=4)
+    grid = SimpleNamespace(dp_rank=0, dp_size=1, dp_group=None, is_main=True)
+    pairs = rm.sample_sentiment_pairs(prompts, args, grid, torch.device("cpu"))
+    rendered = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in prompts]
+    assert fed == [ids for ids in rendered for _ in range(4)]
+    assert pairs and all(p["prompt"] in prompts and p["chosen"][0]["role"] == ASSISTANT for p in pairs)
+    assert all(tokenizer.decode(p["chosen_ids"], skip_special_tokens=True) == p["chosen"][0]["content"] for p in pairs)
+
+
+def test_conversational_runs_end_to_end_and_a_template_less_tokenizer_gives_one_line(tmp_path):
+    """Conversational pairs (explicit prompts) and implicit-prompt ones train a tiny chat model. A
+    tokenizer without a chat template stops the run with one line, before anything is written;
+    --chat-template supplies one, which the saved tokenizer then keeps."""
+    chat_model = save_tiny_chat_model(tmp_path / "chat", "chatml", "llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(chat_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATES["chatml"])
+    settings = dict(task="jsonl", batch_size=4, micro_batch_size=2, num_epochs=1, eval_fraction=0.25, warmup_steps=0)
+    for kind, model, extra in (
+        ("conversational", chat_model, {}),
+        ("implicit", str(bare), {"chat_template": str(template)}),
+    ):
+        data = write_jsonl(tmp_path / f"{kind}.jsonl", preference_records(kind, n=10))
+        args = rm.Args(data=data, model=model, output_dir=str(tmp_path / kind), **settings)
+        if extra:
+            expect_error(args, "has no chat template; pass --chat-template PATH")
+        rm.main(replace_args(args, **extra))
+        metrics = json.loads((tmp_path / kind / "metrics.json").read_text())
+        assert 0 <= metrics["eval/accuracy"] <= 1
+        assert AutoTokenizer.from_pretrained(tmp_path / kind).chat_template == CHAT_TEMPLATES["chatml"]
+
+
+BAD_RECORDS = [  # (records, what the error line says), one bad record of each kind
+    ([{"prompt": "p", "chosen": "a", "rejected": 3}], "record 1: expected 'prompt', 'chosen', 'rejected'"),
+    (
+        [{"prompt": PROMPT, "chosen": [{"role": ASSISTANT}], "rejected": REJECTED}],
+        "found fields prompt, chosen, rejected",
+    ),
+    ([{"chosen": CHOSEN, "rejected": REJECTED}], "record 1: 'chosen' and 'rejected' must open with the same messages"),
+    ([{"chosen": PROMPT + CHOSEN, "rejected": PROMPT}], "then each go on"),
+    ([{"chosen": "a", "rejected": "b"}], "found fields chosen, rejected"),
+    (
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}],
+        "record 2 is a conversational preference record but",
+    ),
+]
+
+
+@pytest.mark.parametrize("records, message", BAD_RECORDS)
+def test_a_bad_record_of_each_kind_is_one_error_line(tmp_path, records, message):
+    with pytest.raises(SystemExit) as error:
+        rm.load_pairs("jsonl", write_jsonl(tmp_path / "pairs.jsonl", records))
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value) and message in str(error.value)
+
+
+def test_bad_prompts_and_unreadable_formats_are_one_error_line(tmp_path, monkeypatch):
+    for records, message in (
+        ([{"prompt": 3}], "record 1: expected 'prompt' (a string or a message list), found fields prompt"),
+        ([{"prompt": "p"}, {"prompt": PROMPT}], "record 2: the prompts must be all strings or all message lists"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            rm.load_sentiment_prompts(write_jsonl(tmp_path / "prompts.jsonl", records))
+    (tmp_path / "pairs.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the optional package were not installed
+    with pytest.raises(SystemExit, match="needs the datasets package: pip install datasets"):
+        rm.load_pairs("jsonl", str(tmp_path / "pairs.parquet"))
+    # A stand-in datasets package: a directory saved by save_to_disk is read; a corrupt .parquet is one line.
+    from types import ModuleType, SimpleNamespace
+
+    def from_parquet(path):
+        raise ValueError("Parquet magic bytes not found in footer.\nEither the file is corrupted or this is not...")
+
+    datasets = ModuleType("datasets")
+    datasets.Dataset = SimpleNamespace(from_parquet=from_parquet)
+    datasets.load_from_disk = lambda path: SimpleNamespace(
+        to_list=lambda: [{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}]
+    )
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    (tmp_path / "saved").mkdir()
+    assert rm.load_pairs("jsonl", str(tmp_path / "saved"))[0]["chosen"] == CHOSEN
+    with pytest.raises(SystemExit) as error:
+        rm.load_pairs("jsonl", str(tmp_path / "pairs.parquet"))
+    assert str(error.value) == (
+        f"error: cannot read {tmp_path / 'pairs.parquet'} as a dataset (ValueError: Parquet magic bytes not found in "
+        "footer.); pass a .jsonl file, a .parquet file or the directory of one split"
+    )
 
 
 # --- training, saving, reloading ----------------------------------------------------------------
@@ -532,8 +790,8 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
         pairs_args(
             tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n', tiny_gpt2
         ),
-        "record 2",
-        "'rejected' is missing",
+        "record 2: expected 'prompt', 'chosen', 'rejected'",
+        "found fields prompt, chosen",
     )
     expect_error(
         pairs_args(tmp_path, '{"prompt": "p", "chosen": "same", "rejected": "same"}\n', tiny_gpt2),
@@ -545,7 +803,8 @@ def test_bad_inputs(tmp_path, tiny_gpt2, capsys):
         "'margin' must be a finite number",
     )
     expect_error(
-        pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2), "'chosen' must be a string"
+        pairs_args(tmp_path, '{"prompt": "p", "chosen": 3, "rejected": "b"}\n', tiny_gpt2),
+        "(all strings or all message lists)",
     )
     expect_error(
         pairs_args(tmp_path, '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', str(tmp_path / "nope")),
@@ -636,7 +895,8 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {path}, record 1: field 'rejected' is missing; every record needs 'prompt', 'chosen', 'rejected'"
+        f"error: {path}, record 1: expected 'prompt', 'chosen', 'rejected' (all strings or all message lists) or "
+        "'chosen', 'rejected' (conversations opening with the same messages, the prompt); found fields prompt, chosen"
     ]
 
 
