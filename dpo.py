@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -1121,137 +1120,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
 # ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging (as in sft.py)
 # ---------------------------------------------------------------------------------------------
-MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str):
-    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
-    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
-    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
-    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
-    with open(os.path.join(folder, MANIFEST), "w") as file:
-        json.dump(files, file, indent=1)
-
-
-def checkpoint_damage(folder: str) -> Optional[str]:
-    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
-    was written), or None if it is intact."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as file:
-            files = json.load(file)
-    except (OSError, ValueError):
-        return f"{MANIFEST} is missing or unreadable"
-    for name, expected in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
-            return f"{name} is not the file that was saved (its size or checksum differs)"
-    return None
-
-
-def find_checkpoint(path: str, verbose: bool = True) -> str:
-    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
-    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
-    the next older. Every rank checks for itself and reaches the same answer."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
-        damage = checkpoint_damage(path)
-        if damage:
-            fail(
-                f"--resume {path}: the checkpoint is damaged ({damage}); "
-                "pass its run directory to resume from the newest intact checkpoint"
-            )
-        return path
-    folder = os.path.join(path, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
-    if not steps:
-        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    for name in steps:
-        damage = checkpoint_damage(os.path.join(folder, name))
-        if damage is None:
-            return os.path.join(folder, name)
-        if verbose:
-            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
-    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
-
-
-ADAPTERS = "adapters.pt"  # under LoRA a checkpoint keeps the adapters; the base is --model
-
-
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
-    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
-    leaves a broken checkpoint where --resume would find it. Rank 0 writes the policy (under LoRA
-    only its adapters) and the shared state; every rank writes its own optimizer state (a slice of
-    it under ZeRO) and RNG states to rank_R.pt; rank 0 then lists them all in the manifest. All
-    ranks must call this (ZeRO-3 gathers the parameters to save them)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:08d}")
-    temporary = final + ".tmp"
-    if grid.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary)
-    parallel.barrier()
-    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
-    with model.gathered():
-        state_dict = parallel.tensor_parallel_state_dict(model.module, grid.tp_group) if grid.tp_group else None
-        if grid.is_main:
-            adapters = {n: p.detach().clone() for n, p in model.module.named_parameters() if ".lora_" in n}
-            if adapters:
-                torch.save(adapters, os.path.join(temporary, ADAPTERS))
-            else:
-                model.module.save_pretrained(temporary, state_dict=state_dict)
-            tokenizer.save_pretrained(temporary)
-            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
-    if grid.is_main:
-        write_manifest(temporary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(folder, old))
-
-
-def save_final(run_dir: str, model, tokenizer, grid):
-    """save_pretrained of the policy (adapters merged) into the run directory itself; files are
-    written aside and moved in with config.json last, so a directory that has a config.json holds
-    a complete model. All ranks call it; rank 0 writes."""
-    with model.gathered():
-        state_dict = parallel.tensor_parallel_state_dict(model.module, grid.tp_group) if grid.tp_group else None
-        if not grid.is_main:
-            return
-        temporary = os.path.join(run_dir, ".final.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        merge_lora(model.module).save_pretrained(temporary, state_dict=state_dict)
-        tokenizer.save_pretrained(temporary)
-        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-        os.rmdir(temporary)
-
-
-def rng_states() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_states(states: dict):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+ADAPTERS = "adapters"  # under LoRA a checkpoint keeps the adapters (adapters.safetensors); the base is --model
 
 
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
@@ -1401,10 +1270,10 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def open_run(checkpoint: Optional[str], state: Optional[dict], args: Args, grid, optimizer, scheduler) -> tuple:
-    """(step, run name, run directory, wandb id). A resumed run (state: its checkpoint's trainer
-    state) continues in the directory its checkpoint belongs to, with the optimizer, scheduler and
-    RNG states restored; a checkpoint of another layout is refused with one line. A new run's name
+def open_run(checkpoint: Optional[str], states: tuple, args: Args, grid, optimizer, scheduler) -> tuple:
+    """(step, run name, run directory, wandb id). A resumed run (states: its checkpoint's trainer
+    state and this rank's state, see parallel.load_checkpoint) continues in the directory its
+    checkpoint belongs to, with the optimizer, scheduler and RNG states restored. A new run's name
     comes from rank 0's clock, so every rank agrees on the directory, which rank 0 creates once
     every rank has checked its flags."""
     if not checkpoint:
@@ -1417,21 +1286,11 @@ def open_run(checkpoint: Optional[str], state: Optional[dict], args: Args, grid,
             except OSError as error:
                 fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
-    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "cp", "lora_rank")}
-    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
-        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
-    ignored = ("resume", "track")
-    changed = {
-        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
-    }
-    if changed and grid.is_main:
-        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    state, rank_state = states
     optimizer.load_state_dict(rank_state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(rank_state["rng"])
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    parallel.set_rng_states(rank_state["rng"])
+    run_dir = parallel.run_directory(checkpoint)
     if grid.is_main:
         print(f"resuming {run_dir} from step {state['step']}")
     return state["step"], state["run_name"], run_dir, state["wandb_id"]
@@ -1485,7 +1344,7 @@ def load_policy(args: Args, checkpoint: Optional[str], device):
     if args.lora_rank:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
         if checkpoint:
-            missing, unexpected = model.load_state_dict(torch.load(os.path.join(checkpoint, ADAPTERS)), strict=False)
+            missing, unexpected = model.load_state_dict(parallel.read_safetensors(checkpoint, ADAPTERS), strict=False)
             assert not unexpected, unexpected
     return model, tokenizer
 
@@ -1528,7 +1387,7 @@ def main(args: Args):
         )
     if args.task == "sentiment":
         vader()  # a missing optional extra ends the run here, before anything is written
-    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1565,11 +1424,13 @@ def main(args: Args):
                 yield model.module
 
     # The reference's log-probabilities of every pair (a resumed run reads its checkpoint's), then the run directory.
-    saved = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False) if checkpoint else None
+    layout = ("zero_stage", "tp", "cp", "lora_rank")
+    states = parallel.load_checkpoint(checkpoint, grid, asdict(args), layout) if checkpoint else (None, None)
+    saved = states[0]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     pad = tokenizer.pad_token_id
     references = reference_logprobs(model, train_sequences, eval_sequences, args, grid, pad, autocast, saved)
-    step, run_name, run_dir, wandb_id = open_run(checkpoint, saved, args, grid, optimizer, scheduler)
+    step, run_name, run_dir, wandb_id = open_run(checkpoint, states, args, grid, optimizer, scheduler)
     if grid.is_main and not checkpoint and args.task == "sentiment":
         write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
     if grid.is_main:
@@ -1602,6 +1463,7 @@ def main(args: Args):
     )
     metrics, started, start_step = {}, time.time(), step
     first = saved["first_eval"] if checkpoint else evaluation()  # where the policy started: the reference itself
+    parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[
@@ -1647,7 +1509,8 @@ def main(args: Args):
             metrics.update(evaluation())
         if wandb_run:
             wandb_run.log(metrics, step=step)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        stop = step < total_steps and parallel.stop_requested(grid)  # SIGTERM: checkpoint and exit 0
+        if stop or args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
                 "step": step,
                 "scheduler": scheduler.state_dict(),
@@ -1658,11 +1521,24 @@ def main(args: Args):
                 "first_eval": first,
                 "reference_logprobs": references,
             }
-            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
-            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
+            # Under LoRA only the adapters (the base is --model); otherwise the policy, loadable as a model.
+            weights = parallel.dense_tensors(model.module, model, grid)
+            weights = (
+                {ADAPTERS: ((k, v) for k, v in weights if ".lora_" in k)} if args.lora_rank else {"model": weights}
+            )
+            optimizer_state = {"optimizer": optimizer.state_dict()}
+            name, keep = f"step_{step:08d}", args.keep_checkpoints
+            config = () if args.lora_rank else (model.module,)
+            parallel.save_checkpoint(
+                run_dir, name, grid, keep, trainer_state, optimizer_state, weights, (*config, tokenizer)
+            )
+        if stop:
+            return parallel.report_stop(run_dir, grid, f"step {step}")
     progress.close()
 
-    save_final(run_dir, model, tokenizer, grid)
+    with model.gathered() if args.lora_rank else contextlib.nullcontext():  # merging copies the (small) LoRA model
+        policy = merge_lora(model.module)
+    parallel.save_final(run_dir, grid, {"model": parallel.dense_tensors(policy, model, grid)}, (policy, tokenizer))
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -919,20 +918,16 @@ def merge_lora(lm) -> torch.nn.Module:
     return merged
 
 
-def split_lora_state(lm) -> tuple:
-    """(the state dict of the frozen base under the plain model's names, the adapters' tensors) of
-    an LM with LoRA: what a checkpoint keeps, so a resumed run continues from exactly these."""
-    base, adapters = {}, {}
-    wrappers = {name + ".": module for name, module in lm.named_modules() if isinstance(module, LoRA)}
-    for key, tensor in lm.state_dict().items():
+def base_tensors(tensors, wrappers: list):
+    """The (key, tensor) stream of an LM with LoRA (the names of its LoRA layers, each with a final
+    dot: `wrappers`) as its frozen base's, under the plain model's names: what a checkpoint keeps
+    beside the adapters, so a resumed run continues from exactly these."""
+    for key, tensor in tensors:
         owner = next((name for name in wrappers if key.startswith(name)), None)
         if owner is None:
-            base[key] = tensor
-        elif key[len(owner) :].startswith("lora_"):
-            adapters[key] = tensor
-        else:
-            base[owner + key[len(owner) + len("base.") :]] = tensor
-    return base, adapters
+            yield key, tensor
+        elif not key[len(owner) :].startswith("lora_"):
+            yield owner + key[len(owner) + len("base.") :], tensor
 
 
 def freeze_bottom(lm, num_layers_unfrozen: int):
@@ -1122,8 +1117,8 @@ def write_jsonl_atomically(path: str, examples: list, tokenizer):
 # ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging
 # ---------------------------------------------------------------------------------------------
-HEADS_FILE = "ilql_heads.safetensors"
-ADAPTERS_FILE = "lora_adapters.safetensors"  # checkpoints of a --lora-rank run: the adapters, beside the frozen base LM
+HEADS, ADAPTERS = "ilql_heads", "lora_adapters"  # file prefixes; the adapters: checkpoints of a --lora-rank run
+HEADS_FILE, ADAPTERS_FILE = f"{HEADS}.safetensors", f"{ADAPTERS}.safetensors"
 
 
 def load_model(name: str, device, dtype=torch.float32):
@@ -1153,119 +1148,35 @@ def new_heads(lm, two_qs: bool) -> ILQLHeads:
 def load_trained(path: str, device="cpu", dtype=torch.float32):
     """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`, in
     `dtype` (a run's fp64 checkpoint resumes in fp64)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     lm, tokenizer = load_model(path, device, dtype)
-    state = load_file(os.path.join(path, HEADS_FILE), device=str(device))
+    state = parallel.read_safetensors(path, HEADS, device)
     heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
     heads.load_state_dict(state)
-    adapters_path = os.path.join(path, ADAPTERS_FILE)
-    if os.path.exists(adapters_path):  # a checkpoint of a LoRA run: its adapters go back on the layers they name
-        adapters = load_file(adapters_path, device=str(device))
-        with safe_open(adapters_path, "pt") as file:
-            scale = float(file.metadata()["scale"])
+    if os.path.exists(os.path.join(path, ADAPTERS_FILE)):  # a LoRA run's checkpoint: adapters back on their layers
+        adapters = parallel.read_safetensors(path, ADAPTERS, device)
+        alpha = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["args"]["lora_alpha"]
         lm.requires_grad_(False)
         for key, lora_A in adapters.items():
             if key.endswith(".lora_A"):
                 name, rank = key[: -len(".lora_A")], lora_A.shape[0]
-                replace_module(lm, name, LoRA(lm.get_submodule(name), rank, scale * rank))
+                replace_module(lm, name, LoRA(lm.get_submodule(name), rank, alpha))
         missing, unexpected = lm.load_state_dict(adapters, strict=False)
         assert not unexpected and not any("lora_" in key for key in missing), (unexpected, missing)
     return lm, tokenizer, heads
 
 
-def save_model(folder: str, lm, tokenizer, heads, state_dict: Optional[dict] = None):
-    """The LM (with `state_dict` in place of its own when given), its tokenizer and the heads. An LM
-    with LoRA adapters is saved as its frozen base plus ADAPTERS_FILE (the adapters and their
-    alpha / rank scale), from which load_trained rebuilds it exactly."""
-    from safetensors.torch import save_file
-
-    scales = {module.scale for module in lm.modules() if isinstance(module, LoRA)}
-    if scales:
-        state_dict, adapters = split_lora_state(lm)
-        save_file(
-            {k: v.contiguous() for k, v in adapters.items()},
-            os.path.join(folder, ADAPTERS_FILE),
-            metadata={"scale": repr(scales.pop())},
-        )
-    lm.save_pretrained(folder, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(folder, HEADS_FILE))
-
-
-MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str):
-    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
-    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
-    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
-    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
-    with open(os.path.join(folder, MANIFEST), "w") as file:
-        json.dump(files, file, indent=1)
-
-
-def checkpoint_damage(folder: str) -> Optional[str]:
-    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
-    was written), or None if it is intact."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as file:
-            files = json.load(file)
-    except (OSError, ValueError):
-        return f"{MANIFEST} is missing or unreadable"
-    for name, expected in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
-            return f"{name} is not the file that was saved (its size or checksum differs)"
-    return None
-
-
-def find_checkpoint(path: str, verbose: bool = True) -> str:
-    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
-    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
-    the next older. Every rank checks for itself and reaches the same answer."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
-        damage = checkpoint_damage(path)
-        if damage:
-            fail(
-                f"--resume {path}: the checkpoint is damaged ({damage}); "
-                "pass its run directory to resume from the newest intact checkpoint"
-            )
-        return path
-    folder = os.path.join(path, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
-    if not steps:
-        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    for name in steps:
-        damage = checkpoint_damage(os.path.join(folder, name))
-        if damage is None:
-            return os.path.join(folder, name)
-        if verbose:
-            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
-    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
-
-
-def whole_lm(model, grid) -> tuple:
-    """(an HF causal LM to call save_pretrained on, the state dict to save or None for its own) of
-    the wrapped trained modules: under pipeline parallelism a whole copy gathered from the stages;
-    under tensor parallelism the dense weights reassembled from the shards. Every rank must call
-    it (it communicates)."""
-    if isinstance(model.module, parallel.PipelineStage):
-        return parallel.pipeline_gathered_model(model.module, grid.tp_group), None
-    lm = model.module["lm"]
-    return lm, parallel.tensor_parallel_state_dict(lm, grid.tp_group) if grid.tp_group is not None else None
+def saved_tensors(model, lm, heads: ILQLHeads, grid) -> dict:
+    """{file prefix: stream} (see parallel.save_checkpoint) of the LM and the heads of the wrapped
+    trained modules `model`. An LM with LoRA adapters is saved as its frozen base (the plain
+    model's names) plus ADAPTERS_FILE, from which load_trained rebuilds it exactly; the final save
+    merges them first."""
+    heads_from_last_stage(model, heads, grid)
+    files = {"model": parallel.dense_tensors(lm, model, grid), HEADS: parallel.dense_tensors(heads, model, grid)}
+    wrappers = [name + "." for name, module in lm.named_modules() if isinstance(module, LoRA)]
+    if wrappers:  # the LM streamed twice, once for the base and once for the adapters
+        files[ADAPTERS] = ((k, v) for k, v in parallel.dense_tensors(lm, model, grid) if ".lora_" in k)
+        files["model"] = base_tensors(files["model"], wrappers)
+    return files
 
 
 def heads_from_last_stage(model, heads: ILQLHeads, grid):
@@ -1276,71 +1187,6 @@ def heads_from_last_stage(model, heads: ILQLHeads, grid):
         with torch.no_grad():
             for tensor in heads.state_dict().values():
                 dist.broadcast(tensor, src=model.module.last_rank, group=grid.pp_group)
-
-
-def save_checkpoint(
-    run_dir: str, step: int, model, tokenizer, heads, trainer_state: dict, rank_state: dict, grid, keep: int
-):
-    """Write checkpoints/step_N (LM, tokenizer, heads, trainer state) via a temporary directory and a
-    rename, so a kill mid-write never leaves a broken checkpoint where --resume would find it.
-    Rank 0 writes the whole model, the heads and the shared state; every rank writes its own
-    optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt; rank 0 then lists them
-    all in the manifest. All ranks must call this (ZeRO-3 gathers the parameters to save them)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:08d}")
-    temporary = final + ".tmp"
-    if grid.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary)
-    parallel.barrier()
-    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
-    heads_from_last_stage(model, heads, grid)
-    with model.gathered():
-        lm, state_dict = whole_lm(model, grid)
-        if grid.is_main:
-            save_model(temporary, lm, tokenizer, heads, state_dict)
-            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
-    if grid.is_main:
-        write_manifest(temporary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(folder, old))
-
-
-def save_final(run_dir: str, model, tokenizer, heads, grid):
-    """LM (LoRA adapters merged in), tokenizer and heads into the run directory itself; files are
-    written aside and moved in with config.json last, so a directory that has a config.json holds a
-    complete model. All ranks call it; rank 0 writes."""
-    heads_from_last_stage(model, heads, grid)
-    with model.gathered():
-        lm, state_dict = whole_lm(model, grid)
-        if not grid.is_main:
-            return
-        temporary = os.path.join(run_dir, ".final.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        save_model(temporary, merge_lora(lm), tokenizer, heads, state_dict)
-        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-        os.rmdir(temporary)
-
-
-def rng_states() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_states(states: dict):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
@@ -1523,22 +1369,11 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
             except OSError as error:
                 fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp", "cp")}
-    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
-        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
-    ignored = ("resume", "track", "output_dir")
-    changed = {
-        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
-    }
-    if changed and grid.is_main:
-        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
     optimizer.load_state_dict(rank_state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(rank_state["rng"])
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    parallel.set_rng_states(rank_state["rng"])
+    run_dir = parallel.run_directory(checkpoint)
     if grid.is_main:
         print(f"resuming {run_dir} from step {state['step']}")
     return state["step"], state["run_name"], run_dir, state["wandb_id"]
@@ -1570,7 +1405,7 @@ def training_state(step: int, scheduler, optimizer, args: Args, grid, run_name: 
     """(what rank 0 saves, what this rank saves) in a checkpoint, beside the models and heads."""
     shared = {"step": step, "scheduler": scheduler.state_dict(), "args": asdict(args), "world_size": grid.world_size}
     shared.update(run_name=run_name, wandb_id=wandb_run.id if wandb_run else None)
-    return shared, {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+    return shared, {"optimizer": optimizer.state_dict()}
 
 
 def main(args: Args):
@@ -1588,7 +1423,7 @@ def main(args: Args):
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
     if sentiment:
         vader()  # a missing optional extra ends the run here, before anything is written
-    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1671,6 +1506,7 @@ def main(args: Args):
         total=total_steps, initial=step, desc="ilql", dynamic_ncols=True, mininterval=1.0, disable=not grid.is_main
     )
     tokens_seen, started, start_step = 0, time.time(), step
+    parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(sequences), args.seed, epoch)[
@@ -1727,13 +1563,19 @@ def main(args: Args):
                 metrics["samples"] = wandb.Table(columns=["step", "beta", "prompt", "response", "score"], data=rows)
         if wandb_run:
             wandb_run.log(metrics, step=step)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        stop = step < total_steps and parallel.stop_requested(grid)  # SIGTERM: checkpoint and exit 0
+        if stop or args.save_every and step % args.save_every == 0 and step < total_steps:
             states = training_state(step, scheduler, optimizer, args, grid, run_name, wandb_run)
-            save_checkpoint(run_dir, step, model, tokenizer, heads, *states, grid, args.keep_checkpoints)
+            files, name = saved_tensors(model, lm, heads, grid), f"step_{step:08d}"
+            parallel.save_checkpoint(run_dir, name, grid, args.keep_checkpoints, *states, files, (lm, tokenizer))
+        if stop:
+            return parallel.report_stop(run_dir, grid, f"step {step}")
     progress.close()
 
-    # The result: the LM loadable by plain transformers, the heads beside it.
-    save_final(run_dir, model, tokenizer, heads, grid)
+    # The result: the LM (adapters merged) loadable by plain transformers, the heads beside it.
+    with model.gathered() if args.lora_rank else contextlib.nullcontext():  # merging copies the (small) LoRA model
+        lm = merge_lora(lm)
+    parallel.save_final(run_dir, grid, saved_tensors(model, lm, heads, grid), (lm, tokenizer))
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}

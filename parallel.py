@@ -57,14 +57,20 @@ How much each layout needs for a given model is arithmetic: `python benchmarks/p
 
 import contextlib
 import datetime
+import hashlib
+import json
 import math
 import os
+import random
+import shutil
+import signal
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -747,6 +753,7 @@ class FullyShardedDataParallel(nn.Module):
                 members = [p for p in new if p.requires_grad == trainable and p.dtype == dtype]
                 if members:
                     flat = _FlatShard(members, group, self.world, self.rank)
+                    flat.unit = unit_module  # saving gathers a unit's shards together, then frees them
                     self.flat_shards.append(flat)
                     for p in members:
                         owner[p] = flat
@@ -1178,43 +1185,54 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
     return model
 
 
-def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> dict:
-    """The dense model's state dict (or, with grads, its parameters' gradients) reassembled from
-    every rank's shards, in the dense model's layout, each tied weight once; all ranks call it and
-    get the same result.
-    For save_pretrained(state_dict=...) and for tests against a dense model."""
-    state, seen = {}, set()
-    world = dist.get_world_size(group) if group is not None else 1
+def _state_tensors(model: nn.Module, grads: bool = False):
+    """(key, owning module, name in it, tensor) of each parameter (with grads, each parameter's
+    gradient) and persistent buffer of a model, in state-dict order, each tied weight once (as
+    save_pretrained keeps it)."""
+    seen = set()
     for name, module in model.named_modules():
         buffers = [
             (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
         ]
         for tensor_name, tensor in list(module.named_parameters(recurse=False)) + ([] if grads else buffers):
-            if id(tensor) in seen:  # a tied weight is saved once, as save_pretrained does
-                continue
-            seen.add(id(tensor))
-            key = f"{name}.{tensor_name}" if name else tensor_name
-            tensor = (tensor.grad if grads else tensor).detach()
-            sharded = isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
-            if world == 1 or not sharded or (isinstance(module, RowParallelLinear) and tensor_name == "bias"):
-                state[key] = tensor.clone()
-                continue
-            parts = [torch.empty_like(tensor) for _ in range(world)]
-            dist.all_gather(parts, tensor.contiguous(), group=group)
-            if isinstance(module, VocabParallelEmbedding):
-                state[key] = torch.cat(parts, 0)
-                continue
-            index = module.rows if isinstance(module, ColumnParallelLinear) else module.columns
-            indices = [torch.empty_like(index) for _ in range(world)]
-            dist.all_gather(indices, index, group=group)
-            dim = 0 if isinstance(module, ColumnParallelLinear) or tensor.dim() == 1 else 1
-            shape = list(tensor.shape)
-            shape[dim] = sum(i.numel() for i in indices)
-            full = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-            for part, rows in zip(parts, indices):
-                full.index_copy_(dim, rows, part)
-            state[key] = full.t().contiguous() if module.conv1d and full.dim() == 2 else full
-    return state
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield f"{name}.{tensor_name}" if name else tensor_name, module, tensor_name, tensor
+
+
+def _dense_tensor(module: nn.Module, tensor_name: str, tensor: torch.Tensor, group) -> torch.Tensor:
+    """One tensor of a tensor-parallel layer reassembled from every tp rank's shard, in the dense
+    model's layout (anything else as it is); every rank of `group` calls it and gets the result."""
+    tensor = tensor.detach()
+    world = dist.get_world_size(group) if group is not None else 1
+    sharded = isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+    if world == 1 or not sharded or (isinstance(module, RowParallelLinear) and tensor_name == "bias"):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    if isinstance(module, VocabParallelEmbedding):
+        return torch.cat(parts, 0)
+    index = module.rows if isinstance(module, ColumnParallelLinear) else module.columns
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(indices, index, group=group)
+    dim = 0 if isinstance(module, ColumnParallelLinear) or tensor.dim() == 1 else 1
+    shape = list(tensor.shape)
+    shape[dim] = sum(i.numel() for i in indices)
+    full = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    for part, rows in zip(parts, indices):
+        full.index_copy_(dim, rows, part)
+    return full.t().contiguous() if module.conv1d and full.dim() == 2 else full
+
+
+def tensor_parallel_state_dict(model: nn.Module, group, grads: bool = False) -> dict:
+    """The dense model's state dict (or, with grads, its parameters' gradients) reassembled from
+    every rank's shards, in the dense model's layout, each tied weight once; all ranks call it and
+    get the same result. For generating and for tests against a dense model (saving streams one
+    tensor at a time instead: see dense_tensors)."""
+    return {
+        key: _dense_tensor(module, name, tensor.grad if grads else tensor, group).clone()
+        for key, module, name, tensor in _state_tensors(model, grads)
+    }
 
 
 def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -2118,3 +2136,365 @@ def pipeline_gathered_model(
     left = [name for name, tensor in list(model.named_parameters()) + list(model.named_buffers()) if tensor.is_meta]
     assert not left, f"not gathered: {left}"
     return (cast_matmul_weights(model, matmul_dtype) if matmul_dtype else model).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what is saved where, by whom, and how a run stops and resumes
+# ---------------------------------------------------------------------------------------------
+# A checkpoint is checkpoints/<name> in the run directory (step_00000010, round_00000002), written
+# as <name>.tmp and renamed once complete, so a kill mid-write never leaves a checkpoint that
+# --resume would find. In it:
+#   - rank_R.pt, written by every rank R: its optimizer state (the slices it steps under ZeRO, its
+#     shards under --tp/--pp), its RNG states, and whatever else the script keeps per rank;
+#   - trainer_state.pt, written by rank 0: the shared state (step, scheduler, flags, run name...);
+#   - <prefix>.safetensors (or <prefix>-0000i-of-0000N.safetensors and an index, as transformers
+#     shards them), written by rank 0 from a stream that every rank feeds: each tensor is gathered
+#     alone (a ZeRO-3 unit at a time, a tensor-parallel matrix at a time, a pipeline stage's
+#     tensors sent one by one to rank 0), copied to rank 0's CPU and the shard written once full,
+#     so no rank ever holds more than its shards plus one block and one file's worth on rank 0's
+#     CPU. With prefix "model" and the model's config beside it, the checkpoint is a Hugging Face
+#     model directory that from_pretrained loads;
+#   - manifest.json, written last by rank 0: every file's size and SHA-256, so --resume can tell an
+#     intact checkpoint from one damaged since and fall back to the newest intact one.
+# The final model is the same stream written into the run directory (config.json moved in last).
+# A clean stop: SIGTERM (what SLURM and Kubernetes send before SIGKILL) or SIGUSR1 (SLURM's
+# --signal) only sets a flag; after each optimizer step the scripts ask stop_requested(), which
+# every rank answers together (a max over the world), then checkpoint and exit 0.
+MANIFEST = "manifest.json"
+_stop_signal = []  # the signals received, set by the handler, read after a step
+
+
+def fail(message: str):
+    """The scripts' fail() for what this file checks on their behalf (a damaged checkpoint, one of
+    another layout): one `error:` line on stderr and exit status 1. Under torchrun rank 0 prints the
+    line and the others wait first, so that torchrun does not end rank 0 before it has printed."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(tqdm.tqdm._instances) if tqdm else []:
+        bar.close()  # or the line would be glued to a progress bar
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":
+        time.sleep(10)
+    raise SystemExit(f"error: {message}" if rank == "0" else f"error: rank {rank}: {message}")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str):
+    """Record the size and checksum of every file in a checkpoint folder."""
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
+    with open(os.path.join(folder, MANIFEST), "w") as file:
+        json.dump(files, file, indent=1)
+
+
+def checkpoint_damage(folder: str) -> Optional[str]:
+    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
+    was written), or None if it is intact."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as file:
+            files = json.load(file)
+    except (OSError, ValueError):
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            return f"{name} is not the file that was saved (its size or checksum differs)"
+    return None
+
+
+def find_checkpoint(path: str, verbose: bool = True) -> str:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
+    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
+    the next older. Every rank checks for itself and reaches the same answer."""
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
+        damage = checkpoint_damage(path)
+        if damage:
+            fail(
+                f"--resume {path}: the checkpoint is damaged ({damage}); "
+                "pass its run directory to resume from the newest intact checkpoint"
+            )
+        return path
+    folder = os.path.join(path, "checkpoints")
+    names = sorted((d for d in os.listdir(folder) if not d.endswith(".tmp")) if os.path.isdir(folder) else [])
+    if not names:
+        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/")
+    for name in reversed(names):
+        damage = checkpoint_damage(os.path.join(folder, name))
+        if damage is None:
+            return os.path.join(folder, name)
+        if verbose:
+            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
+    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
+
+
+def rng_states() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_states(states: dict):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid: Grid):
+    """(key, tensor) of `model`'s dense state dict, one tensor at a time: on rank 0 a CPU copy, on
+    the others None. Every rank must consume the whole stream (it communicates). `model` is what a
+    script saves (an HF model, a head, a LoRA-merged copy); `wrapper` the data-parallel wrapper it
+    trains in, whose ZeRO-3 units are gathered one at a time (and freed again unless inside
+    gathered()); a tensor-parallel tensor is all-gathered over tp_group. Under --pp each rank
+    passes what its stage holds (the stage's part of the model; a head only the last stage has,
+    None elsewhere), and each tensor is broadcast over pp_group from the first stage that has it
+    (so a head every stage keeps a copy of is saved once; the last stage's copy of a tied embedding
+    is left out, as save_pretrained leaves the tied head out)."""
+    fsdp = wrapper if isinstance(wrapper, FullyShardedDataParallel) and wrapper.world > 1 else None
+    stage = next((m for m in wrapper.modules() if isinstance(m, PipelineStage)), None) if wrapper else None
+    tied = stage.tied_weight if stage is not None and stage.is_last else None
+    local = {entry[0]: entry for entry in _state_tensors(model) if entry[3] is not tied} if model is not None else {}
+    owner = dict.fromkeys(local, 0)  # key -> the pipeline stage that sends it
+    if grid.pp_group is not None:
+        owner = {}
+        for index, keys in enumerate(all_gather_objects(list(local), grid.pp_group)):
+            owner.update((key, index) for key in keys if key not in owner)
+    me = dist.get_rank(grid.pp_group) if grid.pp_group is not None else 0
+    gathered = []
+    for key, index in owner.items():
+        tensor = None
+        if index == me:
+            _, module, name, tensor = local[key]
+            flat = fsdp.owner.get(tensor) if fsdp is not None else None
+            if flat is not None and not flat.gathered:  # a new ZeRO-3 unit: free the last one's shards
+                if gathered and gathered[-1].unit is not flat.unit and not fsdp._keep_gathered:
+                    for done in gathered:
+                        done.free()
+                    gathered = []
+                flat.gather()
+                gathered.append(flat)
+            tensor = _dense_tensor(module, name, tensor, grid.tp_group)
+        if grid.pp_group is not None:
+            source = dist.get_global_rank(grid.pp_group, index)
+            meta = [(tensor.shape, tensor.dtype) if tensor is not None else None]
+            dist.broadcast_object_list(meta, src=source, group=grid.pp_group, device=grid.device)
+            tensor = tensor if tensor is not None else torch.empty(meta[0][0], dtype=meta[0][1], device=grid.device)
+            dist.broadcast(tensor, src=source, group=grid.pp_group)
+        yield key, tensor.to("cpu", copy=True) if grid.rank == 0 else None
+    for done in gathered if fsdp is not None and not fsdp._keep_gathered else []:
+        done.free()
+
+
+def write_safetensors(folder: str, prefix: str, tensors, writes: bool = True, max_shard_bytes: int = 2**31):
+    """Write a (key, tensor) stream as transformers shards a model: <prefix>.safetensors when it
+    fits in one file, else <prefix>-0000i-of-0000N.safetensors and <prefix>.safetensors.index.json.
+    Every rank consumes the stream; the one that `writes` (rank 0) holds one file's worth at most."""
+    from safetensors.torch import save_file
+
+    shards, current, size, total, weight_map = [], {}, 0, 0, {}
+
+    def flush():
+        if current or not shards:  # an empty stream still writes its (empty) file
+            shards.append((os.path.join(folder, f"{prefix}.part{len(shards)}"), list(current)))
+            save_file(current, shards[-1][0], metadata={"format": "pt"})
+            current.clear()
+
+    for key, tensor in tensors:
+        if not writes:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        current[key] = tensor.contiguous()
+        size, total = size + nbytes, total + nbytes
+    if not writes:
+        return
+    flush()
+    if len(shards) == 1:
+        os.replace(shards[0][0], os.path.join(folder, f"{prefix}.safetensors"))
+        return
+    for index, (path, keys) in enumerate(shards):
+        name = f"{prefix}-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(path, os.path.join(folder, name))
+        weight_map.update(dict.fromkeys(keys, name))
+    with open(os.path.join(folder, f"{prefix}.safetensors.index.json"), "w") as file:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, file, indent=2)
+
+
+def stored_tensors(folder: str, prefix: str, device="cpu"):
+    """What write_safetensors wrote, read back one tensor at a time as (key, tensor)."""
+    from safetensors import safe_open
+
+    index = os.path.join(folder, f"{prefix}.safetensors.index.json")
+    names = [f"{prefix}.safetensors"]
+    if os.path.exists(index):
+        with open(index) as file:
+            names = sorted(set(json.load(file)["weight_map"].values()))
+    for name in names:
+        with safe_open(os.path.join(folder, name), "pt", device=str(device)) as file:
+            for key in file.keys():
+                yield key, file.get_tensor(key)
+
+
+def read_safetensors(folder: str, prefix: str, device="cpu") -> dict:
+    """What write_safetensors wrote, whole, in one dict."""
+    return dict(stored_tensors(folder, prefix, device))
+
+
+def _write_files(folder: str, grid: Grid, tensors: dict, pretrained: tuple, objects: dict):
+    """tensors {prefix: stream} through write_safetensors (every rank); then, on rank 0, each of
+    `pretrained` by its save_pretrained (an HF model: its config and generation config only, its
+    weights being a stream) and each of `objects` {file name: object} by torch.save."""
+    for prefix, stream in tensors.items():
+        write_safetensors(folder, prefix, stream, grid.rank == 0)
+    if grid.rank != 0:
+        return
+    for item in pretrained:
+        if isinstance(item, nn.Module):
+            item.config.save_pretrained(folder)
+            if item.can_generate() and item.generation_config is not None:
+                item.generation_config.save_pretrained(folder)
+        else:
+            item.save_pretrained(folder)
+    for name, value in objects.items():
+        torch.save(value, os.path.join(folder, name))
+
+
+def save_checkpoint(
+    run_dir: str,
+    name: str,
+    grid: Grid,
+    keep: int,
+    shared: dict,
+    rank_state: dict,
+    tensors: Optional[dict] = None,
+    pretrained: tuple = (),
+):
+    """Write checkpoints/<name> (see the section's comment): rank_R.pt (`rank_state` and this
+    rank's RNG states) by every rank, trainer_state.pt (`shared`) and `pretrained` (e.g. the model
+    for its config, the tokenizer) by rank 0, `tensors` {file prefix: dense_tensors(...)} streamed,
+    then the manifest, the rename, and only the `keep` newest checkpoints kept. All ranks call it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, name)
+    temporary = final + ".tmp"
+    if grid.rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    barrier()
+    torch.save({**rank_state, "rng": rng_states()}, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    _write_files(temporary, grid, tensors or {}, pretrained, {"trainer_state.pt": shared})
+    barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
+    if grid.rank == 0:
+        write_manifest(temporary)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        for old in sorted(d for d in os.listdir(folder) if not d.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(os.path.join(folder, old))
+
+
+def load_checkpoint(checkpoint: str, grid: Grid, args: dict, layout: tuple = ("zero_stage", "tp", "pp", "cp")) -> tuple:
+    """(trainer_state.pt, this rank's rank_R.pt) of a checkpoint, refused with one line when it was
+    written by another number of processes or another `layout` of flags; other flags that differ
+    are named in a warning (the resume is then not exact). Restore the RNG states with
+    set_rng_states(rank_state["rng"]) once the models are built."""
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    saved = {k: state["args"].get(k, 0 if k == "zero_stage" else 1) for k in layout}
+    if state["world_size"] != grid.world_size or saved != {k: args[k] for k in layout}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved.items())
+        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
+    ignored = ("resume", "track", "output_dir")
+    changed = {k: (v, args[k]) for k, v in state["args"].items() if k not in ignored and args.get(k, v) != v}
+    if changed and grid.rank == 0:
+        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
+    return state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+
+
+def run_directory(checkpoint: str) -> str:
+    """The run directory a checkpoint belongs to (a resumed run continues there)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+
+
+def save_final(run_dir: str, grid: Grid, tensors: dict, pretrained: tuple = (), objects: Optional[dict] = None):
+    """The trained model into the run directory itself, as save_checkpoint writes its files (a
+    model with prefix "model" loads with from_pretrained): written aside and moved in with
+    config.json last, so a directory that has a config.json holds a complete model."""
+    temporary = os.path.join(run_dir, ".final.tmp")
+    if grid.rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    _write_files(temporary, grid, tensors, pretrained, objects or {})
+    if grid.rank == 0:
+        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
+            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
+        os.rmdir(temporary)
+
+
+def catch_stop_signals():
+    """From here on SIGTERM and SIGUSR1 only set a flag that stop_requested() reads."""
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, lambda received, frame: _stop_signal.append(signal.Signals(received).name))
+
+
+def stop_requested(grid: Grid) -> bool:
+    """Whether any rank has received SIGTERM or SIGUSR1: every rank calls it after the same step and
+    gets the same answer, so all of them checkpoint and stop together."""
+    flag = torch.tensor([float(bool(_stop_signal))], device=grid.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def report_stop(run_dir: str, grid: Grid, where: str):
+    """The line a stopped run prints (rank 0), saying how to continue it."""
+    if grid.rank == 0:
+        print(
+            f"stopped by {(_stop_signal or ['a signal on another rank'])[0]} after {where}; "
+            f"continue with --resume {run_dir}"
+        )
+
+
+def export(checkpoint: str, out: str, max_shard_bytes: int = 2**31):
+    """A training checkpoint (or a run directory: its newest intact one) as a Hugging Face model
+    directory `out`, in one process without GPUs: its weights (model.safetensors, or ppo.py's
+    policy) re-sharded to max_shard_bytes, read and written one tensor at a time, and every other
+    file but the training state (config, generation config, tokenizer) copied. Written aside and
+    renamed, so `out` is complete or absent."""
+    checkpoint = find_checkpoint(checkpoint)
+    ends = (".safetensors", ".safetensors.index.json")
+    kept = [p for p in ("model", "policy") for end in ends if os.path.exists(os.path.join(checkpoint, p + end))]
+    if not kept or not os.path.exists(os.path.join(checkpoint, "config.json")):
+        fail(
+            f"{checkpoint} holds no whole model with its config (under --tp/--pp ppo.py keeps the policy in its "
+            "ranks' files, and LoRA runs their adapters apart): export the run's final model instead"
+        )
+    if os.path.exists(out):
+        fail(f"{out} exists; pass a new directory")
+    temporary = out.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    write_safetensors(temporary, "model", stored_tensors(checkpoint, kept[0]), True, max_shard_bytes)
+    for name in os.listdir(checkpoint):
+        if not name.endswith((".safetensors", ".safetensors.index.json", ".pt")) and name != MANIFEST:
+            shutil.copy(os.path.join(checkpoint, name), temporary)
+    os.replace(temporary, out)
+    print(f"exported {checkpoint} to {out}")
+
+
+if __name__ == "__main__":
+    # python parallel.py export CHECKPOINT OUT [MAX_SHARD_MB]
+    if len(sys.argv) not in (4, 5) or sys.argv[1] != "export":
+        fail("usage: python parallel.py export CHECKPOINT_OR_RUN_DIR OUT [MAX_SHARD_MB]")
+    export(sys.argv[2], sys.argv[3], int(float(sys.argv[4]) * 2**20) if len(sys.argv) == 5 else 2**31)

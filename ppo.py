@@ -59,7 +59,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -1445,142 +1444,6 @@ def encode_prompts(tokenizer, records: list, max_prompt_length: int, device):
     return pad_batch(ids, tokenizer.pad_token_id, device, side="left")[:2]
 
 
-MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str):
-    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
-    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
-    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
-    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
-    with open(os.path.join(folder, MANIFEST), "w") as file:
-        json.dump(files, file, indent=1)
-
-
-def checkpoint_damage(folder: str) -> Optional[str]:
-    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
-    was written), or None if it is intact."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as file:
-            files = json.load(file)
-    except (OSError, ValueError):
-        return f"{MANIFEST} is missing or unreadable"
-    for name, expected in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
-            return f"{name} is not the file that was saved (its size or checksum differs)"
-    return None
-
-
-def find_checkpoint(path: str, verbose: bool = True) -> str:
-    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
-    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
-    the next older. Every rank checks for itself and reaches the same answer."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
-        damage = checkpoint_damage(path)
-        if damage:
-            fail(
-                f"--resume {path}: the checkpoint is damaged ({damage}); "
-                "pass its run directory to resume from the newest intact checkpoint"
-            )
-        return path
-    folder = os.path.join(path, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
-    if not steps:
-        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    for name in steps:
-        damage = checkpoint_damage(os.path.join(folder, name))
-        if damage is None:
-            return os.path.join(folder, name)
-        if verbose:
-            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
-    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
-
-
-def save_checkpoint(run_dir: str, step: int, wrapper, shared_state, rank_state: dict, grid, keep: int):
-    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
-    leaves a broken checkpoint where --resume would find it. Rank 0 writes trainer_state.pt, the
-    dict shared_state() returns (the model states, taken with the parameters gathered); every rank
-    writes its own optimizer state (a slice of it under ZeRO) and RNG states to rank_R.pt (under
-    --tp/--pp also its shard of the models); rank 0 then lists them all in the manifest. All ranks
-    must call this (ZeRO-3 gathers the parameters collectively)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:08d}")
-    temporary = final + ".tmp"
-    if grid.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary)
-    parallel.barrier()
-    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
-    with wrapper.gathered():
-        if grid.is_main:
-            torch.save(shared_state(), os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
-    if grid.is_main:
-        write_manifest(temporary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(folder, old))
-
-
-def save_final(run_dir: str, policy, tokenizer, value_modules: dict, wrapper, grid, stage=None):
-    """The policy with adapters merged, by save_pretrained into the run directory (config.json moved
-    in last, so a directory with a config.json holds a complete model), and the value function
-    ({name: module}) apart in value_head.pt. All ranks call it; rank 0 writes, with the
-    parameters gathered: under ZeRO-3 by the wrapper, under --tp the dense weights reassembled
-    from the shards, under --pp a whole copy from the stages (`stage`, this rank's) with the
-    value head from the last one."""
-    with wrapper.gathered():
-        # Cloned: under ZeRO the parameters are views into flat buffers that torch.save would write whole.
-        value_states = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in value_modules.items()}
-        state_dict = None
-        if stage is not None:
-            value_states = parallel.all_gather_objects(value_states, grid.pp_group)[-1]
-            policy = parallel.pipeline_gathered_model(stage, grid.tp_group)
-        elif grid.tp_group is not None:
-            state_dict = parallel.tensor_parallel_state_dict(policy, grid.tp_group)
-        if not grid.is_main:
-            return
-        temporary = os.path.join(run_dir, ".final.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        merge_lora(policy).save_pretrained(temporary, state_dict=state_dict)
-        tokenizer.save_pretrained(temporary)
-        if value_states:
-            torch.save(value_states, os.path.join(temporary, "value_head.pt"))
-        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-        os.rmdir(temporary)
-
-
-def rng_states() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_states(states: dict):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
@@ -1832,14 +1695,10 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    if states is not None:
-        # Under --tp/--pp every rank saved its own shard of the policy (see save_training_state).
-        state, rank_state = states
-        saved = rank_state if "policy" in rank_state else state
-        missing, unexpected = policy.load_state_dict(saved["policy"], strict=not pipelined)
+    if states is not None:  # the models' states of a checkpoint (see load_training_state)
+        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=not pipelined)
         assert not unexpected, unexpected
-        for module, module_state in zip(value_modules.values(), saved["value"]):
-            module.load_state_dict(module_state)
+        torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage
@@ -2100,18 +1959,23 @@ def save_training_state(
     run_name: str,
     wandb_run,
 ):
-    """A checkpoint holding everything an exact resume needs (see save_checkpoint). Under --tp/--pp
-    every rank saves its own shard of the models; otherwise rank 0 saves them whole."""
-
-    # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
-    def model_state():
-        return {
-            "policy": {k: v.clone() for k, v in models.policy.state_dict().items()},
-            "value": [{k: v.clone() for k, v in m.state_dict().items()} for m in models.value_modules.values()],
-        }
-
+    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint). Under
+    --tp/--pp every rank saves its own shard of the models in its rank file; otherwise they are
+    streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
+    value = torch.nn.ModuleDict(models.value_modules)
     sharded = args.tp > 1 or args.pp > 1
-    shared_state = lambda: {  # noqa: E731 (called by rank 0 with the parameters gathered)
+    # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
+    model_state = {
+        name: {k: v.clone() for k, v in module.state_dict().items()}
+        for name, module in (("policy", models.policy), ("value", value))
+        if sharded
+    }
+    files = {
+        name: parallel.dense_tensors(module, models.wrapper, models.grid)
+        for name, module in (("policy", models.policy), ("value", value))
+        if not sharded
+    }
+    shared_state = {
         "update": update,
         "kl_coef": kl_controller.value,
         "score_moments": dict(score_moments.__dict__),
@@ -2120,27 +1984,23 @@ def save_training_state(
         "world_size": models.grid.world_size,
         "run_name": run_name,
         "wandb_id": wandb_run.id if wandb_run else None,
-        **({} if sharded else model_state()),
     }
-    rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states(), **(model_state() if sharded else {})}
-    save_checkpoint(run_dir, update, models.wrapper, shared_state, rank_state, models.grid, args.keep_checkpoints)
+    rank_state = {"optimizer": optimizer.state_dict(), **model_state}
+    name, keep = f"step_{update:08d}", args.keep_checkpoints
+    config = () if sharded or args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
+    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, rank_state, files, config)
 
 
 def load_training_state(args: Args, grid) -> tuple:
-    """(checkpoint folder, (shared state, this rank's state)) of --resume, or (None, None); a
-    checkpoint of another layout is refused with one line."""
+    """(checkpoint folder, (shared state, this rank's state with the models' states)) of --resume,
+    or (None, None); a checkpoint of another layout is refused with one line."""
     if not args.resume:
         return None, None
-    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main)
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1 if k in ("tp", "pp", "cp") else 0) for k in ("zero_stage", "tp", "pp", "cp")}
-    if state.get("world_size", 1) != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-        fail(
-            f"{checkpoint} was written by {state.get('world_size', 1)} process(es) with "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
-            + "; resume it with the same"
-        )
-    return checkpoint, (state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False))
+    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main)
+    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
+    if "policy" not in rank_state:  # streamed whole to files by rank 0 (see save_training_state)
+        rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
+    return checkpoint, (state, rank_state)
 
 
 def print_sizes(args: Args, ranks: int, generation_chunk: int, local_mini_batch_size: int):
@@ -2289,20 +2149,13 @@ def main(args: Args):
     update, wandb_id = 0, None
     if checkpoint:
         state, rank_state = states
-        changed = {
-            k: (v, getattr(args, k))
-            for k, v in state["args"].items()
-            if k not in ("resume", "track") and getattr(args, k, v) != v
-        }
-        if changed and grid.is_main:
-            print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
         optimizer.load_state_dict(rank_state["optimizer"])
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
         reward.norm.update(state["reward_norm"])
-        set_rng_states(rank_state["rng"])
+        parallel.set_rng_states(rank_state["rng"])
         update, run_name, wandb_id = state["update"], state["run_name"], state["wandb_id"]
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+        run_dir = parallel.run_directory(checkpoint)
         if grid.is_main:
             print(f"resuming {run_dir} from update {update}")
     else:
@@ -2336,6 +2189,7 @@ def main(args: Args):
         disable=not grid.is_main,
     )
     metrics, started, start_update = {}, time.time(), update
+    parallel.catch_stop_signals()
     while update < args.num_updates:
         timer = PhaseTimer(device)
         # 1. Generate. Every rank encodes all prompts (so the padding is the single-process one)
@@ -2449,14 +2303,27 @@ def main(args: Args):
                 progress.write(f"update {update}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in eval_metrics.items()))
         if wandb_run:
             wandb_run.log(metrics, step=update)
-        if args.save_every and update % args.save_every == 0 and update < args.num_updates:
+        stop = update < args.num_updates and parallel.stop_requested(grid)  # SIGTERM: checkpoint and exit 0
+        if stop or args.save_every and update % args.save_every == 0 and update < args.num_updates:
             save_training_state(
                 run_dir, update, models, optimizer, kl_controller, score_moments, reward, args, run_name, wandb_run
             )
+        if stop:
+            return parallel.report_stop(run_dir, grid, f"update {update}")
     progress.close()
 
-    # The result: the policy with adapters merged, loadable by plain transformers; the value function apart.
-    save_final(run_dir, models.policy, tokenizer, models.value_modules, models.wrapper, grid, models.stage)
+    # The result: the policy with adapters merged, loadable by plain transformers; the value function
+    # apart in value_head.pt ({name: state dict}, written by rank 0 from the last pipeline stage's).
+    value_states = {}
+    for key, tensor in parallel.dense_tensors(torch.nn.ModuleDict(models.value_modules), models.wrapper, grid):
+        name, _, rest = key.partition(".")
+        value_states.setdefault(name, {})[rest] = tensor
+    with models.wrapper.gathered() if args.lora_rank else contextlib.nullcontext():  # merging copies the LoRA model
+        policy = merge_lora(models.policy)
+    weights = {"model": parallel.dense_tensors(policy, models.wrapper, grid)}
+    parallel.save_final(
+        run_dir, grid, weights, (policy, tokenizer), {"value_head.pt": value_states} if value_states else {}
+    )
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}

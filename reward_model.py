@@ -33,7 +33,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -1025,141 +1024,6 @@ def spearman(x, y) -> float:
 # ---------------------------------------------------------------------------------------------
 # Run directory, checkpoints and logging (as in sft.py)
 # ---------------------------------------------------------------------------------------------
-MANIFEST = "manifest.json"  # each file of a checkpoint with its size and SHA-256, written last
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: str):
-    """Record the size and checksum of every file in a checkpoint folder, so that --resume can tell
-    an intact checkpoint from one damaged since (a disk filling up, a copy cut short)."""
-    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
-    files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
-    with open(os.path.join(folder, MANIFEST), "w") as file:
-        json.dump(files, file, indent=1)
-
-
-def checkpoint_damage(folder: str) -> Optional[str]:
-    """What is wrong with a checkpoint folder (a file missing, cut short or changed since its manifest
-    was written), or None if it is intact."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as file:
-            files = json.load(file)
-    except (OSError, ValueError):
-        return f"{MANIFEST} is missing or unreadable"
-    for name, expected in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["bytes"] or file_sha256(path) != expected["sha256"]:
-            return f"{name} is not the file that was saved (its size or checksum differs)"
-    return None
-
-
-def find_checkpoint(path: str, verbose: bool = True) -> str:
-    """The checkpoint to resume from: `path` itself if it is a checkpoint folder, else the newest
-    intact checkpoint in the run directory's checkpoints/. A damaged one is named and skipped for
-    the next older. Every rank checks for itself and reaches the same answer."""
-    if os.path.isfile(os.path.join(path, "trainer_state.pt")) or os.path.isfile(os.path.join(path, MANIFEST)):
-        damage = checkpoint_damage(path)
-        if damage:
-            fail(
-                f"--resume {path}: the checkpoint is damaged ({damage}); "
-                "pass its run directory to resume from the newest intact checkpoint"
-            )
-        return path
-    folder = os.path.join(path, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = sorted((d for d in names if d.startswith("step_") and not d.endswith(".tmp")), reverse=True)
-    if not steps:
-        fail(f"--resume {path!r} is not a checkpoint (no trainer_state.pt) nor a run directory with checkpoints/step_*")
-    for name in steps:
-        damage = checkpoint_damage(os.path.join(folder, name))
-        if damage is None:
-            return os.path.join(folder, name)
-        if verbose:
-            print(f"warning: checkpoint {os.path.join(folder, name)} is damaged ({damage}); trying the one before it")
-    fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
-
-
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, trainer_state: dict, rank_state: dict, grid, keep: int):
-    """Write checkpoints/step_N via a temporary directory and a rename, so a kill mid-write never
-    leaves a broken checkpoint where --resume would find it. Rank 0 writes the whole model and the
-    shared state; every rank writes its own optimizer state (a slice of it under ZeRO) and RNG
-    states to rank_R.pt; rank 0 then lists them all in the manifest. All ranks must call this
-    (ZeRO-3 gathers the parameters to save them)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:08d}")
-    temporary = final + ".tmp"
-    if grid.is_main:
-        shutil.rmtree(temporary, ignore_errors=True)
-        os.makedirs(temporary)
-    parallel.barrier()
-    torch.save(rank_state, os.path.join(temporary, f"rank_{grid.rank}.pt"))
-    with model.gathered():
-        saved, state_dict = whole_state_dict(model.module, grid)
-        if grid.is_main:
-            saved.save_pretrained(temporary, state_dict=state_dict)
-            tokenizer.save_pretrained(temporary)
-            torch.save(trainer_state, os.path.join(temporary, "trainer_state.pt"))
-    parallel.barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
-    if grid.is_main:
-        write_manifest(temporary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        for old in sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(os.path.join(folder, old))
-
-
-def whole_state_dict(model, grid) -> tuple:
-    """(an HF model to call save_pretrained on, the state dict to save or None for its own): under
-    pipeline parallelism a whole copy gathered from the stages; under tensor parallelism the dense
-    weights reassembled from the shards. Every rank must call it (it communicates)."""
-    if isinstance(model, parallel.PipelineStage):
-        return parallel.pipeline_gathered_model(model, grid.tp_group), None
-    return model, parallel.tensor_parallel_state_dict(model, grid.tp_group) if grid.tp_group is not None else None
-
-
-def save_final(run_dir: str, model, tokenizer, grid):
-    """save_pretrained into the run directory itself; files are written aside and moved in with
-    config.json last, so a directory that has a config.json holds a complete model. All ranks call
-    it; rank 0 writes."""
-    with model.gathered():
-        saved, state_dict = whole_state_dict(model.module, grid)
-        if not grid.is_main:
-            return
-        temporary = os.path.join(run_dir, ".final.tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        saved.save_pretrained(temporary, state_dict=state_dict)
-        tokenizer.save_pretrained(temporary)
-        for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
-            os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
-        os.rmdir(temporary)
-
-
-def rng_states() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_states(states: dict):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
     """wandb.init that cannot hang a run: online with a bounded wait, falling back to offline logging."""
     import wandb
@@ -1293,22 +1157,11 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
             except OSError as error:
                 fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
         return 0, run_name, run_dir, None
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    layout = {k: state["args"].get(k, 1) for k in ("zero_stage", "tp", "pp", "cp")}
-    if state["world_size"] != grid.world_size or layout != {k: getattr(args, k) for k in layout}:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in layout.items())
-        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
-    ignored = ("resume", "track")
-    changed = {
-        k: (v, getattr(args, k)) for k, v in state["args"].items() if k not in ignored and getattr(args, k, v) != v
-    }
-    if changed and grid.is_main:
-        print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-    rank_state = torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
     optimizer.load_state_dict(rank_state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(rank_state["rng"])
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    parallel.set_rng_states(rank_state["rng"])
+    run_dir = parallel.run_directory(checkpoint)
     if grid.is_main:
         print(f"resuming {run_dir} from step {state['step']}")
     return state["step"], state["run_name"], run_dir, state["wandb_id"]
@@ -1377,7 +1230,7 @@ def main(args: Args):
         )
     if args.task == "sentiment":
         vader()  # a missing optional extra ends the run here, before anything is written
-    checkpoint = find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1410,6 +1263,7 @@ def main(args: Args):
         model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
 
+    saved = model.module.model if args.pp > 1 else model.module  # the HF model saved (under --pp, this stage's part)
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
@@ -1434,6 +1288,7 @@ def main(args: Args):
         disable=not grid.is_main,
     )
     metrics, started, start_step = {}, time.time(), step
+    parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         indices = epoch_order(len(train_sequences), args.seed, epoch)[
@@ -1483,7 +1338,8 @@ def main(args: Args):
                 metrics["eval/scores"] = wandb.Histogram(eval_scores.numpy())
         if wandb_run:
             wandb_run.log(metrics, step=step)
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        stop = step < total_steps and parallel.stop_requested(grid)  # SIGTERM: checkpoint and exit 0
+        if stop or args.save_every and step % args.save_every == 0 and step < total_steps:
             trainer_state = {
                 "step": step,
                 "scheduler": scheduler.state_dict(),
@@ -1492,8 +1348,14 @@ def main(args: Args):
                 "run_name": run_name,
                 "wandb_id": wandb_run.id if wandb_run else None,
             }
-            rank_state = {"optimizer": optimizer.state_dict(), "rng": rng_states()}
-            save_checkpoint(run_dir, step, model, tokenizer, trainer_state, rank_state, grid, args.keep_checkpoints)
+            weights = {"model": parallel.dense_tensors(saved, model, grid)}
+            optimizer_state = {"optimizer": optimizer.state_dict()}
+            name, keep = f"step_{step:08d}", args.keep_checkpoints
+            parallel.save_checkpoint(
+                run_dir, name, grid, keep, trainer_state, optimizer_state, weights, (saved, tokenizer)
+            )
+        if stop:
+            return parallel.report_stop(run_dir, grid, f"step {step}")
     progress.close()
 
     # Score statistics on held-out chosen and rejected responses, stored with the model so that
@@ -1505,7 +1367,7 @@ def main(args: Args):
     )
     if walks_to_score is not None:
         summary.update(optimality_correlation(model, tokenizer, *walks_to_score, args, grid, dtype))
-    save_final(run_dir, model, tokenizer, grid)
+    parallel.save_final(run_dir, grid, {"model": parallel.dense_tensors(saved, model, grid)}, (saved, tokenizer))
     if not grid.is_main:
         return
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:

@@ -233,6 +233,16 @@ def layer_parameters(shape: ModelShape) -> tuple:
     return 4 * h * h + 2 * h * f, (3 * h + h) + (f + h) + 2 * 2 * h
 
 
+def largest_tensor(shape: ModelShape) -> int:
+    """Parameters of the model's largest tensor, dense: the embedding (or head), an MLP matrix, or a
+    fused query-key-value matrix."""
+    return max(
+        shape.vocab * shape.hidden,
+        shape.hidden * shape.ffn,
+        shape.hidden * (shape.heads + 2 * shape.kv_heads) * shape.dim,
+    )
+
+
 def final_norm_parameters(shape: ModelShape) -> int:
     return shape.hidden if shape.family == "llama" else 2 * shape.hidden
 
@@ -331,6 +341,11 @@ class Memory:
     kv_cache: float = 0.0  # PPO rollout's KV cache (a separate phase from training)
     gathered: float = 0.0  # PPO rollout under ZeRO-3: the rest of the models, gathered whole
     cp: int = 1  # context-parallel ranks per model copy
+    # Saving a checkpoint or exporting (between steps, so in place of the activations): parallel.dense_tensors
+    # streams one tensor at a time to rank 0's CPU, beside the one ZeRO-3 unit gathered (counted in params). A
+    # tensor-parallel tensor is all-gathered (its parts and the assembled copy: twice the dense tensor), and under
+    # pp a rank receives each broadcast tensor (once more): see largest_tensor.
+    saving: float = 0.0
 
     @property
     def total(self) -> float:
@@ -339,7 +354,7 @@ class Memory:
             + self.grads
             + self.optimizer
             + self.frozen
-            + max(self.activations, self.kv_cache + self.gathered)
+            + max(self.activations, self.kv_cache + self.gathered, self.saving)
         )
 
 
@@ -421,6 +436,7 @@ def stage_memory(
         kv_cache=kv_cache,
         gathered=gathered,
         cp=cp,
+        saving=4 * largest_tensor(policy) * ((2 if tp > 1 else 0) + (1 if pp > 1 else 0)),
     )
 
 
@@ -480,14 +496,14 @@ def best_layout(rows: list, gpu_memory_gb: float, margin: float = PLAN_MARGIN) -
 def format_plan(rows: list, gpu_memory_gb: float, margin: float = PLAN_MARGIN) -> str:
     """The table: one line per layout, GB per GPU (worst stage), and whether it fits."""
     usable = (1 - margin) * gpu_memory_gb * GB
-    columns = ("params", "grads", "optim", "frozen", "activ", "kv", "gather", "total")
+    columns = ("params", "grads", "optim", "frozen", "activ", "kv", "gather", "save", "total")
     lines = [
         f"{'dp':>4} {'tp':>3} {'pp':>3} {'zero':>4} {'cp':>3} {'stage':>5} "
         + " ".join(f"{c:>7}" for c in columns)
         + "  fits"
     ]
     for m in rows:
-        values = (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache, m.gathered, m.total)
+        values = (m.params, m.grads, m.optimizer, m.frozen, m.activations, m.kv_cache, m.gathered, m.saving, m.total)
         lines.append(
             f"{m.dp:>4} {m.tp:>3} {m.pp:>3} {m.zero:>4} {m.cp:>3} {m.stage:>5} "
             + " ".join(f"{v / GB:>7.1f}" for v in values)

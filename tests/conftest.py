@@ -508,9 +508,11 @@ SAME_MATH = 1e-9
 
 
 def max_weight_difference(first, second, name="model.safetensors"):
-    """The largest absolute difference between two runs' saved weights (same tensor names)."""
-    from safetensors.torch import load_file
+    """The largest absolute difference between two runs' saved weights (same tensor names), one file
+    or the shards an index lists (as parallel.write_safetensors and transformers write them)."""
+    import parallel
 
-    a, b = load_file(os.path.join(first, name)), load_file(os.path.join(second, name))
+    prefix = name.removesuffix(".safetensors")
+    a, b = parallel.read_safetensors(str(first), prefix), parallel.read_safetensors(str(second), prefix)
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)

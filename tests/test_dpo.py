@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import dpo
+import parallel
 from conftest import (
     SAME_MATH,
     assert_same_weights,
@@ -160,8 +161,8 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     state = torch.load(older / "trainer_state.pt", weights_only=False)
     state.pop("reference_logprobs", None)
     torch.save(state, older / "trainer_state.pt")
-    (older / dpo.MANIFEST).unlink()
-    dpo.write_manifest(str(older))
+    (older / parallel.MANIFEST).unlink()
+    parallel.write_manifest(str(older))
     for resume, extra in ((older, []), (killed, ["--seed", "2"])):
         run = run_script("dpo.py", *flags, *extra, "--resume", str(resume), cwd=tmp_path)
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]  # after transformers' bars

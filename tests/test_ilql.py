@@ -720,12 +720,12 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, killed_run):
         copy = tmp_path / how
         shutil.copytree(killed, copy)
         damage(copy / "checkpoints" / "step_00000014" / victim, how)
-        assert ilql.find_checkpoint(str(copy), verbose=False) == str(copy / "checkpoints" / "step_00000007")
+        assert parallel.find_checkpoint(str(copy), verbose=False) == str(copy / "checkpoints" / "step_00000007")
     damage(tmp_path / "corrupt" / "checkpoints" / "step_00000007" / "config.json", "delete")
     with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
-        ilql.find_checkpoint(str(tmp_path / "corrupt"))
+        parallel.find_checkpoint(str(tmp_path / "corrupt"))
     with pytest.raises(SystemExit, match=r"the checkpoint is damaged \(rank_0.pt is not the file that was saved"):
-        ilql.find_checkpoint(str(tmp_path / "corrupt" / "checkpoints" / "step_00000014"))
+        parallel.find_checkpoint(str(tmp_path / "corrupt" / "checkpoints" / "step_00000014"))
 
 
 def test_num_layers_unfrozen_trains_only_the_top_layers_of_the_lm(tmp_path):

@@ -18,6 +18,7 @@ import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import kernels
+import parallel
 import ppo
 import rft
 from conftest import (
@@ -975,11 +976,11 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
         run_dir = tmp_path / how
         damage(run_dir / newest / victim, how)
         with pytest.raises(SystemExit, match=rf"the checkpoint is damaged \({victim} {what}"):
-            ppo.find_checkpoint(str(run_dir / newest))
-        assert ppo.find_checkpoint(str(run_dir), verbose=False) == str(run_dir / older)
+            parallel.find_checkpoint(str(run_dir / newest))
+        assert parallel.find_checkpoint(str(run_dir), verbose=False) == str(run_dir / older)
     damage(run_dir / older / "trainer_state.pt", "delete")
     with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
-        ppo.find_checkpoint(str(run_dir))
+        parallel.find_checkpoint(str(run_dir))
 
 
 def test_smoke_run_with_wandb_offline(tmp_path, walk_policy):

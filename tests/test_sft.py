@@ -434,8 +434,8 @@ def test_interrupted_checkpoint_write_is_not_picked_up(tmp_path):
     (run_dir / "checkpoints" / "step_00000020.tmp").mkdir(parents=True)  # what a kill mid-write leaves
     (run_dir / "checkpoints" / "step_00000010").mkdir()
     (run_dir / "checkpoints" / "step_00000010" / "trainer_state.pt").write_bytes(b"state")
-    sft.write_manifest(str(run_dir / "checkpoints" / "step_00000010"))
-    assert sft.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000010")
+    parallel.write_manifest(str(run_dir / "checkpoints" / "step_00000010"))
+    assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000010")
 
 
 def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkpoint(tmp_path):
@@ -480,9 +480,9 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     damage(killed / "checkpoints" / "step_00000005" / "config.json", "delete")
     damage(killed / "checkpoints" / "step_00000010" / "tokenizer.json", "corrupt")
     with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
-        sft.find_checkpoint(str(killed))
+        parallel.find_checkpoint(str(killed))
     with pytest.raises(SystemExit, match=r"the checkpoint is damaged \(tokenizer.json is not the file that was saved"):
-        sft.find_checkpoint(str(killed / "checkpoints" / "step_00000010"))
+        parallel.find_checkpoint(str(killed / "checkpoints" / "step_00000010"))
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Checkpoints through parallel.py: the streamed Hugging Face export and its command, and the clean stop
+on SIGTERM / SIGUSR1 (checkpoint, exit 0, resume bitwise where the uninterrupted run ends)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import parallel
+import ppo
+from conftest import ROOT, Job, assert_same_weights, save_tiny_model
+
+
+def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_path):
+    """A checkpoint streamed by save_checkpoint, exported with shards of about 20 kB: several files and
+    the index transformers reads, the same tensors bitwise, every file but the training state copied.
+    An existing output directory and a folder without a model each stop with one error line."""
+    model_dir = save_tiny_model(tmp_path / "tiny", "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    grid = parallel.init_distributed("cpu")
+    weights = {"model": parallel.dense_tensors(model, None, grid)}
+    parallel.save_checkpoint(
+        str(tmp_path / "run"), "step_00000001", grid, 2, {"step": 1}, {}, weights, (model, tokenizer)
+    )
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert parallel.checkpoint_damage(str(checkpoint)) is None
+
+    def export(*argv):
+        command = [sys.executable, os.path.join(ROOT, "parallel.py"), "export", *map(str, argv)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    done = export(tmp_path / "run", tmp_path / "out", 0.02)  # a run directory: its newest intact checkpoint
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(os.listdir(tmp_path / "out"))
+    shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files and "tokenizer.json" in files
+    assert not any(f.endswith(".pt") or f == parallel.MANIFEST for f in files)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = model.state_dict()
+    assert exported.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
+    for argv, message in (
+        ((checkpoint, tmp_path / "out"), "exists; pass a new directory"),
+        ((model_dir, tmp_path / "other"), "is not a checkpoint"),
+    ):
+        refused = export(*argv)
+        assert refused.returncode == 1 and refused.stderr.strip().startswith("error: ") and message in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=signal.SIGTERM):
+    """The uninterrupted run; a second one sent `how` as soon as its first checkpoint exists, which must
+    checkpoint after the step it is in, say how to resume and exit 0; its resumption. With nproc > 1 the
+    runs are the real torchrun's, and the whole process group gets the signal as a scheduler sends it.
+    Returns (uninterrupted, resumed) run dirs."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+    def run(*extra, background=False):
+        if nproc == 1:
+            job = Job(script, *flags, *extra, cwd=tmp_path)
+            return job if background else job.wait()
+        command = [*launcher, os.path.join(ROOT, script), *flags, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        if background:
+            return process
+        out, err = process.communicate(timeout=900)
+        return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+    reference = run("--output-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    job = run("--output-dir", str(stopped), background=True)
+    deadline = time.time() + 600
+    while not (stopped / "checkpoints" / first_checkpoint).exists():
+        assert time.time() < deadline and (job.running() if nproc == 1 else job.poll() is None), "ended before"
+        time.sleep(0.02)
+    if nproc == 1:
+        for process in job.processes:
+            os.kill(process.pid, how)
+        result = job.wait(600)
+    else:
+        os.killpg(job.pid, how)
+        out, err = job.communicate(timeout=600)
+        result = subprocess.CompletedProcess(job.args, 0, out, err)  # torchrun itself reports the signal it got
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopped by {how.name}" in result.stdout and f"continue with --resume {stopped}" in result.stdout
+    assert not (stopped / "config.json").exists(), "the run finished before the signal; the test proves nothing"
+    assert len(os.listdir(stopped / "checkpoints")) >= 2  # the stop wrote one of its own
+    resumed = run("--resume", str(stopped))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    return tmp_path / "reference", stopped
+
+
+SFT_FLAGS = ["--num-epochs", "1", "--batch-size", "96", "--micro-batch-size", "48", "--save-every", "3"]
+SFT_FLAGS += ["--keep-checkpoints", "5", "--eval-every", "100", "--eval-samples-per-start", "1"]
+
+
+def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path):
+    assert_same_weights(*stop_and_resume("sft.py", SFT_FLAGS, tmp_path, "step_00000003"))
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1])
+def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
+    policy = save_tiny_model(tmp_path / "policy", "gpt2", tokenizer=ppo.randomwalks_tokenizer())
+    flags = ["--model", policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8"]
+    flags += ["--micro-batch-size", "4", "--save-every", "2", "--keep-checkpoints", "5", "--eval-every", "100"]
+    flags += ["--eval-samples-per-start", "1", "--samples-per-prompt", "2", "--advantage", "gae"]
+    reference, resumed = stop_and_resume("ppo.py", flags, tmp_path, "step_00000002", how=how)
+    assert_same_weights(reference, resumed)
+    assert all(
+        torch.equal(v, torch.load(resumed / "value_head.pt")["value_head"][k])
+        for k, v in torch.load(reference / "value_head.pt")["value_head"].items()
+    )
+
+
+def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path):
+    """Two ranks (ZeRO-3, so the stop's checkpoint streams sharded parameters), the signal sent to
+    torchrun and its workers together, as SLURM and Kubernetes send it."""
+    flags = [*SFT_FLAGS, "--zero-stage", "3", "--dtype", "fp64"]
+    assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003", nproc=2))
+
+
+def test_a_run_resumes_only_with_its_own_layout(tmp_path):
+    """load_checkpoint refuses another number of processes with one line naming the flags to pass."""
+    grid = parallel.init_distributed("cpu")
+    run_dir = tmp_path / "run"
+    shared = {"args": {"zero_stage": 2, "tp": 1, "pp": 1, "cp": 1}, "world_size": 2}
+    parallel.save_checkpoint(str(run_dir), "step_00000001", grid, 1, shared, {})
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 2 --tp 1 --pp 1 --cp 1"):
+        parallel.load_checkpoint(str(run_dir / "checkpoints" / "step_00000001"), grid, {**shared["args"]})
