@@ -141,7 +141,7 @@ class Args:
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
     """subtracted from the score of a response cut at --max-new-tokens without an end-of-turn id (0: none; default: 1.0
-    for text tasks, 0 for randomwalks and sentiment)"""
+    for text tasks, 0 for randomwalks, sentiment and arithmetic)"""
     value_model: Optional[str] = None
     """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the
     policy (--advantage gae only)"""
@@ -580,6 +580,7 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 # The arithmetic task: integer problems generated from the seed, whose answers can be checked
 # ---------------------------------------------------------------------------------------------
 ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+ARITHMETIC_FLAGS = ("operands", "digits", "operations")  # the difficulty
 
 
 def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
@@ -1643,6 +1644,9 @@ def task_prompts(args: Args) -> tuple:
     if args.task == "randomwalks":
         prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
+    if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
+        problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
+        return problems(args.train_problems, held_out=False), problems(args.eval_prompts, held_out=True)
     prompts = load_prompts(args.task, args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
@@ -1687,8 +1691,11 @@ class Reward:
         )
         self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-        # A continuation of a review is not expected to end within the budget: no penalty by default.
-        default_penalty = 0.0 if args.task in ("randomwalks", "sentiment") else 1.0
+        if args.task == "arithmetic" and self.fn is None:
+            self.fn = functools.partial(arithmetic_reward, format_reward=args.format_reward)
+        # A continuation of a review is not expected to end within the budget, and arithmetic's reward is the
+        # verifiable one alone: no penalty by default.
+        default_penalty = 0.0 if args.task in ("randomwalks", "sentiment", "arithmetic") else 1.0
         self.missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else default_penalty
         # The reward model's normalisation, or under first-batch none until the first batch is measured.
         self.norm = {"shift": 0.0, "scale": 1.0}
@@ -1988,7 +1995,7 @@ def evaluate(
     reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
-    repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+    repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
@@ -2005,7 +2012,7 @@ def evaluate(
                 generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids, greedy)
                 responses, mask, _ = truncate_at_eos(generated, reward.end_ids, tokenizer.pad_token_id)
                 texts, ours = reward.of_chunk(chunk_prompts, prompt_ids, prompt_mask, generated)
-                result = {"text": texts, "score": reward.normalized(ours).tolist()}
+                result = {"text": texts, "score": reward.normalized(ours).tolist(), "length": mask.sum(-1).tolist()}
                 if args.task == "randomwalks":
                     result["optimality"] = reward.optimality(chunk_prompts, texts)
                 if args.task == "sentiment":  # the task's metric, whatever the reward
@@ -2036,11 +2043,14 @@ def evaluate(
             metrics.update(
                 {f"eval/{key}_{name}": mean(key) for key in ("score", "optimality", "vader") if key in results[0]}
             )
+            texts = [text for result in results for text in result["text"]]
+            if args.task == "arithmetic":
+                lengths = [n for result in results for n in result["length"]]
+                metrics.update(arithmetic_metrics(name, texts, [p["answer"] for p in prompts], lengths, copies))
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
                 if reward.model is not None:
                     metrics["eval/win_rate"] = mean("win")
-                texts = [text for result in results for text in result["text"]]
                 rows = [[update, str(p["prompt"]), t] for p, t in zip(prompts[:16], texts[:16])]
     policy.train()
     return metrics, rows

@@ -1386,6 +1386,30 @@ def test_string_prompts_with_a_column_and_a_template_flag(tmp_path, chat_policy)
     assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["drops-thinking"]
 
 
+def test_the_arithmetic_task_end_to_end_reports_its_metrics(tmp_path, chat_policy):
+    """--task arithmetic wired in: generated problems, the built-in reward (no penalty for a missing end of turn by
+    default: a tiny model's replies are wrong, so with no format reward every score is exactly 0), and the held-out
+    accuracy, well-formed share, length (greedy and sampled) and pass@k of --eval-samples 4."""
+    args = quick_args(
+        tmp_path,
+        chat_policy,
+        task="arithmetic",
+        advantage="grpo",
+        samples_per_prompt=4,
+        train_problems=16,
+        eval_prompts=3,
+        eval_samples=4,
+        max_new_tokens=3,
+    )
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["last_update"]["objective/score"] == 0.0
+    for mode in ("greedy", "sampled"):
+        assert 0 <= metrics[f"eval/accuracy_{mode}"] <= 1 and 0 <= metrics[f"eval/well_formed_{mode}"] <= 1
+        assert 1 <= metrics[f"eval/response_length_{mode}"] <= 3
+    assert [key for key in metrics if key.startswith("eval/pass@")] == ["eval/pass@1", "eval/pass@2", "eval/pass@4"]
+
+
 def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
     def refused(records, *fragments, model=chat_policy, name="data.jsonl"):
         data = write_jsonl(tmp_path / name, records)
