@@ -934,7 +934,7 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     except (ImportError, FileNotFoundError, AttributeError) as error:
         fail(f"{flag} {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(f"{flag} {spec!r} is a {type(function).__name__}, not callable")
+        fail(f"{flag} {spec!r} is a {type(function).__name__}, not a function or class")
     return function
 
 
