@@ -59,6 +59,7 @@ import math
 import os
 import random
 import re
+import signal
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -140,7 +141,16 @@ class Args:
     """clip normalised scores to [-c, c], c > 0 (default: no clipping)"""
     missing_eos_penalty: Optional[float] = None
     """subtracted from the score of a response cut at --max-new-tokens without an end-of-turn id (0: none; default: 1.0
-    for text tasks, 0 for randomwalks and sentiment)"""
+    for text tasks, 0 for randomwalks, sentiment and arithmetic)"""
+    env: Optional[str] = None
+    """a multi-turn environment, `module:Class` (or `path/file.py:Class`) or `calculator` (CalculatorEnv): each prompt
+    row becomes Class(row), whose reset() gives the opening messages and step(reply) the messages that follow, the
+    step's reward and whether the episode is over (README); policy and environment take turns until then, --max-turns,
+    or --max-new-tokens (with --env the budget of the whole episode after its opening). It replaces the reward"""
+    max_turns: int = 4
+    """--env: policy turns per episode at most"""
+    env_timeout: float = 60.0
+    """--env: seconds a reset() or step() call may take; one that has not returned by then stops the run"""
     value_model: Optional[str] = None
     """start the critic from this model (e.g. the reward model) as a separate network, instead of a value head on the
     policy (--advantage gae only)"""
@@ -335,6 +345,7 @@ def check_args(args: Args, world_size: int) -> Args:
         "eval_samples_per_start",
         "eval_samples",
         "eval_prompts",
+        "max_turns",
         "digits",
         "train_problems",
         "keep_checkpoints",
@@ -470,7 +481,12 @@ def check_args(args: Args, world_size: int) -> Args:
         'must be some of the operators + - * (e.g. "+-*")',
     )
     require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
-    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
+    require(0 < args.env_timeout < math.inf, "env_timeout", "must be a positive number of seconds")
+    if args.env and (args.reward_model or args.reward_fn or args.reward_normalization == "first-batch"):
+        fail(f"--env {args.env} gives the reward; drop --reward-model, --reward-fn and --reward-normalization")
+    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (
+        args.reward_model or args.reward_fn or args.env
+    ):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
@@ -579,6 +595,7 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 # The arithmetic task: integer problems generated from the seed, whose answers can be checked
 # ---------------------------------------------------------------------------------------------
 ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+ARITHMETIC_FLAGS = ("operands", "digits", "operations")  # the difficulty
 
 
 def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
@@ -647,6 +664,38 @@ def arithmetic_metrics(mode: str, replies: list, answers: list, lengths: list, s
     for k in sorted({2**i for i in range(samples.bit_length())} | {samples}) if samples > 1 else ():
         metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(samples, int(c), k) for c in right.sum(1)]))
     return metrics
+
+
+class CalculatorEnv:
+    """--env calculator, the arithmetic task with a tool: a reply may call `<calc>17*23</calc>` (integers, + - * and
+    parentheses), answered by a tool message holding each call's result; the first reply without a call ends the
+    episode, rewarded by arithmetic_reward against the row's `answer`."""
+
+    SYSTEM = "You have a calculator: write <calc>17*23</calc> and its result comes back. Give the answer without one."
+
+    def __init__(self, row: dict):
+        self.row = row
+
+    def reset(self) -> list:
+        return [{"role": "system", "content": self.SYSTEM}, *self.row["prompt"]]
+
+    def step(self, message: dict) -> tuple:
+        calls = re.findall(r"<calc>(.*?)</calc>", message["content"], re.DOTALL)
+        if not calls:
+            return [], arithmetic_reward(None, [message["content"]], [self.row["answer"]])[0], True
+        results = [calculate(call) for call in calls]
+        return [{"role": "tool", "content": ", ".join(results)}], 0.0, False
+
+
+def calculate(expression: str) -> str:
+    """The value of an integer expression, or "error": only digits, + - * and parentheses are evaluated, never **
+    (a power tower would not finish)."""
+    if len(expression) > 100 or "**" in expression or not re.fullmatch(r"[\d\s+*()-]+", expression):
+        return "error"
+    try:
+        return str(eval(expression, {"__builtins__": {}}))
+    except (SyntaxError, TypeError, ValueError):
+        return "error"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,11 +917,11 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     return model.to(device).eval().requires_grad_(False), tokenizer, mean, std
 
 
-def load_reward_fn(spec: str):
-    """The user's reward function from `module:function` or `path/to/file.py:function`."""
+def load_reward_fn(spec: str, flag: str = "--reward-fn"):
+    """The user's reward function (or --env class) from `module:function` or `path/to/file.py:function`."""
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
-        fail(f"--reward-fn {spec!r}: expected module:function or file.py:function")
+        fail(f"{flag} {spec!r}: expected module:name or file.py:name")
     try:
         if module_name.endswith(".py"):
             loader = importlib.util.spec_from_file_location("user_reward", module_name)
@@ -882,9 +931,9 @@ def load_reward_fn(spec: str):
             module = importlib.import_module(module_name)
         function = getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
-        fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+        fail(f"{flag} {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions)")
+        fail(f"{flag} {spec!r} is a {type(function).__name__}, not a function or class")
     return function
 
 
@@ -1229,8 +1278,11 @@ def kl_per_token(logprobs, ref_logprobs, estimator: str):
 
 
 def token_rewards(scores, kl, mask, beta: float):
-    """-beta * KL on every real response token, plus the score on the last real token."""
+    """-beta * KL on every real response token, plus the score on the last real token; scores of shape [B, T] (an
+    --env episode's step rewards, each on the last token of the turn that earned it) are added where they stand."""
     rewards = torch.where(mask, -beta * kl, 0.0)
+    if scores.dim() == 2:
+        return rewards + scores.to(rewards.dtype)
     last = mask.long().cumsum(-1).argmax(-1)  # index of the last real token
     rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
     return rewards
@@ -1506,6 +1558,9 @@ def task_prompts(args: Args) -> tuple:
     if args.task == "randomwalks":
         prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
+    if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
+        problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
+        return problems(args.train_problems, held_out=False), problems(args.eval_prompts, held_out=True)
     prompts = load_prompts(args.task, args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
@@ -1550,8 +1605,12 @@ class Reward:
         )
         self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-        # A continuation of a review is not expected to end within the budget: no penalty by default.
-        default_penalty = 0.0 if args.task in ("randomwalks", "sentiment") else 1.0
+        if args.task == "arithmetic" and self.fn is None:
+            self.fn = functools.partial(arithmetic_reward, format_reward=args.format_reward)
+        self.env_class = CalculatorEnv if args.env == "calculator" else args.env and load_reward_fn(args.env, "--env")
+        # A continuation of a review is not expected to end within the budget, and arithmetic's reward is the
+        # verifiable one alone: no penalty by default.
+        default_penalty = 0.0 if args.task in ("randomwalks", "sentiment", "arithmetic") else 1.0
         self.missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else default_penalty
         # The reward model's normalisation, or under first-batch none until the first batch is measured.
         self.norm = {"shift": 0.0, "scale": 1.0}
@@ -1752,20 +1811,139 @@ def micro_batches_of(micro_rows: list, input_ids, attention_mask) -> list:
 
 
 def sample_chunks(
-    models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, end_ids, stream: str, autocast
+    models: Models, prompt_ids, prompt_mask, chunks: list, args: Args, tokenizer, end_ids, stream: str, autocast, env=()
 ) -> list:
     """(responses, their sampler log-probs) of this rank's chunks of the prompts, each chunk on a
-    forked RNG seeded by (seed, stream, chunk), so the rollouts do not depend on the rank count."""
+    forked RNG seeded by (seed, stream, chunk), so the rollouts do not depend on the rank count;
+    with env = (the --env class, the prompt rows, greedy) each chunk's episodes (play_episodes)."""
     models.policy.eval()
     sampler, generated = models.whole(models.stage if models.stage is not None else models.policy), []
-    fork_devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+    fork_devices = [models.grid.device] if models.grid.device.type == "cuda" else []
     with models.wrapper.gathered(), autocast:  # ZeRO-3: the whole policy gathered once for the decode loop
         for chunk, lo, hi in chunks:
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
-                generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer, end_ids))
+                if env:
+                    generated.append(play_episodes(sampler, env[1][lo:hi], args, tokenizer, end_ids, *env[::2]))
+                else:
+                    generated.append(generate(sampler, prompt_ids[lo:hi], prompt_mask[lo:hi], args, tokenizer, end_ids))
     models.policy.train()
     return generated
+
+
+def call_env(function, *arguments, args: Args):
+    """An --env method's result; a call that raises or runs past --env-timeout stops the run with one line."""
+
+    def timed_out(*_):
+        raise TimeoutError(f"did not return within --env-timeout {args.env_timeout:g} s")
+
+    handler = signal.signal(signal.SIGALRM, timed_out)
+    signal.setitimer(signal.ITIMER_REAL, args.env_timeout)
+    try:
+        return function(*arguments)
+    except Exception as error:
+        fail(f"--env {args.env}: {function.__qualname__} failed ({type(error).__name__}: {error}); fix the environment")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, handler)
+
+
+def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env_class, greedy=False) -> list:
+    """Multi-turn rollouts of one chunk (--env): an environment per row, and turns of the policy (one batched
+    generate() over the episodes still running) and the environment until the environment ends the episode,
+    --max-turns, or --max-new-tokens (the episode's budget after its opening). Each turn re-encodes every running
+    conversation whole, left-padded, rather than carry the KV cache over the environment's tokens: simpler, and
+    the cost is one prompt pass per turn. The policy's turns keep the ids sampled; the environment's messages
+    enter as the chat template renders them: the ids the conversation's rendering grows by (the template's framing
+    after the policy's end-of-turn id, then the new messages and the generation prompt). Returns per episode its
+    opening's ids, the ids after it with their sampler log-probs, which are the policy's, and the step rewards
+    (each on the last token of the turn that earned it), and whether the environment ended it."""
+    envs = [call_env(env_class, row, args=args) for row in rows]
+    episodes = [{"messages": call_env(env.reset, args=args), "ids": [], "logprobs": [], "policy": []} for env in envs]
+    for episode in episodes:
+        if not is_conversation(episode["messages"]) or "user" not in {m["role"] for m in episode["messages"]}:
+            fail(f"--env {args.env}: reset() returned {episode['messages']!r:.100}; return messages, one a user's")
+        opening = render(tokenizer, episode["messages"], add_generation_prompt=True)
+        episode.update(prompt=opening[-args.max_prompt_length :], rewards=[], done=False)
+    running = list(zip(envs, episodes))
+    for _ in range(args.max_turns):
+        rooms = [args.max_new_tokens - len(episode["ids"]) for _, episode in running]
+        contexts = [episode["prompt"] + episode["ids"] for _, episode in running]
+        prompt_ids, prompt_mask, _ = pad_batch(contexts, tokenizer.pad_token_id, sampler.device, "left")
+        turn_args = replace(args, max_new_tokens=max(rooms))
+        generated, logprobs = generate(sampler, prompt_ids, prompt_mask, turn_args, tokenizer, end_ids, greedy)
+        still = []
+        for (env, episode), room, reply, reply_logprobs in zip(running, rooms, generated.tolist(), logprobs.tolist()):
+            length = next((i + 1 for i, token in enumerate(reply[:room]) if token in end_ids), None)
+            reply = reply[: length or room]
+            episode["ids"] += reply
+            episode["logprobs"] += reply_logprobs[: len(reply)]
+            episode["policy"] += [True] * len(reply)
+            episode["rewards"] += [0.0] * len(reply)
+            if length is None:  # out of budget
+                continue
+            message = {"role": "assistant", "content": tokenizer.decode(reply[:-1], skip_special_tokens=True)}
+            result = call_env(env.step, message, args=args)
+            valid = isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], (int, float))
+            if not valid or not isinstance(result[2], bool) or not math.isfinite(result[1]):
+                fail(f"--env {args.env}: step() returned {result!r:.100}; return (messages, a finite reward, a bool)")
+            added, episode["rewards"][-1], episode["done"] = result
+            if not (added == [] or is_conversation(added)) or {m["role"] for m in added} - {"user", "tool"}:
+                fail(f"--env {args.env}: step() returned messages {added!r:.100}; return role user or tool messages")
+            conversation = episode["messages"] + [message]
+            before, replied = (
+                render(tokenizer, episode["messages"], add_generation_prompt=True),
+                render(tokenizer, conversation),
+            )
+            after = render(tokenizer, conversation + added, add_generation_prompt=True)
+            if replied[: len(before)] != before or after[: len(replied)] != replied:
+                fail(
+                    f"--env {args.env}: the chat template rewrites earlier turns (its rendering of a conversation is "
+                    "not a prefix of its continuation's); use a prefix-preserving template (--chat-template)"
+                )
+            turn = replied[len(before) :]
+            framing = turn[next((i + 1 for i, token in enumerate(turn) if token in end_ids), len(turn)) :]
+            increment = framing + after[len(replied) :]
+            if episode["done"] or len(episode["ids"]) + len(increment) >= args.max_new_tokens:
+                continue
+            episode["messages"] = conversation + added
+            episode["ids"] += increment
+            episode["logprobs"] += [0.0] * len(increment)
+            episode["policy"] += [False] * len(increment)
+            episode["rewards"] += [0.0] * len(increment)
+            still.append((env, episode))
+        running = still
+        if not running:
+            break
+    return episodes
+
+
+def episode_tensors(episodes: list, args: Args, pad_token_id: int, device, dtype) -> tuple:
+    """The batch of --env episodes as the update takes it: (prompt ids and mask, the openings left-padded, then
+    [B, --max-new-tokens] tensors: ids, mask of real tokens, mask of the policy's tokens, sampler log-probs, step
+    rewards, and whether the environment ended each episode)."""
+    prompt_ids, prompt_mask, _ = pad_batch([e["prompt"] for e in episodes], pad_token_id, device, "left")
+
+    def padded(key, fill, kind):
+        rows = [e[key] + [fill] * (args.max_new_tokens - len(e[key])) for e in episodes]
+        return torch.tensor(rows, dtype=kind, device=device)
+
+    real = (
+        torch.arange(args.max_new_tokens, device=device)
+        < torch.tensor([len(e["ids"]) for e in episodes], device=device)[:, None]
+    )
+    done = torch.tensor([e["done"] for e in episodes], device=device)
+    policy, rewards = padded("policy", False, torch.bool), padded("rewards", 0.0, dtype)
+    return (
+        prompt_ids,
+        prompt_mask,
+        padded("ids", pad_token_id, torch.long),
+        real,
+        policy,
+        padded("logprobs", 0.0, dtype),
+        rewards,
+        done,
+    )
 
 
 def truncate_and_score(
@@ -1847,7 +2025,29 @@ def evaluate(
     reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
-    repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+    repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
+    if args.env:  # episodes, scored by their summed step rewards
+        for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
+            prompts = [p for p in eval_prompts for _ in range(copies)]
+            chunks = deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank)
+            samples = sample_chunks(
+                models,
+                None,
+                None,
+                chunks,
+                args,
+                tokenizer,
+                reward.end_ids,
+                f"eval {name}",
+                autocast,
+                (reward.env_class, prompts, greedy),
+            )
+            episodes = [e for share in parallel.all_gather_objects(samples, grid.dp_group) for c in share for e in c]
+            metrics[f"eval/score_{name}"] = float(np.mean([sum(e["rewards"]) for e in episodes]))
+            turns = [sum(now and not then for now, then in zip(e["policy"], [False] + e["policy"])) for e in episodes]
+            metrics[f"eval/turns_{name}"] = float(np.mean(turns))
+        policy.train()
+        return metrics, []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
@@ -1864,7 +2064,7 @@ def evaluate(
                 generated, _ = generate(sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids, greedy)
                 responses, mask, _ = truncate_at_eos(generated, reward.end_ids, tokenizer.pad_token_id)
                 texts, ours = reward.of_chunk(chunk_prompts, prompt_ids, prompt_mask, generated)
-                result = {"text": texts, "score": reward.normalized(ours).tolist()}
+                result = {"text": texts, "score": reward.normalized(ours).tolist(), "length": mask.sum(-1).tolist()}
                 if args.task == "randomwalks":
                     result["optimality"] = reward.optimality(chunk_prompts, texts)
                 if args.task == "sentiment":  # the task's metric, whatever the reward
@@ -1895,11 +2095,14 @@ def evaluate(
             metrics.update(
                 {f"eval/{key}_{name}": mean(key) for key in ("score", "optimality", "vader") if key in results[0]}
             )
+            texts = [text for result in results for text in result["text"]]
+            if args.task == "arithmetic":
+                lengths = [n for result in results for n in result["length"]]
+                metrics.update(arithmetic_metrics(name, texts, [p["answer"] for p in prompts], lengths, copies))
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
                 if reward.model is not None:
                     metrics["eval/win_rate"] = mean("win")
-                texts = [text for result in results for text in result["text"]]
                 rows = [[update, str(p["prompt"]), t] for p, t in zip(prompts[:16], texts[:16])]
     policy.train()
     return metrics, rows
@@ -2196,20 +2399,31 @@ def main(args: Args):
         #    and samples its chunks; the responses (max_new_tokens wide) are gathered below.
         prompts = batch_prompts(train_prompts, update, args)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_length, device)
-        prompt_length = prompt_ids.shape[1]
         # Context-parallel ranks hold whole weights: they share the sampling as data-parallel ranks do.
         my_chunks = deal_chunks(args.batch_size, generation_chunk, ranks * grid.cp_size, sampling_rank)
+        env = (reward.env_class, prompts, False) if args.env else ()
         samples = sample_chunks(
-            models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, end_ids, f"update {update}", autocast
+            models, prompt_ids, prompt_mask, my_chunks, args, tokenizer, end_ids, f"update {update}", autocast, env
         )
         timer.lap("generation")
 
         # 2-3. Truncate at the first end-of-turn id (what follows is padding, outside every loss and
-        #      statistic) and score; each rank its chunks, then all are gathered in chunk order.
-        responses, mask, has_eos, sampler_logprobs, scores, scored = truncate_and_score(
-            samples, my_chunks, prompts, prompt_ids, prompt_mask, reward, grid, dtype
-        )
-        input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, mask.long()], 1)
+        #      statistic) and score; each rank its chunks, then all are gathered in chunk order. An
+        #      --env episode holds the environment's tokens too (`real`, attended to), and its step
+        #      rewards where they were earned (`placed`); only the policy's tokens (`mask`) are trained.
+        if args.env:
+            episodes = [e for share in parallel.all_gather_objects(samples, grid.dp_cp_group) for c in share for e in c]
+            prompt_ids, prompt_mask, responses, real, mask, sampler_logprobs, placed, has_eos = episode_tensors(
+                episodes, args, tokenizer.pad_token_id, device, dtype
+            )
+            scores, scored = placed.sum(-1), torch.ones(args.batch_size, dtype=torch.bool, device=device)
+        else:
+            responses, mask, has_eos, sampler_logprobs, scores, scored = truncate_and_score(
+                samples, my_chunks, prompts, prompt_ids, prompt_mask, reward, grid, dtype
+            )
+            real, placed = mask, None
+        prompt_length = prompt_ids.shape[1]
+        input_ids, attention_mask = torch.cat([prompt_ids, responses], 1), torch.cat([prompt_mask, real.long()], 1)
         raw_mean = scores.mean().item()
         timer.lap("scoring")
 
@@ -2240,7 +2454,7 @@ def main(args: Args):
         scores = scores.to(device)
         if args.scale_rewards:
             score_moments.update(scores)
-            scores = scores / max(score_moments.std, 1e-8)
+            scores, placed = (x if x is None else x / max(score_moments.std, 1e-8) for x in (scores, placed))
 
         # 7. Advantages: GAE on real tokens with a critic, or a critic-free estimator; returns before whitening.
         returns = None
@@ -2249,9 +2463,8 @@ def main(args: Args):
                 args.advantage, scores, kl, mask, beta, args.samples_per_prompt, args.gamma, args.grpo_scale_by_std
             )
         else:
-            advantages, returns = kernels.gae(
-                old_values, token_rewards(scores, kl, mask, beta), mask, args.gamma, args.lam
-            )
+            rewards = token_rewards(scores if placed is None else placed, kl, mask, beta)
+            advantages, returns = kernels.gae(old_values, rewards, mask, args.gamma, args.lam)
             advantages = kernels.masked_whiten(advantages, mask)
         # DAPO's dynamic sampling as a filter: groups of equal scores leave the loss and its statistics;
         # so does every response a --reward-fn gave no score.

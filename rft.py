@@ -532,6 +532,7 @@ def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
 # The arithmetic task: integer problems generated from the seed, whose answers can be checked
 # ---------------------------------------------------------------------------------------------
 ARITHMETIC_QUESTION = "What is {}? Answer with the number only."
+ARITHMETIC_FLAGS = ("operands", "digits", "operations")  # the difficulty
 
 
 def arithmetic_problems(seed: int, count: int, operands: int, digits: int, operations: str, held_out: bool) -> list:
@@ -704,6 +705,9 @@ def task_prompts(args: Args) -> tuple:
     if args.task == "randomwalks":
         prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
+    if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
+        problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
+        return problems(args.train_problems, held_out=False), problems(args.eval_prompts, held_out=True)
     prompts = load_prompts(args.task, args.data)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
@@ -892,6 +896,8 @@ class Reward:
         )
         self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+        if args.task == "arithmetic" and self.fn is None:
+            self.fn = functools.partial(arithmetic_reward, format_reward=args.format_reward)
         if args.task == "sentiment":
             vader()  # the reward or, beside another reward, the task's metric: a missing extra ends the run here
 
@@ -1056,15 +1062,20 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
     evaluations compare, and the result does not depend on the number of ranks.
     Returns (metrics, sample rows of the greedy responses)."""
     metrics, table = {}, []
-    repeats = args.eval_samples_per_start if args.task == "randomwalks" else 1
+    repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
     for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
         rows = [i for i in range(len(prompts)) for _ in range(copies)]
         chunks = my_chunks(len(rows), args, grid)
         responses = sample_chunks(
             model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, reward.end_ids, autocast
         )
-        _, texts, scores = score_and_gather(responses, chunks, rows, prompts, prompt_ids, reward, tokenizer, grid)
+        responses, texts, scores = score_and_gather(
+            responses, chunks, rows, prompts, prompt_ids, reward, tokenizer, grid
+        )
         metrics[f"eval/score_{mode}"] = float(np.nanmean(scores))
+        if args.task == "arithmetic":
+            answers, lengths = [prompts[row]["answer"] for row in rows], [len(ids) for ids in responses]
+            metrics.update(arithmetic_metrics(mode, texts, answers, lengths, copies))
         if args.task == "randomwalks":
             optimality = reward.task_metric([prompts[row] for row in rows], texts)
             metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))

@@ -1387,6 +1387,30 @@ def test_string_prompts_with_a_column_and_a_template_flag(tmp_path, chat_policy)
     assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["drops-thinking"]
 
 
+def test_the_arithmetic_task_end_to_end_reports_its_metrics(tmp_path, chat_policy):
+    """--task arithmetic wired in: generated problems, the built-in reward (no penalty for a missing end of turn by
+    default: a tiny model's replies are wrong, so with no format reward every score is exactly 0), and the held-out
+    accuracy, well-formed share, length (greedy and sampled) and pass@k of --eval-samples 4."""
+    args = quick_args(
+        tmp_path,
+        chat_policy,
+        task="arithmetic",
+        advantage="grpo",
+        samples_per_prompt=4,
+        train_problems=16,
+        eval_prompts=3,
+        eval_samples=4,
+        max_new_tokens=3,
+    )
+    ppo.main(args)
+    metrics = last_update(args.output_dir)
+    assert metrics["last_update"]["objective/score"] == 0.0
+    for mode in ("greedy", "sampled"):
+        assert 0 <= metrics[f"eval/accuracy_{mode}"] <= 1 and 0 <= metrics[f"eval/well_formed_{mode}"] <= 1
+        assert 1 <= metrics[f"eval/response_length_{mode}"] <= 3
+    assert [key for key in metrics if key.startswith("eval/pass@")] == ["eval/pass@1", "eval/pass@2", "eval/pass@4"]
+
+
 def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
     def refused(records, *fragments, model=chat_policy, name="data.jsonl"):
         data = write_jsonl(tmp_path / name, records)
@@ -1407,3 +1431,180 @@ def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
         reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")
         args = quick_args(tmp_path, chat_policy, task="jsonl", data=str(tmp_path / "data.parquet"), reward_fn=reward_fn)
         expect_error(args, "needs the datasets package: pip install datasets")
+
+
+# --- multi-turn environments (issue 26) ----------------------------------------------------------
+ENVIRONMENTS = '''
+import time
+
+
+class ThreeTurns:
+    """Answers each reply with a tool message, then a user message, and ends after the third: rewards 1, 2, 3."""
+
+    def __init__(self, row):
+        self.turn = 0
+
+    def reset(self):
+        return [{"role": "user", "content": "count with me"}]
+
+    def step(self, message):
+        self.turn += 1
+        reply = {"role": "tool" if self.turn == 1 else "user", "content": f"step {self.turn}"}
+        return [reply], float(self.turn), self.turn == 3
+
+
+class Raises(ThreeTurns):
+    def step(self, message):
+        raise KeyError("score")
+
+
+class WrongType(ThreeTurns):
+    def step(self, message):
+        return "more", 1.0, False
+
+
+class NeverReturns(ThreeTurns):
+    def step(self, message):
+        time.sleep(600)
+'''
+
+
+class TurnScript(torch.nn.Module):
+    """A causal LM that writes replies[k] (greedily) in its k-th generate() call: each call opens with the pass over
+    the whole prompt (more than one token), and then feeds one token at a time."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, replies: list, vocab_size: int):
+        super().__init__()
+        self.replies, self.vocab_size, self.turn, self.step = replies, vocab_size, -1, 0
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.turn, self.step = self.turn + 1, 0
+        tokens = self.replies[self.turn]
+        logits = torch.zeros(len(input_ids), 1, self.vocab_size, dtype=torch.float64)
+        logits[:, 0, tokens[min(self.step, len(tokens) - 1)]] = 50.0
+        self.step += 1
+        return types.SimpleNamespace(logits=logits, cache=None)
+
+
+def environments(tmp_path):
+    (tmp_path / "environments.py").write_text(ENVIRONMENTS)
+    return str(tmp_path / "environments.py")
+
+
+def test_an_episode_of_three_turns_is_the_chat_templates_rendering_with_its_masks_rewards_and_gae(tmp_path):
+    """A scripted policy and a scripted environment of three turns: the episode's ids are apply_chat_template's of the
+    final conversation (up to the framing after the last end of turn), the policy mask covers exactly the assistant
+    turns, each step's reward sits on the last token of its turn, and GAE over the mask (in fp64) is the hand
+    recursion over the policy's tokens alone, each bootstrapping from the next policy token."""
+    spec = importlib.util.spec_from_file_location("environments", environments(tmp_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = chat_tokenizer("chatml")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end_ids = ppo.end_of_turn_ids(tokenizer)
+    texts = ["the cat", "a dog", "the mat"]
+    replies = [tokenizer(t, add_special_tokens=False)["input_ids"] + [im_end] for t in texts]
+    args = ppo.Args(model="m", env="ThreeTurns", max_new_tokens=200, max_turns=5, dtype="fp64")
+    model = TurnScript(replies, len(tokenizer))
+    (episode,) = ppo.play_episodes(model, [{"prompt": "x"}], args, tokenizer, end_ids, module.ThreeTurns, greedy=True)
+    final = [{"role": "user", "content": "count with me"}]
+    for turn, text in enumerate(texts, 1):
+        final += [{"role": "assistant", "content": text}]
+        final += [{"role": "tool" if turn == 1 else "user", "content": f"step {turn}"}] if turn < 3 else []
+    rendered = tokenizer.apply_chat_template(final, tokenize=True)["input_ids"]
+    ids = episode["prompt"] + episode["ids"]
+    assert ids == rendered[: len(ids)] and tokenizer.decode(rendered[len(ids) :]) == "\n" and episode["done"]
+    # Each assistant turn's ids, where the growing renderings place them: its reply up to <|im_end|>.
+    policy = [False] * len(rendered)
+    for k, message in enumerate(final):
+        if message["role"] == "assistant":
+            start = len(
+                tokenizer.apply_chat_template(final[:k], add_generation_prompt=True, tokenize=True)["input_ids"]
+            )
+            policy[start : start + len(replies[k // 2])] = [True] * len(replies[k // 2])
+    _, _, responses, real, mask, _, placed, done = ppo.episode_tensors(
+        [episode], args, tokenizer.pad_token_id, "cpu", torch.float64
+    )
+    width = len(episode["ids"])
+    assert mask[0, :width].tolist() == policy[len(episode["prompt"]) : len(ids)] and not mask[0, width:].any()
+    assert real[0].sum() == width and responses[0, :width].tolist() == episode["ids"] and done.tolist() == [True]
+    turn_ends = [i for i in range(width) if mask[0, i] and (i + 1 == width or not mask[0, i + 1])]
+    assert len(turn_ends) == 3 and placed[0, turn_ends].tolist() == [1.0, 2.0, 3.0] and placed.sum() == 6
+    # GAE over the mask against the recursion written out, on random values and a KL penalty.
+    generator = torch.Generator().manual_seed(0)
+    values, kl = (torch.randn(1, 200, dtype=torch.float64, generator=generator) for _ in range(2))
+    rewards = ppo.token_rewards(placed, kl, mask, beta=0.1)
+    advantages, returns = kernels.gae(values, rewards, mask, 0.9, 0.8)
+    expected, next_value, next_advantage = torch.zeros(200, dtype=torch.float64), 0.0, 0.0
+    for t in reversed(
+        [t for t in range(200) if policy[len(episode["prompt"]) + t : len(episode["prompt"]) + t + 1] == [True]]
+    ):
+        delta = placed[0, t] - 0.1 * kl[0, t] + 0.9 * next_value - values[0, t]
+        next_advantage = expected[t] = delta + 0.9 * 0.8 * next_advantage
+        next_value = values[0, t]
+    assert torch.allclose(advantages[0], expected, rtol=0, atol=1e-12)
+    assert torch.allclose(returns[0], torch.where(mask[0], expected + values[0], 0.0), rtol=0, atol=1e-12)
+
+
+def env_flags(tmp_path, policy, *more):
+    flags = dict(model=policy, task="jsonl", data=write_jsonl(tmp_path / "rows.jsonl", CONVERSATIONS * 2))
+    flags.update(env=f"{environments(tmp_path)}:ThreeTurns", max_new_tokens=32, max_turns=4, num_updates=2)
+    flags.update(batch_size=8, mini_batch_size=4, ppo_epochs=1, eval_prompts=1)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + list(more)
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_runs_with_an_environment_complete_under_one_process_and_two_ranks(tmp_path, chat_policy, advantage):
+    """A couple of updates with --env on a tiny chat model, one process and 2 ranks: the sampled episodes do not depend
+    on the rank count, so the first update's score (the mean summed reward of its episodes) is the same."""
+    extra = ["--advantage", advantage] + (["--samples-per-prompt", "2"] if advantage == "grpo" else [])
+    one = run_script("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ranks("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    first, second = last_update(tmp_path / "one"), last_update(tmp_path / "two")
+    assert 0 < first["eval/turns_sampled"] <= 3 and first["eval/score_greedy"] == second["eval/score_greedy"]
+    assert 0 < first["last_update"]["objective/score"] <= 6
+
+
+def test_the_calculator_environment(tmp_path):
+    env = ppo.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
+    assert [m["role"] for m in env.reset()] == ["system", "user"]
+    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
+        [{"role": "tool", "content": "391, error"}],
+        0.0,
+        False,
+    )
+    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
+    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)
+    policy = save_tiny_chat_model(tmp_path / "long", "chatml", n_positions=256)  # room for the system message
+    args = quick_args(
+        tmp_path, policy, task="arithmetic", env="calculator", train_problems=8, eval_prompts=2, max_new_tokens=24
+    )
+    ppo.main(args)
+    assert "eval/score_sampled" in last_update(args.output_dir)
+
+
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("Raises", ["--env ", ":Raises: Raises.step failed (KeyError: 'score')"]),
+        ("WrongType", [":WrongType: step() returned messages 'more'; return role user or tool messages"]),
+        ("NeverReturns", ["NeverReturns.step failed (TimeoutError: did not return within --env-timeout 0.5 s)"]),
+    ],
+)
+def test_a_broken_environment_is_one_line(tmp_path, chat_policy, name, fragments):
+    args = quick_args(
+        tmp_path,
+        chat_policy,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "rows.jsonl", CONVERSATIONS * 2),
+        env=f"{environments(tmp_path)}:{name}",
+        env_timeout=0.5,
+        max_new_tokens=6,
+    )
+    expect_error(args, *fragments)
+    assert not os.path.exists(tmp_path / "run" / "config.json")

@@ -469,6 +469,30 @@ def test_conversational_prompts_with_a_trl_reward_function(tmp_path):
     assert AutoTokenizer.from_pretrained(args.output_dir).chat_template == CHAT_TEMPLATES["chatml"]
 
 
+def test_the_arithmetic_task_end_to_end_reports_its_metrics(tmp_path):
+    """--task arithmetic wired in: generated problems, the built-in reward, and the held-out accuracy, well-formed
+    share, length (greedy and sampled) and pass@k of --eval-samples 2, at the start and after a round."""
+    args = rft.Args(
+        model=save_tiny_chat_model(tmp_path / "chat", "chatml"),
+        task="arithmetic",
+        output_dir=str(tmp_path / "run"),
+        rounds=1,
+        samples_per_prompt=2,
+        batch_size=4,
+        max_new_tokens=3,
+        train_problems=8,
+        eval_prompts=2,
+        eval_samples=2,
+    )
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    for mode in ("greedy", "sampled"):
+        for key in ("accuracy", "well_formed", "response_length"):
+            assert f"eval/{key}_{mode}" in metrics and f"eval/{key}_{mode}" in metrics["start"]
+        assert 1 <= metrics[f"eval/response_length_{mode}"] <= 3
+    assert {"eval/pass@1", "eval/pass@2"} <= metrics.keys()
+
+
 def test_bad_prompt_data_is_one_line(tmp_path, tiny_gpt2):
     reward_fn = write_reward_fn(tmp_path, "return [1.0] * len(responses)")
 
