@@ -3,7 +3,8 @@ the CUDA rows of the benchmarks, in one command and one table.
 
     python benchmarks/gpu_check.py --out gpu_check.md     # on a GPU: under 8 minutes on one H200
     python benchmarks/gpu_check.py --dry-run              # list the runs and check their flags only
-    python benchmarks/gpu_check.py --device cpu --only sft ppo   # the same runs on a CPU (the tests do this)
+    python benchmarks/gpu_check.py --device cpu --only sft ppo   # the same runs on a CPU
+    python benchmarks/gpu_check.py --device cpu --dtype fp32 --small --only sft ppo   # a short rehearsal (tests)
 
 Runs, one process each (torchrun where a row takes 2 ranks), in this order:
 - sft.py, reward_model.py and ilql.py on randomwalks, and ppo.py from the SFT model: plain, Hydra,
@@ -59,13 +60,19 @@ def script_args(script: str, flags: list) -> tuple:
     return module, tyro.cli(module.Args, args=flags)
 
 
-def script_rows(device: str, gpus: int, workdir: str) -> list:
-    """The training runs, each a few updates long, in an order where each finds what it starts from."""
-    common = ["--device", device, "--dtype", "bf16", "--keep-checkpoints", "1"]
+def script_rows(device: str, gpus: int, workdir: str, dtype: str = "bf16", small: bool = False) -> list:
+    """The training runs, each a few updates long, in an order where each finds what it starts from;
+    `small` cuts sft to a few steps and PPO to one update of 32 rollouts (--small)."""
+    common = ["--device", device, "--dtype", dtype, "--keep-checkpoints", "1"]
     out = lambda name: ["--output-dir", os.path.join(workdir, name)]  # noqa: E731
-    ppo = ["ppo.py", "--model", os.path.join(workdir, "sft"), "--num-updates", "4", "--eval-every", "4", *common]
+    sft_length, ppo_length = ["--num-epochs", "2"], ["--num-updates", "4", "--eval-every", "4"]
+    if small:  # sft trains on a fifth of the walks; sampled evals are 2 per start node
+        sft_length = ["--num-epochs", "1", "--eval-fraction", "0.8", "--eval-samples-per-start", "2"]
+        ppo_length = ["--num-updates", "1", "--eval-every", "1", "--batch-size", "32", "--mini-batch-size", "16"]
+        ppo_length += ["--eval-samples-per-start", "2"]
+    ppo = ["ppo.py", "--model", os.path.join(workdir, "sft"), *ppo_length, *common]
     rows = [
-        Row("sft", ["sft.py", "--num-epochs", "2", "--eval-every", "1000", *common, *out("sft")]),
+        Row("sft", ["sft.py", *sft_length, "--eval-every", "1000", *common, *out("sft")]),
         Row("reward_model", ["reward_model.py", "--num-epochs", "1", "--eval-every", "1000", *common, *out("rm")]),
         Row("ilql", ["ilql.py", "--num-epochs", "1", "--eval-every", "1000", *common, *out("ilql")]),
         Row("ppo", [*ppo, *out("ppo")]),
@@ -258,6 +265,19 @@ def main(argv=None):
     )
     parser.add_argument("--row-timeout-s", type=float, default=150)
     parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="the training rows' --dtype; fp32 for a CPU rehearsal of the check's machinery on a CPU without native "
+        "bf16 (AVX2), where bf16 is the slower",
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="a CPU rehearsal of this check: sft for a few steps, PPO for one update of 32 rollouts; the table fills "
+        "in minutes of CPU, its numbers say nothing of a GPU",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="check every row's flags with its script's check_args; run nothing"
     )
     options = parser.parse_args(argv)
@@ -268,7 +288,7 @@ def main(argv=None):
     workdir = options.workdir or (
         os.path.join(tempfile.gettempdir(), "gpu_check") if options.dry_run else tempfile.mkdtemp(prefix="gpu_check_")
     )
-    rows = script_rows(device, gpus, workdir) + benchmark_rows(device)
+    rows = script_rows(device, gpus, workdir, options.dtype, options.small) + benchmark_rows(device)
     if options.only:
         unknown = set(options.only) - {row.name for row in rows}
         if unknown:

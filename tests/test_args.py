@@ -16,7 +16,7 @@ import typing
 
 import pytest
 
-from conftest import ROOT, Job, run_script, save_tiny_model, torchrun
+from conftest import ROOT, Job, run_ranks, run_script, save_tiny_model, torchrun
 
 SCRIPTS = ["sft", "reward_model", "ppo", "ilql", "dpo", "rft"]
 BASE = {name: dict(model="runs/sft") for name in ("ppo", "dpo", "rft")}  # no default policy: the flags they need
@@ -193,7 +193,9 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, script, walk_
 
 def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
     """The first multi-process command a user types: no batch or micro-batch flag, 2 processes.
-    Only the run length is cut (and ppo and dpo are given the policy they need), to keep the suite short."""
+    Only the run length is cut (and ppo and dpo are given the policy they need), to keep the suite short.
+    The ranks are run_ranks' (torchrun's environment, forked with torch imported): real torchrun, three
+    fresh interpreters a run, is the subject of the test above."""
     import sft
 
     policy = save_tiny_model(tmp_path / "policy", tokenizer=sft.randomwalks_tokenizer())
@@ -205,7 +207,7 @@ def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
         "dpo.py": ["--model", policy, "--randomwalks-pairs", "128", "--eval-samples-per-start", "2"],
     }
     for script, flags in commands.items():
-        result = torchrun(script, *flags, "--output-dir", str(tmp_path / script), cwd=tmp_path)
+        result = run_ranks(script, *flags, "--output-dir", str(tmp_path / script), cwd=tmp_path)
         assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
         assert result.stdout.count("saved ") == 1, f"{script}: rank 0 alone reports"
         assert "2 data-parallel rank(s)" in result.stdout, f"{script} does not print its derived sizes"

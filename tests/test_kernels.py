@@ -464,7 +464,8 @@ def test_vocab_sharded_matches_dense():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port), nprocs=2)
+    # Forked from conftest's forkserver, which has imported torch once (spawn's fresh interpreters did it again).
+    mp.start_processes(_sharded_worker, args=(2, port), nprocs=2, start_method="forkserver")
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """parallel.py against single-process training and against torch's own DDP and FSDP2, on CPU
 with gloo, in fp64 so that equality can be asserted to ~1e-12.
 
-Each world size runs once, as spawned processes, through a battery of experiments whose results
+Each world size runs once, as processes of its own, through a battery of experiments whose results
 (plain tensors) come back to the parent; the tests below then assert on them. Every experiment
 also recomputes the single-process reference inside the worker, on the whole global batch."""
 
@@ -46,8 +46,11 @@ def _entry(rank, world, port, experiment, args, queue):
 
 
 def spawn(world: int, experiment, timeout: float = 300, **args) -> list:
-    """Run experiment(grid, **args) on `world` gloo ranks; the per-rank results, rank order."""
-    context = mp.get_context("spawn")
+    """Run experiment(grid, **args) on `world` gloo ranks; the per-rank results, rank order. The ranks
+    are forked from conftest's forkserver, which has imported torch and transformers once (a fresh
+    interpreter per rank spent about 5 s of CPU on those imports) and runs no torch op, so each rank
+    starts with no threads, as a spawned one does."""
+    context = mp.get_context("forkserver")
     queue = context.Queue()
     port = free_port()
     processes = [context.Process(target=_entry, args=(r, world, port, experiment, args, queue)) for r in range(world)]
