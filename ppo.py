@@ -1771,19 +1771,11 @@ def save_training_state(
     """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint). Under
     --tp/--pp every rank saves its own shard of the models in its rank file; otherwise they are
     streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
-    value = torch.nn.ModuleDict(models.value_modules)
+    saved = {"policy": models.policy, "value": torch.nn.ModuleDict(models.value_modules)}
     sharded = args.tp > 1 or args.pp > 1
     # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
-    model_state = {
-        name: {k: v.clone() for k, v in module.state_dict().items()}
-        for name, module in (("policy", models.policy), ("value", value))
-        if sharded
-    }
-    files = {
-        name: parallel.dense_tensors(module, models.wrapper, models.grid)
-        for name, module in (("policy", models.policy), ("value", value))
-        if not sharded
-    }
+    model_state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in saved.items() if sharded}
+    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items() if not sharded}
     shared_state = {
         "update": update,
         "kl_coef": kl_controller.value,
