@@ -2365,7 +2365,9 @@ def _write_files(folder: str, grid: Grid, tensors: dict, pretrained: tuple, obje
     if grid.rank != 0:
         return
     for item in pretrained:
-        if isinstance(item, nn.Module):
+        if isinstance(item, nn.Module):  # as its save_pretrained would write them
+            item.config.dtype = str(item.dtype).split(".")[1]
+            item.config.architectures = [type(item).__name__]
             item.config.save_pretrained(folder)
             if item.can_generate() and item.generation_config is not None:
                 item.generation_config.save_pretrained(folder)

@@ -1508,8 +1508,9 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
     if states is not None:  # the models' states of a checkpoint (see load_training_state)
-        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=not pipelined)
-        assert not unexpected, unexpected
+        # A tied head is saved once, as its embedding (see parallel.dense_tensors).
+        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=False)
+        assert not unexpected and (pipelined or all(k.endswith("lm_head.weight") for k in missing)), missing
         torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
