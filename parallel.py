@@ -29,8 +29,10 @@ The file, section by section; each section opens with what it communicates, when
    end at the base model, which hands the heads the whole sequence's last hidden state.
 6. Pipeline parallel: `PipelineStage` keeps a model's consecutive layers; point-to-point sends
    carry activations forward and their gradients back, in the all-forward-all-backward or 1F1B
-   schedule; `pipeline_forward` for passes without gradients; whole-model state dicts and copies
-   for saving and generating.
+   schedule; `pipeline_forward` for passes without gradients; whole-model copies for generating.
+7. Checkpoints: what every script saves and resumes through, written by every rank (its own
+   state) and streamed to rank 0 one tensor at a time (the weights, as sharded safetensors); a
+   clean stop on SIGTERM/SIGUSR1; `python parallel.py export CHECKPOINT OUT`.
 
 Every algorithm script uses it the same way:
 
@@ -2363,7 +2365,9 @@ def _write_files(folder: str, grid: Grid, tensors: dict, pretrained: tuple, obje
     if grid.rank != 0:
         return
     for item in pretrained:
-        if isinstance(item, nn.Module):
+        if isinstance(item, nn.Module):  # as its save_pretrained would write them
+            item.config.dtype = str(item.dtype).split(".")[1]
+            item.config.architectures = [type(item).__name__]
             item.config.save_pretrained(folder)
             if item.can_generate() and item.generation_config is not None:
                 item.generation_config.save_pretrained(folder)

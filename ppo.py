@@ -1755,8 +1755,9 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
     if states is not None:  # the models' states of a checkpoint (see load_training_state)
-        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=not pipelined)
-        assert not unexpected, unexpected
+        # A tied head is saved once, as its embedding (see parallel.dense_tensors).
+        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=False)
+        assert not unexpected and (pipelined or all(k.endswith("lm_head.weight") for k in missing)), missing
         torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
@@ -2165,19 +2166,11 @@ def save_training_state(
     """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint). Under
     --tp/--pp every rank saves its own shard of the models in its rank file; otherwise they are
     streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
-    value = torch.nn.ModuleDict(models.value_modules)
+    saved = {"policy": models.policy, "value": torch.nn.ModuleDict(models.value_modules)}
     sharded = args.tp > 1 or args.pp > 1
     # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
-    model_state = {
-        name: {k: v.clone() for k, v in module.state_dict().items()}
-        for name, module in (("policy", models.policy), ("value", value))
-        if sharded
-    }
-    files = {
-        name: parallel.dense_tensors(module, models.wrapper, models.grid)
-        for name, module in (("policy", models.policy), ("value", value))
-        if not sharded
-    }
+    model_state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in saved.items() if sharded}
+    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items() if not sharded}
     shared_state = {
         "update": update,
         "kl_coef": kl_controller.value,

@@ -109,7 +109,7 @@ def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path):
     assert_same_weights(*stop_and_resume("sft.py", SFT_FLAGS, tmp_path, "step_00000003"))
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
     policy = save_tiny_model(tmp_path / "policy", "gpt2", tokenizer=ppo.randomwalks_tokenizer())
     flags = ["--model", policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8"]
