@@ -288,13 +288,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(RANDOMWALKS_SEED)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -302,11 +300,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -705,7 +703,6 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
         if max(map(len, responses)) >= max_length:
             too_long += 1
             continue
-        # Each side within max_length, its prompt cut from the left.
         cuts = [max(0, len(prompt_ids) + len(ids) - max_length) for ids in responses]
         truncated += max(cuts) > 0
         tokenized.append(tuple((prompt_ids[cut:] + ids, len(prompt_ids) - cut) for ids, cut in zip(responses, cuts)))
@@ -799,8 +796,8 @@ class LoRA(torch.nn.Module):
         return layer
 
 
-def add_lora(model, rank: int, alpha: float, targets: str) -> list:
-    """Freeze the model and wrap the chosen linear layers of its decoder blocks with LoRA; returns the wrappers."""
+def add_lora(model, rank: int, alpha: float, targets: str):
+    """Freeze the model and wrap the chosen linear layers of its decoder blocks with LoRA."""
     count = model.config.num_hidden_layers
     blocks = [m for m in model.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(blocks) != 1:
@@ -819,7 +816,6 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
             f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
             "c_attn (GPT-2)"
         )
-    return wrapped
 
 
 @contextlib.contextmanager
@@ -1097,9 +1093,8 @@ def judge_scores(judge, judge_tokenizer, tokenizer, prompts: list, prompt_ids: l
             prompt = pair["prompt"]
             ids, [reply] = tokenize_prompt(judge_tokenizer, prompt, [completion_of(prompt, text)], pair.get("tools"))
             sequences.append(ids + (reply[:-1] if isinstance(prompt, str) else reply))  # reward_model.py adds no EOS
-    batch = collate(
-        [(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, next(judge.parameters()).device
-    )
+    device = next(judge.parameters()).device
+    batch = collate([(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, device)
     return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
@@ -1107,8 +1102,7 @@ def sample_metrics(model, frozen, judge, prompts: list, tokenizer, args: Args, g
     """Text tasks: continuations of held-out prompts sampled from the policy (temperature 1), their
     KL to the reference (the summed log-ratio of the sampled tokens, averaged over samples), their
     mean VADER score on sentiment, and with --reward-model the win rate of the policy's samples
-    over the reference's, as the judge scores them (ties count half). The reference is `frozen`, or
-    under LoRA the policy with its adapters off."""
+    over the reference's, as the judge scores them (ties count half)."""
     device, mine = grid.device, share(prompts, grid.dp_rank, grid.dp_size)
     sums = torch.zeros(4, dtype=torch.float64)  # KL, VADER, wins, samples
     if mine:
@@ -1119,7 +1113,7 @@ def sample_metrics(model, frozen, judge, prompts: list, tokenizer, args: Args, g
         responses = generate(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
         batch = collate([(p + r, len(p)) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
-        with adapters_disabled(model):
+        with adapters_disabled(model):  # the reference: `frozen`, or under LoRA the policy with its adapters off
             reference_model = model if frozen is None else frozen
             log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
             if judge is not None:  # the reference's own samples, for the judge to compare
@@ -1129,9 +1123,8 @@ def sample_metrics(model, frozen, judge, prompts: list, tokenizer, args: Args, g
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             sums[1] = sum(vader().polarity_scores(text)["compound"] for text in texts)
         if judge is not None:
-            ours, theirs = (
-                judge_scores(*judge, tokenizer, mine, prompt_ids, r) for r in (responses, reference_responses)
-            )
+            ours = judge_scores(*judge, tokenizer, mine, prompt_ids, responses)
+            theirs = judge_scores(*judge, tokenizer, mine, prompt_ids, reference_responses)
             sums[2] = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).sum()
     sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu()
     metrics = {"eval/kl": (sums[0] / sums[3]).item()}
@@ -1146,11 +1139,10 @@ def evaluate(
     model, frozen, judge, eval_pairs: list, references: dict, eval_prompts: list, tokenizer, graph, args, grid, autocast
 ) -> dict:
     """The DPO loss, the accuracy (the chosen response's implicit reward above the rejected one's)
-    and the implicit rewards on the held-out pairs (references: reference_logprobs' table); then
-    what the policy generates: on randomwalks the optimality of its greedy and sampled walks, on
-    text tasks sample_metrics. Sampling runs on a forked RNG with a fixed seed per rank, so
-    evaluation never perturbs training and every evaluation draws comparable samples. The whole
-    model is gathered once (a no-op below ZeRO-3)."""
+    and the implicit rewards on the held-out pairs; then what the policy generates: on randomwalks
+    the optimality of its greedy and sampled walks, on text tasks sample_metrics. Sampling runs on a
+    forked RNG with a fixed seed per rank, so evaluation never perturbs training and every
+    evaluation draws comparable samples. The whole model is gathered once (a no-op below ZeRO-3)."""
     policy = all_pair_logprobs(model, eval_pairs, args, grid, tokenizer.pad_token_id, autocast)
     lengths = response_lengths(eval_pairs, policy.dtype)
     losses, chosen, rejected = preference_losses(policy, references["eval"], lengths, args)
