@@ -52,13 +52,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 import tyro
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import kernels
 import parallel
@@ -210,23 +204,16 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "randomwalks_pairs",
-        "max_new_tokens",
-        "generation_batch_size",
-        "eval_prompts",
-        "num_epochs",
-        "batch_size",
-        "eval_every",
-        "eval_samples_per_start",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "warmup_steps", "save_every", "lora_rank"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
+    # The least value of each integer flag (1 unless named here), with the reason where it is not plain.
+    least = dict(seed=0, warmup_steps=0, save_every=0, lora_rank=0, max_length=2, samples_per_prompt=2)
+    reason = {
+        "max_length": ": room for a prompt token and a response token",
+        "samples_per_prompt": ": a pair is two continuations of one prompt",
+    }
+    for name, kind in Args.__annotations__.items():
+        minimum = least.get(name, 1)
+        if kind is int:
+            require(getattr(args, name) >= minimum, name, f"must be at least {minimum}{reason.get(name, '')}")
     for flag in ("learning_rate", "max_grad_norm", "beta", "lora_alpha"):
         require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
     require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
@@ -234,14 +221,6 @@ def check_args(args: Args, world_size: int) -> Args:
     require(0 <= args.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5): the chance a label is flipped")
     if args.label_smoothing and args.loss == "ipo":
         fail("--label-smoothing is conservative DPO's; IPO has no label noise term: drop it or use --loss dpo")
-    require(
-        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; use at least 2"
-    )
-    require(
-        args.samples_per_prompt >= 2,
-        "samples_per_prompt",
-        "must be at least 2: a pair is two continuations of one prompt",
-    )
     require(args.pp == 1, "pp", "is not supported by dpo.py (no pipeline schedule); use --tp, --cp and --zero-stage")
     model_ranks = args.tp * args.cp
     layout = f"--tp {args.tp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
@@ -309,13 +288,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(RANDOMWALKS_SEED)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -323,11 +300,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -369,18 +346,6 @@ def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NO
         if nodes[position] == 0:
             return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
     return 0.0
-
-
-def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per node letter (token id = node index), then EOS, pad and unknown."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
-    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 def perturb_walk(walk: list, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NODES) -> list:
@@ -526,12 +491,7 @@ def preference_pair(record: dict, where: str) -> tuple:
             + (", ".join(record) or "none")
         )
     kind = ("standard" if isinstance(prompt, str) else "conversational") + " implicit-prompt" * implicit
-    return {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "tools": record.get("tools"),
-    }, f"{kind} preference"
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected, tools=record.get("tools")), f"{kind} preference"
 
 
 def load_pairs(task: str, data: Optional[str]) -> list:
@@ -572,11 +532,6 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 def load_sentiment_prompts(data: Optional[str]) -> list:
     """The openings to continue, each once: the shipped file, or --data's `{"prompt"}` records, all
     strings or all message lists."""
-    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(
-            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
-            f'pass --data with a file of {{"prompt": ...}} lines'
-        )
     path, prompts = data or SENTIMENT_PROMPTS, {}
     for number, record in enumerate(read_records(path), 1):
         prompt = record.get("prompt")
@@ -733,15 +688,6 @@ def tokenize_prompt(tokenizer, prompt, completions=(), tools=None) -> tuple:
     return prompt_ids, tails
 
 
-def fit_pair_side(prompt_ids: list, response_ids: list, max_length: int):
-    """(token ids of prompt + response, where the response starts, whether the prompt was cut) within
-    max_length, cut from the left of the prompt; None if the response alone does not fit."""
-    if len(response_ids) >= max_length:
-        return None
-    excess = max(0, len(prompt_ids) + len(response_ids) - max_length)
-    return prompt_ids[excess:] + response_ids, len(prompt_ids) - excess, excess > 0
-
-
 def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
     """((chosen ids, its response start), (rejected ids, its response start)) per pair, each the
     prompt's ids (an EOS for an empty one, a position to predict the response from) then a
@@ -754,12 +700,12 @@ def tokenize_pairs(tokenizer, pairs: list, max_length: int) -> list:
         )
         prompt_ids = prompt_ids or [tokenizer.eos_token_id]
         responses = [pair.get(f"{key}_ids") or ids for key, ids in zip(("chosen", "rejected"), responses)]
-        sides = [fit_pair_side(prompt_ids, ids, max_length) for ids in responses]
-        if None in sides:
+        if max(map(len, responses)) >= max_length:
             too_long += 1
             continue
-        truncated += sides[0][2] or sides[1][2]
-        tokenized.append(tuple(side[:2] for side in sides))
+        cuts = [max(0, len(prompt_ids) + len(ids) - max_length) for ids in responses]
+        truncated += max(cuts) > 0
+        tokenized.append(tuple((prompt_ids[cut:] + ids, len(prompt_ids) - cut) for ids, cut in zip(responses, cuts)))
     if truncated:
         print(
             f"{truncated} of {len(pairs)} pairs are longer than --max-length {max_length} tokens: their prompts were "
@@ -850,8 +796,8 @@ class LoRA(torch.nn.Module):
         return layer
 
 
-def add_lora(model, rank: int, alpha: float, targets: str) -> list:
-    """Freeze the model and wrap the chosen linear layers of its decoder blocks with LoRA; returns the wrappers."""
+def add_lora(model, rank: int, alpha: float, targets: str):
+    """Freeze the model and wrap the chosen linear layers of its decoder blocks with LoRA."""
     count = model.config.num_hidden_layers
     blocks = [m for m in model.base_model.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     if len(blocks) != 1:
@@ -863,16 +809,13 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
         for name, module in list(block.named_modules()):
             is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
             if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, LoRA(module, rank, alpha))
-                wrapped.append(getattr(parent, child))
+                wrapped.append(LoRA(module, rank, alpha))
+                block.set_submodule(name, wrapped[-1])
     if not wrapped:
         fail(
             f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
             "c_attn (GPT-2)"
         )
-    return wrapped
 
 
 @contextlib.contextmanager
@@ -896,8 +839,7 @@ def merge_lora(model) -> torch.nn.Module:
     merged = copy.deepcopy(model)
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRA):
-            parent_name, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name), child, module.merged())
+            merged.set_submodule(name, module.merged())
     return merged
 
 
@@ -975,16 +917,14 @@ def preference_losses(policy: torch.Tensor, reference: torch.Tensor, lengths: to
     return losses, rewards[:, 0], rewards[:, 1]
 
 
-def accumulate_gradients(
-    model, pairs: list, reference: torch.Tensor, batch_pairs: int, args: Args, grid, pad_token_id, autocast
-):
+def accumulate_gradients(model, pairs: list, reference: torch.Tensor, args: Args, grid, pad_token_id, autocast):
     """Backward over this rank's share of the batch in micro-batches; returns the summed [loss,
     pairs ranked right, chosen reward, rejected reward] of the share.
 
-    Each micro-batch's summed loss is divided by the pair count of the whole global batch, not its
-    own, so the accumulated gradient equals the one-big-batch gradient exactly. The data-parallel
-    reduction averages over ranks, hence the factor dp_size. Only the last micro-batch's backward
-    communicates (no_sync on the others)."""
+    Each micro-batch's summed loss is divided by --batch-size, the pair count of the whole global
+    batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
+    data-parallel reduction averages over ranks, hence the factor dp_size. Only the last
+    micro-batch's backward communicates (no_sync on the others)."""
     sums = torch.zeros(4, dtype=torch.float64)
     starts = range(0, len(pairs), args.micro_batch_size)
     for start in starts:
@@ -998,15 +938,9 @@ def accumulate_gradients(
                 response_lengths(micro_batch, chosen.dtype).to(chosen.device),
                 args,
             )
-            (losses.sum() / batch_pairs * grid.dp_size).backward()
-        sums += (
-            torch.stack(
-                [losses.sum(), (chosen_rewards > rejected_rewards).sum(), chosen_rewards.sum(), rejected_rewards.sum()]
-            )
-            .detach()
-            .double()
-            .cpu()
-        )
+            (losses.sum() / args.batch_size * grid.dp_size).backward()
+        right = chosen_rewards > rejected_rewards
+        sums += torch.stack([losses.sum(), right.sum(), chosen_rewards.sum(), rejected_rewards.sum()]).detach().cpu()
     return sums
 
 
@@ -1029,10 +963,8 @@ def all_pair_logprobs(model, pairs: list, args: Args, grid, pad_token_id, autoca
     with model.gathered(), autocast:
         mine = share(pairs, grid.dp_rank, grid.dp_size)
         for start in range(0, len(mine), args.micro_batch_size):
-            chosen, rejected = pair_logprobs(
-                model.module, mine[start : start + args.micro_batch_size], pad_token_id, grid.device
-            )
-            rows.append(torch.stack([chosen, rejected], 1).cpu())
+            micro_batch = mine[start : start + args.micro_batch_size]
+            rows.append(torch.stack(pair_logprobs(model.module, micro_batch, pad_token_id, grid.device), 1).cpu())
     model.train(was_training)
     gathered = [row for part in parallel.all_gather_objects(rows, grid.dp_group) for row in part]
     return torch.cat(gathered).to(param_dtype(args))
@@ -1054,11 +986,9 @@ def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, p
             )
         return saved["reference_logprobs"]
     with adapters_disabled(model.module):
-        table = {
-            split: all_pair_logprobs(model, pairs, args, grid, pad_token_id, autocast)
-            for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
-        }
-    return {**table, "pairs": fingerprint}
+        train = all_pair_logprobs(model, train_pairs, args, grid, pad_token_id, autocast)
+        held_out = all_pair_logprobs(model, eval_pairs, args, grid, pad_token_id, autocast)
+    return {"train": train, "eval": held_out, "pairs": fingerprint}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list:
@@ -1163,13 +1093,12 @@ def judge_scores(judge, judge_tokenizer, tokenizer, prompts: list, prompt_ids: l
             prompt = pair["prompt"]
             ids, [reply] = tokenize_prompt(judge_tokenizer, prompt, [completion_of(prompt, text)], pair.get("tools"))
             sequences.append(ids + (reply[:-1] if isinstance(prompt, str) else reply))  # reward_model.py adds no EOS
-    batch = collate(
-        [(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, next(judge.parameters()).device
-    )
+    device = next(judge.parameters()).device
+    batch = collate([(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, device)
     return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
-def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args, grid) -> dict:
+def sample_metrics(model, frozen, judge, prompts: list, tokenizer, args: Args, grid) -> dict:
     """Text tasks: continuations of held-out prompts sampled from the policy (temperature 1), their
     KL to the reference (the summed log-ratio of the sampled tokens, averaged over samples), their
     mean VADER score on sentiment, and with --reward-model the win rate of the policy's samples
@@ -1184,7 +1113,8 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
         responses = generate(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
         batch = collate([(p + r, len(p)) for p, r in zip(prompt_ids, responses)], tokenizer.pad_token_id, device)
         policy_logprobs = sequence_logprobs(model, batch)  # before the adapters go off under LoRA
-        with reference() as reference_model:
+        with adapters_disabled(model):  # the reference: `frozen`, or under LoRA the policy with its adapters off
+            reference_model = model if frozen is None else frozen
             log_ratio = policy_logprobs - sequence_logprobs(reference_model, batch)
             if judge is not None:  # the reference's own samples, for the judge to compare
                 reference_responses = generate(reference_model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, device)
@@ -1193,9 +1123,8 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             sums[1] = sum(vader().polarity_scores(text)["compound"] for text in texts)
         if judge is not None:
-            ours, theirs = (
-                judge_scores(*judge, tokenizer, mine, prompt_ids, r) for r in (responses, reference_responses)
-            )
+            ours = judge_scores(*judge, tokenizer, mine, prompt_ids, responses)
+            theirs = judge_scores(*judge, tokenizer, mine, prompt_ids, reference_responses)
             sums[2] = ((ours > theirs).double() + 0.5 * (ours == theirs).double()).sum()
     sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu()
     metrics = {"eval/kl": (sums[0] / sums[3]).item()}
@@ -1207,28 +1136,16 @@ def sample_metrics(model, reference, judge, prompts: list, tokenizer, args: Args
 
 
 def evaluate(
-    model,
-    reference,
-    judge,
-    eval_pairs: list,
-    eval_reference,
-    eval_prompts: list,
-    tokenizer,
-    graph,
-    args,
-    grid,
-    autocast,
+    model, frozen, judge, eval_pairs: list, references: dict, eval_prompts: list, tokenizer, graph, args, grid, autocast
 ) -> dict:
     """The DPO loss, the accuracy (the chosen response's implicit reward above the rejected one's)
     and the implicit rewards on the held-out pairs; then what the policy generates: on randomwalks
     the optimality of its greedy and sampled walks, on text tasks sample_metrics. Sampling runs on a
     forked RNG with a fixed seed per rank, so evaluation never perturbs training and every
-    evaluation draws comparable samples. The whole model is gathered once (a no-op below ZeRO-3).
-    reference: a context manager giving the reference model (text tasks)."""
+    evaluation draws comparable samples. The whole model is gathered once (a no-op below ZeRO-3)."""
     policy = all_pair_logprobs(model, eval_pairs, args, grid, tokenizer.pad_token_id, autocast)
-    losses, chosen, rejected = preference_losses(
-        policy, eval_reference, response_lengths(eval_pairs, policy.dtype), args
-    )
+    lengths = response_lengths(eval_pairs, policy.dtype)
+    losses, chosen, rejected = preference_losses(policy, references["eval"], lengths, args)
     metrics = {
         "eval/loss": losses.mean().item(),
         "eval/accuracy": (chosen > rejected).double().mean().item(),
@@ -1251,7 +1168,7 @@ def evaluate(
                 scores = [s for part in parallel.all_gather_objects(scores, grid.dp_group) for s in part]
                 metrics[f"eval/optimality_{name}"] = float(np.mean(scores))
         else:
-            metrics.update(sample_metrics(sampler, reference, judge, eval_prompts, tokenizer, args, grid))
+            metrics.update(sample_metrics(sampler, frozen, judge, eval_prompts, tokenizer, args, grid))
     model.train()
     return metrics
 
@@ -1316,8 +1233,7 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         eval_prompts = {json.dumps(prompts[i]) for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
         if checkpoint:
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-            pairs = read_records(os.path.join(run_dir, SENTIMENT_PAIRS))
+            pairs = read_records(os.path.join(parallel.run_directory(checkpoint), SENTIMENT_PAIRS))
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
         eval_pairs = [p for p in pairs if json.dumps(p["prompt"]) in eval_prompts]
@@ -1396,8 +1312,7 @@ def main(args: Args):
     # (under LoRA, the policy with its adapters off; randomwalks needs none after the log-probs).
     train_pairs, eval_pairs, pairs, graph = preference_pairs(args, grid, checkpoint)
     policy, tokenizer = load_policy(args, checkpoint, device)
-    context = model_context(policy.config)
-    max_length = min(args.max_length, context) if context else args.max_length
+    max_length = min(args.max_length, model_context(policy.config) or args.max_length)
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
     eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)
     eval_prompts = list({json.dumps(p["prompt"]): p for p in eval_pairs}.values())[: args.eval_prompts]
@@ -1415,14 +1330,6 @@ def main(args: Args):
     optimizer = model.make_optimizer(torch.optim.AdamW, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
-    @contextlib.contextmanager
-    def reference():
-        if frozen is not None:
-            yield frozen
-        else:
-            with adapters_disabled(model.module):
-                yield model.module
-
     # The reference's log-probabilities of every pair (a resumed run reads its checkpoint's), then the run directory.
     layout = ("zero_stage", "tp", "cp", "lora_rank")
     states = parallel.load_checkpoint(checkpoint, grid, asdict(args), layout) if checkpoint else (None, None)
@@ -1439,17 +1346,7 @@ def main(args: Args):
 
     def evaluation() -> dict:
         results = evaluate(
-            model,
-            reference,
-            judge,
-            eval_sequences,
-            references["eval"],
-            eval_prompts,
-            tokenizer,
-            graph,
-            args,
-            grid,
-            autocast,
+            model, frozen, judge, eval_sequences, references, eval_prompts, tokenizer, graph, args, grid, autocast
         )
         if grid.is_main:
             progress.write(f"step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in results.items()))
@@ -1466,21 +1363,11 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[
-            position * args.batch_size : (position + 1) * args.batch_size
-        ]
-        mine = indices[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        sums = accumulate_gradients(
-            model,
-            [train_sequences[i] for i in mine],
-            references["train"][mine],
-            len(indices),
-            args,
-            grid,
-            pad,
-            autocast,
-        )
-        sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / len(indices)
+        start = position * args.batch_size + grid.dp_rank * local_batch_size  # this rank's share of the batch
+        mine = epoch_order(len(train_sequences), args.seed, epoch)[start : start + local_batch_size]
+        batch = [train_sequences[i] for i in mine]
+        sums = accumulate_gradients(model, batch, references["train"][mine], args, grid, pad, autocast)
+        sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / args.batch_size
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(sums[0]) or not torch.isfinite(grad_norm):  # every rank sees the same sums
             fail(
@@ -1542,17 +1429,9 @@ def main(args: Args):
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    last_step = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "step": step,
-                **summary,
-                "start": first,
-                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"step": step, **summary, "start": first, "last_step": last_step}, file, indent=1)
     print(
         f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import dpo
 import parallel
+import sft
 from conftest import (
     SAME_MATH,
     assert_same_weights,
@@ -59,7 +60,7 @@ def test_losses_and_rewards_match_a_hand_computation(loss, smoothing, expected):
 
 
 def test_response_logprobs_are_the_plain_softmax_of_the_response_tokens(tmp_path):
-    path = save_tiny_model(tmp_path / "policy", "llama", tokenizer=dpo.randomwalks_tokenizer())
+    path = save_tiny_model(tmp_path / "policy", "llama", tokenizer=sft.randomwalks_tokenizer())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     pairs = [(([1, 2, 3, 4], 2), ([1, 5, 21], 1)), (([7, 8], 1), ([7, 9, 10, 11, 12], 3))]
     chosen, rejected = dpo.pair_logprobs(model, pairs, 22, torch.device("cpu"))
@@ -94,7 +95,7 @@ FLAGS = [
 @pytest.fixture(scope="module")
 def walk_policy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("policy")
-    return save_tiny_model(folder / "policy", "llama", tokenizer=dpo.randomwalks_tokenizer())
+    return save_tiny_model(folder / "policy", "llama", tokenizer=sft.randomwalks_tokenizer())
 
 
 @pytest.mark.parametrize("variant", [[], ["--lora-rank", "2", "--lora-alpha", "4"]], ids=["copy", "lora"])
@@ -127,7 +128,7 @@ def test_attention_dropout_is_off_so_the_first_step_starts_at_the_reference(tmp_
     nn.Dropout module: at 0.3 the first step's training forward drew masks, and its log-ratios to the
     reference (computed in eval mode) were not 0. One pair per micro-batch, as the reference's were
     computed, so the two forwards are the same computation: every implicit reward is exactly 0."""
-    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=dpo.randomwalks_tokenizer(), attention_dropout=0.3)
+    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=sft.randomwalks_tokenizer(), attention_dropout=0.3)
     flags = [
         "--randomwalks-pairs",
         "8",
