@@ -328,28 +328,12 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "samples_per_prompt",
-        "num_updates",
-        "batch_size",
-        "mini_batch_size",
-        "generation_batch_size",
-        "ppo_epochs",
-        "kl_horizon",
-        "max_new_tokens",
-        "max_prompt_length",
-        "eval_every",
-        "eval_samples_per_start",
-        "eval_samples",
-        "eval_prompts",
-        "max_turns",
-        "digits",
-        "train_problems",
-        "keep_checkpoints",
-    ):
+    at_least_one = (
+        "tp pp cp samples_per_prompt num_updates batch_size mini_batch_size generation_batch_size ppo_epochs "
+        "kl_horizon max_new_tokens max_prompt_length eval_every eval_samples_per_start eval_samples eval_prompts "
+        "max_turns digits train_problems keep_checkpoints"
+    )
+    for flag in at_least_one.split():
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "lora_rank", "top_k", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
@@ -363,7 +347,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in ("reward_clip", "target_kl", "cliprange_high"):
         value = getattr(args, flag)
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
-    for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
+    for flag in ("vf_coef", "entropy_coef", "init_kl_coef", "format_reward"):
         require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
     require(
         args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
@@ -480,7 +464,6 @@ def check_args(args: Args, world_size: int) -> Args:
         "operations",
         'must be some of the operators + - * (e.g. "+-*")',
     )
-    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
     require(0 < args.env_timeout < math.inf, "env_timeout", "must be a positive number of seconds")
     if args.env and (args.reward_model or args.reward_fn or args.reward_normalization == "first-batch"):
         fail(f"--env {args.env} gives the reward; drop --reward-model, --reward-fn and --reward-normalization")
@@ -517,10 +500,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+def random_walks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
+    """The graph (boolean adjacency [n, n]), drawn exactly as trlX does; trlX then draws its walks from the same
+    generator, which PPO, scoring its own walks, does not need."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(n_nodes, n_nodes) > 0.9
@@ -529,19 +511,7 @@ def generate_random_walks(
             break
     adjacency[0, :] = False  # the goal is absorbing
     adjacency[0, 0] = True
-    walks = []
-    for _ in range(n_walks):
-        node = rng.randint(n_nodes)
-        while node == 0:
-            node = rng.randint(n_nodes)
-        walk = [node]
-        for _ in range(max_nodes - 1):
-            node = rng.choice(np.nonzero(adjacency[node])[0])
-            walk.append(node)
-            if node == 0:
-                break
-        walks.append(walk)
-    return adjacency, walks
+    return adjacency
 
 
 def node_letter(node: int) -> str:
@@ -1593,7 +1563,7 @@ class Reward:
     def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
         self.args, self.dtype, self.tokenizer, self.end_ids = args, dtype, tokenizer, end_ids
         if args.task == "randomwalks":
-            self.adjacency, _ = generate_random_walks()
+            self.adjacency = random_walks_graph()
             self.shortest = shortest_path_nodes(self.adjacency)
         reward_device = torch.device(args.reward_device) if args.reward_device else device
         # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
@@ -1858,6 +1828,14 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
     after the policy's end-of-turn id, then the new messages and the generation prompt). Returns per episode its
     opening's ids, the ids after it with their sampler log-probs, which are the policy's, and the step rewards
     (each on the last token of the turn that earned it), and whether the environment ended it."""
+
+    def extend(episode: dict, ids: list, logprobs: list, by_policy: bool):
+        """A stretch of the policy's tokens, or of the environment's (log-prob 0), with reward 0 until a step's."""
+        episode["ids"] += ids
+        episode["logprobs"] += logprobs
+        episode["policy"] += [by_policy] * len(ids)
+        episode["rewards"] += [0.0] * len(ids)
+
     envs = [call_env(env_class, row, args=args) for row in rows]
     episodes = [{"messages": call_env(env.reset, args=args), "ids": [], "logprobs": [], "policy": []} for env in envs]
     for episode in episodes:
@@ -1876,10 +1854,7 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
         for (env, episode), room, reply, reply_logprobs in zip(running, rooms, generated.tolist(), logprobs.tolist()):
             length = next((i + 1 for i, token in enumerate(reply[:room]) if token in end_ids), None)
             reply = reply[: length or room]
-            episode["ids"] += reply
-            episode["logprobs"] += reply_logprobs[: len(reply)]
-            episode["policy"] += [True] * len(reply)
-            episode["rewards"] += [0.0] * len(reply)
+            extend(episode, reply, reply_logprobs[: len(reply)], by_policy=True)
             if length is None:  # out of budget
                 continue
             message = {"role": "assistant", "content": tokenizer.decode(reply[:-1], skip_special_tokens=True)}
@@ -1891,10 +1866,8 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
             if not (added == [] or is_conversation(added)) or {m["role"] for m in added} - {"user", "tool"}:
                 fail(f"--env {args.env}: step() returned messages {added!r:.100}; return role user or tool messages")
             conversation = episode["messages"] + [message]
-            before, replied = (
-                render(tokenizer, episode["messages"], add_generation_prompt=True),
-                render(tokenizer, conversation),
-            )
+            before = render(tokenizer, episode["messages"], add_generation_prompt=True)
+            replied = render(tokenizer, conversation)
             after = render(tokenizer, conversation + added, add_generation_prompt=True)
             if replied[: len(before)] != before or after[: len(replied)] != replied:
                 fail(
@@ -1907,10 +1880,7 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
             if episode["done"] or len(episode["ids"]) + len(increment) >= args.max_new_tokens:
                 continue
             episode["messages"] = conversation + added
-            episode["ids"] += increment
-            episode["logprobs"] += [0.0] * len(increment)
-            episode["policy"] += [False] * len(increment)
-            episode["rewards"] += [0.0] * len(increment)
+            extend(episode, increment, [0.0] * len(increment), by_policy=False)
             still.append((env, episode))
         running = still
         if not running:
@@ -1928,22 +1898,12 @@ def episode_tensors(episodes: list, args: Args, pad_token_id: int, device, dtype
         rows = [e[key] + [fill] * (args.max_new_tokens - len(e[key])) for e in episodes]
         return torch.tensor(rows, dtype=kind, device=device)
 
-    real = (
-        torch.arange(args.max_new_tokens, device=device)
-        < torch.tensor([len(e["ids"]) for e in episodes], device=device)[:, None]
-    )
+    lengths = torch.tensor([len(e["ids"]) for e in episodes], device=device)
+    real = torch.arange(args.max_new_tokens, device=device) < lengths[:, None]
     done = torch.tensor([e["done"] for e in episodes], device=device)
-    policy, rewards = padded("policy", False, torch.bool), padded("rewards", 0.0, dtype)
-    return (
-        prompt_ids,
-        prompt_mask,
-        padded("ids", pad_token_id, torch.long),
-        real,
-        policy,
-        padded("logprobs", 0.0, dtype),
-        rewards,
-        done,
-    )
+    ids, policy = padded("ids", pad_token_id, torch.long), padded("policy", False, torch.bool)
+    logprobs, rewards = padded("logprobs", 0.0, dtype), padded("rewards", 0.0, dtype)
+    return prompt_ids, prompt_mask, ids, real, policy, logprobs, rewards, done
 
 
 def truncate_and_score(
@@ -2030,17 +1990,9 @@ def evaluate(
         for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
             prompts = [p for p in eval_prompts for _ in range(copies)]
             chunks = deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank)
+            env = (reward.env_class, prompts, greedy)
             samples = sample_chunks(
-                models,
-                None,
-                None,
-                chunks,
-                args,
-                tokenizer,
-                reward.end_ids,
-                f"eval {name}",
-                autocast,
-                (reward.env_class, prompts, greedy),
+                models, None, None, chunks, args, tokenizer, reward.end_ids, f"eval {name}", autocast, env
             )
             episodes = [e for share in parallel.all_gather_objects(samples, grid.dp_group) for c in share for e in c]
             metrics[f"eval/score_{name}"] = float(np.mean([sum(e["rewards"]) for e in episodes]))
@@ -2540,16 +2492,9 @@ def main(args: Args):
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    last_update = {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "update": update,
-                **summary,
-                "last_update": {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"update": update, **summary, "last_update": last_update}, file, indent=1)
     print(
         f"saved {run_dir} after {update} updates in {time.time() - started:.0f}s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
