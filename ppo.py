@@ -843,19 +843,19 @@ def score(model, tokenizer, records: list, responses: list, sequences=None, batc
     is what is judged, and its last token is where the score is read). Normalise with the statistics in the
     model's config: (score - config.reward_mean) / config.reward_std. The score is read at each sequence's last real
     token (the transformers class finds the rightmost non-pad token, so a pad token must not occur inside the text)."""
-    max_length = model_context(model.config) or 1 << 30
+    # The longest sequence the model's position embeddings allow, when the config says.
+    max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_length = max_length or 1 << 30
     device = next(model.parameters()).device
     sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
     sequences = [ids[-max_length:] for ids in sequences]
-    was_training, scores = model.training, []
-    model.eval()
+    scores = []  # the model was loaded in eval mode (load_reward_model), and only scores
     for i in range(0, len(sequences), batch_size):
         input_ids, attention_mask, position_ids = pad_batch(
             sequences[i : i + batch_size], tokenizer.pad_token_id, device
         )
         output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         scores.append(upcast(output.logits[:, 0]).cpu())
-    model.train(was_training)
     return torch.cat(scores)
 
 
@@ -1380,11 +1380,6 @@ def ppo_losses(
 # ---------------------------------------------------------------------------------------------
 # Generation, run directory, checkpoints
 # ---------------------------------------------------------------------------------------------
-def model_context(config):
-    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list:
     """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -2038,19 +2033,20 @@ def evaluate(
             # In chunk order.
             results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]
 
-            def mean(key):
-                # nanmean: a response a --reward-fn gave None has no score to average
-                return (
-                    torch.tensor([value for result in results for value in result[key]], dtype=dtype).nanmean().item()
-                )
+            def joined(key):
+                return [value for result in results for value in result[key]]
+
+            def mean(key):  # nanmean: a response a --reward-fn gave None has no score to average
+                return torch.tensor(joined(key), dtype=dtype).nanmean().item()
 
             metrics.update(
                 {f"eval/{key}_{name}": mean(key) for key in ("score", "optimality", "vader") if key in results[0]}
             )
-            texts = [text for result in results for text in result["text"]]
+            texts = joined("text")
             if args.task == "arithmetic":
-                lengths = [n for result in results for n in result["length"]]
-                metrics.update(arithmetic_metrics(name, texts, [p["answer"] for p in prompts], lengths, copies))
+                metrics.update(
+                    arithmetic_metrics(name, texts, [p["answer"] for p in prompts], joined("length"), copies)
+                )
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
                 if reward.model is not None:
@@ -2179,15 +2175,6 @@ def minibatch_loss(tally: dict, grid) -> float:
     loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
     tally["loss"].zero_()
     return loss
-
-
-def samples_table(wandb_run, columns: list, rows: list) -> dict:
-    """{"samples": a wandb table of the evaluation's samples} when logging to wandb, else {}."""
-    if not wandb_run:
-        return {}
-    import wandb
-
-    return {"samples": wandb.Table(columns=columns, data=rows)}
 
 
 def stop_unless_finite(loss: float, grad_norm, where: str):
@@ -2463,7 +2450,11 @@ def main(args: Args):
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, eval_rows = evaluate(models, reward, eval_prompts, tokenizer, args, update, autocast, dtype)
-            metrics.update(eval_metrics, **samples_table(wandb_run, ["update", "prompt", "response"], eval_rows))
+            metrics.update(eval_metrics)
+            if wandb_run:  # the evaluation's samples, as a table
+                import wandb
+
+                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=eval_rows)
             if grid.is_main:
                 progress.write(f"update {update}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in eval_metrics.items()))
         if wandb_run:
