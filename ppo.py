@@ -803,8 +803,8 @@ def reward_model_ids(tokenizer, record: dict, response: str) -> list:
 
 
 def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
-    """input_ids, attention_mask and position_ids of a padded batch. Positions follow the attention
-    mask, so a left-padded sequence sees the same positions as a right-padded one and scores the same."""
+    """input_ids and attention_mask of a padded batch. Give the model positions_from_mask: a left-padded sequence
+    then sees the same positions as a right-padded one, and scores the same."""
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -812,8 +812,7 @@ def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
         columns = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
         input_ids[row, columns] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, columns] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()
@@ -832,10 +831,10 @@ def score(model, tokenizer, records: list, responses: list, sequences=None, batc
     sequences = [ids[-max_length:] for ids in sequences]
     scores = []  # the model was loaded in eval mode (load_reward_model), and only scores
     for i in range(0, len(sequences), batch_size):
-        input_ids, attention_mask, position_ids = pad_batch(
-            sequences[i : i + batch_size], tokenizer.pad_token_id, device
+        input_ids, attention_mask = pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id, device)
+        output = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
         )
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         scores.append(upcast(output.logits[:, 0]).cpu())
     return torch.cat(scores)
 
@@ -1117,27 +1116,26 @@ def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temp
 def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
     """response_logprobs from the trunk's last (final-normed) hidden states [B, T, H], as the
     model's trunk or the last pipeline stage returns them. They go straight to
-    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built."""
-    hidden = hidden[:, prompt_length - 1 : -1]
-    result = head_logprobs(head, hidden, input_ids[:, prompt_length:], temperature, with_entropy)
-    logprobs, entropy = result if with_entropy else (result, None)
-    return logprobs, entropy, hidden
-
-
-def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, with_entropy: bool):
-    """kernels.fused_logprobs with the LM head's weight, run as the head module's forward for this
-    one call: hooks on the head then fire as for any module call, which ZeRO-3 needs (it gathers
-    the head's weight before the forward and again before the backward, and frees it after).
-    Under --tp the head is this rank's slice of the vocabulary (parallel.ColumnParallelLinear),
-    and fused_logprobs combines the slices over its group: no rank ever holds whole logits."""
-    group = getattr(head, "group", None)
+    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built. It runs as
+    the head module's forward for this one call: hooks on the head then fire as for any module
+    call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
+    backward, and frees it after). Under --tp the head is this rank's slice of the vocabulary
+    (parallel.ColumnParallelLinear), and fused_logprobs combines the slices over its group: no
+    rank ever holds whole logits."""
+    hidden, labels, group = (
+        hidden[:, prompt_length - 1 : -1],
+        input_ids[:, prompt_length:],
+        getattr(head, "group", None),
+    )
     head.forward = lambda x: kernels.fused_logprobs(
         x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group
     )
     try:
-        return head(hidden)
+        result = head(hidden)
     finally:
         del head.forward
+    logprobs, entropy = result if with_entropy else (result, None)
+    return logprobs, entropy, hidden
 
 
 class Critic(torch.nn.Module):
@@ -1439,7 +1437,7 @@ def chunk_seed(seed: int, stream: str, chunk: int) -> int:
 def encode_prompts(tokenizer, records: list, max_prompt_length: int, device):
     """Left-padded token ids and mask of prompt records (prompt_tokens): generation starts where every prompt ends."""
     ids = [prompt_tokens(tokenizer, record, max_prompt_length) for record in records]
-    return pad_batch(ids, tokenizer.pad_token_id, device, side="left")[:2]
+    return pad_batch(ids, tokenizer.pad_token_id, device, side="left")
 
 
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
@@ -1638,7 +1636,7 @@ class Models:
 
     def as_reference(self):
         """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
-        return adapters_disabled(self.adapters) if self.adapters else contextlib.nullcontext()
+        return adapters_disabled(self.adapters)  # no adapters: nothing to switch off
 
     def reference_gathered(self):
         return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
@@ -1823,7 +1821,7 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
     for _ in range(args.max_turns):
         rooms = [args.max_new_tokens - len(episode["ids"]) for _, episode in running]
         contexts = [episode["prompt"] + episode["ids"] for _, episode in running]
-        prompt_ids, prompt_mask, _ = pad_batch(contexts, tokenizer.pad_token_id, sampler.device, "left")
+        prompt_ids, prompt_mask = pad_batch(contexts, tokenizer.pad_token_id, sampler.device, "left")
         turn_args = replace(args, max_new_tokens=max(rooms))
         generated, logprobs = generate(sampler, prompt_ids, prompt_mask, turn_args, tokenizer, end_ids, greedy)
         still = []
@@ -1868,7 +1866,7 @@ def episode_tensors(episodes: list, args: Args, pad_token_id: int, device, dtype
     """The batch of --env episodes as the update takes it: (prompt ids and mask, the openings left-padded, then
     [B, --max-new-tokens] tensors: ids, mask of real tokens, mask of the policy's tokens, sampler log-probs, step
     rewards, and whether the environment ended each episode)."""
-    prompt_ids, prompt_mask, _ = pad_batch([e["prompt"] for e in episodes], pad_token_id, device, "left")
+    prompt_ids, prompt_mask = pad_batch([e["prompt"] for e in episodes], pad_token_id, device, "left")
 
     def padded(key, fill, kind):
         rows = [e[key] + [fill] * (args.max_new_tokens - len(e[key])) for e in episodes]
@@ -1955,14 +1953,9 @@ def evaluate(
     of forwards without per-block collectives; under --pp whole copies are gathered from the
     stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
     grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
-    policy.eval()
-    sampler = models.whole(models.stage if models.stage is not None else policy)
-    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
-    reference_sampler = policy if models.reference is None else models.whole(models.reference)
-    fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
-    if args.env:  # episodes, scored by their summed step rewards
+    if args.env:  # episodes (sample_chunks gathers the sampler), scored by their summed step rewards
         for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
             prompts = [p for p in eval_prompts for _ in range(copies)]
             chunks = deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank)
@@ -1974,8 +1967,13 @@ def evaluate(
             metrics[f"eval/score_{name}"] = float(np.mean([sum(e["rewards"]) for e in episodes]))
             turns = [sum(now and not then for now, then in zip(e["policy"], [False] + e["policy"])) for e in episodes]
             metrics[f"eval/turns_{name}"] = float(np.mean(turns))
-        policy.train()
         return metrics, []
+
+    policy.eval()
+    sampler = models.whole(models.stage if models.stage is not None else policy)
+    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    reference_sampler = policy if models.reference is None else models.whole(models.reference)
+    fork_devices = [device] if device.type == "cuda" else []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
