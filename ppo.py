@@ -2420,11 +2420,10 @@ def main(args: Args):
 
         # Statistics of the update, gathered once; evaluation; checkpoint (plumbing).
         metrics = gather_statistics(tally, grid, local_mini_batch_size // args.micro_batch_size, args.pp > 1)
+        metrics.update(update_metrics(batch, raw_mean, sequence_kl, has_eos, sampler_logprob_gap))
         metrics.update(
-            update_metrics(batch, score_mean=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap)
+            {"time/updates_per_s": (update - start_update) / (time.time() - started)}, **timer.seconds, **is_stats
         )
-        metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
-        metrics.update(is_stats)
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
