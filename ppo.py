@@ -1122,11 +1122,8 @@ def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperatur
     backward, and frees it after). Under --tp the head is this rank's slice of the vocabulary
     (parallel.ColumnParallelLinear), and fused_logprobs combines the slices over its group: no
     rank ever holds whole logits."""
-    hidden, labels, group = (
-        hidden[:, prompt_length - 1 : -1],
-        input_ids[:, prompt_length:],
-        getattr(head, "group", None),
-    )
+    hidden, labels = hidden[:, prompt_length - 1 : -1], input_ids[:, prompt_length:]
+    group = getattr(head, "group", None)
     head.forward = lambda x: kernels.fused_logprobs(
         x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group
     )
@@ -2023,9 +2020,8 @@ def evaluate(
             )
             texts = joined("text")
             if args.task == "arithmetic":
-                metrics.update(
-                    arithmetic_metrics(name, texts, [p["answer"] for p in prompts], joined("length"), copies)
-                )
+                lengths = joined("length")
+                metrics.update(arithmetic_metrics(name, texts, [p["answer"] for p in prompts], lengths, copies))
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
                 if reward.model is not None:
@@ -2154,6 +2150,15 @@ def minibatch_loss(tally: dict, grid) -> float:
     loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
     tally["loss"].zero_()
     return loss
+
+
+def samples_table(wandb_run, columns: list, rows: list) -> dict:
+    """{"samples": a wandb table of the evaluation's samples} when logging to wandb, else {}."""
+    if not wandb_run:
+        return {}
+    import wandb
+
+    return {"samples": wandb.Table(columns=columns, data=rows)}
 
 
 def stop_unless_finite(loss: float, grad_norm, where: str):
@@ -2428,11 +2433,7 @@ def main(args: Args):
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, eval_rows = evaluate(models, reward, eval_prompts, tokenizer, args, update, autocast, dtype)
-            metrics.update(eval_metrics)
-            if wandb_run:  # the evaluation's samples, as a table
-                import wandb
-
-                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=eval_rows)
+            metrics.update(eval_metrics, **samples_table(wandb_run, ["update", "prompt", "response"], eval_rows))
             if grid.is_main:
                 progress.write(f"update {update}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in eval_metrics.items()))
         if wandb_run:
