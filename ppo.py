@@ -70,14 +70,7 @@ import numpy as np
 import torch
 import tqdm
 import tyro
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import kernels
 import parallel
@@ -328,28 +321,12 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "samples_per_prompt",
-        "num_updates",
-        "batch_size",
-        "mini_batch_size",
-        "generation_batch_size",
-        "ppo_epochs",
-        "kl_horizon",
-        "max_new_tokens",
-        "max_prompt_length",
-        "eval_every",
-        "eval_samples_per_start",
-        "eval_samples",
-        "eval_prompts",
-        "max_turns",
-        "digits",
-        "train_problems",
-        "keep_checkpoints",
-    ):
+    at_least_one = (
+        "tp pp cp samples_per_prompt num_updates batch_size mini_batch_size generation_batch_size ppo_epochs "
+        "kl_horizon max_new_tokens max_prompt_length eval_every eval_samples_per_start eval_samples eval_prompts "
+        "max_turns digits train_problems keep_checkpoints"
+    )
+    for flag in at_least_one.split():
         require(getattr(args, flag) >= 1, flag, "must be at least 1")
     for flag in ("seed", "lora_rank", "top_k", "save_every"):
         require(getattr(args, flag) >= 0, flag, "must be 0 or more")
@@ -363,7 +340,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in ("reward_clip", "target_kl", "cliprange_high"):
         value = getattr(args, flag)
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
-    for flag in ("vf_coef", "entropy_coef", "init_kl_coef"):
+    for flag in ("vf_coef", "entropy_coef", "init_kl_coef", "format_reward"):
         require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
     require(
         args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
@@ -480,7 +457,6 @@ def check_args(args: Args, world_size: int) -> Args:
         "operations",
         'must be some of the operators + - * (e.g. "+-*")',
     )
-    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
     require(0 < args.env_timeout < math.inf, "env_timeout", "must be a positive number of seconds")
     if args.env and (args.reward_model or args.reward_fn or args.reward_normalization == "first-batch"):
         fail(f"--env {args.env} gives the reward; drop --reward-model, --reward-fn and --reward-normalization")
@@ -517,10 +493,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+def random_walks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
+    """The graph (boolean adjacency [n, n]), drawn exactly as trlX does; trlX then draws its walks from the same
+    generator, which PPO, scoring its own walks, does not need."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(n_nodes, n_nodes) > 0.9
@@ -529,19 +504,7 @@ def generate_random_walks(
             break
     adjacency[0, :] = False  # the goal is absorbing
     adjacency[0, 0] = True
-    walks = []
-    for _ in range(n_walks):
-        node = rng.randint(n_nodes)
-        while node == 0:
-            node = rng.randint(n_nodes)
-        walk = [node]
-        for _ in range(max_nodes - 1):
-            node = rng.choice(np.nonzero(adjacency[node])[0])
-            walk.append(node)
-            if node == 0:
-                break
-        walks.append(walk)
-    return adjacency, walks
+    return adjacency
 
 
 def node_letter(node: int) -> str:
@@ -577,18 +540,6 @@ def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NO
         if nodes[position] == 0:
             return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
     return 0.0
-
-
-def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per node letter (token id = node index), then EOS, pad and unknown."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
-    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,8 +803,8 @@ def reward_model_ids(tokenizer, record: dict, response: str) -> list:
 
 
 def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
-    """input_ids, attention_mask and position_ids of a padded batch. Positions follow the attention
-    mask, so a left-padded sequence sees the same positions as a right-padded one and scores the same."""
+    """input_ids and attention_mask of a padded batch. Give the model positions_from_mask: a left-padded sequence
+    then sees the same positions as a right-padded one, and scores the same."""
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -861,8 +812,7 @@ def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
         columns = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
         input_ids[row, columns] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, columns] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()
@@ -873,19 +823,19 @@ def score(model, tokenizer, records: list, responses: list, sequences=None, batc
     is what is judged, and its last token is where the score is read). Normalise with the statistics in the
     model's config: (score - config.reward_mean) / config.reward_std. The score is read at each sequence's last real
     token (the transformers class finds the rightmost non-pad token, so a pad token must not occur inside the text)."""
-    max_length = model_context(model.config) or 1 << 30
+    # The longest sequence the model's position embeddings allow, when the config says.
+    max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_length = max_length or 1 << 30
     device = next(model.parameters()).device
     sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
     sequences = [ids[-max_length:] for ids in sequences]
-    was_training, scores = model.training, []
-    model.eval()
+    scores = []  # the model was loaded in eval mode (load_reward_model), and only scores
     for i in range(0, len(sequences), batch_size):
-        input_ids, attention_mask, position_ids = pad_batch(
-            sequences[i : i + batch_size], tokenizer.pad_token_id, device
+        input_ids, attention_mask = pad_batch(sequences[i : i + batch_size], tokenizer.pad_token_id, device)
+        output = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
         )
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         scores.append(upcast(output.logits[:, 0]).cpu())
-    model.train(was_training)
     return torch.cat(scores)
 
 
@@ -1166,27 +1116,23 @@ def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temp
 def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
     """response_logprobs from the trunk's last (final-normed) hidden states [B, T, H], as the
     model's trunk or the last pipeline stage returns them. They go straight to
-    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built."""
-    hidden = hidden[:, prompt_length - 1 : -1]
-    result = head_logprobs(head, hidden, input_ids[:, prompt_length:], temperature, with_entropy)
-    logprobs, entropy = result if with_entropy else (result, None)
-    return logprobs, entropy, hidden
-
-
-def head_logprobs(head: torch.nn.Module, hidden, labels, temperature: float, with_entropy: bool):
-    """kernels.fused_logprobs with the LM head's weight, run as the head module's forward for this
-    one call: hooks on the head then fire as for any module call, which ZeRO-3 needs (it gathers
-    the head's weight before the forward and again before the backward, and frees it after).
-    Under --tp the head is this rank's slice of the vocabulary (parallel.ColumnParallelLinear),
-    and fused_logprobs combines the slices over its group: no rank ever holds whole logits."""
+    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built. It runs as
+    the head module's forward for this one call: hooks on the head then fire as for any module
+    call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
+    backward, and frees it after). Under --tp the head is this rank's slice of the vocabulary
+    (parallel.ColumnParallelLinear), and fused_logprobs combines the slices over its group: no
+    rank ever holds whole logits."""
+    hidden, labels = hidden[:, prompt_length - 1 : -1], input_ids[:, prompt_length:]
     group = getattr(head, "group", None)
     head.forward = lambda x: kernels.fused_logprobs(
         x, head.weight, labels, temperature=temperature, bias=head.bias, return_entropy=with_entropy, group=group
     )
     try:
-        return head(hidden)
+        result = head(hidden)
     finally:
         del head.forward
+    logprobs, entropy = result if with_entropy else (result, None)
+    return logprobs, entropy, hidden
 
 
 class Critic(torch.nn.Module):
@@ -1410,11 +1356,6 @@ def ppo_losses(
 # ---------------------------------------------------------------------------------------------
 # Generation, run directory, checkpoints
 # ---------------------------------------------------------------------------------------------
-def model_context(config):
-    """Longest sequence the model's position embeddings allow (None when the config does not say)."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list:
     """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -1493,7 +1434,7 @@ def chunk_seed(seed: int, stream: str, chunk: int) -> int:
 def encode_prompts(tokenizer, records: list, max_prompt_length: int, device):
     """Left-padded token ids and mask of prompt records (prompt_tokens): generation starts where every prompt ends."""
     ids = [prompt_tokens(tokenizer, record, max_prompt_length) for record in records]
-    return pad_batch(ids, tokenizer.pad_token_id, device, side="left")[:2]
+    return pad_batch(ids, tokenizer.pad_token_id, device, side="left")
 
 
 def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
@@ -1593,7 +1534,7 @@ class Reward:
     def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
         self.args, self.dtype, self.tokenizer, self.end_ids = args, dtype, tokenizer, end_ids
         if args.task == "randomwalks":
-            self.adjacency, _ = generate_random_walks()
+            self.adjacency = random_walks_graph()
             self.shortest = shortest_path_nodes(self.adjacency)
         reward_device = torch.device(args.reward_device) if args.reward_device else device
         # The reward model only scores, so under --dtype bf16 it is stored in bf16: half the memory.
@@ -1692,7 +1633,7 @@ class Models:
 
     def as_reference(self):
         """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
-        return adapters_disabled(self.adapters) if self.adapters else contextlib.nullcontext()
+        return adapters_disabled(self.adapters)  # no adapters: nothing to switch off
 
     def reference_gathered(self):
         return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
@@ -1859,6 +1800,14 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
     after the policy's end-of-turn id, then the new messages and the generation prompt). Returns per episode its
     opening's ids, the ids after it with their sampler log-probs, which are the policy's, and the step rewards
     (each on the last token of the turn that earned it), and whether the environment ended it."""
+
+    def extend(episode: dict, ids: list, logprobs: list, by_policy: bool):
+        """A stretch of the policy's tokens, or of the environment's (log-prob 0), with reward 0 until a step's."""
+        episode["ids"] += ids
+        episode["logprobs"] += logprobs
+        episode["policy"] += [by_policy] * len(ids)
+        episode["rewards"] += [0.0] * len(ids)
+
     envs = [call_env(env_class, row, args=args) for row in rows]
     episodes = [{"messages": call_env(env.reset, args=args), "ids": [], "logprobs": [], "policy": []} for env in envs]
     for episode in episodes:
@@ -1870,17 +1819,14 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
     for _ in range(args.max_turns):
         rooms = [args.max_new_tokens - len(episode["ids"]) for _, episode in running]
         contexts = [episode["prompt"] + episode["ids"] for _, episode in running]
-        prompt_ids, prompt_mask, _ = pad_batch(contexts, tokenizer.pad_token_id, sampler.device, "left")
+        prompt_ids, prompt_mask = pad_batch(contexts, tokenizer.pad_token_id, sampler.device, "left")
         turn_args = replace(args, max_new_tokens=max(rooms))
         generated, logprobs = generate(sampler, prompt_ids, prompt_mask, turn_args, tokenizer, end_ids, greedy)
         still = []
         for (env, episode), room, reply, reply_logprobs in zip(running, rooms, generated.tolist(), logprobs.tolist()):
             length = next((i + 1 for i, token in enumerate(reply[:room]) if token in end_ids), None)
             reply = reply[: length or room]
-            episode["ids"] += reply
-            episode["logprobs"] += reply_logprobs[: len(reply)]
-            episode["policy"] += [True] * len(reply)
-            episode["rewards"] += [0.0] * len(reply)
+            extend(episode, reply, reply_logprobs[: len(reply)], by_policy=True)
             if length is None:  # out of budget
                 continue
             message = {"role": "assistant", "content": tokenizer.decode(reply[:-1], skip_special_tokens=True)}
@@ -1892,10 +1838,8 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
             if not (added == [] or is_conversation(added)) or {m["role"] for m in added} - {"user", "tool"}:
                 fail(f"--env {args.env}: step() returned messages {added!r:.100}; return role user or tool messages")
             conversation = episode["messages"] + [message]
-            before, replied = (
-                render(tokenizer, episode["messages"], add_generation_prompt=True),
-                render(tokenizer, conversation),
-            )
+            before = render(tokenizer, episode["messages"], add_generation_prompt=True)
+            replied = render(tokenizer, conversation)
             after = render(tokenizer, conversation + added, add_generation_prompt=True)
             if replied[: len(before)] != before or after[: len(replied)] != replied:
                 fail(
@@ -1908,10 +1852,7 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
             if episode["done"] or len(episode["ids"]) + len(increment) >= args.max_new_tokens:
                 continue
             episode["messages"] = conversation + added
-            episode["ids"] += increment
-            episode["logprobs"] += [0.0] * len(increment)
-            episode["policy"] += [False] * len(increment)
-            episode["rewards"] += [0.0] * len(increment)
+            extend(episode, increment, [0.0] * len(increment), by_policy=False)
             still.append((env, episode))
         running = still
         if not running:
@@ -1923,28 +1864,18 @@ def episode_tensors(episodes: list, args: Args, pad_token_id: int, device, dtype
     """The batch of --env episodes as the update takes it: (prompt ids and mask, the openings left-padded, then
     [B, --max-new-tokens] tensors: ids, mask of real tokens, mask of the policy's tokens, sampler log-probs, step
     rewards, and whether the environment ended each episode)."""
-    prompt_ids, prompt_mask, _ = pad_batch([e["prompt"] for e in episodes], pad_token_id, device, "left")
+    prompt_ids, prompt_mask = pad_batch([e["prompt"] for e in episodes], pad_token_id, device, "left")
 
     def padded(key, fill, kind):
         rows = [e[key] + [fill] * (args.max_new_tokens - len(e[key])) for e in episodes]
         return torch.tensor(rows, dtype=kind, device=device)
 
-    real = (
-        torch.arange(args.max_new_tokens, device=device)
-        < torch.tensor([len(e["ids"]) for e in episodes], device=device)[:, None]
-    )
+    lengths = torch.tensor([len(e["ids"]) for e in episodes], device=device)
+    real = torch.arange(args.max_new_tokens, device=device) < lengths[:, None]
     done = torch.tensor([e["done"] for e in episodes], device=device)
-    policy, rewards = padded("policy", False, torch.bool), padded("rewards", 0.0, dtype)
-    return (
-        prompt_ids,
-        prompt_mask,
-        padded("ids", pad_token_id, torch.long),
-        real,
-        policy,
-        padded("logprobs", 0.0, dtype),
-        rewards,
-        done,
-    )
+    ids, policy = padded("ids", pad_token_id, torch.long), padded("policy", False, torch.bool)
+    logprobs, rewards = padded("logprobs", 0.0, dtype), padded("rewards", 0.0, dtype)
+    return prompt_ids, prompt_mask, ids, real, policy, logprobs, rewards, done
 
 
 def truncate_and_score(
@@ -2020,35 +1951,27 @@ def evaluate(
     of forwards without per-block collectives; under --pp whole copies are gathered from the
     stages, and the ranks of a pipeline evaluate the same chunks. Returns (metrics, sample rows)."""
     grid, policy, device = models.grid, models.policy, next(models.policy.parameters()).device
-    policy.eval()
-    sampler = models.whole(models.stage if models.stage is not None else policy)
-    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
-    reference_sampler = policy if models.reference is None else models.whole(models.reference)
-    fork_devices = [device] if device.type == "cuda" else []
     metrics, rows = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
-    if args.env:  # episodes, scored by their summed step rewards
+    if args.env:  # episodes (sample_chunks gathers the sampler), scored by their summed step rewards
         for name, greedy, copies in (("greedy", True, 1), ("sampled", False, repeats)):
             prompts = [p for p in eval_prompts for _ in range(copies)]
             chunks = deal_chunks(len(prompts), args.generation_batch_size, grid.dp_size, grid.dp_rank)
+            env = (reward.env_class, prompts, greedy)
             samples = sample_chunks(
-                models,
-                None,
-                None,
-                chunks,
-                args,
-                tokenizer,
-                reward.end_ids,
-                f"eval {name}",
-                autocast,
-                (reward.env_class, prompts, greedy),
+                models, None, None, chunks, args, tokenizer, reward.end_ids, f"eval {name}", autocast, env
             )
             episodes = [e for share in parallel.all_gather_objects(samples, grid.dp_group) for c in share for e in c]
             metrics[f"eval/score_{name}"] = float(np.mean([sum(e["rewards"]) for e in episodes]))
             turns = [sum(now and not then for now, then in zip(e["policy"], [False] + e["policy"])) for e in episodes]
             metrics[f"eval/turns_{name}"] = float(np.mean(turns))
-        policy.train()
         return metrics, []
+
+    policy.eval()
+    sampler = models.whole(models.stage if models.stage is not None else policy)
+    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    reference_sampler = policy if models.reference is None else models.whole(models.reference)
+    fork_devices = [device] if device.type == "cuda" else []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
         with models.as_reference():
@@ -2087,18 +2010,18 @@ def evaluate(
             # In chunk order.
             results = [result for share in parallel.all_gather_objects(local, grid.dp_group) for result in share]
 
-            def mean(key):
-                # nanmean: a response a --reward-fn gave None has no score to average
-                return (
-                    torch.tensor([value for result in results for value in result[key]], dtype=dtype).nanmean().item()
-                )
+            def joined(key):
+                return [value for result in results for value in result[key]]
+
+            def mean(key):  # nanmean: a response a --reward-fn gave None has no score to average
+                return torch.tensor(joined(key), dtype=dtype).nanmean().item()
 
             metrics.update(
                 {f"eval/{key}_{name}": mean(key) for key in ("score", "optimality", "vader") if key in results[0]}
             )
-            texts = [text for result in results for text in result["text"]]
+            texts = joined("text")
             if args.task == "arithmetic":
-                lengths = [n for result in results for n in result["length"]]
+                lengths = joined("length")
                 metrics.update(arithmetic_metrics(name, texts, [p["answer"] for p in prompts], lengths, copies))
             if name == "sampled":
                 metrics["eval/kl"] = mean("kl")
@@ -2495,11 +2418,10 @@ def main(args: Args):
 
         # Statistics of the update, gathered once; evaluation; checkpoint (plumbing).
         metrics = gather_statistics(tally, grid, local_mini_batch_size // args.micro_batch_size, args.pp > 1)
+        metrics.update(update_metrics(batch, raw_mean, sequence_kl, has_eos, sampler_logprob_gap))
         metrics.update(
-            update_metrics(batch, score_mean=raw_mean, kl=sequence_kl, has_eos=has_eos, gap=sampler_logprob_gap)
+            {"time/updates_per_s": (update - start_update) / (time.time() - started)}, **timer.seconds, **is_stats
         )
-        metrics.update({"time/updates_per_s": (update - start_update) / (time.time() - started), **timer.seconds})
-        metrics.update(is_stats)
         progress.update(1)
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
@@ -2533,16 +2455,9 @@ def main(args: Args):
     if not grid.is_main:
         return
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    last_update = {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "update": update,
-                **summary,
-                "last_update": {k: v for k, v in metrics.items() if not k.startswith("eval/") and k != "samples"},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"update": update, **summary, "last_update": last_update}, file, indent=1)
     print(
         f"saved {run_dir} after {update} updates in {time.time() - started:.0f}s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())

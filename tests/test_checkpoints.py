@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
-import ppo
+import sft
 from conftest import ROOT, Job, assert_same_weights, save_tiny_model
 
 
@@ -111,7 +111,7 @@ def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path):
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
-    policy = save_tiny_model(tmp_path / "policy", "gpt2", tokenizer=ppo.randomwalks_tokenizer())
+    policy = save_tiny_model(tmp_path / "policy", "gpt2", tokenizer=sft.randomwalks_tokenizer())
     flags = ["--model", policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8"]
     flags += ["--micro-batch-size", "4", "--save-every", "2", "--keep-checkpoints", "5", "--eval-every", "100"]
     flags += ["--eval-samples-per-start", "1", "--samples-per-prompt", "2", "--advantage", "gae"]

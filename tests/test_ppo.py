@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import kernels
 import parallel
 import ppo
+import sft
 import rft
 from conftest import (
     CHAT_TEMPLATES,
@@ -46,7 +47,7 @@ from conftest import (
 @pytest.fixture(scope="module")
 def walk_policy(tmp_path_factory):
     """A tiny GPT-2 with the randomwalks tokenizer: a policy the scripts accept."""
-    return save_tiny_model(tmp_path_factory.mktemp("policy"), "gpt2", tokenizer=ppo.randomwalks_tokenizer())
+    return save_tiny_model(tmp_path_factory.mktemp("policy"), "gpt2", tokenizer=sft.randomwalks_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +473,7 @@ def test_under_bf16_the_reference_and_the_sampler_are_the_policy_at_the_first_ro
     distribution than the policy's (a sampler log-prob gap of 0.017 on randomwalks), where now the
     gap is rounding, as without --pp (LOGPROB_GAP, see conftest; test_pipeline_parallel checks
     the copy exactly)."""
-    policy = save_tiny_model(tmp_path / "policy", family, tokenizer=ppo.randomwalks_tokenizer())
+    policy = save_tiny_model(tmp_path / "policy", family, tokenizer=sft.randomwalks_tokenizer())
     args = quick_args(tmp_path, policy, dtype="bf16", num_updates=1)
     ppo.main(args)
     assert last_update(args.output_dir)["last_update"]["objective/kl"] == 0.0
@@ -522,7 +523,7 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
     token, sampling from a distribution PPO's log-probs do not describe. ppo.generate samples
     softmax(logits / T) itself: the same tokens, seed for seed, as a loop that re-runs the whole
     left-padded prefix every step, and the log-probs of that distribution."""
-    tokenizer = ppo.randomwalks_tokenizer()
+    tokenizer = sft.randomwalks_tokenizer()
     torch.manual_seed(0)
     model = (
         AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double().eval()
@@ -673,7 +674,7 @@ def test_attention_dropout_is_off_too_so_the_first_minibatch_ratio_is_exactly_on
     """Llama's attention applies config.attention_dropout as a rate it copied at init, not through an
     nn.Dropout module: at 0.3 the training forward drew masks the rollout's did not, and the first
     minibatch's ratio was not 1. The policy and a separate critic are built from a config without it."""
-    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=ppo.randomwalks_tokenizer(), attention_dropout=0.3)
+    policy = save_tiny_model(tmp_path / "policy", "llama", tokenizer=sft.randomwalks_tokenizer(), attention_dropout=0.3)
     args = quick_args(tmp_path, policy, num_updates=1, value_model=policy)
     ppo.main(args)
     assert last_update(args.output_dir)["last_update"]["policy/first_minibatch_max_log_ratio"] == 0.0
@@ -837,7 +838,7 @@ def test_a_causal_lm_is_not_a_reward_model(tmp_path, walk_policy):
     """A causal LM given as --reward-model loads with a score head transformers makes up at random
     (it says so in a load report); with num_labels=1 in its config PPO trained against random rewards
     and exited 0."""
-    causal_lm = save_tiny_model(tmp_path / "lm", "llama", tokenizer=ppo.randomwalks_tokenizer(), num_labels=1)
+    causal_lm = save_tiny_model(tmp_path / "lm", "llama", tokenizer=sft.randomwalks_tokenizer(), num_labels=1)
     expect_error(quick_args(tmp_path, walk_policy, reward_model=causal_lm), "has no trained score head")
     assert not os.path.exists(tmp_path / "run")
 
@@ -1250,7 +1251,7 @@ def test_pipeline_parallel_hydra_equals_one_process_and_resumes_exactly(
 def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, text_reward, one_process):
     """4 ranks as 2 tensor-parallel x 2 pipeline ranks, on Llama (GQA, untied head) with a full
     reference copy and critic-free GRPO advantages."""
-    policy = save_tiny_model(tmp_path / "llama", "llama", tokenizer=ppo.randomwalks_tokenizer())
+    policy = save_tiny_model(tmp_path / "llama", "llama", tokenizer=sft.randomwalks_tokenizer())
     flags = data_parallel_flags(policy, text_reward, *GRPO, "--num-updates", "2")
     result = run_ranks(
         "ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path
