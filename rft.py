@@ -48,8 +48,8 @@ one-process run up to float rounding.
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
 sft.py (`completion_loss_sum`, `accumulate_gradients`) and `fine_tune` (step 4). Then, in file
-order: the randomwalks task; prompts; rewards (`Reward`); `generate`, `sample_chunks` (step 1)
-and `score_and_gather` (step 2); `evaluate` (step 5); run directory, checkpoints and logging
+order: the randomwalks task; prompts; rewards (`Reward`); `generate` and `sample_and_score` (steps 1
+and 2); `evaluate` (step 5); run directory, checkpoints and logging
 (plumbing).
 """
 
@@ -979,64 +979,51 @@ def generate(model, prompts: list, max_new_tokens: int, temperature: float, toke
     ]
 
 
-def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
-    """This rank's chunks (index, start, end) of `total` rows cut into pieces of chunk_size (the
-    last may be shorter), dealt out in order: rank r takes chunks [r * n // ranks, (r + 1) * n // ranks)."""
-    chunks = [(index, start, min(start + chunk_size, total)) for index, start in enumerate(range(0, total, chunk_size))]
-    return chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
-
-
 def chunk_seed(seed: int, stream: str, chunk: int) -> int:
     """The torch seed of one generation chunk: a hash of (--seed, which generation, chunk index), so
     a chunk samples the same tokens whichever rank draws it, and in a resumed run."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def my_chunks(rows: int, args: Args, grid) -> list:
-    """This rank's chunks of `rows` samples. Context-parallel ranks hold whole weights, so they share
-    the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy draw the same
-    chunks together (their forwards are collective)."""
-    return deal_chunks(
-        rows, args.generation_batch_size, grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
-    )
-
-
-def sample_chunks(
+def sample_and_score(
     model,
+    prompts: list,
     prompt_ids: list,
-    rows: list,
-    chunks: list,
-    temperature: float,
+    copies: int,
+    temperature,
     stream: str,
-    args,
+    reward,
     tokenizer,
-    end_ids,
+    args,
+    grid,
     autocast,
-) -> list:
-    """Step 1 on this rank's chunks: a response to prompt_ids[rows[i]] for each row i of each chunk,
-    each chunk on a forked RNG seeded by (seed, stream, chunk), so the samples depend neither on
-    the rank count nor on the training RNG (which drives dropout). The whole model is gathered
-    once (a no-op below ZeRO-3), so ranks may run different numbers of forwards."""
+) -> tuple:
+    """Steps 1 and 2: `copies` responses to each prompt and their scores, as (rows, every row's response token ids,
+    its text, its score) on every rank. The rows, (prompt, copy) pairs prompt by prompt, are cut into chunks of
+    --generation-batch-size (the last may be shorter) dealt out to the ranks in order, each chunk sampled on a forked
+    RNG seeded by (seed, stream, chunk), so the samples depend neither on the rank count nor on the training RNG
+    (which drives dropout); each rank scores its chunks, and they are gathered in chunk order. Context-parallel ranks
+    hold whole weights, so they share the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy
+    draw the same chunks together (their forwards are collective). The whole model is gathered once (a no-op below
+    ZeRO-3), so ranks may run different numbers of forwards."""
+    rows = [i for i in range(len(prompts)) for _ in range(copies)]
+    ranks, rank = grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
+    size = args.generation_batch_size
+    chunks = [(chunk, rows[start : start + size]) for chunk, start in enumerate(range(0, len(rows), size))]
+    chunks = chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
     device = next(model.parameters()).device
     responses = []
     with model.gathered(), autocast:
-        for chunk, lo, hi in chunks:
+        for chunk, chunk_rows in chunks:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
-                chunk_prompts = [prompt_ids[row] for row in rows[lo:hi]]
-                responses.append(
-                    generate(model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, end_ids, device)
+                chunk_prompts = [prompt_ids[row] for row in chunk_rows]
+                chunk_responses = generate(
+                    model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, reward.end_ids, device
                 )
-    return responses
-
-
-def score_and_gather(
-    responses: list, chunks: list, rows: list, prompts: list, prompt_ids: list, reward: Reward, tokenizer, grid
-):
-    """Step 2 on this rank's chunks, then gathered over the ranks in chunk order: (every row's
-    response token ids, its text, its score). Every rank ends with all of them."""
+            responses.append(chunk_responses)
     local = []
-    for (chunk, lo, hi), chunk_responses in zip(chunks, responses):
+    for (chunk, chunk_rows), chunk_responses in zip(chunks, responses):
         # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
         # inside a walk makes it invalid.
         texts = [
@@ -1045,12 +1032,12 @@ def score_and_gather(
             )
             for ids in chunk_responses
         ]
-        sequences = [prompt_ids[row] + ids for row, ids in zip(rows[lo:hi], chunk_responses)]
-        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in rows[lo:hi]], texts, sequences)))
+        sequences = [prompt_ids[row] + ids for row, ids in zip(chunk_rows, chunk_responses)]
+        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in chunk_rows], texts, sequences)))
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
     )
-    return tuple([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+    return rows, *([item for part in gathered for item in part[k]] for k in (1, 2, 3))
 
 
 @torch.no_grad()
@@ -1064,24 +1051,20 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
     metrics, table = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
     for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
-        rows = [i for i in range(len(prompts)) for _ in range(copies)]
-        chunks = my_chunks(len(rows), args, grid)
-        responses = sample_chunks(
-            model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, reward.end_ids, autocast
+        rows, responses, texts, scores = sample_and_score(
+            model, prompts, prompt_ids, copies, temperature, f"eval {mode}", reward, tokenizer, args, grid, autocast
         )
-        responses, texts, scores = score_and_gather(
-            responses, chunks, rows, prompts, prompt_ids, reward, tokenizer, grid
-        )
+        records = [prompts[row] for row in rows]
         metrics[f"eval/score_{mode}"] = float(np.nanmean(scores))
         if args.task == "arithmetic":
-            answers, lengths = [prompts[row]["answer"] for row in rows], [len(ids) for ids in responses]
+            answers, lengths = [r["answer"] for r in records], [len(ids) for ids in responses]
             metrics.update(arithmetic_metrics(mode, texts, answers, lengths, copies))
         if args.task == "randomwalks":
-            optimality = reward.task_metric([prompts[row] for row in rows], texts)
+            optimality = reward.task_metric(records, texts)
             metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))
             metrics[f"eval/valid_walks_{mode}"] = float(np.mean([value > 0 for value in optimality]))
         if args.task == "sentiment":
-            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric([prompts[row] for row in rows], texts)))
+            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric(records, texts)))
         if mode == "greedy":
             table = [[str(prompts[row]["prompt"]), text, s] for row, text, s in zip(rows[:20], texts, scores)]
     return metrics, table
@@ -1258,17 +1241,11 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while round_index < args.rounds:
         round_started = time.time()
-        # 1. Sample --samples-per-prompt responses to each training prompt: rows are (prompt, sample)
-        #    pairs, prompt by prompt; each rank samples its chunks of them.
-        rows = [i for i in range(len(train_prompts)) for _ in range(args.samples_per_prompt)]
-        chunks = my_chunks(len(rows), args, grid)
-        responses = sample_chunks(
-            model, train_ids, rows, chunks, args.temperature, f"round {round_index}", args, tokenizer, end_ids, autocast
-        )
-
-        # 2. Score each rank's chunks, then gather every response and score on every rank.
-        responses, texts, scores = score_and_gather(
-            responses, chunks, rows, train_prompts, train_ids, reward, tokenizer, grid
+        # 1-2. Sample --samples-per-prompt responses to each training prompt, each rank its chunks of the (prompt,
+        #      sample) rows, and score them; every rank ends with every response and score.
+        stream, copies = f"round {round_index}", args.samples_per_prompt
+        rows, responses, texts, scores = sample_and_score(
+            model, train_prompts, train_ids, copies, args.temperature, stream, reward, tokenizer, args, grid, autocast
         )
         scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
         if np.isnan(scores).all():
