@@ -231,36 +231,32 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "rounds",
-        "samples_per_prompt",
-        "generation_batch_size",
-        "max_new_tokens",
-        "max_prompt_length",
-        "epochs_per_round",
-        "batch_size",
-        "eval_samples_per_start",
-        "eval_samples",
-        "eval_prompts",
-        "digits",
-        "train_problems",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("learning_rate", "max_grad_norm", "temperature"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    for flag in ("start_percentile", "end_percentile"):
-        require(0 <= getattr(args, flag) <= 1, flag, "must lie in [0, 1] (a fraction: 0.7 keeps about the best 30%)")
-    require(
-        args.end_percentile >= args.start_percentile,
-        "end_percentile",
-        f"is below --start-percentile {args.start_percentile}; the threshold rises over the rounds",
-    )
+    rules = {  # what a flag must be: the flags, and the test of their values
+        "must be at least 1": (
+            "tp pp cp rounds samples_per_prompt generation_batch_size max_new_tokens max_prompt_length epochs_per_round"
+            " batch_size eval_samples_per_start eval_samples eval_prompts digits train_problems keep_checkpoints",
+            lambda value: value >= 1,
+        ),
+        "must be 0 or more": ("seed save_every", lambda value: value >= 0),
+        "must be a positive number": ("learning_rate max_grad_norm temperature", lambda value: 0 < value < math.inf),
+        "must lie in [0, 1] (a fraction: 0.7 keeps about the best 30%)": (
+            "start_percentile end_percentile",
+            lambda value: 0 <= value <= 1,
+        ),
+        "must be at least 2: a problem joins two numbers or more": ("operands", lambda value: value >= 2),
+        "must be 0 or a positive number": ("format_reward", lambda value: 0 <= value < math.inf),
+        'must be some of the operators + - * (e.g. "+-*")': (
+            "operations",
+            lambda value: 0 < len(value) and set(value) <= set("+-*"),
+        ),
+        f"is below --start-percentile {args.start_percentile}; the threshold rises over the rounds": (
+            "end_percentile",
+            lambda value: value >= args.start_percentile,
+        ),
+    }
+    for what, (flags, ok) in rules.items():
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     if args.pp > 1:
         fail(f"--pp {args.pp}: rft.py does not pipeline; split the model with --tp, --cp and --zero-stage instead")
     model_ranks = args.tp * args.cp
@@ -303,13 +299,6 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
-    require(args.operands >= 2, "operands", "must be at least 2: a problem joins two numbers or more")
-    require(
-        0 < len(args.operations) and set(args.operations) <= set("+-*"),
-        "operations",
-        'must be some of the operators + - * (e.g. "+-*")',
-    )
-    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
     if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
