@@ -443,10 +443,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+def randomwalks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
+    """The graph (boolean adjacency [n, n]), drawn exactly as trlX does (its walks, drawn next from the same
+    generator, are not needed here: the reward is the optimality, which the graph alone decides)."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(n_nodes, n_nodes) > 0.9
@@ -455,19 +454,7 @@ def generate_random_walks(
             break
     adjacency[0, :] = False  # the goal is absorbing
     adjacency[0, 0] = True
-    walks = []
-    for _ in range(n_walks):
-        node = rng.randint(n_nodes)
-        while node == 0:
-            node = rng.randint(n_nodes)
-        walk = [node]
-        for _ in range(max_nodes - 1):
-            node = rng.choice(np.nonzero(adjacency[node])[0])
-            walk.append(node)
-            if node == 0:
-                break
-        walks.append(walk)
-    return adjacency, walks
+    return adjacency
 
 
 def node_letter(node: int) -> str:
@@ -878,7 +865,7 @@ class Reward:
     def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
         self.task, self.source, self.end_ids = args.task, args.reward_fn, end_ids
         if args.task == "randomwalks":
-            self.adjacency, _ = generate_random_walks()
+            self.adjacency = randomwalks_graph()
             self.shortest = shortest_path_nodes(self.adjacency)
         self.model = (
             load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
