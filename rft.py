@@ -365,24 +365,22 @@ def completion_loss_sum(model, input_ids, attention_mask, labels):
     )
 
 
-def accumulate_gradients(
-    model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
-) -> float:
+def accumulate_gradients(model, batch: list, batch_tokens: int, args: Args, grid, pad_token_id: int, autocast) -> float:
     """Backward over this rank's share of the batch in micro-batches; returns its share of the
     global batch's mean response-token loss (the shares sum to the mean over ranks).
 
     Each micro-batch's summed loss is divided by the response-token count of the whole global
     batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
-    data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
+    data-parallel reduction averages over ranks, hence the factor of their count. Only the last
     micro-batch's backward communicates (no_sync on the others)."""
-    starts = range(0, len(batch), micro_batch_size)
+    size, starts = args.micro_batch_size, range(0, len(batch), args.micro_batch_size)
     batch_loss = 0.0
     for start in starts:
-        input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
+        input_ids, attention_mask, labels = collate(batch[start : start + size], pad_token_id, grid.device)
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
                 loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
-            (loss * ranks).backward()
+            (loss * grid.dp_size).backward()
         batch_loss += loss.item()
     return batch_loss
 
@@ -398,8 +396,7 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
     """Step 4: --epochs-per-round epochs over the kept (token ids, prompt length) pairs, in batches
     of --batch-size (the last incomplete one left out), each rank its share of each batch, as
     sft.py trains. Returns the round's training metrics."""
-    device, ranks = grid.device, grid.dp_size
-    local_batch_size = args.batch_size // ranks
+    local_batch_size = args.batch_size // grid.dp_size
     steps_per_epoch = len(sequences) // args.batch_size
     losses, grad_norm = [], None
     for epoch in range(args.epochs_per_round):
@@ -408,11 +405,9 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
             batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
             batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
             rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-            batch_loss = accumulate_gradients(
-                model, rank_share, batch_tokens, ranks, args.micro_batch_size, pad_token_id, device, autocast
-            )
+            batch_loss = accumulate_gradients(model, rank_share, batch_tokens, args, grid, pad_token_id, autocast)
             batch_loss = parallel.all_reduce_sum(
-                torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group
+                torch.tensor([batch_loss], dtype=torch.float64, device=grid.device), grid.dp_group
             ).item()
             grad_norm = float(model.clip_grad_norm_(args.max_grad_norm))
             if not math.isfinite(batch_loss) or not math.isfinite(grad_norm):  # every rank sees the same sums
@@ -1230,11 +1225,8 @@ def main(args: Args):
         # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
         percentile = percentile_at(round_index, args.rounds, args.start_percentile, args.end_percentile)
         kept, thresholds = select(scores, percentile)
-        sequences = [
-            (train_ids[row] + response, len(train_ids[row]))
-            for row, response, keep in zip(rows, responses, kept.reshape(-1))
-            if keep
-        ]
+        kept_indices = np.flatnonzero(kept)  # into rows, responses, texts and the flattened scores
+        sequences = [(train_ids[rows[i]] + responses[i], len(train_ids[rows[i]])) for i in kept_indices]
 
         # 4. Fine-tune on the kept (prompt, response) pairs with the loss of sft.py.
         metrics = fine_tune(
@@ -1253,11 +1245,9 @@ def main(args: Args):
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
             kept_samples = [
-                [str(train_prompts[row]["prompt"]), text, score]
-                for row, text, score, keep in zip(rows, texts, scores.reshape(-1), kept.reshape(-1))
-                if keep
+                [str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]
             ]
-            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples[:32])}, step=round_index)
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples)}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:
