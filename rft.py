@@ -74,6 +74,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 import tqdm
 import tyro
 from transformers import (
@@ -342,16 +343,16 @@ def select(scores: np.ndarray, percentile: float) -> tuple:
     return (scores >= thresholds[:, None]) & informative[:, None], thresholds
 
 
+def padded(rows: list, value: int, side: str = "right") -> torch.Tensor:
+    """Lists of token ids (or labels, or mask bits) as one long tensor [rows, longest], `value` padding on `side`."""
+    return pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=value, padding_side=side)
+
+
 def collate(sequences: list, pad_token_id: int, device):
     """Right-padded batch; labels are -100 on prompt and padding so only response tokens carry loss."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+    input_ids = padded([ids for ids, _ in sequences], pad_token_id)
+    attention_mask = padded([[1] * len(ids) for ids, _ in sequences], 0)
+    labels = padded([[-100] * prompt_length + ids[prompt_length:] for ids, prompt_length in sequences], -100)
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
@@ -907,13 +908,9 @@ def generate(model, prompts: list, max_new_tokens: int, temperature: float, toke
     sampled from softmax(logits / temperature) and nothing else. (model.generate() would also
     apply what the checkpoint's generation_config.json asks, a repetition penalty or banned
     n-grams: samples from a distribution that is not the policy's.)"""
-    width = max(len(ids) for ids in prompts)
-    step_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        step_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    step_ids, attention_mask = step_ids.to(device), attention_mask.to(device)
+    # Left padding: every prompt ends where generation starts.
+    step_ids = padded(prompts, tokenizer.pad_token_id, "left").to(device)
+    attention_mask = padded([[1] * len(ids) for ids in prompts], 0, "left").to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = model.training
