@@ -386,13 +386,6 @@ def accumulate_gradients(model, batch: list, batch_tokens: int, args: Args, grid
     return batch_loss
 
 
-def epoch_order(n: int, seed: int, round_index: int, epoch: int) -> list:
-    """Shuffled order of a round's kept samples in one epoch; a function of (seed, round, epoch)
-    alone, so a resumed run replays it."""
-    generator = torch.Generator().manual_seed(chunk_seed(seed, f"round {round_index} order", epoch))
-    return torch.randperm(n, generator=generator).tolist()
-
-
 def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, grid, pad_token_id, autocast, progress):
     """Step 4: --epochs-per-round epochs over the kept (token ids, prompt length) pairs, in batches
     of --batch-size (the last incomplete one left out), each rank its share of each batch, as
@@ -401,7 +394,9 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
     steps_per_epoch = len(sequences) // args.batch_size
     losses, grad_norm = [], None
     for epoch in range(args.epochs_per_round):
-        order = epoch_order(len(sequences), args.seed, round_index, epoch)
+        # The epoch's shuffled order, a function of (seed, round, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(chunk_seed(args.seed, f"round {round_index} order", epoch))
+        order = torch.randperm(len(sequences), generator=generator).tolist()
         for position in range(steps_per_epoch):
             batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
             batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
@@ -994,12 +989,8 @@ def sample_and_score(
     for (chunk, chunk_rows), chunk_responses in zip(chunks, responses):
         # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
         # inside a walk makes it invalid.
-        texts = [
-            tokenizer.decode(
-                ids[:-1] if ids[-1] in reward.end_ids else ids, skip_special_tokens=reward.task != "randomwalks"
-            )
-            for ids in chunk_responses
-        ]
+        replies = [ids[:-1] if ids[-1] in reward.end_ids else ids for ids in chunk_responses]
+        texts = tokenizer.batch_decode(replies, skip_special_tokens=reward.task != "randomwalks")
         sequences = [prompt_ids[row] + ids for row, ids in zip(chunk_rows, chunk_responses)]
         local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in chunk_rows], texts, sequences)))
     gathered = sorted(
