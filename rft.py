@@ -48,8 +48,8 @@ one-process run up to float rounding.
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
 sft.py (`completion_loss_sum`, `accumulate_gradients`) and `fine_tune` (step 4). Then, in file
-order: the randomwalks task; prompts; rewards (`Reward`); `generate`, `sample_chunks` (step 1)
-and `score_and_gather` (step 2); `evaluate` (step 5); run directory, checkpoints and logging
+order: the randomwalks task; prompts; rewards (`Reward`); `generate` and `sample_and_score` (steps 1
+and 2); `evaluate` (step 5); run directory, checkpoints and logging
 (plumbing).
 """
 
@@ -74,6 +74,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 import tqdm
 import tyro
 from transformers import (
@@ -231,36 +232,32 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "rounds",
-        "samples_per_prompt",
-        "generation_batch_size",
-        "max_new_tokens",
-        "max_prompt_length",
-        "epochs_per_round",
-        "batch_size",
-        "eval_samples_per_start",
-        "eval_samples",
-        "eval_prompts",
-        "digits",
-        "train_problems",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("learning_rate", "max_grad_norm", "temperature"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    for flag in ("start_percentile", "end_percentile"):
-        require(0 <= getattr(args, flag) <= 1, flag, "must lie in [0, 1] (a fraction: 0.7 keeps about the best 30%)")
-    require(
-        args.end_percentile >= args.start_percentile,
-        "end_percentile",
-        f"is below --start-percentile {args.start_percentile}; the threshold rises over the rounds",
-    )
+    rules = {  # what a flag must be: the flags, and the test of their values
+        "must be at least 1": (
+            "tp pp cp rounds samples_per_prompt generation_batch_size max_new_tokens max_prompt_length epochs_per_round"
+            " batch_size eval_samples_per_start eval_samples eval_prompts digits train_problems keep_checkpoints",
+            lambda value: value >= 1,
+        ),
+        "must be 0 or more": ("seed save_every", lambda value: value >= 0),
+        "must be a positive number": ("learning_rate max_grad_norm temperature", lambda value: 0 < value < math.inf),
+        "must lie in [0, 1] (a fraction: 0.7 keeps about the best 30%)": (
+            "start_percentile end_percentile",
+            lambda value: 0 <= value <= 1,
+        ),
+        "must be at least 2: a problem joins two numbers or more": ("operands", lambda value: value >= 2),
+        "must be 0 or a positive number": ("format_reward", lambda value: 0 <= value < math.inf),
+        'must be some of the operators + - * (e.g. "+-*")': (
+            "operations",
+            lambda value: 0 < len(value) and set(value) <= set("+-*"),
+        ),
+        f"is below --start-percentile {args.start_percentile}; the threshold rises over the rounds": (
+            "end_percentile",
+            lambda value: value >= args.start_percentile,
+        ),
+    }
+    for what, (flags, ok) in rules.items():
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     if args.pp > 1:
         fail(f"--pp {args.pp}: rft.py does not pipeline; split the model with --tp, --cp and --zero-stage instead")
     model_ranks = args.tp * args.cp
@@ -303,13 +300,6 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
-    require(args.operands >= 2, "operands", "must be at least 2: a problem joins two numbers or more")
-    require(
-        0 < len(args.operations) and set(args.operations) <= set("+-*"),
-        "operations",
-        'must be some of the operators + - * (e.g. "+-*")',
-    )
-    require(0 <= args.format_reward < math.inf, "format_reward", "must be 0 or a positive number")
     if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
         fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
     if args.task == "jsonl" and args.data is None:
@@ -353,16 +343,16 @@ def select(scores: np.ndarray, percentile: float) -> tuple:
     return (scores >= thresholds[:, None]) & informative[:, None], thresholds
 
 
+def padded(rows: list, value: int, side: str = "right") -> torch.Tensor:
+    """Lists of token ids (or labels, or mask bits) as one long tensor [rows, longest], `value` padding on `side`."""
+    return pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=value, padding_side=side)
+
+
 def collate(sequences: list, pad_token_id: int, device):
     """Right-padded batch; labels are -100 on prompt and padding so only response tokens carry loss."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+    input_ids = padded([ids for ids, _ in sequences], pad_token_id)
+    attention_mask = padded([[1] * len(ids) for ids, _ in sequences], 0)
+    labels = padded([[-100] * prompt_length + ids[prompt_length:] for ids, prompt_length in sequences], -100)
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
@@ -376,54 +366,44 @@ def completion_loss_sum(model, input_ids, attention_mask, labels):
     )
 
 
-def accumulate_gradients(
-    model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
-) -> float:
+def accumulate_gradients(model, batch: list, batch_tokens: int, args: Args, grid, pad_token_id: int, autocast) -> float:
     """Backward over this rank's share of the batch in micro-batches; returns its share of the
     global batch's mean response-token loss (the shares sum to the mean over ranks).
 
     Each micro-batch's summed loss is divided by the response-token count of the whole global
     batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
-    data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
+    data-parallel reduction averages over ranks, hence the factor of their count. Only the last
     micro-batch's backward communicates (no_sync on the others)."""
-    starts = range(0, len(batch), micro_batch_size)
+    size, starts = args.micro_batch_size, range(0, len(batch), args.micro_batch_size)
     batch_loss = 0.0
     for start in starts:
-        input_ids, attention_mask, labels = collate(batch[start : start + micro_batch_size], pad_token_id, device)
+        input_ids, attention_mask, labels = collate(batch[start : start + size], pad_token_id, grid.device)
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
                 loss = completion_loss_sum(model, input_ids, attention_mask, labels) / batch_tokens
-            (loss * ranks).backward()
+            (loss * grid.dp_size).backward()
         batch_loss += loss.item()
     return batch_loss
-
-
-def epoch_order(n: int, seed: int, round_index: int, epoch: int) -> list:
-    """Shuffled order of a round's kept samples in one epoch; a function of (seed, round, epoch)
-    alone, so a resumed run replays it."""
-    generator = torch.Generator().manual_seed(chunk_seed(seed, f"round {round_index} order", epoch))
-    return torch.randperm(n, generator=generator).tolist()
 
 
 def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, grid, pad_token_id, autocast, progress):
     """Step 4: --epochs-per-round epochs over the kept (token ids, prompt length) pairs, in batches
     of --batch-size (the last incomplete one left out), each rank its share of each batch, as
     sft.py trains. Returns the round's training metrics."""
-    device, ranks = grid.device, grid.dp_size
-    local_batch_size = args.batch_size // ranks
+    local_batch_size = args.batch_size // grid.dp_size
     steps_per_epoch = len(sequences) // args.batch_size
     losses, grad_norm = [], None
     for epoch in range(args.epochs_per_round):
-        order = epoch_order(len(sequences), args.seed, round_index, epoch)
+        # The epoch's shuffled order, a function of (seed, round, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(chunk_seed(args.seed, f"round {round_index} order", epoch))
+        order = torch.randperm(len(sequences), generator=generator).tolist()
         for position in range(steps_per_epoch):
             batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
             batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
             rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-            batch_loss = accumulate_gradients(
-                model, rank_share, batch_tokens, ranks, args.micro_batch_size, pad_token_id, device, autocast
-            )
+            batch_loss = accumulate_gradients(model, rank_share, batch_tokens, args, grid, pad_token_id, autocast)
             batch_loss = parallel.all_reduce_sum(
-                torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group
+                torch.tensor([batch_loss], dtype=torch.float64, device=grid.device), grid.dp_group
             ).item()
             grad_norm = float(model.clip_grad_norm_(args.max_grad_norm))
             if not math.isfinite(batch_loss) or not math.isfinite(grad_norm):  # every rank sees the same sums
@@ -454,10 +434,9 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+def randomwalks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
+    """The graph (boolean adjacency [n, n]), drawn exactly as trlX does (its walks, drawn next from the same
+    generator, are not needed here: the reward is the optimality, which the graph alone decides)."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(n_nodes, n_nodes) > 0.9
@@ -466,19 +445,7 @@ def generate_random_walks(
             break
     adjacency[0, :] = False  # the goal is absorbing
     adjacency[0, 0] = True
-    walks = []
-    for _ in range(n_walks):
-        node = rng.randint(n_nodes)
-        while node == 0:
-            node = rng.randint(n_nodes)
-        walk = [node]
-        for _ in range(max_nodes - 1):
-            node = rng.choice(np.nonzero(adjacency[node])[0])
-            walk.append(node)
-            if node == 0:
-                break
-        walks.append(walk)
-    return adjacency, walks
+    return adjacency
 
 
 def node_letter(node: int) -> str:
@@ -889,7 +856,7 @@ class Reward:
     def __init__(self, args: Args, tokenizer, end_ids: list, device, dtype, verbose: bool):
         self.task, self.source, self.end_ids = args.task, args.reward_fn, end_ids
         if args.task == "randomwalks":
-            self.adjacency, _ = generate_random_walks()
+            self.adjacency = randomwalks_graph()
             self.shortest = shortest_path_nodes(self.adjacency)
         self.model = (
             load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
@@ -936,13 +903,9 @@ def generate(model, prompts: list, max_new_tokens: int, temperature: float, toke
     sampled from softmax(logits / temperature) and nothing else. (model.generate() would also
     apply what the checkpoint's generation_config.json asks, a repetition penalty or banned
     n-grams: samples from a distribution that is not the policy's.)"""
-    width = max(len(ids) for ids in prompts)
-    step_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        step_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
-    step_ids, attention_mask = step_ids.to(device), attention_mask.to(device)
+    # Left padding: every prompt ends where generation starts.
+    step_ids = padded(prompts, tokenizer.pad_token_id, "left").to(device)
+    attention_mask = padded([[1] * len(ids) for ids in prompts], 0, "left").to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     was_training = model.training
@@ -979,78 +942,61 @@ def generate(model, prompts: list, max_new_tokens: int, temperature: float, toke
     ]
 
 
-def deal_chunks(total: int, chunk_size: int, ranks: int, rank: int) -> list:
-    """This rank's chunks (index, start, end) of `total` rows cut into pieces of chunk_size (the
-    last may be shorter), dealt out in order: rank r takes chunks [r * n // ranks, (r + 1) * n // ranks)."""
-    chunks = [(index, start, min(start + chunk_size, total)) for index, start in enumerate(range(0, total, chunk_size))]
-    return chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
-
-
 def chunk_seed(seed: int, stream: str, chunk: int) -> int:
     """The torch seed of one generation chunk: a hash of (--seed, which generation, chunk index), so
     a chunk samples the same tokens whichever rank draws it, and in a resumed run."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def my_chunks(rows: int, args: Args, grid) -> list:
-    """This rank's chunks of `rows` samples. Context-parallel ranks hold whole weights, so they share
-    the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy draw the same
-    chunks together (their forwards are collective)."""
-    return deal_chunks(
-        rows, args.generation_batch_size, grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
-    )
-
-
-def sample_chunks(
+def sample_and_score(
     model,
+    prompts: list,
     prompt_ids: list,
-    rows: list,
-    chunks: list,
-    temperature: float,
+    copies: int,
+    temperature,
     stream: str,
-    args,
+    reward,
     tokenizer,
-    end_ids,
+    args,
+    grid,
     autocast,
-) -> list:
-    """Step 1 on this rank's chunks: a response to prompt_ids[rows[i]] for each row i of each chunk,
-    each chunk on a forked RNG seeded by (seed, stream, chunk), so the samples depend neither on
-    the rank count nor on the training RNG (which drives dropout). The whole model is gathered
-    once (a no-op below ZeRO-3), so ranks may run different numbers of forwards."""
+) -> tuple:
+    """Steps 1 and 2: `copies` responses to each prompt and their scores, as (rows, every row's response token ids,
+    its text, its score) on every rank. The rows, (prompt, copy) pairs prompt by prompt, are cut into chunks of
+    --generation-batch-size (the last may be shorter) dealt out to the ranks in order, each chunk sampled on a forked
+    RNG seeded by (seed, stream, chunk), so the samples depend neither on the rank count nor on the training RNG
+    (which drives dropout); each rank scores its chunks, and they are gathered in chunk order. Context-parallel ranks
+    hold whole weights, so they share the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy
+    draw the same chunks together (their forwards are collective). The whole model is gathered once (a no-op below
+    ZeRO-3), so ranks may run different numbers of forwards."""
+    rows = [i for i in range(len(prompts)) for _ in range(copies)]
+    ranks, rank = grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
+    size = args.generation_batch_size
+    chunks = [(chunk, rows[start : start + size]) for chunk, start in enumerate(range(0, len(rows), size))]
+    chunks = chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
     device = next(model.parameters()).device
     responses = []
     with model.gathered(), autocast:
-        for chunk, lo, hi in chunks:
+        for chunk, chunk_rows in chunks:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
-                chunk_prompts = [prompt_ids[row] for row in rows[lo:hi]]
-                responses.append(
-                    generate(model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, end_ids, device)
+                chunk_prompts = [prompt_ids[row] for row in chunk_rows]
+                chunk_responses = generate(
+                    model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, reward.end_ids, device
                 )
-    return responses
-
-
-def score_and_gather(
-    responses: list, chunks: list, rows: list, prompts: list, prompt_ids: list, reward: Reward, tokenizer, grid
-):
-    """Step 2 on this rank's chunks, then gathered over the ranks in chunk order: (every row's
-    response token ids, its text, its score). Every rank ends with all of them."""
+            responses.append(chunk_responses)
     local = []
-    for (chunk, lo, hi), chunk_responses in zip(chunks, responses):
+    for (chunk, chunk_rows), chunk_responses in zip(chunks, responses):
         # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
         # inside a walk makes it invalid.
-        texts = [
-            tokenizer.decode(
-                ids[:-1] if ids[-1] in reward.end_ids else ids, skip_special_tokens=reward.task != "randomwalks"
-            )
-            for ids in chunk_responses
-        ]
-        sequences = [prompt_ids[row] + ids for row, ids in zip(rows[lo:hi], chunk_responses)]
-        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in rows[lo:hi]], texts, sequences)))
+        replies = [ids[:-1] if ids[-1] in reward.end_ids else ids for ids in chunk_responses]
+        texts = tokenizer.batch_decode(replies, skip_special_tokens=reward.task != "randomwalks")
+        sequences = [prompt_ids[row] + ids for row, ids in zip(chunk_rows, chunk_responses)]
+        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in chunk_rows], texts, sequences)))
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
     )
-    return tuple([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+    return rows, *([item for part in gathered for item in part[k]] for k in (1, 2, 3))
 
 
 @torch.no_grad()
@@ -1064,24 +1010,20 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
     metrics, table = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
     for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
-        rows = [i for i in range(len(prompts)) for _ in range(copies)]
-        chunks = my_chunks(len(rows), args, grid)
-        responses = sample_chunks(
-            model, prompt_ids, rows, chunks, temperature, f"eval {mode}", args, tokenizer, reward.end_ids, autocast
+        rows, responses, texts, scores = sample_and_score(
+            model, prompts, prompt_ids, copies, temperature, f"eval {mode}", reward, tokenizer, args, grid, autocast
         )
-        responses, texts, scores = score_and_gather(
-            responses, chunks, rows, prompts, prompt_ids, reward, tokenizer, grid
-        )
+        records = [prompts[row] for row in rows]
         metrics[f"eval/score_{mode}"] = float(np.nanmean(scores))
         if args.task == "arithmetic":
-            answers, lengths = [prompts[row]["answer"] for row in rows], [len(ids) for ids in responses]
+            answers, lengths = [r["answer"] for r in records], [len(ids) for ids in responses]
             metrics.update(arithmetic_metrics(mode, texts, answers, lengths, copies))
         if args.task == "randomwalks":
-            optimality = reward.task_metric([prompts[row] for row in rows], texts)
+            optimality = reward.task_metric(records, texts)
             metrics[f"eval/optimality_{mode}"] = float(np.mean(optimality))
             metrics[f"eval/valid_walks_{mode}"] = float(np.mean([value > 0 for value in optimality]))
         if args.task == "sentiment":
-            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric([prompts[row] for row in rows], texts)))
+            metrics[f"eval/vader_{mode}"] = float(np.mean(reward.task_metric(records, texts)))
         if mode == "greedy":
             table = [[str(prompts[row]["prompt"]), text, s] for row, text, s in zip(rows[:20], texts, scores)]
     return metrics, table
@@ -1258,17 +1200,11 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while round_index < args.rounds:
         round_started = time.time()
-        # 1. Sample --samples-per-prompt responses to each training prompt: rows are (prompt, sample)
-        #    pairs, prompt by prompt; each rank samples its chunks of them.
-        rows = [i for i in range(len(train_prompts)) for _ in range(args.samples_per_prompt)]
-        chunks = my_chunks(len(rows), args, grid)
-        responses = sample_chunks(
-            model, train_ids, rows, chunks, args.temperature, f"round {round_index}", args, tokenizer, end_ids, autocast
-        )
-
-        # 2. Score each rank's chunks, then gather every response and score on every rank.
-        responses, texts, scores = score_and_gather(
-            responses, chunks, rows, train_prompts, train_ids, reward, tokenizer, grid
+        # 1-2. Sample --samples-per-prompt responses to each training prompt, each rank its chunks of the (prompt,
+        #      sample) rows, and score them; every rank ends with every response and score.
+        stream, copies = f"round {round_index}", args.samples_per_prompt
+        rows, responses, texts, scores = sample_and_score(
+            model, train_prompts, train_ids, copies, args.temperature, stream, reward, tokenizer, args, grid, autocast
         )
         scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
         if np.isnan(scores).all():
@@ -1277,11 +1213,8 @@ def main(args: Args):
         # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
         percentile = percentile_at(round_index, args.rounds, args.start_percentile, args.end_percentile)
         kept, thresholds = select(scores, percentile)
-        sequences = [
-            (train_ids[row] + response, len(train_ids[row]))
-            for row, response, keep in zip(rows, responses, kept.reshape(-1))
-            if keep
-        ]
+        kept_indices = np.flatnonzero(kept)  # into rows, responses, texts and the flattened scores
+        sequences = [(train_ids[rows[i]] + responses[i], len(train_ids[rows[i]])) for i in kept_indices]
 
         # 4. Fine-tune on the kept (prompt, response) pairs with the loss of sft.py.
         metrics = fine_tune(
@@ -1300,11 +1233,9 @@ def main(args: Args):
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
             kept_samples = [
-                [str(train_prompts[row]["prompt"]), text, score]
-                for row, text, score, keep in zip(rows, texts, scores.reshape(-1), kept.reshape(-1))
-                if keep
+                [str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]
             ]
-            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples[:32])}, step=round_index)
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples)}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:
