@@ -155,6 +155,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     or a resume whose flags make other pairs (--seed), stops with one line: the policy it would
     recompute them from is trained, no longer the reference."""
     flags = ["--model", walk_policy, *FLAGS, "--save-every", "2", "--num-epochs", "2"]
+    flags += ["--eval-every", "6"]  # of 12 steps: the evaluations at the start, mid-way and at the end
     reference, killed = run_and_kill("dpo.py", flags, tmp_path, "step_00000002")
     (killed / "reference_logprobs.pt").unlink(missing_ok=True)  # copied elsewhere without it
     older = tmp_path / "older" / "checkpoints" / "step_00000002"

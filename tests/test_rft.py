@@ -307,10 +307,12 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, policy_with_dropout, hash_
     per-round log as the uninterrupted run (the sampling seeds, the optimizer and the dropout RNG
     carry over)."""
     flags = ["--model", policy_with_dropout, *QUICK, "--reward-fn", hash_reward, "--save-every", "1"]
+    flags += ["--samples-per-prompt", "4"]  # half QUICK's rows a round: the same code, four rounds run in all
     reference, resumed = kill_and_resume("rft.py", flags, tmp_path, "round_00000001")
     assert_same_weights(reference, resumed)
     assert without_clock(metrics_of(resumed)["rounds"]) == without_clock(metrics_of(reference)["rounds"])
     assert os.listdir(resumed / "checkpoints") == ["round_00000001"]  # none after the last round
+    assert metrics_of(resumed)["rounds"][1]["train/steps"] >= 1, "the resumed round took no step: nothing to compare"
 
 
 # --- data, tensor and context parallel ----------------------------------------------------------

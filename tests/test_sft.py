@@ -438,12 +438,12 @@ def test_interrupted_checkpoint_write_is_not_picked_up(tmp_path):
     assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000010")
 
 
-def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkpoint(tmp_path):
+def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     """A run killed after its checkpoints at steps 5 and 10 resumes from step 10 and ends bitwise
     where the uninterrupted run does; 18 steps an epoch, so the kill lands mid-epoch and the
-    epoch's shuffle must be replayed. With one file of step 10 cut short, changed or deleted,
-    --resume names it and resumes from step 5, still bitwise. With no intact checkpoint left it
-    stops with one line."""
+    epoch's shuffle must be replayed. With one file of step 10 changed, --resume names it and
+    resumes from step 5, still bitwise; one cut short or deleted is named and skipped the same way.
+    With no intact checkpoint left it stops with one line."""
     flags = [
         "--num-epochs",
         "2",
@@ -459,10 +459,13 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
         "2",
     ]
     reference, killed = run_and_kill("sft.py", flags, tmp_path, "step_00000010")
+    # Two resumes run to the end (intact, and one damaged file); the other damages are checked where
+    # the resume picks its checkpoint (sft.py calls parallel.find_checkpoint), since from there the
+    # run is the same resume from step 5.
     for how, victim in (
         ("intact", None),
-        ("truncate", "model.safetensors"),
         ("corrupt", "rank_0.pt"),
+        ("truncate", "model.safetensors"),
         ("delete", "trainer_state.pt"),
     ):
         run_dir = tmp_path / how
@@ -470,6 +473,10 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
         newest = run_dir / "checkpoints" / "step_00000010"
         if victim:
             damage(newest / victim, how)
+        if how in ("truncate", "delete"):
+            assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000005")
+            assert f"warning: checkpoint {newest} is damaged ({victim} is " in capsys.readouterr().out
+            continue
         resumed = run_script("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         if victim:
@@ -704,7 +711,7 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inp
     the whole launcher killed after a checkpoint: the resumed run (each rank reloading its own
     optimizer slice and RNG) ends bitwise where an uninterrupted one does."""
     flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "2", "--cp", "2", "--save-every", "2"]
-    flags += ["--num-epochs", "6"]
+    flags += ["--num-epochs", "4"]  # 4 steps an epoch: the kill at the end of the first leaves 12 to resume
     reference, killed = torchrun_kill_and_resume("sft.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
     wrong_world = run_script("sft.py", *flags, "--cp", "1", "--resume", str(killed), cwd=tmp_path)
