@@ -918,15 +918,10 @@ def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
     """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
     in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
     sees both sides of every pair; with the margins (fp64: the loss takes them to the scores' dtype)."""
-    input_ids, attention_mask, position_ids = pad_batch(
-        [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device
-    )
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "margins": torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device),
-    }
+    sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
+    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
+    margins = torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, margins=margins)
 
 
 def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
@@ -1183,9 +1178,7 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         eval_prompts = {json.dumps(prompts[i]) for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
         if checkpoint:
-            pairs = read_records(
-                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS)
-            )
+            pairs = read_records(os.path.join(parallel.run_directory(checkpoint), SENTIMENT_PAIRS))
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
         eval_pairs, train_pairs = (
@@ -1230,9 +1223,8 @@ def main(args: Args):
         model, tokenizer = load_model(checkpoint or args.model, device, args.seed, dtype, args.chat_template)
     else:
         tokenizer = randomwalks_tokenizer()
-        model = randomwalks_model(tokenizer)
+        model = randomwalks_model(tokenizer).to(device, dtype)
         init_head(model, args.seed)
-        model.to(device, dtype)
     context = model_context(model.config)
     max_length = min(args.max_length, context) if context else args.max_length
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
