@@ -64,12 +64,11 @@ class Args:
     """seed of python, numpy and torch (head init, pair sampling, data order): any integer from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh", "tldr"] = "randomwalks"
     """randomwalks: built-in offline pairs of walks; sentiment: pairs of continuations of movie-review openings
-    (examples/sentiment_prompts.jsonl)
-    sampled from --model itself, the more positive by VADER chosen (needs vaderSentiment); jsonl: preference records
-    from --data, `{"prompt", "chosen", "rejected"}` as strings or message lists (optional "margin", "tools"), or
-    `{"chosen", "rejected"}` conversations whose shared first messages are the prompt;
-    hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and tldr
-    download from the hub unless --data is given)"""
+    (examples/sentiment_prompts.jsonl) sampled from --model itself, the more positive by VADER chosen (needs
+    vaderSentiment); jsonl: preference records from --data, `{"prompt", "chosen", "rejected"}` as strings or message
+    lists (optional "margin", "tools"), or `{"chosen", "rejected"}` conversations whose shared first messages are the
+    prompt; hh: Anthropic/hh-rlhf chosen/rejected dialogues; tldr: OpenAI summarize-from-feedback comparisons (hh and
+    tldr download from the hub unless --data is given)"""
     data: Optional[str] = None
     """local data: required for --task jsonl; for sentiment `{"prompt"}` records (strings or message lists) replacing
     the shipped ones; for hh/tldr a local copy in the upstream format (.jsonl, .jsonl.gz; .parquet or a directory
@@ -82,8 +81,7 @@ class Args:
     randomwalks"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
     """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation
-    in float64,
-    slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
+    in float64, slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -871,9 +869,10 @@ def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
 
 def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.Tensor:
     """Scalar score of each sequence, read at its last real token (the transformers class finds the
-    rightmost non-pad token, so a pad token must not occur inside the text)."""
+    rightmost non-pad token, so a pad token must not occur inside the text); bf16 is upcast, fp64 kept."""
     input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0]
+    scores = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0]
+    return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -900,7 +899,6 @@ def score(
             for i in range(0, len(sequences), batch_size)
         ]
     )
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
     model.train(was_training)
     return scores
 
@@ -913,7 +911,6 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, ma
 def pair_scores(model, pairs: list, pad_token_id: int, device):
     """Chosen and rejected scores of a micro-batch of pairs, from one forward pass over both."""
     scores = forward_scores(model, [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
@@ -921,15 +918,10 @@ def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
     """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
     in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
     sees both sides of every pair; with the margins (fp64: the loss takes them to the scores' dtype)."""
-    input_ids, attention_mask, position_ids = pad_batch(
-        [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device
-    )
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "margins": torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device),
-    }
+    sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
+    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
+    margins = torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, margins=margins)
 
 
 def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
@@ -1053,46 +1045,38 @@ def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast,
     metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
     different numbers of forwards without per-block collectives. The tensor-parallel ranks and
     pipeline stages of one replica score the same share together. Returns (metrics, every score)."""
-    device, ranks = grid.device, grid.dp_size
+    device, pad_token_id, size = grid.device, tokenizer.pad_token_id, args.micro_batch_size
     model.eval()
-    chosen, rejected = [], []
+    scores = []  # this rank's [2, pairs] blocks: chosen scores, then rejected ones
     with model.gathered(), torch.no_grad(), autocast:
-        mine = share(eval_sequences, grid.dp_rank, ranks)
-        starts = range(0, len(mine), args.micro_batch_size)
+        mine = share(eval_sequences, grid.dp_rank, grid.dp_size)
+        starts = range(0, len(mine), size)
         if args.pp > 1 and mine:
             # The last stage writes each micro-batch's scores into their slots of one vector
             # (the share's chosen scores, then its rejected ones); pipeline_forward adds the
             # vectors (exactly: every slot is written once) and brings the sum to every stage.
             def statistic_fn(logits, micro_batch):
                 slots = torch.zeros(2, len(mine), dtype=torch.float64, device=logits.device)
-                c, r = pooled_pair_scores(logits, micro_batch, tokenizer.pad_token_id)
-                slots[0, micro_batch["start"] : micro_batch["start"] + len(c)] = c
-                slots[1, micro_batch["start"] : micro_batch["start"] + len(r)] = r
+                both = torch.stack(pooled_pair_scores(logits, micro_batch, pad_token_id))
+                slots[:, micro_batch["start"] : micro_batch["start"] + both.shape[1]] = both
                 return slots.flatten()
 
             micro_batches = [
-                {
-                    **pair_micro_batch(mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device),
-                    "start": start,
-                }
+                {**pair_micro_batch(mine[start : start + size], pad_token_id, device), "start": start}
                 for start in starts
             ]
             # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
-            both = parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu()
-            chosen, rejected = [both[0]], [both[1]]
+            scores.append(parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu())
         elif args.pp == 1:
             for start in starts:
-                c, r = pair_scores(
-                    model.module, mine[start : start + args.micro_batch_size], tokenizer.pad_token_id, device
+                scores.append(
+                    torch.stack(pair_scores(model.module, mine[start : start + size], pad_token_id, device)).cpu()
                 )
-                chosen.append(c.cpu())
-                rejected.append(r.cpu())
     model.train()
-    shares = parallel.all_gather_objects((chosen, rejected), grid.dp_group)
-    chosen = torch.cat([c for chosen_share, _ in shares for c in chosen_share])
-    rejected = torch.cat([r for _, rejected_share in shares for r in rejected_share])
+    gathered = torch.cat([block for part in parallel.all_gather_objects(scores, grid.dp_group) for block in part], 1)
+    chosen, rejected = gathered
     margins = torch.tensor([p[2] for p in eval_sequences], dtype=dtype)
-    both = torch.cat([chosen, rejected])
+    both = gathered.flatten()
     metrics = {
         "eval/loss": pairwise_loss(chosen, rejected, margins).mean().item(),
         "eval/accuracy": (chosen > rejected).to(dtype).mean().item(),
@@ -1194,9 +1178,7 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         eval_prompts = {json.dumps(prompts[i]) for i in order[: max(1, int(len(prompts) * args.eval_fraction))]}
         if checkpoint:
-            pairs = read_records(
-                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_PAIRS)
-            )
+            pairs = read_records(os.path.join(parallel.run_directory(checkpoint), SENTIMENT_PAIRS))
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
         eval_pairs, train_pairs = (
@@ -1241,9 +1223,8 @@ def main(args: Args):
         model, tokenizer = load_model(checkpoint or args.model, device, args.seed, dtype, args.chat_template)
     else:
         tokenizer = randomwalks_tokenizer()
-        model = randomwalks_model(tokenizer)
+        model = randomwalks_model(tokenizer).to(device, dtype)
         init_head(model, args.seed)
-        model.to(device, dtype)
     context = model_context(model.config)
     max_length = min(args.max_length, context) if context else args.max_length
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
@@ -1361,25 +1342,16 @@ def main(args: Args):
     # Score statistics on held-out chosen and rejected responses, stored with the model so that
     # a consumer (ppo.py) can normalise rewards to zero mean and unit variance.
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/") and not k.endswith("/scores")}
-    model.module.config.reward_mean, model.module.config.reward_std = (
-        summary["eval/score_mean"],
-        summary["eval/score_std"],
-    )
+    model.module.config.reward_mean = summary["eval/score_mean"]
+    model.module.config.reward_std = summary["eval/score_std"]
     if walks_to_score is not None:
         summary.update(optimality_correlation(model, tokenizer, *walks_to_score, args, grid, dtype))
     parallel.save_final(run_dir, grid, {"model": parallel.dense_tensors(saved, model, grid)}, (saved, tokenizer))
     if not grid.is_main:
         return
+    last_step = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "step": step,
-                **summary,
-                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"step": step, **summary, "last_step": last_step}, file, indent=1)
     print(
         f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())

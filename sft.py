@@ -36,13 +36,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 import tyro
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import parallel
 
@@ -66,8 +60,7 @@ class Args:
     tasks)"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
     """fp32; bf16: autocast for the forward pass (weights and optimizer stay fp32); fp64: weights and every computation
-    in float64,
-    slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
+    in float64, slow, for checking that two layouts compute the same math (the tests compare runs this way)"""
     device: str = "auto"
     """torch device; auto picks cuda when present, else cpu"""
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -386,9 +379,8 @@ def require_fields(records: list, fields: tuple, path: str):
 
 def is_conversation(value) -> bool:
     """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
-    if not isinstance(value, list) or not value:
-        return False
-    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
 def example_of(record: dict, number: int, path: str) -> tuple:
@@ -410,19 +402,18 @@ def example_of(record: dict, number: int, path: str) -> tuple:
     return kind, (prompt, completion, tools)
 
 
-def hh_example(dialogue: str):
-    """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
+def hh_example(dialogue: str) -> Optional[dict]:
+    """An hh-rlhf dialogue as a prompt-completion record: the prompt everything up to the last
+    "\\n\\nAssistant:", the completion the final reply; None without one."""
     marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+    prompt, found, reply = dialogue.rpartition(marker)
+    return {"prompt": prompt + marker, "completion": reply} if found else None
 
 
-def tldr_example(record: dict):
+def tldr_example(record: dict) -> dict:
     """OpenAI's summarize-from-feedback prompt format: post in, " summary" out."""
     prompt = f"SUBREDDIT: r/{record['subreddit']}\n\nTITLE: {record['title']}\n\nPOST: {record['post']}\n\nTL;DR:"
-    return prompt, " " + record["summary"].strip()
+    return {"prompt": prompt, "completion": " " + record["summary"].strip()}
 
 
 def download(task: str) -> list:
@@ -450,14 +441,11 @@ def load_examples(task: str, data: Optional[str]) -> list:
     examples, unusable = [], 0
     for path in paths:
         records = read_records(path)
-        if task == "hh":
-            require_fields(records, ("chosen",), path)
-            pairs = [hh_example(r["chosen"]) for r in records]
-            unusable += sum(p is None for p in pairs)
-            records = [{"prompt": p[0], "completion": p[1]} for p in pairs if p is not None]
-        elif task == "tldr":
-            require_fields(records, ("subreddit", "title", "post", "summary"), path)
-            records = [dict(zip(("prompt", "completion"), tldr_example(r))) for r in records]
+        if task != "jsonl":
+            require_fields(records, ("chosen",) if task == "hh" else ("subreddit", "title", "post", "summary"), path)
+            records = [hh_example(r["chosen"]) if task == "hh" else tldr_example(r) for r in records]
+            unusable += records.count(None)
+            records = [record for record in records if record is not None]
         kinds = [example_of(record, number, path) for number, record in enumerate(records, 1)]
         for number, (kind, _) in enumerate(kinds, 1):
             if kind != kinds[0][0]:
@@ -842,11 +830,10 @@ def main(args: Args):
     # Data and model.
     if args.task == "randomwalks":
         adjacency, walks = generate_random_walks()
-        shortest = shortest_path_nodes(adjacency)
+        graph = (adjacency, shortest_path_nodes(adjacency))
         walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
         examples = [(walk[0], walk[1:], None) for walk in walk_strings]
-        dataset_optimality = float(np.mean([walk_optimality(w, adjacency, shortest) for w in walk_strings]))
-        graph = (adjacency, shortest)
+        dataset_optimality = float(np.mean([walk_optimality(w, *graph) for w in walk_strings]))
     else:
         examples, graph = load_examples(args.task, args.data), None
     if checkpoint or args.model:
@@ -867,8 +854,7 @@ def main(args: Args):
         )
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = max(1, int(len(sequences) * args.eval_fraction))
-    eval_sequences = [sequences[i] for i in order[:n_eval]]
-    train_sequences = [sequences[i] for i in order[n_eval:]]
+    eval_sequences, train_sequences = [sequences[i] for i in order[:n_eval]], [sequences[i] for i in order[n_eval:]]
     eval_prompts = [ids[: mask.index(1)] for ids, mask in eval_sequences[: args.eval_generations]]
     steps_per_epoch = len(train_sequences) // args.batch_size
     if steps_per_epoch == 0:
@@ -990,16 +976,9 @@ def main(args: Args):
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if args.task == "randomwalks":
         summary["dataset/optimality"] = dataset_optimality
+    last_step = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "step": step,
-                **summary,
-                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"step": step, **summary, "last_step": last_step}, file, indent=1)
     print(
         f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
         + ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
