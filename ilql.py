@@ -63,12 +63,10 @@ class Args:
     from 0"""
     task: Literal["randomwalks", "sentiment", "jsonl", "hh"] = "randomwalks"
     """randomwalks: built-in offline graph task, rewarded by optimality; sentiment: continuations of movie-review
-    openings
-    (examples/sentiment_prompts.jsonl, or --data's `prompt` strings or conversations) sampled from --model itself and
-    scored by VADER (needs vaderSentiment); jsonl: --data's `prompt`, `completion` (strings or conversations) and
-    `reward` records;
-    hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1 (downloads from the hub unless --data is
-    given)"""
+    openings (examples/sentiment_prompts.jsonl, or --data's `prompt` strings or conversations) sampled from --model
+    itself and scored by VADER (needs vaderSentiment); jsonl: --data's `prompt`, `completion` (strings or
+    conversations) and `reward` records; hh: Anthropic/hh-rlhf, chosen dialogues rewarded +1 and rejected ones -1
+    (downloads from the hub unless --data is given)"""
     data: Optional[str] = None
     """local data: .jsonl or .jsonl.gz, or (with the datasets package) .parquet or a datasets directory; required for
     --task jsonl; for sentiment `prompt` records replacing the shipped ones; for hh a local copy in the upstream
@@ -121,9 +119,8 @@ class Args:
     """examples longer than --max-length: truncate (cut the prompt from the left, then the response from the right) or
     skip them"""
     samples_per_prompt: int = 4
-    """sentiment: continuations of each training prompt sampled from --model (temperature 1, no top-k,
-    --max-new-tokens) to make the
-    dataset; it is written to sentiment_samples.jsonl in the run directory, in the format of --task jsonl"""
+    """sentiment: continuations of each training prompt sampled from --model (temperature 1, no top-k, --max-new-tokens)
+    to make the dataset; it is written to sentiment_samples.jsonl in the run directory, in the format of --task jsonl"""
     generation_batch_size: int = 64
     """sentiment: prompts per batch when sampling the dataset"""
 
@@ -229,38 +226,27 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "max_length",
-        "samples_per_prompt",
-        "generation_batch_size",
-        "num_epochs",
-        "batch_size",
-        "steps_for_target_sync",
-        "eval_every",
-        "eval_samples_per_start",
-        "eval_generations",
-        "eval_prompts",
-        "max_new_tokens",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "lora_rank", "warmup_steps", "top_k", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("lora_alpha", "learning_rate", "max_grad_norm", "temperature"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    for flag in ("weight_decay", "cql_scale", "awac_scale", "beta"):
-        require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
-    require(
-        args.num_layers_unfrozen == -1 or args.num_layers_unfrozen >= 1,
-        "num_layers_unfrozen",
-        "must be -1 (the whole LM trains) or a number of layers, at least 1",
+    at_least_1 = (
+        "tp pp cp max_length samples_per_prompt generation_batch_size num_epochs batch_size steps_for_target_sync "
+        "eval_every eval_samples_per_start eval_generations eval_prompts max_new_tokens keep_checkpoints"
     )
-    require(0 < args.tau < 1, "tau", "must lie strictly between 0 and 1")
-    require(0 < args.alpha <= 1, "alpha", "must lie in (0, 1] (1 copies the Q heads at every sync)")
-    require(0 <= args.gamma <= 1, "gamma", "must lie in [0, 1]")
+    rules = (  # (flags, the rule, what it says when broken)
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        ("seed lora_rank warmup_steps top_k save_every", lambda v: v >= 0, "must be 0 or more"),
+        ("lora_alpha learning_rate max_grad_norm temperature", lambda v: 0 < v < math.inf, "must be a positive number"),
+        ("weight_decay cql_scale awac_scale beta", lambda v: 0 <= v < math.inf, "must be 0 or a positive number"),
+        (
+            "num_layers_unfrozen",
+            lambda v: v == -1 or v >= 1,
+            "must be -1 (the whole LM trains) or a number of layers, at least 1",
+        ),
+        ("tau", lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+        ("alpha", lambda v: 0 < v <= 1, "must lie in (0, 1] (1 copies the Q heads at every sync)"),
+        ("gamma", lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    )
+    for flags, ok, what in rules:
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     if not args.eval_betas:
         fail("--eval-betas needs at least one beta to evaluate with")
     for beta in args.eval_betas:
@@ -341,7 +327,7 @@ RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 def generate_random_walks(
     seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
 ):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    """The graph (boolean adjacency [n, n]) and the walks (strings of node letters), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(n_nodes, n_nodes) > 0.9
@@ -361,7 +347,7 @@ def generate_random_walks(
             walk.append(node)
             if node == 0:
                 break
-        walks.append(walk)
+        walks.append("".join(node_letter(n) for n in walk))
     return adjacency, walks
 
 
@@ -469,13 +455,6 @@ def read_records(path: str) -> list:
     return records
 
 
-def require_fields(records: list, fields: tuple, path: str):
-    """Every record has these string fields (an upstream format's), else one line naming the first that does not."""
-    for number, record in enumerate(records, 1):
-        if not all(isinstance(record.get(field), str) for field in fields):
-            fail(f"{path}, record {number}: expected strings {', '.join(fields)}, found fields {', '.join(record)}")
-
-
 def is_conversation(value) -> bool:
     """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
     if not isinstance(value, list) or not value:
@@ -533,7 +512,11 @@ def load_examples(task: str, data: Optional[str]) -> list:
     for path in paths:
         records = read_records(path)
         if task == "hh":  # both dialogues of a pair share the prompt; the preferred reply earns +1, the other -1
-            require_fields(records, ("chosen", "rejected"), path)
+            for number, record in enumerate(records, 1):
+                if not all(isinstance(record.get(field), str) for field in ("chosen", "rejected")):
+                    fail(
+                        f"{path}, record {number}: expected strings chosen, rejected, found fields {', '.join(record)}"
+                    )
             pairs = [
                 (hh_example(r[field]), reward) for r in records for field, reward in (("chosen", 1), ("rejected", -1))
             ]
@@ -652,11 +635,6 @@ def collate(sequences: list, pad_token_id: int, device) -> dict:
         rewards[row, len(ids) - 2] = reward
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask, "rewards": rewards}
     return {name: tensor.to(device) for name, tensor in batch.items()}
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def model_context(config):
@@ -787,57 +765,30 @@ def accumulate_gradients(
     starts = range(0, len(batch), args.micro_batch_size)
     micro_batches = [collate(batch[start : start + args.micro_batch_size], pad_token_id, device) for start in starts]
 
-    def loss_fn(logits, hidden, micro_batch):
-        """The micro-batch's loss, scaled for the global batch; its terms are added to the totals."""
+    pipelined = isinstance(model.module, parallel.PipelineStage)
+
+    def loss_fn(output, micro_batch):
+        """The micro-batch's loss, scaled for the global batch; its terms are added to the totals. `output`:
+        under --pp the final hidden states, to which the last stage applies the LM head (under autocast, as
+        the LM's own head runs outside the pipeline); else the LM's output."""
+        logits, hidden = (model.module.head(output), output) if pipelined else (output.logits, output.hidden_states[-1])
         with torch.autocast(torch.device(device).type, enabled=False):  # the ILQL heads run in their own precision
-            terms = ilql_loss(
-                heads,
-                logits,
-                hidden,
-                micro_batch["input_ids"],
-                micro_batch["action_mask"],
-                micro_batch["rewards"],
-                args.tau,
-                args.gamma,
-                args.beta,
-            )
+            tensors = (micro_batch[name] for name in ("input_ids", "action_mask", "rewards"))
+            terms = ilql_loss(heads, logits, hidden, *tensors, args.tau, args.gamma, args.beta)
             terms["loss"] = terms["q"] + terms["v"] + args.cql_scale * terms["cql"] + args.awac_scale * terms["awac"]
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.item() / batch_actions
         return terms["loss"] / batch_actions * ranks
 
-    if isinstance(model.module, parallel.PipelineStage):
-        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
-        # applies the LM head (under autocast, as the LM's own head runs outside the pipeline) and
-        # the ILQL heads to the final hidden states and computes the loss, and the sums of the
-        # terms come back to every stage.
-        stage = model.module
-        with autocast:
-            parallel.pipeline_1f1b(
-                model, micro_batches, lambda hidden, mb: loss_fn(stage.head(hidden), hidden, mb), broadcast_loss=False
-            )
-        sums = torch.tensor(
-            [totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device
-        )  # zeros but on the last stage
-        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, stage.group).tolist()))
-    lm = model.module["lm"]
-    for number, micro_batch in enumerate(micro_batches, 1):
-        with model.no_sync() if number < len(micro_batches) else contextlib.nullcontext():
-            with autocast:
-                output = lm(
-                    input_ids=micro_batch["input_ids"],
-                    attention_mask=micro_batch["attention_mask"],
-                    output_hidden_states=True,
-                )
-            loss_fn(output.logits, output.hidden_states[-1], micro_batch).backward()
+    def lm_output(micro_batch):
+        inputs = {name: micro_batch[name] for name in ("input_ids", "attention_mask")}
+        return model.module["lm"](**inputs, output_hidden_states=True)
+
+    parallel.forward_backward(model, micro_batches, loss_fn, lm_output, autocast)
+    if pipelined:  # the sums of the terms, on the last stage only, come back to every stage
+        sums = torch.tensor([totals.get(name, 0.0) for name in LOSS_TERMS], dtype=torch.float64, device=device)
+        return dict(zip(LOSS_TERMS, parallel.all_reduce_sum(sums, model.module.group).tolist()))
     return totals
-
-
-def share(items: list, rank: int, ranks: int) -> list:
-    """Rank `rank`'s contiguous share of `items` for evaluation (the last ranks may get fewer, or
-    none); concatenating the shares in rank order gives back `items`."""
-    size = math.ceil(len(items) / ranks)
-    return items[rank * size : (rank + 1) * size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,12 +815,11 @@ class LoRA(torch.nn.Module):
         return output + (x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scale).to(output.dtype)
 
     def merged(self) -> torch.nn.Module:
-        """The base layer with the update added into its weight."""
-        layer = copy.deepcopy(self.base)
+        """The base layer with the update added into its weight (in place: merge_lora calls it on a copy)."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
         with torch.no_grad():
-            layer.weight += (delta.T if self.transposed else delta).to(layer.weight.dtype)
-        return layer
+            self.base.weight += (delta.T if self.transposed else delta).to(self.base.weight.dtype)
+        return self.base
 
 
 def decoder_layers(lm) -> torch.nn.ModuleList:
@@ -1024,15 +974,17 @@ SENTIMENT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ex
 SENTIMENT_SAMPLES = "sentiment_samples.jsonl"  # the sampled dataset, kept in the run directory
 
 
-def load_sentiment_prompts(data: Optional[str]) -> list:
-    """The openings to continue, as (prompt, tools): the shipped file, or --data's prompt-only records (a `prompt`
-    string or conversation, and optional `tools`)."""
-    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
+def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Args, grid) -> tuple:
+    """(examples, training prompts, held-out prompts' token ids) of the sentiment task. The openings, as
+    (prompt, tools): the shipped file, or --data's prompt-only records (a `prompt` string or conversation, and
+    optional `tools`). The held-out openings are those ppo.py picks (same seed, same split), so the two compare.
+    The dataset is sampled by the starting model; a resumed run reads the one its run sampled."""
+    if args.data is None and not os.path.isfile(SENTIMENT_PROMPTS):
         fail(
             f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass "
             f'--data with a file of {{"prompt": ...}} lines'
         )
-    path = data or SENTIMENT_PROMPTS
+    path = args.data or SENTIMENT_PROMPTS
     records = read_records(path)
     for number, record in enumerate(records, 1):
         if not isinstance(record.get("prompt"), str) and not is_conversation(record.get("prompt")):
@@ -1042,12 +994,27 @@ def load_sentiment_prompts(data: Optional[str]) -> list:
     prompts = list({json.dumps(r["prompt"]): (r["prompt"], r.get("tools")) for r in records}.values())
     if not prompts:
         fail(f"no prompts in {path}; the file is empty")
-    return prompts
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
+    eval_prompts = [encode_prompt(tokenizer, *prompts[i]) for i in order[:n_eval]]
+    train_prompts = [prompts[i] for i in order[n_eval:]]
+    if checkpoint:
+        samples_file = os.path.join(parallel.run_directory(checkpoint), SENTIMENT_SAMPLES)
+        records = read_records(samples_file)
+        examples = [scored_example(record, number, samples_file) for number, record in enumerate(records, 1)]
+        # The ids the run sampled and trained on (a file without them, written by hand, has only the text).
+        examples = [(p, record.get("completion_ids", c), r, t) for (p, c, r, t), record in zip(examples, records)]
+    else:
+        examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
+        if not examples:
+            fail(f"every continuation {args.model} sampled was empty; raise --max-new-tokens or check the model's EOS")
+    return examples, train_prompts, eval_prompts
 
 
 @functools.cache
 def vader():
-    """VADER's analyser (the optional extra vaderSentiment): the sentiment task's reward."""
+    """VADER's analyser (the optional extra vaderSentiment): the sentiment task's reward is its compound score of
+    a continuation, in [-1, 1] (the opening itself is not scored)."""
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
@@ -1056,11 +1023,6 @@ def vader():
             "requirements-examples.txt)"
         )
     return SentimentIntensityAnalyzer()
-
-
-def sentiment_scores(texts: list) -> list:
-    """VADER's compound score of each continuation, in [-1, 1] (the opening itself is not scored)."""
-    return [vader().polarity_scores(text)["compound"] for text in texts]
 
 
 def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, grid, device) -> list:
@@ -1079,17 +1041,14 @@ def sample_sentiment_dataset(lm, heads, tokenizer, prompts: list, args: Args, gr
         for number, start in tqdm.tqdm(
             my_batches, desc="sampling the dataset", dynamic_ncols=True, disable=not grid.is_main
         ):
-            torch.manual_seed(
-                int.from_bytes(
-                    hashlib.sha256(f"{args.seed}/sentiment dataset/{number}".encode()).digest()[:8], "little"
-                )
-                & (2**63 - 1)
-            )
+            digest = hashlib.sha256(f"{args.seed}/sentiment dataset/{number}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
             batch_prompts = repeated[start : start + args.generation_batch_size]
             encoded = [encode_prompt(tokenizer, prompt, tools) for prompt, tools in batch_prompts]
             responses = generate(lm, heads, tokenizer, encoded, args.max_new_tokens, 0.0, 1.0, 0, device)
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]  # without the end-of-turn id
-            scored = zip(batch_prompts, responses, sentiment_scores(texts), texts)
+            scores = [vader().polarity_scores(text)["compound"] for text in texts]
+            scored = zip(batch_prompts, responses, scores, texts)
             mine.append((number, [(prompt, ids, score, tools) for (prompt, tools), ids, score, text in scored if text]))
     batches = sorted(b for share_of_rank in parallel.all_gather_objects(mine, grid.dp_group) for b in share_of_rank)
     return [example for _, batch in batches for example in batch]
@@ -1103,13 +1062,7 @@ def write_jsonl_atomically(path: str, examples: list, tokenizer):
         for prompt, ids, reward, tools in examples:
             text = tokenizer.decode(ids, skip_special_tokens=True)
             completion = text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
-            record = {
-                "prompt": prompt,
-                "completion": completion,
-                "completion_ids": ids,
-                "reward": reward,
-                "tools": tools,
-            }
+            record = dict(prompt=prompt, completion=completion, completion_ids=ids, reward=reward, tools=tools)
             file.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
 
@@ -1154,12 +1107,8 @@ def load_trained(path: str, device="cpu", dtype=torch.float32):
     heads.load_state_dict(state)
     if os.path.exists(os.path.join(path, ADAPTERS_FILE)):  # a LoRA run's checkpoint: adapters back on their layers
         adapters = parallel.read_safetensors(path, ADAPTERS, device)
-        alpha = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["args"]["lora_alpha"]
-        lm.requires_grad_(False)
-        for key, lora_A in adapters.items():
-            if key.endswith(".lora_A"):
-                name, rank = key[: -len(".lora_A")], lora_A.shape[0]
-                replace_module(lm, name, LoRA(lm.get_submodule(name), rank, alpha))
+        run_args = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["args"]
+        add_lora(lm, run_args["lora_rank"], run_args["lora_alpha"], run_args["lora_target_modules"])  # as the run did
         missing, unexpected = lm.load_state_dict(adapters, strict=False)
         assert not unexpected and not any("lora_" in key for key in missing), (unexpected, missing)
     return lm, tokenizer, heads
@@ -1212,28 +1161,6 @@ def init_wandb(args: Args, run_name: str, run_dir: str, run_id: Optional[str]):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Args, grid) -> tuple:
-    """(examples, training prompts, held-out prompts' token ids) of the sentiment task. The held-out openings
-    are those ppo.py picks (same seed, same split), so the two compare. The dataset is sampled by
-    the starting model; a resumed run reads the one its run sampled."""
-    prompts = load_sentiment_prompts(args.data)
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_eval = min(args.eval_prompts, max(1, len(prompts) // 10))
-    eval_prompts = [encode_prompt(tokenizer, *prompts[i]) for i in order[:n_eval]]
-    train_prompts = [prompts[i] for i in order[n_eval:]]
-    if checkpoint:
-        samples_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), SENTIMENT_SAMPLES)
-        records = read_records(samples_file)
-        examples = [scored_example(record, number, samples_file) for number, record in enumerate(records, 1)]
-        # The ids the run sampled and trained on (a file without them, written by hand, has only the text).
-        examples = [(p, record.get("completion_ids", c), r, t) for (p, c, r, t), record in zip(examples, records)]
-    else:
-        examples = sample_sentiment_dataset(lm, heads, tokenizer, train_prompts, args, grid, grid.device)
-        if not examples:
-            fail(f"every continuation {args.model} sampled was empty; raise --max-new-tokens or check the model's EOS")
-    return examples, train_prompts, eval_prompts
-
-
 def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast) -> tuple:
     """Generate at each of --eval-betas. randomwalks: mean optimality of greedy walks and of
     sampled ones from every start node; sentiment: mean VADER score of greedy and sampled
@@ -1248,59 +1175,39 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
     else None. Returns (metrics, sample rows)."""
     device, ranks = grid.device, grid.dp_size
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
+    metric = "optimality" if randomwalks else "score"
+    max_new_tokens = RANDOMWALKS_MAX_NODES - 1 if randomwalks else args.max_new_tokens
+    samples = args.eval_samples_per_start if randomwalks else 1  # of each prompt (for randomwalks: start node)
+    runs = (("greedy", 0.0, 1), ("sampled", args.temperature, samples))[: 2 if randomwalks or sentiment else 1]
     metrics, rows = {}, []
     heads_from_last_stage(model, heads, grid)
-    sampler = (
-        parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]
-    )  # communicates under --pp only, where ZeRO-3 (and so gathered()) is refused
+    # Communicates under --pp only, where ZeRO-3 (and so gathered()) is refused.
+    sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module["lm"]
     with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         for beta in args.eval_betas:
             torch.manual_seed(args.seed + grid.dp_rank)
-            if randomwalks:
-                starts = [[node] for node in range(1, RANDOMWALKS_NODES)]  # a node's token id is its number
-                for name, temperature, repeats in (
-                    ("greedy", 0.0, 1),
-                    ("sampled", args.temperature, args.eval_samples_per_start),
-                ):
-                    prompts = share([s for s in starts for _ in range(repeats)], grid.dp_rank, ranks)
-                    responses = generate(
-                        sampler,
-                        heads,
-                        tokenizer,
-                        prompts,
-                        RANDOMWALKS_MAX_NODES - 1,
-                        beta,
-                        temperature,
-                        args.top_k,
-                        device,
-                    )
-                    walks = [tokenizer.decode(p + r, skip_special_tokens=True) for p, r in zip(prompts, responses)]
-                    scored = [(w, walk_optimality(w, *graph)) for w in walks]
-                    scored = [pair for part in parallel.all_gather_objects(scored, grid.dp_group) for pair in part]
-                    metrics[f"eval/optimality_{name}_beta{beta:g}"] = float(np.mean([s for _, s in scored]))
-                    metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for _, s in scored]))
-                    if name == "greedy":
-                        rows += [[step, beta, w[0], w[1:], s] for w, s in scored]
-            else:
-                prompts = share(eval_prompts, grid.dp_rank, ranks)
-                for name, temperature, top_k in (("greedy", 0.0, 0), ("sampled", args.temperature, args.top_k))[
-                    : 2 if sentiment else 1
-                ]:
-                    responses = generate(
-                        sampler, heads, tokenizer, prompts, args.max_new_tokens, beta, temperature, top_k, device
-                    )
-                    responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
-                    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-                    scores = sentiment_scores(texts) if sentiment else [None] * len(texts)
-                    if sentiment:
-                        metrics[f"eval/score_{name}_beta{beta:g}"] = float(np.mean(scores))
-                    if name == "greedy":
-                        metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
-                        rows += [
-                            [step, beta, tokenizer.decode(p), t, s] for p, t, s in zip(eval_prompts, texts, scores)
-                        ]
+            for name, temperature, repeats in runs:  # greedy decoding is the same with or without top-k
+                prompts = [prompt for prompt in eval_prompts for _ in range(repeats)]
+                size = math.ceil(len(prompts) / ranks)  # the last ranks may get fewer prompts, or none
+                mine = prompts[grid.dp_rank * size : (grid.dp_rank + 1) * size]
+                responses = generate(
+                    sampler, heads, tokenizer, mine, max_new_tokens, beta, temperature, args.top_k, device
+                )
+                responses = [r for part in parallel.all_gather_objects(responses, grid.dp_group) for r in part]
+                texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                if randomwalks:  # a walk is its start node's letter and the generated ones
+                    scores = [walk_optimality(tokenizer.decode(p) + t, *graph) for p, t in zip(prompts, texts)]
+                else:
+                    scores = [vader().polarity_scores(text)["compound"] if sentiment else None for text in texts]
+                if randomwalks or sentiment:
+                    metrics[f"eval/{metric}_{name}_beta{beta:g}"] = float(np.mean(scores))
+                if randomwalks:
+                    metrics[f"eval/valid_walks_{name}_beta{beta:g}"] = float(np.mean([s > 0 for s in scores]))
+                if name == "greedy":
+                    rows += [[step, beta, tokenizer.decode(p), t, s] for p, t, s in zip(prompts, texts, scores)]
+                if name == "greedy" and not randomwalks:
+                    metrics[f"eval/response_tokens_beta{beta:g}"] = float(np.mean([len(r) for r in responses]))
     if randomwalks or sentiment:
-        metric = "optimality" if randomwalks else "score"
         for name in ("greedy", "sampled"):
             best = max(args.eval_betas, key=lambda beta: metrics[f"eval/{metric}_{name}_beta{beta:g}"])
             metrics[f"eval/best_{metric}_{name}"] = metrics[f"eval/{metric}_{name}_beta{best:g}"]
@@ -1311,27 +1218,17 @@ def evaluate(model, heads, step: int, eval_prompts: list, tokenizer, graph, args
 def report(step: int, metrics: dict, rows: list, dataset_mean: float, args: Args) -> str:
     """The sweep over betas as a table; dataset_mean: the data's mean optimality or VADER score."""
     randomwalks, sentiment = args.task == "randomwalks", args.task == "sentiment"
-    if randomwalks:
+    if randomwalks or sentiment:
+        metric = "optimality" if randomwalks else "score"
+        columns = {"greedy": f"{metric}_greedy", "sampled": f"{metric}_sampled"}
+        columns.update({"valid": "valid_walks_sampled"} if randomwalks else {})
+        title = "optimality" if randomwalks else "mean VADER score of held-out continuations"
         lines = [
-            f"step {step}: optimality by generation beta (dataset {dataset_mean:.3f})",
-            f"{'beta':>8} {'greedy':>8} {'sampled':>8} {'valid':>8}",
+            f"step {step}: {title} by generation beta (dataset {dataset_mean:.3f})",
+            " ".join(f"{column:>8}" for column in ("beta", *columns)),
         ]
         lines += [
-            f"{beta:>8g} "
-            + " ".join(
-                f"{metrics[f'eval/{name}_beta{beta:g}']:>8.3f}"
-                for name in ("optimality_greedy", "optimality_sampled", "valid_walks_sampled")
-            )
-            for beta in args.eval_betas
-        ]
-    elif sentiment:
-        lines = [
-            f"step {step}: mean VADER score of held-out continuations by generation beta (dataset {dataset_mean:.3f})",
-            f"{'beta':>8} {'greedy':>8} {'sampled':>8}",
-        ]
-        lines += [
-            f"{beta:>8g} "
-            + " ".join(f"{metrics[f'eval/score_{name}_beta{beta:g}']:>8.3f}" for name in ("greedy", "sampled"))
+            f"{beta:>8g} " + " ".join(f"{metrics[f'eval/{key}_beta{beta:g}']:>8.3f}" for key in columns.values())
             for beta in args.eval_betas
         ]
     else:
@@ -1347,9 +1244,8 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
-            args.lr_schedule
-        ]
+        factors = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}
+        return factors[args.lr_schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -1377,28 +1273,6 @@ def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) 
     if grid.is_main:
         print(f"resuming {run_dir} from step {state['step']}")
     return state["step"], state["run_name"], run_dir, state["wandb_id"]
-
-
-def load_lm_and_heads(args: Args, checkpoint: Optional[str], device, dtype) -> tuple:
-    """(LM, tokenizer, heads): a checkpoint's (with the adapters of a LoRA run), or --model's (or
-    randomwalks' fresh GPT-2) with new heads and, under --lora-rank, new adapters."""
-    if checkpoint:
-        lm, tokenizer, heads = load_trained(checkpoint, device, dtype)  # with the adapters of a LoRA run
-    else:
-        if args.model:
-            lm, tokenizer = load_model(args.model, device, dtype)
-        else:
-            tokenizer = randomwalks_tokenizer()
-            lm = randomwalks_model(tokenizer).to(device, dtype)
-        heads = new_heads(lm, args.two_qs).to(device)
-        if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
-            add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
-        fail(
-            f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's "
-            f"{len(decoder_layers(lm))} layers"
-        )
-    return lm, tokenizer, heads
 
 
 def training_state(step: int, scheduler, optimizer, args: Args, grid, run_name: str, wandb_run) -> tuple:
@@ -1430,26 +1304,42 @@ def main(args: Args):
     torch.manual_seed(args.seed)
 
     # Data, model and heads.
+    graph = eval_prompts = None
     if randomwalks:
         adjacency, walks = generate_random_walks()
-        shortest = shortest_path_nodes(adjacency)
-        walk_strings = ["".join(node_letter(n) for n in walk) for walk in walks]
-        scores = [walk_optimality(w, adjacency, shortest) for w in walk_strings]
-        examples = [(walk[0], walk[1:], score, None) for walk, score in zip(walk_strings, scores)]
-        dataset_mean, graph = float(np.mean(scores)), (adjacency, shortest)
+        graph = adjacency, shortest_path_nodes(adjacency)
+        examples = [(walk[0], walk[1:], walk_optimality(walk, *graph), None) for walk in walks]
+        eval_prompts = [[node] for node in range(1, RANDOMWALKS_NODES)]  # a node's token id is its number
     elif not sentiment:
-        examples, dataset_mean, graph = load_examples(args.task, args.data), None, None
-    lm, tokenizer, heads = load_lm_and_heads(args, checkpoint, device, param_dtype)
+        examples = load_examples(args.task, args.data)
+    # The LM, tokenizer and heads: a checkpoint's (with the adapters of a LoRA run), or --model's (or randomwalks'
+    # fresh GPT-2) with new heads and, under --lora-rank, new adapters.
+    if checkpoint:
+        lm, tokenizer, heads = load_trained(checkpoint, device, param_dtype)
+    else:
+        if args.model:
+            lm, tokenizer = load_model(args.model, device, param_dtype)
+        else:
+            tokenizer = randomwalks_tokenizer()
+            lm = randomwalks_model(tokenizer).to(device, param_dtype)
+        heads = new_heads(lm, args.two_qs).to(device)
+        if args.lora_rank > 0:  # B = 0: the adapted LM starts equal to the base (and samples the same dataset)
+            add_lora(lm, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+    if args.num_layers_unfrozen > 0 and not args.num_layers_unfrozen <= len(decoder_layers(lm)):
+        fail(
+            f"--num-layers-unfrozen {args.num_layers_unfrozen} must be between 1 and the model's "
+            f"{len(decoder_layers(lm))} layers"
+        )
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()  # saved with the tokenizer, so the trained model keeps it
     if sentiment:
         examples, train_prompts, eval_prompts = sentiment_dataset(lm, heads, tokenizer, checkpoint, args, grid)
-        dataset_mean, graph = float(np.mean([reward for _, _, reward, _ in examples])), None
+    dataset_mean = float(np.mean([reward for _, _, reward, _ in examples])) if randomwalks or sentiment else None
     context = model_context(lm.config)
     max_length = min(args.max_length, context) if context else args.max_length
     sequences = normalize_returns(tokenize_examples(tokenizer, examples, max_length, args.overlong))
-    if not sentiment:
+    if eval_prompts is None:  # jsonl and hh: a few distinct prompts of the shuffled dataset
         eval_order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
         eval_prompts = list(dict.fromkeys(tuple(sequences[i][0][: sequences[i][1]]) for i in eval_order))
         eval_prompts = eval_prompts[: args.eval_generations]
@@ -1489,11 +1379,11 @@ def main(args: Args):
 
     # Run directory; a resumed run continues in the directory its checkpoint belongs to.
     step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
-    if grid.is_main and not checkpoint and sentiment:
-        written = os.path.join(run_dir, SENTIMENT_SAMPLES)
-        write_jsonl_atomically(written, examples, tokenizer)
-        print(f"{len(examples)} samples of {len(train_prompts)} prompts, mean VADER {dataset_mean:.3f}: {written}")
     if grid.is_main:
+        if sentiment and not checkpoint:
+            written = os.path.join(run_dir, SENTIMENT_SAMPLES)
+            write_jsonl_atomically(written, examples, tokenizer)
+            print(f"{len(examples)} samples of {len(train_prompts)} prompts, mean VADER {dataset_mean:.3f}: {written}")
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -1509,10 +1399,9 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(sequences), args.seed, epoch)[
-            position * args.batch_size : (position + 1) * args.batch_size
-        ]
-        batch = [sequences[i] for i in indices]
+        # The epoch's order is a function of (seed, epoch) alone, so a resumed run replays it.
+        order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size].tolist()]
         batch_actions = sum(len(ids) - prompt_length for ids, prompt_length, _ in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         losses = accumulate_gradients(
@@ -1543,15 +1432,13 @@ def main(args: Args):
             loss=f"{losses['loss']:.4f}", value=f"{losses['value']:.3f}", tokens_per_s=f"{tokens_per_second:.0f}"
         )
         metrics = {f"train/loss_{k}" if k in ("q", "v", "cql", "awac") else f"train/{k}": v for k, v in losses.items()}
-        metrics.update(
-            {
-                "train/grad_norm": float(grad_norm),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": tokens_per_second,
-                "train/epoch": step / steps_per_epoch,
-                "time/steps_per_s": (step - start_step) / (time.time() - started),
-            }
-        )
+        metrics |= {
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/tokens_per_s": tokens_per_second,
+            "train/epoch": step / steps_per_epoch,
+            "time/steps_per_s": (step - start_step) / (time.time() - started),
+        }
         if step % args.eval_every == 0 or step == total_steps:
             eval_metrics, rows = evaluate(model, heads, step, eval_prompts, tokenizer, graph, args, grid, autocast)
             metrics.update(eval_metrics)
@@ -1581,16 +1468,9 @@ def main(args: Args):
     summary = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if randomwalks or sentiment:
         summary["dataset/optimality" if randomwalks else "dataset/score"] = dataset_mean
+    last_step = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
     with open(os.path.join(run_dir, "metrics.json"), "w") as file:
-        json.dump(
-            {
-                "step": step,
-                **summary,
-                "last_step": {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))},
-            },
-            file,
-            indent=1,
-        )
+        json.dump({"step": step, **summary, "last_step": last_step}, file, indent=1)
     shown = {k: v for k, v in summary.items() if "best" in k or k.startswith("dataset")} or summary
     print(
         f"saved {run_dir} after {step} steps in {time.time() - started:.0f}s: "
