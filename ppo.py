@@ -1699,7 +1699,8 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         # A tied head is saved once, as its embedding (see parallel.dense_tensors).
         missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=False)
         assert not unexpected and (pipelined or all(k.endswith("lm_head.weight") for k in missing)), missing
-        torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
+        if states[1]["value"] or not pipelined:  # under --pp only the last stage saved the value function
+            torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage

@@ -1214,7 +1214,19 @@ def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text
     reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000002")
     assert_runs_agree(one, reference, walk_policy)
     checkpoint = killed / "checkpoints" / "step_00000002"
-    assert sorted(os.listdir(checkpoint)) == ["manifest.json", "rank_0.pt", "rank_1.pt", "trainer_state.pt"]
+    names = sorted(os.listdir(checkpoint))  # each rank's own file, and the weights streamed whole to rank 0
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "manifest.json",
+        "policy.safetensors",
+        "rank_0.pt",
+        "rank_1.pt",
+        "trainer_state.pt",
+        "value.safetensors",
+    ]
+    with open(checkpoint / "manifest.json") as file:
+        assert sorted(json.load(file)) == [name for name in names if name != "manifest.json"]
     assert_resumed_bitwise(reference, killed)
     # Another world size or ZeRO stage is refused with one line.
     expect_error(

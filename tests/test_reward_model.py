@@ -755,15 +755,17 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     assert_same_weights(reference, copies["corrupt"])
     for how, victim in (("truncate", "model.safetensors"), ("delete", "trainer_state.pt")):
         damage(copies[how] / "checkpoints" / newest.name / victim, how)
-        assert rm.find_checkpoint(str(copies[how]), verbose=False) == str(copies[how] / "checkpoints" / older.name), how
+        assert parallel.find_checkpoint(str(copies[how]), verbose=False) == str(
+            copies[how] / "checkpoints" / older.name
+        ), how
 
     checkpoints = sorted((killed / "checkpoints").glob("step_????????"))  # the resumed run's last two
     damage(checkpoints[0] / "config.json", "delete")
     damage(checkpoints[1] / "tokenizer.json", "corrupt")
     with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
-        rm.find_checkpoint(str(killed))
+        parallel.find_checkpoint(str(killed))
     with pytest.raises(SystemExit, match=r"the checkpoint is damaged \(tokenizer.json is not the file that was saved"):
-        rm.find_checkpoint(str(checkpoints[1]))
+        parallel.find_checkpoint(str(checkpoints[1]))
 
 
 # --- bad input ----------------------------------------------------------------------------------
