@@ -198,17 +198,9 @@ class Args:
     """wandb entity (team or user)"""
 
 
-def fail(message: str):
-    """Stop with one line on stderr and exit status 1: bad input is the user's to fix, not a traceback
-    to read. Under torchrun every rank meets the same bad input and rank 0 prints the line; torchrun
-    ends all ranks as soon as one exits, so the others wait first (exiting at once could end rank 0
-    before it has printed). A rank still running after the wait failed alone: it prints its own line."""
-    for bar in list(tqdm.tqdm._instances):  # closed, or the line would be glued to the bar (and it print again)
-        bar.close()
-    rank = os.environ.get("RANK", "0")
-    if rank != "0":
-        time.sleep(10)
-    raise SystemExit(f"error: {message}" if rank == "0" else f"error: rank {rank}: {message}")
+# Bad input stops with one `error:` line and exit status 1, not a traceback; under torchrun rank 0
+# prints it while the other ranks wait (see parallel.fail).
+fail = parallel.fail
 
 
 def check_args(args: Args, world_size: int) -> Args:

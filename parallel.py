@@ -2167,9 +2167,11 @@ _stop_signal = []  # the signals received, set by the handler, read after a step
 
 
 def fail(message: str):
-    """The scripts' fail() for what this file checks on their behalf (a damaged checkpoint, one of
-    another layout): one `error:` line on stderr and exit status 1. Under torchrun rank 0 prints the
-    line and the others wait first, so that torchrun does not end rank 0 before it has printed."""
+    """Every script's fail(), and this file's for what it checks on their behalf (a damaged checkpoint,
+    one of another layout): one `error:` line on stderr and exit status 1, bad input being the user's
+    to fix, not a traceback to read. Under torchrun every rank meets the same bad input and rank 0
+    prints the line; torchrun ends all ranks as soon as one exits, so the others wait first. A rank
+    still running after the wait failed alone: it prints its own line."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(tqdm.tqdm._instances) if tqdm else []:
         bar.close()  # or the line would be glued to a progress bar
