@@ -149,27 +149,18 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "num_epochs",
-        "batch_size",
-        "eval_every",
-        "eval_samples_per_start",
-        "max_new_tokens",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "warmup_steps", "eval_generations", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("learning_rate", "max_grad_norm"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
-    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
-    require(
-        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2"
+    at_least_1 = "tp pp cp num_epochs batch_size eval_every eval_samples_per_start max_new_tokens keep_checkpoints"
+    rules = (  # (flags, the rule, what it says when broken)
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        ("seed warmup_steps eval_generations save_every", lambda v: v >= 0, "must be 0 or more"),
+        ("learning_rate max_grad_norm", lambda v: 0 < v < math.inf, "must be a positive number"),
+        ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 or a positive number"),
+        ("eval_fraction", lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+        ("max_length", lambda v: v >= 2, "leaves no room for a prompt token and a completion token; use at least 2"),
     )
+    for flags, ok, what in rules:
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     model_ranks = args.tp * args.pp * args.cp
     layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
