@@ -223,13 +223,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(seed=RANDOMWALKS_SEED, n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -237,11 +235,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -631,11 +629,10 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         cache = output.cache
         logits = output.logits[:, -1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-        next_ids = (
-            logits.argmax(-1)
-            if temperature == 0
-            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
-        )
+        if temperature == 0:
+            next_ids = logits.argmax(-1)
+        else:
+            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         tokens.append(next_ids)
         finished |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
@@ -760,9 +757,8 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
-            args.lr_schedule
-        ]
+        factors = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}
+        return factors[args.lr_schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -853,7 +849,7 @@ def main(args: Args):
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
     model = parallel.split_sequences(model, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
     if args.pp > 1:
-        model = parallel.pipeline_stage(model, grid.pp_group)
+        model = parallel.PipelineStage(model, grid.pp_group)
     model = parallel.data_parallel(
         model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
@@ -882,10 +878,8 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[
-            position * args.batch_size : (position + 1) * args.batch_size
-        ]
-        batch = [train_sequences[i] for i in indices]
+        shuffled = epoch_order(len(train_sequences), args.seed, epoch)
+        batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         batch_loss = accumulate_gradients(
