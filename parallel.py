@@ -1013,9 +1013,8 @@ class RowParallelLinear(nn.Module):
     ):
         super().__init__()
         self.group, self.conv1d = group, conv1d
-        self.register_buffer(
-            "columns", columns if weight.is_meta else columns.to(weight.device), persistent=False
-        )  # as rows
+        # As ColumnParallelLinear's rows.
+        self.register_buffer("columns", columns if weight.is_meta else columns.to(weight.device), persistent=False)
         self.weight = nn.Parameter(weight.detach()[:, columns].clone())
         self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -1106,12 +1105,9 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             attention = block.attn
             # c_attn is one Conv1D producing [q | k | v]: take this rank's heads from each third.
             rows = torch.cat([q_rows + part * hidden for part in range(3)])
-            attention.c_attn = ColumnParallelLinear(
-                attention.c_attn.weight.t(), attention.c_attn.bias, rows, group, conv1d=True
-            )
-            attention.c_proj = RowParallelLinear(
-                attention.c_proj.weight.t(), attention.c_proj.bias, q_rows, group, conv1d=True
-            )
+            c_attn, c_proj = attention.c_attn, attention.c_proj
+            attention.c_attn = ColumnParallelLinear(c_attn.weight.t(), c_attn.bias, rows, group, conv1d=True)
+            attention.c_proj = RowParallelLinear(c_proj.weight.t(), c_proj.bias, q_rows, group, conv1d=True)
             attention.split_size = hidden // world
             split_mlp(["c_fc"], "c_proj", block.mlp)
         embeddings = model.transformer
@@ -1131,9 +1127,8 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             # query_key_value's rows are grouped per head as [q_h | k_h | v_h], so a rank's heads
             # are one contiguous block of rows.
             rows = head_rows(rank * local_heads, local_heads, 3 * head_dim)
-            attention.query_key_value = ColumnParallelLinear(
-                attention.query_key_value.weight, attention.query_key_value.bias, rows, group
-            )
+            qkv = attention.query_key_value
+            attention.query_key_value = ColumnParallelLinear(qkv.weight, qkv.bias, rows, group)
             attention.dense = RowParallelLinear(attention.dense.weight, attention.dense.bias, q_rows, group)
             split_mlp(["dense_h_to_4h"], "dense_4h_to_h", block.mlp)
         model.gpt_neox.embed_in = VocabParallelEmbedding(model.gpt_neox.embed_in.weight, group)
@@ -1707,11 +1702,6 @@ class PipelineStage(nn.Module):
             if self.compute_logits:
                 hidden = self._head(hidden)
         return hidden
-
-
-def pipeline_stage(model: nn.Module, group: Optional[dist.ProcessGroup], compute_logits: bool = True) -> PipelineStage:
-    """PipelineStage(model, group): the scripts' spelling, as tensor_parallel(model, group)."""
-    return PipelineStage(model, group, compute_logits)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens) -> torch.Tensor:
