@@ -1021,11 +1021,10 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         cache = output.cache
         logits = output.logits[:, -1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-        next_ids = (
-            logits.argmax(-1)
-            if temperature == 0
-            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
-        )
+        if temperature == 0:
+            next_ids = logits.argmax(-1)
+        else:
+            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         next_ids = next_ids.masked_fill(finished, int(stop[0]))
         tokens.append(next_ids)
         finished |= torch.isin(next_ids, stop)
@@ -1172,9 +1171,8 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
-            args.lr_schedule
-        ]
+        factors = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}
+        return factors[args.lr_schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

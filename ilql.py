@@ -316,13 +316,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (strings of node letters), drawn exactly as trlX does."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(RANDOMWALKS_SEED)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -330,11 +328,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -449,9 +447,8 @@ def read_records(path: str) -> list:
 
 def is_conversation(value) -> bool:
     """A non-empty list of messages, each a dict with a string role and a string content (other keys allowed)."""
-    if not isinstance(value, list) or not value:
-        return False
-    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in value)
+    messages = value if isinstance(value, list) and value else [None]
+    return all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content")) for m in messages)
 
 
 def scored_example(record: dict, number: int, path: str) -> tuple:
@@ -472,10 +469,8 @@ def scored_example(record: dict, number: int, path: str) -> tuple:
 def hh_example(dialogue: str):
     """Split an hh-rlhf dialogue into (everything up to the last "\\n\\nAssistant:", the final reply)."""
     marker = "\n\nAssistant:"
-    cut = dialogue.rfind(marker)
-    if cut < 0:
-        return None
-    return dialogue[: cut + len(marker)], dialogue[cut + len(marker) :]
+    prompt, found, reply = dialogue.rpartition(marker)
+    return (prompt + marker, reply) if found else None
 
 
 def download_hh() -> list:
@@ -693,11 +688,8 @@ def ilql_loss(
     # 2. V loss: expectile regression of V on the (detached) min over target Q heads; tau > 0.5
     #    penalises V below the target more than above, so V leans to the best actions in the data.
     with torch.no_grad():
-        target_q = (
-            torch.stack([head(states).gather(-1, actions[:, None]).squeeze(-1) for head in heads.target_q_heads])
-            .min(0)
-            .values
-        )
+        target_taken = [head(states).gather(-1, actions[:, None]).squeeze(-1) for head in heads.target_q_heads]
+        target_q = torch.stack(target_taken).amin(0)
     difference = target_q - v
     expectile_weight = torch.full_like(difference, tau).masked_fill(difference < 0, 1 - tau)
     loss_v = (expectile_weight * difference**2).sum()
@@ -736,7 +728,7 @@ def pipelined_stage(lm, heads: ILQLHeads, group) -> parallel.PipelineStage:
     (compute_logits=False), and the last stage, which applies the LM head and the ILQL heads to
     them in the loss, also holds the V and Q heads as children, so the data-parallel wrapper
     reduces and steps them with the stage. The target Q heads stay outside, as in trained_modules."""
-    stage = parallel.pipeline_stage(lm, group, compute_logits=False)
+    stage = parallel.PipelineStage(lm, group, compute_logits=False)
     if stage.is_last:
         stage.v_head, stage.q_heads = heads.v_head, heads.q_heads
     return stage
@@ -826,11 +818,6 @@ def decoder_layers(lm) -> torch.nn.ModuleList:
     return lists[0]
 
 
-def replace_module(root: torch.nn.Module, name: str, new: torch.nn.Module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def add_lora(lm, rank: int, alpha: float, targets: str):
     """Freeze the LM and wrap the chosen linear layers of its blocks with LoRA."""
     lm.requires_grad_(False)
@@ -840,7 +827,7 @@ def add_lora(lm, rank: int, alpha: float, targets: str):
         for name, module in list(block.named_modules()):
             is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
             if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
-                replace_module(block, name, LoRA(module, rank, alpha))
+                block.set_submodule(name, LoRA(module, rank, alpha))
                 wrapped += 1
     if not wrapped:
         fail(
@@ -856,7 +843,7 @@ def merge_lora(lm) -> torch.nn.Module:
     merged = copy.deepcopy(lm)
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRA):
-            replace_module(merged, name, module.merged())
+            merged.set_submodule(name, module.merged())
     return merged
 
 

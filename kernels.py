@@ -148,6 +148,11 @@ def _all_reduce_stats(stats, group):
     return new_m, s, a, t
 
 
+def _cat_stats(blocks):
+    """The statistics of consecutive token blocks as those of all their tokens."""
+    return tuple(torch.cat(parts) if parts[0] is not None else None for parts in zip(*blocks))
+
+
 def _finish(stats, ignored):
     """Turn full-vocabulary statistics into (logsumexp, logprob, entropy-or-None), each [n]."""
     m, s, a, t = stats
@@ -217,16 +222,11 @@ class _LogprobsFromLogits(torch.autograd.Function):
         x = logits.detach().reshape(-1, vocab)
         target, ignored = _targets(labels, ignore_index, 0)
         stats_fn = _maybe_compile(_chunk_stats, compile)
-        lse, logprob, entropy = [], [], []
-        for r in range(0, x.shape[0], chunk_size):
-            rows = slice(r, r + chunk_size)
-            stats = stats_fn(x[rows], None, None, target[rows], temperature, with_entropy)
-            block = _finish(stats, ignored[rows])
-            lse.append(block[0])
-            logprob.append(block[1])
-            entropy.append(block[2])
-        lse, logprob = torch.cat(lse), torch.cat(logprob)
-        entropy = torch.cat(entropy) if with_entropy else None
+        blocks = [
+            stats_fn(x[r : r + chunk_size], None, None, target[r : r + chunk_size], temperature, with_entropy)
+            for r in range(0, x.shape[0], chunk_size)
+        ]
+        lse, logprob, entropy = _finish(_cat_stats(blocks), ignored)
         ctx.save_for_backward(logits, target, ignored, lse, entropy)
         ctx.options = (temperature, chunk_size, compile)
         ctx.autocast = _autocast_state(logits)
@@ -323,8 +323,7 @@ class _FusedLogprobs(torch.autograd.Function):
                 )
                 for r in range(0, n, chunk_size)
             ]
-            block = tuple(torch.cat(parts) if parts[0] is not None else None for parts in zip(*block))
-            stats = _merge(stats, block)
+            stats = _merge(stats, _cat_stats(block))
         if group is not None:
             stats = _all_reduce_stats(stats, group)
         lse, logprob, entropy = _finish(stats, ignored)

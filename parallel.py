@@ -60,6 +60,7 @@ How much each layout needs for a given model is arithmetic: `python benchmarks/p
 import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -164,35 +165,17 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
     # Every rank must call new_group for every group, in the same order, even those it is not in.
     groups = {}
     for name, members in (
-        ("tp", [[layout(d, p, c, t) for t in T] for d in D for p in P for c in C]),
-        ("cp", [[layout(d, p, c, t) for c in C] for d in D for p in P for t in T]),
-        ("pp", [[layout(d, p, c, t) for p in P] for d in D for c in C for t in T]),
-        ("dp", [[layout(d, p, c, t) for d in D] for p in P for c in C for t in T]),
-        ("dp_cp", [[layout(d, p, c, t) for d in D for c in C] for p in P for t in T]),
+        ("tp_group", [[layout(d, p, c, t) for t in T] for d in D for p in P for c in C]),
+        ("cp_group", [[layout(d, p, c, t) for c in C] for d in D for p in P for t in T]),
+        ("pp_group", [[layout(d, p, c, t) for p in P] for d in D for c in C for t in T]),
+        ("dp_group", [[layout(d, p, c, t) for d in D] for p in P for c in C for t in T]),
+        ("dp_cp_group", [[layout(d, p, c, t) for d in D for c in C] for p in P for t in T]),
     ):
         for ranks in members:
             group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[name] = group
-    return Grid(
-        rank,
-        world_size,
-        local_rank,
-        device,
-        dp,
-        pp,
-        tp,
-        cp,
-        dp_rank,
-        pp_rank,
-        tp_rank,
-        cp_rank,
-        groups["dp"],
-        groups["pp"],
-        groups["tp"],
-        groups["cp"],
-        groups["dp_cp"],
-    )
+    return Grid(rank, world_size, local_rank, device, dp, pp, tp, cp, dp_rank, pp_rank, tp_rank, cp_rank, **groups)
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -281,16 +264,11 @@ class _Bucket:
 
     def __init__(self, params: list, world: int, rank: int, zero_stage: int, norm_weights: list):
         self.params = params
-        self.offsets, numel = [], 0
-        for param in params:
-            self.offsets.append(numel)
-            numel += param.numel()
-        self.numel = numel
+        *self.offsets, numel = itertools.accumulate((p.numel() for p in params), initial=0)  # starts, and the total
         self.padded = math.ceil(numel / world) * world  # reduce-scatter wants equal slices
         self.shard_size = self.padded // world
         self.rank = rank
-        reference = params[0]
-        self.dtype, self.device = reference.dtype, reference.device
+        self.dtype, self.device = params[0].dtype, params[0].device
         self.grads = None if zero_stage == 2 else torch.zeros(self.padded, dtype=self.dtype, device=self.device)
         self.flat_params, self.shard = None, None
         if zero_stage >= 1:
@@ -433,19 +411,17 @@ class DataParallel(nn.Module):
         trainable = [p for p in module.parameters() if p.requires_grad][::-1]
         dtypes = {p.dtype for p in trainable}
         assert len(dtypes) <= 1, f"trainable parameters mix dtypes {dtypes}; keep fp32 master weights and use autocast"
-        limit, current, size = bucket_mb * 2**20, [], 0
+        contents, size = [[]], 0
         for param in trainable:
-            current.append(param)
+            if size >= bucket_mb * 2**20:  # the bucket is full: start the next
+                contents, size = contents + [[]], 0
+            contents[-1].append(param)
             size += param.numel() * param.element_size()
-            if size >= limit:
-                self.buckets.append(
-                    _Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current])
-                )
-                current, size = [], 0
-        if current:
-            self.buckets.append(
-                _Bucket(current, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in current])
-            )
+        self.buckets = [
+            _Bucket(params, self.world, self.rank, zero_stage, [self._norm_weight(p) for p in params])
+            for params in contents
+            if params  # none when nothing is trainable
+        ]
         self.where = {}  # parameter -> (bucket index, position in bucket)
         for b, bucket in enumerate(self.buckets):
             for i, param in enumerate(bucket.params):
@@ -618,10 +594,7 @@ class _FlatShard:
     def __init__(self, params: list, group, world: int, rank: int):
         self.params, self.group, self.world = params, group, world
         self.trainable = params[0].requires_grad
-        self.offsets, numel = [], 0
-        for param in params:
-            self.offsets.append(numel)
-            numel += param.numel()
+        *self.offsets, numel = itertools.accumulate((p.numel() for p in params), initial=0)  # starts, and the total
         self.padded = math.ceil(numel / world) * world
         self.shard_size = self.padded // world
         dtype, device = params[0].dtype, params[0].device
@@ -689,12 +662,13 @@ def _blocks(module: nn.Module) -> list:
     return blocks
 
 
-def _map_tensors(function, value):
-    if isinstance(value, torch.Tensor):
-        return function(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(function, v) for v in value)
-    return value
+def _hook_gradients(value, hook):
+    """Register `hook` on the gradient of every tensor in `value` (nested tuples and lists) that needs one."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        value.register_hook(hook)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _hook_gradients(item, hook)
 
 
 class FullyShardedDataParallel(nn.Module):
@@ -813,13 +787,7 @@ class FullyShardedDataParallel(nn.Module):
                             flat.free()
                     return grad
 
-                def register(tensor):
-                    if tensor.requires_grad:
-                        tensor.register_hook(after_backward)
-                    return tensor
-
-                _map_tensors(register, args)
-                _map_tensors(register, list(kwargs.values()))
+                _hook_gradients([args, list(kwargs.values())], after_backward)
             return None
 
         return hook
@@ -834,12 +802,7 @@ class FullyShardedDataParallel(nn.Module):
                         flat.gather()
                     return grad
 
-                def register(tensor):
-                    if tensor.requires_grad:
-                        tensor.register_hook(before_backward)
-                    return tensor
-
-                _map_tensors(register, output)
+                _hook_gradients(output, before_backward)
             if not self._keep_gathered:
                 for flat in needs:
                     flat.free()
@@ -1050,9 +1013,8 @@ class RowParallelLinear(nn.Module):
     ):
         super().__init__()
         self.group, self.conv1d = group, conv1d
-        self.register_buffer(
-            "columns", columns if weight.is_meta else columns.to(weight.device), persistent=False
-        )  # as rows
+        # As ColumnParallelLinear's rows.
+        self.register_buffer("columns", columns if weight.is_meta else columns.to(weight.device), persistent=False)
         self.weight = nn.Parameter(weight.detach()[:, columns].clone())
         self.weight.tensor_parallel = True  # the bias is replicated
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -1143,12 +1105,9 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             attention = block.attn
             # c_attn is one Conv1D producing [q | k | v]: take this rank's heads from each third.
             rows = torch.cat([q_rows + part * hidden for part in range(3)])
-            attention.c_attn = ColumnParallelLinear(
-                attention.c_attn.weight.t(), attention.c_attn.bias, rows, group, conv1d=True
-            )
-            attention.c_proj = RowParallelLinear(
-                attention.c_proj.weight.t(), attention.c_proj.bias, q_rows, group, conv1d=True
-            )
+            c_attn, c_proj = attention.c_attn, attention.c_proj
+            attention.c_attn = ColumnParallelLinear(c_attn.weight.t(), c_attn.bias, rows, group, conv1d=True)
+            attention.c_proj = RowParallelLinear(c_proj.weight.t(), c_proj.bias, q_rows, group, conv1d=True)
             attention.split_size = hidden // world
             split_mlp(["c_fc"], "c_proj", block.mlp)
         embeddings = model.transformer
@@ -1168,9 +1127,8 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
             # query_key_value's rows are grouped per head as [q_h | k_h | v_h], so a rank's heads
             # are one contiguous block of rows.
             rows = head_rows(rank * local_heads, local_heads, 3 * head_dim)
-            attention.query_key_value = ColumnParallelLinear(
-                attention.query_key_value.weight, attention.query_key_value.bias, rows, group
-            )
+            qkv = attention.query_key_value
+            attention.query_key_value = ColumnParallelLinear(qkv.weight, qkv.bias, rows, group)
             attention.dense = RowParallelLinear(attention.dense.weight, attention.dense.bias, q_rows, group)
             split_mlp(["dense_h_to_4h"], "dense_4h_to_h", block.mlp)
         model.gpt_neox.embed_in = VocabParallelEmbedding(model.gpt_neox.embed_in.weight, group)
@@ -1746,11 +1704,6 @@ class PipelineStage(nn.Module):
         return hidden
 
 
-def pipeline_stage(model: nn.Module, group: Optional[dist.ProcessGroup], compute_logits: bool = True) -> PipelineStage:
-    """PipelineStage(model, group): the scripts' spelling, as tensor_parallel(model, group)."""
-    return PipelineStage(model, group, compute_logits)
-
-
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens) -> torch.Tensor:
     """Next-token cross-entropy summed over a micro-batch's labelled tokens (-100 is ignored) and
     divided by num_tokens, the labelled-token count of the WHOLE batch (every micro-batch of every
@@ -1760,12 +1713,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens) -> to
     logits = logits[:, :-1].flatten(0, 1)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return (
-        nn.functional.cross_entropy(
-            logits, labels[:, 1:].flatten().to(logits.device), ignore_index=-100, reduction="sum"
-        )
-        / num_tokens
-    )
+    labels = labels[:, 1:].flatten().to(logits.device)
+    return nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / num_tokens
 
 
 def count_label_tokens(micro_batches: list, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -1782,21 +1731,17 @@ def _p2p(stage: PipelineStage, send_next=None, send_prev=None, recv_prev=None, r
     in one batch is what keeps 1F1B's steady state (send an activation forward while receiving a
     gradient from the same neighbour) free of deadlocks: neither side waits for the other's
     receive before posting its own."""
-    ops, from_prev, from_next = [], None, None
-    if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), stage.prev_rank, stage.group))
-    if recv_prev is not None:
-        from_prev = torch.empty(recv_prev[0], dtype=recv_prev[1], device=_device(stage))
-        ops.append(dist.P2POp(dist.irecv, from_prev, stage.prev_rank, stage.group))
-    if send_next is not None:
-        ops.append(dist.P2POp(dist.isend, send_next.contiguous(), stage.next_rank, stage.group))
-    if recv_next is not None:
-        from_next = torch.empty(recv_next[0], dtype=recv_next[1], device=_device(stage))
-        ops.append(dist.P2POp(dist.irecv, from_next, stage.next_rank, stage.group))
+    ops, received = [], []
+    for send, recv, peer in ((send_prev, recv_prev, stage.prev_rank), (send_next, recv_next, stage.next_rank)):
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send.contiguous(), peer, stage.group))
+        received.append(None if recv is None else torch.empty(recv[0], dtype=recv[1], device=_device(stage)))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, received[-1], peer, stage.group))
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()
-    return from_prev, from_next
+    return tuple(received)
 
 
 def _device(stage: PipelineStage) -> torch.device:
@@ -1884,12 +1829,9 @@ class _Runner:
             grad = tied.grad if tied.grad is not None else torch.zeros_like(tied)
             other = torch.empty_like(grad)
             peer = stage.last_rank if stage.is_first else stage.first_rank
-            for request in dist.batch_isend_irecv(
-                [
-                    dist.P2POp(dist.isend, grad.contiguous(), peer, stage.group),
-                    dist.P2POp(dist.irecv, other, peer, stage.group),
-                ]
-            ):
+            send = dist.P2POp(dist.isend, grad.contiguous(), peer, stage.group)
+            receive = dist.P2POp(dist.irecv, other, peer, stage.group)
+            for request in dist.batch_isend_irecv([send, receive]):
                 request.wait()
             if tied.grad is None:
                 tied.grad = other
@@ -2015,12 +1957,8 @@ def pipeline_forward(stage: nn.Module, micro_batches: list, statistic_fn) -> Opt
             total = value if total is None else total + value
         else:
             _p2p(module, send_next=y)
-    size = (
-        all_gather_objects(None if total is None else total.numel(), module.group)[-1]
-        if module.group is not None
-        else total.numel()
-    )
     if module.group is not None:
+        size = all_gather_objects(None if total is None else total.numel(), module.group)[-1]
         total = total if module.is_last else torch.zeros(size, dtype=torch.float64, device=_device(module))
         dist.broadcast(total, src=module.last_rank, group=module.group)
     return total
@@ -2084,11 +2022,8 @@ def pipeline_state_dict(stage: nn.Module, tp_group: Optional[dist.ProcessGroup] 
         share = {k: v.detach() for k, v in module.model.state_dict().items()}
     if module.group is None:
         return share
-    state = {}
-    for part in all_gather_objects({k: v.cpu() for k, v in share.items()}, module.group):
-        state.update(part)
-    device = _device(module)
-    return {k: v.to(device) for k, v in state.items()}
+    parts = all_gather_objects({k: v.cpu() for k, v in share.items()}, module.group)
+    return {k: v.to(_device(module)) for part in parts for k, v in part.items()}
 
 
 def pipeline_gathered_model(

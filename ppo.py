@@ -332,13 +332,9 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in ("reward_clip", "target_kl", "cliprange_high"):
         value = getattr(args, flag)
         require(value is None or 0 < value < math.inf, flag, "must be a positive number, or unset")
-    for flag in ("vf_coef", "entropy_coef", "init_kl_coef", "format_reward"):
-        require(0 <= getattr(args, flag) < math.inf, flag, "must be 0 or a positive number")
-    require(
-        args.missing_eos_penalty is None or 0 <= args.missing_eos_penalty < math.inf,
-        "missing_eos_penalty",
-        "must be 0 or a positive number, or unset",
-    )
+    for flag in ("vf_coef", "entropy_coef", "init_kl_coef", "format_reward", "missing_eos_penalty"):
+        value = getattr(args, flag)  # --missing-eos-penalty may be unset
+        require(value is None or 0 <= value < math.inf, flag, "must be 0 or a positive number")
     require(
         1 <= args.is_cap < math.inf,
         "is_cap",
@@ -737,11 +733,9 @@ def load_prompts(task: str, data: Optional[str]) -> list:
     return [{k: r.get(k) for k in columns} for r in records]
 
 
-def render(tokenizer, messages: list, tools=None, add_generation_prompt=False) -> list:
+def render(tokenizer, messages: list, tools=None, generation_prompt=False) -> list:
     """Token ids of a conversation in the tokenizer's chat template (the template writes any BOS itself)."""
-    text = tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -751,7 +745,7 @@ def prompt_tokens(tokenizer, record: dict, room: int) -> list:
     position to start from)."""
     prompt = record["prompt"]
     if is_conversation(prompt):
-        return render(tokenizer, prompt, record.get("tools"), add_generation_prompt=True)[-room:]
+        return render(tokenizer, prompt, record.get("tools"), generation_prompt=True)[-room:]
     return tokenizer(prompt)["input_ids"][-room:] or [tokenizer.eos_token_id]
 
 
@@ -762,7 +756,7 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list:
     ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     if tokenizer.chat_template:
         user, reply = [{"role": "user", "content": "x"}], tokenizer("y", add_special_tokens=False)["input_ids"]
-        context = render(tokenizer, user, add_generation_prompt=True)
+        context = render(tokenizer, user, generation_prompt=True)
         tail = render(tokenizer, user + [{"role": "assistant", "content": "y"}])[len(context) :]
         if tail[: len(reply)] == reply and len(tail) > len(reply):
             ids.add(tail[len(reply)])
@@ -788,7 +782,7 @@ def reward_model_ids(tokenizer, record: dict, response: str) -> list:
     prompt, tools = record["prompt"], record.get("tools")
     if is_conversation(prompt) and tokenizer.chat_template:
         ids = render(tokenizer, prompt + [{"role": "assistant", "content": response}], tools)
-        reply, end_ids = len(render(tokenizer, prompt, tools, add_generation_prompt=True)), end_of_turn_ids(tokenizer)
+        reply, end_ids = len(render(tokenizer, prompt, tools, generation_prompt=True)), end_of_turn_ids(tokenizer)
         return ids[: next((i + 1 for i in range(reply, len(ids)) if ids[i] in end_ids), len(ids))]
     text = "\n".join(m["content"] for m in prompt) if is_conversation(prompt) else prompt
     return tokenizer(text)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -981,10 +975,8 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
         for name, module in list(block.named_modules()):
             is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
             if is_linear and (wanted is None or any(name == t or name.endswith("." + t) for t in wanted)):
-                parent_name, _, child = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, child, LoRA(module, rank, alpha))
-                wrapped.append(getattr(parent, child))
+                wrapped.append(LoRA(module, rank, alpha))
+                block.set_submodule(name, wrapped[-1])
     if not wrapped:
         fail(
             f"--lora-target-modules {targets!r} matched no linear layer; name layers such as q_proj,v_proj (Llama) or "
@@ -1013,8 +1005,7 @@ def merge_lora(model) -> torch.nn.Module:
     merged = copy.deepcopy(model)
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoRA):
-            parent_name, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name), child, module.merged())
+            merged.set_submodule(name, module.merged())
     return merged
 
 
@@ -1094,15 +1085,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float, with_entropy=False):
-    """Log-probs (and entropies) of the response tokens input_ids[:, prompt_length:], and the hidden
-    states that predicted them (which the value head reads)."""
+def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temperature: float):
+    """Log-probs of the response tokens input_ids[:, prompt_length:], and the hidden states that
+    predicted them (which the value head reads), as logprobs_from_hidden returns them."""
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
     ).last_hidden_state
-    return logprobs_from_hidden(
-        model.get_output_embeddings(), hidden, input_ids, prompt_length, temperature, with_entropy
-    )
+    return logprobs_from_hidden(model.get_output_embeddings(), hidden, input_ids, prompt_length, temperature)
 
 
 def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
@@ -1465,9 +1454,8 @@ def without_dropout(config):
 
 def load_policy(name: str, device, dtype=torch.float32):
     """The policy's causal LM, without dropout, and tokenizer, with one clear line when they cannot be had."""
-    if not os.path.isdir(os.path.expanduser(name)) and (
-        name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
-    ):
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         fail(f"--model {name!r}: no such directory; pass an sft.py run directory or a hub name such as gpt2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -1698,9 +1686,9 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage
         # applies the LM head (through fused_logprobs) and holds the value head as a child, so the
         # data-parallel wrapper reduces and steps it with the stage.
-        trained = stage = parallel.pipeline_stage(policy, grid.pp_group, compute_logits=False)
+        trained = stage = parallel.PipelineStage(policy, grid.pp_group, compute_logits=False)
         if reference is not None:
-            reference = parallel.pipeline_stage(reference, grid.pp_group, compute_logits=False)
+            reference = parallel.PipelineStage(reference, grid.pp_group, compute_logits=False)
         if stage.is_last and value_head is not None:
             stage.value_head = value_head
         else:
@@ -1806,7 +1794,7 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
     for episode in episodes:
         if not is_conversation(episode["messages"]) or "user" not in {m["role"] for m in episode["messages"]}:
             fail(f"--env {args.env}: reset() returned {episode['messages']!r:.100}; return messages, one a user's")
-        opening = render(tokenizer, episode["messages"], add_generation_prompt=True)
+        opening = render(tokenizer, episode["messages"], generation_prompt=True)
         episode.update(prompt=opening[-args.max_prompt_length :], rewards=[], done=False)
     running = list(zip(envs, episodes))
     for _ in range(args.max_turns):
@@ -1831,9 +1819,9 @@ def play_episodes(sampler, rows: list, args: Args, tokenizer, end_ids: list, env
             if not (added == [] or is_conversation(added)) or {m["role"] for m in added} - {"user", "tool"}:
                 fail(f"--env {args.env}: step() returned messages {added!r:.100}; return role user or tool messages")
             conversation = episode["messages"] + [message]
-            before = render(tokenizer, episode["messages"], add_generation_prompt=True)
+            before = render(tokenizer, episode["messages"], generation_prompt=True)
             replied = render(tokenizer, conversation)
-            after = render(tokenizer, conversation + added, add_generation_prompt=True)
+            after = render(tokenizer, conversation + added, generation_prompt=True)
             if replied[: len(before)] != before or after[: len(replied)] != replied:
                 fail(
                     f"--env {args.env}: the chat template rewrites earlier turns (its rendering of a conversation is "

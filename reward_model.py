@@ -170,33 +170,22 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "randomwalks_pairs",
-        "max_new_tokens",
-        "generation_batch_size",
-        "num_epochs",
-        "batch_size",
-        "eval_every",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "warmup_steps", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("learning_rate", "max_grad_norm"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
-    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
-    require(
-        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a response token; use at least 2"
+    at_least_1 = (
+        "tp pp cp randomwalks_pairs max_new_tokens generation_batch_size num_epochs batch_size eval_every "
+        "keep_checkpoints"
     )
-    require(
-        args.samples_per_prompt >= 2,
-        "samples_per_prompt",
-        "must be at least 2: a pair is two continuations of one prompt",
+    rules = (  # (flags, the rule, what it says when broken)
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        ("seed warmup_steps save_every", lambda v: v >= 0, "must be 0 or more"),
+        ("learning_rate max_grad_norm", lambda v: 0 < v < math.inf, "must be a positive number"),
+        ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 or a positive number"),
+        ("eval_fraction", lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+        ("max_length", lambda v: v >= 2, "leaves no room for a prompt token and a response token; use at least 2"),
+        ("samples_per_prompt", lambda v: v >= 2, "must be at least 2: a pair is two continuations of one prompt"),
     )
+    for flags, ok, what in rules:
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     model_ranks = args.tp * args.pp * args.cp
     layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
@@ -259,13 +248,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(RANDOMWALKS_SEED)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -273,11 +260,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -1111,9 +1098,8 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
-            args.lr_schedule
-        ]
+        factors = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}
+        return factors[args.lr_schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -1173,10 +1159,8 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
             pairs = read_records(os.path.join(parallel.run_directory(checkpoint), SENTIMENT_PAIRS))
         else:
             pairs = sample_sentiment_pairs(prompts, args, grid, grid.device)
-        eval_pairs, train_pairs = (
-            [p for p in pairs if json.dumps(p["prompt"]) in eval_prompts],
-            [p for p in pairs if json.dumps(p["prompt"]) not in eval_prompts],
-        )
+        eval_pairs = [p for p in pairs if json.dumps(p["prompt"]) in eval_prompts]
+        train_pairs = [p for p in pairs if json.dumps(p["prompt"]) not in eval_prompts]
         if not eval_pairs:
             fail(
                 f"no held-out pairs: the continuations of the {len(eval_prompts)} held-out prompts all tied; raise "
@@ -1231,7 +1215,7 @@ def main(args: Args):
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1; the score head stays whole
     model = parallel.split_sequences(model, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
     if args.pp > 1:
-        model = parallel.pipeline_stage(model, grid.pp_group)  # the last stage holds the final norm and the score head
+        model = parallel.PipelineStage(model, grid.pp_group)  # the last stage holds the final norm and the score head
     model = parallel.data_parallel(
         model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
@@ -1264,10 +1248,8 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[
-            position * args.batch_size : (position + 1) * args.batch_size
-        ]
-        batch = [train_sequences[i] for i in indices]
+        shuffled = epoch_order(len(train_sequences), args.seed, epoch)
+        batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         batch_loss, batch_correct = accumulate_gradients(
             model, rank_share, len(batch), ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast

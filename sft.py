@@ -149,27 +149,18 @@ def check_args(args: Args, world_size: int) -> Args:
         if not ok:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} {what}")
 
-    for flag in (
-        "tp",
-        "pp",
-        "cp",
-        "num_epochs",
-        "batch_size",
-        "eval_every",
-        "eval_samples_per_start",
-        "max_new_tokens",
-        "keep_checkpoints",
-    ):
-        require(getattr(args, flag) >= 1, flag, "must be at least 1")
-    for flag in ("seed", "warmup_steps", "eval_generations", "save_every"):
-        require(getattr(args, flag) >= 0, flag, "must be 0 or more")
-    for flag in ("learning_rate", "max_grad_norm"):
-        require(0 < getattr(args, flag) < math.inf, flag, "must be a positive number")
-    require(0 <= args.weight_decay < math.inf, "weight_decay", "must be 0 or a positive number")
-    require(0 < args.eval_fraction < 1, "eval_fraction", "must lie strictly between 0 and 1")
-    require(
-        args.max_length >= 2, "max_length", "leaves no room for a prompt token and a completion token; use at least 2"
+    at_least_1 = "tp pp cp num_epochs batch_size eval_every eval_samples_per_start max_new_tokens keep_checkpoints"
+    rules = (  # (flags, the rule, what it says when broken)
+        (at_least_1, lambda v: v >= 1, "must be at least 1"),
+        ("seed warmup_steps eval_generations save_every", lambda v: v >= 0, "must be 0 or more"),
+        ("learning_rate max_grad_norm", lambda v: 0 < v < math.inf, "must be a positive number"),
+        ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 or a positive number"),
+        ("eval_fraction", lambda v: 0 < v < 1, "must lie strictly between 0 and 1"),
+        ("max_length", lambda v: v >= 2, "leaves no room for a prompt token and a completion token; use at least 2"),
     )
+    for flags, ok, what in rules:
+        for flag in flags.split():
+            require(ok(getattr(args, flag)), flag, what)
     model_ranks = args.tp * args.pp * args.cp
     layout = f"--tp {args.tp} --pp {args.pp}" + (f" --cp {args.cp}" if args.cp > 1 else "")
     if model_ranks > 1 and world_size == 1:
@@ -232,13 +223,11 @@ RANDOMWALKS_NODES = 21
 RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
-def generate_random_walks(
-    seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES, n_walks=1000, max_nodes=RANDOMWALKS_MAX_NODES
-):
+def generate_random_walks(seed=RANDOMWALKS_SEED, n_walks=1000):
     """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
     rng = np.random.RandomState(seed)
     while True:  # redraw until every node has a way out
-        adjacency = rng.rand(n_nodes, n_nodes) > 0.9
+        adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
         np.fill_diagonal(adjacency, False)
         if adjacency.any(axis=1).all():
             break
@@ -246,11 +235,11 @@ def generate_random_walks(
     adjacency[0, 0] = True
     walks = []
     for _ in range(n_walks):
-        node = rng.randint(n_nodes)
+        node = rng.randint(RANDOMWALKS_NODES)
         while node == 0:
-            node = rng.randint(n_nodes)
+            node = rng.randint(RANDOMWALKS_NODES)
         walk = [node]
-        for _ in range(max_nodes - 1):
+        for _ in range(RANDOMWALKS_MAX_NODES - 1):
             node = rng.choice(np.nonzero(adjacency[node])[0])
             walk.append(node)
             if node == 0:
@@ -640,11 +629,10 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         cache = output.cache
         logits = output.logits[:, -1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-        next_ids = (
-            logits.argmax(-1)
-            if temperature == 0
-            else torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
-        )
+        if temperature == 0:
+            next_ids = logits.argmax(-1)
+        else:
+            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         next_ids = next_ids.masked_fill(finished, tokenizer.pad_token_id)
         tokens.append(next_ids)
         finished |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
@@ -769,9 +757,8 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
         progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}[
-            args.lr_schedule
-        ]
+        factors = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + np.cos(np.pi * progress))}
+        return factors[args.lr_schedule]
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -862,7 +849,7 @@ def main(args: Args):
     model = parallel.tensor_parallel(model, grid.tp_group)  # a no-op unless --tp > 1
     model = parallel.split_sequences(model, grid, args.sequence_parallel)  # a no-op unless --cp > 1 or asked
     if args.pp > 1:
-        model = parallel.pipeline_stage(model, grid.pp_group)
+        model = parallel.PipelineStage(model, grid.pp_group)
     model = parallel.data_parallel(
         model, grid.dp_cp_group, args.zero_stage, tp_group=grid.tp_group, pp_group=grid.pp_group
     )
@@ -891,10 +878,8 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        indices = epoch_order(len(train_sequences), args.seed, epoch)[
-            position * args.batch_size : (position + 1) * args.batch_size
-        ]
-        batch = [train_sequences[i] for i in indices]
+        shuffled = epoch_order(len(train_sequences), args.seed, epoch)
+        batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         batch_loss = accumulate_gradients(

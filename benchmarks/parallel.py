@@ -137,7 +137,7 @@ def run_variant(name: str, args: Args, grid, batches):
         batches = [global_batch] * len(batches)
     if name.startswith("ours PP"):
         schedule = parallel.pipeline_1f1b if "1F1B" in name else parallel.pipeline_afab
-        wrapped = parallel.data_parallel(parallel.pipeline_stage(model, world), None, 0, pp_group=world)
+        wrapped = parallel.data_parallel(parallel.PipelineStage(model, world), None, 0, pp_group=world)
         tokens = global_batch.shape[0] * (global_batch.shape[1] - 1)
 
         def forward_backward(input_ids):
