@@ -758,8 +758,7 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list:
 
 
 def use_chat_template(tokenizer, args: Args, records: list):
-    """--chat-template replaces the tokenizer's template (and is saved with it); conversations (--env's too) need
-    a template."""
+    """--chat-template replaces the tokenizer's template (and is saved with it); conversations and --env need one."""
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
