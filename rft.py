@@ -5,9 +5,9 @@ the policy itself, score them, keep those that score at or above a percentile of
 scores, and fine-tune on the kept (prompt, response) pairs with the supervised loss of sft.py
 (cross-entropy on the response tokens; the prompt is context). The next round samples from the
 improved policy, and its threshold is higher. One round, as the numbered steps of `main`:
-  1. sample --samples-per-prompt responses to every training prompt;
+  1. sample --samples-per-prompt responses to every training prompt (with --env, episodes of turns);
   2. score them (randomwalks: the walk's optimality; sentiment: VADER; text tasks: --reward-model
-     or --reward-fn);
+     or --reward-fn; --env: the summed step rewards);
   3. select, per prompt, the samples at or above the --start-percentile .. --end-percentile
      threshold of the round (the percentile rises linearly over the rounds);
   4. fine-tune on them for --epochs-per-round epochs;
@@ -48,8 +48,8 @@ one-process run up to float rounding.
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
 sft.py (`completion_loss_sum`, `accumulate_gradients`) and `fine_tune` (step 4). Then, in file
-order: the randomwalks task; prompts; rewards (`Reward`); `generate` and `sample_and_score` (steps 1
-and 2); `evaluate` (step 5); run directory, checkpoints and logging
+order: the randomwalks task; prompts; rewards (`Reward`); `generate`, `sample_and_score` and
+`play_episodes` (steps 1 and 2); `evaluate` (step 5); run directory, checkpoints and logging
 (plumbing).
 """
 
@@ -1326,17 +1326,10 @@ def main(args: Args):
         kept, thresholds = select(scores, percentile)
         kept_indices = np.flatnonzero(kept)  # into rows, samples, texts and the flattened scores
 
-        # 4. Fine-tune on the kept (prompt, response) pairs with the loss of sft.py.
+        # 4. Fine-tune on the kept samples with the loss of sft.py.
+        kept_samples = [samples[i] for i in kept_indices]
         metrics = fine_tune(
-            model,
-            optimizer,
-            [samples[i] for i in kept_indices],
-            round_index,
-            args,
-            grid,
-            tokenizer.pad_token_id,
-            autocast,
-            progress,
+            model, optimizer, kept_samples, round_index, args, grid, tokenizer.pad_token_id, autocast, progress
         )
         round_index += 1
 
@@ -1350,10 +1343,8 @@ def main(args: Args):
         if grid.is_main:
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
-            kept_samples = [
-                [str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]
-            ]
-            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples)}, step=round_index)
+            kept_rows = [[str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]]
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_rows)}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:
