@@ -5,9 +5,9 @@ the policy itself, score them, keep those that score at or above a percentile of
 scores, and fine-tune on the kept (prompt, response) pairs with the supervised loss of sft.py
 (cross-entropy on the response tokens; the prompt is context). The next round samples from the
 improved policy, and its threshold is higher. One round, as the numbered steps of `main`:
-  1. sample --samples-per-prompt responses to every training prompt;
+  1. sample --samples-per-prompt responses to every training prompt (with --env, episodes of turns);
   2. score them (randomwalks: the walk's optimality; sentiment: VADER; text tasks: --reward-model
-     or --reward-fn);
+     or --reward-fn; --env: the summed step rewards);
   3. select, per prompt, the samples at or above the --start-percentile .. --end-percentile
      threshold of the round (the percentile rises linearly over the rounds);
   4. fine-tune on them for --epochs-per-round epochs;
@@ -48,8 +48,8 @@ one-process run up to float rounding.
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
 sft.py (`completion_loss_sum`, `accumulate_gradients`) and `fine_tune` (step 4). Then, in file
-order: the randomwalks task; prompts; rewards (`Reward`); `generate` and `sample_and_score` (steps 1
-and 2); `evaluate` (step 5); run directory, checkpoints and logging
+order: the randomwalks task; prompts; rewards (`Reward`); `generate`, `sample_and_score` and
+`play_episodes` (steps 1 and 2); `evaluate` (step 5); run directory, checkpoints and logging
 (plumbing).
 """
 
@@ -66,6 +66,7 @@ import math
 import os
 import random
 import re
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -133,6 +134,16 @@ class Args:
     argument (a list, one value per sample); returns one float per sample, or None for no score: that sample is never
     kept and its prompt's threshold is the quantile of the others' scores (samples/unscored_fraction counts them; all
     None in a round is an error). A function of exactly two parameters is called f(prompts, responses)"""
+    env: Optional[str] = None
+    """a multi-turn environment, `module:Class` (or `path/file.py:Class`) or `calculator` (CalculatorEnv): each prompt
+    row becomes Class(row), whose reset() gives the opening messages and step(reply) the messages that follow, the
+    step's reward and whether the episode is over (README); policy and environment take turns until then, --max-turns,
+    or --max-new-tokens (with --env the budget of the whole episode after its opening). It replaces the reward: an
+    episode scores the sum of its step rewards, and a kept one is fine-tuned on the policy's turns alone"""
+    max_turns: int = 4
+    """--env: policy turns per episode at most"""
+    env_timeout: float = 60.0
+    """--env: seconds a reset() or step() call may take; one that has not returned by then stops the run"""
     dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
     """fp32; bf16: autocast for the forward passes (weights and optimizer stay fp32); fp64: weights and every
     computation in float64, slow, for checking that two layouts compute the same math (the tests compare runs this
@@ -227,7 +238,8 @@ def check_args(args: Args, world_size: int) -> Args:
     rules = {  # what a flag must be: the flags, and the test of their values
         "must be at least 1": (
             "tp pp cp rounds samples_per_prompt generation_batch_size max_new_tokens max_prompt_length epochs_per_round"
-            " batch_size eval_samples_per_start eval_samples eval_prompts digits train_problems keep_checkpoints",
+            " batch_size eval_samples_per_start eval_samples eval_prompts digits train_problems keep_checkpoints"
+            " max_turns",
             lambda value: value >= 1,
         ),
         "must be 0 or more": ("seed save_every", lambda value: value >= 0),
@@ -250,6 +262,7 @@ def check_args(args: Args, world_size: int) -> Args:
     for what, (flags, ok) in rules.items():
         for flag in flags.split():
             require(ok(getattr(args, flag)), flag, what)
+    require(0 < args.env_timeout < math.inf, "env_timeout", "must be a positive number of seconds")
     if args.pp > 1:
         fail(f"--pp {args.pp}: rft.py does not pipeline; split the model with --tp, --cp and --zero-stage instead")
     model_ranks = args.tp * args.cp
@@ -292,8 +305,10 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.reward_model and args.reward_fn:
         fail("pass one of --reward-model and --reward-fn")
-    if args.task not in ("randomwalks", "sentiment", "arithmetic") and not (args.reward_model or args.reward_fn):
-        fail(f"--task {args.task} has no built-in reward; pass --reward-model or --reward-fn")
+    if args.env and (args.reward_model or args.reward_fn):
+        fail(f"--env {args.env} gives the reward; drop --reward-model and --reward-fn")
+    if args.task in ("jsonl", "hh", "tldr") and not (args.reward_model or args.reward_fn or args.env):
+        fail(f"--task {args.task} has no built-in reward; pass --reward-model, --reward-fn or --env")
     if args.task == "jsonl" and args.data is None:
         fail('--task jsonl needs --data PATH (a file of {"prompt": ...} lines)')
     if args.task in ("randomwalks", "arithmetic") and args.data is not None:
@@ -340,11 +355,12 @@ def padded(rows: list, value: int, side: str = "right") -> torch.Tensor:
     return pad_sequence([torch.tensor(row) for row in rows], batch_first=True, padding_value=value, padding_side=side)
 
 
-def collate(sequences: list, pad_token_id: int, device):
-    """Right-padded batch; labels are -100 on prompt and padding so only response tokens carry loss."""
-    input_ids = padded([ids for ids, _ in sequences], pad_token_id)
-    attention_mask = padded([[1] * len(ids) for ids, _ in sequences], 0)
-    labels = padded([[-100] * prompt_length + ids[prompt_length:] for ids, prompt_length in sequences], -100)
+def collate(samples: list, pad_token_id: int, device):
+    """Right-padded batch of (prompt ids, response ids, response labels) samples; the labels are -100 on the prompt,
+    the padding and an --env episode's environment tokens, so only the policy's tokens carry loss."""
+    input_ids = padded([prompt + response for prompt, response, _ in samples], pad_token_id)
+    attention_mask = padded([[1] * (len(prompt) + len(response)) for prompt, response, _ in samples], 0)
+    labels = padded([[-100] * len(prompt) + labels for prompt, _, labels in samples], -100)
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
@@ -378,20 +394,20 @@ def accumulate_gradients(model, batch: list, batch_tokens: int, args: Args, grid
     return batch_loss
 
 
-def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, grid, pad_token_id, autocast, progress):
-    """Step 4: --epochs-per-round epochs over the kept (token ids, prompt length) pairs, in batches
+def fine_tune(model, optimizer, samples: list, round_index: int, args: Args, grid, pad_token_id, autocast, progress):
+    """Step 4: --epochs-per-round epochs over the kept (prompt ids, response ids, response labels), in batches
     of --batch-size (the last incomplete one left out), each rank its share of each batch, as
     sft.py trains. Returns the round's training metrics."""
     local_batch_size = args.batch_size // grid.dp_size
-    steps_per_epoch = len(sequences) // args.batch_size
+    steps_per_epoch = len(samples) // args.batch_size
     losses, grad_norm = [], None
     for epoch in range(args.epochs_per_round):
         # The epoch's shuffled order, a function of (seed, round, epoch) alone, so a resumed run replays it.
         generator = torch.Generator().manual_seed(chunk_seed(args.seed, f"round {round_index} order", epoch))
-        order = torch.randperm(len(sequences), generator=generator).tolist()
+        order = torch.randperm(len(samples), generator=generator).tolist()
         for position in range(steps_per_epoch):
-            batch = [sequences[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
-            batch_tokens = sum(len(ids) - prompt_length for ids, prompt_length in batch)
+            batch = [samples[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
+            batch_tokens = sum(len(labels) - labels.count(-100) for _, _, labels in batch)
             rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
             batch_loss = accumulate_gradients(model, rank_share, batch_tokens, args, grid, pad_token_id, autocast)
             batch_loss = parallel.all_reduce_sum(
@@ -410,7 +426,7 @@ def fine_tune(model, optimizer, sequences: list, round_index: int, args: Args, g
     if not losses:  # a clear outcome, not an error: the next round samples the unchanged policy with new seeds
         if grid.is_main:
             progress.write(
-                f"round {round_index + 1} kept {len(sequences)} samples, fewer than one batch of {args.batch_size}: "
+                f"round {round_index + 1} kept {len(samples)} samples, fewer than one batch of {args.batch_size}: "
                 "no fine-tuning step (a prompt whose samples all scored the same keeps none)"
             )
         return {"train/steps": 0}
@@ -562,6 +578,37 @@ def arithmetic_metrics(mode: str, replies: list, answers: list, lengths: list, s
     return metrics
 
 
+class CalculatorEnv:
+    """--env calculator, the arithmetic task with a tool: a reply may call `<calc>17*23</calc>` (integers, + - * and
+    parentheses), answered by a tool message holding each call's result; the first reply without a call ends the
+    episode, rewarded by arithmetic_reward against the row's `answer`."""
+
+    SYSTEM = "You have a calculator: write <calc>17*23</calc> and its result comes back. Give the answer without one."
+
+    def __init__(self, row: dict):
+        self.row = row
+
+    def reset(self) -> list:
+        return [{"role": "system", "content": self.SYSTEM}, *self.row["prompt"]]
+
+    def step(self, message: dict) -> tuple:
+        calls = re.findall(r"<calc>(.*?)</calc>", message["content"], re.DOTALL)
+        if not calls:
+            return [], arithmetic_reward(None, [message["content"]], [self.row["answer"]])[0], True
+        return [{"role": "tool", "content": ", ".join(calculate(call) for call in calls)}], 0.0, False
+
+
+def calculate(expression: str) -> str:
+    """The value of an integer expression, or "error": only digits, + - * and parentheses are evaluated, never **
+    (a power tower would not finish)."""
+    if len(expression) > 100 or "**" in expression or not re.fullmatch(r"[\d\s+*()-]+", expression):
+        return "error"
+    try:
+        return str(eval(expression, {"__builtins__": {}}))
+    except (SyntaxError, TypeError, ValueError):
+        return "error"
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts: randomwalks' start letters, or the prompts of a text task
 # ---------------------------------------------------------------------------------------------
@@ -710,13 +757,13 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list:
     return sorted(i for i in ids if i is not None)
 
 
-def use_chat_template(tokenizer, path: Optional[str], records: list, name: str):
-    """--chat-template replaces the tokenizer's template (and is saved with it); conversations need a template."""
-    if path:
-        with open(path, encoding="utf-8") as file:
+def use_chat_template(tokenizer, args: Args, records: list):
+    """--chat-template replaces the tokenizer's template (and is saved with it); conversations and --env need one."""
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as file:
             tokenizer.chat_template = file.read()
-    if is_conversation(records[0]["prompt"]) and not tokenizer.chat_template:
-        fail(f"the tokenizer of {name!r} has no chat template for the conversations; pass --chat-template PATH")
+    if (args.env or is_conversation(records[0]["prompt"])) and not tokenizer.chat_template:
+        fail(f"the tokenizer of {args.model!r} has no chat template for the conversations; pass --chat-template PATH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,10 +794,8 @@ def reward_model_scores(model, tokenizer, records: list, responses: list, sequen
     sequences = sequences or [reward_model_ids(tokenizer, r, response) for r, response in zip(records, responses)]
     scores = []
     for start in range(0, len(sequences), batch_size):
-        # collate's labels go unused: a reward model is not trained here
-        input_ids, attention_mask, _ = collate(
-            [(ids[-max_length:], 0) for ids in sequences[start : start + batch_size]], tokenizer.pad_token_id, device
-        )
+        batch = [([], ids[-max_length:], []) for ids in sequences[start : start + batch_size]]
+        input_ids, attention_mask, _ = collate(batch, tokenizer.pad_token_id, device)  # no labels: it is not trained
         scores += model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].double().tolist()
     return scores
 
@@ -780,11 +825,11 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-def load_reward_fn(spec: str):
-    """The user's reward function from `module:function` or `path/to/file.py:function`."""
+def load_reward_fn(spec: str, flag: str = "--reward-fn"):
+    """The user's reward function (or --env class) from `module:function` or `path/to/file.py:function`."""
     module_name, _, function_name = spec.rpartition(":")
     if not module_name or not function_name:
-        fail(f"--reward-fn {spec!r}: expected module:function or file.py:function")
+        fail(f"{flag} {spec!r}: expected module:name or file.py:name")
     try:
         if module_name.endswith(".py"):
             loader = importlib.util.spec_from_file_location("user_reward", module_name)
@@ -794,9 +839,9 @@ def load_reward_fn(spec: str):
             module = importlib.import_module(module_name)
         function = getattr(module, function_name)
     except (ImportError, FileNotFoundError, AttributeError) as error:
-        fail(f"--reward-fn {spec!r} could not be loaded: {error}")
+        fail(f"{flag} {spec!r} could not be loaded: {error}")
     if not callable(function):
-        fail(f"--reward-fn {spec!r} is a {type(function).__name__}, not a function of (prompts, completions)")
+        fail(f"{flag} {spec!r} is a {type(function).__name__}, not a function or class")
     return function
 
 
@@ -841,7 +886,8 @@ def checked_scores(values, count: int, source: str) -> list:
 
 class Reward:
     """The score of each response as its source gives it: a reward model, --reward-fn, VADER on
-    sentiment, or the walk's optimality on randomwalks. Raw scores: the selection compares a
+    sentiment, or the walk's optimality on randomwalks (with --env the environment's class: its
+    episodes score the sum of their step rewards as they are played). Raw scores: the selection compares a
     prompt's samples with each other, so no normalisation would change it. The reward model is
     replicated on every rank: it only scores."""
 
@@ -855,6 +901,7 @@ class Reward:
         )
         self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+        self.env_class = CalculatorEnv if args.env == "calculator" else args.env and load_reward_fn(args.env, "--env")
         if args.task == "arithmetic" and self.fn is None:
             self.fn = functools.partial(arithmetic_reward, format_reward=args.format_reward)
         if args.task == "sentiment":
@@ -940,55 +987,126 @@ def chunk_seed(seed: int, stream: str, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def sample_and_score(
-    model,
-    prompts: list,
-    prompt_ids: list,
-    copies: int,
-    temperature,
-    stream: str,
-    reward,
-    tokenizer,
-    args,
-    grid,
-    autocast,
-) -> tuple:
-    """Steps 1 and 2: `copies` responses to each prompt and their scores, as (rows, every row's response token ids,
-    its text, its score) on every rank. The rows, (prompt, copy) pairs prompt by prompt, are cut into chunks of
-    --generation-batch-size (the last may be shorter) dealt out to the ranks in order, each chunk sampled on a forked
-    RNG seeded by (seed, stream, chunk), so the samples depend neither on the rank count nor on the training RNG
-    (which drives dropout); each rank scores its chunks, and they are gathered in chunk order. Context-parallel ranks
-    hold whole weights, so they share the sampling as data-parallel ranks do; the tensor-parallel ranks of one copy
-    draw the same chunks together (their forwards are collective). The whole model is gathered once (a no-op below
-    ZeRO-3), so ranks may run different numbers of forwards."""
+def sample_and_score(model, prompts, prompt_ids, copies, temperature, stream, reward, tokenizer, args, grid, autocast):
+    """Steps 1 and 2: `copies` samples of each prompt and their scores, as (rows, every row's sample, its text, its
+    score) on every rank, a sample being (prompt ids, response ids, response labels) as play_episodes draws it. The
+    rows, (prompt, copy) pairs prompt by prompt, are cut into chunks of --generation-batch-size (the last may be
+    shorter) dealt out to the ranks in order, each chunk sampled on a forked RNG seeded by (seed, stream, chunk), so
+    the samples depend neither on the rank count nor on the training RNG (which drives dropout); each rank scores its
+    chunks, and they are gathered in chunk order. Context-parallel ranks hold whole weights, so they share the
+    sampling as data-parallel ranks do; the tensor-parallel ranks of one copy draw the same chunks together (their
+    forwards are collective). The whole model is gathered once (a no-op below ZeRO-3), so ranks may run different
+    numbers of forwards."""
     rows = [i for i in range(len(prompts)) for _ in range(copies)]
     ranks, rank = grid.dp_size * grid.cp_size, grid.dp_rank * grid.cp_size + grid.cp_rank
     size = args.generation_batch_size
     chunks = [(chunk, rows[start : start + size]) for chunk, start in enumerate(range(0, len(rows), size))]
     chunks = chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
     device = next(model.parameters()).device
-    responses = []
+    played = []
     with model.gathered(), autocast:
         for chunk, chunk_rows in chunks:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
-                chunk_prompts = [prompt_ids[row] for row in chunk_rows]
-                chunk_responses = generate(
-                    model.module, chunk_prompts, args.max_new_tokens, temperature, tokenizer, reward.end_ids, device
+                records, openings = [prompts[row] for row in chunk_rows], [prompt_ids[row] for row in chunk_rows]
+                played.append(
+                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, device)
                 )
-            responses.append(chunk_responses)
     local = []
-    for (chunk, chunk_rows), chunk_responses in zip(chunks, responses):
-        # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
-        # inside a walk makes it invalid.
-        replies = [ids[:-1] if ids[-1] in reward.end_ids else ids for ids in chunk_responses]
-        texts = tokenizer.batch_decode(replies, skip_special_tokens=reward.task != "randomwalks")
-        sequences = [prompt_ids[row] + ids for row, ids in zip(chunk_rows, chunk_responses)]
-        local.append((chunk, chunk_responses, texts, reward([prompts[row] for row in chunk_rows], texts, sequences)))
+    for (chunk, chunk_rows), (samples, texts, scores) in zip(chunks, played):
+        if not reward.env_class:  # scored here, outside the sampling's autocast
+            sequences = [prompt + response for prompt, response, _ in samples]
+            scores = reward([prompts[row] for row in chunk_rows], texts, sequences)
+        local.append((chunk, samples, texts, scores))
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
     )
     return rows, *([item for part in gathered for item in part[k]] for k in (1, 2, 3))
+
+
+def call_env(function, *arguments, args: Args):
+    """An --env method's result; a call that raises or runs past --env-timeout stops the run with one line."""
+
+    def timed_out(*_):
+        raise TimeoutError(f"did not return within --env-timeout {args.env_timeout:g} s")
+
+    signal.signal(signal.SIGALRM, timed_out)  # only call_env arms the timer, and disarms it after the call
+    signal.setitimer(signal.ITIMER_REAL, args.env_timeout)
+    try:
+        return function(*arguments)
+    except Exception as error:
+        fail(f"--env {args.env}: {function.__qualname__} failed ({type(error).__name__}: {error}); fix the environment")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def play_episodes(model, rows: list, openings: list, temperature, reward: Reward, tokenizer, args: Args, device):
+    """Step 1 of one chunk, as (samples, texts, scores): an episode per prompt row, a sample being (prompt ids,
+    response ids, response labels). Without --env an episode is one response to its prompt's ids (`openings`), its
+    labels its ids. With --env the row's environment opens it, and the policy (one batched generate() over the
+    episodes still running) and the environment take turns until the environment ends it, --max-turns, or
+    --max-new-tokens (the episode's budget after its opening); each turn re-encodes every running conversation whole
+    rather than carry the KV cache over the environment's tokens: simpler, and the cost is one prompt pass per turn.
+    The policy's turns keep the ids sampled, their own labels; the environment's messages enter as the chat template
+    renders them, labelled -100 (no loss): the ids the conversation's rendering grows by (the template's framing
+    after the policy's end-of-turn id, then the new messages and the generation prompt). A text is the episode's last
+    reply, a score the sum of its step rewards (without --env 0, for sample_and_score to score)."""
+    episodes = []
+    for row, opening in zip(rows, openings):
+        env = reward.env_class and call_env(reward.env_class, row, args=args)
+        messages = env and call_env(env.reset, args=args)
+        if env and (not is_conversation(messages) or "user" not in {m["role"] for m in messages}):
+            fail(f"--env {args.env}: reset() returned {messages!r:.100}; return messages, one a user's")
+        opening = render(tokenizer, messages, add_generation_prompt=True)[-args.max_prompt_length :] if env else opening
+        episodes.append({"env": env, "messages": messages, "sample": (opening, [], []), "score": 0.0})
+    running = episodes
+    for _ in range(args.max_turns if reward.env_class else 1):
+        rooms = [args.max_new_tokens - len(e["sample"][1]) for e in running]
+        contexts = [e["sample"][0] + e["sample"][1] for e in running]
+        replies = generate(model, contexts, max(rooms), temperature, tokenizer, reward.end_ids, device)
+        still = []
+        for episode, room, reply in zip(running, rooms, replies):
+            _, ids, labels = episode["sample"]
+            reply = reply[:room]
+            ids += reply
+            labels += reply
+            # The text before the end-of-turn id; randomwalks decodes every other token, so a pad or unknown token
+            # inside a walk makes it invalid.
+            ended = reply[-1] in reward.end_ids
+            text = tokenizer.decode(reply[:-1] if ended else reply, skip_special_tokens=reward.task != "randomwalks")
+            episode["text"], message = text, {"role": "assistant", "content": text}
+            if not (ended and episode["env"]):
+                continue
+            result = call_env(episode["env"].step, message, args=args)
+            valid = isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], (int, float))
+            if not valid or not isinstance(result[2], bool) or not math.isfinite(result[1]):
+                fail(f"--env {args.env}: step() returned {result!r:.100}; return (messages, a finite reward, a bool)")
+            added, step_reward, done = result
+            if not (added == [] or is_conversation(added)) or {m["role"] for m in added} - {"user", "tool"}:
+                fail(f"--env {args.env}: step() returned messages {added!r:.100}; return role user or tool messages")
+            episode["score"] += step_reward
+            conversation = episode["messages"] + [message]
+            before = render(tokenizer, episode["messages"], add_generation_prompt=True)
+            replied = render(tokenizer, conversation)
+            after = render(tokenizer, conversation + added, add_generation_prompt=True)
+            if replied[: len(before)] != before or after[: len(replied)] != replied:
+                fail(
+                    f"--env {args.env}: the chat template rewrites earlier turns (its rendering of a conversation is "
+                    "not a prefix of its continuation's); use a prefix-preserving template (--chat-template)"
+                )
+            turn = replied[len(before) :]
+            framing = turn[next((i + 1 for i, token in enumerate(turn) if token in reward.end_ids), len(turn)) :]
+            increment = framing + after[len(replied) :]
+            if done or len(ids) + len(increment) >= args.max_new_tokens:
+                continue
+            episode["messages"] = conversation + added
+            ids += increment
+            labels += [-100] * len(increment)
+            still.append(episode)
+        running = still
+        if not running:
+            break
+    return [e["sample"] for e in episodes], [e["text"] for e in episodes], [e["score"] for e in episodes]
 
 
 @torch.no_grad()
@@ -1002,13 +1120,13 @@ def evaluate(model, prompt_ids: list, prompts: list, reward: Reward, tokenizer, 
     metrics, table = {}, []
     repeats = args.eval_samples_per_start if args.task == "randomwalks" else args.eval_samples
     for mode, temperature, copies in (("greedy", 0.0, 1), ("sampled", 1.0, repeats)):
-        rows, responses, texts, scores = sample_and_score(
+        rows, samples, texts, scores = sample_and_score(
             model, prompts, prompt_ids, copies, temperature, f"eval {mode}", reward, tokenizer, args, grid, autocast
         )
         records = [prompts[row] for row in rows]
         metrics[f"eval/score_{mode}"] = float(np.nanmean(scores))
         if args.task == "arithmetic":
-            answers, lengths = [r["answer"] for r in records], [len(ids) for ids in responses]
+            answers, lengths = [r["answer"] for r in records], [len(ids) - ids.count(-100) for *_, ids in samples]
             metrics.update(arithmetic_metrics(mode, texts, answers, lengths, copies))
         if args.task == "randomwalks":
             optimality = reward.task_metric(records, texts)
@@ -1147,10 +1265,11 @@ def main(args: Args):
         fail(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's {context}-token context"
         )
-    room = min(args.max_prompt_length, context - args.max_new_tokens) if context else args.max_prompt_length
-    use_chat_template(tokenizer, args.chat_template, train_prompts, args.model)
-    train_ids = [prompt_tokens(tokenizer, p, room) for p in train_prompts]
-    eval_ids = [prompt_tokens(tokenizer, p, room) for p in eval_prompts]
+    if context:  # settled: a prompt (an --env episode's opening) is cut to the room the responses leave it
+        args = replace(args, max_prompt_length=min(args.max_prompt_length, context - args.max_new_tokens))
+    use_chat_template(tokenizer, args, train_prompts)
+    train_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in train_prompts]
+    eval_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in eval_prompts]
     end_ids = end_of_turn_ids(tokenizer, model.generation_config)  # a response ends at any of them
     reward = Reward(args, tokenizer, end_ids, device, dtype, verbose=grid.is_main)
 
@@ -1195,7 +1314,7 @@ def main(args: Args):
         # 1-2. Sample --samples-per-prompt responses to each training prompt, each rank its chunks of the (prompt,
         #      sample) rows, and score them; every rank ends with every response and score.
         stream, copies = f"round {round_index}", args.samples_per_prompt
-        rows, responses, texts, scores = sample_and_score(
+        rows, samples, texts, scores = sample_and_score(
             model, train_prompts, train_ids, copies, args.temperature, stream, reward, tokenizer, args, grid, autocast
         )
         scores = np.array(scores, dtype=np.float64).reshape(len(train_prompts), args.samples_per_prompt)
@@ -1205,12 +1324,12 @@ def main(args: Args):
         # 3. Select: per prompt, the samples at or above this round's percentile of its scores.
         percentile = percentile_at(round_index, args.rounds, args.start_percentile, args.end_percentile)
         kept, thresholds = select(scores, percentile)
-        kept_indices = np.flatnonzero(kept)  # into rows, responses, texts and the flattened scores
-        sequences = [(train_ids[rows[i]] + responses[i], len(train_ids[rows[i]])) for i in kept_indices]
+        kept_indices = np.flatnonzero(kept)  # into rows, samples, texts and the flattened scores
 
-        # 4. Fine-tune on the kept (prompt, response) pairs with the loss of sft.py.
+        # 4. Fine-tune on the kept samples with the loss of sft.py.
+        kept_samples = [samples[i] for i in kept_indices]
         metrics = fine_tune(
-            model, optimizer, sequences, round_index, args, grid, tokenizer.pad_token_id, autocast, progress
+            model, optimizer, kept_samples, round_index, args, grid, tokenizer.pad_token_id, autocast, progress
         )
         round_index += 1
 
@@ -1224,10 +1343,8 @@ def main(args: Args):
         if grid.is_main:
             progress.write(f"round {round_index}: " + round_line(metrics))
         if wandb_run:
-            kept_samples = [
-                [str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]
-            ]
-            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_samples)}, step=round_index)
+            kept_rows = [[str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]]
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_rows)}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -150,9 +151,10 @@ def test_the_loss_sees_the_sampled_token_ids(tmp_path, policy, hash_reward, monk
         sampled.extend(tuple(prompt + response) for prompt, response in zip(prompts, responses))
         return responses
 
-    def collate(sequences, *rest):
-        trained.extend((tuple(ids), prompt_length) for ids, prompt_length in sequences)
-        return real_collate(sequences, *rest)
+    def collate(samples, *rest):
+        assert all(labels == response for _, response, labels in samples)  # the loss covers every response token
+        trained.extend((tuple(prompt + response), len(prompt)) for prompt, response, _ in samples)
+        return real_collate(samples, *rest)
 
     real_generate, real_collate = rft.generate, rft.collate
     monkeypatch.setattr(rft, "generate", generate)
@@ -172,11 +174,12 @@ def test_loss_is_the_response_tokens_cross_entropy_and_ignores_the_prompt():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
     eos = tokenizer.eos_token_id
-    sequences = [([3, 5, 0, eos], 1), ([7, 2, 9, 4, 0], 3)]  # (prompt + response ids, prompt length); no EOS drawn
-    input_ids, attention_mask, labels = rft.collate(sequences, tokenizer.pad_token_id, "cpu")
+    samples = [([3], [5, 0, eos], [5, 0, eos]), ([7, 2, 9], [4, 0], [4, 0])]  # (prompt, response, labels); no EOS drawn
+    input_ids, attention_mask, labels = rft.collate(samples, tokenizer.pad_token_id, "cpu")
     loss = rft.completion_loss_sum(model, input_ids, attention_mask, labels)
     expected = 0.0
-    for ids, prompt_length in sequences:
+    for prompt, response, _ in samples:
+        ids, prompt_length = prompt + response, len(prompt)
         log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
         expected -= sum(log_probs[t - 1, ids[t]] for t in range(prompt_length, len(ids)))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
@@ -509,3 +512,220 @@ def test_bad_prompt_data_is_one_line(tmp_path, tiny_gpt2):
     refused([{"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "a"}], "mixes string prompts and message lists")
     conversations = [{"prompt": [{"role": "user", "content": word}]} for word in ("a", "b")]
     refused(conversations, "has no chat template", "pass --chat-template PATH")
+
+
+# --- multi-turn environments (issue 26) ----------------------------------------------------------
+ENVIRONMENTS = '''
+import time
+
+
+class ThreeTurns:
+    """Answers each reply with a tool message, then a user message, and ends after the third: rewards 1, 2, 3."""
+
+    def __init__(self, row):
+        self.turn = 0
+
+    def reset(self):
+        return [{"role": "user", "content": "count with me"}]
+
+    def step(self, message):
+        self.turn += 1
+        reply = {"role": "tool" if self.turn == 1 else "user", "content": f"step {self.turn}"}
+        return [reply], float(self.turn), self.turn == 3
+
+
+class Raises(ThreeTurns):
+    def step(self, message):
+        raise KeyError("score")
+
+
+class WrongType(ThreeTurns):
+    def step(self, message):
+        return "more", 1.0, False
+
+
+class NeverReturns(ThreeTurns):
+    def step(self, message):
+        time.sleep(600)
+
+
+class NoUser(ThreeTurns):
+    def reset(self):
+        return [{"role": "system", "content": "hello"}]
+'''
+
+
+def environments(folder) -> str:
+    (folder / "environments.py").write_text(ENVIRONMENTS)
+    return str(folder / "environments.py")
+
+
+class TurnScript(torch.nn.Module):
+    """A causal LM that writes replies[k] (greedily) in its k-th generate() call: each call opens with the pass over
+    the whole prompt (more than one token), and then feeds one token at a time."""
+
+    def __init__(self, replies: list, vocab_size: int):
+        super().__init__()
+        self.replies, self.vocab_size, self.turn, self.step = replies, vocab_size, -1, 0
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.turn, self.step = self.turn + 1, 0
+        tokens = self.replies[self.turn]
+        logits = torch.zeros(len(input_ids), 1, self.vocab_size, dtype=torch.float64)
+        logits[:, 0, tokens[min(self.step, len(tokens) - 1)]] = 50.0
+        self.step += 1
+        return types.SimpleNamespace(logits=logits, cache=None)
+
+
+def test_an_episode_of_three_turns_is_the_chat_templates_rendering_with_the_loss_on_the_policys_turns(tmp_path):
+    """A scripted policy and a scripted environment of three turns: the episode's ids are apply_chat_template's of the
+    final conversation (up to the framing after the last end of turn), its labels are its ids exactly on the assistant
+    turns (-100 elsewhere, so collate puts the loss there alone), and its score is the sum of the step rewards."""
+    spec = importlib.util.spec_from_file_location("environments", environments(tmp_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = chat_tokenizer("chatml")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end_ids = rft.end_of_turn_ids(tokenizer)
+    texts = ["the cat", "a dog", "the mat"]
+    replies = [tokenizer(t, add_special_tokens=False)["input_ids"] + [im_end] for t in texts]
+    args = rft.Args(model="m", env="ThreeTurns", max_new_tokens=200, max_turns=5)
+    reward = types.SimpleNamespace(env_class=module.ThreeTurns, end_ids=end_ids, task="jsonl")
+    model = TurnScript(replies, len(tokenizer))
+    samples, last_replies, scores = rft.play_episodes(
+        model, [{"prompt": "x"}], [[]], 0.0, reward, tokenizer, args, "cpu"
+    )
+    final = [{"role": "user", "content": "count with me"}]
+    for turn, text in enumerate(texts, 1):
+        final += [{"role": "assistant", "content": text}]
+        final += [{"role": "tool" if turn == 1 else "user", "content": f"step {turn}"}] if turn < 3 else []
+    rendered = tokenizer.apply_chat_template(final, tokenize=True)["input_ids"]
+    ((opening, response, labels),) = samples
+    ids = opening + response
+    assert ids == rendered[: len(ids)] and tokenizer.decode(rendered[len(ids) :]) == "\n"
+    assert scores == [6.0] and last_replies == ["the mat"]
+    # Each assistant turn's ids, where the growing renderings place them: its reply up to <|im_end|>.
+    policy = [False] * len(rendered)
+    for k, message in enumerate(final):
+        if message["role"] == "assistant":
+            start = len(
+                tokenizer.apply_chat_template(final[:k], add_generation_prompt=True, tokenize=True)["input_ids"]
+            )
+            policy[start : start + len(replies[k // 2])] = [True] * len(replies[k // 2])
+    expected = [token if mine else -100 for token, mine in zip(ids, policy)]
+    assert [-100] * len(opening) + labels == expected and sum(label != -100 for label in expected) == sum(
+        map(len, replies)
+    )
+    _, _, batch_labels = rft.collate(samples, tokenizer.pad_token_id, "cpu")
+    assert batch_labels[0].tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def turn_taker(tmp_path_factory):
+    """A tiny chat model that ends a turn (<|im_end|>) often enough for its episodes to run one to three turns."""
+    folder = tmp_path_factory.mktemp("turn-taker")
+    save_tiny_chat_model(folder, "chatml")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    im_end = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.weight[im_end] *= 30
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def env_flags(folder, model) -> list:
+    rows = [{"prompt": [{"role": "user", "content": f"what does the {word} say"}], "answer": word} for word in WORDS]
+    flags = dict(model=model, task="jsonl", data=write_jsonl(folder / "rows.jsonl", rows))
+    flags.update(env=f"{environments(folder)}:ThreeTurns", max_new_tokens=24, max_turns=4, rounds=2, dtype="fp64")
+    flags.update(samples_per_prompt=4, generation_batch_size=8, batch_size=4, micro_batch_size=2, eval_prompts=1)
+    flags.update(start_percentile=0.5, end_percentile=0.5, learning_rate=3e-3, eval_samples=2)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+
+
+WORDS = ["cat", "dog", "friend", "park", "world", "post", "title", "mat", "hello", "summary"]
+
+
+def test_runs_with_an_environment_match_under_one_process_and_two_ranks(tmp_path, turn_taker):
+    """Two rounds with --env on a tiny chat model, one process and 2 ranks: the episodes do not depend on the rank
+    count, so every round keeps the same samples of the same scores and trains to the same weights (fp64: see
+    SAME_MATH)."""
+    one = run_script("rft.py", *env_flags(tmp_path, turn_taker), "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ranks("rft.py", *env_flags(tmp_path, turn_taker), "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first, second = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    for r in first["rounds"]:  # summed step rewards of 0 to 3 turns: 0, 1, 3 or 6
+        assert r["samples/score_max"] >= 3 and r["samples/kept"] >= 4 and r["train/steps"] >= 1
+    for key in ("samples/kept", "samples/score_mean", "samples/threshold_mean", "eval/score_sampled"):
+        assert [r[key] for r in first["rounds"]] == [r[key] for r in second["rounds"]], key
+    assert [r["train/loss"] for r in second["rounds"]] == pytest.approx([r["train/loss"] for r in first["rounds"]])
+    assert first["start"] == second["start"] and max_weight_difference(tmp_path / "one", tmp_path / "two") < SAME_MATH
+
+
+def test_the_calculator_environment_with_the_arithmetic_task(tmp_path):
+    env = rft.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
+    assert [m["role"] for m in env.reset()] == ["system", "user"]
+    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
+        [{"role": "tool", "content": "391, error"}],
+        0.0,
+        False,
+    )
+    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
+    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)
+    args = rft.Args(
+        model=save_tiny_chat_model(tmp_path / "long", "chatml", n_positions=256),  # room for the system message
+        task="arithmetic",
+        env="calculator",
+        output_dir=str(tmp_path / "run"),
+        rounds=1,
+        samples_per_prompt=2,
+        batch_size=4,
+        max_new_tokens=24,
+        train_problems=8,
+        eval_prompts=2,
+    )
+    rft.main(args)
+    metrics = metrics_of(args.output_dir)
+    assert {"eval/score_sampled", "eval/accuracy_greedy", "eval/well_formed_sampled"} <= metrics.keys()
+
+
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("Raises", ["--env ", ":Raises: Raises.step failed (KeyError: 'score')"]),
+        ("WrongType", [":WrongType: step() returned messages 'more'; return role user or tool messages"]),
+        ("NeverReturns", ["NeverReturns.step failed (TimeoutError: did not return within --env-timeout 0.5 s)"]),
+        (
+            "NoUser",
+            [":NoUser: reset() returned [{'role': 'system', 'content': 'hello'}]; return messages, one a user's"],
+        ),
+    ],
+)
+def test_a_broken_environment_is_one_line(tmp_path, turn_taker, name, fragments):
+    rows = [{"prompt": [{"role": "user", "content": word}]} for word in WORDS]
+    args = rft.Args(
+        model=turn_taker,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "rows.jsonl", rows),
+        env=f"{environments(tmp_path)}:{name}",
+        env_timeout=0.5,
+        max_new_tokens=24,
+        output_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(SystemExit) as error:  # in the first evaluation, once the run directory exists
+        rft.main(args)
+    message = str(error.value)
+    assert message.startswith("error: ") and "\n" not in message and all(f in message for f in fragments), message
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_bad_environment_flags_are_one_line(tmp_path, policy, turn_taker):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": [{"role": "user", "content": w}]} for w in WORDS])
+    quick = dict(model=turn_taker, task="jsonl", data=rows, output_dir=str(tmp_path / "run"))
+    expect_error(rft.Args(**quick, env="m:C", reward_fn="m:f"), "--env m:C gives the reward; drop --reward-model")
+    expect_error(rft.Args(**quick, env="m:C", max_turns=0), "--max-turns 0 must be at least 1")
+    expect_error(rft.Args(**quick, env="m:C", env_timeout=0), "--env-timeout 0 must be a positive number")
+    expect_error(rft.Args(**quick, env="no_such_module:C"), "--env 'no_such_module:C' could not be loaded")
+    # The environment's messages are rendered by a chat template: a model without one is refused before any episode.
+    expect_error(rft.Args(model=policy, env="calculator", output_dir=quick["output_dir"]), "has no chat template")
