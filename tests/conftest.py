@@ -516,3 +516,44 @@ def max_weight_difference(first, second, name="model.safetensors"):
     a, b = parallel.read_safetensors(str(first), prefix), parallel.read_safetensors(str(second), prefix)
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# Scripted --env classes for ppo.py and rft.py: one that plays three turns, and one broken in each way.
+ENVIRONMENTS = '''
+import time
+
+
+class ThreeTurns:
+    """Answers each reply with a tool message, then a user message, and ends after the third: rewards 1, 2, 3."""
+
+    def __init__(self, row):
+        self.turn = 0
+
+    def reset(self):
+        return [{"role": "user", "content": "count with me"}]
+
+    def step(self, message):
+        self.turn += 1
+        reply = {"role": "tool" if self.turn == 1 else "user", "content": f"step {self.turn}"}
+        return [reply], float(self.turn), self.turn == 3
+
+
+class Raises(ThreeTurns):
+    def step(self, message):
+        raise KeyError("score")
+
+
+class WrongType(ThreeTurns):
+    def step(self, message):
+        return "more", 1.0, False
+
+
+class NeverReturns(ThreeTurns):
+    def step(self, message):
+        time.sleep(600)
+
+
+class NoUser(ThreeTurns):
+    def reset(self):
+        return [{"role": "system", "content": "hello"}]
+'''

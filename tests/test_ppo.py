@@ -23,6 +23,7 @@ import ppo
 import sft
 import rft
 from conftest import (
+    ENVIRONMENTS,
     CHAT_TEMPLATES,
     END_OF_TURN,
     FIXTURES,
@@ -1447,39 +1448,6 @@ def test_bad_prompt_data_is_one_line(tmp_path, chat_policy, tiny_gpt2):
 
 
 # --- multi-turn environments (issue 26) ----------------------------------------------------------
-ENVIRONMENTS = '''
-import time
-
-
-class ThreeTurns:
-    """Answers each reply with a tool message, then a user message, and ends after the third: rewards 1, 2, 3."""
-
-    def __init__(self, row):
-        self.turn = 0
-
-    def reset(self):
-        return [{"role": "user", "content": "count with me"}]
-
-    def step(self, message):
-        self.turn += 1
-        reply = {"role": "tool" if self.turn == 1 else "user", "content": f"step {self.turn}"}
-        return [reply], float(self.turn), self.turn == 3
-
-
-class Raises(ThreeTurns):
-    def step(self, message):
-        raise KeyError("score")
-
-
-class WrongType(ThreeTurns):
-    def step(self, message):
-        return "more", 1.0, False
-
-
-class NeverReturns(ThreeTurns):
-    def step(self, message):
-        time.sleep(600)
-'''
 
 
 class TurnScript(torch.nn.Module):
