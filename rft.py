@@ -78,12 +78,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 import tqdm
 import tyro
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import parallel
 
@@ -489,18 +484,6 @@ def walk_optimality(walk: str, adjacency, shortest, max_nodes=RANDOMWALKS_MAX_NO
         if nodes[position] == 0:
             return max(0.0, (max_nodes - (position + 1)) / (max_nodes - shortest[nodes[0]]))
     return 0.0
-
-
-def randomwalks_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per node letter (token id = node index), then EOS, pad and unknown."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {node_letter(i): i for i in range(RANDOMWALKS_NODES)}
-    vocab.update({"<eos>": RANDOMWALKS_NODES, "<pad>": RANDOMWALKS_NODES + 1, "<unk>": RANDOMWALKS_NODES + 2})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()  # letters join without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 # ---------------------------------------------------------------------------------------------

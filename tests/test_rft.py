@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import rft
+import sft  # the randomwalks tokenizer: rft.py reads its tokenizer from --model
 from conftest import (
     ENVIRONMENTS,
     CHAT_TEMPLATES,
@@ -32,7 +33,7 @@ from conftest import (
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     """A tiny GPT-2 (no dropout) with the randomwalks tokenizer: an sft.py run directory in miniature."""
-    return save_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=rft.randomwalks_tokenizer())
+    return save_tiny_model(tmp_path_factory.mktemp("policy"), tokenizer=sft.randomwalks_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_the_loss_sees_the_sampled_token_ids(tmp_path, policy, hash_reward, monk
     """Token in, token out: every kept (prompt, response) the loss sees is the prompt's ids and the
     response's ids as the sampler drew them, with an EOS only where it drew one (a response cut at
     --max-new-tokens has none)."""
-    eos = rft.randomwalks_tokenizer().eos_token_id
+    eos = sft.randomwalks_tokenizer().eos_token_id
     sampled, trained = [], []
 
     def generate(model, prompts, *rest):
@@ -171,7 +172,7 @@ def test_the_loss_sees_the_sampled_token_ids(tmp_path, policy, hash_reward, monk
 
 
 def test_loss_is_the_response_tokens_cross_entropy_and_ignores_the_prompt():
-    tokenizer = rft.randomwalks_tokenizer()
+    tokenizer = sft.randomwalks_tokenizer()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
     eos = tokenizer.eos_token_id
@@ -189,7 +190,7 @@ def test_loss_is_the_response_tokens_cross_entropy_and_ignores_the_prompt():
 
 
 def test_generate_is_greedy_decoding_up_to_and_including_eos():
-    tokenizer = rft.randomwalks_tokenizer()
+    tokenizer = sft.randomwalks_tokenizer()
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)).double()
     model.lm_head.weight.data[tokenizer.eos_token_id] *= 8  # EOS likely enough to end some responses, not all
@@ -212,7 +213,7 @@ def test_generate_is_greedy_decoding_up_to_and_including_eos():
 def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy):
     """Batched and right-padded, the score of each (prompt, response) is the model's output on that
     sequence alone; a run selects by it and still reports the walks' optimality."""
-    tokenizer = rft.randomwalks_tokenizer()
+    tokenizer = sft.randomwalks_tokenizer()
     config = tiny_config("gpt2", len(tokenizer), tokenizer.eos_token_id)
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     torch.manual_seed(0)
@@ -404,7 +405,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, policy):
     quick = dict(model=policy, output_dir=output, rounds=1, samples_per_prompt=2, eval_samples_per_start=1)
     expect_error(rft.Args(**quick, reward_fn=reward_fn), "is a str, not a function")
     # A causal LM loads with a made-up score head; with num_labels=1 in its config rft selected on random scores.
-    causal_lm = save_tiny_model(tmp_path / "lm", tokenizer=rft.randomwalks_tokenizer(), num_labels=1)
+    causal_lm = save_tiny_model(tmp_path / "lm", tokenizer=sft.randomwalks_tokenizer(), num_labels=1)
     expect_error(rft.Args(**quick, reward_model=causal_lm), "has no trained score head")
 
 
