@@ -56,24 +56,21 @@ def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_pat
 def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=signal.SIGTERM):
     """The uninterrupted run; a second one sent `how` as soon as its first checkpoint exists, which must
     checkpoint after the step it is in, say how to resume and exit 0; its resumption. With nproc > 1 the
-    runs are the real torchrun's, and the whole process group gets the signal as a scheduler sends it.
-    Returns (uninterrupted, resumed) run dirs."""
+    signalled run is the real torchrun's, and the whole process group gets the signal as a scheduler sends
+    it; the other two are run_ranks' (torchrun's environment, forked with torch imported), since there
+    the launcher is no part of what is checked. Returns (uninterrupted, resumed) run dirs."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
     def run(*extra, background=False):
-        if nproc == 1:
-            job = Job(script, *flags, *extra, cwd=tmp_path)
+        if nproc == 1 or not background:
+            job = Job(script, *flags, *extra, nproc=nproc, cwd=tmp_path)
             return job if background else job.wait()
         command = [*launcher, os.path.join(ROOT, script), *flags, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
-        if background:
-            return process
-        out, err = process.communicate(timeout=900)
-        return subprocess.CompletedProcess(command, process.returncode, out, err)
 
     reference = run("--output-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
