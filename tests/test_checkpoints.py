@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import ROOT, Job, assert_same_weights, save_tiny_model
+from conftest import ROOT, Job, assert_same_weights, save_tiny_model, save_tiny_walk_model
 
 
 def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_path):
@@ -98,12 +98,18 @@ def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=sign
     return tmp_path / "reference", stopped
 
 
+@pytest.fixture(scope="module")
+def walk_model(tmp_path_factory):
+    return save_tiny_walk_model(tmp_path_factory.mktemp("walk-model"))
+
+
 SFT_FLAGS = ["--num-epochs", "1", "--batch-size", "96", "--micro-batch-size", "48", "--save-every", "3"]
 SFT_FLAGS += ["--keep-checkpoints", "5", "--eval-every", "100", "--eval-samples-per-start", "1"]
 
 
-def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path):
-    assert_same_weights(*stop_and_resume("sft.py", SFT_FLAGS, tmp_path, "step_00000003"))
+def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
+    flags = [*SFT_FLAGS, "--model", walk_model]
+    assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003"))
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -120,10 +126,10 @@ def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
     )
 
 
-def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path):
+def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
     """Two ranks (ZeRO-3, so the stop's checkpoint streams sharded parameters), the signal sent to
     torchrun and its workers together, as SLURM and Kubernetes send it."""
-    flags = [*SFT_FLAGS, "--zero-stage", "3", "--dtype", "fp64"]
+    flags = [*SFT_FLAGS, "--model", walk_model, "--zero-stage", "3", "--dtype", "fp64"]
     assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003", nproc=2))
 
 

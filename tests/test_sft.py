@@ -21,12 +21,14 @@ from conftest import (
     END_OF_TURN,
     FIXTURES,
     ROOT,
+    Job,
     SAME_MATH,
     assert_same_weights,
     damage,
     run_and_kill,
     run_script,
     save_tiny_model,
+    save_tiny_walk_model,
     text_tokenizer,
     chat_tokenizer,
     save_tiny_chat_model,
@@ -371,8 +373,11 @@ def test_tokenizer_without_pad_token_is_handled(tmp_path):
 
 
 def test_smoke_run_with_wandb_offline(tmp_path):
+    """The tracked run's plumbing, on a tiny model: the default one trains in test_loss_decreases_and_model_reloads."""
     result = run_script(
         "sft.py",
+        "--model",
+        save_tiny_walk_model(tmp_path / "model"),
         "--num-epochs",
         "1",
         "--eval-every",
@@ -443,8 +448,10 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     where the uninterrupted run does; 18 steps an epoch, so the kill lands mid-epoch and the
     epoch's shuffle must be replayed. With one file of step 10 changed, --resume names it and
     resumes from step 5, still bitwise; one cut short or deleted is named and skipped the same way.
-    With no intact checkpoint left it stops with one line."""
+    With no intact checkpoint left it stops with one line. The model is a tiny one with dropout."""
     flags = [
+        "--model",
+        save_tiny_walk_model(tmp_path / "model"),
         "--num-epochs",
         "2",
         "--batch-size",
@@ -461,7 +468,8 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     reference, killed = run_and_kill("sft.py", flags, tmp_path, "step_00000010")
     # Two resumes run to the end (intact, and one damaged file); the other damages are checked where
     # the resume picks its checkpoint (sft.py calls parallel.find_checkpoint), since from there the
-    # run is the same resume from step 5.
+    # run is the same resume from step 5. The two resumes run at the same time.
+    resumes = {}
     for how, victim in (
         ("intact", None),
         ("corrupt", "rank_0.pt"),
@@ -477,7 +485,9 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
             assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000005")
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in capsys.readouterr().out
             continue
-        resumed = run_script("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
+        resumes[how] = victim, run_dir, newest, Job("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
+    for how, (victim, run_dir, newest, job) in resumes.items():
+        resumed = job.wait()
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         if victim:
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in resumed.stdout
