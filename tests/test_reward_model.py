@@ -676,12 +676,8 @@ def test_sentiment_task_ranks_the_models_own_samples_and_resumes_from_them(
 
 
 def test_smoke_run_with_wandb_offline(tmp_path):
-    """The tracked run's plumbing, on a tiny model: the default one trains in
-    test_training_saves_a_model_transformers_reloads_with_identical_scores."""
     result = run_script(
         "reward_model.py",
-        "--model",
-        save_tiny_walk_model(tmp_path / "model"),
         "--randomwalks-pairs",
         "128",
         "--num-epochs",
