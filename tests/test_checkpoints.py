@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
 import sft
-from conftest import ROOT, Job, assert_same_weights, save_tiny_model
+from conftest import ROOT, Job, assert_same_weights, save_tiny_model, save_tiny_walk_model
 
 
 def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_path):
@@ -56,27 +56,24 @@ def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_pat
 def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=signal.SIGTERM):
     """The uninterrupted run; a second one sent `how` as soon as its first checkpoint exists, which must
     checkpoint after the step it is in, say how to resume and exit 0; its resumption. With nproc > 1 the
-    runs are the real torchrun's, and the whole process group gets the signal as a scheduler sends it.
-    Returns (uninterrupted, resumed) run dirs."""
+    signalled run is the real torchrun's, and the whole process group gets the signal as a scheduler sends
+    it; the other two are run_ranks' (torchrun's environment, forked with torch imported), since there
+    the launcher is no part of what is checked. The uninterrupted run runs beside the signalled one (CI
+    has two cores). Returns (uninterrupted, resumed) run dirs."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
     def run(*extra, background=False):
-        if nproc == 1:
-            job = Job(script, *flags, *extra, cwd=tmp_path)
+        if nproc == 1 or not background:
+            job = Job(script, *flags, *extra, nproc=nproc, cwd=tmp_path)
             return job if background else job.wait()
         command = [*launcher, os.path.join(ROOT, script), *flags, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
-        if background:
-            return process
-        out, err = process.communicate(timeout=900)
-        return subprocess.CompletedProcess(command, process.returncode, out, err)
 
-    reference = run("--output-dir", str(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = Job(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
     stopped = tmp_path / "stopped"
     job = run("--output-dir", str(stopped), background=True)
     deadline = time.time() + 600
@@ -95,18 +92,26 @@ def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=sign
     assert f"stopped by {how.name}" in result.stdout and f"continue with --resume {stopped}" in result.stdout
     assert not (stopped / "config.json").exists(), "the run finished before the signal; the test proves nothing"
     assert len(os.listdir(stopped / "checkpoints")) >= 2  # the stop wrote one of its own
+    reference = reference.wait()
+    assert reference.returncode == 0, reference.stderr[-3000:]
     resumed = run("--resume", str(stopped))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
     return tmp_path / "reference", stopped
 
 
+@pytest.fixture(scope="module")
+def walk_model(tmp_path_factory):
+    return save_tiny_walk_model(tmp_path_factory.mktemp("walk-model"))
+
+
 SFT_FLAGS = ["--num-epochs", "1", "--batch-size", "96", "--micro-batch-size", "48", "--save-every", "3"]
 SFT_FLAGS += ["--keep-checkpoints", "5", "--eval-every", "100", "--eval-samples-per-start", "1"]
 
 
-def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path):
-    assert_same_weights(*stop_and_resume("sft.py", SFT_FLAGS, tmp_path, "step_00000003"))
+def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
+    flags = [*SFT_FLAGS, "--model", walk_model]
+    assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003"))
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -123,10 +128,10 @@ def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
     )
 
 
-def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path):
+def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
     """Two ranks (ZeRO-3, so the stop's checkpoint streams sharded parameters), the signal sent to
     torchrun and its workers together, as SLURM and Kubernetes send it."""
-    flags = [*SFT_FLAGS, "--zero-stage", "3", "--dtype", "fp64"]
+    flags = [*SFT_FLAGS, "--model", walk_model, "--zero-stage", "3", "--dtype", "fp64"]
     assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003", nproc=2))
 
 

@@ -26,12 +26,14 @@ from conftest import (
     read_metrics,
     FIXTURES,
     SAME_MATH,
+    Job,
     assert_same_weights,
     damage,
     max_weight_difference,
     run_and_kill,
     run_script,
     save_tiny_model,
+    save_tiny_walk_model,
     run_ranks,
     torchrun_kill_and_resume,
 )
@@ -704,7 +706,8 @@ def test_throughput_of_a_resumed_run_counts_only_its_own_steps(tmp_path, monkeyp
     same number of times per step); counting the steps before the resume doubled it."""
     ticks = iter(range(10**9))
     monkeypatch.setattr(rm.time, "time", lambda: float(next(ticks)))
-    fresh = quick_args(tmp_path, save_every=4, keep_checkpoints=2)  # 256 pairs / 32: 8 steps
+    model = save_tiny_walk_model(tmp_path / "model")
+    fresh = quick_args(tmp_path, model=model, save_every=4, keep_checkpoints=2)  # 256 pairs / 32: 8 steps
     rm.main(fresh)
     fresh_rates = json.load(open(os.path.join(fresh.output_dir, "metrics.json")))["last_step"]
     rm.main(replace_args(fresh, output_dir=None, resume=os.path.join(fresh.output_dir, "checkpoints", "step_00000004")))
@@ -718,8 +721,10 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     second epoch): resumed as it is, it ends bitwise where the uninterrupted run does. With a file of
     its newest checkpoint changed, --resume names it, resumes from the one before and still ends
     bitwise there; a file cut short or deleted is caught the same way. With no intact checkpoint
-    left it stops with one line."""
+    left it stops with one line. The model is a tiny one: the default's 6 layers took most of the time."""
     flags = [
+        "--model",
+        save_tiny_walk_model(tmp_path / "model"),
         "--randomwalks-pairs",
         "192",
         "--num-epochs",
@@ -739,15 +744,19 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     for copy in copies.values():
         shutil.copytree(killed, copy)
 
-    resumed = run_script("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
+    damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
+    # The two resumes run at the same time.
+    intact, corrupt = (
+        Job("reward_model.py", *flags, "--resume", str(d), cwd=tmp_path) for d in (killed, copies["corrupt"])
+    )
+    resumed = intact.wait()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (
         f"resuming {killed} from step {int(newest.name[5:])}" in resumed.stdout and "is damaged" not in resumed.stdout
     )
     assert_same_weights(reference, killed)
 
-    damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
-    resumed = run_script("reward_model.py", *flags, "--resume", str(copies["corrupt"]), cwd=tmp_path)
+    resumed = corrupt.wait()
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     damaged = copies["corrupt"] / "checkpoints" / newest.name
     assert f"warning: checkpoint {damaged} is damaged (rank_0.pt is not the file that was saved" in resumed.stdout

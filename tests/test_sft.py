@@ -21,12 +21,14 @@ from conftest import (
     END_OF_TURN,
     FIXTURES,
     ROOT,
+    Job,
     SAME_MATH,
     assert_same_weights,
     damage,
     run_and_kill,
     run_script,
     save_tiny_model,
+    save_tiny_walk_model,
     text_tokenizer,
     chat_tokenizer,
     save_tiny_chat_model,
@@ -371,8 +373,11 @@ def test_tokenizer_without_pad_token_is_handled(tmp_path):
 
 
 def test_smoke_run_with_wandb_offline(tmp_path):
+    """The tracked run's plumbing, on a tiny model: the default one trains in test_loss_decreases_and_model_reloads."""
     result = run_script(
         "sft.py",
+        "--model",
+        save_tiny_walk_model(tmp_path / "model"),
         "--num-epochs",
         "1",
         "--eval-every",
@@ -443,8 +448,10 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     where the uninterrupted run does; 18 steps an epoch, so the kill lands mid-epoch and the
     epoch's shuffle must be replayed. With one file of step 10 changed, --resume names it and
     resumes from step 5, still bitwise; one cut short or deleted is named and skipped the same way.
-    With no intact checkpoint left it stops with one line."""
+    With no intact checkpoint left it stops with one line. The model is a tiny one with dropout."""
     flags = [
+        "--model",
+        save_tiny_walk_model(tmp_path / "model"),
         "--num-epochs",
         "2",
         "--batch-size",
@@ -461,7 +468,8 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     reference, killed = run_and_kill("sft.py", flags, tmp_path, "step_00000010")
     # Two resumes run to the end (intact, and one damaged file); the other damages are checked where
     # the resume picks its checkpoint (sft.py calls parallel.find_checkpoint), since from there the
-    # run is the same resume from step 5.
+    # run is the same resume from step 5. The two resumes run at the same time.
+    resumes = {}
     for how, victim in (
         ("intact", None),
         ("corrupt", "rank_0.pt"),
@@ -477,7 +485,9 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
             assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000005")
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in capsys.readouterr().out
             continue
-        resumed = run_script("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
+        resumes[how] = victim, run_dir, newest, Job("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
+    for how, (victim, run_dir, newest, job) in resumes.items():
+        resumed = job.wait()
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         if victim:
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in resumed.stdout
@@ -646,20 +656,32 @@ def one_process_run(tmp_path_factory, text_run_inputs):
     return folder / "run", json.loads((folder / "run" / "metrics.json").read_text())["eval/loss"]
 
 
-def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, text_run_inputs, one_process_run):
+@pytest.fixture(scope="module")
+def zero_stage_runs(tmp_path_factory, text_run_inputs):
+    """{stage: (run dir, torchrun's result)} of the 2-rank runs at each ZeRO stage."""
+    folder = tmp_path_factory.mktemp("zero")
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs
+    return {
+        stage: (
+            folder / f"zero{stage}",
+            run_ranks(
+                "sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(folder / f"zero{stage}"), cwd=folder
+            ),
+        )
+        for stage in (0, 1, 2, 3)
+    }
+
+
+def test_data_parallel_every_zero_stage_matches_one_process(one_process_run, zero_stage_runs):
     """2 ranks x micro-batches of 2 = a global batch of 8: every ZeRO stage ends with the eval loss
     and weights of one process on the same batches (in fp64, up to summation order: see SAME_MATH)."""
-    flags = DATA_PARALLEL_FLAGS + text_run_inputs
     single, expected = one_process_run
-    for stage in (0, 1, 2, 3):
-        run = run_ranks(
-            "sft.py", *flags, "--zero-stage", str(stage), "--output-dir", str(tmp_path / f"zero{stage}"), cwd=tmp_path
-        )
+    for stage, (run_dir, run) in zero_stage_runs.items():
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
-        actual = json.loads((tmp_path / f"zero{stage}" / "metrics.json").read_text())["eval/loss"]
+        actual = json.loads((run_dir / "metrics.json").read_text())["eval/loss"]
         assert actual == pytest.approx(expected, rel=SAME_MATH), f"ZeRO-{stage}"
-        assert max_weight_difference(single, tmp_path / f"zero{stage}") < SAME_MATH, f"ZeRO-{stage}"
+        assert max_weight_difference(single, run_dir) < SAME_MATH, f"ZeRO-{stage}"
     with pytest.raises(
         SystemExit,
         match=r"--micro-batch-size 2 does not divide a rank's share of the batch \(--batch-size 6 / 2 rank\(s\) = 3\)",
@@ -718,12 +740,12 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inp
     assert wrong_world.returncode == 1 and "written by 2 process(es)" in wrong_world.stderr
 
 
-def test_two_nodes_equal_one_node(tmp_path, text_run_inputs):
+def test_two_nodes_equal_one_node(tmp_path, text_run_inputs, zero_stage_runs):
     """Multi-node launch as on a cluster, here two 'nodes' of one process each on loopback with
-    c10d rendezvous: the same run as one launcher with two processes."""
+    c10d rendezvous: the same run as one launcher with two processes (the ZeRO-1 run above)."""
     flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--zero-stage", "1"]
-    one_node = run_ranks("sft.py", *flags, "--output-dir", str(tmp_path / "one"), cwd=tmp_path)
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    one_node, result = zero_stage_runs[1]
+    assert result.returncode == 0, result.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -760,4 +782,4 @@ def test_two_nodes_equal_one_node(tmp_path, text_run_inputs):
     ]
     outputs = [launcher.communicate(timeout=300) for launcher in launchers]
     assert all(launcher.returncode == 0 for launcher in launchers), outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(one_node, tmp_path / "two")
