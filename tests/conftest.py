@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 from pathlib import Path
 
@@ -570,3 +571,23 @@ class NoUser(ThreeTurns):
     def reset(self):
         return [{"role": "system", "content": "hello"}]
 '''
+
+
+class TurnScript(torch.nn.Module):
+    """A causal LM that writes replies[k] (greedily) in its k-th generate() call: each call opens with the pass over
+    the whole prompt (more than one token), and then feeds one token at a time."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, replies: list, vocab_size: int):
+        super().__init__()
+        self.replies, self.vocab_size, self.turn, self.step = replies, vocab_size, -1, 0
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.turn, self.step = self.turn + 1, 0
+        tokens = self.replies[self.turn]
+        logits = torch.zeros(len(input_ids), 1, self.vocab_size, dtype=torch.float64)
+        logits[:, 0, tokens[min(self.step, len(tokens) - 1)]] = 50.0
+        self.step += 1
+        return types.SimpleNamespace(logits=logits, cache=None)
