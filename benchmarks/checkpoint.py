@@ -7,13 +7,12 @@ Each (layout, way) runs in fresh processes (gloo on CPU): the model is built and
 as the scripts did before (the whole model gathered on every rank: ZeRO-3's gathered(), or
 tensor_parallel_state_dict's all-gathered dense weights, then save_pretrained on rank 0) or through
 parallel.save_final (parallel.dense_tensors streamed to rank 0, one tensor at a time, into sharded
-safetensors). Reported: each rank's peak resident memory while saving above what it held before (the
-process's ru_maxrss, so each way gets processes of its own), and the seconds the save took.
+safetensors). Reported: each rank's peak resident memory while saving above what it held before (VmHWM,
+reset just before the save; each way gets processes of its own), and the seconds the save took.
 """
 
 import argparse
 import os
-import resource
 import socket
 import sys
 import tempfile
@@ -31,8 +30,16 @@ def rss_mb() -> float:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak():
+    """Start the peak over from the present resident size: ru_maxrss would keep the peak of building
+    the whole model before it was sharded, which hides whatever the save adds below it."""
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # Linux 4.0+: resets VmHWM, the peak resident set size
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def worker(rank, world, port, layout, way, args, folder, queue):
@@ -56,6 +63,7 @@ def worker(rank, world, port, layout, way, args, folder, queue):
     model = parallel.tensor_parallel(LlamaForCausalLM(config), grid.tp_group)
     wrapper = parallel.data_parallel(model, grid.dp_group, 3 if layout == "zero3" else 0, tp_group=grid.tp_group)
     parallel.barrier()
+    reset_peak()
     before, started = rss_mb(), time.time()
     if way == "gathered":
         with wrapper.gathered():
