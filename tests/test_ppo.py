@@ -972,7 +972,7 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     for run_dir, update, job in resumes:
         resumed = job.wait()
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert f"resuming {run_dir} from update {update}" in resumed.stdout
+        assert f"resuming {run_dir} from step {update}" in resumed.stdout
         assert (skipped in resumed.stdout) == (update == 2) and resumed.stdout.count("is damaged") == (update == 2)
         assert_same_weights(reference, run_dir)
         expected, actual = (torch.load(run / "value_head.pt")["value_head"] for run in (reference, run_dir))
@@ -1213,18 +1213,20 @@ def test_sequence_splits_equal_one_process(tmp_path, walk_policy, text_reward, o
 
 def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text_reward, one_process):
     """ZeRO-3 on 2 ranks equals one process, and killed after the checkpoint of update 2 (each
-    rank's optimizer shard in its own file, all listed in the manifest) it resumes bitwise."""
+    rank's RNG states in its own file, the optimizer's moments streamed dense, all listed in the
+    manifest) it resumes bitwise."""
     flags = data_parallel_flags(walk_policy, text_reward, *SCALED_REWARDS)
     one = one_process(flags)
     flags += ["--save-every", "2", "--zero-stage", "3"]
     reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000002")
     assert_runs_agree(one, reference, walk_policy)
     checkpoint = killed / "checkpoints" / "step_00000002"
-    names = sorted(os.listdir(checkpoint))  # each rank's own file, and the weights streamed whole to rank 0
+    names = sorted(os.listdir(checkpoint))  # each rank's own file, and the weights and moments streamed to rank 0
     assert names == [
         "config.json",
         "generation_config.json",
         "manifest.json",
+        "optimizer.safetensors",
         "policy.safetensors",
         "rank_0.pt",
         "rank_1.pt",
@@ -1234,9 +1236,10 @@ def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text
     with open(checkpoint / "manifest.json") as file:
         assert sorted(json.load(file)) == [name for name in names if name != "manifest.json"]
     assert_resumed_bitwise(reference, killed)
-    # Another world size or ZeRO stage is refused with one line.
+    # Another global batch is refused with one line.
     expect_error(
-        tyro.cli(ppo.Args, args=flags + ["--resume", str(killed)]), "written by 2 process(es) with --zero-stage 3"
+        tyro.cli(ppo.Args, args=flags + ["--batch-size", "4", "--resume", str(killed)]),
+        "written with --batch-size 8, which a resumed run cannot change",
     )
 
 
