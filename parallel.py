@@ -2081,8 +2081,7 @@ def pipeline_gathered_model(
 # A checkpoint is checkpoints/<name> in the run directory (step_00000010, round_00000002), written
 # as <name>.tmp and renamed once complete, so a kill mid-write never leaves a checkpoint that
 # --resume would find. In it:
-#   - rank_R.pt, written by every rank R: its RNG states, and whatever else the script keeps per
-#     rank (which only the same layout can read back);
+#   - rank_R.pt, written by every rank R: its RNG states (which only the same layout reads back);
 #   - trainer_state.pt, written by rank 0: the shared state (step, scheduler, flags, world size...);
 #   - <prefix>.safetensors (or <prefix>-0000i-of-0000N.safetensors and an index, as transformers
 #     shards them), written by rank 0 from a stream that every rank feeds: each tensor is gathered
@@ -2357,10 +2356,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, wrapper: nn.Module, grid
             for prefix, model in models.items():
                 for key, tensor in dense_tensors(model, wrapper, grid, trained=True):
                     yield f"{prefix}.{key}.{moment}", tensor
-    step = torch.tensor(max((float(s["step"]) for s in optimizer.state.values()), default=0.0), device=grid.device)
-    if dist.is_initialized():
-        dist.all_reduce(step, op=dist.ReduceOp.MAX)  # a rank with nothing to train has taken none
-    yield "step", step.cpu()
+    steps = [float(state["step"]) for state in optimizer.state.values() if "step" in state]
+    # A pipeline stage with nothing to train (Hydra's frozen first stage) has taken none: the others' count.
+    yield "step", torch.tensor(max(all_gather_objects(max(steps, default=0.0), grid.pp_group)))
 
 
 def _stepped_pieces(wrapper: nn.Module) -> list:
@@ -2386,25 +2384,36 @@ def _stepped_pieces(wrapper: nn.Module) -> list:
     return stepped
 
 
+def _local_part(module: nn.Module, name: str, dense: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the dense tensor `module` holds as `name`: under tensor parallelism the
+    rows or columns that tensor_parallel cut for it (_dense_tensor's inverse), else the tensor."""
+    if not getattr(getattr(module, name), "tensor_parallel", False):
+        return dense
+    if isinstance(module, VocabParallelEmbedding):
+        return dense[module.start : module.end]
+    dense = dense.t() if module.conv1d and dense.dim() == 2 else dense
+    return dense[module.rows.cpu()] if isinstance(module, ColumnParallelLinear) else dense[:, module.columns.cpu()]
+
+
+def load_dense(model: nn.Module, state: dict) -> list:
+    """Copy a dense state dict (as dense_tensors streams it) into `model`, whatever its tensor-parallel
+    split; returns the keys `state` lacks (a tied head is saved once, as its embedding)."""
+    entries = list(_state_tensors(model))
+    for key, module, name, tensor in entries:
+        if key in state:
+            tensor.data.copy_(_local_part(module, name, state[key]))
+    return [entry[0] for entry in entries if entry[0] not in state]
+
+
 def _read_elements(file, key: str, lo: int, hi: int, module: nn.Module, name: str) -> torch.Tensor:
-    """Elements lo:hi of this rank's part of the stored tensor `key`, flattened: of a whole tensor
-    only the rows that hold them are read; a tensor-parallel shard is cut from the dense tensor
-    (its rows or columns, as tensor_parallel cut the weight it holds)."""
+    """Elements lo:hi of this rank's part (see _local_part) of the stored tensor `key`, flattened: of
+    a tensor that is not split over the tensor-parallel ranks, only the rows that hold them are read."""
     stored = file.get_slice(key)
     shape = stored.get_shape()
-    if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) or (
-        isinstance(module, RowParallelLinear) and name == "bias"
-    ):
-        row = math.prod(shape[1:])
-        part = stored[lo // row : -(-hi // row)] if shape else file.get_tensor(key)
-        return part.reshape(-1)[lo % row : lo % row + hi - lo]
-    dense = file.get_tensor(key)
-    if isinstance(module, VocabParallelEmbedding):
-        part = dense[module.start : module.end]
-    else:
-        dense = dense.t() if module.conv1d and dense.dim() == 2 else dense
-        part = dense[module.rows.cpu()] if isinstance(module, ColumnParallelLinear) else dense[:, module.columns.cpu()]
-    return part.reshape(-1)[lo:hi]
+    if getattr(getattr(module, name), "tensor_parallel", False) or not shape:
+        return _local_part(module, name, file.get_tensor(key)).reshape(-1)[lo:hi]
+    row = math.prod(shape[1:])
+    return stored[lo // row : -(-hi // row)].reshape(-1)[lo % row : lo % row + hi - lo]
 
 
 def load_optimizer(checkpoint: str, shared: dict, optimizer: torch.optim.Optimizer, wrapper: nn.Module, models: dict):
@@ -2474,10 +2483,9 @@ def save_checkpoint(
     tensors: Optional[dict] = None,
     pretrained: tuple = (),
     trained: tuple = (),
-    rank_state: Optional[dict] = None,
 ):
-    """Write checkpoints/<name> (see the section's comment): rank_R.pt (`rank_state` and this
-    rank's RNG states) by every rank, trainer_state.pt (`shared`, the world size and the
+    """Write checkpoints/<name> (see the section's comment): rank_R.pt (this rank's RNG states) by
+    every rank, trainer_state.pt (`shared`, the world size and the
     optimizer's hyperparameters) and `pretrained` (e.g. the model for its config, the tokenizer)
     by rank 0, `tensors` {file prefix: dense_tensors(...)} streamed, and with `trained`
     (optimizer, its data-parallel wrapper, {file prefix: module}) optimizer.safetensors (see
@@ -2490,7 +2498,7 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     barrier()
-    torch.save({**(rank_state or {}), "rng": rng_states()}, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    torch.save({"rng": rng_states()}, os.path.join(temporary, f"rank_{grid.rank}.pt"))
     shared, tensors = {**shared, "world_size": grid.world_size}, dict(tensors or {})
     if trained:
         tensors["optimizer"] = optimizer_tensors(trained[0], trained[1], grid, trained[2])
@@ -2616,8 +2624,8 @@ def export(checkpoint: str, out: str, max_shard_bytes: int = 2**31):
     kept = [p for p in ("model", "policy") for end in ends if os.path.exists(os.path.join(checkpoint, p + end))]
     if not kept or not os.path.exists(os.path.join(checkpoint, "config.json")):
         fail(
-            f"{checkpoint} holds no whole model with its config (under --tp/--pp ppo.py keeps the policy in its "
-            "ranks' files, and LoRA runs their adapters apart): export the run's final model instead"
+            f"{checkpoint} holds no whole model with its config (a LoRA run keeps its adapters apart): export the "
+            "run's final model instead"
         )
     if os.path.exists(out):
         fail(f"{out} exists; pass a new directory")

@@ -1671,12 +1671,11 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    if states is not None:  # the models' states of a checkpoint (see load_training_state)
+    if states is not None:  # the models' dense states of a checkpoint (see load_training_state), in any layout
         # A tied head is saved once, as its embedding (see parallel.dense_tensors).
-        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=False)
-        assert not unexpected and (pipelined or all(k.endswith("lm_head.weight") for k in missing)), missing
-        if states[1]["value"] or not pipelined:  # under --pp only the last stage saved the value function
-            torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
+        missing = parallel.load_dense(policy, states[1]["policy"])
+        assert all(k.endswith("lm_head.weight") for k in missing), missing
+        torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage
@@ -2063,14 +2062,10 @@ def save_training_state(
     run_name: str,
     wandb_run,
 ):
-    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint). Under
-    --tp/--pp every rank saves its own shard of the models in its rank file; otherwise they are
-    streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
+    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint): the
+    models streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
     saved = models.saved
-    sharded = args.tp > 1 or args.pp > 1
-    # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
-    model_state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in saved.items() if sharded}
-    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items() if not sharded}
+    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items()}
     shared_state = {
         "update": update,
         "kl_coef": kl_controller.value,
@@ -2081,21 +2076,18 @@ def save_training_state(
         "wandb_id": wandb_run.id if wandb_run else None,
     }
     name, keep, trained = f"step_{update:08d}", args.keep_checkpoints, (optimizer, models.wrapper, saved)
-    config = () if sharded or args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
-    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, files, config, trained, model_state)
+    config = () if args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
+    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, files, config, trained)
 
 
 def load_training_state(args: Args, grid) -> tuple:
-    """(checkpoint folder, (shared state, this rank's state with the models' states)) of --resume,
-    or (None, None); a checkpoint of another layout is refused with one line."""
+    """(checkpoint folder, (shared state, this rank's state with the models' dense states)) of
+    --resume, or (None, None); a checkpoint of another global batch is refused with one line."""
     if not args.resume:
         return None, None
     checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main)
     state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    if rank_state["rng"] is None and state["args"]["tp"] * state["args"]["pp"] > 1:
-        fail(f"{checkpoint} keeps the models in each rank's file, split by --tp/--pp; resume it with the same layout")
-    if "policy" not in rank_state:  # streamed whole to files by rank 0 (see save_training_state)
-        rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
+    rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
     return checkpoint, (state, rank_state)
 
 
