@@ -258,17 +258,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail("--reward-model judges text tasks; randomwalks is judged by the walks' true optimality: drop it")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template}: no such file; pass the path of a Jinja chat template")
-    if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(
-            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-            f"or pass --resume {args.output_dir} to continue it"
-        )
+    parallel.check_output_dir(args)
     return replace(args, micro_batch_size=micro_batch_size)
-
-
-def holds_run(folder: str) -> bool:
-    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
-    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1177,32 +1168,6 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def open_run(checkpoint: Optional[str], states: tuple, args: Args, grid, optimizer, scheduler) -> tuple:
-    """(step, run name, run directory, wandb id). A resumed run (states: its checkpoint's trainer
-    state and this rank's state, see parallel.load_checkpoint) continues in the directory its
-    checkpoint belongs to, with the optimizer, scheduler and RNG states restored. A new run's name
-    comes from rank 0's clock, so every rank agrees on the directory, which rank 0 creates once
-    every rank has checked its flags."""
-    if not checkpoint:
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()
-        if grid.is_main:
-            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
-                os.makedirs(run_dir, exist_ok=True)
-            except OSError as error:
-                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
-        return 0, run_name, run_dir, None
-    state, rank_state = states
-    optimizer.load_state_dict(rank_state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    parallel.set_rng_states(rank_state["rng"])
-    run_dir = parallel.run_directory(checkpoint)
-    if grid.is_main:
-        print(f"resuming {run_dir} from step {state['step']}")
-    return state["step"], state["run_name"], run_dir, state["wandb_id"]
-
-
 def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
     """(training pairs, held-out pairs, every pair (sentiment: to keep), randomwalks' (adjacency,
     shortest paths) or None): the task's preference pairs, split before pairing for randomwalks so
@@ -1321,13 +1286,15 @@ def main(args: Args):
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
     # The reference's log-probabilities of every pair (a resumed run reads its checkpoint's), then the run directory.
-    layout = ("zero_stage", "tp", "cp", "lora_rank")
-    states = parallel.load_checkpoint(checkpoint, grid, asdict(args), layout) if checkpoint else (None, None)
+    fixed = ("batch_size", "lora_rank")  # the data position's unit, and the model
+    states = parallel.load_checkpoint(checkpoint, grid, asdict(args), fixed) if checkpoint else (None, None)
     saved = states[0]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     pad = tokenizer.pad_token_id
     references = reference_logprobs(model, train_sequences, eval_sequences, args, grid, pad, autocast, saved)
-    step, run_name, run_dir, wandb_id = open_run(checkpoint, states, args, grid, optimizer, scheduler)
+    trained = (optimizer, model, {"model": model.module})  # what the optimizer steps, as checkpoints save it
+    state, run_name, run_dir = parallel.open_run(checkpoint, args, grid, trained, scheduler, states)
+    step, wandb_id = (state["step"], state["wandb_id"]) if state else (0, None)
     if grid.is_main and not checkpoint and args.task == "sentiment":
         write_jsonl_atomically(os.path.join(run_dir, SENTIMENT_PAIRS), pairs)
     if grid.is_main:
@@ -1392,7 +1359,6 @@ def main(args: Args):
                 "step": step,
                 "scheduler": scheduler.state_dict(),
                 "args": asdict(args),
-                "world_size": grid.world_size,
                 "run_name": run_name,
                 "wandb_id": wandb_run.id if wandb_run else None,
                 "first_eval": first,
@@ -1403,12 +1369,9 @@ def main(args: Args):
             weights = (
                 {ADAPTERS: ((k, v) for k, v in weights if ".lora_" in k)} if args.lora_rank else {"model": weights}
             )
-            optimizer_state = {"optimizer": optimizer.state_dict()}
             name, keep = f"step_{step:08d}", args.keep_checkpoints
             config = () if args.lora_rank else (model.module,)
-            parallel.save_checkpoint(
-                run_dir, name, grid, keep, trainer_state, optimizer_state, weights, (*config, tokenizer)
-            )
+            parallel.save_checkpoint(run_dir, name, grid, keep, trainer_state, weights, (*config, tokenizer), trained)
         if stop:
             return parallel.report_stop(run_dir, grid, f"step {step}")
     progress.close()

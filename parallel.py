@@ -70,7 +70,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -2081,16 +2081,16 @@ def pipeline_gathered_model(
 # A checkpoint is checkpoints/<name> in the run directory (step_00000010, round_00000002), written
 # as <name>.tmp and renamed once complete, so a kill mid-write never leaves a checkpoint that
 # --resume would find. In it:
-#   - rank_R.pt, written by every rank R: its optimizer state (the slices it steps under ZeRO, its
-#     shards under --tp/--pp), its RNG states, and whatever else the script keeps per rank;
-#   - trainer_state.pt, written by rank 0: the shared state (step, scheduler, flags, run name...);
+#   - rank_R.pt, written by every rank R: its RNG states (which only the same layout reads back);
+#   - trainer_state.pt, written by rank 0: the shared state (step, scheduler, flags, world size...);
 #   - <prefix>.safetensors (or <prefix>-0000i-of-0000N.safetensors and an index, as transformers
 #     shards them), written by rank 0 from a stream that every rank feeds: each tensor is gathered
 #     alone (a ZeRO-3 unit at a time, a tensor-parallel matrix at a time, a pipeline stage's
 #     tensors sent one by one to rank 0), copied to rank 0's CPU and the shard written once full,
 #     so no rank ever holds more than its shards plus one block and one file's worth on rank 0's
 #     CPU. With prefix "model" and the model's config beside it, the checkpoint is a Hugging Face
-#     model directory that from_pretrained loads;
+#     model directory that from_pretrained loads. optimizer.safetensors streams AdamW's moments so,
+#     keyed by the weights' names, which any layout reshards on --resume (see load_optimizer);
 #   - manifest.json, written last by rank 0: every file's size and SHA-256, so --resume can tell an
 #     intact checkpoint from one damaged since and fall back to the newest intact one.
 # The final model is the same stream written into the run directory (config.json moved in last).
@@ -2174,6 +2174,18 @@ def find_checkpoint(path: str, verbose: bool = True) -> str:
     fail(f"--resume {path}: every checkpoint in {folder} is damaged; the run cannot be resumed")
 
 
+def check_output_dir(args):
+    """check_args' rule for --output-dir: a directory that holds a finished run (config.json) or a
+    started one (checkpoints/) is continued with --resume, not written over."""
+    folder = args.output_dir
+    started = folder and any(os.path.exists(os.path.join(folder, n)) for n in ("config.json", "checkpoints"))
+    if started and not args.resume:
+        fail(
+            f"--output-dir {folder} already holds a run; pick another directory, "
+            f"or pass --resume {folder} to continue it"
+        )
+
+
 def rng_states() -> dict:
     return {
         "python": random.getstate(),
@@ -2183,7 +2195,9 @@ def rng_states() -> dict:
     }
 
 
-def set_rng_states(states: dict):
+def set_rng_states(states: Optional[dict]):
+    if states is None:  # a checkpoint of another layout (see load_checkpoint): the fresh run's streams
+        return
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -2191,10 +2205,11 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid: Grid):
-    """(key, tensor) of `model`'s dense state dict, one tensor at a time: on rank 0 a CPU copy, on
-    the others None. Every rank must consume the whole stream (it communicates). `model` is what a
-    script saves (an HF model, a head, a LoRA-merged copy); `wrapper` the data-parallel wrapper it
+def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid: Grid, trained: bool = False):
+    """(key, tensor) of `model`'s dense state dict (with trained, only the parameters that `wrapper`
+    trains), one tensor at a time: on rank 0 a CPU copy, on the others None. Every rank must
+    consume the whole stream (it communicates). `model` is what a script saves (an HF model, a
+    head, a LoRA-merged copy); `wrapper` the data-parallel wrapper it
     trains in, whose ZeRO-3 units are gathered one at a time (and freed again unless inside
     gathered()); a tensor-parallel tensor is all-gathered over tp_group. Under --pp each rank
     passes what its stage holds (the stage's part of the model; a head only the last stage has,
@@ -2204,7 +2219,9 @@ def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid
     fsdp = wrapper if isinstance(wrapper, FullyShardedDataParallel) and wrapper.world > 1 else None
     stage = next((m for m in wrapper.modules() if isinstance(m, PipelineStage)), None) if wrapper else None
     tied = stage.tied_weight if stage is not None and stage.is_last else None
-    local = {entry[0]: entry for entry in _state_tensors(model) if entry[3] is not tied} if model is not None else {}
+    stepped = {p for p in wrapper.module.parameters() if p.requires_grad} if trained else None
+    entries = _state_tensors(model) if model is not None else []
+    local = {entry[0]: entry for entry in entries if entry[3] is not tied and (not trained or entry[3] in stepped)}
     owner = dict.fromkeys(local, 0)  # key -> the pipeline stage that sends it
     if grid.pp_group is not None:
         owner = {}
@@ -2273,16 +2290,23 @@ def write_safetensors(folder: str, prefix: str, tensors, writes: bool = True, ma
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, file, indent=2)
 
 
+def _stored_files(folder: str, prefix: str) -> dict:
+    """{key: file name} of what write_safetensors wrote."""
+    from safetensors import safe_open
+
+    index = os.path.join(folder, f"{prefix}.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as file:
+            return json.load(file)["weight_map"]
+    with safe_open(os.path.join(folder, f"{prefix}.safetensors"), "pt") as file:
+        return dict.fromkeys(file.keys(), f"{prefix}.safetensors")
+
+
 def stored_tensors(folder: str, prefix: str, device="cpu"):
     """What write_safetensors wrote, read back one tensor at a time as (key, tensor)."""
     from safetensors import safe_open
 
-    index = os.path.join(folder, f"{prefix}.safetensors.index.json")
-    names = [f"{prefix}.safetensors"]
-    if os.path.exists(index):
-        with open(index) as file:
-            names = sorted(set(json.load(file)["weight_map"].values()))
-    for name in names:
+    for name in sorted(set(_stored_files(folder, prefix).values())):
         with safe_open(os.path.join(folder, name), "pt", device=str(device)) as file:
             for key in file.keys():
                 yield key, file.get_tensor(key)
@@ -2291,6 +2315,142 @@ def stored_tensors(folder: str, prefix: str, device="cpu"):
 def read_safetensors(folder: str, prefix: str, device="cpu") -> dict:
     """What write_safetensors wrote, whole, in one dict."""
     return dict(stored_tensors(folder, prefix, device))
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state of a parameter, besides its step count
+
+
+@contextlib.contextmanager
+def _moment_as_weights(optimizer: torch.optim.Optimizer, wrapper: nn.Module, moment: str):
+    """Inside, each parameter the optimizer steps holds its `moment` (zeros before its first step)
+    in place of its weights, so that dense_tensors streams the moments as it streams the weights.
+    Under ZeRO-1/2 those parameters are slices of flat buffers the model's parameters view: the
+    moments are copied in and all-gathered, and the weights copied back and all-gathered after."""
+    stepped = wrapper.optimizer_parameters()
+    gathers = isinstance(wrapper, DataParallel) and wrapper.path.sharded and wrapper.world > 1
+    weights = [p.data.clone() if gathers else p.data for p in stepped]
+
+    def hold(values):
+        for param, value in zip(stepped, values):
+            if gathers:
+                param.data.copy_(value)
+            else:
+                param.data = value
+        if gathers:
+            wrapper._after_step()
+
+    hold([optimizer.state[p].get(moment, torch.zeros_like(p)) for p in stepped])
+    try:
+        yield
+    finally:
+        hold(weights)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, wrapper: nn.Module, grid: Grid, models: dict):
+    """(key, tensor) of an AdamW's state, dense and keyed as the weights are, so that any layout can
+    reshard it (see load_optimizer): for each parameter it steps in `models` {file prefix: module},
+    "<prefix>.<key>.exp_avg" and ".exp_avg_sq", streamed as dense_tensors streams the weights (no
+    rank holds more than its shards plus one block); then "step", the steps taken."""
+    for moment in MOMENTS:
+        with _moment_as_weights(optimizer, wrapper, moment):
+            for prefix, model in models.items():
+                for key, tensor in dense_tensors(model, wrapper, grid, trained=True):
+                    yield f"{prefix}.{key}.{moment}", tensor
+    steps = [float(state["step"]) for state in optimizer.state.values() if "step" in state]
+    # A pipeline stage with nothing to train (Hydra's frozen first stage) has taken none: the others' count.
+    yield "step", torch.tensor(max(all_gather_objects(max(steps, default=0.0), grid.pp_group)))
+
+
+def _stepped_pieces(wrapper: nn.Module) -> list:
+    """(parameter the optimizer steps, [(model parameter, start, lo, hi)]): elements lo:hi of each
+    model parameter (flattened; this rank's tensor-parallel shard of it) are elements start: of the
+    stepped one. Under ZeRO-1/2/3 a stepped parameter is this rank's slice of a flat buffer of
+    model parameters (a _Bucket, a _FlatShard), elsewhere a model parameter itself."""
+    if isinstance(wrapper, FullyShardedDataParallel) and wrapper.world > 1:
+        flats = [flat for flat in wrapper.flat_shards if flat.trainable]
+    elif isinstance(wrapper, DataParallel) and wrapper.world > 1 and wrapper.path.sharded:
+        flats = wrapper.buckets
+    else:
+        return [(p, [(p, 0, 0, p.numel())]) for p in wrapper.optimizer_parameters()]
+    stepped = []
+    for flat in flats:
+        first, end = wrapper.rank * flat.shard_size, (wrapper.rank + 1) * flat.shard_size
+        pieces = [
+            (p, max(offset, first) - first, max(offset, first) - offset, min(offset + p.numel(), end) - offset)
+            for p, offset in zip(flat.params, flat.offsets)
+            if offset < end and offset + p.numel() > first
+        ]
+        stepped.append((flat.shard, pieces))
+    return stepped
+
+
+def _local_part(module: nn.Module, name: str, dense: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the dense tensor `module` holds as `name`: under tensor parallelism the
+    rows or columns that tensor_parallel cut for it (_dense_tensor's inverse), else the tensor."""
+    if not getattr(getattr(module, name), "tensor_parallel", False):
+        return dense
+    if isinstance(module, VocabParallelEmbedding):
+        return dense[module.start : module.end]
+    dense = dense.t() if module.conv1d and dense.dim() == 2 else dense
+    return dense[module.rows.cpu()] if isinstance(module, ColumnParallelLinear) else dense[:, module.columns.cpu()]
+
+
+def load_dense(model: nn.Module, state: dict) -> list:
+    """Copy a dense state dict (as dense_tensors streams it) into `model`, whatever its tensor-parallel
+    split; returns the keys `state` lacks (a tied head is saved once, as its embedding)."""
+    entries = list(_state_tensors(model))
+    for key, module, name, tensor in entries:
+        if key in state:
+            tensor.data.copy_(_local_part(module, name, state[key]))
+    return [entry[0] for entry in entries if entry[0] not in state]
+
+
+def _read_elements(file, key: str, lo: int, hi: int, module: nn.Module, name: str) -> torch.Tensor:
+    """Elements lo:hi of this rank's part (see _local_part) of the stored tensor `key`, flattened: of
+    a tensor that is not split over the tensor-parallel ranks, only the rows that hold them are read."""
+    stored = file.get_slice(key)
+    shape = stored.get_shape()
+    if getattr(getattr(module, name), "tensor_parallel", False) or not shape:
+        return _local_part(module, name, file.get_tensor(key)).reshape(-1)[lo:hi]
+    row = math.prod(shape[1:])
+    return stored[lo // row : -(-hi // row)].reshape(-1)[lo % row : lo % row + hi - lo]
+
+
+def load_optimizer(checkpoint: str, shared: dict, optimizer: torch.optim.Optimizer, wrapper: nn.Module, models: dict):
+    """Restore into `optimizer` (made by wrapper.make_optimizer) what save_checkpoint saved of the
+    same `models`, whatever layout saved it: each parameter it steps reads its pieces of the dense
+    moments (see _stepped_pieces) and the step count, and the hyperparameters come from `shared`
+    (trainer_state.pt). Moments missing for a parameter (another model) stop with one line."""
+    from safetensors import safe_open
+
+    names = {}  # model parameter -> (stored key, its module, its name there)
+    stage = next((m for m in wrapper.modules() if isinstance(m, PipelineStage)), None)
+    tied = stage.tied_weight if stage is not None and stage.is_last else None
+    for prefix, model in models.items():
+        for key, module, name, tensor in _state_tensors(model):
+            if tensor is tied:  # saved as the first stage's embedding (see dense_tensors)
+                base, embeddings = _PIPELINE_LAYOUT[stage.config.model_type][:2]
+                key = f"{base}.{embeddings[0]}.weight"
+            names[tensor] = (f"{prefix}.{key}", module, name)
+    files = _stored_files(checkpoint, "optimizer")
+    index = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state = {}
+    with contextlib.ExitStack() as stack:
+        opened = {f: stack.enter_context(safe_open(os.path.join(checkpoint, f), "pt")) for f in set(files.values())}
+        step = opened[files["step"]].get_tensor("step")
+        for target, pieces in _stepped_pieces(wrapper):
+            moments = {moment: torch.zeros(target.numel(), dtype=target.dtype) for moment in MOMENTS}
+            for param, start, lo, hi in pieces:
+                key, module, name = names[param]
+                for moment, value in moments.items():
+                    if f"{key}.{moment}" not in files:
+                        fail(f"{checkpoint} holds no optimizer state of {key}: it was saved from another model")
+                    file = opened[files[f"{key}.{moment}"]]
+                    value[start : start + hi - lo] = _read_elements(file, f"{key}.{moment}", lo, hi, module, name)
+            state[index[target]] = {"step": step.clone(), **{k: v.view_as(target) for k, v in moments.items()}}
+    groups = optimizer.state_dict()["param_groups"]
+    groups = [{**saved, "params": group["params"]} for saved, group in zip(shared["param_groups"], groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _write_files(folder: str, grid: Grid, tensors: dict, pretrained: tuple, objects: dict):
@@ -2320,14 +2480,17 @@ def save_checkpoint(
     grid: Grid,
     keep: int,
     shared: dict,
-    rank_state: dict,
     tensors: Optional[dict] = None,
     pretrained: tuple = (),
+    trained: tuple = (),
 ):
-    """Write checkpoints/<name> (see the section's comment): rank_R.pt (`rank_state` and this
-    rank's RNG states) by every rank, trainer_state.pt (`shared`) and `pretrained` (e.g. the model
-    for its config, the tokenizer) by rank 0, `tensors` {file prefix: dense_tensors(...)} streamed,
-    then the manifest, the rename, and only the `keep` newest checkpoints kept. All ranks call it."""
+    """Write checkpoints/<name> (see the section's comment): rank_R.pt (this rank's RNG states) by
+    every rank, trainer_state.pt (`shared`, the world size and the
+    optimizer's hyperparameters) and `pretrained` (e.g. the model for its config, the tokenizer)
+    by rank 0, `tensors` {file prefix: dense_tensors(...)} streamed, and with `trained`
+    (optimizer, its data-parallel wrapper, {file prefix: module}) optimizer.safetensors (see
+    optimizer_tensors); then the manifest, the rename, and only the `keep` newest checkpoints
+    kept. All ranks call it."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, name)
     temporary = final + ".tmp"
@@ -2335,8 +2498,12 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     barrier()
-    torch.save({**rank_state, "rng": rng_states()}, os.path.join(temporary, f"rank_{grid.rank}.pt"))
-    _write_files(temporary, grid, tensors or {}, pretrained, {"trainer_state.pt": shared})
+    torch.save({"rng": rng_states()}, os.path.join(temporary, f"rank_{grid.rank}.pt"))
+    shared, tensors = {**shared, "world_size": grid.world_size}, dict(tensors or {})
+    if trained:
+        tensors["optimizer"] = optimizer_tensors(trained[0], trained[1], grid, trained[2])
+        shared["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in trained[0].param_groups]
+    _write_files(temporary, grid, tensors, pretrained, {"trainer_state.pt": shared})
     barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
     if grid.rank == 0:
         write_manifest(temporary)
@@ -2346,26 +2513,65 @@ def save_checkpoint(
             shutil.rmtree(os.path.join(folder, old))
 
 
-def load_checkpoint(checkpoint: str, grid: Grid, args: dict, layout: tuple = ("zero_stage", "tp", "pp", "cp")) -> tuple:
-    """(trainer_state.pt, this rank's rank_R.pt) of a checkpoint, refused with one line when it was
-    written by another number of processes or another `layout` of flags; other flags that differ
+def load_checkpoint(checkpoint: str, grid: Grid, args: dict, fixed: tuple = ("batch_size",)) -> tuple:
+    """(trainer_state.pt, this rank's rank_R.pt) of a checkpoint, refused with one line when one of
+    the `fixed` flags differs (the global batch, in which the data position is counted; a flag
+    that makes another model). Another layout (number of processes, ZeRO stage, --tp/--pp/--cp)
+    resumes with a warning: load_optimizer reshards the optimizer state, and the RNG states, one
+    per rank, start as a fresh run's (rank_R.pt is then {"rng": None}). Other flags that differ
     are named in a warning (the resume is then not exact). Restore the RNG states with
     set_rng_states(rank_state["rng"]) once the models are built."""
     state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-    saved = {k: state["args"].get(k, 0 if k == "zero_stage" else 1) for k in layout}
-    if state["world_size"] != grid.world_size or saved != {k: args[k] for k in layout}:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved.items())
-        fail(f"{checkpoint} was written by {state['world_size']} process(es) with {flags}; resume it with the same")
-    ignored = ("resume", "track", "output_dir")
+    refused = {k: state["args"][k] for k in fixed if state["args"][k] != args[k]}
+    if refused:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in refused.items())
+        fail(f"{checkpoint} was written with {flags}, which a resumed run cannot change; resume it with the same")
+    layout = ("zero_stage", "tp", "pp", "cp")
+    ignored = ("resume", "track", "output_dir", *layout)
     changed = {k: (v, args[k]) for k, v in state["args"].items() if k not in ignored and args.get(k, v) != v}
     if changed and grid.rank == 0:
         print(f"warning: flags differ from the checkpoint's run, so the resume is not exact: {changed}")
-    return state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    saved, now = ({k: flags.get(k, int(k != "zero_stage")) for k in layout} for flags in (state["args"], args))
+    if state["world_size"] == grid.world_size and saved == now:
+        return state, torch.load(os.path.join(checkpoint, f"rank_{grid.rank}.pt"), weights_only=False)
+    if grid.rank == 0:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved.items())
+        print(
+            f"warning: {checkpoint} was written by {state['world_size']} process(es) with {flags}: its optimizer "
+            "state is resharded and the random streams start as a new run's, so the resume is not exact"
+        )
+    return state, {"rng": None}
 
 
 def run_directory(checkpoint: str) -> str:
     """The run directory a checkpoint belongs to (a resumed run continues there)."""
     return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+
+
+def open_run(checkpoint: Optional[str], args, grid: Grid, trained: tuple, scheduler=None, states=None) -> tuple:
+    """(trainer state, run name, run directory). A run that resumes `checkpoint` continues in its
+    directory with the optimizer (`trained`, see save_checkpoint), scheduler and RNG states restored
+    (`states`: load_checkpoint's, if the script read them before). A new run (state None) is named
+    from rank 0's clock, so every rank agrees on the directory, made once every rank checked its flags."""
+    if checkpoint:
+        state, rank_state = states or load_checkpoint(checkpoint, grid, asdict(args))
+        load_optimizer(checkpoint, state, *trained)
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(rank_state["rng"])
+        if grid.rank == 0:
+            what, _, number = os.path.basename(checkpoint).partition("_")
+            print(f"resuming {run_directory(checkpoint)} from {what} {int(number)}")
+        return state, state["run_name"], run_directory(checkpoint)
+    run_name = broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = args.output_dir or os.path.join("runs", run_name)
+    barrier()
+    if grid.rank == 0:
+        try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
+    return None, run_name, run_dir
 
 
 def save_final(run_dir: str, grid: Grid, tensors: dict, pretrained: tuple = (), objects: Optional[dict] = None):
@@ -2418,8 +2624,8 @@ def export(checkpoint: str, out: str, max_shard_bytes: int = 2**31):
     kept = [p for p in ("model", "policy") for end in ends if os.path.exists(os.path.join(checkpoint, p + end))]
     if not kept or not os.path.exists(os.path.join(checkpoint, "config.json")):
         fail(
-            f"{checkpoint} holds no whole model with its config (under --tp/--pp ppo.py keeps the policy in its "
-            "ranks' files, and LoRA runs their adapters apart): export the run's final model instead"
+            f"{checkpoint} holds no whole model with its config (a LoRA run keeps its adapters apart): export the "
+            "run's final model instead"
         )
     if os.path.exists(out):
         fail(f"{out} exists; pass a new directory")

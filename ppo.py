@@ -458,18 +458,9 @@ def check_args(args: Args, world_size: int) -> Args:
         fail(f"--data {args.data} is for the text tasks; {args.task} builds its own prompts")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
-    if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(
-            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-            f"or pass --resume {args.output_dir} to continue it"
-        )
+    parallel.check_output_dir(args)
     loss_aggregation = args.loss_aggregation or ("sequence" if args.advantage == "grpo" else "token")
     return replace(args, micro_batch_size=micro_batch_size, loss_aggregation=loss_aggregation)
-
-
-def holds_run(folder: str) -> bool:
-    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
-    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1611,6 +1602,11 @@ class Models:
     def head(self):
         return head_of(self.stage if self.stage is not None else self.policy)
 
+    @property
+    def saved(self) -> dict:
+        """{file prefix: module} of what a checkpoint saves: the policy and the value function."""
+        return {"policy": self.policy, "value": torch.nn.ModuleDict(self.value_modules)}
+
     def as_reference(self):
         """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
         return adapters_disabled(self.adapters)  # no adapters: nothing to switch off
@@ -1675,12 +1671,11 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    if states is not None:  # the models' states of a checkpoint (see load_training_state)
+    if states is not None:  # the models' dense states of a checkpoint (see load_training_state), in any layout
         # A tied head is saved once, as its embedding (see parallel.dense_tensors).
-        missing, unexpected = policy.load_state_dict(states[1]["policy"], strict=False)
-        assert not unexpected and (pipelined or all(k.endswith("lm_head.weight") for k in missing)), missing
-        if states[1]["value"] or not pipelined:  # under --pp only the last stage saved the value function
-            torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
+        missing = parallel.load_dense(policy, states[1]["policy"])
+        assert all(k.endswith("lm_head.weight") for k in missing), missing
+        torch.nn.ModuleDict(value_modules).load_state_dict(states[1]["value"])
     stage = None
     if pipelined:
         # This rank's stage of the policy, returning final-normed hidden states: the last stage
@@ -2067,39 +2062,32 @@ def save_training_state(
     run_name: str,
     wandb_run,
 ):
-    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint). Under
-    --tp/--pp every rank saves its own shard of the models in its rank file; otherwise they are
-    streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
-    saved = {"policy": models.policy, "value": torch.nn.ModuleDict(models.value_modules)}
-    sharded = args.tp > 1 or args.pp > 1
-    # Cloned: under ZeRO-1/2 parameters are views into flat buffers that torch.save would write whole.
-    model_state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in saved.items() if sharded}
-    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items() if not sharded}
+    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint): the
+    models streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
+    saved = models.saved
+    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items()}
     shared_state = {
         "update": update,
         "kl_coef": kl_controller.value,
         "score_moments": dict(score_moments.__dict__),
         "reward_norm": dict(reward.norm),
         "args": asdict(args),
-        "world_size": models.grid.world_size,
         "run_name": run_name,
         "wandb_id": wandb_run.id if wandb_run else None,
     }
-    rank_state = {"optimizer": optimizer.state_dict(), **model_state}
-    name, keep = f"step_{update:08d}", args.keep_checkpoints
-    config = () if sharded or args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
-    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, rank_state, files, config)
+    name, keep, trained = f"step_{update:08d}", args.keep_checkpoints, (optimizer, models.wrapper, saved)
+    config = () if args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
+    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, files, config, trained)
 
 
 def load_training_state(args: Args, grid) -> tuple:
-    """(checkpoint folder, (shared state, this rank's state with the models' states)) of --resume,
-    or (None, None); a checkpoint of another layout is refused with one line."""
+    """(checkpoint folder, (shared state, this rank's state with the models' dense states)) of
+    --resume, or (None, None); a checkpoint of another global batch is refused with one line."""
     if not args.resume:
         return None, None
     checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main)
     state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    if "policy" not in rank_state:  # streamed whole to files by rank 0 (see save_training_state)
-        rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
+    rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
     return checkpoint, (state, rank_state)
 
 
@@ -2246,28 +2234,14 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     # The run directory; a resumed run continues in its checkpoint's directory with every state restored.
-    update, wandb_id = 0, None
-    if checkpoint:
-        state, rank_state = states
-        optimizer.load_state_dict(rank_state["optimizer"])
+    state, run_name, run_dir = parallel.open_run(
+        checkpoint, args, grid, (optimizer, models.wrapper, models.saved), None, states
+    )
+    update, wandb_id = (state["update"], state["wandb_id"]) if state else (0, None)
+    if state:
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
         reward.norm.update(state["reward_norm"])
-        parallel.set_rng_states(rank_state["rng"])
-        update, run_name, wandb_id = state["update"], state["run_name"], state["wandb_id"]
-        run_dir = parallel.run_directory(checkpoint)
-        if grid.is_main:
-            print(f"resuming {run_dir} from update {update}")
-    else:
-        # Rank 0's clock names the run, so every rank agrees on the directory.
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()  # every rank is past its checks before rank 0 creates anything
-        if grid.is_main:
-            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
-                os.makedirs(run_dir, exist_ok=True)
-            except OSError as error:
-                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
     states = None  # the model states are loaded; let them go
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
 

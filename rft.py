@@ -310,17 +310,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail(f"--data {args.data} is for the text tasks; {args.task} builds its own prompts")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template}: no such file; pass a Jinja chat template file")
-    if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(
-            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-            f"or pass --resume {args.output_dir} to continue it"
-        )
+    parallel.check_output_dir(args)
     return replace(args, micro_batch_size=micro_batch_size)
-
-
-def holds_run(folder: str) -> bool:
-    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
-    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1162,31 +1153,6 @@ def load_model(name: str, device, dtype=torch.float32):
     return model.to(device), tokenizer
 
 
-def open_run(checkpoint: Optional[str], args: Args, grid, optimizer) -> tuple:
-    """(rounds done, run name, run directory, wandb id, per-round history). A resumed run continues
-    in the directory its checkpoint belongs to, with the optimizer and RNG states restored; a
-    checkpoint of another layout is refused with one line. A new run's name comes from rank 0's
-    clock, so every rank agrees on the directory, which rank 0 creates once every rank has checked
-    its flags."""
-    if not checkpoint:
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()
-        if grid.is_main:
-            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
-                os.makedirs(run_dir, exist_ok=True)
-            except OSError as error:
-                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
-        return 0, run_name, run_dir, None, []
-    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    optimizer.load_state_dict(rank_state["optimizer"])
-    parallel.set_rng_states(rank_state["rng"])
-    run_dir = parallel.run_directory(checkpoint)
-    if grid.is_main:
-        print(f"resuming {run_dir} from round {state['round']}")
-    return state["round"], state["run_name"], run_dir, state["wandb_id"], state["history"]
-
-
 def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarray, percentile: float) -> dict:
     """What a round selected from (the distribution of its scores) and what it kept (the kept samples'
     mean score only when there are some)."""
@@ -1268,7 +1234,9 @@ def main(args: Args):
         torch.manual_seed(args.seed + grid.dp_rank)
 
     # The run directory; a resumed run continues in its checkpoint's directory, its history restored.
-    round_index, run_name, run_dir, wandb_id, history = open_run(checkpoint, args, grid, optimizer)
+    trained = (optimizer, model, {"model": model.module})  # what the optimizer steps, as checkpoints save it
+    state, run_name, run_dir = parallel.open_run(checkpoint, args, grid, trained)
+    round_index, wandb_id, history = (state["round"], state["wandb_id"], state["history"]) if state else (0, None, [])
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -1335,15 +1303,13 @@ def main(args: Args):
                 "round": round_index,
                 "history": history,
                 "args": asdict(args),
-                "world_size": grid.world_size,
                 "run_name": run_name,
                 "wandb_id": wandb_run.id if wandb_run else None,
             }
             weights = {"model": parallel.dense_tensors(model.module, model, grid)}
-            optimizer_state = {"optimizer": optimizer.state_dict()}
             name, keep = f"round_{round_index:08d}", args.keep_checkpoints
             parallel.save_checkpoint(
-                run_dir, name, grid, keep, trainer_state, optimizer_state, weights, (model.module, tokenizer)
+                run_dir, name, grid, keep, trainer_state, weights, (model.module, tokenizer), trained
             )
         if stop:
             return parallel.report_stop(run_dir, grid, f"round {round_index}")

@@ -200,17 +200,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
     if args.chat_template and not os.path.isfile(args.chat_template):
         fail(f"--chat-template {args.chat_template} does not exist; pass the path of a Jinja file")
-    if args.output_dir and not args.resume and holds_run(args.output_dir):
-        fail(
-            f"--output-dir {args.output_dir} already holds a run; pick another directory, "
-            f"or pass --resume {args.output_dir} to continue it"
-        )
+    parallel.check_output_dir(args)
     return replace(args, micro_batch_size=micro_batch_size)
-
-
-def holds_run(folder: str) -> bool:
-    """Whether a directory holds a finished run (config.json) or a started one (checkpoints/)."""
-    return os.path.exists(os.path.join(folder, "config.json")) or os.path.isdir(os.path.join(folder, "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,31 +754,6 @@ def lr_scheduler(optimizer, args: Args, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def open_run(checkpoint: Optional[str], args: Args, grid, optimizer, scheduler) -> tuple:
-    """(step, run name, run directory, wandb id). A resumed run continues in the directory its
-    checkpoint belongs to, with the optimizer, scheduler and RNG states restored; a checkpoint
-    of another layout is refused with one line. A new run's name comes from rank 0's clock, so
-    every rank agrees on the directory, which rank 0 creates once every rank has checked its flags."""
-    if not checkpoint:
-        run_name = parallel.broadcast_object(f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        run_dir = args.output_dir or os.path.join("runs", run_name)
-        parallel.barrier()
-        if grid.is_main:
-            try:  # the first thing written: a folder that cannot be made stops the run with nothing half-written
-                os.makedirs(run_dir, exist_ok=True)
-            except OSError as error:
-                fail(f"cannot create the run directory {run_dir}: {error.strerror}; pass another --output-dir")
-        return 0, run_name, run_dir, None
-    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    optimizer.load_state_dict(rank_state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    parallel.set_rng_states(rank_state["rng"])
-    run_dir = parallel.run_directory(checkpoint)
-    if grid.is_main:
-        print(f"resuming {run_dir} from step {state['step']}")
-    return state["step"], state["run_name"], run_dir, state["wandb_id"]
-
-
 def main(args: Args):
     # Flags, then the other ranks (a no-op without torchrun).
     args = check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
@@ -863,7 +829,9 @@ def main(args: Args):
     scheduler = lr_scheduler(optimizer, args, total_steps)
 
     # Run directory; a resumed run continues in the directory its checkpoint belongs to.
-    step, run_name, run_dir, wandb_id = open_run(checkpoint, args, grid, optimizer, scheduler)
+    trained = (optimizer, model, {"model": saved})  # what the optimizer steps, as checkpoints save it
+    state, run_name, run_dir = parallel.open_run(checkpoint, args, grid, trained, scheduler)
+    step, wandb_id = (state["step"], state["wandb_id"]) if state else (0, None)
     if grid.is_main:
         tokenizer.save_pretrained(run_dir)
     wandb_run = init_wandb(args, run_name, run_dir, wandb_id) if args.track and grid.is_main else None
@@ -932,16 +900,12 @@ def main(args: Args):
                 "step": step,
                 "scheduler": scheduler.state_dict(),
                 "args": asdict(args),
-                "world_size": grid.world_size,
                 "run_name": run_name,
                 "wandb_id": wandb_run.id if wandb_run else None,
             }
             weights = {"model": parallel.dense_tensors(saved, model, grid)}
-            optimizer_state = {"optimizer": optimizer.state_dict()}
             name, keep = f"step_{step:08d}", args.keep_checkpoints
-            parallel.save_checkpoint(
-                run_dir, name, grid, keep, trainer_state, optimizer_state, weights, (saved, tokenizer)
-            )
+            parallel.save_checkpoint(run_dir, name, grid, keep, trainer_state, weights, (saved, tokenizer), trained)
         if stop:
             return parallel.report_stop(run_dir, grid, f"step {step}")
     progress.close()

@@ -24,9 +24,7 @@ def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_pat
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     grid = parallel.init_distributed("cpu")
     weights = {"model": parallel.dense_tensors(model, None, grid)}
-    parallel.save_checkpoint(
-        str(tmp_path / "run"), "step_00000001", grid, 2, {"step": 1}, {}, weights, (model, tokenizer)
-    )
+    parallel.save_checkpoint(str(tmp_path / "run"), "step_00000001", grid, 2, {"step": 1}, weights, (model, tokenizer))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
     assert parallel.checkpoint_damage(str(checkpoint)) is None
 
@@ -135,11 +133,15 @@ def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_
     assert_same_weights(*stop_and_resume("sft.py", flags, tmp_path, "step_00000003", nproc=2))
 
 
-def test_a_run_resumes_only_with_its_own_layout(tmp_path):
-    """load_checkpoint refuses another number of processes with one line naming the flags to pass."""
+def test_a_run_resumes_on_another_layout_but_not_with_another_global_batch(tmp_path, capsys):
+    """load_checkpoint takes a checkpoint of another layout with a warning, leaving the per-rank RNG
+    states out, and refuses another global batch with one line naming the flag to pass."""
     grid = parallel.init_distributed("cpu")
-    run_dir = tmp_path / "run"
-    shared = {"args": {"zero_stage": 2, "tp": 1, "pp": 1, "cp": 1}, "world_size": 2}
-    parallel.save_checkpoint(str(run_dir), "step_00000001", grid, 1, shared, {})
-    with pytest.raises(SystemExit, match=r"written by 2 process\(es\) with --zero-stage 2 --tp 1 --pp 1 --cp 1"):
-        parallel.load_checkpoint(str(run_dir / "checkpoints" / "step_00000001"), grid, {**shared["args"]})
+    args = {"zero_stage": 2, "tp": 1, "pp": 1, "cp": 1, "batch_size": 8}
+    parallel.save_checkpoint(str(tmp_path / "run"), "step_00000001", grid, 1, {"args": args})
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "step_00000001")
+    assert parallel.load_checkpoint(checkpoint, grid, args)[1]["rng"] is not None
+    assert parallel.load_checkpoint(checkpoint, grid, {**args, "zero_stage": 3})[1] == {"rng": None}
+    assert "written by 1 process(es) with --zero-stage 2 --tp 1 --pp 1 --cp 1: its optimizer" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"written with --batch-size 8, which a resumed run cannot change; resume it"):
+        parallel.load_checkpoint(checkpoint, grid, {**args, "batch_size": 4})

@@ -658,9 +658,9 @@ def one_process_run(tmp_path_factory, text_run_inputs):
 
 @pytest.fixture(scope="module")
 def zero_stage_runs(tmp_path_factory, text_run_inputs):
-    """{stage: (run dir, torchrun's result)} of the 2-rank runs at each ZeRO stage."""
+    """{stage: (run dir, torchrun's result)} of the 2-rank runs at each ZeRO stage, with a checkpoint at step 4."""
     folder = tmp_path_factory.mktemp("zero")
-    flags = DATA_PARALLEL_FLAGS + text_run_inputs
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs + ["--save-every", "4"]
     return {
         stage: (
             folder / f"zero{stage}",
@@ -736,8 +736,35 @@ def test_data_parallel_resume_after_kill_is_bitwise_exact(tmp_path, text_run_inp
     flags += ["--num-epochs", "4"]  # 4 steps an epoch: the kill at the end of the first leaves 12 to resume
     reference, killed = torchrun_kill_and_resume("sft.py", flags, tmp_path, "step_00000004")
     assert_same_weights(tmp_path / "reference", killed)
-    wrong_world = run_script("sft.py", *flags, "--cp", "1", "--resume", str(killed), cwd=tmp_path)
-    assert wrong_world.returncode == 1 and "written by 2 process(es)" in wrong_world.stderr
+
+
+def test_a_checkpoint_resumes_on_another_layout(tmp_path, text_run_inputs, zero_stage_runs):
+    """Saved by 2 ranks under ZeRO-2 (the optimizer's moments streamed dense, keyed as the weights), the
+    checkpoint of step 4 of 8 resumes on 4 ranks under ZeRO-3, on one process and at --tp 2, each rank
+    reading its own part of the moments, and each ends where the uninterrupted run does to SAME_MATH:
+    in fp64 the layouts differ only in the order of their sums, the moments and step count carry over
+    exactly, and the tiny model has no dropout for the new random streams to change (restarting
+    Adam's moments instead moves the weights by the learning rate's order). Another global batch
+    stops with one line."""
+    flags = DATA_PARALLEL_FLAGS + text_run_inputs
+    reference, run = zero_stage_runs[2]
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = {}
+    for name, layout, nproc in (("zero3", ["--zero-stage", "3"], 4), ("one", [], 1), ("tp2", ["--tp", "2"], 2)):
+        shutil.copytree(reference / "checkpoints", tmp_path / name / "checkpoints")
+        resume = ["--resume", str(tmp_path / name / "checkpoints" / "step_00000004")]
+        jobs[name] = Job("sft.py", *flags, *layout, *resume, nproc=nproc, cwd=tmp_path)
+    refused = run_script("sft.py", *flags, "--batch-size", "4", "--resume", str(reference), cwd=tmp_path)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {reference / 'checkpoints' / 'step_00000004'} was written with --batch-size 8, which a resumed run "
+        "cannot change; resume it with the same"
+    )
+    for name, job in jobs.items():
+        resumed = job.wait()
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "with --zero-stage 2 --tp 1 --pp 1 --cp 1: its optimizer state is resharded" in resumed.stdout
+        assert max_weight_difference(reference, tmp_path / name) < SAME_MATH, name
 
 
 def test_two_nodes_equal_one_node(tmp_path, text_run_inputs, zero_stage_runs):
