@@ -178,10 +178,11 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.sequence_parallel and args.tp == 1:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
-    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
-        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
-    if args.packing and (args.cp > 1 or args.sequence_parallel):
-        fail("--packing does not compose with --cp or --sequence-parallel (they split rows as unpacked); drop one")
+    whole_rows = "--pp" if args.pp > 1 else "--packing" if args.packing else None  # each rank needs whole rows
+    if whole_rows and (args.cp > 1 or args.sequence_parallel):
+        fail(
+            f"--cp and --sequence-parallel do not compose with {whole_rows}; use them with data and tensor parallelism"
+        )
     if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
@@ -626,8 +627,8 @@ def model_context(config):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
     """Completion token ids for each prompt (token ids), cut before the first end-of-turn id (see
-    end_of_turn_ids): a left-padded batch decoded token by token on the KV cache, greedy at
-    temperature 0, else sampled from softmax(logits / temperature) and nothing else.
+    end_of_turn_ids): a left-padded batch decoded token by token on the KV cache of a model in eval
+    mode (evaluate's), greedy at temperature 0, else sampled from softmax(logits / temperature) and nothing else.
     (model.generate() would also apply what the checkpoint's generation_config.json asks, a
     repetition penalty or banned n-grams, and the evaluation would no longer measure the model's
     own distribution.)"""
@@ -640,8 +641,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
-    was_training = model.training
-    model.eval()
     for _ in range(max_new_tokens):
         output = model(
             input_ids=step_ids,
@@ -666,7 +665,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
-    model.train(was_training)
     output = torch.stack(tokens, 1).tolist()
     return [ids[: next((k for k, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in output]
 

@@ -160,5 +160,5 @@ def test_sft_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
 
 def test_packing_refuses_split_sequences():
     for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
-        with pytest.raises(SystemExit, match="--packing does not compose with --cp or --sequence-parallel"):
+        with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
             sft.check_args(sft.Args(packing=True, **flags), world_size=2)

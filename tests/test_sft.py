@@ -692,8 +692,20 @@ LAYOUTS = [
     (["--cp", "2"], 2),
     (["--cp", "2", "--zero-stage", "3"], 4),
     (["--cp", "2", "--tp", "2", "--sequence-parallel"], 4),
+    (["--pp", "2", "--packing", "--micro-batch-size", "4"], 2),  # each stage masks packed rows by their positions
 ]
-LAYOUT_IDS = ["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1", "sp-tp2", "cp2", "cp2xdp2-zero3", "cp2xsp-tp2"]
+LAYOUT_IDS = [
+    "tp2",
+    "pp2",
+    "tp2xpp2",
+    "pp2xdp2",
+    "tp2xdp2-zero1",
+    "sp-tp2",
+    "cp2",
+    "cp2xdp2-zero3",
+    "cp2xsp-tp2",
+    "pp2-packing",
+]
 
 
 @pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=LAYOUT_IDS)
