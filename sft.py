@@ -178,11 +178,9 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.sequence_parallel and args.tp == 1:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
-    whole_rows = "--pp" if args.pp > 1 else "--packing" if args.packing else None  # each rank needs whole rows
-    if whole_rows and (args.cp > 1 or args.sequence_parallel):
-        fail(
-            f"--cp and --sequence-parallel do not compose with {whole_rows}; use them with data and tensor parallelism"
-        )
+    flag = "--pp" if args.pp > 1 else "--packing" if args.packing else None  # a flag needing whole rows on a rank
+    if flag and (args.cp > 1 or args.sequence_parallel):
+        fail(f"--cp and --sequence-parallel do not compose with {flag}; use them with data and tensor parallelism")
     if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
