@@ -15,7 +15,7 @@ with plain `AutoModelForCausalLM.from_pretrained(run_dir)` and by the other scri
 
 Reading order. The method is `main` (at the bottom): data, model, then the loop of optimizer
 steps, each accumulated over micro-batches by `accumulate_gradients` with the loss of
-`completion_loss_sum` (cross-entropy on completion tokens only); `evaluate` after it. Above it,
+`loss_sum_from_logits` (cross-entropy on completion tokens only); `evaluate` after it. Above it,
 in file order: Args and check_args; the randomwalks task; the data parsers (jsonl, hh, tldr) and
 `tokenize_examples`; the model and `generate`; run directory, checkpoints and logging (plumbing).
 """
@@ -101,6 +101,9 @@ class Args:
     micro_batch_size: Optional[int] = None
     """examples per forward/backward pass on one rank (default: the rank's whole share, batch_size / ranks); the share
     must be a multiple of it"""
+    packing: bool = False
+    """pack each micro-batch's examples into rows no longer than its longest instead of padding each to it, attention
+    kept within each example by position ids that restart (same loss; not with --cp or --sequence-parallel)"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -175,8 +178,9 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.sequence_parallel and args.tp == 1:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
-    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
-        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    flag = "--pp" if args.pp > 1 else "--packing" if args.packing else None  # a flag needing whole rows on a rank
+    if flag and (args.cp > 1 or args.sequence_parallel):
+        fail(f"--cp and --sequence-parallel do not compose with {flag}; use them with data and tensor parallelism")
     if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
@@ -520,27 +524,51 @@ def tokenize_examples(tokenizer, examples: list, max_length: int, overlong: str)
     return sequences
 
 
-def collate(sequences: list, pad_token_id: int, device) -> dict:
-    """Right-padded batch (the model's keyword arguments and the labels); labels are -100 on context and
-    padding so only the learned tokens carry loss."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (ids, mask) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor([token if learned else -100 for token, learned in zip(ids, mask)])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+def collate(sequences: list, pad_token_id: int, device, packing=False) -> dict:
+    """A micro-batch: the model's keyword arguments, and labels that are -100 except on the learned tokens (and on
+    each sequence's first token, which nothing before it in a row may predict).
+
+    Padded: a row per sequence, right-padded, with an attention mask. Packed (--packing): rows of whole sequences,
+    filled first fit from the longest and no longer than the longest, so attention never costs more than padded;
+    the position ids restart at 0 for each sequence and for the padding ending a row, and without an attention mask
+    and a cache transformers' create_causal_mask reads them as packed sequences: attention stays within each one."""
+    width, rows = max(len(ids) for ids, _ in sequences), []
+    for sequence in sorted(sequences, key=lambda sequence: -len(sequence[0])) if packing else sequences:
+        fitting = [row for row in rows if packing and sum(len(ids) for ids, _ in row) + len(sequence[0]) <= width]
+        if fitting:
+            fitting[0].append(sequence)
+        else:
+            rows.append([sequence])
+    batch = {"input_ids": [], "labels": [], "position_ids" if packing else "attention_mask": []}
+    for row in rows:
+        ids = [token for tokens, _ in row for token in tokens]
+        labels = [-100 if k == 0 or not mask[k] else tokens[k] for tokens, mask in row for k in range(len(tokens))]
+        pad = width - len(ids)
+        batch["input_ids"].append(ids + [pad_token_id] * pad)
+        batch["labels"].append(labels + [-100] * pad)
+        if packing:  # the padding is a sequence of its own, which no other attends to
+            batch["position_ids"].append([k for tokens, _ in row for k in range(len(tokens))] + list(range(pad)))
+        else:
+            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+    return {key: torch.tensor(value, device=device) for key, value in batch.items()}
 
 
-def completion_loss_sum(model, input_ids, attention_mask, labels):
-    """Summed cross-entropy of the completion tokens (the caller divides by the batch's token count,
-    so that gradient accumulation over micro-batches equals one big batch exactly)."""
-    return loss_sum_from_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+def micro_batches_of(sequences: list, args: Args, pad_token_id: int, device) -> list:
+    """The sequences collated in micro-batches of --micro-batch-size, padded or packed (--packing)."""
+    size = args.micro_batch_size
+    return [
+        collate(sequences[k : k + size], pad_token_id, device, args.packing) for k in range(0, len(sequences), size)
+    ]
+
+
+def model_logits(model, micro_batch: dict):
+    """The logits of a micro-batch (without a cache, which would keep transformers from reading packed positions)."""
+    return model(**{key: value for key, value in micro_batch.items() if key != "labels"}, use_cache=False).logits
 
 
 def loss_sum_from_logits(logits, labels):
+    """Summed cross-entropy of the completion tokens (the caller divides by the batch's token count,
+    so that gradient accumulation over micro-batches equals one big batch exactly)."""
     logits = logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast, fp64 kept
     return F.cross_entropy(
@@ -548,18 +576,14 @@ def loss_sum_from_logits(logits, labels):
     )
 
 
-def accumulate_gradients(
-    model, batch: list, batch_tokens: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
-) -> float:
-    """Backward over this rank's share of the batch in micro-batches; returns its share of the
-    global batch's mean completion-token loss (the shares sum to the mean over ranks).
+def accumulate_gradients(model, micro_batches: list, batch_tokens: int, ranks: int, autocast) -> float:
+    """Backward over this rank's share of the batch, collated in micro-batches; returns its share of
+    the global batch's mean completion-token loss (the shares sum to the mean over ranks).
 
     Each micro-batch's summed loss is divided by the completion-token count of the whole global
     batch, not its own, so the accumulated gradient equals the one-big-batch gradient exactly. The
     data-parallel reduction averages over ranks, hence the factor `ranks`. Only the last
     micro-batch's backward communicates (no_sync on the others)."""
-    starts = range(0, len(batch), micro_batch_size)
-    micro_batches = [collate(batch[start : start + micro_batch_size], pad_token_id, device) for start in starts]
     if isinstance(model.module, parallel.PipelineStage):
         # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
         # computes the loss, and the sum comes back to every stage.
@@ -573,7 +597,7 @@ def accumulate_gradients(
     for number, micro_batch in enumerate(micro_batches, 1):
         with model.no_sync() if number < len(micro_batches) else contextlib.nullcontext():
             with autocast:
-                loss = completion_loss_sum(model, **micro_batch) / batch_tokens
+                loss = loss_sum_from_logits(model_logits(model, micro_batch), micro_batch["labels"]) / batch_tokens
             (loss * ranks).backward()
         batch_loss += loss.item()
     return batch_loss
@@ -592,8 +616,8 @@ def model_context(config):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, device) -> list:
     """Completion token ids for each prompt (token ids), cut before the first end-of-turn id (see
-    end_of_turn_ids): a left-padded batch decoded token by token on the KV cache, greedy at
-    temperature 0, else sampled from softmax(logits / temperature) and nothing else.
+    end_of_turn_ids): a left-padded batch decoded token by token on the KV cache of a model in eval
+    mode (evaluate's), greedy at temperature 0, else sampled from softmax(logits / temperature) and nothing else.
     (model.generate() would also apply what the checkpoint's generation_config.json asks, a
     repetition penalty or banned n-grams, and the evaluation would no longer measure the model's
     own distribution.)"""
@@ -606,8 +630,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
-    was_training = model.training
-    model.eval()
     for _ in range(max_new_tokens):
         output = model(
             input_ids=step_ids,
@@ -632,7 +654,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
-    model.train(was_training)
     output = torch.stack(tokens, 1).tolist()
     return [ids[: next((k for k, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in output]
 
@@ -696,11 +717,7 @@ def evaluate(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, completion tokens
     with model.gathered(), torch.no_grad():
         with autocast:
-            shard = eval_sequences[grid.dp_rank :: ranks]
-            micro_batches = [
-                collate(shard[start : start + args.micro_batch_size], tokenizer.pad_token_id, device)
-                for start in range(0, len(shard), args.micro_batch_size)
-            ]
+            batches = micro_batches_of(eval_sequences[grid.dp_rank :: ranks], args, tokenizer.pad_token_id, device)
 
             def sums(logits, micro_batch):
                 labels = micro_batch["labels"]
@@ -709,11 +726,10 @@ def evaluate(
                 )
 
             if args.pp > 1:
-                totals += parallel.pipeline_forward(model, micro_batches, sums)
+                totals += parallel.pipeline_forward(model, batches, sums)
             else:
-                for micro_batch in micro_batches:
-                    output = model.module(micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"])
-                    totals += sums(output.logits, micro_batch)
+                for micro_batch in batches:
+                    totals += sums(model_logits(model.module, micro_batch), micro_batch)
         parallel.all_reduce_sum(totals, grid.dp_group)
         sampler = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
         metrics["eval/loss"] = (totals[0] / totals[1]).item()
@@ -731,7 +747,7 @@ def evaluate(
                     metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
                     if name == "greedy":
                         rows = [[step, w[0], w[1:], s] for w, s in scored]
-            elif grid.dp_rank == 0:  # with its tensor-parallel partners, which must run the same forwards
+            elif grid.dp_rank == 0 and eval_prompts:  # with its tensor-parallel partners, which run the same forwards
                 completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
                 rows = [
                     [step, tokenizer.decode(p), tokenizer.decode(c, skip_special_tokens=True), None]
@@ -850,9 +866,8 @@ def main(args: Args):
         batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        batch_loss = accumulate_gradients(
-            model, rank_share, batch_tokens, ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast
-        )
+        rank_micro_batches = micro_batches_of(rank_share, args, tokenizer.pad_token_id, device)
+        batch_loss = accumulate_gradients(model, rank_micro_batches, batch_tokens, ranks, autocast)
         batch_loss = parallel.all_reduce_sum(
             torch.tensor([batch_loss], dtype=torch.float64, device=device), grid.dp_group
         ).item()

@@ -235,7 +235,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.randn(batch, width, vocab, dtype=torch.float64))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, use_cache):
         return type("Output", (), {"logits": self.logits})
 
 
@@ -243,10 +243,10 @@ def test_loss_covers_completion_tokens_only():
     tokenizer = sft.randomwalks_tokenizer()
     sequences = sft.tokenize_examples(tokenizer, [("bcd", "ea", None), ("f", "ghija", None)], 16, "truncate")
     batch = sft.collate(sequences, tokenizer.pad_token_id, "cpu")
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    input_ids, labels = batch["input_ids"], batch["labels"]
     assert labels.tolist()[0] == [-100, -100, -100, 4, 0, 21, -100]  # prompt and padding carry no label
     model = FixedLogits(2, input_ids.shape[1], len(tokenizer))
-    loss = sft.completion_loss_sum(model, input_ids, attention_mask, labels)
+    loss = sft.loss_sum_from_logits(sft.model_logits(model, batch), labels)
     loss.backward()
     # Positions whose next token is prompt or padding get exactly zero gradient.
     predicts_completion = torch.zeros(input_ids.shape, dtype=torch.bool)
@@ -275,17 +275,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
     gradients, losses = [], []
     for micro_batch_size in (4, 3, 1):
         model.zero_grad()
+        args = sft.Args(micro_batch_size=micro_batch_size)
+        micro_batches = sft.micro_batches_of(batch, args, tokenizer.pad_token_id, "cpu")
         losses.append(
-            sft.accumulate_gradients(
-                model,
-                batch,
-                batch_tokens,
-                1,
-                micro_batch_size,
-                tokenizer.pad_token_id,
-                "cpu",
-                torch.autocast("cpu", enabled=False),
-            )
+            sft.accumulate_gradients(model, micro_batches, batch_tokens, 1, torch.autocast("cpu", enabled=False))
         )
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert gradients[0].abs().max() > 1e-3
@@ -699,8 +692,20 @@ LAYOUTS = [
     (["--cp", "2"], 2),
     (["--cp", "2", "--zero-stage", "3"], 4),
     (["--cp", "2", "--tp", "2", "--sequence-parallel"], 4),
+    (["--pp", "2", "--packing", "--micro-batch-size", "4"], 2),  # each stage masks packed rows by their positions
 ]
-LAYOUT_IDS = ["tp2", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2-zero1", "sp-tp2", "cp2", "cp2xdp2-zero3", "cp2xsp-tp2"]
+LAYOUT_IDS = [
+    "tp2",
+    "pp2",
+    "tp2xpp2",
+    "pp2xdp2",
+    "tp2xdp2-zero1",
+    "sp-tp2",
+    "cp2",
+    "cp2xdp2-zero3",
+    "cp2xsp-tp2",
+    "pp2-packing",
+]
 
 
 @pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=LAYOUT_IDS)

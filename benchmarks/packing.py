@@ -1,0 +1,129 @@
+"""sft.py's training step with --packing against padded micro-batches, on long-tailed sequence lengths.
+
+    python benchmarks/packing.py                                   # SmolLM2-135M's shape, CUDA when present
+    python benchmarks/packing.py --model tiny --steps 2 --repeats 1  # a smoke run of a minute on a CPU
+
+Real data mixes short and long examples (chat turns of a few tokens to thousands): a padded micro-batch
+computes every row at its longest example's length. Here the lengths in tokens are drawn from a lognormal
+distribution, exp(N(log --median, --sigma^2)), rounded and clipped to [--min-length, --max-length]; the
+first quarter of each example (at least one token) is prompt, the rest is learned. Both layouts run the
+same optimizer steps of sft.py (its collate, accumulate_gradients and an AdamW step) on the same batches
+of a randomly initialised model, in turns (so a change in the machine's load hits both alike), and the
+table gives the tokens per second of each (real tokens, padding not counted; median step of --repeats
+rounds after a warm-up round), their ratio and the fraction of each layout's rows that is padding.
+Packed rows are no longer than the micro-batch's longest example (see sft.collate), so the packed step
+never computes more than the padded one; on a CPU its attention runs SDPA with a block-diagonal mask.
+
+TRL's SFTTrainer with its own packing on the same data is not compared here (left to do).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parallel  # noqa: E402
+import sft  # noqa: E402
+
+
+def random_model(name: str, max_length: int, device):
+    """A randomly initialised causal LM: SmolLM2-135M's shape (Llama: 30 layers, hidden 576, 9 heads, 3 KV
+    heads, vocabulary 49152), or a tiny 2-layer Llama of hidden 64 for smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+    if name == "tiny":
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=49152 if name == "smollm2" else 512,
+        num_key_value_heads=3 if name == "smollm2" else 2,
+        max_position_embeddings=max(2048, max_length),
+        tie_word_embeddings=True,
+        **shape,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device), config.vocab_size
+
+
+def skewed_sequences(n: int, options, vocab_size: int, seed: int = 0) -> list:
+    """(token ids, loss mask) of n examples with lognormal lengths (see the module's docstring)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.rint(rng.lognormal(np.log(options.median), options.sigma, n)), options.min_length, None)
+    sequences = []
+    for length in np.minimum(lengths, options.max_length).astype(int):
+        prompt = max(1, length // 4)
+        sequences.append((rng.integers(1, vocab_size, length).tolist(), [0] * prompt + [1] * (length - prompt)))
+    return sequences
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as sft.py's")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--median", type=float, default=128, help="median length in tokens")
+    parser.add_argument("--sigma", type=float, default=1.0, help="spread of log(length)")
+    parser.add_argument("--min-length", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps (different batches) per round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
+    options = parser.parse_args()
+    model, vocab_size = random_model(options.model, options.max_length, options.device)
+    model = parallel.DataParallel(model)  # one process: the pass-through wrapper sft.py trains through
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = torch.autocast(torch.device(options.device).type, dtype=torch.bfloat16, enabled=options.dtype == "bf16")
+    data = skewed_sequences(options.batch_size * options.steps, options, vocab_size)
+    batches = [data[k : k + options.batch_size] for k in range(0, len(data), options.batch_size)]
+    layouts = {}
+    for packing in (False, True):
+        args = sft.Args(micro_batch_size=options.micro_batch_size, packing=packing)
+        layouts[packing] = [sft.micro_batches_of(batch, args, 0, options.device) for batch in batches]
+
+    def round_of(packing: bool) -> float:
+        """Seconds of one step (the median over the round's batches)."""
+        seconds = []
+        for batch, micro_batches in zip(batches, layouts[packing]):
+            start = time.perf_counter()
+            tokens = sum(sum(mask[1:]) for _, mask in batch)
+            sft.accumulate_gradients(model, micro_batches, tokens, 1, autocast)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if options.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+
+    for packing in (False, True):
+        round_of(packing)  # warm-up
+    seconds = {False: [], True: []}
+    for _ in range(options.repeats):
+        for packing in (False, True):
+            seconds[packing].append(round_of(packing))
+    real = sum(len(ids) for ids, _ in data) / len(batches)  # tokens per step
+    speed = {packing: real / statistics.median(times) for packing, times in seconds.items()}
+    padding = {
+        packing: 1 - real * len(batches) / sum(mb["input_ids"].numel() for step in steps for mb in step)
+        for packing, steps in layouts.items()
+    }
+    lengths = [len(ids) for ids, _ in data]
+    print(
+        "| device | dtype | model | batch (micro) | lengths: median, mean, max | padded tokens/s | packed tokens/s | "
+        "packed / padded | padding: padded, packed |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {options.device} | {options.dtype} | {options.model} | {options.batch_size} ({options.micro_batch_size}) | "
+        f"{np.median(lengths):.0f}, {np.mean(lengths):.0f}, {max(lengths)} | {speed[False]:.0f} | {speed[True]:.0f} | "
+        f"{speed[True] / speed[False]:.2f}x | {padding[False]:.0%}, {padding[True]:.0%} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""--packing: a micro-batch's sequences concatenated into rows, position ids restarting per sequence, computes
+exactly what the padded micro-batch computes (fp64): per-token log-probs, the loss, every parameter's gradient, and
+whole runs, for GPT-2 (learned positions), Llama (rotary, GQA) and GPT-NeoX (rotary, parallel residual)."""
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import parallel
+import sft
+from conftest import chat_tokenizer, save_tiny_model, tiny_config, write_jsonl
+
+FAMILIES = ["gpt2", "llama", "gpt-neox"]
+CONVERSATION = [
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+    {"role": "user", "content": "And Italy?"},
+    {"role": "assistant", "content": "Rome"},
+]
+
+
+def skewed_sequences(tokenizer) -> list:
+    """Sequences of 4 to 53 tokens: an empty completion (its EOS the one token learned), one-word ones, long ones, a
+    conversation rendered by the chat template, and one learned from its first token on (as a template rendering no
+    context before the first turn would give), whose first token no sequence before it in a row may predict."""
+    examples = [
+        ("the cat", "", None),
+        ("a", " dog", None),
+        ("my friend said hello to the world and then the cat sat on the mat in the park", " a summary", None),
+        ("post", " the dog ran to the park and my friend said hello world to the cat on the mat", None),
+        ("title", " hello", None),
+        ([], CONVERSATION, None),
+    ]
+    sequences = sft.tokenize_examples(tokenizer, examples, 64, "truncate")
+    return sequences + [(sequences[1][0], [1] * len(sequences[1][0]))]
+
+
+def tiny_model(family: str, tokenizer, attention: str = "sdpa"):
+    torch.manual_seed(0)
+    config = tiny_config(family, len(tokenizer), tokenizer.eos_token_id)
+    config._attn_implementation = attention
+    return AutoModelForCausalLM.from_config(config).double()
+
+
+def per_sequence_logprobs(model, micro_batch: dict) -> dict:
+    """{token ids of a sequence: the log-prob of each of its tokens after the first, given those before}; a
+    packed row is cut where its position ids restart (a padded row has none, and is cut at its padding)."""
+    logprobs = torch.log_softmax(sft.model_logits(model, micro_batch), -1)
+    found = {}
+    for row, ids in enumerate(micro_batch["input_ids"].tolist()):
+        if "position_ids" in micro_batch:
+            starts = [k for k, position in enumerate(micro_batch["position_ids"][row].tolist()) if position == 0]
+        else:
+            starts = [0, int(micro_batch["attention_mask"][row].sum())]
+        for start, end in zip(starts, starts[1:] + [len(ids)]):
+            if end - start > 1:
+                found[tuple(ids[start:end])] = logprobs[row, torch.arange(start, end - 1), ids[start + 1 : end]]
+    return found
+
+
+@pytest.mark.parametrize(
+    "family, attention", [(family, "sdpa") for family in FAMILIES] + [("gpt2", "eager")], ids=lambda x: x
+)
+def test_packed_equals_padded_logprobs_loss_and_gradients(family, attention):
+    tokenizer = chat_tokenizer("chatml")
+    sequences = skewed_sequences(tokenizer)
+    padded, packed = (sft.collate(sequences, tokenizer.pad_token_id, "cpu", packing) for packing in (False, True))
+    assert len(packed["input_ids"]) < len(sequences) and "attention_mask" not in packed  # rows hold several
+    model = tiny_model(family, tokenizer, attention)
+    # Per token: every position sees its own sequence's tokens and nothing else (in a padded row, the
+    # padding's log-probs are cut off: they are what a row ends with, not a sequence).
+    expected, actual = per_sequence_logprobs(model, padded), per_sequence_logprobs(model, packed)
+    for ids, _ in sequences:
+        assert torch.allclose(actual[tuple(ids)], expected[tuple(ids)], rtol=0, atol=1e-12), len(ids)
+    # The summed loss and its gradient: the same tokens learned, each predicted from its own sequence alone.
+    learned = [sum(mask[1:]) for _, mask in sequences]
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum()) == sum(learned)
+    losses, gradients = [], []
+    for micro_batch in (padded, packed):
+        model.zero_grad()
+        loss = sft.loss_sum_from_logits(sft.model_logits(model, micro_batch), micro_batch["labels"])
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append({name: parameter.grad.clone() for name, parameter in model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-12)
+    for name, gradient in gradients[0].items():
+        assert gradient.abs().max() > 0, name
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-13), name
+
+
+def test_rows_are_no_longer_than_the_longest_sequence_and_keep_every_token():
+    tokenizer = chat_tokenizer("chatml")
+    sequences = skewed_sequences(tokenizer)  # 4 to 53 tokens: 7 rows of 53 padded, 4 rows packed
+    padded, packed = (sft.collate(sequences, tokenizer.pad_token_id, "cpu", packing) for packing in (False, True))
+    assert packed["input_ids"].shape == (4, max(len(ids) for ids, _ in sequences)) == (4, padded["input_ids"].shape[1])
+    pieces = []
+    for ids, positions, labels in zip(*(packed[key].tolist() for key in ("input_ids", "position_ids", "labels"))):
+        starts = [k for k, position in enumerate(positions) if position == 0]
+        pieces += [ids[start:end] for start, end in zip(starts, starts[1:] + [len(ids)])]
+        # Each sequence's first token (and the padding) carries no label: nothing before it in a row predicts it.
+        assert all(labels[start] == -100 for start in starts)
+    pieces = [piece for piece in pieces if set(piece) != {tokenizer.pad_token_id}]  # the padding ending a row
+    assert sorted(pieces) == sorted(ids for ids, _ in sequences)
+
+
+def skewed_records(n: int, seed: int = 0) -> list:
+    """Prompt-completion records whose lengths in words are long-tailed: 1 + lognormal(1, 0.8) for prompts,
+    lognormal(1, 1) for completions (0 words: only the EOS is learned), each clipped at 25."""
+    rng = random.Random(seed)
+    words = "the cat sat on mat a dog ran to park my friend said hello world".split()
+
+    def text(mean: float, spread: float, least: int) -> str:
+        return "".join(" " + rng.choice(words) for _ in range(min(25, least + int(rng.lognormvariate(mean, spread)))))
+
+    return [{"prompt": text(1, 0.8, 1).strip(), "completion": text(1, 1, 0)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
+    """Whole fp64 runs on long-tailed lengths in micro-batches of 3: the same loss at every step, the same eval
+    loss and the same weights, up to summation order (SAME_MATH's argument in conftest)."""
+    model = save_tiny_model(tmp_path / "model", family)
+    losses = {}
+    accumulate = sft.accumulate_gradients
+
+    def recording(model, micro_batches, *rest):
+        loss = accumulate(model, micro_batches, *rest)
+        losses.setdefault(micro_batches[0].keys() >= {"position_ids"}, []).append(loss)
+        return loss
+
+    monkeypatch.setattr(sft, "accumulate_gradients", recording)
+    args = sft.Args(
+        task="jsonl",
+        data=write_jsonl(tmp_path / "data.jsonl", skewed_records(16)),
+        model=model,
+        dtype="fp64",
+        num_epochs=2,
+        batch_size=6,
+        micro_batch_size=3,
+        eval_fraction=0.25,
+        eval_every=2,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        max_new_tokens=2,
+        eval_generations=0,
+    )
+    for packing in (False, True):
+        sft.main(replace(args, packing=packing, output_dir=str(tmp_path / str(packing))))
+    assert len(losses[True]) == len(losses[False]) >= 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12)
+    metrics = [json.loads((tmp_path / str(packing) / "metrics.json").read_text()) for packing in (False, True)]
+    assert metrics[1]["eval/loss"] == pytest.approx(metrics[0]["eval/loss"], rel=1e-12)
+    first, second = (parallel.read_safetensors(str(tmp_path / str(packing)), "model") for packing in (False, True))
+    assert max((first[name] - second[name]).abs().max().item() for name in first) < 1e-9
+
+
+def test_packing_refuses_split_sequences():
+    for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
+        with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
+            sft.check_args(sft.Args(packing=True, **flags), world_size=2)
