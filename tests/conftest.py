@@ -180,14 +180,14 @@ def kill_when(job: Job, path, what: str = "the run"):
 
 
 def run_and_kill(script, flags, tmp_path, checkpoint):
-    """Run the script to the end and, at the same time (CI has two cores), run it again and SIGKILL it
-    as soon as checkpoints/<checkpoint> exists. Returns (uninterrupted run dir, killed run dir)."""
-    reference = Job(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    """Run the script to the end; run it again and SIGKILL it as soon as checkpoints/<checkpoint>
+    exists. One after the other: side by side, each with a thread per core, the resume tests of ppo
+    and sft took 90 s instead of 35 s on CI's two cores. Returns (uninterrupted run dir, killed run dir)."""
+    reference = run_script(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
     killed = tmp_path / "killed"
     kill_when(Job(script, *flags, "--output-dir", str(killed), cwd=tmp_path), killed / "checkpoints" / checkpoint)
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    reference = reference.wait()
-    assert reference.returncode == 0, reference.stderr[-2000:]
     return tmp_path / "reference", killed
 
 
@@ -453,9 +453,9 @@ def write_text_examples(path, n=48, seed=0):
 def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
     """kill_and_resume on nproc processes: an uninterrupted run; a second one whose processes are
     all SIGKILLed as soon as checkpoints/<checkpoint> exists (each rank's file included); its
-    resumption with the same flags. The first two run at the same time (their ranks wait on each
-    other's messages, which leaves the cores time to share). Returns (uninterrupted, resumed) run dirs."""
-    reference = Job(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
+    resumption with the same flags, one after the other. Returns (uninterrupted, resumed) run dirs."""
+    reference = run_ranks(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
     killed = tmp_path / "killed"
     kill_when(
         Job(script, *flags, "--output-dir", str(killed), nproc=nproc, cwd=tmp_path), killed / "checkpoints" / checkpoint
@@ -464,8 +464,6 @@ def torchrun_kill_and_resume(script, flags, tmp_path, checkpoint, nproc=2):
     assert sorted(p.name for p in (killed / "checkpoints" / checkpoint).glob("rank_*.pt")) == [
         f"rank_{r}.pt" for r in range(nproc)
     ]
-    reference = reference.wait()
-    assert reference.returncode == 0, reference.stderr[-3000:]
     resumed = run_ranks(script, *flags, "--resume", str(killed), nproc=nproc, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout

@@ -28,7 +28,6 @@ from conftest import (
     CHAT_TEMPLATES,
     END_OF_TURN,
     FIXTURES,
-    Job,
     chat_tokenizer,
     save_tiny_chat_model,
     write_jsonl,
@@ -965,12 +964,8 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     newest, older = "checkpoints/step_00000004", "checkpoints/step_00000002"
     damage(tmp_path / "truncate" / newest / "trainer_state.pt", "truncate")
     skipped = f"warning: checkpoint {tmp_path / 'truncate' / newest} is damaged (trainer_state.pt is not the file"
-    resumes = [  # both at the same time
-        (run_dir, update, Job("ppo.py", *flags, "--resume", str(run_dir), cwd=tmp_path))
-        for run_dir, update in ((killed, 4), (tmp_path / "truncate", 2))
-    ]
-    for run_dir, update, job in resumes:
-        resumed = job.wait()
+    for run_dir, update in ((killed, 4), (tmp_path / "truncate", 2)):
+        resumed = run_script("ppo.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert f"resuming {run_dir} from update {update}" in resumed.stdout
         assert (skipped in resumed.stdout) == (update == 2) and resumed.stdout.count("is damaged") == (update == 2)
@@ -1527,12 +1522,10 @@ def test_runs_with_an_environment_complete_under_one_process_and_two_ranks(tmp_p
     """A couple of updates with --env on a tiny chat model, one process and 2 ranks: the sampled episodes do not depend
     on the rank count, so the first update's score (the mean summed reward of its episodes) is the same."""
     extra = ["--advantage", advantage] + (["--samples-per-prompt", "2"] if advantage == "grpo" else [])
-    flags = env_flags(tmp_path, chat_policy, *extra)
-    jobs = [
-        Job("ppo.py", *flags, "--output-dir", str(tmp_path / name), nproc=n) for name, n in (("one", 1), ("two", 2))
-    ]
-    for run in [job.wait() for job in jobs]:  # the two ran at the same time
-        assert run.returncode == 0, run.stderr[-3000:]
+    one = run_script("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ranks("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
     first, second = last_update(tmp_path / "one"), last_update(tmp_path / "two")
     assert 0 < first["eval/turns_sampled"] <= 3 and first["eval/score_greedy"] == second["eval/score_greedy"]
     assert 0 < first["last_update"]["objective/score"] <= 6
