@@ -589,3 +589,17 @@ class TurnScript(torch.nn.Module):
         logits[:, 0, tokens[min(self.step, len(tokens) - 1)]] = 50.0
         self.step += 1
         return types.SimpleNamespace(logits=logits, cache=None)
+
+
+def check_calculator_env(script):
+    """The calculator --env of ppo.py and rft.py (each script has its own copy): every <calc> in a reply answered in
+    one tool message (an expression too big to compute is an error, not a hang), reward 1 for the right answer."""
+    env = script.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
+    assert [m["role"] for m in env.reset()] == ["system", "user"]
+    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
+        [{"role": "tool", "content": "391, error"}],
+        0.0,
+        False,
+    )
+    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
+    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)

@@ -23,6 +23,7 @@ import ppo
 import sft
 import rft
 from conftest import (
+    check_calculator_env,
     TurnScript,
     ENVIRONMENTS,
     CHAT_TEMPLATES,
@@ -1532,15 +1533,7 @@ def test_runs_with_an_environment_complete_under_one_process_and_two_ranks(tmp_p
 
 
 def test_the_calculator_environment(tmp_path):
-    env = ppo.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
-    assert [m["role"] for m in env.reset()] == ["system", "user"]
-    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
-        [{"role": "tool", "content": "391, error"}],
-        0.0,
-        False,
-    )
-    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
-    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)
+    check_calculator_env(ppo)
     policy = save_tiny_chat_model(tmp_path / "long", "chatml", n_positions=256)  # room for the system message
     args = quick_args(
         tmp_path, policy, task="arithmetic", env="calculator", train_problems=8, eval_prompts=2, max_new_tokens=24
