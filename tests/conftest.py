@@ -179,16 +179,19 @@ def kill_when(job: Job, path, what: str = "the run"):
     shutil.rmtree(job.folder, ignore_errors=True)
 
 
-def run_and_kill(script, flags, tmp_path, checkpoint):
-    """Run the script to the end; run it again and SIGKILL it as soon as checkpoints/<checkpoint>
-    exists. One after the other: side by side, each with a thread per core, the resume tests of ppo
-    and sft took 90 s instead of 35 s on CI's two cores. Returns (uninterrupted run dir, killed run dir)."""
-    reference = run_script(script, *flags, "--output-dir", str(tmp_path / "reference"), cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+def run_and_kill(script, flags, tmp_path, checkpoint, reference=None):
+    """Run the script to the end (unless `reference`, the run dir of a run with these flags that tests
+    share, is given); run it again and SIGKILL it as soon as checkpoints/<checkpoint> exists. One after
+    the other: side by side, each with a thread per core, the resume tests of ppo and sft took 90 s
+    instead of 35 s on CI's two cores. Returns (uninterrupted run dir, killed run dir)."""
+    if reference is None:
+        reference = tmp_path / "reference"
+        uninterrupted = run_script(script, *flags, "--output-dir", str(reference), cwd=tmp_path)
+        assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     killed = tmp_path / "killed"
     kill_when(Job(script, *flags, "--output-dir", str(killed), cwd=tmp_path), killed / "checkpoints" / checkpoint)
     assert not (killed / "config.json").exists(), "the run finished before the kill; the test proves nothing"
-    return tmp_path / "reference", killed
+    return reference, killed
 
 
 def kill_and_resume(script, flags, tmp_path, checkpoint):
@@ -397,6 +400,22 @@ def save_tiny_walk_model(path, seed=0):
 
     dropout = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     return save_tiny_model(path, "gpt2", sft.randomwalks_tokenizer(), seed, **dropout)
+
+
+@pytest.fixture(scope="session")
+def ppo_walk_run(tmp_path_factory):
+    """(flags, run dir) of a 6-update PPO run on a tiny randomwalks policy that checkpoints every 2 updates:
+    the uninterrupted run where test_ppo's killed run and test_checkpoints' stopped ones must end."""
+    import sft
+
+    folder = tmp_path_factory.mktemp("ppo-walk")
+    policy = save_tiny_model(folder / "policy", "gpt2", tokenizer=sft.randomwalks_tokenizer())
+    flags = ["--model", policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8"]
+    flags += ["--micro-batch-size", "4", "--save-every", "2", "--keep-checkpoints", "5", "--eval-every", "5"]
+    flags += ["--eval-samples-per-start", "1", "--samples-per-prompt", "2", "--scale-rewards", "--target-kl", "1"]
+    run = run_script("ppo.py", *flags, "--output-dir", str(folder / "reference"), cwd=folder)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return flags, folder / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -931,35 +931,14 @@ def test_layouts_that_are_refused(tmp_path, walk_policy, monkeypatch):
     expect_error(quick_args(tmp_path, walk_policy, pp=2, zero_stage=3), "does not compose")
 
 
-def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path, walk_policy):
+def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path, ppo_walk_run):
     """A run killed once its checkpoints of updates 2 and 4 (of 6) exist resumes from update 4 and
     ends bitwise where the uninterrupted run does. With a file of the newest checkpoint cut short,
     --resume names it, resumes from update 2 and still ends bitwise equal; a changed byte or a
-    deleted file is found the same way, and with no intact checkpoint left it stops with one line."""
-    flags = [
-        "--model",
-        walk_policy,
-        "--num-updates",
-        "6",
-        "--batch-size",
-        "16",
-        "--mini-batch-size",
-        "8",
-        "--micro-batch-size",
-        "4",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "5",
-        "--eval-samples-per-start",
-        "1",
-        "--samples-per-prompt",
-        "2",
-        "--scale-rewards",
-        "--target-kl",
-        "1",
-    ]
-    reference, killed = run_and_kill("ppo.py", flags, tmp_path, "step_00000004")
+    deleted file is found the same way, and with no intact checkpoint left it stops with one line.
+    The uninterrupted run is shared with test_checkpoints' stop tests."""
+    flags, reference = ppo_walk_run
+    reference, killed = run_and_kill("ppo.py", flags, tmp_path, "step_00000004", reference=reference)
     for how in ("truncate", "corrupt", "delete"):
         shutil.copytree(killed, tmp_path / how)
     newest, older = "checkpoints/step_00000004", "checkpoints/step_00000002"
