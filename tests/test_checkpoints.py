@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
-import sft
 from conftest import ROOT, Job, assert_same_weights, save_tiny_model, save_tiny_walk_model
 
 
@@ -51,13 +50,13 @@ def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_pat
         assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=signal.SIGTERM):
-    """The uninterrupted run; a second one sent `how` as soon as its first checkpoint exists, which must
-    checkpoint after the step it is in, say how to resume and exit 0; its resumption. With nproc > 1 the
-    signalled run is the real torchrun's, and the whole process group gets the signal as a scheduler sends
-    it; the other two are run_ranks' (torchrun's environment, forked with torch imported), since there
-    the launcher is no part of what is checked. The uninterrupted run runs beside the signalled one (CI
-    has two cores). Returns (uninterrupted, resumed) run dirs."""
+def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=signal.SIGTERM, reference=None):
+    """The uninterrupted run (or `reference`, its run dir, when a test shares one); a second one sent `how`
+    as soon as its first checkpoint exists, which must checkpoint after the step it is in, say how to resume
+    and exit 0; its resumption. With nproc > 1 the signalled run is the real torchrun's, and the whole
+    process group gets the signal as a scheduler sends it; the other two are run_ranks' (torchrun's
+    environment, forked with torch imported), since there the launcher is no part of what is checked.
+    Returns (uninterrupted, resumed) run dirs."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
     def run(*extra, background=False):
@@ -71,7 +70,10 @@ def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=sign
             start_new_session=True,
         )  # fmt: skip
 
-    reference = Job(script, *flags, "--output-dir", str(tmp_path / "reference"), nproc=nproc, cwd=tmp_path)
+    if reference is None:
+        reference = tmp_path / "reference"
+        uninterrupted = run("--output-dir", str(reference))
+        assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     stopped = tmp_path / "stopped"
     job = run("--output-dir", str(stopped), background=True)
     deadline = time.time() + 600
@@ -90,12 +92,10 @@ def stop_and_resume(script, flags, tmp_path, first_checkpoint, nproc=1, how=sign
     assert f"stopped by {how.name}" in result.stdout and f"continue with --resume {stopped}" in result.stdout
     assert not (stopped / "config.json").exists(), "the run finished before the signal; the test proves nothing"
     assert len(os.listdir(stopped / "checkpoints")) >= 2  # the stop wrote one of its own
-    reference = reference.wait()
-    assert reference.returncode == 0, reference.stderr[-3000:]
     resumed = run("--resume", str(stopped))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
-    return tmp_path / "reference", stopped
+    return reference, stopped
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +113,10 @@ def test_sft_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how):
-    policy = save_tiny_model(tmp_path / "policy", "gpt2", tokenizer=sft.randomwalks_tokenizer())
-    flags = ["--model", policy, "--num-updates", "6", "--batch-size", "16", "--mini-batch-size", "8"]
-    flags += ["--micro-batch-size", "4", "--save-every", "2", "--keep-checkpoints", "5", "--eval-every", "100"]
-    flags += ["--eval-samples-per-start", "1", "--samples-per-prompt", "2", "--advantage", "gae"]
-    reference, resumed = stop_and_resume("ppo.py", flags, tmp_path, "step_00000002", how=how)
+def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how, ppo_walk_run):
+    """The uninterrupted run is conftest's, shared by both signals and test_ppo's kill-and-resume test."""
+    flags, reference = ppo_walk_run
+    reference, resumed = stop_and_resume("ppo.py", flags, tmp_path, "step_00000002", how=how, reference=reference)
     assert_same_weights(reference, resumed)
     assert all(
         torch.equal(v, torch.load(resumed / "value_head.pt")["value_head"][k])

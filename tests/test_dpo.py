@@ -17,7 +17,6 @@ import parallel
 import sft
 from conftest import (
     SAME_MATH,
-    Job,
     assert_same_weights,
     gamma,
     max_weight_difference,
@@ -166,12 +165,8 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy):
     torch.save(state, older / "trainer_state.pt")
     (older / parallel.MANIFEST).unlink()
     parallel.write_manifest(str(older))
-    refused = {  # both at the same time
-        resume: Job("dpo.py", *flags, *extra, "--resume", str(resume), cwd=tmp_path)
-        for resume, extra in ((older, []), (killed, ["--seed", "2"]))
-    }
-    for resume, job in refused.items():
-        run = job.wait()
+    for resume, extra in ((older, []), (killed, ["--seed", "2"])):
+        run = run_script("dpo.py", *flags, *extra, "--resume", str(resume), cwd=tmp_path)
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]  # after transformers' bars
         assert run.returncode == 1 and "Traceback" not in run.stderr and len(errors) == 1, run.stderr[-2000:]
         assert errors[0].startswith("error: --resume: the checkpoint holds no reference log-probabilities")
@@ -188,15 +183,11 @@ def test_data_parallel_zero3_and_context_parallel_match_one_process(tmp_path, wa
     script), and the sequences split over 2 context-parallel ranks: the eval metrics and weights of
     one process, in fp64 (up to summation order: see SAME_MATH in conftest)."""
     flags = ["--model", walk_policy, *FLAGS, "--dtype", "fp64"]
-    single = Job("dpo.py", *flags, "--output-dir", str(tmp_path / "one"))  # runs beside the first layout's ranks
-    layouts = [("zero0", []), ("zero3", ["--zero-stage", "3"]), ("cp2", ["--cp", "2"])]
-    runs = {
-        name: run_ranks("dpo.py", *flags, *layout, "--output-dir", str(tmp_path / name)) for name, layout in layouts
-    }
-    single = single.wait()
+    single = run_script("dpo.py", *flags, "--output-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-3000:]
     expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    for name, run in runs.items():
+    for name, layout in [("zero0", []), ("zero3", ["--zero-stage", "3"]), ("cp2", ["--cp", "2"])]:
+        run = run_ranks("dpo.py", *flags, *layout, "--output-dir", str(tmp_path / name))
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("saved ") == 1, "only rank 0 reports"
         actual = json.loads((tmp_path / name / "metrics.json").read_text())

@@ -23,12 +23,12 @@ import ppo
 import sft
 import rft
 from conftest import (
+    check_calculator_env,
     TurnScript,
     ENVIRONMENTS,
     CHAT_TEMPLATES,
     END_OF_TURN,
     FIXTURES,
-    Job,
     chat_tokenizer,
     save_tiny_chat_model,
     write_jsonl,
@@ -931,46 +931,21 @@ def test_layouts_that_are_refused(tmp_path, walk_policy, monkeypatch):
     expect_error(quick_args(tmp_path, walk_policy, pp=2, zero_stage=3), "does not compose")
 
 
-def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path, walk_policy):
+def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkpoint(tmp_path, ppo_walk_run):
     """A run killed once its checkpoints of updates 2 and 4 (of 6) exist resumes from update 4 and
     ends bitwise where the uninterrupted run does. With a file of the newest checkpoint cut short,
     --resume names it, resumes from update 2 and still ends bitwise equal; a changed byte or a
-    deleted file is found the same way, and with no intact checkpoint left it stops with one line."""
-    flags = [
-        "--model",
-        walk_policy,
-        "--num-updates",
-        "6",
-        "--batch-size",
-        "16",
-        "--mini-batch-size",
-        "8",
-        "--micro-batch-size",
-        "4",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "5",
-        "--eval-samples-per-start",
-        "1",
-        "--samples-per-prompt",
-        "2",
-        "--scale-rewards",
-        "--target-kl",
-        "1",
-    ]
-    reference, killed = run_and_kill("ppo.py", flags, tmp_path, "step_00000004")
+    deleted file is found the same way, and with no intact checkpoint left it stops with one line.
+    The uninterrupted run is shared with test_checkpoints' stop tests."""
+    flags, reference = ppo_walk_run
+    reference, killed = run_and_kill("ppo.py", flags, tmp_path, "step_00000004", reference=reference)
     for how in ("truncate", "corrupt", "delete"):
         shutil.copytree(killed, tmp_path / how)
     newest, older = "checkpoints/step_00000004", "checkpoints/step_00000002"
     damage(tmp_path / "truncate" / newest / "trainer_state.pt", "truncate")
     skipped = f"warning: checkpoint {tmp_path / 'truncate' / newest} is damaged (trainer_state.pt is not the file"
-    resumes = [  # both at the same time
-        (run_dir, update, Job("ppo.py", *flags, "--resume", str(run_dir), cwd=tmp_path))
-        for run_dir, update in ((killed, 4), (tmp_path / "truncate", 2))
-    ]
-    for run_dir, update, job in resumes:
-        resumed = job.wait()
+    for run_dir, update in ((killed, 4), (tmp_path / "truncate", 2)):
+        resumed = run_script("ppo.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert f"resuming {run_dir} from step {update}" in resumed.stdout
         assert (skipped in resumed.stdout) == (update == 2) and resumed.stdout.count("is damaged") == (update == 2)
@@ -1533,27 +1508,17 @@ def test_runs_with_an_environment_complete_under_one_process_and_two_ranks(tmp_p
     """A couple of updates with --env on a tiny chat model, one process and 2 ranks: the sampled episodes do not depend
     on the rank count, so the first update's score (the mean summed reward of its episodes) is the same."""
     extra = ["--advantage", advantage] + (["--samples-per-prompt", "2"] if advantage == "grpo" else [])
-    flags = env_flags(tmp_path, chat_policy, *extra)
-    jobs = [
-        Job("ppo.py", *flags, "--output-dir", str(tmp_path / name), nproc=n) for name, n in (("one", 1), ("two", 2))
-    ]
-    for run in [job.wait() for job in jobs]:  # the two ran at the same time
-        assert run.returncode == 0, run.stderr[-3000:]
+    one = run_script("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_ranks("ppo.py", *env_flags(tmp_path, chat_policy, *extra), "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
     first, second = last_update(tmp_path / "one"), last_update(tmp_path / "two")
     assert 0 < first["eval/turns_sampled"] <= 3 and first["eval/score_greedy"] == second["eval/score_greedy"]
     assert 0 < first["last_update"]["objective/score"] <= 6
 
 
 def test_the_calculator_environment(tmp_path):
-    env = ppo.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
-    assert [m["role"] for m in env.reset()] == ["system", "user"]
-    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
-        [{"role": "tool", "content": "391, error"}],
-        0.0,
-        False,
-    )
-    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
-    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)
+    check_calculator_env(ppo)
     policy = save_tiny_chat_model(tmp_path / "long", "chatml", n_positions=256)  # room for the system message
     args = quick_args(
         tmp_path, policy, task="arithmetic", env="calculator", train_problems=8, eval_prompts=2, max_new_tokens=24

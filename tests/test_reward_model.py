@@ -26,7 +26,6 @@ from conftest import (
     read_metrics,
     FIXTURES,
     SAME_MATH,
-    Job,
     assert_same_weights,
     damage,
     max_weight_difference,
@@ -744,19 +743,15 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_from_a_damaged_checkp
     for copy in copies.values():
         shutil.copytree(killed, copy)
 
-    damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
-    # The two resumes run at the same time.
-    intact, corrupt = (
-        Job("reward_model.py", *flags, "--resume", str(d), cwd=tmp_path) for d in (killed, copies["corrupt"])
-    )
-    resumed = intact.wait()
+    resumed = run_script("reward_model.py", *flags, "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (
         f"resuming {killed} from step {int(newest.name[5:])}" in resumed.stdout and "is damaged" not in resumed.stdout
     )
     assert_same_weights(reference, killed)
 
-    resumed = corrupt.wait()
+    damage(copies["corrupt"] / "checkpoints" / newest.name / "rank_0.pt", "corrupt")
+    resumed = run_script("reward_model.py", *flags, "--resume", str(copies["corrupt"]), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     damaged = copies["corrupt"] / "checkpoints" / newest.name
     assert f"warning: checkpoint {damaged} is damaged (rank_0.pt is not the file that was saved" in resumed.stdout

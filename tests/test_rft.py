@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import rft
 import sft  # the randomwalks tokenizer: rft.py reads its tokenizer from --model
 from conftest import (
+    check_calculator_env,
     TurnScript,
     ENVIRONMENTS,
     CHAT_TEMPLATES,
@@ -611,15 +612,7 @@ def test_runs_with_an_environment_match_under_one_process_and_two_ranks(tmp_path
 
 
 def test_the_calculator_environment_with_the_arithmetic_task(tmp_path):
-    env = rft.CalculatorEnv({"prompt": [{"role": "user", "content": "What is 17 * 23?"}], "answer": 391})
-    assert [m["role"] for m in env.reset()] == ["system", "user"]
-    assert env.step({"role": "assistant", "content": "<calc>17*23</calc> and <calc>2**99**99</calc>"}) == (
-        [{"role": "tool", "content": "391, error"}],
-        0.0,
-        False,
-    )
-    assert env.step({"role": "assistant", "content": "391"}) == ([], 1.0, True)
-    assert env.step({"role": "assistant", "content": "390"})[1:] == (0.0, True)
+    check_calculator_env(rft)
     args = rft.Args(
         model=save_tiny_chat_model(tmp_path / "long", "chatml", n_positions=256),  # room for the system message
         task="arithmetic",

@@ -21,7 +21,6 @@ from conftest import (
     END_OF_TURN,
     FIXTURES,
     ROOT,
-    Job,
     SAME_MATH,
     assert_same_weights,
     damage,
@@ -461,8 +460,7 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
     reference, killed = run_and_kill("sft.py", flags, tmp_path, "step_00000010")
     # Two resumes run to the end (intact, and one damaged file); the other damages are checked where
     # the resume picks its checkpoint (sft.py calls parallel.find_checkpoint), since from there the
-    # run is the same resume from step 5. The two resumes run at the same time.
-    resumes = {}
+    # run is the same resume from step 5.
     for how, victim in (
         ("intact", None),
         ("corrupt", "rank_0.pt"),
@@ -478,9 +476,7 @@ def test_resume_after_kill_is_bitwise_exact_and_falls_back_past_a_damaged_checkp
             assert parallel.find_checkpoint(str(run_dir)) == str(run_dir / "checkpoints" / "step_00000005")
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in capsys.readouterr().out
             continue
-        resumes[how] = victim, run_dir, newest, Job("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
-    for how, (victim, run_dir, newest, job) in resumes.items():
-        resumed = job.wait()
+        resumed = run_script("sft.py", *flags, "--resume", str(run_dir), cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         if victim:
             assert f"warning: checkpoint {newest} is damaged ({victim} is " in resumed.stdout
