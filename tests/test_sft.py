@@ -750,19 +750,17 @@ def test_a_checkpoint_resumes_on_another_layout(tmp_path, text_run_inputs, zero_
     flags = DATA_PARALLEL_FLAGS + text_run_inputs
     reference, run = zero_stage_runs[2]
     assert run.returncode == 0, run.stderr[-3000:]
-    jobs = {}
-    for name, layout, nproc in (("zero3", ["--zero-stage", "3"], 4), ("one", [], 1), ("tp2", ["--tp", "2"], 2)):
-        shutil.copytree(reference / "checkpoints", tmp_path / name / "checkpoints")
-        resume = ["--resume", str(tmp_path / name / "checkpoints" / "step_00000004")]
-        jobs[name] = Job("sft.py", *flags, *layout, *resume, nproc=nproc, cwd=tmp_path)
     refused = run_script("sft.py", *flags, "--batch-size", "4", "--resume", str(reference), cwd=tmp_path)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
         f"error: {reference / 'checkpoints' / 'step_00000004'} was written with --batch-size 8, which a resumed run "
         "cannot change; resume it with the same"
     )
-    for name, job in jobs.items():
-        resumed = job.wait()
+    # One after another: side by side, on two cores, the seven processes take longer than in turn.
+    for name, layout, nproc in (("zero3", ["--zero-stage", "3"], 4), ("one", [], 1), ("tp2", ["--tp", "2"], 2)):
+        shutil.copytree(reference / "checkpoints", tmp_path / name / "checkpoints")
+        resume = ["--resume", str(tmp_path / name / "checkpoints" / "step_00000004")]
+        resumed = run_ranks("sft.py", *flags, *layout, *resume, nproc=nproc, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "with --zero-stage 2 --tp 1 --pp 1 --cp 1: its optimizer state is resharded" in resumed.stdout
         assert max_weight_difference(reference, tmp_path / name) < SAME_MATH, name
