@@ -2076,7 +2076,7 @@ def save_training_state(
         "wandb_id": wandb_run.id if wandb_run else None,
     }
     name, keep, trained = f"step_{update:08d}", args.keep_checkpoints, (optimizer, models.wrapper, saved)
-    config = () if args.lora_rank else (models.policy,)  # a whole plain policy: parallel.export takes it
+    config = (reward.tokenizer,) if args.lora_rank else (models.policy, reward.tokenizer)  # parallel.export takes it
     parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, files, config, trained)
 
 

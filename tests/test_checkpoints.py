@@ -122,6 +122,13 @@ def test_ppo_stops_on_signal_and_resumes_bitwise(tmp_path, how, ppo_walk_run):
         torch.equal(v, torch.load(resumed / "value_head.pt")["value_head"][k])
         for k, v in torch.load(reference / "value_head.pt")["value_head"].items()
     )
+    # What a preempted run leaves is a model to use: its newest checkpoint exports with the tokenizer.
+    parallel.export(str(resumed), str(tmp_path / "exported"))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "exported").get_vocab()
+        == AutoTokenizer.from_pretrained(flags[flags.index("--model") + 1]).get_vocab()
+    )
 
 
 def test_sft_under_torchrun_stops_on_sigterm_and_resumes_bitwise(tmp_path, walk_model):
