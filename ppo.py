@@ -2087,7 +2087,7 @@ def load_training_state(args: Args, grid) -> tuple:
         return None, None
     checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main)
     state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
+    rank_state.update({name: dict(parallel.stored_tensors(checkpoint, name)) for name in ("policy", "value")})
     return checkpoint, (state, rank_state)
 
 
