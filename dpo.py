@@ -1215,7 +1215,8 @@ def load_policy(args: Args, checkpoint: Optional[str], device):
     if args.lora_rank:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
         if checkpoint:
-            missing, unexpected = model.load_state_dict(parallel.read_safetensors(checkpoint, ADAPTERS), strict=False)
+            adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
+            missing, unexpected = model.load_state_dict(adapters, strict=False)
             assert not unexpected, unexpected
     return model, tokenizer
 

@@ -1072,11 +1072,11 @@ def load_trained(path: str, device="cpu", dtype=torch.float32):
     """(LM, tokenizer, heads) of a finished run directory or a checkpoint, ready for `generate`, in
     `dtype` (a run's fp64 checkpoint resumes in fp64)."""
     lm, tokenizer = load_model(path, device, dtype)
-    state = parallel.read_safetensors(path, HEADS, device)
+    state = dict(parallel.stored_tensors(path, HEADS, device))
     heads = new_heads(lm, two_qs="q_heads.1.0.weight" in state).to(device)
     heads.load_state_dict(state)
     if os.path.exists(os.path.join(path, ADAPTERS_FILE)):  # a LoRA run's checkpoint: adapters back on their layers
-        adapters = parallel.read_safetensors(path, ADAPTERS, device)
+        adapters = dict(parallel.stored_tensors(path, ADAPTERS, device))
         run_args = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)["args"]
         add_lora(lm, run_args["lora_rank"], run_args["lora_alpha"], run_args["lora_target_modules"])  # as the run did
         missing, unexpected = lm.load_state_dict(adapters, strict=False)

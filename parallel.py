@@ -2312,11 +2312,6 @@ def stored_tensors(folder: str, prefix: str, device="cpu"):
                 yield key, file.get_tensor(key)
 
 
-def read_safetensors(folder: str, prefix: str, device="cpu") -> dict:
-    """What write_safetensors wrote, whole, in one dict."""
-    return dict(stored_tensors(folder, prefix, device))
-
-
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state of a parameter, besides its step count
 
 

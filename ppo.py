@@ -1038,15 +1038,6 @@ def copy_model(model, memo: Optional[dict] = None):
     return copy.deepcopy(model, memo)
 
 
-def reference_copy(policy, bf16_matmul_weights: bool):
-    """A frozen full copy of the policy: the reference. With bf16_matmul_weights (--dtype bf16)
-    the weights that only enter matmuls are stored in bf16 (parallel.cast_matmul_weights): half
-    their memory, and at the first rollout the reference computes bitwise what the policy does
-    under autocast, so the KL is exactly 0 (a copy cast whole to bf16 would not be)."""
-    reference = copy_model(policy).requires_grad_(False).eval()
-    return parallel.cast_matmul_weights(reference, torch.bfloat16) if bf16_matmul_weights else reference
-
-
 def hydra_owned(reference, policy) -> torch.nn.Module:
     """The modules of a Hydra reference that hold its own copied parameters (top blocks, final norm,
     untied head), in one container: what ZeRO-3 shards for the reference. The shared trunk is the
@@ -1525,11 +1516,10 @@ class Reward:
         default_penalty = 0.0 if args.task in ("randomwalks", "sentiment", "arithmetic") else 1.0
         self.missing_eos_penalty = args.missing_eos_penalty if args.missing_eos_penalty is not None else default_penalty
         # The reward model's normalisation, or under first-batch none until the first batch is measured.
-        self.norm = {"shift": 0.0, "scale": 1.0}
+        shift, scale = self.model[2:] if self.model is not None else (0.0, 1.0)
         if args.reward_normalization == "first-batch":
-            self.norm = {"shift": None, "scale": None}
-        elif self.model is not None:
-            self.norm = {"shift": self.model[2], "scale": self.model[3]}
+            shift = scale = None
+        self.norm = {"shift": shift, "scale": scale}
 
     def raw(self, records: list, texts: list, sequences: list) -> torch.Tensor:
         """Scores of one generation chunk (so a --reward-fn sees one chunk's responses at a time): `records` the
@@ -1655,7 +1645,12 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     elif args.num_layers_unfrozen > 0:
         reference = make_hydra(policy, args.num_layers_unfrozen)
     else:
-        reference = reference_copy(policy, bf16_matmul_weights=args.dtype == "bf16")
+        # A frozen full copy. Under --dtype bf16 the weights that only enter matmuls are stored in bf16: half their
+        # memory, and at the first rollout the reference computes bitwise what the policy does under autocast, so
+        # the KL is exactly 0 (a copy cast whole to bf16 would not be).
+        reference = copy_model(policy).requires_grad_(False).eval()
+        if args.dtype == "bf16":
+            reference = parallel.cast_matmul_weights(reference, torch.bfloat16)
     value_head = critic = None
     if args.advantage == "gae" and args.value_model:
         critic = Critic(args.value_model, dtype).to(device)
@@ -1671,7 +1666,7 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     if critic is not None:  # whole on every rank (not tensor-parallel): its heads split over the cp ranks alone
         critic.trunk = parallel.context_parallel(critic.trunk, grid.cp_group)
     value_modules = {name: m for name, m in (("value_head", value_head), ("critic", critic)) if m is not None}
-    if states is not None:  # the models' dense states of a checkpoint (see load_training_state), in any layout
+    if states is not None:  # the models' dense states of a checkpoint (see main), in any layout
         # A tied head is saved once, as its embedding (see parallel.dense_tensors).
         missing = parallel.load_dense(policy, states[1]["policy"])
         assert all(k.endswith("lm_head.weight") for k in missing), missing
@@ -2050,90 +2045,6 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
     return metrics
 
 
-def save_training_state(
-    run_dir: str,
-    update: int,
-    models: Models,
-    optimizer,
-    kl_controller,
-    score_moments,
-    reward: Reward,
-    args: Args,
-    run_name: str,
-    wandb_run,
-):
-    """A checkpoint holding everything an exact resume needs (see parallel.save_checkpoint): the
-    models streamed to rank 0, which writes them whole (policy.safetensors, value.safetensors)."""
-    saved = models.saved
-    files = {name: parallel.dense_tensors(m, models.wrapper, models.grid) for name, m in saved.items()}
-    shared_state = {
-        "update": update,
-        "kl_coef": kl_controller.value,
-        "score_moments": dict(score_moments.__dict__),
-        "reward_norm": dict(reward.norm),
-        "args": asdict(args),
-        "run_name": run_name,
-        "wandb_id": wandb_run.id if wandb_run else None,
-    }
-    name, keep, trained = f"step_{update:08d}", args.keep_checkpoints, (optimizer, models.wrapper, saved)
-    config = (reward.tokenizer,) if args.lora_rank else (models.policy, reward.tokenizer)  # parallel.export takes it
-    parallel.save_checkpoint(run_dir, name, models.grid, keep, shared_state, files, config, trained)
-
-
-def load_training_state(args: Args, grid) -> tuple:
-    """(checkpoint folder, (shared state, this rank's state with the models' dense states)) of
-    --resume, or (None, None); a checkpoint of another global batch is refused with one line."""
-    if not args.resume:
-        return None, None
-    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main)
-    state, rank_state = parallel.load_checkpoint(checkpoint, grid, asdict(args))
-    rank_state.update({name: parallel.read_safetensors(checkpoint, name) for name in ("policy", "value")})
-    return checkpoint, (state, rank_state)
-
-
-def print_sizes(args: Args, ranks: int, generation_chunk: int, local_mini_batch_size: int):
-    print(
-        f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
-        f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
-        f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
-    )
-    chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
-    if chunks_per_batch % ranks:
-        print(
-            f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do not "
-            f"spread evenly over {ranks} ranks, "
-            f"so some ranks idle while others generate; a --generation-batch-size that divides "
-            f"{args.batch_size // ranks} avoids it"
-        )
-
-
-def minibatch_loss(tally: dict, grid) -> float:
-    """The minibatch's loss summed over the ranks (a pipeline's last stage has it), and the tally reset."""
-    loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group).item()
-    tally["loss"].zero_()
-    return loss
-
-
-def samples_table(wandb_run, columns: list, rows: list) -> dict:
-    """{"samples": a wandb table of the evaluation's samples} when logging to wandb, else {}."""
-    if not wandb_run:
-        return {}
-    import wandb
-
-    return {"samples": wandb.Table(columns=columns, data=rows)}
-
-
-def stop_unless_finite(loss: float, grad_norm, where: str):
-    """A loss or gradient norm that is not finite (every rank sees the same sums) ends the run
-    before the step that would wreck the policy."""
-    if math.isfinite(loss) and torch.isfinite(grad_norm):
-        return
-    fail(
-        f"the loss is {loss} and the gradient norm {float(grad_norm)} at {where}, so the step would wreck the policy; "
-        "lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)"
-    )
-
-
 def update_metrics(batch: dict, score_mean: float, kl: float, has_eos, gap: float) -> dict:
     """What an update logs beside the loss statistics: the objective and, with a critic, how much of
     the returns' variance the old values explain."""
@@ -2213,8 +2124,23 @@ def main(args: Args):
     # the forward runs in bf16 and its outputs are upcast to this.
     dtype = torch.float64 if args.dtype == "fp64" else torch.float32
     if grid.is_main:
-        print_sizes(args, ranks, generation_chunk, local_mini_batch_size)
-    checkpoint, states = load_training_state(args, grid)
+        print(
+            f"batch {args.batch_size} = {args.batch_size // args.mini_batch_size} minibatch(es) of "
+            f"{args.mini_batch_size}; minibatch {args.mini_batch_size} = {ranks} data-parallel rank(s) x "
+            f"{local_mini_batch_size // args.micro_batch_size} micro-batch(es) of {args.micro_batch_size}"
+        )
+        chunks_per_batch = math.ceil(args.batch_size / generation_chunk)
+        if chunks_per_batch % ranks:
+            print(
+                f"note: the {chunks_per_batch} generation chunk(s) of --generation-batch-size {generation_chunk} do "
+                f"not spread evenly over {ranks} ranks, so some ranks idle while others generate; a "
+                f"--generation-batch-size that divides {args.batch_size // ranks} avoids it"
+            )
+    # --resume: the checkpoint's states, with the models' dense states (loaded once the models are built).
+    checkpoint = parallel.find_checkpoint(args.resume, verbose=grid.is_main) if args.resume else None
+    states = parallel.load_checkpoint(checkpoint, grid, asdict(args)) if checkpoint else None
+    if states:
+        states[1].update({name: dict(parallel.stored_tensors(checkpoint, name)) for name in ("policy", "value")})
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -2234,9 +2160,8 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     # The run directory; a resumed run continues in its checkpoint's directory with every state restored.
-    state, run_name, run_dir = parallel.open_run(
-        checkpoint, args, grid, (optimizer, models.wrapper, models.saved), None, states
-    )
+    trained = (optimizer, models.wrapper, models.saved)  # what the optimizer steps, as checkpoints save it
+    state, run_name, run_dir = parallel.open_run(checkpoint, args, grid, trained, None, states)
     update, wandb_id = (state["update"], state["wandb_id"]) if state else (0, None)
     if state:
         kl_controller.value = state["kl_coef"]
@@ -2361,10 +2286,17 @@ def main(args: Args):
                 )
                 micro_batches = micro_batches_of(micro_batch_rows(minibatch), input_ids, attention_mask)
                 parallel.forward_backward(models.wrapper, micro_batches, loss_fn, models.trunk(models.policy), autocast)
-                loss = minibatch_loss(tally, grid)
+                # The minibatch's loss summed over the ranks (a pipeline's last stage has it), and the tally reset.
+                loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group)
+                loss = loss.item()
+                tally["loss"].zero_()
                 grad_norm = models.wrapper.clip_grad_norm_(args.max_grad_norm)
                 where = f"update {update + 1} (PPO epoch {epoch + 1}, minibatch {start // args.mini_batch_size + 1})"
-                stop_unless_finite(loss, grad_norm, where)
+                if not math.isfinite(loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums
+                    fail(
+                        f"the loss is {loss} and the gradient norm {float(grad_norm)} at {where}, so the step would "
+                        "wreck the policy; lower --learning-rate, or bound the reward (--reward-clip, --scale-rewards)"
+                    )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         kl_controller.update(sequence_kl, args.batch_size)
@@ -2381,16 +2313,31 @@ def main(args: Args):
         progress.set_postfix(score=f"{raw_mean:.3f}", kl=f"{sequence_kl:.3f}")
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, eval_rows = evaluate(models, reward, eval_prompts, tokenizer, args, update, autocast, dtype)
-            metrics.update(eval_metrics, **samples_table(wandb_run, ["update", "prompt", "response"], eval_rows))
+            metrics.update(eval_metrics)
             if grid.is_main:
                 progress.write(f"update {update}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in eval_metrics.items()))
+            if wandb_run:  # the evaluation's samples
+                import wandb
+
+                metrics["samples"] = wandb.Table(columns=["update", "prompt", "response"], data=eval_rows)
         if wandb_run:
             wandb_run.log(metrics, step=update)
         stop = update < args.num_updates and parallel.stop_requested(grid)  # SIGTERM: checkpoint and exit 0
         if stop or args.save_every and update % args.save_every == 0 and update < args.num_updates:
-            save_training_state(
-                run_dir, update, models, optimizer, kl_controller, score_moments, reward, args, run_name, wandb_run
-            )
+            # Everything an exact resume needs: the models streamed to rank 0, which writes them whole.
+            shared = {
+                "update": update,
+                "kl_coef": kl_controller.value,
+                "score_moments": dict(score_moments.__dict__),
+                "reward_norm": dict(reward.norm),
+                "args": asdict(args),
+                "run_name": run_name,
+                "wandb_id": wandb_run.id if wandb_run else None,
+            }
+            files = {name: parallel.dense_tensors(m, models.wrapper, grid) for name, m in trained[2].items()}
+            config = (tokenizer,) if args.lora_rank else (models.policy, tokenizer)  # parallel.export takes them
+            name, keep = f"step_{update:08d}", args.keep_checkpoints
+            parallel.save_checkpoint(run_dir, name, grid, keep, shared, files, config, trained)
         if stop:
             return parallel.report_stop(run_dir, grid, f"update {update}")
     progress.close()

@@ -544,7 +544,7 @@ def max_weight_difference(first, second, name="model.safetensors"):
     import parallel
 
     prefix = name.removesuffix(".safetensors")
-    a, b = parallel.read_safetensors(str(first), prefix), parallel.read_safetensors(str(second), prefix)
+    a, b = (dict(parallel.stored_tensors(str(path), prefix)) for path in (first, second))
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 

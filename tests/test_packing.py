@@ -154,7 +154,7 @@ def test_sft_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
     assert losses[True] == pytest.approx(losses[False], rel=1e-12)
     metrics = [json.loads((tmp_path / str(packing) / "metrics.json").read_text()) for packing in (False, True)]
     assert metrics[1]["eval/loss"] == pytest.approx(metrics[0]["eval/loss"], rel=1e-12)
-    first, second = (parallel.read_safetensors(str(tmp_path / str(packing)), "model") for packing in (False, True))
+    first, second = (dict(parallel.stored_tensors(str(tmp_path / str(packing)), "model")) for packing in (False, True))
     assert max((first[name] - second[name]).abs().max().item() for name in first) < 1e-9
 
 
