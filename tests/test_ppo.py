@@ -1205,6 +1205,8 @@ def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text
         "policy.safetensors",
         "rank_0.pt",
         "rank_1.pt",
+        "tokenizer.json",
+        "tokenizer_config.json",
         "trainer_state.pt",
         "value.safetensors",
     ]
