@@ -2084,15 +2084,19 @@ def pipeline_gathered_model(
 #   - rank_R.pt, written by every rank R: its RNG states (which only the same layout reads back);
 #   - trainer_state.pt, written by rank 0: the shared state (step, scheduler, flags, world size...);
 #   - <prefix>.safetensors (or <prefix>-0000i-of-0000N.safetensors and an index, as transformers
-#     shards them), written by rank 0 from a stream that every rank feeds: each tensor is gathered
-#     alone (a ZeRO-3 unit at a time, a tensor-parallel matrix at a time, a pipeline stage's
-#     tensors sent one by one to rank 0), copied to rank 0's CPU and the shard written once full,
-#     so no rank ever holds more than its shards plus one block and one file's worth on rank 0's
-#     CPU. With prefix "model" and the model's config beside it, the checkpoint is a Hugging Face
-#     model directory that from_pretrained loads. optimizer.safetensors streams AdamW's moments so,
-#     keyed by the weights' names, which any layout reshards on --resume (see load_optimizer);
-#   - manifest.json, written last by rank 0: every file's size and SHA-256, so --resume can tell an
-#     intact checkpoint from one damaged since and fall back to the newest intact one.
+#     shards them), from a stream that every rank feeds and sees: each tensor is gathered alone (a
+#     ZeRO-3 unit at a time, a tensor-parallel matrix at a time, a pipeline stage's tensors sent one
+#     by one over its group); the files are dealt round robin, file i written by rank i % world
+#     size, which copies its file's tensors to its CPU, so writing is spread over the ranks and no
+#     rank ever holds more than its shards plus one block and one file's worth of CPU memory. With
+#     prefix "model" and the model's config beside it, the checkpoint is a Hugging Face model
+#     directory that from_pretrained loads. optimizer.safetensors streams AdamW's moments so, keyed
+#     by the weights' names, which any layout reshards on --resume (see load_optimizer). Dense files
+#     rather than torch.distributed.checkpoint's per-rank shards: any layout, and plain transformers,
+#     read them with no planner, at the cost of the all-gathers (a ZeRO-3 forward pass's traffic);
+#   - manifest.json, written last by rank 0: every file's size and SHA-256 (each rank hashing a
+#     share of the files), so --resume can tell an intact checkpoint from one damaged since and fall
+#     back to the newest intact one.
 # The final model is the same stream written into the run directory (config.json moved in last).
 # A clean stop: SIGTERM (what SLURM and Kubernetes send before SIGKILL) or SIGUSR1 (SLURM's
 # --signal) only sets a flag; after each optimizer step the scripts ask stop_requested(), which
@@ -2124,12 +2128,16 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str):
-    """Record the size and checksum of every file in a checkpoint folder."""
-    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))}
+def write_manifest(folder: str, grid: Optional[Grid] = None):
+    """Record the size and checksum of every file in a checkpoint folder: with a grid, every rank
+    calls it and hashes a share of the files, and rank 0 writes the manifest."""
+    rank, world = (grid.rank, grid.world_size) if grid else (0, 1)
+    paths = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))[rank::world]}
     files = {name: {"bytes": os.path.getsize(path), "sha256": file_sha256(path)} for name, path in paths.items()}
-    with open(os.path.join(folder, MANIFEST), "w") as file:
-        json.dump(files, file, indent=1)
+    shares = all_gather_objects(files, dist.group.WORLD if world > 1 else None)
+    if rank == 0:
+        with open(os.path.join(folder, MANIFEST), "w") as file:
+            json.dump(dict(sorted(item for share in shares for item in share.items())), file, indent=1)
 
 
 def checkpoint_damage(folder: str) -> Optional[str]:
@@ -2207,15 +2215,15 @@ def set_rng_states(states: Optional[dict]):
 
 def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid: Grid, trained: bool = False):
     """(key, tensor) of `model`'s dense state dict (with trained, only the parameters that `wrapper`
-    trains), one tensor at a time: on rank 0 a CPU copy, on the others None. Every rank must
-    consume the whole stream (it communicates). `model` is what a script saves (an HF model, a
-    head, a LoRA-merged copy); `wrapper` the data-parallel wrapper it
-    trains in, whose ZeRO-3 units are gathered one at a time (and freed again unless inside
-    gathered()); a tensor-parallel tensor is all-gathered over tp_group. Under --pp each rank
-    passes what its stage holds (the stage's part of the model; a head only the last stage has,
-    None elsewhere), and each tensor is broadcast over pp_group from the first stage that has it
-    (so a head every stage keeps a copy of is saved once; the last stage's copy of a tied embedding
-    is left out, as save_pretrained leaves the tied head out)."""
+    trains), one tensor at a time, on every rank, each valid until the next is asked for (copy what
+    you keep). Every rank must consume the whole stream (it communicates). `model` is what a script
+    saves (an HF model, a head, a LoRA-merged copy); `wrapper` the data-parallel wrapper it trains
+    in, whose ZeRO-3 units are gathered one at a time (and freed again unless inside gathered()); a
+    tensor-parallel tensor is all-gathered over tp_group. Under --pp each rank passes what its stage
+    holds (the stage's part of the model; a head only the last stage has, None elsewhere), and each
+    tensor is broadcast over pp_group from the first stage that has it (so a head every stage keeps
+    a copy of is saved once; the last stage's copy of a tied embedding is left out, as
+    save_pretrained leaves the tied head out)."""
     fsdp = wrapper if isinstance(wrapper, FullyShardedDataParallel) and wrapper.world > 1 else None
     stage = next((m for m in wrapper.modules() if isinstance(m, PipelineStage)), None) if wrapper else None
     tied = stage.tied_weight if stage is not None and stage.is_last else None
@@ -2248,46 +2256,45 @@ def dense_tensors(model: Optional[nn.Module], wrapper: Optional[nn.Module], grid
             dist.broadcast_object_list(meta, src=source, group=grid.pp_group, device=grid.device)
             tensor = tensor if tensor is not None else torch.empty(meta[0][0], dtype=meta[0][1], device=grid.device)
             dist.broadcast(tensor, src=source, group=grid.pp_group)
-        yield key, tensor.to("cpu", copy=True) if grid.rank == 0 else None
+        yield key, tensor
     for done in gathered if fsdp is not None and not fsdp._keep_gathered else []:
         done.free()
 
 
-def write_safetensors(folder: str, prefix: str, tensors, writes: bool = True, max_shard_bytes: int = 2**31):
+def write_safetensors(folder: str, prefix: str, tensors, grid: Optional[Grid] = None, max_shard_bytes: int = 2**31):
     """Write a (key, tensor) stream as transformers shards a model: <prefix>.safetensors when it
     fits in one file, else <prefix>-0000i-of-0000N.safetensors and <prefix>.safetensors.index.json.
-    Every rank consumes the stream; the one that `writes` (rank 0) holds one file's worth at most."""
+    With a grid, every rank consumes the stream and cuts the files where the others do; file i is
+    written by rank i % world size, which holds one file's worth at most, and the index by rank 0."""
     from safetensors.torch import save_file
 
-    shards, current, size, total, weight_map = [], {}, 0, 0, {}
+    rank, world = (grid.rank, grid.world_size) if grid else (0, 1)
+    shards, current, size, total = [], {}, 0, 0  # shards: the keys of each file
 
     def flush():
         if current or not shards:  # an empty stream still writes its (empty) file
-            shards.append((os.path.join(folder, f"{prefix}.part{len(shards)}"), list(current)))
-            save_file(current, shards[-1][0], metadata={"format": "pt"})
+            if len(shards) % world == rank:
+                save_file(current, os.path.join(folder, f"{prefix}.part{len(shards)}"), metadata={"format": "pt"})
+            shards.append(list(current))
             current.clear()
 
     for key, tensor in tensors:
-        if not writes:
-            continue
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
             size = 0
-        current[key] = tensor.contiguous()
+        mine = len(shards) % world == rank
+        current[key] = tensor.to("cpu", memory_format=torch.contiguous_format, copy=True) if mine else None
         size, total = size + nbytes, total + nbytes
-    if not writes:
-        return
     flush()
-    if len(shards) == 1:
-        os.replace(shards[0][0], os.path.join(folder, f"{prefix}.safetensors"))
-        return
-    for index, (path, keys) in enumerate(shards):
-        name = f"{prefix}-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(path, os.path.join(folder, name))
-        weight_map.update(dict.fromkeys(keys, name))
-    with open(os.path.join(folder, f"{prefix}.safetensors.index.json"), "w") as file:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, file, indent=2)
+    names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = names if len(shards) > 1 else [f"{prefix}.safetensors"]
+    for index in range(rank, len(shards), world):
+        os.replace(os.path.join(folder, f"{prefix}.part{index}"), os.path.join(folder, names[index]))
+    if len(shards) > 1 and rank == 0:
+        weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+        with open(os.path.join(folder, f"{prefix}.safetensors.index.json"), "w") as file:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, file, indent=2)
 
 
 def _stored_files(folder: str, prefix: str) -> dict:
@@ -2453,7 +2460,7 @@ def _write_files(folder: str, grid: Grid, tensors: dict, pretrained: tuple, obje
     `pretrained` by its save_pretrained (an HF model: its config and generation config only, its
     weights being a stream) and each of `objects` {file name: object} by torch.save."""
     for prefix, stream in tensors.items():
-        write_safetensors(folder, prefix, stream, grid.rank == 0)
+        write_safetensors(folder, prefix, stream, grid)
     if grid.rank != 0:
         return
     for item in pretrained:
@@ -2500,8 +2507,8 @@ def save_checkpoint(
         shared["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in trained[0].param_groups]
     _write_files(temporary, grid, tensors, pretrained, {"trainer_state.pt": shared})
     barrier()  # every rank's file is written before the manifest lists them and the rename makes them visible
+    write_manifest(temporary, grid)
     if grid.rank == 0:
-        write_manifest(temporary)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         for old in sorted(d for d in os.listdir(folder) if not d.endswith(".tmp"))[:-keep]:
@@ -2578,6 +2585,7 @@ def save_final(run_dir: str, grid: Grid, tensors: dict, pretrained: tuple = (), 
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     _write_files(temporary, grid, tensors, pretrained, objects or {})
+    barrier()  # every rank's files are written before they move
     if grid.rank == 0:
         for name in sorted(os.listdir(temporary), key=lambda name: name == "config.json"):
             os.replace(os.path.join(temporary, name), os.path.join(run_dir, name))
@@ -2627,7 +2635,7 @@ def export(checkpoint: str, out: str, max_shard_bytes: int = 2**31):
     temporary = out.rstrip(os.sep) + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
-    write_safetensors(temporary, "model", stored_tensors(checkpoint, kept[0]), True, max_shard_bytes)
+    write_safetensors(temporary, "model", stored_tensors(checkpoint, kept[0]), max_shard_bytes=max_shard_bytes)
     for name in os.listdir(checkpoint):
         if not name.endswith((".safetensors", ".safetensors.index.json", ".pt")) and name != MANIFEST:
             shutil.copy(os.path.join(checkpoint, name), temporary)

@@ -2347,7 +2347,7 @@ def main(args: Args):
     value_states = {}
     for key, tensor in parallel.dense_tensors(torch.nn.ModuleDict(models.value_modules), models.wrapper, grid):
         name, _, rest = key.partition(".")
-        value_states.setdefault(name, {})[rest] = tensor
+        value_states.setdefault(name, {})[rest] = tensor.to("cpu", copy=True)
     with models.wrapper.gathered() if args.lora_rank else contextlib.nullcontext():  # merging copies the LoRA model
         policy = merge_lora(models.policy)
     weights = {"model": parallel.dense_tensors(policy, models.wrapper, grid)}

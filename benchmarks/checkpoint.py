@@ -1,14 +1,19 @@
-"""Peak memory of one rank while saving the final model, today's way against the streamed one (issue 27).
+"""Peak memory and time of one rank while saving and loading a checkpoint, today's way against the way
+before issue 27.
 
     python benchmarks/checkpoint.py                       # a tiny Llama, ZeRO-3 over 4 gloo ranks, then --tp 2
-    python benchmarks/checkpoint.py --hidden 1024 --layers 24 --vocab 32000   # a few hundred MB
+    python benchmarks/checkpoint.py --hidden 1024 --layers 24 --vocab 32000 --shard-mb 512   # a few hundred MB
 
 Each (layout, way) runs in fresh processes (gloo on CPU): the model is built and wrapped, then saved either
 as the scripts did before (the whole model gathered on every rank: ZeRO-3's gathered(), or
-tensor_parallel_state_dict's all-gathered dense weights, then save_pretrained on rank 0) or through
-parallel.save_final (parallel.dense_tensors streamed to rank 0, one tensor at a time, into sharded
-safetensors). Reported: each rank's peak resident memory while saving above what it held before (VmHWM,
-reset just before the save; each way gets processes of its own), and the seconds the save took.
+tensor_parallel_state_dict's all-gathered dense weights, then save_pretrained on rank 0; each rank's
+optimizer state with torch.save) or as they do now,
+parallel.save_checkpoint with the AdamW state (parallel.dense_tensors streamed one tensor at a time into
+sharded safetensors of --shard-mb, file i written by rank i % world size). Reported: each rank's peak
+resident memory while saving above what it held before (VmHWM, reset just before the save; each way gets
+processes of its own), the seconds the save took, and for today's way the seconds and peak of a resume
+from that checkpoint in the same processes: the model read back with from_pretrained and wrapped, and its
+optimizer state resharded by parallel.load_optimizer.
 """
 
 import argparse
@@ -44,6 +49,9 @@ def peak_mb() -> float:
 
 def worker(rank, world, port, layout, way, args, folder, queue):
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
@@ -62,18 +70,40 @@ def worker(rank, world, port, layout, way, args, folder, queue):
     torch.manual_seed(0)
     model = parallel.tensor_parallel(LlamaForCausalLM(config), grid.tp_group)
     wrapper = parallel.data_parallel(model, grid.dp_group, 3 if layout == "zero3" else 0, tp_group=grid.tp_group)
+    optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=1e-5)
+    for param in wrapper.optimizer_parameters():  # a step, so that AdamW holds its moments
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
     parallel.barrier()
     reset_peak()
     before, started = rss_mb(), time.time()
-    if way == "gathered":
+    if way == "gathered":  # and each rank's optimizer shard in a file of its own
+        torch.save(optimizer.state_dict(), os.path.join(folder, f"optimizer_{rank}.pt"))
         with wrapper.gathered():
             state = parallel.tensor_parallel_state_dict(model, grid.tp_group) if tp > 1 else None
             if grid.rank == 0:
                 model.save_pretrained(folder, state_dict=state)
     else:
-        parallel.save_final(folder, grid, {"model": parallel.dense_tensors(model, wrapper, grid)}, (model,))
+        parallel.write_safetensors.__defaults__ = (None, args.shard_mb * 2**20)  # save_checkpoint's shard size
+        trained = (optimizer, wrapper, {"model": model})
+        weights = {"model": parallel.dense_tensors(model, wrapper, grid)}
+        parallel.save_checkpoint(folder, "step_00000001", grid, 1, {"args": {}}, weights, (model,), trained)
     parallel.barrier()
-    queue.put((rank, peak_mb() - before, time.time() - started))
+    saved = (peak_mb() - before, time.time() - started)
+    loaded = (0.0, 0.0)
+    if way == "streamed":
+        checkpoint = os.path.join(folder, "checkpoints", "step_00000001")
+        del trained, optimizer, wrapper, model
+        reset_peak()
+        before, started = rss_mb(), time.time()
+        model = parallel.tensor_parallel(LlamaForCausalLM.from_pretrained(checkpoint), grid.tp_group)
+        wrapper = parallel.data_parallel(model, grid.dp_group, 3 if layout == "zero3" else 0, tp_group=grid.tp_group)
+        optimizer = wrapper.make_optimizer(torch.optim.AdamW, lr=1e-5)
+        shared = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        parallel.load_optimizer(checkpoint, shared, optimizer, wrapper, {"model": model})
+        parallel.barrier()
+        loaded = (peak_mb() - before, time.time() - started)
+    queue.put((rank, *saved, *loaded))
     parallel.barrier()
 
 
@@ -93,6 +123,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--shard-mb", type=int, default=2048, help="the size of each file saved (transformers': 2 GiB)")
     args = parser.parse_args()
     model_mb = None
     for layout in ("zero3", "tp2"):
@@ -103,8 +134,11 @@ def main():
                 count = args.layers * (4 * h * h + 3 * h * f + 2 * h) + 2 * args.vocab * h + h
                 model_mb = 4 * count / 2**20
                 print(f"model: {count:,} parameters, {model_mb:.1f} MB in fp32")
-            peaks = ", ".join(f"rank {r} +{p:.1f} MB" for r, p, _ in rows)
-            print(f"{layout:>5} {way:>8}: {peaks}; {max(s for _, _, s in rows):.2f} s")
+            peaks = ", ".join(f"rank {r} +{p:.1f} MB" for r, p, *_ in rows)
+            print(f"{layout:>5} {way:>8}: save {peaks}; {max(row[2] for row in rows):.2f} s")
+            if way == "streamed":
+                peaks = ", ".join(f"rank {r} +{row[3]:.1f} MB" for r, *row in rows)
+                print(f"{layout:>5} {way:>8}: load {peaks}; {max(row[4] for row in rows):.2f} s")
 
 
 if __name__ == "__main__":
