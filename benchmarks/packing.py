@@ -14,7 +14,13 @@ rounds after a warm-up round), their ratio and the fraction of each layout's row
 Packed rows are no longer than the micro-batch's longest example (see sft.collate), so the packed step
 never computes more than the padded one; on a CPU its attention runs SDPA with a block-diagonal mask.
 
-TRL's SFTTrainer with its own packing on the same data is not compared here (left to do).
+TRL's SFTTrainer with its own packing runs last on the same examples and a fresh copy of the same model
+(AdamW at the same learning rate, the loss on the same completion tokens) when trl is installed (run the
+script in benchmarks/requirements-peers-trl116.txt's environment): TRL packs the whole dataset best fit
+decreasing into rows of --max-length tokens, and its padding-free collator joins a step's rows into one
+row with restarting position ids. Its steps hold whole packed rows rather than --batch-size examples, so
+it is given the number of rows per step that holds about as many real tokens as ours' steps; the table
+counts the real tokens of each of its timed steps (the rows are taken in order) over their seconds.
 """
 
 import argparse
@@ -59,6 +65,65 @@ def skewed_sequences(n: int, options, vocab_size: int, seed: int = 0) -> list:
         prompt = max(1, length // 4)
         sequences.append((rng.integers(1, vocab_size, length).tolist(), [0] * prompt + [1] * (length - prompt)))
     return sequences
+
+
+def trl_tokens_per_second(options, data: list, tokens_per_step: float) -> tuple:
+    """(real tokens per second, rows per step) of TRL's SFTTrainer with packing=True on `data` (see the
+    module's docstring); the median of the --repeats x --steps steps after --steps warm-up steps."""
+    import tempfile
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from torch.utils.data import SequentialSampler
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows_per_step = max(1, round(tokens_per_step / options.max_length))
+    steps = options.steps * (options.repeats + 1)
+    examples = [data[k % len(data)] for k in range(len(data) * (steps // options.steps))]
+    dataset = Dataset.from_dict(
+        {"input_ids": [ids for ids, _ in examples], "completion_mask": [m for _, m in examples]}
+    )
+    model, vocab_size = random_model(options.model, options.max_length, options.device)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w0")  # id 0, as ours'
+    seconds = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            if options.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = SFTConfig(
+            output_dir=folder,
+            packing=True,
+            max_length=options.max_length,
+            per_device_train_batch_size=rows_per_step,
+            learning_rate=1e-5,
+            max_steps=steps,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.01,  # torch.optim.AdamW's default, which ours' side uses
+            bf16=options.dtype == "bf16",
+            use_cpu=options.device == "cpu",
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(model, config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimes()])
+        trainer._get_train_sampler = lambda *args: SequentialSampler(trainer.train_dataset)  # known rows per step
+        trainer.train()
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    tokens = [sum(lengths[k * rows_per_step : (k + 1) * rows_per_step]) for k in range(len(seconds))]
+    speeds = [t / s for t, s in zip(tokens[options.steps :], seconds[options.steps :])]
+    return statistics.median(speeds), rows_per_step
 
 
 def main():
@@ -113,15 +178,23 @@ def main():
         for packing, steps in layouts.items()
     }
     lengths = [len(ids) for ids, _ in data]
+    import importlib.util
+
+    versus_trl = "trl not installed"
+    if importlib.util.find_spec("trl") is not None:
+        del model, optimizer, layouts
+        trl_speed, rows = trl_tokens_per_second(options, data, real)
+        versus_trl = f"{trl_speed:.0f} ({rows} rows of {options.max_length} per step); packed / TRL "
+        versus_trl += f"{speed[True] / trl_speed:.2f}x"
     print(
         "| device | dtype | model | batch (micro) | lengths: median, mean, max | padded tokens/s | packed tokens/s | "
-        "packed / padded | padding: padded, packed |"
+        "packed / padded | padding: padded, packed | TRL SFTTrainer packing=True tokens/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {options.device} | {options.dtype} | {options.model} | {options.batch_size} ({options.micro_batch_size}) | "
         f"{np.median(lengths):.0f}, {np.mean(lengths):.0f}, {max(lengths)} | {speed[False]:.0f} | {speed[True]:.0f} | "
-        f"{speed[True] / speed[False]:.2f}x | {padding[False]:.0%}, {padding[True]:.0%} |"
+        f"{speed[True] / speed[False]:.2f}x | {padding[False]:.0%}, {padding[True]:.0%} | {versus_trl} |"
     )
 
 
