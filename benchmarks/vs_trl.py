@@ -622,15 +622,16 @@ def launch(args, python, model_name, contender):
 
 def print_table(rows):
     print(
-        "\n| model | algorithm | contender | s / update | CPU s / update | tokens / s | peak memory | peak above "
-        "imports | time vs TRL | CPU time vs TRL | peak vs TRL | optimizer steps / update |"
+        "\n| model | algorithm | contender | s / update | first update s | CPU s / update | tokens / s | peak memory | "
+        "peak above imports | time vs TRL | CPU time vs TRL | peak vs TRL | optimizer steps / update |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model_name, algo, contender, result, baseline in rows:
         ratio = result["seconds"] / baseline["seconds"]
         speed = f"{ratio:.2f}x ({1 / ratio:.2f}x as fast)" if contender.startswith("ours") else f"{ratio:.2f}x"
         print(
-            f"| {model_name} | {algo} | {LABELS[contender]} | {result['seconds']:.2f} | {result['cpu_seconds']:.2f} | "
+            f"| {model_name} | {algo} | {LABELS[contender]} | {result['seconds']:.2f} | "
+            f"{result['all_seconds'][0]:.2f} | {result['cpu_seconds']:.2f} | "
             f"{result['tokens_per_s']:.1f} | "
             f"{result['peak'] / MiB:.0f} MiB | {result['peak_extra'] / MiB:.0f} MiB | {speed} | "
             f"{result['cpu_seconds'] / baseline['cpu_seconds']:.2f}x | "
