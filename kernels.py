@@ -8,11 +8,13 @@ and the LM head to per-token log-probs (and entropies), one chunk of logits at a
 tensor never exists. Everything here runs on CPU and CUDA, takes fp32 or bf16 inputs, accumulates
 in at least fp32, and is tested exactly against naive references (tests/test_kernels.py).
 
-The chunk bodies are compiled with torch.compile(dynamic=True). Set KERNELS_COMPILE=0, or pass
-compile=False, to run them eagerly: same math, numbers equal up to floating-point summation order.
+The chunk bodies are compiled with torch.compile(dynamic=True): on CUDA at once, on a CPU once that
+pays (see _maybe_compile). Set KERNELS_COMPILE=0, or pass compile=False, to run them eagerly (same math,
+numbers equal up to floating-point summation order); KERNELS_COMPILE=1 or compile=True compiles at once.
 """
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,30 +27,41 @@ IGNORE_INDEX = -100  # the label value Hugging Face uses for "no target here"
 # compilation switch
 
 _compiled = {}
+COMPILE_SECONDS = 10.0  # about one chunk body's cold compile on a CPU (benchmarks/kernels.py: 15.5 s for two)
 
 
 def _maybe_compile(fn, compile):
-    """Return fn, compiled once per process unless compile=False or KERNELS_COMPILE=0."""
+    """Return fn, compiled once per process: at once with compile=True or KERNELS_COMPILE=1, never with
+    compile=False or KERNELS_COMPILE=0. By default on CUDA at once, and on a CPU once it pays: there the
+    eager body takes about 1.5x the compiled one's time (benchmarks/kernels.py), so it runs eagerly
+    until a third of its eager time adds up to COMPILE_SECONDS (ski rental: a run of a few updates,
+    trying flags, never waits for a compile; a long one spends at most one compile's time more)."""
     if compile is None:
-        compile = os.environ.get("KERNELS_COMPILE", "1") != "0"
+        compile = {"0": False, "1": True}.get(os.environ.get("KERNELS_COMPILE"), "auto")
     if not compile:
         return fn
-    if fn not in _compiled:
+    if (fn, compile) not in _compiled:
         # dynamic=True: the last chunk of every call is shorter, and a new batch shape must not
         # trigger a fresh compile.
         import torch.fx.experimental._config as fx_config
 
         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        surplus = [0.0 if compile == "auto" else COMPILE_SECONDS]  # what eager calls cost beyond compiled ones
 
         def call(*args):
+            if surplus[0] < COMPILE_SECONDS and args[0].device.type == "cpu":
+                start = time.perf_counter()
+                result = fn(*args)
+                surplus[0] += (time.perf_counter() - start) / 3
+                return result
             # Without duck shaping: by default, sizes (and view offsets) that happen to be equal
             # when compiling, say 1024 tokens per chunk and a chunk starting at token 1024, are
             # assumed always equal, and every call that breaks the coincidence recompiles.
             with fx_config.patch(use_duck_shape=False):
                 return compiled(*args)
 
-        _compiled[fn] = call
-    return _compiled[fn]
+        _compiled[(fn, compile)] = call
+    return _compiled[(fn, compile)]
 
 
 # -----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Everything runs eagerly (compile=False) except test_compiled_matches_eager, whic
 chunk bodies once on small shapes and checks that new shapes do not recompile.
 """
 
+import itertools
 import math
 import socket
+import types
 
 import pytest
 import torch
@@ -405,6 +407,30 @@ def test_compile_switch(monkeypatch):
     assert kernels._maybe_compile(kernels._chunk_stats, True) is not kernels._chunk_stats
     monkeypatch.setenv("KERNELS_COMPILE", "1")
     assert kernels._maybe_compile(kernels._chunk_stats, False) is kernels._chunk_stats
+
+
+def test_by_default_a_cpu_compiles_once_the_eager_calls_have_cost_a_compile(monkeypatch):
+    """Unset KERNELS_COMPILE on a CPU: the eager body runs until a third of its time (what compiling would save)
+    adds up to COMPILE_SECONDS, then the compiled one (here a stand-in that records its calls)."""
+    calls, ticks = [], itertools.count()
+
+    def body(x):
+        calls.append("eager")
+        return x
+
+    monkeypatch.delenv("KERNELS_COMPILE")
+    monkeypatch.setattr(kernels, "_compiled", {})
+    # A clock on which every eager call takes 0.03 s, a third of which (0.01 s) is surplus.
+    monkeypatch.setattr(kernels, "time", types.SimpleNamespace(perf_counter=lambda: 0.03 * next(ticks)))
+    monkeypatch.setattr(kernels, "COMPILE_SECONDS", 0.025)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: lambda x: calls.append("compiled") or x)
+    call = kernels._maybe_compile(body, None)
+    for _ in range(5):
+        call(torch.zeros(2))
+    assert calls == ["eager"] * 3 + ["compiled"] * 2
+    calls.clear()
+    kernels._maybe_compile(body, True)(torch.zeros(2))  # compile=True: at once
+    assert calls == ["compiled"]
 
 
 # Not marked precision: under ATEN_CPU_CAPABILITY=default, torch 2.13's inductor writes CPU code that
