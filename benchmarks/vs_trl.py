@@ -742,7 +742,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="GRPO/RLOO group size (TRL: num_generations)")
     parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed updates first (ours compiles its kernels in the first)"
+        "--warmup", type=int, default=1, help="untimed updates first (the table gives the first update's time too)"
     )
     parser.add_argument("--updates", type=int, default=3, help="timed updates (the median is reported)")
     parser.add_argument("--learning-rate", type=float, default=1e-6)
