@@ -18,14 +18,13 @@ loads (num_labels=1), with the mean and std of its scores on held-out responses 
 (`reward_mean`, `reward_std`) so that a consumer can normalise rewards.
 
 Reading order. The method is `main` (at the bottom): preference pairs, model, then the loop of
-optimizer steps over pairs, with the Bradley-Terry loss of `pairwise_loss` on `pair_scores`
+optimizer steps over pairs, with the Bradley-Terry loss of `pairwise_loss` on `sequence_scores`
 (the score of the last real token, chosen and rejected in one forward); `evaluate` and the
 optimality correlation after it. Above it, in file order: Args and check_args; the randomwalks
 pairs; the data parsers and `tokenize_pairs`; the model and `score`; the sentiment pairs; run
 directory, checkpoints and logging (plumbing).
 """
 
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -127,6 +126,9 @@ class Args:
     micro_batch_size: Optional[int] = None
     """pairs per forward/backward pass on one rank, chosen and rejected together (default: the rank's whole share,
     batch_size / ranks); the share must be a multiple of it"""
+    packing: bool = False
+    """pack each micro-batch's sequences into rows no longer than its longest instead of padding each to it, attention
+    kept within each sequence by position ids that restart (same loss; not with --cp or --sequence-parallel)"""
     learning_rate: float = 1e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -200,8 +202,9 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.sequence_parallel and args.tp == 1:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
-    if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
-        fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    flag = "--pp" if args.pp > 1 else "--packing" if args.packing else None  # a flag needing whole rows on a rank
+    if flag and (args.cp > 1 or args.sequence_parallel):
+        fail(f"--cp and --sequence-parallel do not compose with {flag}; use them with data and tensor parallelism")
     if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     ranks = world_size // model_ranks  # data-parallel ranks
@@ -837,11 +840,50 @@ def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
-def forward_scores(model, sequences: list, pad_token_id: int, device) -> torch.Tensor:
-    """Scalar score of each sequence, read at its last real token (the transformers class finds the
-    rightmost non-pad token, so a pad token must not occur inside the text); bf16 is upcast, fp64 kept."""
-    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
-    scores = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0]
+def collate(sequences: list, pad_token_id: int, device, packing=False) -> dict:
+    """A micro-batch of token-id sequences: the base model's keyword arguments, and `ends`, the index in the
+    flattened rows of each sequence's last non-pad token, where its score is read (where the transformers
+    sequence-classification classes read it, so a trailing EOS that serves as pad is not the token scored).
+
+    Padded: a row per sequence, right-padded, with an attention mask. Packed (--packing): rows of whole sequences,
+    filled first fit from the longest and no longer than the longest, as sft.py packs; the position ids restart at 0
+    for each sequence and for the padding ending a row, and without an attention mask and a cache transformers'
+    create_causal_mask reads them as packed sequences: attention stays within each one."""
+    width, rows = max(len(ids) for ids in sequences), []
+    for k in sorted(range(len(sequences)), key=lambda k: -len(sequences[k])) if packing else range(len(sequences)):
+        fitting = [row for row in rows if packing and sum(len(sequences[j]) for j in row) + len(sequences[k]) <= width]
+        if fitting:
+            fitting[0].append(k)
+        else:
+            rows.append([k])
+    batch, ends = {"input_ids": [], "position_ids" if packing else "attention_mask": []}, [0] * len(sequences)
+    for number, row in enumerate(rows):
+        ids = []
+        for k in row:
+            last = max((j for j, token in enumerate(sequences[k]) if token != pad_token_id), default=0)
+            ends[k] = number * width + len(ids) + last
+            ids += sequences[k]
+        pad = width - len(ids)
+        batch["input_ids"].append(ids + [pad_token_id] * pad)
+        if packing:  # the padding is a sequence of its own, which no other attends to
+            batch["position_ids"].append([j for k in row for j in range(len(sequences[k]))] + list(range(pad)))
+        else:
+            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+    return {key: torch.tensor(value, device=device) for key, value in {**batch, "ends": ends}.items()}
+
+
+def token_scores(model, micro_batch: dict) -> torch.Tensor:
+    """The score head's output at every token of a micro-batch, [rows, T, 1], as a pipeline's last stage computes
+    it. The base model and the head are called as modules, whose hooks ZeRO-3 gathers their weights in, and
+    without a cache, which would keep transformers from reading packed position ids."""
+    inputs = {key: micro_batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in micro_batch}
+    return model.score(model.base_model(**inputs, use_cache=False).last_hidden_state)
+
+
+def sequence_scores(head_output: torch.Tensor, micro_batch: dict) -> torch.Tensor:
+    """Each sequence's score: the score head's output (token_scores) at the sequence's end, collate's `ends`;
+    bf16 is upcast, fp64 kept."""
+    scores = head_output.flatten(0, 1)[micro_batch["ends"], 0]
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
@@ -863,12 +905,11 @@ def score(
         sequences.append(fitted[0] if fitted else response_ids[-max_length:])
     was_training = model.training
     model.eval()
-    scores = torch.cat(
-        [
-            forward_scores(model, sequences[i : i + batch_size], tokenizer.pad_token_id, device).cpu()
-            for i in range(0, len(sequences), batch_size)
-        ]
-    )
+    batches = [
+        collate(sequences[i : i + batch_size], tokenizer.pad_token_id, device)
+        for i in range(0, len(sequences), batch_size)
+    ]
+    scores = torch.cat([sequence_scores(token_scores(model, batch), batch).cpu() for batch in batches])
     model.train(was_training)
     return scores
 
@@ -878,76 +919,46 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, ma
     return -F.logsigmoid(chosen_scores - rejected_scores - margins)
 
 
-def pair_scores(model, pairs: list, pad_token_id: int, device):
-    """Chosen and rejected scores of a micro-batch of pairs, from one forward pass over both."""
-    scores = forward_scores(model, [p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
-    return scores[: len(pairs)], scores[len(pairs) :]
-
-
-def pair_micro_batch(pairs: list, pad_token_id: int, device) -> dict:
-    """A micro-batch of pairs for the pipeline schedules: the chosen rows, then the rejected ones,
-    in one padded batch as pair_scores runs them, so that the last stage, which computes the loss,
-    sees both sides of every pair; with the margins (fp64: the loss takes them to the scores' dtype)."""
-    sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
-    input_ids, attention_mask, position_ids = pad_batch(sequences, pad_token_id, device)
-    margins = torch.tensor([p[2] for p in pairs], dtype=torch.float64, device=device)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, margins=margins)
-
-
-def pooled_pair_scores(logits, micro_batch: dict, pad_token_id: int):
-    """Chosen and rejected scores of a pair_micro_batch from the score head's output at every token
-    ([rows, T, 1], what a pipeline's last stage computes): each row's score at its rightmost non-pad
-    token, the pooling of the transformers sequence-classification classes that forward_scores gets."""
-    input_ids = micro_batch["input_ids"]
-    non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
-    last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
-    scores = logits[torch.arange(len(input_ids), device=logits.device), last, 0]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-    pairs = len(scores) // 2
-    return scores[:pairs], scores[pairs:]
+def pair_micro_batches(pairs: list, args: Args, pad_token_id: int, device) -> list:
+    """The pairs collated in micro-batches of --micro-batch-size, padded or packed (--packing): the chosen sequences,
+    then the rejected ones, so that the loss (under --pp on the last stage) sees both sides of every pair; with the
+    margins (fp64: the loss takes them to the scores' dtype) and `start`, the index of the micro-batch's first pair."""
+    micro_batches = []
+    for start in range(0, len(pairs), args.micro_batch_size):
+        chunk = pairs[start : start + args.micro_batch_size]
+        sequences = [p[0] for p in chunk] + [p[1] for p in chunk]
+        margins = torch.tensor([p[2] for p in chunk], dtype=torch.float64, device=device)
+        micro_batches.append(
+            {**collate(sequences, pad_token_id, device, args.packing), "margins": margins, "start": start}
+        )
+    return micro_batches
 
 
 def accumulate_gradients(
-    model, pairs: list, batch_pairs: int, ranks: int, micro_batch_size: int, pad_token_id: int, device, autocast
+    model, pairs: list, batch_pairs: int, ranks: int, args: Args, pad_token_id: int, device, autocast
 ):
-    """Backward over this rank's share of the batch in micro-batches; returns its share of the
-    global batch's mean loss (the shares sum to the mean over ranks) and its count of pairs ranked
-    right.
+    """Backward over this rank's share of the batch in micro-batches (through the stages in the 1F1B
+    schedule under --pp, the last stage scoring); returns [its share of the global batch's mean loss
+    (the shares sum to the mean over ranks), its count of pairs ranked right] (fp64).
 
     Each micro-batch's summed loss is divided by the pair count of the whole global batch, not its
     own, so the accumulated gradient equals the one-big-batch gradient exactly. The data-parallel
     reduction averages over ranks, hence the factor `ranks`. Only the last micro-batch's backward
     communicates (no_sync on the others)."""
-    starts = range(0, len(pairs), micro_batch_size)
-    if isinstance(model.module, parallel.PipelineStage):
-        # Pipelined: the 1F1B schedule runs every micro-batch through the stages; the last stage
-        # pools the scores, computes the loss and counts the pairs ranked right, and the sums come
-        # back to every stage.
-        micro_batches = [
-            pair_micro_batch(pairs[start : start + micro_batch_size], pad_token_id, device) for start in starts
-        ]
-        correct = torch.zeros((), dtype=torch.float64, device=device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
 
-        def loss_fn(logits, micro_batch):
-            chosen, rejected = pooled_pair_scores(logits, micro_batch, pad_token_id)
-            correct.add_((chosen > rejected).sum())
-            return pairwise_loss(chosen, rejected, micro_batch["margins"].to(chosen.dtype)).sum() / batch_pairs * ranks
+    def loss_fn(scores, micro_batch):
+        chosen, rejected = sequence_scores(scores, micro_batch).chunk(2)
+        loss = pairwise_loss(chosen, rejected, micro_batch["margins"].to(chosen.dtype)).sum() / batch_pairs
+        totals[0] += loss.detach()
+        totals[1] += (chosen > rejected).sum()
+        return loss * ranks
 
-        with autocast:
-            batch_loss = parallel.pipeline_1f1b(model, micro_batches, loss_fn).item() / ranks
-        return batch_loss, int(parallel.all_reduce_sum(correct, model.module.group).item())
-    batch_loss, batch_correct = 0.0, 0
-    for start in starts:
-        micro_batch = pairs[start : start + micro_batch_size]
-        with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
-            with autocast:
-                chosen, rejected = pair_scores(model, micro_batch, pad_token_id, device)
-                margins = torch.tensor([p[2] for p in micro_batch], dtype=chosen.dtype, device=device)
-                loss = pairwise_loss(chosen, rejected, margins).sum() / batch_pairs
-            (loss * ranks).backward()
-        batch_loss += loss.item()
-        batch_correct += int((chosen > rejected).sum())
-    return batch_loss, batch_correct
+    micro_batches = pair_micro_batches(pairs, args, pad_token_id, device)
+    parallel.forward_backward(model, micro_batches, loss_fn, functools.partial(token_scores, model.module), autocast)
+    if parallel.is_pipelined(model):  # the sums are the last stage's: bring them to every stage
+        totals = parallel.all_reduce_sum(totals, model.module.group)
+    return totals
 
 
 def share(items: list, rank: int, ranks: int) -> list:
@@ -1015,35 +1026,23 @@ def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast,
     metrics. The whole model is gathered once (a no-op below ZeRO-3), so ranks may run
     different numbers of forwards without per-block collectives. The tensor-parallel ranks and
     pipeline stages of one replica score the same share together. Returns (metrics, every score)."""
-    device, pad_token_id, size = grid.device, tokenizer.pad_token_id, args.micro_batch_size
-    model.eval()
-    scores = []  # this rank's [2, pairs] blocks: chosen scores, then rejected ones
-    with model.gathered(), torch.no_grad(), autocast:
-        mine = share(eval_sequences, grid.dp_rank, grid.dp_size)
-        starts = range(0, len(mine), size)
-        if args.pp > 1 and mine:
-            # The last stage writes each micro-batch's scores into their slots of one vector
-            # (the share's chosen scores, then its rejected ones); pipeline_forward adds the
-            # vectors (exactly: every slot is written once) and brings the sum to every stage.
-            def statistic_fn(logits, micro_batch):
-                slots = torch.zeros(2, len(mine), dtype=torch.float64, device=logits.device)
-                both = torch.stack(pooled_pair_scores(logits, micro_batch, pad_token_id))
-                slots[:, micro_batch["start"] : micro_batch["start"] + both.shape[1]] = both
-                return slots.flatten()
+    mine = share(eval_sequences, grid.dp_rank, grid.dp_size)
+    slots = torch.zeros(2, len(mine), dtype=torch.float64, device=grid.device)  # the chosen scores, the rejected
 
-            micro_batches = [
-                {**pair_micro_batch(mine[start : start + size], pad_token_id, device), "start": start}
-                for start in starts
-            ]
-            # back to the dtype pair_scores gives (the slots are fp64 whatever the scores' dtype)
-            scores.append(parallel.pipeline_forward(model, micro_batches, statistic_fn).view(2, -1).to(dtype).cpu())
-        elif args.pp == 1:
-            for start in starts:
-                scores.append(
-                    torch.stack(pair_scores(model.module, mine[start : start + size], pad_token_id, device)).cpu()
-                )
+    def keep(scores, micro_batch):  # on the last stage under --pp
+        start = micro_batch["start"]
+        slots[:, start : start + len(micro_batch["margins"])] = sequence_scores(scores, micro_batch).view(2, -1)
+
+    model.eval()
+    with model.gathered(), autocast:
+        if mine:
+            micro_batches = pair_micro_batches(mine, args, tokenizer.pad_token_id, grid.device)
+            parallel.forward_only(model, micro_batches, keep, functools.partial(token_scores, model.module))
+            if parallel.is_pipelined(model):  # each slot is written once, by the last stage: the sum is exact
+                slots = parallel.all_reduce_sum(slots, model.module.group)
     model.train()
-    gathered = torch.cat([block for part in parallel.all_gather_objects(scores, grid.dp_group) for block in part], 1)
+    # back to the dtype of the scores (fp64 slots hold any exactly)
+    gathered = torch.cat(parallel.all_gather_objects(slots.to(dtype).cpu(), grid.dp_group), 1)
     chosen, rejected = gathered
     margins = torch.tensor([p[2] for p in eval_sequences], dtype=dtype)
     both = gathered.flatten()
@@ -1219,12 +1218,10 @@ def main(args: Args):
         shuffled = epoch_order(len(train_sequences), args.seed, epoch)
         batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
-        batch_loss, batch_correct = accumulate_gradients(
-            model, rank_share, len(batch), ranks, args.micro_batch_size, tokenizer.pad_token_id, device, autocast
+        totals = accumulate_gradients(
+            model, rank_share, len(batch), ranks, args, tokenizer.pad_token_id, device, autocast
         )
-        totals = parallel.all_reduce_sum(
-            torch.tensor([batch_loss, batch_correct], dtype=torch.float64, device=device), grid.dp_group
-        ).tolist()
+        totals = parallel.all_reduce_sum(totals, grid.dp_group).tolist()
         batch_loss, batch_accuracy = totals[0], totals[1] / len(batch)
         grad_norm = model.clip_grad_norm_(args.max_grad_norm)
         if not math.isfinite(batch_loss) or not torch.isfinite(grad_norm):  # every rank sees the same sums

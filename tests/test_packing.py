@@ -1,6 +1,7 @@
 """--packing: a micro-batch's sequences concatenated into rows, position ids restarting per sequence, computes
-exactly what the padded micro-batch computes (fp64): per-token log-probs, the loss, every parameter's gradient, and
-whole runs, for GPT-2 (learned positions), Llama (rotary, GQA) and GPT-NeoX (rotary, parallel residual)."""
+exactly what the padded micro-batch computes (fp64): per-token log-probs (sft.py) or each sequence's score at its last
+token (reward_model.py), the loss, every parameter's gradient, and whole runs, for GPT-2 (learned positions), Llama
+(rotary, GQA) and GPT-NeoX (rotary, parallel residual)."""
 
 import json
 import random
@@ -11,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import parallel
+import reward_model as rm
 import sft
-from conftest import chat_tokenizer, save_tiny_model, tiny_config, write_jsonl
+from conftest import chat_tokenizer, max_weight_difference, save_tiny_model, tiny_config, write_jsonl
 
 FAMILIES = ["gpt2", "llama", "gpt-neox"]
 CONVERSATION = [
@@ -162,3 +164,77 @@ def test_packing_refuses_split_sequences():
     for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
         with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
             sft.check_args(sft.Args(packing=True, **flags), world_size=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_model_packed_scores_loss_and_gradients_equal_padded(tmp_path, family):
+    """Each sequence's score is read at its own last token in its packed row, seeing its own tokens alone: the
+    scores, the summed loss, the pairs ranked right and every gradient are the padded micro-batches' (fp64)."""
+    sequences = [ids for ids, _ in skewed_sequences(chat_tokenizer("chatml"))]
+    pairs = [(sequences[k], sequences[(k + 3) % len(sequences)], k / 10) for k in range(len(sequences))]
+    model_dir = save_tiny_model(tmp_path, family, tokenizer=chat_tokenizer("chatml"))
+    model, tokenizer = rm.load_model(model_dir, "cpu", seed=0, dtype=torch.float64)
+    model, pad = parallel.DataParallel(model), tokenizer.pad_token_id  # one process: the script's pass-through wrapper
+    scores, totals, gradients = [], [], []
+    for packing in (False, True):
+        args = rm.Args(micro_batch_size=4, packing=packing)  # micro-batches of 4 and 3 pairs
+        micro_batches = rm.pair_micro_batches(pairs, args, pad, "cpu")
+        with torch.no_grad():
+            scores.append(torch.cat([rm.sequence_scores(rm.token_scores(model.module, m), m) for m in micro_batches]))
+        model.zero_grad()
+        autocast = torch.autocast("cpu", enabled=False)
+        totals.append(rm.accumulate_gradients(model, pairs, len(pairs), 1, args, pad, "cpu", autocast).tolist())
+        gradients.append({name: parameter.grad.clone() for name, parameter in model.named_parameters()})
+    assert len(micro_batches[0]["input_ids"]) < 8 and "attention_mask" not in micro_batches[0]  # rows hold several
+    assert scores[0].std() > 1e-3 and torch.allclose(scores[1], scores[0], rtol=0, atol=1e-12)
+    assert totals[1][0] == pytest.approx(totals[0][0], rel=1e-12) and totals[1][1] == totals[0][1]
+    for name, gradient in gradients[0].items():
+        assert gradient.abs().max() > 0, name
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-13), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_model_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
+    """Whole fp64 reward_model.py runs on long-tailed lengths in micro-batches of 2 pairs: the same loss at every
+    step, the same evaluation and the same weights, up to summation order (SAME_MATH's argument in conftest)."""
+    model = save_tiny_model(tmp_path / "model", family)
+    records = [
+        {"prompt": a["prompt"], "chosen": a["completion"] or " the", "rejected": b["completion"] or " a"}
+        for a, b in zip(skewed_records(16), skewed_records(16, seed=1))
+    ]
+    losses = {}
+    accumulate = rm.accumulate_gradients
+
+    def recording(model, pairs, batch_pairs, ranks, args, *rest):
+        totals = accumulate(model, pairs, batch_pairs, ranks, args, *rest)
+        losses.setdefault(args.packing, []).append(totals[0].item())
+        return totals
+
+    monkeypatch.setattr(rm, "accumulate_gradients", recording)
+    args = rm.Args(
+        task="jsonl",
+        data=write_jsonl(tmp_path / "pairs.jsonl", records),
+        model=model,
+        dtype="fp64",
+        num_epochs=1,
+        batch_size=4,
+        micro_batch_size=2,
+        eval_fraction=0.25,
+        eval_every=2,
+        learning_rate=3e-3,
+        warmup_steps=1,
+    )
+    for packing in (False, True):
+        rm.main(replace(args, packing=packing, output_dir=str(tmp_path / str(packing))))
+    assert len(losses[True]) == len(losses[False]) >= 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12)
+    metrics = [json.loads((tmp_path / str(packing) / "metrics.json").read_text()) for packing in (False, True)]
+    for key in ("eval/loss", "eval/score_mean", "eval/score_std"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-12), key
+    assert max_weight_difference(tmp_path / "False", tmp_path / "True") < 1e-9
+
+
+def test_reward_model_packing_refuses_split_sequences():
+    for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
+        with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
+            rm.check_args(rm.Args(packing=True, **flags), world_size=2)

@@ -159,11 +159,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_gpt2):
                 batch,
                 len(batch),
                 1,
-                micro_batch_size,
+                rm.Args(micro_batch_size=micro_batch_size),
                 tokenizer.pad_token_id,
                 "cpu",
                 torch.autocast("cpu", enabled=False),
-            )
+            ).tolist()
         )
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert gradients[0].abs().max() > 1e-3
@@ -243,13 +243,13 @@ def test_sentiment_pairs_reach_the_loss_as_the_sampled_token_ids(tmp_path, fake_
             sampled[tuple(ids[mask.bool()].tolist() + response)] = response
         return responses
 
-    def pair_scores(model, pairs, *rest):
-        scored.extend(tuple(ids) for pair in pairs for ids in pair[:2])
-        return real_pair_scores(model, pairs, *rest)
+    def collate(sequences, *rest):
+        scored.extend(tuple(ids) for ids in sequences)
+        return real_collate(sequences, *rest)
 
-    real_sample, real_pair_scores = rm.sample, rm.pair_scores
+    real_sample, real_collate = rm.sample, rm.collate
     monkeypatch.setattr(rm, "sample", sample)
-    monkeypatch.setattr(rm, "pair_scores", pair_scores)
+    monkeypatch.setattr(rm, "collate", collate)
     words = "cat dog mat park friend hello world post title summary sat ran said my the a on to".split()
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"the {a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
@@ -278,10 +278,9 @@ def test_sentiment_pairs_sample_from_a_model_whose_tokenizer_has_no_pad_token(tm
 
 def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos(tmp_path):
     """Where EOS is also the pad token (GPT-2's tokenizer has no other), a sampled EOS at the end of a
-    response reads as padding in a right-padded batch: the transformers pooling and the pipeline's
-    (pooled_pair_scores) both read the score at the token before it, where a response cut at
-    --max-new-tokens is read too (the EOS comes after, and a causal model's earlier outputs do not
-    see it)."""
+    response reads as padding in a right-padded batch: the transformers pooling reads the score at the
+    token before it, where a response cut at --max-new-tokens is read too (the EOS comes after, and a
+    causal model's earlier outputs do not see it); training reads it there too, padded and packed."""
     from conftest import text_tokenizer
 
     model_dir = save_tiny_model(tmp_path / "lm", "gpt2", tokenizer=text_tokenizer(pad_token=False))
@@ -291,17 +290,16 @@ def test_pad_as_eos_reads_a_sampled_responses_score_at_its_last_token_before_eos
     prompt, long, short = tokenizer("the cat")["input_ids"], [17, 42, 99, 7], [5, 6]
     pairs = [(prompt + long + [eos], prompt + short, 0.0), (prompt + short + [eos], prompt + long, 0.0)]
     with torch.no_grad():
-        chosen, rejected = rm.pair_scores(model.eval(), pairs, eos, "cpu")
-        micro_batch = rm.pair_micro_batch(pairs, eos, "cpu")
-        hidden = model.transformer(
-            input_ids=micro_batch["input_ids"],
-            attention_mask=micro_batch["attention_mask"],
-            position_ids=micro_batch["position_ids"],
-        ).last_hidden_state
-        pooled = rm.pooled_pair_scores(model.score(hidden), micro_batch, eos)
-        alone = [model(torch.tensor([prompt + response])).logits[0, 0] for response in (long, short, short, long)]
-    assert torch.allclose(torch.cat([chosen, rejected]), torch.stack(alone), rtol=0, atol=1e-12)
-    assert torch.allclose(torch.cat(pooled), torch.stack(alone), rtol=0, atol=1e-12)
+        alone = [
+            model.eval()(torch.tensor([prompt + response])).logits[0, 0] for response in (long, short, short, long)
+        ]
+        for packing in (True, False):
+            [micro_batch] = rm.pair_micro_batches(pairs, rm.Args(micro_batch_size=2, packing=packing), eos, "cpu")
+            scores = rm.sequence_scores(rm.token_scores(model, micro_batch), micro_batch)
+            assert torch.allclose(scores, torch.stack(alone), rtol=0, atol=1e-12), packing
+        # the transformers class's own pooling of the padded micro-batch, as a consumer of the saved model scores
+        padded = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"]).logits[:, 0]
+    assert torch.allclose(padded, torch.stack(alone), rtol=0, atol=1e-12)
 
 
 # --- data parsers on upstream formats -----------------------------------------------------------
@@ -1031,7 +1029,7 @@ def test_data_parallel_every_zero_stage_matches_one_process(tmp_path, pairs_run_
 
 LAYOUTS = [
     (["--tp", "2"], 2),
-    (["--pp", "2"], 2),
+    (["--pp", "2", "--packing"], 2),  # packed rows through the stages, the last one reading each pair's scores
     (["--tp", "2", "--pp", "2"], 4),
     (["--pp", "2", "--zero-stage", "1"], 4),
     (["--tp", "2", "--sequence-parallel"], 2),
@@ -1039,7 +1037,9 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("flags, nproc", LAYOUTS, ids=["tp2", "pp2", "tp2xpp2", "pp2xdp2-zero1", "sp-tp2", "cp2"])
+@pytest.mark.parametrize(
+    "flags, nproc", LAYOUTS, ids=["tp2", "pp2-packing", "tp2xpp2", "pp2xdp2-zero1", "sp-tp2", "cp2"]
+)
 def test_tensor_and_pipeline_parallel_match_one_process(tmp_path, pairs_run_inputs, one_process_run, flags, nproc):
     """Heads, MLP and vocabulary split over tensor-parallel ranks (the score head whole on each),
     layers over pipeline stages (1F1B; the last stage pools the scores and computes the pairwise
