@@ -151,6 +151,9 @@ class Args:
     micro_batch_size: Optional[int] = None
     """pairs per forward/backward pass on one rank, chosen and rejected together (default: the rank's whole share,
     batch_size / ranks); the share must be a multiple of it"""
+    packing: bool = False
+    """pack a micro-batch's sequences (both sides of each pair) into rows no longer than its longest instead of padding
+    each, attention kept within each by restarting position ids (same loss; not with --cp or --sequence-parallel)"""
     learning_rate: float = 1e-4
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -228,6 +231,8 @@ def check_args(args: Args, world_size: int) -> Args:
         )
     if args.sequence_parallel and args.tp == 1:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
+    if args.packing and (args.cp > 1 or args.sequence_parallel):
+        fail("--cp and --sequence-parallel do not compose with --packing; use them with data and tensor parallelism")
     if args.zero_stage == 3 and args.tp > 1:
         fail("--zero-stage 3 does not compose with --tp; use --zero-stage 0, 1 or 2")
     if args.lora_rank > 0 and args.tp > 1:
@@ -609,8 +614,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
 def write_jsonl_atomically(path: str, records: list):
     """Records as --task jsonl reads them, renamed into place only once complete."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
+        file.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 
@@ -826,56 +830,73 @@ def merge_lora(model) -> torch.nn.Module:
     return merged
 
 
-def collate(sequences: list, pad_token_id: int, device) -> dict:
-    """A right-padded batch of (ids, response start); labels are -100 on the prompt and the
-    padding, so that only response tokens are scored."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), kernels.IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, response_start) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, response_start : len(ids)] = torch.tensor(ids[response_start:])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+def collate(sequences: list, pad_token_id: int, device, packing=False) -> dict:
+    """A batch of (ids, response start): the model's keyword arguments, labels (-100 but on the responses) and the
+    number in `sequences` of each token's sequence, by which sequence_logprobs sums each response. Padded: a row per
+    sequence, right-padded, with an attention mask. Packed (--packing): rows of whole sequences, filled first fit from
+    the longest and no longer than it; the position ids restart at 0 for each sequence and for the padding ending a
+    row, by which transformers, given no attention mask and no cache, keeps attention within each sequence."""
+    width, rows = max(len(ids) for ids, _ in sequences), []
+    numbered = [(number, ids, start) for number, (ids, start) in enumerate(sequences)]
+    for sequence in sorted(numbered, key=lambda sequence: -len(sequence[1])) if packing else numbered:
+        fitting = [row for row in rows if packing and sum(len(ids) for _, ids, _ in row) + len(sequence[1]) <= width]
+        if fitting:
+            fitting[0].append(sequence)
+        else:
+            rows.append([sequence])
+    batch = {"input_ids": [], "labels": [], "sequence": [], "position_ids" if packing else "attention_mask": []}
+    for row in rows:
+        ids = [token for _, tokens, _ in row for token in tokens]
+        labels = [token if t >= max(start, 1) else -100 for _, tokens, start in row for t, token in enumerate(tokens)]
+        pad = width - len(ids)
+        batch["input_ids"].append(ids + [pad_token_id] * pad)
+        batch["labels"].append(labels + [-100] * pad)
+        batch["sequence"].append([number for number, tokens, _ in row for _ in tokens] + [row[-1][0]] * pad)
+        if packing:  # the padding is a sequence of its own, which no other attends to
+            batch["position_ids"].append([t for _, tokens, _ in row for t in range(len(tokens))] + list(range(pad)))
+        else:
+            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+    return {key: torch.tensor(value, device=device) for key, value in batch.items()}
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """log pi(response | prompt) of each row: the response tokens' log-probabilities, summed. The
+    """log pi(response | prompt) of each sequence: the response tokens' log-probabilities, summed. The
     LM head runs through kernels.fused_logprobs, which never builds the [tokens, vocabulary] logits,
     as the head module's forward for this one call: hooks on the head then fire as for any module
     call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
     backward). Under --tp the head is this rank's slice of the vocabulary, and fused_logprobs
     combines the slices over its group."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # a cache would unpack --packing's rows
     head = model.get_output_embeddings()
     head.forward = lambda x: kernels.fused_logprobs(
         x, head.weight, batch["labels"][:, 1:], bias=head.bias, group=getattr(head, "group", None)
     )
     try:
-        return head(hidden[:, :-1]).sum(-1)
+        logprobs = head(hidden[:, :-1])  # fp32, or fp64 under --dtype fp64
     finally:
         del head.forward
+    sums = logprobs.new_zeros(int(batch["sequence"].max()) + 1)
+    return sums.index_add(0, batch["sequence"][:, 1:].flatten(), logprobs.flatten())
 
 
-def pair_logprobs(model, pairs: list, pad_token_id: int, device) -> tuple:
-    """(chosen, rejected) response log-probabilities of a micro-batch of pairs, from one forward
-    pass over both sides."""
-    logprobs = sequence_logprobs(model, collate([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id, device))
-    logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32))  # bf16 is upcast, fp64 kept
-    return logprobs[: len(pairs)], logprobs[len(pairs) :]
+def pair_logprobs(model, pairs: list, pad_token_id: int, device, packing=False) -> torch.Tensor:
+    """[pairs, 2] (chosen, rejected) response log-probabilities of a micro-batch of pairs, from one
+    forward pass over both sides, padded or packed (--packing)."""
+    sides = [c for c, _ in pairs] + [r for _, r in pairs]
+    return sequence_logprobs(model, collate(sides, pad_token_id, device, packing)).view(2, -1).T
 
 
-def response_lengths(pairs: list, dtype) -> torch.Tensor:
+def response_lengths(pairs: list) -> torch.Tensor:
     """[pairs, 2] token counts of the chosen and rejected responses (EOS included)."""
-    return torch.tensor([[len(c[0]) - c[1], len(r[0]) - r[1]] for c, r in pairs], dtype=dtype)
+    return torch.tensor([[len(c[0]) - c[1], len(r[0]) - r[1]] for c, r in pairs])
 
 
 def preference_losses(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor, args: Args) -> tuple:
     """Per pair: the loss, and the implicit rewards beta * log(pi / ref) of the chosen and the
     rejected response. policy, reference: [pairs, 2] summed response log-probabilities (chosen,
-    rejected); lengths: [pairs, 2] response token counts. With h the chosen minus the rejected
-    log-ratio:
+    rejected); lengths: [pairs, 2] response token counts (reference and lengths are moved to the
+    policy's dtype and device). With h the chosen minus the rejected log-ratio:
 
       dpo (Rafailov et al., 2023):  -log sigmoid(beta h), and with --label-smoothing eps the
           conservative DPO of Mitchell (2023), the expected loss when a label is wrong with
@@ -887,9 +908,9 @@ def preference_losses(policy: torch.Tensor, reference: torch.Tensor, lengths: to
           longer response does not get a larger implicit reward for its length alone (the
           normalisation SimPO, Meng et al., 2024, applies to its reward; here DPO's reference is
           kept)."""
-    log_ratios = policy - reference
+    log_ratios = policy - reference.to(policy)
     if args.loss == "length-normalized":
-        log_ratios = log_ratios / lengths.to(log_ratios.dtype)
+        log_ratios = log_ratios / lengths.to(log_ratios)
     h = log_ratios[:, 0] - log_ratios[:, 1]
     if args.loss == "ipo":
         losses = (h - 1 / (2 * args.beta)) ** 2
@@ -900,7 +921,7 @@ def preference_losses(policy: torch.Tensor, reference: torch.Tensor, lengths: to
     return losses, rewards[:, 0], rewards[:, 1]
 
 
-def accumulate_gradients(model, pairs: list, reference: torch.Tensor, args: Args, grid, pad_token_id, autocast):
+def accumulate_gradients(model, pairs: list, references: torch.Tensor, args: Args, grid, pad_token_id, autocast):
     """Backward over this rank's share of the batch in micro-batches; returns the summed [loss,
     pairs ranked right, chosen reward, rejected reward] of the share.
 
@@ -910,17 +931,13 @@ def accumulate_gradients(model, pairs: list, reference: torch.Tensor, args: Args
     micro-batch's backward communicates (no_sync on the others)."""
     sums = torch.zeros(4, dtype=torch.float64)
     starts = range(0, len(pairs), args.micro_batch_size)
-    for start in starts:
+    for start, reference in zip(starts, references.split(args.micro_batch_size)):
         micro_batch = pairs[start : start + args.micro_batch_size]
         with model.no_sync() if start != starts[-1] else contextlib.nullcontext():
             with autocast:
-                chosen, rejected = pair_logprobs(model.module, micro_batch, pad_token_id, grid.device)
-            losses, chosen_rewards, rejected_rewards = preference_losses(
-                torch.stack([chosen, rejected], 1),
-                reference[start : start + len(micro_batch)].to(chosen),
-                response_lengths(micro_batch, chosen.dtype).to(chosen.device),
-                args,
-            )
+                policy = pair_logprobs(model.module, micro_batch, pad_token_id, grid.device, args.packing)
+            lengths = response_lengths(micro_batch)
+            losses, chosen_rewards, rejected_rewards = preference_losses(policy, reference, lengths, args)
             (losses.sum() / args.batch_size * grid.dp_size).backward()
         right = chosen_rewards > rejected_rewards
         sums += torch.stack([losses.sum(), right.sum(), chosen_rewards.sum(), rejected_rewards.sum()]).detach().cpu()
@@ -939,16 +956,13 @@ def all_pair_logprobs(model, pairs: list, args: Args, grid, pad_token_id, autoca
     """[pairs, 2] (chosen, rejected) response log-probabilities of every pair under `model` as it
     is now: each data-parallel rank computes a contiguous share and the shares are gathered, so
     every rank holds all of them. The whole model is gathered once (a no-op below ZeRO-3), so ranks
-    may run different numbers of forwards."""
-    was_training = model.training
-    model.eval()
+    may run different numbers of forwards. The callers put the model in eval mode."""
     rows = []
     with model.gathered(), autocast:
         mine = share(pairs, grid.dp_rank, grid.dp_size)
         for start in range(0, len(mine), args.micro_batch_size):
             micro_batch = mine[start : start + args.micro_batch_size]
-            rows.append(torch.stack(pair_logprobs(model.module, micro_batch, pad_token_id, grid.device), 1).cpu())
-    model.train(was_training)
+            rows.append(pair_logprobs(model.module, micro_batch, pad_token_id, grid.device, args.packing).cpu())
     gathered = [row for part in parallel.all_gather_objects(rows, grid.dp_group) for row in part]
     return torch.cat(gathered).to(param_dtype(args))
 
@@ -968,6 +982,7 @@ def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, p
                 "it, or --seed, --data, --max-length or the tokenizer changed); resume with the original flags"
             )
         return saved["reference_logprobs"]
+    model.eval()  # as at evaluation (main puts it back in training mode)
     with adapters_disabled(model.module):
         train = all_pair_logprobs(model, train_pairs, args, grid, pad_token_id, autocast)
         held_out = all_pair_logprobs(model, eval_pairs, args, grid, pad_token_id, autocast)
@@ -989,17 +1004,15 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     """Response token ids for each prompt (token ids, leaving max_new_tokens of room in the model's
     context) up to its first end-of-turn id (end_of_turn_ids of the model's generation config),
     included (one cut at max_new_tokens has none): a left-padded batch decoded token by token on the
-    KV cache, greedy at temperature 0, else sampled from softmax(logits / temperature) and nothing
-    else (model.generate() would also apply what the checkpoint's generation_config.json asks, and
-    evaluation would no longer measure the policy's own distribution)."""
+    KV cache of a model its callers put in eval mode, greedy at temperature 0, else sampled from softmax(logits /
+    temperature) and nothing else (model.generate() would also apply what the checkpoint's generation_config.json
+    asks, and evaluation would no longer measure the policy's own distribution)."""
     stop_ids = end_of_turn_ids(tokenizer, model.generation_config)
     stop, width = torch.tensor(sorted(stop_ids), device=device), max(map(len, prompts))
     step_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
     cache, finished, tokens = None, torch.zeros(len(prompts), dtype=torch.bool, device=device), []
-    was_training = model.training
-    model.eval()
     for _ in range(max_new_tokens):
         output = model(
             input_ids=step_ids,
@@ -1024,7 +1037,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         step_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], -1)
         position_ids = position_ids[:, -1:] + 1
-    model.train(was_training)
     rows = torch.stack(tokens, 1).tolist()
     return [ids[: next((i + 1 for i, token in enumerate(ids) if token in stop_ids), len(ids))] for ids in rows]
 
@@ -1075,8 +1087,7 @@ def judge_scores(judge, judge_tokenizer, tokenizer, prompts: list, prompt_ids: l
             prompt = pair["prompt"]
             ids, [reply] = tokenize_prompt(judge_tokenizer, prompt, [completion_of(prompt, text)], pair.get("tools"))
             sequences.append(ids + (reply[:-1] if isinstance(prompt, str) else reply))  # reward_model.py adds no EOS
-    device = next(judge.parameters()).device
-    batch = collate([(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, device)
+    batch = collate([(ids[-context:], 0) for ids in sequences], judge.config.pad_token_id, judge.device)
     return judge(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().cpu()
 
 
@@ -1125,9 +1136,9 @@ def evaluate(
     the optimality of its greedy and sampled walks, on text tasks sample_metrics. Sampling runs on a
     forked RNG with a fixed seed per rank, so evaluation never perturbs training and every
     evaluation draws comparable samples. The whole model is gathered once (a no-op below ZeRO-3)."""
+    model.eval()
     policy = all_pair_logprobs(model, eval_pairs, args, grid, tokenizer.pad_token_id, autocast)
-    lengths = response_lengths(eval_pairs, policy.dtype)
-    losses, chosen, rejected = preference_losses(policy, references["eval"], lengths, args)
+    losses, chosen, rejected = preference_losses(policy, references["eval"], response_lengths(eval_pairs), args)
     metrics = {
         "eval/loss": losses.mean().item(),
         "eval/accuracy": (chosen > rejected).double().mean().item(),
@@ -1136,7 +1147,6 @@ def evaluate(
         "eval/margin": (chosen - rejected).mean().item(),
     }
     device, sampler = grid.device, model.module
-    model.eval()
     with model.gathered(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         torch.manual_seed(args.seed + grid.dp_rank)
         if args.task == "randomwalks":

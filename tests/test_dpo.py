@@ -63,7 +63,7 @@ def test_response_logprobs_are_the_plain_softmax_of_the_response_tokens(tmp_path
     path = save_tiny_model(tmp_path / "policy", "llama", tokenizer=sft.randomwalks_tokenizer())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     pairs = [(([1, 2, 3, 4], 2), ([1, 5, 21], 1)), (([7, 8], 1), ([7, 9, 10, 11, 12], 3))]
-    chosen, rejected = dpo.pair_logprobs(model, pairs, 22, torch.device("cpu"))
+    chosen, rejected = dpo.pair_logprobs(model, pairs, 22, torch.device("cpu")).T
     for side, sums in ((0, chosen), (1, rejected)):
         for row, pair in enumerate(pairs):
             ids, start = pair[side]

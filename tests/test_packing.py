@@ -1,7 +1,8 @@
 """--packing: a micro-batch's sequences concatenated into rows, position ids restarting per sequence, computes
-exactly what the padded micro-batch computes (fp64): per-token log-probs (sft.py) or each sequence's score at its last
-token (reward_model.py), the loss, every parameter's gradient, and whole runs, for GPT-2 (learned positions), Llama
-(rotary, GQA) and GPT-NeoX (rotary, parallel residual)."""
+exactly what the padded micro-batch computes (fp64): per-token log-probs (sft.py), each sequence's score at its last
+token (reward_model.py) or each response's summed log-prob in pair order (dpo.py), the loss, every parameter's
+gradient, and whole runs, for GPT-2 (learned positions), Llama (rotary, GQA) and GPT-NeoX (rotary, parallel
+residual)."""
 
 import json
 import random
@@ -11,10 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import dpo
 import parallel
 import reward_model as rm
 import sft
-from conftest import chat_tokenizer, max_weight_difference, save_tiny_model, tiny_config, write_jsonl
+from conftest import SAME_MATH, chat_tokenizer, max_weight_difference, save_tiny_model, tiny_config, write_jsonl
 
 FAMILIES = ["gpt2", "llama", "gpt-neox"]
 CONVERSATION = [
@@ -238,3 +240,98 @@ def test_reward_model_packing_refuses_split_sequences():
     for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
         with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
             rm.check_args(rm.Args(packing=True, **flags), world_size=2)
+
+
+def skewed_pairs(tokenizer) -> list:
+    """dpo.py's pairs of 3 to 33 tokens: an empty response (its EOS the one token scored), one-word ones, long ones,
+    and a conversation rendered by the chat template."""
+    long = "my friend said hello to the world and then the cat sat on the mat in the park"
+    pairs = [
+        {"prompt": "the cat", "chosen": "", "rejected": " sat on the mat"},
+        {"prompt": long, "chosen": " a summary", "rejected": " hello"},
+        {"prompt": "post", "chosen": " " + long, "rejected": " a dog"},
+        {
+            "prompt": CONVERSATION[:3],
+            "chosen": CONVERSATION[3:],
+            "rejected": [{"role": "assistant", "content": "Paris"}],
+        },
+    ]
+    return dpo.tokenize_pairs(tokenizer, pairs, 64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_packed_pair_logprobs_and_gradients_equal_padded(family):
+    """Each response's summed log-prob, in pair order, and every parameter's gradient of a sum that weighs each
+    response apart (so a response credited to another sequence shows), packed as padded (fp64)."""
+    tokenizer = chat_tokenizer("chatml")
+    pairs = skewed_pairs(tokenizer)
+    sides = [side for pair in pairs for side in pair]
+    packed = dpo.collate(sides, tokenizer.pad_token_id, "cpu", packing=True)
+    assert len(packed["input_ids"]) < len(sides) and "attention_mask" not in packed  # rows hold several
+    model = tiny_model(family, tokenizer)
+    weights = torch.randn(len(pairs), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logprobs, gradients = [], []
+    for packing in (False, True):
+        model.zero_grad()
+        pair_logprobs = dpo.pair_logprobs(model, pairs, tokenizer.pad_token_id, "cpu", packing)
+        (pair_logprobs * weights).sum().backward()
+        logprobs.append(pair_logprobs.detach())
+        gradients.append({name: parameter.grad.clone() for name, parameter in model.named_parameters()})
+    assert logprobs[0].shape == (len(pairs), 2)
+    assert torch.allclose(logprobs[1], logprobs[0], rtol=0, atol=1e-12), (logprobs[1] - logprobs[0]).abs().max()
+    for name, gradient in gradients[0].items():
+        assert gradient.abs().max() > 0, name
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-13), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
+    """Whole fp64 randomwalks runs (walks of 2 to 11 tokens) in micro-batches of 4 pairs, packed into fewer rows: the
+    same sums (loss, pairs ranked right, rewards) at every step, so the same reference log-probs too, the same eval
+    loss and the same weights, up to summation order (SAME_MATH's argument in conftest)."""
+    model = save_tiny_model(tmp_path / "model", family, tokenizer=sft.randomwalks_tokenizer())
+    sums, rows = {}, {True: 0, False: 0}
+    accumulate, collate = dpo.accumulate_gradients, dpo.collate
+
+    def recording(model, pairs, references, args, *rest):
+        sums.setdefault(args.packing, []).append(accumulate(model, pairs, references, args, *rest))
+        return sums[args.packing][-1]
+
+    def counting(sequences, pad_token_id, device, packing=False):
+        batch = collate(sequences, pad_token_id, device, packing)
+        rows[packing] += len(batch["input_ids"])
+        return batch
+
+    monkeypatch.setattr(dpo, "accumulate_gradients", recording)
+    monkeypatch.setattr(dpo, "collate", counting)
+    # No walks sampled at evaluation (half a run's time): the runs compare the losses.
+    monkeypatch.setattr(dpo, "generate", lambda model, tokenizer, prompts, *rest: [[] for _ in prompts])
+    args = dpo.Args(
+        model=model,
+        dtype="fp64",
+        randomwalks_pairs=16,
+        batch_size=8,
+        micro_batch_size=4,
+        eval_samples_per_start=1,
+        warmup_steps=1,
+        learning_rate=1e-2,
+        beta=0.5,
+    )
+    for packing in (False, True):
+        dpo.main(replace(args, packing=packing, output_dir=str(tmp_path / str(packing))))
+    assert 0 < rows[True] < rows[False]
+    assert len(sums[True]) == len(sums[False]) == 2
+    # Absolute too: the first step's rewards are 0, exactly where the policy's and the reference's rows are the same
+    # computation (padded), else up to a few ulps of the summed log-probs (about 30) added in another order.
+    for packed, padded in zip(sums[True], sums[False]):
+        assert torch.allclose(packed, padded, rtol=1e-12, atol=1e-12), (packed, padded)
+    metrics = [json.loads((tmp_path / str(packing) / "metrics.json").read_text()) for packing in (False, True)]
+    for key in ("eval/loss", "eval/margin"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-12), key
+    assert max_weight_difference(tmp_path / "False", tmp_path / "True") < SAME_MATH
+
+
+def test_dpo_packing_refuses_split_sequences():
+    for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
+        with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
+            dpo.check_args(dpo.Args(model="m", packing=True, **flags), world_size=2)
