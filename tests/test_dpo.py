@@ -314,8 +314,10 @@ def test_the_judge_is_fed_as_reward_model_py_trained_it():
     config.update(dict(num_labels=1, pad_token_id=judge_tokenizer.pad_token_id))
     torch.manual_seed(0)
     judge = AutoModelForSequenceClassification.from_config(config).double().eval()
-    fed = []
-    judge.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True)
+    fed = []  # what the judge's trunk reads (reward_model.score runs the trunk and the score head itself)
+    judge.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True
+    )
     prompts = [{"prompt": [{"role": "user", "content": "the cat"}]}, {"prompt": "my friend said hello to the dog"}]
     prompt_ids = [dpo.tokenize_prompt(tokenizer, p["prompt"])[0] for p in prompts]
     # One reply ended by the model's end of turn; one cut at --max-new-tokens, longer than the judge's context.
