@@ -492,11 +492,10 @@ def arithmetic_problems(seed: int, count: int, operands: int, digits: int, opera
     and count: training and held-out problems never meet, in any two runs. A side holding fewer
     than `count` problems (one-digit addition has 100 in all) gives every one of them."""
     numbers, rng = range(0 if digits == 1 else 10 ** (digits - 1), 10**digits), random.Random(seed)
-    space = itertools.product(
-        itertools.product(numbers, repeat=operands), itertools.product(operations, repeat=operands - 1)
-    )
     if len(numbers) ** operands * len(operations) ** (operands - 1) <= max(100_000, 20 * count):
-        candidates = list(space)  # small: listed whole, in a seeded order (draws would mostly repeat)
+        # Small: listed whole, in a seeded order (draws would mostly repeat). Only here: product() lists its inputs.
+        operand_values = itertools.product(numbers, repeat=operands)
+        candidates = list(itertools.product(operand_values, itertools.product(operations, repeat=operands - 1)))
         rng.shuffle(candidates)
     else:  # each side holds over twice `count`: drawn until enough are distinct
         candidates = iter(lambda: (rng.choices(numbers, k=operands), rng.choices(operations, k=operands - 1)), None)
