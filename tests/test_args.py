@@ -191,20 +191,18 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path, script, walk_
     assert os.listdir(tmp_path) == ["file"]
 
 
-def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path):
+def test_every_script_runs_under_torchrun_with_its_default_sizes(tmp_path, walk_policy):
     """The first multi-process command a user types: no batch or micro-batch flag, 2 processes.
-    Only the run length is cut (and ppo and dpo are given the policy they need), to keep the suite short.
+    Only the run length and the evaluations' samples (one a start node) are cut (and ppo and dpo are given
+    the policy they need), to keep the suite short.
     The ranks are run_ranks' (torchrun's environment, forked with torch imported): real torchrun, three
     fresh interpreters a run, is the subject of the test above."""
-    import sft
-
-    policy = save_tiny_model(tmp_path / "policy", tokenizer=sft.randomwalks_tokenizer())
     commands = {
-        "sft.py": ["--num-epochs", "1", "--eval-samples-per-start", "2"],
+        "sft.py": ["--num-epochs", "1", "--eval-samples-per-start", "1"],
         "reward_model.py": ["--num-epochs", "1", "--randomwalks-pairs", "256"],
-        "ppo.py": ["--model", policy, "--num-updates", "1", "--eval-samples-per-start", "2"],
-        "ilql.py": ["--num-epochs", "1", "--eval-samples-per-start", "2", "--eval-betas", "1"],
-        "dpo.py": ["--model", policy, "--randomwalks-pairs", "128", "--eval-samples-per-start", "2"],
+        "ppo.py": ["--model", walk_policy, "--num-updates", "1", "--eval-samples-per-start", "1"],
+        "ilql.py": ["--num-epochs", "1", "--eval-samples-per-start", "1", "--eval-betas", "1"],
+        "dpo.py": ["--model", walk_policy, "--randomwalks-pairs", "128", "--eval-samples-per-start", "1"],
     }
     for script, flags in commands.items():
         result = run_ranks(script, *flags, "--output-dir", str(tmp_path / script), cwd=tmp_path)

@@ -1068,7 +1068,9 @@ def text_reward(tmp_path_factory):
 def data_parallel_flags(policy, reward, *variant):
     """A short run that learns something (a learning rate that moves the weights well beyond float
     noise): 2 generation chunks, and per rank one micro-batch of each minibatch. In fp64, so that
-    layouts that compute the same math agree to SAME_MATH."""
+    layouts that compute the same math agree to SAME_MATH. An evaluation after each of the 2 updates,
+    so that the second trains after one (whose gathered models and forked RNG must leave training as
+    it was); one sampled walk a start node, as evaluations are most of a run's time."""
     return [
         "--model",
         policy,
@@ -1077,7 +1079,7 @@ def data_parallel_flags(policy, reward, *variant):
         "--dtype",
         "fp64",
         "--num-updates",
-        "3",
+        "2",
         "--batch-size",
         "8",
         "--mini-batch-size",
@@ -1091,9 +1093,9 @@ def data_parallel_flags(policy, reward, *variant):
         "--learning-rate",
         "1e-3",
         "--eval-every",
-        "2",
+        "1",
         "--eval-samples-per-start",
-        "2",
+        "1",
         *variant,
     ]
 
@@ -1187,15 +1189,15 @@ def test_sequence_splits_equal_one_process(tmp_path, walk_policy, text_reward, o
 
 
 def test_two_rank_resume_after_kill_is_bitwise_exact(tmp_path, walk_policy, text_reward, one_process):
-    """ZeRO-3 on 2 ranks equals one process, and killed after the checkpoint of update 2 (each
+    """ZeRO-3 on 2 ranks equals one process, and killed after the checkpoint of update 1 (each
     rank's RNG states in its own file, the optimizer's moments streamed dense, all listed in the
     manifest) it resumes bitwise."""
     flags = data_parallel_flags(walk_policy, text_reward, *SCALED_REWARDS)
     one = one_process(flags)
-    flags += ["--save-every", "2", "--zero-stage", "3"]
-    reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000002")
+    flags += ["--save-every", "1", "--zero-stage", "3"]
+    reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000001")
     assert_runs_agree(one, reference, walk_policy)
-    checkpoint = killed / "checkpoints" / "step_00000002"
+    checkpoint = killed / "checkpoints" / "step_00000001"
     names = sorted(os.listdir(checkpoint))  # each rank's own file, and the weights and moments streamed to rank 0
     assert names == [
         "config.json",
@@ -1240,8 +1242,8 @@ def test_pipeline_parallel_hydra_equals_one_process_and_resumes_exactly(
     it too (the frozen first stage had taken no step: the step count is the last stage's)."""
     flags = data_parallel_flags(walk_policy, text_reward, *HYDRA)
     one = one_process(flags)
-    flags += ["--save-every", "2", "--pp", "2"]
-    reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000002")
+    flags += ["--save-every", "1", "--pp", "2"]
+    reference, killed = torchrun_kill_and_resume("ppo.py", flags, tmp_path, "step_00000001")
     assert_runs_agree(one, reference, walk_policy)
     assert_resumed_bitwise(reference, killed)
     resumed = run_script("ppo.py", *flags[:-2], "--resume", str(killed), cwd=tmp_path)
@@ -1253,7 +1255,7 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, text_reward
     """4 ranks as 2 tensor-parallel x 2 pipeline ranks, on Llama (GQA, untied head) with a full
     reference copy and critic-free GRPO advantages."""
     policy = save_tiny_model(tmp_path / "llama", "llama", tokenizer=sft.randomwalks_tokenizer())
-    flags = data_parallel_flags(policy, text_reward, *GRPO, "--num-updates", "2")
+    flags = data_parallel_flags(policy, text_reward, *GRPO)
     result = run_ranks(
         "ppo.py", *flags, "--tp", "2", "--pp", "2", "--output-dir", str(tmp_path / "four"), nproc=4, cwd=tmp_path
     )

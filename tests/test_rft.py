@@ -239,25 +239,13 @@ def test_a_reward_model_scores_each_response_at_its_last_token(tmp_path, policy)
 
 
 # --- a run --------------------------------------------------------------------------------------
-def test_a_short_run_logs_each_round_and_saves_a_loadable_model(tmp_path, policy, hash_reward):
+def test_a_short_run_logs_each_round_and_saves_a_loadable_model(policy, one_process_run):
     """Selection by hash_reward, so the kept share is the best 1 - percentile of each prompt's 8
-    samples; the optimality of the walks is still reported."""
-    run_dir = tmp_path / "run"
-    result = run_script(
-        "rft.py",
-        "--model",
-        policy,
-        *QUICK,
-        "--reward-fn",
-        hash_reward,
-        "--track",
-        "--output-dir",
-        str(run_dir),
-        cwd=tmp_path,
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "round 0: score_greedy" in result.stdout and "round 2: percentile 0.9500" in result.stdout
+    samples; the optimality of the walks is still reported. The run is the one-process run that the
+    layouts below reproduce (in fp64, with wandb offline): one run where two cost twice."""
+    run_dir = one_process_run
+    stdout = (run_dir.parent / "stdout.txt").read_text()
+    assert "round 0: score_greedy" in stdout and "round 2: percentile 0.9500" in stdout
     metrics = metrics_of(run_dir)
     assert metrics["round"] == 2 and [r["round"] for r in metrics["rounds"]] == [1, 2]
     for r, percentile, kept_per_prompt in zip(metrics["rounds"], (0.7, 0.95), (3, 1)):
@@ -329,10 +317,20 @@ def parallel_flags(policy, reward) -> list:
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, policy, hash_reward):
-    """The single-process run every layout must reproduce."""
+    """The single-process run every layout must reproduce, tracked by wandb offline (its stdout beside
+    it): the short run whose log and model test_a_short_run_logs_each_round_and_saves_a_loadable_model checks."""
     folder = tmp_path_factory.mktemp("one-process")
-    single = run_script("rft.py", *parallel_flags(policy, hash_reward), "--output-dir", str(folder / "run"), cwd=folder)
+    single = run_script(
+        "rft.py",
+        *parallel_flags(policy, hash_reward),
+        "--track",
+        "--output-dir",
+        str(folder / "run"),
+        cwd=folder,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert single.returncode == 0, single.stderr[-2000:]
+    (folder / "stdout.txt").write_text(single.stdout)
     return folder / "run"
 
 
