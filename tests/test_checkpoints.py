@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import parallel
-from conftest import ROOT, Job, assert_same_weights, save_tiny_model, save_tiny_walk_model
+from conftest import ROOT, Job, assert_same_weights, run_script, save_tiny_model, save_tiny_walk_model
 
 
 def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_path):
@@ -27,9 +27,8 @@ def test_export_command_writes_indexed_shards_that_from_pretrained_loads(tmp_pat
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
     assert parallel.checkpoint_damage(str(checkpoint)) is None
 
-    def export(*argv):
-        command = [sys.executable, os.path.join(ROOT, "parallel.py"), "export", *map(str, argv)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    def export(*argv):  # `python parallel.py export ...`, forked as conftest runs the scripts (no fresh import)
+        return run_script("parallel.py", "export", *argv, cwd=tmp_path)
 
     done = export(tmp_path / "run", tmp_path / "out", 0.02)  # a run directory: its newest intact checkpoint
     assert done.returncode == 0, done.stderr[-2000:]
