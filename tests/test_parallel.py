@@ -345,13 +345,13 @@ def _write_streamed(grid, folder):
 
 
 def test_ranks_share_the_writing_of_a_streamed_checkpoint(tmp_path):
-    """Every rank writes its share of a checkpoint's files (file i by rank i % 3) and hashes a share for the
+    """Every rank writes its share of a checkpoint's files (file i by rank i % 2) and hashes a share for the
     manifest: each file is written once, by its rank; together they hold the dense model bitwise (the tied head
     left out, as save_pretrained leaves it), with the index transformers reads, and the manifest finds them intact."""
-    written = spawn(3, _write_streamed, folder=str(tmp_path))
+    written = spawn(2, _write_streamed, folder=str(tmp_path))
     parts = sorted((int(path.rsplit("part", 1)[1]), rank) for rank, paths in enumerate(written) for path in paths)
     assert [part for part, _ in parts] == list(range(len(parts))) and len(parts) > 6
-    assert all(rank == part % 3 for part, rank in parts)
+    assert all(rank == part % 2 for part, rank in parts)
     stored = dict(parallel.stored_tensors(str(tmp_path), "model"))
     expected = {k: v for k, v in tiny_gpt2().state_dict().items() if k != "lm_head.weight"}
     assert stored.keys() == expected.keys() and all(torch.equal(stored[k], v) for k, v in expected.items())
