@@ -210,6 +210,10 @@ class Args:
     micro_batch_size: Optional[int] = None
     """rollouts per forward/backward pass on one rank (default: the rank's whole share of a minibatch,
     mini_batch_size / ranks); the share must be a multiple of it (gradient accumulation inside the share)"""
+    packing: bool = False
+    """the training passes (log-probs, values, the PPO epochs) pack each micro-batch's rollouts, prompt and response
+    without padding, into rows no longer than its longest, attention kept within each by position ids that restart
+    (same losses; not with --pp, --cp or --sequence-parallel)"""
     generation_batch_size: int = 64
     """rollouts sampled by one generate() call: the batch is cut into chunks of this size (the last may be shorter),
     each sampled with its own seed and dealt out to the ranks in order, so rollouts do not depend on the number of
@@ -365,6 +369,8 @@ def check_args(args: Args, world_size: int) -> Args:
         fail("--sequence-parallel splits the tensor-parallel ranks' activations; it needs --tp 2 or more")
     if args.pp > 1 and (args.cp > 1 or args.sequence_parallel):
         fail("--cp and --sequence-parallel do not compose with --pp; use them with data and tensor parallelism")
+    if args.packing and (args.pp > 1 or args.cp > 1 or args.sequence_parallel):
+        fail("--packing composes with data and tensor parallelism only, not with --pp, --cp or --sequence-parallel")
     if args.zero_stage == 3 and args.tp * args.pp > 1:
         fail("--zero-stage 3 does not compose with --tp or --pp; use --zero-stage 0, 1 or 2")
     if args.lora_rank > 0 and args.tp * args.pp > 1:
@@ -1117,17 +1123,46 @@ class Critic(torch.nn.Module):
                 if scorer.score.bias is not None:
                     self.head.bias.copy_(scorer.score.bias)
 
-    def forward(self, input_ids, attention_mask, prompt_length: int):
-        hidden = self.trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask)
-        ).last_hidden_state
-        return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1)
+    def forward(self, micro_batch: dict, prompt_length: int):
+        return self.head(trunk_states(self.trunk, micro_batch)[:, prompt_length - 1 : -1]).squeeze(-1)
+
+
+def trunk_states(model, micro_batch: dict) -> torch.Tensor:
+    """A model's final hidden states [b, T, H] of a micro-batch's padded rows, computed on them or (--packing) on
+    its packed rows and put back in place: zero at the padding, which the losses mask out. Without a cache, which
+    would keep transformers from reading packed positions as separate sequences."""
+    packed = micro_batch["packed"]
+    if packed is None:
+        inputs = {k: micro_batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        return model.base_model(**inputs, use_cache=False).last_hidden_state
+    hidden = model.base_model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+    hidden = hidden.last_hidden_state.flatten(0, 1)
+    hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the row every padding position reads
+    return hidden[packed["slots"]].view(*micro_batch["input_ids"].shape, -1)
+
+
+def pack(input_ids, mask) -> dict:
+    """--packing: a micro-batch's real tokens in rows no longer than its longest sequence, filled first fit from the
+    longest, each sequence with its own position ids and the padding ending a row a sequence of its own (positions
+    from 0); `slots` maps each padded position to its packed one, or for padding to one past the last."""
+    lengths, end = mask.sum(-1).tolist(), mask.numel()  # end: the padding's index, a zero after the flattened inputs
+    width, rows, where = max(lengths), [], mask.flatten().nonzero().flatten().split(lengths)
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        row = next((row for row in rows if sum(lengths[k] for k in row) + lengths[j] <= width), None)
+        rows.append([j]) if row is None else row.append(j)
+    fill = where[0].new_full((width,), end)
+    flat = torch.stack([torch.cat([where[j] for j in row] + [fill])[:width] for row in rows])
+    slots = torch.full((end + 1,), flat.numel(), device=flat.device)
+    slots[flat.flatten()] = torch.arange(flat.numel(), device=flat.device)
+    padding, packed = flat == end, lambda x: torch.cat([x.flatten(), x.new_zeros(1)])[flat]
+    positions = torch.where(padding, padding.cumsum(-1) - 1, packed(positions_from_mask(mask)))
+    return {"input_ids": packed(input_ids), "position_ids": positions, "slots": slots[:end]}
 
 
 def values_of(models, hidden, micro_batch: dict, prompt_length: int):
     """V(state) before each response token, from the policy's hidden states or the separate critic."""
     if models.critic is not None:
-        return upcast(models.critic(micro_batch["input_ids"], micro_batch["attention_mask"], prompt_length))
+        return upcast(models.critic(micro_batch, prompt_length))
     return upcast(models.value_head(hidden).squeeze(-1))
 
 
@@ -1618,12 +1653,7 @@ class Models:
 
     def trunk(self, model):
         """micro-batch -> the final hidden states of `model`, for the plain (unpipelined) passes."""
-
-        def hidden_states(micro_batch):
-            inputs = {k: micro_batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-            return model.base_model(**inputs).last_hidden_state
-
-        return hidden_states
+        return functools.partial(trunk_states, model)
 
 
 def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
@@ -1708,15 +1738,16 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
     )
 
 
-def micro_batches_of(micro_rows: list, input_ids, attention_mask) -> list:
+def micro_batches_of(micro_rows: list, input_ids, attention_mask, args: Args) -> list:
     """Micro-batches (each a tensor of row indices into the batch) in the form the passes take:
-    every pipeline stage needs the mask and positions, and the loss the rows."""
+    every pipeline stage needs the mask and positions, and the loss the rows; --packing adds the packed rows."""
     return [
         {
             "input_ids": input_ids[rows],
             "attention_mask": attention_mask[rows],
             "position_ids": positions_from_mask(attention_mask[rows]),
             "rows": rows,
+            "packed": pack(input_ids[rows], attention_mask[rows]) if args.packing else None,
         }
         for rows in micro_rows
     ]
@@ -2232,7 +2263,7 @@ def main(args: Args):
             for rows in micro_batch_rows(permutations[0][start : start + args.mini_batch_size])
         ]
         old_logprobs, ref_logprobs, old_values = rollout_logprobs(
-            models, micro_batches_of(first_epoch, input_ids, attention_mask), prompt_length, args, dtype, autocast
+            models, micro_batches_of(first_epoch, input_ids, attention_mask, args), prompt_length, args, dtype, autocast
         )
         # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
@@ -2283,7 +2314,7 @@ def main(args: Args):
                 loss_fn = functools.partial(
                     update_loss, normaliser=normaliser, first_minibatch=epoch == 0 and start == 0
                 )
-                micro_batches = micro_batches_of(micro_batch_rows(minibatch), input_ids, attention_mask)
+                micro_batches = micro_batches_of(micro_batch_rows(minibatch), input_ids, attention_mask, args)
                 parallel.forward_backward(models.wrapper, micro_batches, loss_fn, models.trunk(models.policy), autocast)
                 # The minibatch's loss summed over the ranks (a pipeline's last stage has it), and the tally reset.
                 loss = parallel.all_reduce_sum(parallel.all_reduce_sum(tally["loss"], grid.dp_group), grid.pp_group)

@@ -7,6 +7,7 @@ residual)."""
 import json
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import dpo
 import parallel
+import ppo
 import reward_model as rm
 import sft
 from conftest import SAME_MATH, chat_tokenizer, max_weight_difference, save_tiny_model, tiny_config, write_jsonl
@@ -338,3 +340,125 @@ def test_dpo_packing_refuses_split_sequences():
     for flags in (dict(cp=2), dict(tp=2, sequence_parallel=True)):
         with pytest.raises(SystemExit, match="--cp and --sequence-parallel do not compose with --packing"):
             dpo.check_args(dpo.Args(model="m", packing=True, **flags), world_size=2)
+
+
+def rollout_batch(vocab_size: int, pad_token_id: int, prompt_lengths: list, response_lengths: list):
+    """(input_ids, attention_mask, prompt length) of rollouts as ppo.py lays them out: each prompt left-padded to
+    the longest, each response right-padded after its last token (its EOS, or the budget)."""
+    prompt_length, width = max(prompt_lengths), max(prompt_lengths) + max(response_lengths)
+    columns = torch.arange(width)
+    mask = torch.stack(
+        [
+            (columns >= prompt_length - p) & (columns < prompt_length + r)
+            for p, r in zip(prompt_lengths, response_lengths)
+        ]
+    ).long()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab_size, mask.shape, generator=generator).masked_fill(mask == 0, pad_token_id)
+    return input_ids, mask, prompt_length
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppo_packed_logprobs_values_and_gradients_equal_padded(tmp_path, family):
+    """ppo.py's training passes on a micro-batch of rollouts (prompts of 1 to 6 tokens left-padded, responses of 1
+    to 7 right-padded), packed as padded (fp64): the response log-probs and entropies from the policy's trunk, the
+    values from a separate critic's and from a value head on the policy's, and every parameter's gradient of a sum
+    weighing each token apart (so a token credited to another sequence or position shows)."""
+    tokenizer = chat_tokenizer("chatml")
+    input_ids, mask, prompt_length = rollout_batch(
+        len(tokenizer), tokenizer.pad_token_id, [6, 1, 3, 4, 2], [7, 1, 3, 5, 2]
+    )
+    model = tiny_model(family, tokenizer)
+    model.save_pretrained(tmp_path / "critic")
+    critic = ppo.Critic(str(tmp_path / "critic"), dtype=torch.float64)
+    torch.nn.init.normal_(critic.head.weight, generator=torch.Generator().manual_seed(1))  # zero at first
+    value_head = torch.nn.Linear(model.config.hidden_size, 1, dtype=torch.float64)
+    parameters = dict(model.named_parameters()) | {f"critic.{k}": p for k, p in critic.named_parameters()}
+    parameters |= {f"value_head.{k}": p for k, p in value_head.named_parameters()}
+    real = mask[:, prompt_length:].bool()
+    weights = torch.randn(3, *real.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outputs, gradients = [], []
+    for packing in (False, True):
+        micro_batch = ppo.micro_batches_of(
+            [torch.arange(len(mask))], input_ids, mask, SimpleNamespace(packing=packing)
+        )[0]
+        if packing:  # 5 sequences of 13, 2, 6, 9 and 4 tokens in 3 rows of 13
+            assert micro_batch["packed"]["input_ids"].shape == (3, 13) and mask.shape == (5, 13)
+        for parameter in parameters.values():
+            parameter.grad = None
+        hidden = ppo.trunk_states(model, micro_batch)
+        logprobs, entropy, hidden = ppo.logprobs_from_hidden(
+            model.get_output_embeddings(), hidden, input_ids, prompt_length, 1.0, with_entropy=True
+        )
+        values = critic(micro_batch, prompt_length)
+        heads = value_head(hidden).squeeze(-1)
+        stacked = torch.stack([logprobs, entropy, values, heads]).where(real, 0.0)
+        (stacked[:3] * weights).sum().add(stacked[3].sum()).backward()
+        outputs.append(stacked.detach())
+        gradients.append({name: parameter.grad.clone() for name, parameter in parameters.items()})
+    assert torch.allclose(outputs[1], outputs[0], rtol=0, atol=1e-12), (outputs[1] - outputs[0]).abs().max()
+    for name, gradient in gradients[0].items():
+        assert gradient.abs().max() > 0, name
+        assert torch.allclose(gradients[1][name], gradient, rtol=1e-10, atol=1e-13), name
+
+
+PPO_VARIANTS = {"gpt2": {}, "llama": {"value_model": True}, "gpt-neox": {"num_layers_unfrozen": 1}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppo_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
+    """Whole fp64 runs on prompts of long-tailed lengths and responses cut by EOS, micro-batches of 4 rollouts
+    packed into fewer rows: the same statistics at the last update and the same policy and value weights, up to
+    summation order (SAME_MATH's argument in conftest). The value head, a separate critic and a Hydra reference."""
+    model = save_tiny_model(tmp_path / "model", family)
+    (tmp_path / "reward.py").write_text(
+        "def reward(prompts, completions, **kwargs):\n    return [len(c) / 8 for c in completions]\n"
+    )
+    rows = {True: 0, False: 0}
+    micro_batches_of = ppo.micro_batches_of
+
+    def counting(micro_rows, input_ids, attention_mask, args):
+        micro_batches = micro_batches_of(micro_rows, input_ids, attention_mask, args)
+        rows[args.packing] += sum(len((m["packed"] if args.packing else m)["input_ids"]) for m in micro_batches)
+        return micro_batches
+
+    monkeypatch.setattr(ppo, "micro_batches_of", counting)
+    variant = PPO_VARIANTS[family]
+    args = ppo.Args(
+        model=model,
+        task="jsonl",
+        data=write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in skewed_records(16)]),
+        reward_fn=f"{tmp_path / 'reward.py'}:reward",
+        value_model=model if variant.get("value_model") else None,
+        num_layers_unfrozen=variant.get("num_layers_unfrozen", -1),
+        dtype="fp64",
+        num_updates=2,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        generation_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        eval_every=100,
+        eval_samples=2,
+    )
+    for packing in (False, True):
+        ppo.main(replace(args, packing=packing, output_dir=str(tmp_path / str(packing))))
+    assert 0 < rows[True] < rows[False]
+    metrics = [json.loads((tmp_path / str(packing) / "metrics.json").read_text()) for packing in (False, True)]
+    numbers = [{k: v for k, v in (m | m.pop("last_update")).items() if not k.startswith("time/")} for m in metrics]
+    assert numbers[1] == pytest.approx(numbers[0], rel=SAME_MATH, abs=SAME_MATH)
+    assert numbers[1]["policy/first_minibatch_max_log_ratio"] == 0.0
+    assert max_weight_difference(tmp_path / "False", tmp_path / "True") < SAME_MATH
+    assert numbers[1]["objective/kl"] > 1e-5  # the first update moved the policy: the agreement is not trivial
+    values = [torch.load(tmp_path / str(packing) / "value_head.pt") for packing in (False, True)]
+    assert (
+        max((values[0][m][k] - values[1][m][k]).abs().max().item() for m in values[0] for k in values[0][m]) < SAME_MATH
+    )
+
+
+def test_ppo_packing_refuses_pipelines_and_split_sequences():
+    for flags in (dict(pp=2), dict(cp=2), dict(tp=2, sequence_parallel=True)):
+        with pytest.raises(SystemExit, match="--packing composes with data and tensor parallelism only"):
+            ppo.check_args(ppo.Args(model="m", packing=True, **flags), world_size=2)
