@@ -386,23 +386,12 @@ def check_args(args: Args, world_size: int) -> Args:
         )
 
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(
-        args.batch_size % args.samples_per_prompt == 0,
-        "batch_size",
-        f"is not a whole number of prompts times --samples-per-prompt {args.samples_per_prompt}; "
-        f"make it a multiple of {args.samples_per_prompt}",
-    )
-    require(
-        args.batch_size % args.mini_batch_size == 0,
-        "batch_size",
-        f"does not split into minibatches of "
-        f"--mini-batch-size {args.mini_batch_size}; make it a multiple of {args.mini_batch_size}",
-    )
-    require(
-        args.mini_batch_size % ranks == 0,
-        "mini_batch_size",
-        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
-    )
+    for flag, divisor, what in (
+        ("batch_size", args.samples_per_prompt, "is not a whole number of prompts times --samples-per-prompt {}"),
+        ("batch_size", args.mini_batch_size, "does not split into minibatches of --mini-batch-size {}"),
+        ("mini_batch_size", ranks, "does not split over {} data-parallel ranks"),
+    ):
+        require(getattr(args, flag) % divisor == 0, flag, f"{what.format(divisor)}; make it a multiple of {divisor}")
     share = args.mini_batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
     require(
