@@ -50,7 +50,6 @@ import copy
 import functools
 import gzip
 import hashlib
-import importlib
 import importlib.util
 import inspect
 import itertools
@@ -62,7 +61,6 @@ import re
 import signal
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
@@ -964,7 +962,7 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
     return wrapped
 
 
-@contextmanager
+@contextlib.contextmanager
 def adapters_disabled(adapters: list):
     """The base model, for reference log-probs and reference generations."""
     for adapter in adapters:
@@ -1128,8 +1126,7 @@ def truncate_at_eos(responses: torch.Tensor, end_ids, pad_token_id: int):
     becomes padding. Returns (responses, mask of real tokens, has an end id); the id that ended a response is a real
     token: it is an action the policy took. A response cut at --max-new-tokens has none."""
     is_end = torch.isin(responses, torch.as_tensor(end_ids, device=responses.device))
-    after_end = (is_end.cumsum(-1) - is_end.long()) > 0
-    mask = ~after_end
+    mask = is_end.cumsum(-1) - is_end.long() == 0  # no end id before the token
     return torch.where(mask, responses, pad_token_id), mask, is_end.any(-1)
 
 
@@ -1585,10 +1582,6 @@ class Models:
         """{file prefix: module} of what a checkpoint saves: the policy and the value function."""
         return {"policy": self.policy, "value": torch.nn.ModuleDict(self.value_modules)}
 
-    def as_reference(self):
-        """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
-        return adapters_disabled(self.adapters)  # no adapters: nothing to switch off
-
     def reference_gathered(self):
         return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
 
@@ -1890,7 +1883,7 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
     reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
         parallel.forward_only(models.wrapper, micro_batches, policy_outputs, models.trunk(models.policy))
-        with models.as_reference():
+        with adapters_disabled(models.adapters):
             parallel.forward_only(reference, micro_batches, reference_outputs, models.trunk(reference))
     parallel.all_reduce_sum(rollout, models.grid.dp_group)
     parallel.all_reduce_sum(rollout, models.grid.pp_group)
@@ -1928,12 +1921,12 @@ def evaluate(
 
     policy.eval()
     sampler = models.whole(models.stage if models.stage is not None else policy)
-    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    # Under LoRA the reference is the policy itself, its adapters off inside adapters_disabled.
     reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
-        with models.as_reference():
+        with adapters_disabled(models.adapters):
             return response_logprobs(reference_sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
 
     with models.wrapper.gathered(), models.reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
@@ -1959,7 +1952,7 @@ def evaluate(
                     kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_length), "k1")
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
-                        with models.as_reference():
+                        with adapters_disabled(models.adapters):
                             theirs, _ = generate(
                                 reference_sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids
                             )
