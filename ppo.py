@@ -473,10 +473,6 @@ def random_walks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
     return adjacency
 
 
-def node_letter(node: int) -> str:
-    return chr(ord("a") + int(node))
-
-
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
@@ -599,8 +595,7 @@ class CalculatorEnv:
         calls = re.findall(r"<calc>(.*?)</calc>", message["content"], re.DOTALL)
         if not calls:
             return [], arithmetic_reward(None, [message["content"]], [self.row["answer"]])[0], True
-        results = [calculate(call) for call in calls]
-        return [{"role": "tool", "content": ", ".join(results)}], 0.0, False
+        return [{"role": "tool", "content": ", ".join(calculate(call) for call in calls)}], 0.0, False
 
 
 def calculate(expression: str) -> str:
@@ -1444,7 +1439,7 @@ def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": chr(ord("a") + n)} for n in range(1, RANDOMWALKS_NODES)]  # the start letters
         return prompts, prompts
     if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
         problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
@@ -2012,10 +2007,9 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
     if pipelined:
         mine = parallel.all_gather_objects(mine, grid.pp_group)[-1]
     per_rank = parallel.all_gather_objects(mine, grid.dp_group)
-    count = len(mine[0])
     statistics = [
         s
-        for group in range(0, count, micro_per_share)
+        for group in range(0, len(mine[0]), micro_per_share)
         for rank_stats, _ in per_rank
         for s in rank_stats[group : group + micro_per_share]
     ]
