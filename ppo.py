@@ -1007,8 +1007,7 @@ def make_hydra(policy, num_layers_unfrozen: int):
         module.requires_grad_(True)
     # deepcopy with a memo holding the frozen parameters copies only the trainable ones.
     memo = {id(p): p for p in policy.parameters() if not p.requires_grad}
-    reference = copy_model(policy, memo)
-    return reference.requires_grad_(False).eval()
+    return copy_model(policy, memo).requires_grad_(False).eval()
 
 
 def copy_model(model, memo: Optional[dict] = None):
@@ -1075,8 +1074,7 @@ def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperatur
         result = head(hidden)
     finally:
         del head.forward
-    logprobs, entropy = result if with_entropy else (result, None)
-    return logprobs, entropy, hidden
+    return (*result, hidden) if with_entropy else (result, None, hidden)
 
 
 class Critic(torch.nn.Module):
