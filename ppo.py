@@ -50,7 +50,6 @@ import copy
 import functools
 import gzip
 import hashlib
-import importlib
 import importlib.util
 import inspect
 import itertools
@@ -62,7 +61,6 @@ import re
 import signal
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
@@ -392,23 +390,12 @@ def check_args(args: Args, world_size: int) -> Args:
         )
 
     ranks = world_size // model_ranks  # data-parallel ranks
-    require(
-        args.batch_size % args.samples_per_prompt == 0,
-        "batch_size",
-        f"is not a whole number of prompts times --samples-per-prompt {args.samples_per_prompt}; "
-        f"make it a multiple of {args.samples_per_prompt}",
-    )
-    require(
-        args.batch_size % args.mini_batch_size == 0,
-        "batch_size",
-        f"does not split into minibatches of "
-        f"--mini-batch-size {args.mini_batch_size}; make it a multiple of {args.mini_batch_size}",
-    )
-    require(
-        args.mini_batch_size % ranks == 0,
-        "mini_batch_size",
-        f"does not split over {ranks} data-parallel ranks; make it a multiple of {ranks}",
-    )
+    for flag, divisor, what in (
+        ("batch_size", args.samples_per_prompt, "is not a whole number of prompts times --samples-per-prompt {}"),
+        ("batch_size", args.mini_batch_size, "does not split into minibatches of --mini-batch-size {}"),
+        ("mini_batch_size", ranks, "does not split over {} data-parallel ranks"),
+    ):
+        require(getattr(args, flag) % divisor == 0, flag, f"{what.format(divisor)}; make it a multiple of {divisor}")
     share = args.mini_batch_size // ranks
     micro_batch_size = share if args.micro_batch_size is None else args.micro_batch_size
     require(
@@ -490,10 +477,6 @@ def random_walks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
     adjacency[0, :] = False  # the goal is absorbing
     adjacency[0, 0] = True
     return adjacency
-
-
-def node_letter(node: int) -> str:
-    return chr(ord("a") + int(node))
 
 
 def shortest_path_nodes(adjacency) -> list:
@@ -618,8 +601,7 @@ class CalculatorEnv:
         calls = re.findall(r"<calc>(.*?)</calc>", message["content"], re.DOTALL)
         if not calls:
             return [], arithmetic_reward(None, [message["content"]], [self.row["answer"]])[0], True
-        results = [calculate(call) for call in calls]
-        return [{"role": "tool", "content": ", ".join(results)}], 0.0, False
+        return [{"role": "tool", "content": ", ".join(calculate(call) for call in calls)}], 0.0, False
 
 
 def calculate(expression: str) -> str:
@@ -981,7 +963,7 @@ def add_lora(model, rank: int, alpha: float, targets: str) -> list:
     return wrapped
 
 
-@contextmanager
+@contextlib.contextmanager
 def adapters_disabled(adapters: list):
     """The base model, for reference log-probs and reference generations."""
     for adapter in adapters:
@@ -1031,8 +1013,7 @@ def make_hydra(policy, num_layers_unfrozen: int):
         module.requires_grad_(True)
     # deepcopy with a memo holding the frozen parameters copies only the trainable ones.
     memo = {id(p): p for p in policy.parameters() if not p.requires_grad}
-    reference = copy_model(policy, memo)
-    return reference.requires_grad_(False).eval()
+    return copy_model(policy, memo).requires_grad_(False).eval()
 
 
 def copy_model(model, memo: Optional[dict] = None):
@@ -1099,8 +1080,7 @@ def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperatur
         result = head(hidden)
     finally:
         del head.forward
-    logprobs, entropy = result if with_entropy else (result, None)
-    return logprobs, entropy, hidden
+    return (*result, hidden) if with_entropy else (result, None, hidden)
 
 
 class Critic(torch.nn.Module):
@@ -1174,8 +1154,7 @@ def truncate_at_eos(responses: torch.Tensor, end_ids, pad_token_id: int):
     becomes padding. Returns (responses, mask of real tokens, has an end id); the id that ended a response is a real
     token: it is an action the policy took. A response cut at --max-new-tokens has none."""
     is_end = torch.isin(responses, torch.as_tensor(end_ids, device=responses.device))
-    after_end = (is_end.cumsum(-1) - is_end.long()) > 0
-    mask = ~after_end
+    mask = is_end.cumsum(-1) - is_end.long() == 0  # no end id before the token
     return torch.where(mask, responses, pad_token_id), mask, is_end.any(-1)
 
 
@@ -1493,7 +1472,7 @@ def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": chr(ord("a") + n)} for n in range(1, RANDOMWALKS_NODES)]  # the start letters
         return prompts, prompts
     if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
         problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
@@ -1630,10 +1609,6 @@ class Models:
     def saved(self) -> dict:
         """{file prefix: module} of what a checkpoint saves: the policy and the value function."""
         return {"policy": self.policy, "value": torch.nn.ModuleDict(self.value_modules)}
-
-    def as_reference(self):
-        """Under LoRA the reference is the policy with its adapters switched off: inside this, it is."""
-        return adapters_disabled(self.adapters)  # no adapters: nothing to switch off
 
     def reference_gathered(self):
         return self.reference_wrapper.gathered() if self.reference_wrapper is not None else contextlib.nullcontext()
@@ -1932,7 +1907,7 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
     reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
         parallel.forward_only(models.wrapper, micro_batches, policy_outputs, models.trunk(models.policy))
-        with models.as_reference():
+        with adapters_disabled(models.adapters):
             parallel.forward_only(reference, micro_batches, reference_outputs, models.trunk(reference))
     parallel.all_reduce_sum(rollout, models.grid.dp_group)
     parallel.all_reduce_sum(rollout, models.grid.pp_group)
@@ -1970,12 +1945,12 @@ def evaluate(
 
     policy.eval()
     sampler = models.whole(models.stage if models.stage is not None else policy)
-    # Under LoRA the reference is the policy itself, its adapters off inside models.as_reference().
+    # Under LoRA the reference is the policy itself, its adapters off inside adapters_disabled.
     reference_sampler = policy if models.reference is None else models.whole(models.reference)
     fork_devices = [device] if device.type == "cuda" else []
 
     def reference_logprobs(input_ids, attention_mask, prompt_length):
-        with models.as_reference():
+        with adapters_disabled(models.adapters):
             return response_logprobs(reference_sampler, input_ids, attention_mask, prompt_length, args.temperature)[0]
 
     with models.wrapper.gathered(), models.reference_gathered(), torch.random.fork_rng(devices=fork_devices), autocast:
@@ -2001,7 +1976,7 @@ def evaluate(
                     kl = kl_per_token(logprobs, reference_logprobs(input_ids, attention_mask, prompt_length), "k1")
                     result["kl"] = torch.where(mask, kl, 0.0).sum(-1).tolist()
                     if reward.model is not None:  # the trlX paper's metric: wins against the reference policy
-                        with models.as_reference():
+                        with adapters_disabled(models.adapters):
                             theirs, _ = generate(
                                 reference_sampler, prompt_ids, prompt_mask, args, tokenizer, reward.end_ids
                             )
@@ -2061,10 +2036,9 @@ def gather_statistics(tally: dict, grid, micro_per_share: int, pipelined: bool) 
     if pipelined:
         mine = parallel.all_gather_objects(mine, grid.pp_group)[-1]
     per_rank = parallel.all_gather_objects(mine, grid.dp_group)
-    count = len(mine[0])
     statistics = [
         s
-        for group in range(0, count, micro_per_share)
+        for group in range(0, len(mine[0]), micro_per_share)
         for rank_stats, _ in per_rank
         for s in rank_stats[group : group + micro_per_share]
     ]
