@@ -2,6 +2,7 @@
 
     python benchmarks/packing.py                                   # SmolLM2-135M's shape, CUDA when present
     python benchmarks/packing.py --model tiny --steps 2 --repeats 1  # a smoke run of a minute on a CPU
+    python benchmarks/packing.py --script ppo                      # ppo.py's training pass on rollouts
 
 Real data mixes short and long examples (chat turns of a few tokens to thousands): a padded micro-batch
 computes every row at its longest example's length. Here the lengths in tokens are drawn from a lognormal
@@ -13,6 +14,12 @@ table gives the tokens per second of each (real tokens, padding not counted; med
 rounds after a warm-up round), their ratio and the fraction of each layout's rows that is padding.
 Packed rows are no longer than the micro-batch's longest example (see sft.collate), so the packed step
 never computes more than the padded one; on a CPU its attention runs SDPA with a block-diagonal mask.
+
+With --script ppo the same examples are rollouts, laid out as ppo.py lays them out: each one's first quarter
+a prompt, left-padded to the batch's longest prompt, the rest its response, right-padded to the longest response;
+the step is ppo.py's training pass for the policy, packed (--packing) or padded, through ppo.py's own functions
+(micro_batches_of, trunk_states, logprobs_from_hidden: the trunk, then the fused log-probs and entropies of the
+response tokens), the backward of their sum and an AdamW step; TRL is not run then.
 
 TRL's SFTTrainer with its own packing runs last on the same examples and a fresh copy of the same model
 (AdamW at the same learning rate, the loss on the same completion tokens) when trl is installed (run the
@@ -34,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
+import ppo  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -65,6 +73,40 @@ def skewed_sequences(n: int, options, vocab_size: int, seed: int = 0) -> list:
         prompt = max(1, length // 4)
         sequences.append((rng.integers(1, vocab_size, length).tolist(), [0] * prompt + [1] * (length - prompt)))
     return sequences
+
+
+def rollout_micro_batches(batch: list, options, packing: bool) -> list:
+    """A batch of examples as ppo.py lays out rollouts (see the module's docstring), in ppo.py's micro-batches."""
+    prompts, responses = zip(*((ids[: mask.index(1)], ids[mask.index(1) :]) for ids, mask in batch))
+    prompt_length, width = max(map(len, prompts)), max(map(len, prompts)) + max(map(len, responses))
+    input_ids, attention_mask = torch.zeros(len(batch), width, dtype=torch.long), torch.zeros(len(batch), width)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        columns = slice(prompt_length - len(prompt), prompt_length + len(response))
+        input_ids[row, columns], attention_mask[row, columns] = torch.tensor(prompt + response), 1
+    rows = list(torch.arange(len(batch)).split(options.micro_batch_size))
+    args = argparse.Namespace(packing=packing)
+    micro_batches = ppo.micro_batches_of(
+        rows, input_ids.to(options.device), attention_mask.long().to(options.device), args
+    )
+    return [micro_batch | {"prompt_length": prompt_length} for micro_batch in micro_batches]
+
+
+def ppo_pass(model, micro_batches: list, autocast):
+    """ppo.py's training pass for the policy over one minibatch: per micro-batch the trunk, the fused log-probs and
+    entropies of the response tokens, and the backward of their sum over real tokens."""
+    for micro_batch in micro_batches:
+        with autocast:
+            hidden = ppo.trunk_states(model, micro_batch)
+            logprobs, entropy, _ = ppo.logprobs_from_hidden(
+                model.get_output_embeddings(),
+                hidden,
+                micro_batch["input_ids"],
+                micro_batch["prompt_length"],
+                1.0,
+                with_entropy=True,
+            )
+        real = micro_batch["attention_mask"][:, micro_batch["prompt_length"] :].bool()
+        (logprobs + entropy).where(real, 0.0).sum().backward()
 
 
 def trl_tokens_per_second(options, data: list, tokens_per_step: float) -> tuple:
@@ -128,6 +170,7 @@ def trl_tokens_per_second(options, data: list, tokens_per_step: float) -> tuple:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--script", choices=["sft", "ppo"], default="sft", help="whose training step is timed")
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as sft.py's")
@@ -141,23 +184,29 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     options = parser.parse_args()
     model, vocab_size = random_model(options.model, options.max_length, options.device)
-    model = parallel.DataParallel(model)  # one process: the pass-through wrapper sft.py trains through
+    if options.script == "sft":
+        model = parallel.DataParallel(model)  # one process: the pass-through wrapper sft.py trains through
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     autocast = torch.autocast(torch.device(options.device).type, dtype=torch.bfloat16, enabled=options.dtype == "bf16")
     data = skewed_sequences(options.batch_size * options.steps, options, vocab_size)
     batches = [data[k : k + options.batch_size] for k in range(0, len(data), options.batch_size)]
     layouts = {}
     for packing in (False, True):
-        args = sft.Args(micro_batch_size=options.micro_batch_size, packing=packing)
-        layouts[packing] = [sft.micro_batches_of(batch, args, 0, options.device) for batch in batches]
+        if options.script == "ppo":
+            layouts[packing] = [rollout_micro_batches(batch, options, packing) for batch in batches]
+        else:
+            args = sft.Args(micro_batch_size=options.micro_batch_size, packing=packing)
+            layouts[packing] = [sft.micro_batches_of(batch, args, 0, options.device) for batch in batches]
 
     def round_of(packing: bool) -> float:
         """Seconds of one step (the median over the round's batches)."""
         seconds = []
         for batch, micro_batches in zip(batches, layouts[packing]):
             start = time.perf_counter()
-            tokens = sum(sum(mask[1:]) for _, mask in batch)
-            sft.accumulate_gradients(model, micro_batches, tokens, 1, autocast)
+            if options.script == "ppo":
+                ppo_pass(model, micro_batches, autocast)
+            else:
+                sft.accumulate_gradients(model, micro_batches, sum(sum(mask[1:]) for _, mask in batch), 1, autocast)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if options.device.startswith("cuda"):
@@ -173,26 +222,33 @@ def main():
             seconds[packing].append(round_of(packing))
     real = sum(len(ids) for ids, _ in data) / len(batches)  # tokens per step
     speed = {packing: real / statistics.median(times) for packing, times in seconds.items()}
-    padding = {
-        packing: 1 - real * len(batches) / sum(mb["input_ids"].numel() for step in steps for mb in step)
+    computed = {  # the rows each layout computes
+        packing: [(mb["packed"] or mb if options.script == "ppo" else mb) for step in steps for mb in step]
         for packing, steps in layouts.items()
+    }
+    padding = {
+        packing: 1 - real * len(batches) / sum(mb["input_ids"].numel() for mb in computed[packing])
+        for packing in computed
     }
     lengths = [len(ids) for ids, _ in data]
     import importlib.util
 
     versus_trl = "trl not installed"
-    if importlib.util.find_spec("trl") is not None:
-        del model, optimizer, layouts
+    if options.script == "ppo":
+        versus_trl = "not run for ppo"
+    elif importlib.util.find_spec("trl") is not None:
+        del model, optimizer, layouts, computed
         trl_speed, rows = trl_tokens_per_second(options, data, real)
         versus_trl = f"{trl_speed:.0f} ({rows} rows of {options.max_length} per step); packed / TRL "
         versus_trl += f"{speed[True] / trl_speed:.2f}x"
     print(
-        "| device | dtype | model | batch (micro) | lengths: median, mean, max | padded tokens/s | packed tokens/s | "
-        "packed / padded | padding: padded, packed | TRL SFTTrainer packing=True tokens/s |"
+        "| script | device | dtype | model | batch (micro) | lengths: median, mean, max | padded tokens/s | "
+        "packed tokens/s | packed / padded | padding: padded, packed | TRL SFTTrainer packing=True tokens/s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
-        f"| {options.device} | {options.dtype} | {options.model} | {options.batch_size} ({options.micro_batch_size}) | "
+        f"| {options.script} | {options.device} | {options.dtype} | {options.model} | "
+        f"{options.batch_size} ({options.micro_batch_size}) | "
         f"{np.median(lengths):.0f}, {np.mean(lengths):.0f}, {max(lengths)} | {speed[False]:.0f} | {speed[True]:.0f} | "
         f"{speed[True] / speed[False]:.2f}x | {padding[False]:.0%}, {padding[True]:.0%} | {versus_trl} |"
     )
