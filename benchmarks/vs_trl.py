@@ -232,7 +232,10 @@ def run_ours(args, folder, algo):
 
     sys.path.insert(0, ROOT)
     import ppo
+    import torch._dynamo  # noqa: F401
 
+    # torch._dynamo (about 65 MB resident) comes with TRL's imports, and with ours' first forward (transformers'
+    # masking_utils imports it): imported before the baseline in both, so that neither counts it as training.
     memory = Memory(args.device)
     steps = count_optimizer_steps()
     total = args.warmup + args.updates
