@@ -5,8 +5,9 @@ vocabulary, generalized advantage estimation, and statistics over real (unmasked
 RLHF spends most of its memory on one tensor, the [batch, seq, vocab] logits from which every
 log-prob, KL and entropy is computed. `fused_logprobs` goes straight from the last hidden states
 and the LM head to per-token log-probs (and entropies), one chunk of logits at a time, so that
-tensor never exists. Everything here runs on CPU and CUDA, takes fp32 or bf16 inputs, accumulates
-in at least fp32, and is tested exactly against naive references (tests/test_kernels.py).
+tensor never exists beyond one chunk. Everything here runs on CPU and CUDA, takes fp32 or bf16
+inputs, accumulates in at least fp32, and is tested exactly against naive references
+(tests/test_kernels.py).
 
 The chunk bodies are compiled with torch.compile(dynamic=True): on CUDA at once, on a CPU once that
 pays (see _maybe_compile). Set KERNELS_COMPILE=0, or pass compile=False, to run them eagerly (same math,
@@ -434,6 +435,8 @@ def fused_logprobs(
 
     Memory: a block of chunk_size x vocab_chunk_size logits (and its gradient) at a time, plus an
     fp32 [tokens, H] gradient accumulator; with bf16 weights, also an fp32 [vocab_chunk_size, H] one.
+    Logits no larger than one such block (few tokens) are built whole and kept for the backward
+    (logprobs_from_logits), which then need not compute them again.
 
     group: a torch.distributed process group over which the vocabulary is sharded (tensor
     parallel). weight (and bias) are then this rank's contiguous, equal-sized slice of the rows,
@@ -441,6 +444,9 @@ def fused_logprobs(
     ranks. The per-token max, sum-exp and label logit are all-reduced, and the gradient of hidden
     is all-reduced in backward, so the caller must not all-reduce it again.
     """
+    if group is None and labels.numel() * weight.shape[0] <= chunk_size * vocab_chunk_size:
+        logits = F.linear(hidden, weight, bias)
+        return logprobs_from_logits(logits, labels, temperature, ignore_index, return_entropy, chunk_size, compile)
     return _FusedLogprobs.apply(
         hidden,
         weight,

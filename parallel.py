@@ -556,24 +556,28 @@ def _clip_grads(
     parameters: list, max_norm: float, groups: list, weights: Optional[list] = None, device=None
 ) -> torch.Tensor:
     """Global-norm clipping of the parameters' gradients. When nothing is split over other ranks
-    (no groups), torch.nn.utils.clip_grad_norm_ itself, so one process is bitwise what it was
+    (no groups), the norm is torch.nn.utils.clip_grad_norm_'s, so one process is bitwise what it was
     without the wrapper. Otherwise each rank sums its squared gradients, each parameter (or element)
-    weighted as `weights` says (see DataParallel._norm_weight), the sums are added over `groups`,
-    and every gradient is scaled as torch does, by min(1, max_norm / (norm + 1e-6))."""
+    weighted as `weights` says (see DataParallel._norm_weight), and the sums are added over `groups`.
+    Every gradient is then scaled as torch does, by min(1, max_norm / (norm + 1e-6)), except that a
+    factor of exactly 1 is skipped: it would change nothing, at the price of a pass over every gradient."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not groups:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    pairs = [(p.grad.detach(), w) for p, w in zip(parameters, weights or [1.0] * len(parameters)) if p.grad is not None]
-    # On the module's device even where this rank has no gradient (Hydra's frozen first pipeline
-    # stage), since the sum still goes through the collective.
-    squares = torch.zeros((), dtype=torch.float64, device=device if device is not None else pairs[0][0].device)
-    for g, weight in pairs:
-        squares += (g.double().square() * weight).sum()
-    for group in groups:
-        dist.all_reduce(squares, group=group)
-    total_norm = squares.sqrt().to(pairs[0][0].dtype if pairs else torch.float32)
+        total_norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        # On the module's device even where this rank has no gradient (Hydra's frozen first pipeline
+        # stage), since the sum still goes through the collective.
+        squares = torch.zeros((), dtype=torch.float64, device=device if device is not None else grads[0].device)
+        for p, weight in zip(parameters, weights or [1.0] * len(parameters)):
+            if p.grad is not None:
+                squares += (p.grad.detach().double().square() * weight).sum()
+        for group in groups:
+            dist.all_reduce(squares, group=group)
+        total_norm = squares.sqrt().to(grads[0].dtype if grads else torch.float32)
     clip = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for g, _ in pairs:
-        g.mul_(clip.to(g.dtype))
+    if grads and clip < 1:
+        for g in grads:
+            g.mul_(clip.to(g.dtype))
     return total_norm
 
 

@@ -22,8 +22,8 @@ the policy near the reference (its starting point). One update, as numbered step
 Memory savers: `--num-layers-unfrozen k` (Hydra: the reference shares the frozen bottom of the
 policy and copies only its top k layers), `--lora-rank r` (the reference is the policy with its
 adapters switched off), and critic-free advantages (`--advantage rloo|grpo|reinforce++`).
-Log-probs and entropies come from `kernels.fused_logprobs`, which never builds the vocabulary-sized
-logits; advantages from `kernels.gae`.
+Log-probs and entropies come from `kernels.fused_logprobs`, which never builds more of the
+vocabulary-sized logits than one chunk; advantages from `kernels.gae`.
 
 Under torchrun the rollouts do not depend on the number of ranks: every rank builds the same
 prompts, the batch is cut into chunks of --generation-batch-size, each sampled with its own seed
@@ -255,6 +255,12 @@ class Args:
     bf16, the bf16 copy gathered under --pp) or draws from another distribution (--top-k/--top-p: rho <= 1)"""
     is_cap: float = 2.0
     """the cap C of --is-correction, at least 1 (below, tokens the sampler and trainer agree on would be cut)"""
+    old_logprobs: Literal["trainer", "sampler"] = "trainer"
+    """pi_old of the PPO ratio. trainer: a forward of the policy over the rollouts, in the first PPO epoch's
+    micro-batches, so that the first minibatch's ratio is exactly 1; sampler: the log-probs each token was drawn with
+    (as TRL's PPOTrainer takes them), which saves that forward (unless the value head needs it) and equals it up to
+    the sampler's rounding (of its bf16 copy under --pp, or under --dtype bf16). Not with --top-k/--top-p (the sampler's
+    distribution is then not the policy's) or --is-correction (rho would be 1 everywhere)"""
 
     init_kl_coef: float = 0.05
     """initial coefficient beta of the KL to the reference (0: no KL penalty, and then no --target-kl): a per-token
@@ -345,6 +351,8 @@ def check_args(args: Args, world_size: int) -> Args:
     for flag in ("gamma", "lam"):
         require(0 <= getattr(args, flag) <= 1, flag, "must lie between 0 and 1")
     require(0 < args.top_p <= 1, "top_p", "must lie in (0, 1]: the probability mass sampled from (1: all of it)")
+    if args.old_logprobs == "sampler" and (args.top_k or args.top_p < 1 or args.is_correction != "none"):
+        fail("--old-logprobs sampler takes the sampler's log-probs for the policy's; drop --top-k/p, --is-correction")
     if args.target_kl is not None and args.init_kl_coef == 0:
         fail(
             f"--target-kl {args.target_kl} adapts the KL coefficient by factors, which cannot move it from "
@@ -1064,9 +1072,9 @@ def response_logprobs(model, input_ids, attention_mask, prompt_length: int, temp
 
 def logprobs_from_hidden(head, hidden, input_ids, prompt_length: int, temperature: float, with_entropy=False):
     """response_logprobs from the trunk's last (final-normed) hidden states [B, T, H], as the
-    model's trunk or the last pipeline stage returns them. They go straight to
-    kernels.fused_logprobs with the LM head: the [B, T, vocab] logits are never built. It runs as
-    the head module's forward for this one call: hooks on the head then fire as for any module
+    model's trunk or the last pipeline stage returns them. They go straight to kernels.fused_logprobs
+    with the LM head: no more than a chunk of the [B, T, vocab] logits is ever built. It runs as the
+    head module's forward for this one call: hooks on the head then fire as for any module
     call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
     backward, and frees it after). Under --tp the head is this rank's slice of the vocabulary
     (parallel.ColumnParallelLinear), and fused_logprobs combines the slices over its group: no
@@ -1885,18 +1893,18 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
     """(old log-probs, reference log-probs, old values or None) of the whole batch [B, T]. This rank
     fills the rows of its micro-batches (on the last stage under --pp) and sums over the ranks
     fill the rest, so every rank ends with the whole batch."""
-    critic_free = args.advantage != "gae"
+    critic_free, trainer = args.advantage != "gae", args.old_logprobs == "trainer"
     device = micro_batches[0]["input_ids"].device
     rollout = torch.zeros(2 if critic_free else 3, args.batch_size, args.max_new_tokens, dtype=dtype, device=device)
 
     def policy_outputs(hidden, micro_batch):
-        rows = micro_batch["rows"]
-        logprobs, _, hidden = logprobs_from_hidden(
-            models.head, hidden, micro_batch["input_ids"], prompt_length, args.temperature, with_entropy=True
-        )
-        rollout[0, rows] = upcast(logprobs)
+        rows, input_ids = micro_batch["rows"], micro_batch["input_ids"]
+        if trainer:  # with the entropies, as the training pass: bit for bit the same computation
+            logprobs, _, _ = logprobs_from_hidden(models.head, hidden, input_ids, prompt_length, args.temperature, True)
+            rollout[0, rows] = upcast(logprobs)
         if not critic_free:
-            rollout[2, rows] = values_of(models, hidden, micro_batch, prompt_length)
+            states = None if hidden is None else hidden[:, prompt_length - 1 : -1]
+            rollout[2, rows] = values_of(models, states, micro_batch, prompt_length)
 
     def reference_outputs(hidden, micro_batch):
         logprobs, _, _ = logprobs_from_hidden(
@@ -1906,7 +1914,9 @@ def rollout_logprobs(models: Models, micro_batches: list, prompt_length: int, ar
 
     reference = models.reference if models.reference is not None else models.policy  # LoRA: the adapters switched off
     with models.wrapper.gathered(), models.reference_gathered(), autocast:
-        parallel.forward_only(models.wrapper, micro_batches, policy_outputs, models.trunk(models.policy))
+        needed = trainer or models.value_head is not None  # the policy's hidden states
+        trunk = models.trunk(models.policy) if needed else lambda micro_batch: None
+        parallel.forward_only(models.wrapper, micro_batches, policy_outputs, trunk)
         with adapters_disabled(models.adapters):
             parallel.forward_only(reference, micro_batches, reference_outputs, models.trunk(reference))
     parallel.all_reduce_sum(rollout, models.grid.dp_group)
@@ -2239,6 +2249,7 @@ def main(args: Args):
         old_logprobs, ref_logprobs, old_values = rollout_logprobs(
             models, micro_batches_of(first_epoch, input_ids, attention_mask, args), prompt_length, args, dtype, autocast
         )
+        old_logprobs = old_logprobs if args.old_logprobs == "trainer" else sampler_logprobs
         # Rounding when sampler and trainer agree; more means sampling went off-policy (or --top-k/p cut mass).
         sampler_logprob_gap = torch.where(mask, (sampler_logprobs - old_logprobs).abs(), 0.0).max().item()
         is_weights, is_stats = importance_weights(old_logprobs, sampler_logprobs, mask, args.is_correction, args.is_cap)

@@ -294,6 +294,10 @@ def run_ours(args, folder, algo):
                 kl_estimator="k1",
                 vf_coef=0.1,
                 cliprange=0.2,
+                # TRL 1.12.0's PPOTrainer takes the old log-probs from generation's logits and never clips the
+                # gradient: ours' PPO does the same work (a limit no gradient here reaches), GRPO/RLOO as TRL's do.
+                old_logprobs="trainer" if critic_free else "sampler",
+                max_grad_norm=1.0 if critic_free else 1e9,
                 learning_rate=args.learning_rate,
                 missing_eos_penalty=1.0,
                 num_updates=total,

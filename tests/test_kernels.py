@@ -258,6 +258,25 @@ def test_logprob_only_entropy_only_and_frozen_weight():
     torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
 
 
+def test_fused_keeps_logits_of_one_block_and_recomputes_larger_ones(monkeypatch):
+    """Logits no larger than one block are built once, and the backward reuses them (one F.linear call
+    in all); larger ones are computed block by block, and again in the backward. Both equal the naive
+    fp64 log-probs, entropies and gradients."""
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(kernels.F, "linear", lambda *a: calls.append(a[0].shape) or linear(*a))
+    inputs = make_inputs(12, 4, 10, ignore=(5,))
+    ref_out = forward_backward(naive(0.8), *inputs)
+    for chunk_size, vocab_chunk_size, expected in ((4, 30, [(12, 4)]), (4, 29, [(4, 4)] * 6)):
+        calls.clear()
+        ours_out = forward_backward(
+            ours(temperature=0.8, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size), *inputs
+        )
+        assert [tuple(shape) for shape in calls] == expected
+        for a, b in zip([*ours_out[:2], *ours_out[2]], [*ref_out[:2], *ref_out[2]]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.precision
 def test_fused_fp32_and_bf16():
     # The reference is fp64 on the same (rounded) inputs; the bounds are fused_rounding's.
@@ -329,7 +348,11 @@ def test_gradient_under_autocast_with_the_backward_outside_it():
     reference = gradients(
         lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1)
     )
-    ours = gradients(lambda h, w: kernels.fused_logprobs(h, w, labels, compile=False))
+    # The blockwise kernel in one block (fused_logprobs itself would keep logits this small whole), then
+    # logprobs_from_logits on the model's logits, which fused_logprobs calls for them.
+    ours = gradients(
+        lambda h, w: kernels._FusedLogprobs.apply(h, w, labels, None, 1.0, -100, False, 256, 4096, None, False)
+    )
     for grad, ref, bound in zip(ours, reference, bounds):
         assert_within(grad, ref, bound)
     ours = gradients(lambda h, w: kernels.logprobs_from_logits(F.linear(h, w), labels, compile=False))

@@ -357,3 +357,27 @@ def test_ranks_share_the_writing_of_a_streamed_checkpoint(tmp_path):
     assert stored.keys() == expected.keys() and all(torch.equal(stored[k], v) for k, v in expected.items())
     assert parallel.checkpoint_damage(str(tmp_path)) is None
     assert len(os.listdir(tmp_path)) == len(parts) + 2  # the shards, the index, the manifest
+
+
+@pytest.mark.parametrize("groups", [False, True], ids=["one-process", "grouped"])
+def test_clipping_scales_as_torch_and_leaves_gradients_under_the_limit_alone(groups, monkeypatch):
+    """Above the limit every gradient is torch's clip_grad_norm_'s bitwise; under it none is written
+    (its version counter stays), since multiplying by exactly 1 only costs a pass over the gradients."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda tensor, group=None: tensor)  # one rank: the sum is itself
+    for max_norm in (0.5, 100.0):
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, twin in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            twin.grad = p.grad.clone()
+        versions = [p.grad._version for p in params]
+        norm = parallel._clip_grads(params, max_norm, ["group"] if groups else [])
+        expected = torch.nn.utils.clip_grad_norm_(twins, max_norm)
+        assert 1 < float(expected) < 100
+        torch.testing.assert_close(norm, expected, rtol=1e-6 if groups else 0, atol=0)  # grouped sums in fp64
+        for p, twin, version in zip(params, twins, versions):
+            if max_norm < float(expected):
+                torch.testing.assert_close(p.grad, twin.grad, rtol=1e-6 if groups else 0, atol=0)
+            else:
+                assert p.grad._version == version and torch.equal(p.grad, twin.grad)

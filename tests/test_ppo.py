@@ -2,6 +2,7 @@
 advantages, exact resume (also past a damaged checkpoint), bad input, short runs of every variant,
 and data, tensor and pipeline parallel under torchrun against one process (in fp64, to SAME_MATH)."""
 
+import collections
 import gzip
 import importlib.util
 import json
@@ -657,6 +658,43 @@ def test_variants_run_and_the_first_minibatch_ratio_is_exactly_one(tmp_path, wal
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
     assert not any("lora" in name for name in reloaded.state_dict())
     assert os.path.exists(os.path.join(args.output_dir, "value_head.pt")) == (args.advantage == "gae")
+
+
+def test_sampler_old_logprobs_skip_the_policy_pass_and_train_as_the_trainer_ones(
+    tmp_path, walk_policy, text_reward, monkeypatch
+):
+    """--old-logprobs sampler with a separate critic: the rollout runs no policy forward (nothing needs its hidden
+    states), and in fp64 the run is the default one to SAME_MATH, since the sampler's log-probs are the trainer's
+    but for a cached decode's summation order (~1e-15): only the first minibatch's ratio shows it. Refused with
+    --top-k, whose sampler draws from another distribution."""
+    trunk_states, calls = ppo.trunk_states, collections.Counter()
+
+    def counted(model, micro_batch):
+        calls[type(model).__name__, torch.is_grad_enabled()] += 1
+        return trunk_states(model, micro_batch)
+
+    monkeypatch.setattr(ppo, "trunk_states", counted)
+    runs = {}
+    for mode in ("trainer", "sampler"):
+        calls.clear()
+        options = dict(old_logprobs=mode, value_model=walk_policy, reward_fn=text_reward, learning_rate=1e-3)
+        args = quick_args(tmp_path / mode, walk_policy, dtype="fp64", **options)
+        ppo.main(args)
+        runs[mode] = metrics_and_weights(args.output_dir), dict(calls)
+    (expected, expected_weights), trainer_calls = runs["trainer"]
+    (actual, actual_weights), sampler_calls = runs["sampler"]
+    rollout_micro_batches = 2 * 8 // 2  # updates x batch / micro-batch
+    assert trainer_calls[("GPT2LMHeadModel", False)] == 2 * rollout_micro_batches  # the policy's and the reference's
+    assert {**trainer_calls, ("GPT2LMHeadModel", False): rollout_micro_batches} == sampler_calls
+    assert 0 < actual["policy/first_minibatch_max_log_ratio"] < 1e-12 and actual["policy/sampler_logprob_gap"] == 0
+    assert expected["policy/first_minibatch_max_log_ratio"] == 0
+    expected.pop("policy/sampler_logprob_gap"), actual.pop("policy/sampler_logprob_gap")
+    expected.pop("policy/first_minibatch_max_log_ratio"), actual.pop("policy/first_minibatch_max_log_ratio")
+    assert actual == pytest.approx(expected, rel=SAME_MATH, abs=SAME_MATH)
+    assert max((expected_weights[k] - actual_weights[k]).abs().max().item() for k in expected_weights) < SAME_MATH
+    start = AutoModelForCausalLM.from_pretrained(walk_policy).state_dict()
+    assert max((start[k].double() - actual_weights[k]).abs().max().item() for k in start if k in actual_weights) > 1e-3
+    expect_error(quick_args(tmp_path, walk_policy, old_logprobs="sampler", top_k=3), "drop --top-k/p")
 
 
 @pytest.mark.parametrize("correction", ["tis", "mis"])
