@@ -548,7 +548,7 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
                 / args.temperature
             )
         step = torch.log_softmax(logits, -1)
-        tokens = torch.multinomial(step.exp(), 1).squeeze(-1)
+        tokens = ppo.draw(step.exp())
         assert torch.equal(responses[:, t], tokens.masked_fill(finished, tokenizer.pad_token_id)), t
         expected = step.gather(-1, tokens[:, None]).squeeze(-1).masked_fill(finished, 0.0)
         # fp64: the cached decode and the whole prefix differ in summation order only (~1e-15 here).
@@ -561,6 +561,18 @@ def test_sampling_is_plain_softmax_whatever_the_checkpoint_asks_and_returns_its_
     assert any(len(set(row[keep].tolist())) < int(keep.sum()) for row, keep in zip(responses, real)), (
         "no response repeats a token"
     )
+
+
+def test_draw_samples_each_token_with_its_probability():
+    """200,000 draws from 6 probabilities, 0 and 1e-3 among them: each token's count is within 5 standard deviations
+    of its expectation (a chance of about 6e-7 to fail, for a fixed seed never), the zero never comes up, and a row
+    that is one token draws it."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.199, 0.001, 0.1]]).expand(200_000, -1)
+    torch.manual_seed(0)
+    counts = torch.bincount(ppo.draw(probs), minlength=6).double()
+    expected = probs[0].double() * len(probs)
+    assert counts[1] == 0 and ((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt()).all(), counts
+    assert ppo.draw(torch.tensor([[0.0, 0.0, 1.0]])).tolist() == [2]
 
 
 def test_top_k_and_top_p_keep_the_tokens_they_name():
@@ -1390,7 +1402,7 @@ def test_conversational_prompts_a_trl_reward_function_and_the_missing_eos_penalt
         data=write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS * 2),
         reward_fn=f"{tmp_path / 'reward.py'}:reward",
         missing_eos_penalty=0.25,
-        max_new_tokens=4,
+        max_new_tokens=3,
         eval_prompts=1,
         eval_every=2,
     )
