@@ -1361,9 +1361,9 @@ def restrict(logits, top_k: int, top_p: float):
 
 def draw(probs):
     """One token of each row of probs [B, V], by inverting the row's CDF at a uniform: one random number per row,
-    where torch.multinomial draws one per vocabulary entry (~5x this time at V = 49152 on a CPU). The CDF is summed
-    in fp64, whose rounding (about V * 1e-16) shifts no token's probability measurably; tokens of probability 0
-    leave it flat, so they are never drawn."""
+    where torch.multinomial draws one per vocabulary entry, much the slower on a CPU. The CDF is summed in fp64,
+    whose rounding (about V * 1e-16) shifts no token's probability measurably; tokens of probability 0 leave it
+    flat, so they are never drawn."""
     cdf = probs.double().cumsum(-1)
     uniform = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)

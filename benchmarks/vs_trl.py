@@ -13,7 +13,9 @@ size, response length, epochs, minibatches, micro-batches, sampling settings (te
 no top-p) and reward. Every response is exactly --response-length tokens long in every contender: the
 tokenizer is word-level, one word per model token (so decoding and re-tokenizing gives back the same
 ids), and its EOS is an id the model cannot produce (one past its vocabulary), so no row stops early.
-The generated tokens are counted in every contender and printed.
+The generated tokens are counted in every contender and printed. The same work too: ours' PPO row takes
+its old log-probs from the sampler and clips no gradient (--old-logprobs sampler, --max-grad-norm 1e9),
+as TRL's PPOTrainer does; its GRPO and RLOO rows run the old-log-prob pass and clip at 1, as TRL's do.
 
 Per contender: seconds per update (median over --updates timed updates after --warmup updates; an
 update is generate + score + log-probs + optimise), generated tokens per second, and peak memory of the
