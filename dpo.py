@@ -775,12 +775,11 @@ class LoRA(torch.nn.Module):
         return output
 
     def merged(self) -> torch.nn.Module:
-        """The base layer with the update added into its weight."""
-        layer = copy.deepcopy(self.base)
+        """The base layer with the update added into its weight (in place: merge_lora calls it on a copy)."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
         with torch.no_grad():
-            layer.weight += (delta.T if self.transposed else delta).to(layer.weight.dtype)
-        return layer
+            self.base.weight += (delta.T if self.transposed else delta).to(self.base.weight.dtype)
+        return self.base
 
 
 def add_lora(model, rank: int, alpha: float, targets: str):

@@ -517,12 +517,7 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 def load_sentiment_prompts(data: Optional[str]) -> list:
     """The openings to continue, each once: the shipped file, or --data's `{"prompt"}` records, all
     strings or all message lists."""
-    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(
-            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
-            f'pass --data with a file of {{"prompt": ...}} lines'
-        )
-    path, prompts = data or SENTIMENT_PROMPTS, {}
+    path, prompts = data or SENTIMENT_PROMPTS, {}  # read_records names a missing file, the shipped one too
     for number, record in enumerate(read_records(path), 1):
         prompt = record.get("prompt")
         if not isinstance(prompt, str) and not is_conversation(prompt):

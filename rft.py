@@ -442,10 +442,6 @@ def randomwalks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
     return adjacency
 
 
-def node_letter(node: int) -> str:
-    return chr(ord("a") + int(node))
-
-
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
@@ -682,7 +678,7 @@ def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": chr(ord("a") + n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
     if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
         problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
