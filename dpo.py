@@ -1215,21 +1215,6 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
     return train_pairs, eval_pairs, pairs, graph
 
 
-def load_policy(args: Args, checkpoint: Optional[str], device):
-    """(policy, tokenizer): --model, or a checkpoint's policy (under LoRA: --model and the
-    checkpoint's adapters), with LoRA adapters added under --lora-rank."""
-    model, tokenizer = load_model(
-        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
-    )
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-        if checkpoint:
-            adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
-            missing, unexpected = model.load_state_dict(adapters, strict=False)
-            assert not unexpected, unexpected
-    return model, tokenizer
-
-
 def evaluation_models(args: Args, grid, device) -> tuple:
     """(a frozen reference to sample from, the judge (model, tokenizer)), each None when not needed:
     text tasks sample the reference at evaluation (under LoRA it is the policy with its adapters
@@ -1273,10 +1258,19 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Data and models: the pairs, the policy, and for text tasks a frozen reference to sample from
-    # (under LoRA, the policy with its adapters off; randomwalks needs none after the log-probs).
+    # Data and models: the pairs, the policy (--model, or a checkpoint's: under LoRA --model and the
+    # checkpoint's adapters), and for text tasks a frozen reference to sample from (under LoRA, the
+    # policy with its adapters off; randomwalks needs none after the log-probs).
     train_pairs, eval_pairs, pairs, graph = preference_pairs(args, grid, checkpoint)
-    policy, tokenizer = load_policy(args, checkpoint, device)
+    policy, tokenizer = load_model(
+        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
+    )
+    if args.lora_rank:
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        if checkpoint:
+            adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
+            missing, unexpected = policy.load_state_dict(adapters, strict=False)
+            assert not unexpected, unexpected
     max_length = min(args.max_length, model_context(policy.config) or args.max_length)
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
     eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)

@@ -468,13 +468,11 @@ def download_hh() -> list:
     """Fetch Anthropic/hh-rlhf's training files from the Hugging Face hub (online only) and return their paths."""
     from huggingface_hub import snapshot_download
 
+    repo = "Anthropic/hh-rlhf"
     try:
-        folder = snapshot_download("Anthropic/hh-rlhf", repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
     except Exception as error:  # offline, gated, renamed: all end the same way for the user
-        fail(
-            f"could not download Anthropic/hh-rlhf ({type(error).__name__}); without a network pass --data with a "
-            "local copy"
-        )
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
     return sorted(
         os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".jsonl.gz")
     )

@@ -660,8 +660,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
 def write_jsonl_atomically(path: str, records: list):
     """Records as --task jsonl reads them, renamed into place only once complete."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
+        file.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 

@@ -39,11 +39,9 @@ as it does in the policy's distribution). Where this script differs from trlX, o
   - each round fine-tunes on its own samples; trlX keeps every grow step's samples in its pool;
   - the loss covers response tokens only, as in sft.py; trlX's covers the prompt too.
 
-Under torchrun the samples do not depend on the number of ranks: the round's (prompt, sample)
-rows are cut into chunks of --generation-batch-size, each sampled with its own seed, dealt out to
-the ranks and scored there, and gathered, so that every rank holds every score and selects the same
-samples. Fine-tuning then splits each batch over the ranks as sft.py does; N ranks compute the
-one-process run up to float rounding.
+Under torchrun every rank gathers every score and selects the same samples, which do not depend on
+the number of ranks (see `sample_and_score`); fine-tuning then splits each batch over the ranks as
+sft.py does. N ranks compute the one-process run up to float rounding.
 
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
@@ -726,15 +724,6 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list:
     return sorted(i for i in ids if i is not None)
 
 
-def use_chat_template(tokenizer, args: Args, records: list):
-    """--chat-template replaces the tokenizer's template (and is saved with it); conversations and --env need one."""
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as file:
-            tokenizer.chat_template = file.read()
-    if (args.env or is_conversation(records[0]["prompt"])) and not tokenizer.chat_template:
-        fail(f"the tokenizer of {args.model!r} has no chat template for the conversations; pass --chat-template PATH")
-
-
 # ---------------------------------------------------------------------------------------------
 # Rewards: the task's metric, VADER, a reward model (as in reward_model.py), or a user function
 # ---------------------------------------------------------------------------------------------
@@ -1211,7 +1200,11 @@ def main(args: Args):
         )
     if context:  # settled: a prompt (an --env episode's opening) is cut to the room the responses leave it
         args = replace(args, max_prompt_length=min(args.max_prompt_length, context - args.max_new_tokens))
-    use_chat_template(tokenizer, args, train_prompts)
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()  # saved with the tokenizer, so the trained policy keeps it
+    if (args.env or is_conversation(train_prompts[0]["prompt"])) and not tokenizer.chat_template:
+        fail(f"the tokenizer of {args.model!r} has no chat template for the conversations; pass --chat-template PATH")
     train_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in train_prompts]
     eval_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in eval_prompts]
     end_ids = end_of_turn_ids(tokenizer, model.generation_config)  # a response ends at any of them
