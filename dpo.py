@@ -1258,16 +1258,15 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Data and models: the pairs, the policy (--model, or a checkpoint's: under LoRA --model and the
-    # checkpoint's adapters), and for text tasks a frozen reference to sample from (under LoRA, the
-    # policy with its adapters off; randomwalks needs none after the log-probs).
+    # Data and models: the pairs, the policy, and for text tasks a frozen reference to sample from
+    # (under LoRA, the policy with its adapters off; randomwalks needs none after the log-probs).
     train_pairs, eval_pairs, pairs, graph = preference_pairs(args, grid, checkpoint)
     policy, tokenizer = load_model(
         checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
     )
     if args.lora_rank:
         add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-        if checkpoint:
+        if checkpoint:  # under LoRA a checkpoint keeps only the adapters: the base is --model
             adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
             missing, unexpected = policy.load_state_dict(adapters, strict=False)
             assert not unexpected, unexpected
