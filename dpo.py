@@ -988,11 +988,6 @@ def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, p
     return {"train": train, "eval": held_out, "pairs": fingerprint}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """Shuffled pair order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
 def model_context(config):
     """Longest sequence the model's position embeddings allow (None when the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -1324,7 +1319,9 @@ def main(args: Args):
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         start = position * args.batch_size + grid.dp_rank * local_batch_size  # this rank's share of the batch
-        mine = epoch_order(len(train_sequences), args.seed, epoch)[start : start + local_batch_size]
+        # The epoch's shuffled order is a function of (seed, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        mine = torch.randperm(len(train_sequences), generator=generator)[start : start + local_batch_size].tolist()
         batch = [train_sequences[i] for i in mine]
         sums = accumulate_gradients(model, batch, references["train"][mine], args, grid, pad, autocast)
         sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / args.batch_size

@@ -960,15 +960,14 @@ def sample_and_score(model, prompts, prompt_ids, copies, temperature, stream, re
     size = args.generation_batch_size
     chunks = [(chunk, rows[start : start + size]) for chunk, start in enumerate(range(0, len(rows), size))]
     chunks = chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
-    device = next(model.parameters()).device
     played = []
     with model.gathered(), autocast:
         for chunk, chunk_rows in chunks:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[grid.device] if grid.device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
                 records, openings = [prompts[row] for row in chunk_rows], [prompt_ids[row] for row in chunk_rows]
                 played.append(
-                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, device)
+                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, grid.device)
                 )
     local = []
     for (chunk, chunk_rows), (samples, texts, scores) in zip(chunks, played):
