@@ -775,12 +775,11 @@ class LoRA(torch.nn.Module):
         return output
 
     def merged(self) -> torch.nn.Module:
-        """The base layer with the update added into its weight."""
-        layer = copy.deepcopy(self.base)
+        """The base layer with the update added into its weight (in place: merge_lora calls it on a copy)."""
         delta = (self.lora_B @ self.lora_A) * self.scale  # [out, in]
         with torch.no_grad():
-            layer.weight += (delta.T if self.transposed else delta).to(layer.weight.dtype)
-        return layer
+            self.base.weight += (delta.T if self.transposed else delta).to(self.base.weight.dtype)
+        return self.base
 
 
 def add_lora(model, rank: int, alpha: float, targets: str):
@@ -987,11 +986,6 @@ def reference_logprobs(model, train_pairs: list, eval_pairs: list, args, grid, p
         train = all_pair_logprobs(model, train_pairs, args, grid, pad_token_id, autocast)
         held_out = all_pair_logprobs(model, eval_pairs, args, grid, pad_token_id, autocast)
     return {"train": train, "eval": held_out, "pairs": fingerprint}
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """Shuffled pair order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def model_context(config):
@@ -1216,21 +1210,6 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
     return train_pairs, eval_pairs, pairs, graph
 
 
-def load_policy(args: Args, checkpoint: Optional[str], device):
-    """(policy, tokenizer): --model, or a checkpoint's policy (under LoRA: --model and the
-    checkpoint's adapters), with LoRA adapters added under --lora-rank."""
-    model, tokenizer = load_model(
-        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
-    )
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-        if checkpoint:
-            adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
-            missing, unexpected = model.load_state_dict(adapters, strict=False)
-            assert not unexpected, unexpected
-    return model, tokenizer
-
-
 def evaluation_models(args: Args, grid, device) -> tuple:
     """(a frozen reference to sample from, the judge (model, tokenizer)), each None when not needed:
     text tasks sample the reference at evaluation (under LoRA it is the policy with its adapters
@@ -1277,7 +1256,15 @@ def main(args: Args):
     # Data and models: the pairs, the policy, and for text tasks a frozen reference to sample from
     # (under LoRA, the policy with its adapters off; randomwalks needs none after the log-probs).
     train_pairs, eval_pairs, pairs, graph = preference_pairs(args, grid, checkpoint)
-    policy, tokenizer = load_policy(args, checkpoint, device)
+    policy, tokenizer = load_model(
+        checkpoint if checkpoint and not args.lora_rank else args.model, device, param_dtype(args), args.chat_template
+    )
+    if args.lora_rank:
+        add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        if checkpoint:  # under LoRA a checkpoint keeps only the adapters: the base is --model
+            adapters = dict(parallel.stored_tensors(checkpoint, ADAPTERS))
+            missing, unexpected = policy.load_state_dict(adapters, strict=False)
+            assert not unexpected, unexpected
     max_length = min(args.max_length, model_context(policy.config) or args.max_length)
     train_sequences = tokenize_pairs(tokenizer, train_pairs, max_length)
     eval_sequences = tokenize_pairs(tokenizer, eval_pairs, max_length)
@@ -1332,7 +1319,9 @@ def main(args: Args):
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         start = position * args.batch_size + grid.dp_rank * local_batch_size  # this rank's share of the batch
-        mine = epoch_order(len(train_sequences), args.seed, epoch)[start : start + local_batch_size]
+        # The epoch's shuffled order is a function of (seed, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        mine = torch.randperm(len(train_sequences), generator=generator)[start : start + local_batch_size].tolist()
         batch = [train_sequences[i] for i in mine]
         sums = accumulate_gradients(model, batch, references["train"][mine], args, grid, pad, autocast)
         sums = parallel.all_reduce_sum(sums.to(device), grid.dp_group).cpu() / args.batch_size

@@ -468,13 +468,11 @@ def download_hh() -> list:
     """Fetch Anthropic/hh-rlhf's training files from the Hugging Face hub (online only) and return their paths."""
     from huggingface_hub import snapshot_download
 
+    repo = "Anthropic/hh-rlhf"
     try:
-        folder = snapshot_download("Anthropic/hh-rlhf", repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
+        folder = snapshot_download(repo, repo_type="dataset", allow_patterns=["*/train.jsonl.gz"])
     except Exception as error:  # offline, gated, renamed: all end the same way for the user
-        fail(
-            f"could not download Anthropic/hh-rlhf ({type(error).__name__}); without a network pass --data with a "
-            "local copy"
-        )
+        fail(f"could not download {repo} ({type(error).__name__}); without a network pass --data with a local copy")
     return sorted(
         os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".jsonl.gz")
     )
@@ -949,12 +947,7 @@ def sentiment_dataset(lm, heads, tokenizer, checkpoint: Optional[str], args: Arg
     (prompt, tools): the shipped file, or --data's prompt-only records (a `prompt` string or conversation, and
     optional `tools`). The held-out openings are those ppo.py picks (same seed, same split), so the two compare.
     The dataset is sampled by the starting model; a resumed run reads the one its run sampled."""
-    if args.data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(
-            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside ilql.py); pass "
-            f'--data with a file of {{"prompt": ...}} lines'
-        )
-    path = args.data or SENTIMENT_PROMPTS
+    path = args.data or SENTIMENT_PROMPTS  # read_records names a missing file, the shipped one too
     records = read_records(path)
     for number, record in enumerate(records, 1):
         if not isinstance(record.get("prompt"), str) and not is_conversation(record.get("prompt")):

@@ -517,12 +517,7 @@ SENTIMENT_PAIRS = "sentiment_pairs.jsonl"  # the sampled pairs, kept in the run 
 def load_sentiment_prompts(data: Optional[str]) -> list:
     """The openings to continue, each once: the shipped file, or --data's `{"prompt"}` records, all
     strings or all message lists."""
-    if data is None and not os.path.isfile(SENTIMENT_PROMPTS):
-        fail(
-            f"the sentiment prompts {SENTIMENT_PROMPTS} are missing (they ship in examples/ beside reward_model.py); "
-            f'pass --data with a file of {{"prompt": ...}} lines'
-        )
-    path, prompts = data or SENTIMENT_PROMPTS, {}
+    path, prompts = data or SENTIMENT_PROMPTS, {}  # read_records names a missing file, the shipped one too
     for number, record in enumerate(read_records(path), 1):
         prompt = record.get("prompt")
         if not isinstance(prompt, str) and not is_conversation(prompt):
@@ -665,8 +660,7 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
 def write_jsonl_atomically(path: str, records: list):
     """Records as --task jsonl reads them, renamed into place only once complete."""
     with open(path + ".tmp", "w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
+        file.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(path + ".tmp", path)
 
 

@@ -39,11 +39,9 @@ as it does in the policy's distribution). Where this script differs from trlX, o
   - each round fine-tunes on its own samples; trlX keeps every grow step's samples in its pool;
   - the loss covers response tokens only, as in sft.py; trlX's covers the prompt too.
 
-Under torchrun the samples do not depend on the number of ranks: the round's (prompt, sample)
-rows are cut into chunks of --generation-batch-size, each sampled with its own seed, dealt out to
-the ranks and scored there, and gathered, so that every rank holds every score and selects the same
-samples. Fine-tuning then splits each batch over the ranks as sft.py does; N ranks compute the
-one-process run up to float rounding.
+Under torchrun every rank gathers every score and selects the same samples, which do not depend on
+the number of ranks (see `sample_and_score`); fine-tuning then splits each batch over the ranks as
+sft.py does. N ranks compute the one-process run up to float rounding.
 
 Reading order. `main` (at the bottom) is the round's steps 1-5, each a call or two. The pieces of
 the method come first after the flags: `percentile_at` and `select` (step 3), then the loss of
@@ -442,10 +440,6 @@ def randomwalks_graph(seed=RANDOMWALKS_SEED, n_nodes=RANDOMWALKS_NODES):
     return adjacency
 
 
-def node_letter(node: int) -> str:
-    return chr(ord("a") + int(node))
-
-
 def shortest_path_nodes(adjacency) -> list:
     """Node count of a shortest path from each node to the goal (node 0), by breadth-first search
     backwards from the goal; None where the goal is unreachable."""
@@ -682,7 +676,7 @@ def task_prompts(args: Args) -> tuple:
     """(training prompts, held-out prompts). randomwalks uses the 20 start letters for both; a text
     task holds out --eval-prompts (at most a tenth) by a shuffle of its own seed."""
     if args.task == "randomwalks":
-        prompts = [{"prompt": node_letter(n)} for n in range(1, RANDOMWALKS_NODES)]
+        prompts = [{"prompt": chr(ord("a") + n)} for n in range(1, RANDOMWALKS_NODES)]
         return prompts, prompts
     if args.task == "arithmetic":  # disjoint sides by construction: --eval-prompts held-out problems
         problems = functools.partial(arithmetic_problems, args.seed, **{k: getattr(args, k) for k in ARITHMETIC_FLAGS})
@@ -728,15 +722,6 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list:
         if tail[: len(reply)] == reply and len(tail) > len(reply):
             ids.add(tail[len(reply)])
     return sorted(i for i in ids if i is not None)
-
-
-def use_chat_template(tokenizer, args: Args, records: list):
-    """--chat-template replaces the tokenizer's template (and is saved with it); conversations and --env need one."""
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as file:
-            tokenizer.chat_template = file.read()
-    if (args.env or is_conversation(records[0]["prompt"])) and not tokenizer.chat_template:
-        fail(f"the tokenizer of {args.model!r} has no chat template for the conversations; pass --chat-template PATH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,15 +960,14 @@ def sample_and_score(model, prompts, prompt_ids, copies, temperature, stream, re
     size = args.generation_batch_size
     chunks = [(chunk, rows[start : start + size]) for chunk, start in enumerate(range(0, len(rows), size))]
     chunks = chunks[rank * len(chunks) // ranks : (rank + 1) * len(chunks) // ranks]
-    device = next(model.parameters()).device
     played = []
     with model.gathered(), autocast:
         for chunk, chunk_rows in chunks:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[grid.device] if grid.device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
                 records, openings = [prompts[row] for row in chunk_rows], [prompt_ids[row] for row in chunk_rows]
                 played.append(
-                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, device)
+                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, grid.device)
                 )
     local = []
     for (chunk, chunk_rows), (samples, texts, scores) in zip(chunks, played):
@@ -1215,7 +1199,11 @@ def main(args: Args):
         )
     if context:  # settled: a prompt (an --env episode's opening) is cut to the room the responses leave it
         args = replace(args, max_prompt_length=min(args.max_prompt_length, context - args.max_new_tokens))
-    use_chat_template(tokenizer, args, train_prompts)
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as file:
+            tokenizer.chat_template = file.read()  # saved with the tokenizer, so the trained policy keeps it
+    if (args.env or is_conversation(train_prompts[0]["prompt"])) and not tokenizer.chat_template:
+        fail(f"the tokenizer of {args.model!r} has no chat template for the conversations; pass --chat-template PATH")
     train_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in train_prompts]
     eval_ids = [prompt_tokens(tokenizer, p, args.max_prompt_length) for p in eval_prompts]
     end_ids = end_of_turn_ids(tokenizer, model.generation_config)  # a response ends at any of them
