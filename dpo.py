@@ -860,7 +860,7 @@ def collate(sequences: list, pad_token_id: int, device, packing=False) -> dict:
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """log pi(response | prompt) of each sequence: the response tokens' log-probabilities, summed. The
-    LM head runs through kernels.fused_logprobs, which never builds the [tokens, vocabulary] logits,
+    LM head runs through kernels.fused_logprobs, which builds no more of the [tokens, vocabulary] logits than a chunk,
     as the head module's forward for this one call: hooks on the head then fire as for any module
     call, which ZeRO-3 needs (it gathers the head's weight before the forward and again before the
     backward). Under --tp the head is this rank's slice of the vocabulary, and fused_logprobs
