@@ -1,6 +1,6 @@
 """
-Numeric routines shared by every algorithm script: log-probs that never materialize the
-vocabulary, generalized advantage estimation, and statistics over real (unmasked) tokens.
+Numeric routines shared by every algorithm script: log-probs that hold at most a chunk of the
+vocabulary's logits, generalized advantage estimation, and statistics over real (unmasked) tokens.
 
 RLHF spends most of its memory on one tensor, the [batch, seq, vocab] logits from which every
 log-prob, KL and entropy is computed. `fused_logprobs` goes straight from the last hidden states
