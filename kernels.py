@@ -232,6 +232,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, chunk_size, compile):
+        ctx.set_materialize_grads(False)  # an output outside the loss (often the entropy) costs the backward nothing
         vocab = logits.shape[-1]
         x = logits.detach().reshape(-1, vocab)
         target, ignored = _targets(labels, ignore_index, 0)
@@ -292,6 +293,14 @@ def logprobs_from_logits(
 # log-probs straight from the hidden states and the LM head
 
 
+def _block_inputs(h, weight, bias, logits, rows, cols):
+    """(x, weight, bias) of a block for _chunk_stats and _chunk_grad: its rows of the kept logits, or its rows of
+    the hidden states and its columns of the head."""
+    if logits is not None:
+        return logits[rows], None, None
+    return h[rows], weight[cols], bias[cols] if bias is not None else None
+
+
 class _FusedLogprobs(torch.autograd.Function):
     # Forward walks the vocabulary in blocks of vocab_chunk_size (outer loop) and the tokens in
     # blocks of chunk_size (inner loop), merging partial statistics per token; it keeps only the
@@ -314,6 +323,7 @@ class _FusedLogprobs(torch.autograd.Function):
         group,
         compile,
     ):
+        ctx.set_materialize_grads(False)  # an output outside the loss (often the entropy) costs the backward nothing
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         w = weight.detach()
         b = bias.detach() if bias is not None else None
@@ -322,15 +332,18 @@ class _FusedLogprobs(torch.autograd.Function):
         target, ignored = _targets(labels, ignore_index, vocab_start)
         stats_fn = _maybe_compile(_chunk_stats, compile)
 
-        n = h.shape[0]
+        n, vocab = h.shape[0], w.shape[0]
+        # Few tokens: logits no larger than one block are computed once, kept, and read a block's worth of rows
+        # at a time.
+        logits = F.linear(h, w, b) if group is None and n * vocab <= chunk_size * vocab_chunk_size else None
+        if logits is not None:
+            chunk_size, vocab_chunk_size = max(1, min(n, chunk_size) * min(vocab, vocab_chunk_size) // vocab), vocab
         stats = None
-        for v in range(0, w.shape[0], vocab_chunk_size):
+        for v in range(0, vocab, vocab_chunk_size):
             cols = slice(v, v + vocab_chunk_size)
             block = [
                 stats_fn(
-                    h[r : r + chunk_size],
-                    w[cols],
-                    b[cols] if b is not None else None,
+                    *_block_inputs(h, w, b, logits, slice(r, r + chunk_size), cols),
                     target[r : r + chunk_size] - v,
                     temperature,
                     with_entropy,
@@ -342,7 +355,7 @@ class _FusedLogprobs(torch.autograd.Function):
             stats = _all_reduce_stats(stats, group)
         lse, logprob, entropy = _finish(stats, ignored)
 
-        ctx.save_for_backward(hidden, weight, bias, target, ignored, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, target, ignored, lse, entropy, logits)
         ctx.options = (temperature, chunk_size, vocab_chunk_size, group, compile)
         ctx.autocast = _autocast_state(hidden)
         logprob = logprob.view(labels.shape)
@@ -356,7 +369,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_logprob, grad_entropy):
-        hidden, weight, bias, target, ignored, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, target, ignored, lse, entropy, logits = ctx.saved_tensors
         temperature, chunk_size, vocab_chunk_size, group, compile = ctx.options
         need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -369,7 +382,7 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_b = torch.empty(weight.shape[0], dtype=acc, device=h.device) if need_bias else None
         for v in range(0, weight.shape[0], vocab_chunk_size):
             cols = slice(v, v + vocab_chunk_size)
-            w, b = weight[cols], bias[cols] if bias is not None else None
+            w = weight[cols]
             # Accumulate this block's weight gradient over all tokens in fp32; for fp32 weights
             # that is the output slice itself.
             in_place = weight.dtype == acc
@@ -381,9 +394,7 @@ class _FusedLogprobs(torch.autograd.Function):
             for r in range(0, h.shape[0], chunk_size):
                 rows = slice(r, r + chunk_size)
                 grad_z = grad_fn(
-                    h[rows],
-                    w,
-                    b,
+                    *_block_inputs(h, weight, bias, logits, rows, cols),
                     target[rows] - v,
                     temperature,
                     lse[rows],
@@ -435,8 +446,8 @@ def fused_logprobs(
 
     Memory: a block of chunk_size x vocab_chunk_size logits (and its gradient) at a time, plus an
     fp32 [tokens, H] gradient accumulator; with bf16 weights, also an fp32 [vocab_chunk_size, H] one.
-    Logits no larger than one such block (few tokens) are built whole and kept for the backward
-    (logprobs_from_logits), which then need not compute them again.
+    Logits no larger than one such block (few tokens) are computed once and kept for the backward,
+    which then need not compute them again.
 
     group: a torch.distributed process group over which the vocabulary is sharded (tensor
     parallel). weight (and bias) are then this rank's contiguous, equal-sized slice of the rows,
@@ -444,9 +455,6 @@ def fused_logprobs(
     ranks. The per-token max, sum-exp and label logit are all-reduced, and the gradient of hidden
     is all-reduced in backward, so the caller must not all-reduce it again.
     """
-    if group is None and labels.numel() * weight.shape[0] <= chunk_size * vocab_chunk_size:
-        logits = F.linear(hidden, weight, bias)
-        return logprobs_from_logits(logits, labels, temperature, ignore_index, return_entropy, chunk_size, compile)
     return _FusedLogprobs.apply(
         hidden,
         weight,

@@ -277,6 +277,24 @@ def test_fused_keeps_logits_of_one_block_and_recomputes_larger_ones(monkeypatch)
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_an_output_outside_the_loss_costs_the_backward_nothing(monkeypatch):
+    """With the entropy returned but only the log-probs in the loss, no entropy gradient reaches the chunk
+    gradient (autograd's zeros in its place cost four passes over each block), whether the logits are kept or
+    recomputed; the gradients are bitwise those of a call without the entropy."""
+    entropy_grads, chunk_grad = [], kernels._chunk_grad
+    monkeypatch.setattr(kernels, "_chunk_grad", lambda *a: entropy_grads.append(a[7]) or chunk_grad(*a))
+    hidden, weight, bias, labels = make_inputs(12, 4, 10, ignore=(5,))
+    for vocab_chunk_size in (30, 3):  # logits kept whole, then in blocks
+        options = dict(bias=bias, chunk_size=4, vocab_chunk_size=vocab_chunk_size, compile=False)
+        logprob, _ = kernels.fused_logprobs(hidden, weight, labels, return_entropy=True, **options)
+        with_entropy = torch.autograd.grad(logprob.sum(), (hidden, weight, bias))
+        alone = torch.autograd.grad(
+            kernels.fused_logprobs(hidden, weight, labels, **options).sum(), (hidden, weight, bias)
+        )
+        assert all(torch.equal(a, b) for a, b in zip(with_entropy, alone))
+    assert entropy_grads and all(g is None for g in entropy_grads)
+
+
 @pytest.mark.precision
 def test_fused_fp32_and_bf16():
     # The reference is fp64 on the same (rounded) inputs; the bounds are fused_rounding's.
@@ -348,11 +366,7 @@ def test_gradient_under_autocast_with_the_backward_outside_it():
     reference = gradients(
         lambda h, w: torch.log_softmax(F.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1)
     )
-    # The blockwise kernel in one block (fused_logprobs itself would keep logits this small whole), then
-    # logprobs_from_logits on the model's logits, which fused_logprobs calls for them.
-    ours = gradients(
-        lambda h, w: kernels._FusedLogprobs.apply(h, w, labels, None, 1.0, -100, False, 256, 4096, None, False)
-    )
+    ours = gradients(lambda h, w: kernels.fused_logprobs(h, w, labels, compile=False))
     for grad, ref, bound in zip(ours, reference, bounds):
         assert_within(grad, ref, bound)
     ours = gradients(lambda h, w: kernels.logprobs_from_logits(F.linear(h, w), labels, compile=False))

@@ -451,7 +451,8 @@ def test_ppo_run_with_packing_equals_one_without(tmp_path, family, monkeypatch):
     assert numbers[1] == pytest.approx(numbers[0], rel=SAME_MATH, abs=SAME_MATH)
     assert numbers[1]["policy/first_minibatch_max_log_ratio"] == 0.0
     assert max_weight_difference(tmp_path / "False", tmp_path / "True") < SAME_MATH
-    assert numbers[1]["objective/kl"] > 1e-5  # the first update moved the policy: the agreement is not trivial
+    # The first update moved the policy (k1, a sampled log-ratio, may come out negative): the agreement is not trivial.
+    assert abs(numbers[1]["objective/kl"]) > 1e-5
     values = [torch.load(tmp_path / str(packing) / "value_head.pt") for packing in (False, True)]
     assert (
         max((values[0][m][k] - values[1][m][k]).abs().max().item() for m in values[0] for k in values[0][m]) < SAME_MATH
