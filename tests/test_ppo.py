@@ -698,7 +698,8 @@ def test_sampler_old_logprobs_skip_the_policy_pass_and_train_as_the_trainer_ones
     rollout_micro_batches = 2 * 8 // 2  # updates x batch / micro-batch
     assert trainer_calls[("GPT2LMHeadModel", False)] == 2 * rollout_micro_batches  # the policy's and the reference's
     assert {**trainer_calls, ("GPT2LMHeadModel", False): rollout_micro_batches} == sampler_calls
-    assert 0 < actual["policy/first_minibatch_max_log_ratio"] < 1e-12 and actual["policy/sampler_logprob_gap"] == 0
+    # The cached decode and the full forward differ by their summation order only, which a CPU may also round alike.
+    assert actual["policy/first_minibatch_max_log_ratio"] < 1e-12 and actual["policy/sampler_logprob_gap"] == 0
     assert expected["policy/first_minibatch_max_log_ratio"] == 0
     expected.pop("policy/sampler_logprob_gap"), actual.pop("policy/sampler_logprob_gap")
     expected.pop("policy/first_minibatch_max_log_ratio"), actual.pop("policy/first_minibatch_max_log_ratio")
