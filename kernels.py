@@ -66,6 +66,40 @@ def _maybe_compile(fn, compile):
 
 
 # -----------------------------------------------------------------------------
+# linear layers on a CPU
+#
+# For y = x W^T, F.linear asks oneMKL's sgemm for y in rows; (W x^T)^T asks for the same dot products
+# with the operands' roles swapped, which oneMKL runs up to twice as fast on a few to a few hundred
+# fp32 rows (the decode loop's and a micro-batch's; `python benchmarks/kernels.py --linear` prints the
+# ratio on your CPU). One row, bf16 (another kernel), autocast and other devices keep F.linear.
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), for several fp32 rows on a CPU as (W x^T)^T copied back to rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    if len(rows) < 2 or not x.is_cpu or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, weight, bias)
+    y = (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+class Linear(torch.nn.Linear):
+    """nn.Linear computed by linear(); use_linear turns a model's nn.Linear layers into these."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def use_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with each nn.Linear computed by linear(): only the class changes, so weights, names,
+    state dicts and save_pretrained see the same model."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+    return model
+
+
+# -----------------------------------------------------------------------------
 # the chunk body: softmax statistics of one block of logits, and its gradient
 #
 # A block is `n` tokens by `v` vocabulary entries. Each token's softmax over the full vocabulary
@@ -84,7 +118,7 @@ def _block_logits(x, weight, bias, temperature):
     afterwards, as generation upcasts before dividing by the temperature: so the log-probs here
     are those of the tokens that were actually sampled.
     """
-    z = x if weight is None else F.linear(x, weight, bias)
+    z = x if weight is None else linear(x, weight, bias)
     z = z.to(torch.promote_types(z.dtype, torch.float32))
     return z / temperature if temperature != 1.0 else z
 
@@ -335,7 +369,7 @@ class _FusedLogprobs(torch.autograd.Function):
         n, vocab = h.shape[0], w.shape[0]
         # Few tokens: logits no larger than one block are computed once, kept, and read a block's worth of rows
         # at a time.
-        logits = F.linear(h, w, b) if group is None and n * vocab <= chunk_size * vocab_chunk_size else None
+        logits = linear(h, w, b) if group is None and n * vocab <= chunk_size * vocab_chunk_size else None
         if logits is not None:
             chunk_size, vocab_chunk_size = max(1, min(n, chunk_size) * min(vocab, vocab_chunk_size) // vocab), vocab
         stats = None

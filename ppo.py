@@ -836,7 +836,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool = True,
     mean, std = getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0)
     if not hasattr(model.config, "reward_mean") and verbose:
         print(f"note: {path} has no reward_mean/reward_std (not trained by reward_model.py); raw scores are used")
-    return model.to(device).eval().requires_grad_(False), tokenizer, mean, std
+    return kernels.use_linear(model.to(device).eval().requires_grad_(False)), tokenizer, mean, std
 
 
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
@@ -1098,7 +1098,9 @@ class Critic(torch.nn.Module):
         super().__init__()
         try:
             config = AutoConfig.from_pretrained(path)
-            self.trunk = AutoModel.from_pretrained(path, config=without_dropout(config), dtype=dtype)
+            self.trunk = kernels.use_linear(
+                AutoModel.from_pretrained(path, config=without_dropout(config), dtype=dtype)
+            )
         except (OSError, ValueError) as error:
             fail(f"--value-model {path!r} could not be loaded: {str(error).splitlines()[0]}")
         self.head = torch.nn.Linear(config.hidden_size, 1, dtype=dtype)
@@ -1480,7 +1482,7 @@ def load_policy(name: str, device, dtype=torch.float32):
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return kernels.use_linear(model.to(device)), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
