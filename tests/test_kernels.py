@@ -184,6 +184,64 @@ def naive(temperature=1.0):
 
 
 # -----------------------------------------------------------------------------
+# linear
+
+
+def test_linear_is_f_linear_within_rounding_and_takes_the_transposed_product_where_it_pays(monkeypatch):
+    """Forward and both gradients against fp64 F.linear of the same fp32 values. Each output is a sum of K
+    products (plus the bias), so any summation order is within gamma(K + 1) of the sum of the terms' sizes."""
+    calls = []
+    f_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(a[0].shape) or f_linear(*a))
+    generator = torch.Generator().manual_seed(0)
+    for shape, bias in (((2, 5, 64), True), ((7, 64), False), ((1, 64), True)):
+        x, grad = torch.randn(*shape, generator=generator), torch.randn(*shape[:-1], 48, generator=generator)
+        w, b = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator) if bias else None
+        inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+        out = kernels.linear(x, w, b)
+        grads = torch.autograd.grad(out, inputs, grad)
+        x64, w64, b64, grad64 = (t.detach().double() if t is not None else None for t in (x, w, b, grad))
+        reference = f_linear(x64, w64, b64)
+        terms = x64.abs() @ w64.abs().T + (b64.abs() if bias else 0)
+        assert_within(out, reference, gamma(65) * terms, f"output {shape}")
+        assert_within(grads[0], grad64 @ w64, gamma(49) * (grad64.abs() @ w64.abs()), "input gradient")
+        rows, grad_rows = x64.reshape(-1, 64), grad64.reshape(-1, 48)
+        bound = gamma(len(rows) + 1) * (grad_rows.abs().T @ rows.abs())
+        assert_within(grads[1], grad_rows.T @ rows, bound, "weight gradient")
+    assert calls == [(1, 64)]  # one row keeps F.linear
+    for x in (torch.randn(3, 64, dtype=F64), torch.randn(3, 64, dtype=torch.bfloat16)):
+        assert torch.equal(
+            kernels.linear(x, torch.ones(8, 64, dtype=x.dtype)), f_linear(x, torch.ones(8, 64, dtype=x.dtype))
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.linear(torch.randn(3, 64), torch.randn(8, 64))
+    assert len(calls) == 4
+
+
+def test_use_linear_changes_only_how_a_model_computes(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 50, 0))
+    before = dict(model.state_dict())
+    assert kernels.use_linear(model) is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and all(type(m) is kernels.Linear for m in linears)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(before[k].data_ptr() == v.data_ptr() for k, v in after.items())
+    calls = []
+    monkeypatch.setattr(kernels, "linear", lambda *a: calls.append(1) or F.linear(*a))
+    model(torch.tensor([[1, 2, 3]]))
+    assert len(calls) == len(linears)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(type(m) is kernels.Linear for m in reloaded.modules())
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
 # fused_logprobs
 
 
