@@ -1,6 +1,7 @@
 """
 Numeric routines shared by every algorithm script: log-probs that hold at most a chunk of the
-vocabulary's logits, generalized advantage estimation, and statistics over real (unmasked) tokens.
+vocabulary's logits, generalized advantage estimation, statistics over real (unmasked) tokens, and
+linear layers in the orientation a CPU's BLAS runs faster.
 
 RLHF spends most of its memory on one tensor, the [batch, seq, vocab] logits from which every
 log-prob, KL and entropy is computed. `fused_logprobs` goes straight from the last hidden states
@@ -70,8 +71,8 @@ def _maybe_compile(fn, compile):
 #
 # For y = x W^T, F.linear asks oneMKL's sgemm for y in rows; (W x^T)^T asks for the same dot products
 # with the operands' roles swapped, which oneMKL runs up to twice as fast on a few to a few hundred
-# fp32 rows (the decode loop's and a micro-batch's; `python benchmarks/kernels.py --linear` prints the
-# ratio on your CPU). One row, bf16 (another kernel), autocast and other devices keep F.linear.
+# fp32 rows (the decode loop's and a micro-batch's): `python benchmarks/kernels.py --only linear`
+# prints the ratio on your CPU. One row, bf16 (another kernel), autocast and other devices keep F.linear.
 
 
 def linear(x, weight, bias=None):

@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py              # CPU here, CUDA when a GPU is present
     python benchmarks/kernels.py --device cpu
+    python benchmarks/kernels.py --only linear  # kernels.linear against F.linear (fp32)
 
 Prints one markdown table (paste it into benchmarks/README.md). Each row is one forward+backward
 (or one call, for gae): the median wall time over --repeats runs after a warm-up, and the peak
@@ -233,6 +234,42 @@ def bench_gae(rows, batch, length, device, repeats):
         )
 
 
+def bench_linear(rows, device, repeats):
+    """kernels.linear against F.linear at SmolLM2-135M's shapes: a decode step's 16 rows (forward only,
+    as generation runs it) and a micro-batch's 192 rows (forward and backward)."""
+    generator = torch.Generator(device).manual_seed(0)
+    for tokens, inputs, outputs in [(16, 576, 1536), (16, 1536, 576), (16, 576, 49152), (192, 576, 1536)] + [
+        (192, 1536, 576),
+        (192, 576, 576),
+        (128, 576, 49152),
+    ]:
+        x = torch.randn(tokens, inputs, device=device, generator=generator, requires_grad=tokens > 16)
+        weight = torch.randn(outputs, inputs, device=device, generator=generator, requires_grad=tokens > 16)
+        grad_output = torch.randn(tokens, outputs, device=device, generator=generator)
+        results = {}
+        for name, fn in [("F.linear", torch.nn.functional.linear), ("kernels.linear", kernels.linear)]:
+            if tokens > 16:
+                step = functools.partial(forward_backward, functools.partial(fn, x, weight), (x, weight), grad_output)
+            else:
+                step = torch.no_grad()(functools.partial(fn, x, weight))
+            results[name] = (wall_time(step, device, repeats)[0], peak_memory(step, device))
+        for name, (seconds, memory) in results.items():
+            kind = "fwd+bwd" if tokens > 16 else "fwd"
+            base_seconds, base_memory = results["F.linear"]
+            rows.append(
+                (
+                    f"{kind} linear",
+                    f"{tokens}x{inputs} -> {outputs}",
+                    name,
+                    seconds,
+                    base_seconds,
+                    memory,
+                    base_memory,
+                    "",
+                )
+            )
+
+
 def print_table(rows):
     print("| routine | shape | variant | time | time / baseline | peak extra memory | memory / baseline | notes |")
     print("|---|---|---|---|---|---|---|---|")
@@ -251,7 +288,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--gae-repeats", type=int, default=20)
-    parser.add_argument("--only", default=None, choices=["gae", "logprobs"], help="run one group of rows")
+    parser.add_argument("--only", default=None, choices=["gae", "logprobs", "linear"], help="run one group of rows")
+    parser.add_argument("--linear-repeats", type=int, default=30)
     parser.add_argument(
         "--dtype",
         default=None,
@@ -275,6 +313,8 @@ if __name__ == "__main__":
         bench_logprobs(rows, 4096, 576, 49152, dtype, args.device, args.repeats)
         if args.device == "cuda":
             bench_logprobs(rows, 8192, 2048, 128256, torch.bfloat16, args.device, args.repeats)
+    if args.only in (None, "linear"):
+        bench_linear(rows, args.device, args.linear_repeats)
     print_table(rows)
     # Other work on the machine skews CPU timings: report how much CPU time it took meanwhile.
     busy_end, own_end = cpu_seconds()
