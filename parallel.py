@@ -19,7 +19,7 @@ The file, section by section; each section opens with what it communicates, when
 3. ZeRO-3 (`FullyShardedDataParallel`): the parameters sharded too. Each block's are
    all-gathered just before its forward and again before its backward, and freed after each;
    its gradients are reduce-scattered as soon as they are complete.
-4. Tensor parallel (Megatron): four tiny autograd functions (copy, reduce, gather, split) carry
+4. Tensor parallel (Megatron): four tiny exchanges (copy, reduce, gather, split) carry
    all the communication; column- and row-parallel linear layers and a vocabulary-parallel
    embedding are built from them, and `tensor_parallel` rewrites a Hugging Face model in place.
 5. Sequence and context parallel: activations split along the sequence. `sequence_parallel`
@@ -886,86 +886,71 @@ def data_parallel(
 # ---------------------------------------------------------------------------------------------
 # Tensor parallel (Megatron-style): each layer's matrices split over the ranks of tp_group
 # ---------------------------------------------------------------------------------------------
-# Four tiny autograd functions carry all the communication. A column-parallel layer (output
+# Four tiny exchanges (_Exchange) carry all the communication. A column-parallel layer (output
 # features split) needs its whole input on every rank and hands on a split output; a row-parallel
 # layer (input features split) takes that split output and all-reduces the partial products. So an
 # attention block or an MLP costs one all-reduce forward and one backward, wherever it sits.
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity, every rank holds the whole input. Backward: all-reduce, because each
-    rank's column shard contributed only part of the input's gradient."""
+class _Exchange(torch.autograd.Function):
+    """Forward: forward(x, group); backward: backward(grad, group), its adjoint. Every crossing
+    between ranks below is one: tensor parallel's copy, reduce, gather and split, sequence
+    parallel's pairs of _shard, _all_gather and _seq_reduce_scatter, context parallel's all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """Forward: all-reduce the ranks' partial results. Backward: identity, the sum's gradient
-    reaches every term unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """Forward: all-gather shards along the last dimension (e.g. vocabulary-split logits for
-    sampling). Backward: keep this rank's slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[dist.get_rank(ctx.group)].contiguous(), None
+def _shard(x, group, dim=1):
+    """This rank's contiguous 1/N of dimension `dim` (the sequence, for [batch, sequence, ...])."""
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
-class _SplitLastDim(torch.autograd.Function):
-    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the gradient."""
+def _all_gather(x, group, dim=1):
+    """Every rank's x joined along dimension `dim`, in rank order (_shard's adjoint)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
 
-    @staticmethod
-    def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=-1), None
+def _all_reduce(x, group):
+    """The sum over the ranks, in place of x (made contiguous)."""
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def copy_to_group(x, group):
-    return _CopyToGroup.apply(x, group) if group is not None else x
+    """Forward: identity, every rank holds the whole input. Backward: all-reduce, because each
+    rank's column shard contributed only part of the input's gradient."""
+    return _Exchange.apply(x, group, lambda x, group: x, _all_reduce) if group is not None else x
 
 
 def reduce_from_group(x, group):
-    return _ReduceFromGroup.apply(x, group) if group is not None else x
+    """Forward: all-reduce the ranks' partial results (into a copy, leaving x as autograd saw it).
+    Backward: identity, the sum's gradient reaches every term unchanged."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _all_reduce(x.contiguous().clone(), group), lambda g, _: g)
 
 
 def gather_last_dim(x, group):
-    return _GatherLastDim.apply(x, group) if group is not None else x
+    """Forward: all-gather shards along the last dimension (e.g. vocabulary-split logits for
+    sampling). Backward: keep this rank's slice of the gradient."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _all_gather(x, group, -1), lambda g, group: _shard(g, group, -1))
 
 
 def split_last_dim(x, group):
-    return _SplitLastDim.apply(x, group) if group is not None else x
+    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the gradient."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _shard(x, group, -1), lambda g, group: _all_gather(g, group, -1))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -1239,17 +1224,6 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 # each cp rank (the head is one matmul against the layers' dozens) and every statistic is the same
 # on each. A pass that builds or reads a KV cache (sampling) is not split: cp ranks hold whole
 # weights and sample like data-parallel ranks.
-def _seq_shard(x, group, dim=1):
-    """This rank's contiguous 1/N of dimension `dim` (the sequence, for [batch, sequence, ...])."""
-    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
-
-
-def _seq_all_gather(x, group):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
 def _seq_reduce_scatter(x, group):
     parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
     out = torch.empty_like(parts[0])
@@ -1257,45 +1231,30 @@ def _seq_reduce_scatter(x, group):
     return out
 
 
-class _Exchange(torch.autograd.Function):
-    """Forward: forward(x, group); backward: backward(grad, group), its adjoint. Every crossing
-    below is one: sequence parallel's pairs of _seq_shard, _seq_all_gather and _seq_reduce_scatter,
-    context parallel's all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, group, forward, backward):
-        ctx.group, ctx.backward = group, backward
-        return forward(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.backward(grad, ctx.group), None, None, None
-
-
 def _split_sequence(x, group):
     """Forward: keep this rank's slice of the sequence (entering a split region from one where
     every rank holds the whole sequence). Backward: all-gather the gradient."""
-    return _Exchange.apply(x, group, _seq_shard, _seq_all_gather)
+    return _Exchange.apply(x, group, _shard, _all_gather)
 
 
 def _gather_sequence(x, group, grad_scale: float = 1.0):
     """Forward: all-gather the sequence (leaving a split region: every rank then computes the same
     thing from the whole sequence). Backward: keep this rank's slice of the gradient, which is the
     same on every rank, times grad_scale (see _gather_outputs for why cp needs one)."""
-    return _Exchange.apply(x, group, _seq_all_gather, lambda grad, group: _seq_shard(grad, group) * grad_scale)
+    return _Exchange.apply(x, group, _all_gather, lambda grad, group: _shard(grad, group) * grad_scale)
 
 
 def _gather_sequence_to_columns(x, group):
     """Forward: all-gather the sequence, the whole input column-parallel layers need. Backward:
     reduce-scatter: each rank's column shard gave part of every position's gradient, and each rank
     keeps the sum for its own positions."""
-    return _Exchange.apply(x, group, _seq_all_gather, _seq_reduce_scatter)
+    return _Exchange.apply(x, group, _all_gather, _seq_reduce_scatter)
 
 
 def _reduce_scatter_sequence(x, group):
     """Forward: sum a row-parallel layer's partial products and keep this rank's positions.
     Backward: all-gather the gradient, which every rank's partial product needs whole."""
-    return _Exchange.apply(x, group, _seq_reduce_scatter, _seq_all_gather)
+    return _Exchange.apply(x, group, _seq_reduce_scatter, _all_gather)
 
 
 def _all_to_all(x, group, scatter: int = 1, gather: int = 2):
@@ -1388,7 +1347,7 @@ def _split_inputs(trunk, args, kwargs):
             attention_mask=mask.bool(),
             device=mask.device,
         )
-        input_ids, positions, mask = _seq_shard(input_ids, split.cp_group), _seq_shard(positions, split.cp_group), None
+        input_ids, positions, mask = _shard(input_ids, split.cp_group), _shard(positions, split.cp_group), None
     kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return args, kwargs
 
