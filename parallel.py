@@ -1730,6 +1730,7 @@ class _Runner:
         )
         self.micro_batches, self.loss_fn, self.timings = micro_batches, loss_fn, timings
         self.backwards_left = len(micro_batches)
+        self.inputs, self.outputs = {}, {}  # of the micro-batches between their forward and backward
         self.total_loss = None
         self.busy, self.order = 0.0, []
         self.start = self._clock()
@@ -1750,7 +1751,8 @@ class _Runner:
         return x.requires_grad_()
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The stage's output for micro-batch `index` (on the last stage: its loss)."""
+        """The stage's output for micro-batch `index` (on the last stage: its loss), kept with x
+        for its backward."""
         micro_batch = self.micro_batches[index]
         began = self._clock()
         self.order.append(("F", index))
@@ -1762,14 +1764,14 @@ class _Runner:
             loss = y.detach()
             self.total_loss = loss if self.total_loss is None else self.total_loss + loss
         self.busy += self._clock() - began
+        self.inputs[index], self.outputs[index] = x, y
         return y
 
-    def backward(
-        self, index: int, x: torch.Tensor, y: torch.Tensor, grad: Optional[torch.Tensor]
-    ) -> Optional[torch.Tensor]:
+    def backward(self, index: int, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Backward of micro-batch `index` from its output (the loss on the last stage, else the
         hidden states with the gradient the next stage sent); returns the input's gradient, or
-        None on the first stage."""
+        None on the first stage. The graph of a micro-batch dies with its backward."""
+        x, y = self.inputs.pop(index), self.outputs.pop(index)
         self.order.append(("B", index))
         self.backwards_left -= 1
         sync = self.backwards_left == 0 or not hasattr(self.wrapper, "no_sync")
@@ -1781,6 +1783,22 @@ class _Runner:
         if self.stage.is_first:
             return None
         return x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def forwards(self, indices):
+        """The forwards of micro-batches `indices` in turn, each output sent on to the next stage."""
+        for index in indices:
+            y = self.forward(index, self.receive_forward(index))
+            if not self.stage.is_last:
+                _p2p(self.stage, send_next=y.detach())
+
+    def backwards(self, indices):
+        """The backwards of micro-batches `indices` in turn, each from the gradient the next stage
+        sends back, each input's gradient sent to the previous stage."""
+        for index in indices:
+            grad = None
+            if not self.stage.is_last:
+                _, grad = _p2p(self.stage, recv_next=self.stage.activation(self.micro_batches[index]))
+            _p2p(self.stage, send_prev=self.backward(index, grad))
 
     def finish(self, broadcast_loss: bool) -> Optional[torch.Tensor]:
         """Tied embedding gradients, the loss, the timings."""
@@ -1834,21 +1852,8 @@ def pipeline_afab(
     Simple, but stage i keeps the activations of all M micro-batches until the backwards start,
     so memory grows with M."""
     run = _Runner(stage, micro_batches, loss_fn, timings)
-    inputs, outputs = [], []
-    for index in range(len(micro_batches)):
-        x = run.receive_forward(index)
-        y = run.forward(index, x)
-        if not run.stage.is_last:
-            _p2p(run.stage, send_next=y.detach())
-        inputs.append(x)
-        outputs.append(y)
-    for index in range(len(micro_batches)):
-        grad = None
-        if not run.stage.is_last:
-            _, grad = _p2p(run.stage, recv_next=run.stage.activation(micro_batches[index]))
-        dx = run.backward(index, inputs[index], outputs[index], grad)
-        inputs[index] = outputs[index] = None  # the graph of a micro-batch dies with its backward
-        _p2p(run.stage, send_prev=dx)
+    run.forwards(range(len(micro_batches)))
+    run.backwards(range(len(micro_batches)))
     return run.finish(broadcast_loss)
 
 
@@ -1867,37 +1872,21 @@ def pipeline_1f1b(
     run = _Runner(stage, micro_batches, loss_fn, timings)
     s, count = run.stage, len(micro_batches)
     warmup = min(s.size - s.rank - 1, count)
-    inputs, outputs = [], []
-    for index in range(warmup):
-        x = run.receive_forward(index)
-        y = run.forward(index, x)
-        if not s.is_last:
-            _p2p(s, send_next=y.detach())
-        inputs.append(x)
-        outputs.append(y)
+    run.forwards(range(warmup))
     steady = count - warmup
     x = run.receive_forward(warmup) if steady > 0 else None
     for step in range(steady):
         index, oldest = warmup + step, step  # forward micro-batch `index`, backward `oldest`
         y = run.forward(index, x)
-        inputs.append(x)
-        outputs.append(y)
         grad = None
         if not s.is_last:
             _, grad = _p2p(s, send_next=y.detach(), recv_next=s.activation(micro_batches[oldest]))
-        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
-        inputs[oldest] = outputs[oldest] = None
+        dx = run.backward(oldest, grad)
         if step < steady - 1:
             x = run.receive_forward(index + 1, send_grad=dx)
         else:
             _p2p(s, send_prev=dx)
-    for oldest in range(steady, count):
-        grad = None
-        if not s.is_last:
-            _, grad = _p2p(s, recv_next=s.activation(micro_batches[oldest]))
-        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
-        inputs[oldest] = outputs[oldest] = None
-        _p2p(s, send_prev=dx)
+    run.backwards(range(steady, count))
     return run.finish(broadcast_loss)
 
 
