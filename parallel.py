@@ -1079,15 +1079,13 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
     family = config.model_type
 
     def split_mlp(up_names, down_name, mlp):
-        size = getattr(mlp, down_name).weight.shape[1] if family != "gpt2" else getattr(mlp, down_name).weight.shape[0]
-        rows = rank_rows(size)
-        for name in up_names:
-            layer = getattr(mlp, name)
-            weight = layer.weight.t() if family == "gpt2" else layer.weight  # GPT-2's Conv1D stores [in, out]
-            setattr(mlp, name, ColumnParallelLinear(weight, layer.bias, rows, group, conv1d=family == "gpt2"))
-        layer = getattr(mlp, down_name)
-        weight = layer.weight.t() if family == "gpt2" else layer.weight
-        setattr(mlp, down_name, RowParallelLinear(weight, layer.bias, rows, group, conv1d=family == "gpt2"))
+        conv1d = family == "gpt2"  # GPT-2's Conv1D stores [in, out]
+        layers = {name: getattr(mlp, name) for name in (*up_names, down_name)}
+        weights = {name: layer.weight.t() if conv1d else layer.weight for name, layer in layers.items()}
+        rows = rank_rows(weights[down_name].shape[1])  # the intermediate features
+        for name, layer in layers.items():
+            split = RowParallelLinear if name == down_name else ColumnParallelLinear
+            setattr(mlp, name, split(weights[name], layer.bias, rows, group, conv1d=conv1d))
 
     if family == "gpt2":
         for block in model.transformer.h:
