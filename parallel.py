@@ -318,13 +318,6 @@ class _AllReduce:
             param.grad = bucket.grad_view(index) if index in bucket.touched else None
 
 
-def _reduce_scatter(bucket, group):
-    """In place: this rank's slice of the bucket's buffer receives the averaged slice, so no
-    second gradient-sized buffer is needed."""
-    bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
-    return dist.reduce_scatter_single(bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True)
-
-
 class _ReduceScatter:
     """ZeRO-1's path: gradients accumulate as in ZeRO-0, but a complete bucket is reduce-scattered,
     which leaves each rank the averaged gradient of its slice, the one its optimizer steps."""
@@ -333,30 +326,32 @@ class _ReduceScatter:
     accumulate = _AllReduce.accumulate
 
     def launch(self, bucket, group):
-        return _reduce_scatter(bucket, group)
+        """In place: this rank's slice of the bucket's buffer receives the averaged slice, so no
+        second gradient-sized buffer is needed."""
+        if bucket.grads is None:  # ZeRO-2, where no gradient reached this bucket
+            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
+        bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
+        return dist.reduce_scatter_single(
+            bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True
+        )
 
     def finish(self, bucket):
         bucket.shard.grad = bucket.reduced
 
 
-class _ReduceScatterFreed:
+class _ReduceScatterFreed(_ReduceScatter):
     """ZeRO-2's path: the full-size gradient buffer exists only while a backward runs. Each
     gradient is copied into a temporary bucket buffer and dropped; the bucket is reduce-scattered
     as soon as it is complete and freed, so between steps a rank keeps only its gradient slice.
     It reduces every backward (keeping full gradients across micro-batches is what it avoids)."""
 
-    sharded, reduce_every_backward = True, True
+    reduce_every_backward = True
 
     def accumulate(self, bucket, index: int, param):
         if bucket.grads is None:
             bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
         bucket.grad_view(index).add_(param.grad)
         param.grad = None  # the full-size gradient must not outlive the bucket
-
-    def launch(self, bucket, group):
-        if bucket.grads is None:  # no gradient reached this bucket
-            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
-        return _reduce_scatter(bucket, group)
 
     def finish(self, bucket):
         bucket.shard.grad = (
