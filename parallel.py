@@ -19,7 +19,7 @@ The file, section by section; each section opens with what it communicates, when
 3. ZeRO-3 (`FullyShardedDataParallel`): the parameters sharded too. Each block's are
    all-gathered just before its forward and again before its backward, and freed after each;
    its gradients are reduce-scattered as soon as they are complete.
-4. Tensor parallel (Megatron): four tiny autograd functions (copy, reduce, gather, split) carry
+4. Tensor parallel (Megatron): four tiny exchanges (copy, reduce, gather, split) carry
    all the communication; column- and row-parallel linear layers and a vocabulary-parallel
    embedding are built from them, and `tensor_parallel` rewrites a Hugging Face model in place.
 5. Sequence and context parallel: activations split along the sequence. `sequence_parallel`
@@ -318,13 +318,6 @@ class _AllReduce:
             param.grad = bucket.grad_view(index) if index in bucket.touched else None
 
 
-def _reduce_scatter(bucket, group):
-    """In place: this rank's slice of the bucket's buffer receives the averaged slice, so no
-    second gradient-sized buffer is needed."""
-    bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
-    return dist.reduce_scatter_single(bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True)
-
-
 class _ReduceScatter:
     """ZeRO-1's path: gradients accumulate as in ZeRO-0, but a complete bucket is reduce-scattered,
     which leaves each rank the averaged gradient of its slice, the one its optimizer steps."""
@@ -333,30 +326,32 @@ class _ReduceScatter:
     accumulate = _AllReduce.accumulate
 
     def launch(self, bucket, group):
-        return _reduce_scatter(bucket, group)
+        """In place: this rank's slice of the bucket's buffer receives the averaged slice, so no
+        second gradient-sized buffer is needed."""
+        if bucket.grads is None:  # ZeRO-2, where no gradient reached this bucket
+            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
+        bucket.reduced = bucket.grads[bucket.rank * bucket.shard_size : (bucket.rank + 1) * bucket.shard_size]
+        return dist.reduce_scatter_single(
+            bucket.reduced, bucket.grads, op=dist.ReduceOp.AVG, group=group, async_op=True
+        )
 
     def finish(self, bucket):
         bucket.shard.grad = bucket.reduced
 
 
-class _ReduceScatterFreed:
+class _ReduceScatterFreed(_ReduceScatter):
     """ZeRO-2's path: the full-size gradient buffer exists only while a backward runs. Each
     gradient is copied into a temporary bucket buffer and dropped; the bucket is reduce-scattered
     as soon as it is complete and freed, so between steps a rank keeps only its gradient slice.
     It reduces every backward (keeping full gradients across micro-batches is what it avoids)."""
 
-    sharded, reduce_every_backward = True, True
+    reduce_every_backward = True
 
     def accumulate(self, bucket, index: int, param):
         if bucket.grads is None:
             bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
         bucket.grad_view(index).add_(param.grad)
         param.grad = None  # the full-size gradient must not outlive the bucket
-
-    def launch(self, bucket, group):
-        if bucket.grads is None:  # no gradient reached this bucket
-            bucket.grads = torch.zeros(bucket.padded, dtype=bucket.dtype, device=bucket.device)
-        return _reduce_scatter(bucket, group)
 
     def finish(self, bucket):
         bucket.shard.grad = (
@@ -886,86 +881,71 @@ def data_parallel(
 # ---------------------------------------------------------------------------------------------
 # Tensor parallel (Megatron-style): each layer's matrices split over the ranks of tp_group
 # ---------------------------------------------------------------------------------------------
-# Four tiny autograd functions carry all the communication. A column-parallel layer (output
+# Four tiny exchanges (_Exchange) carry all the communication. A column-parallel layer (output
 # features split) needs its whole input on every rank and hands on a split output; a row-parallel
 # layer (input features split) takes that split output and all-reduces the partial products. So an
 # attention block or an MLP costs one all-reduce forward and one backward, wherever it sits.
-class _CopyToGroup(torch.autograd.Function):
-    """Forward: identity, every rank holds the whole input. Backward: all-reduce, because each
-    rank's column shard contributed only part of the input's gradient."""
+class _Exchange(torch.autograd.Function):
+    """Forward: forward(x, group); backward: backward(grad, group), its adjoint. Every crossing
+    between ranks below is one: tensor parallel's copy, reduce, gather and split, sequence
+    parallel's pairs of _shard, _all_gather and _seq_reduce_scatter, context parallel's all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """Forward: all-reduce the ranks' partial results. Backward: identity, the sum's gradient
-    reaches every term unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """Forward: all-gather shards along the last dimension (e.g. vocabulary-split logits for
-    sampling). Backward: keep this rank's slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[dist.get_rank(ctx.group)].contiguous(), None
+def _shard(x, group, dim=1):
+    """This rank's contiguous 1/N of dimension `dim` (the sequence, for [batch, sequence, ...])."""
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
-class _SplitLastDim(torch.autograd.Function):
-    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the gradient."""
+def _all_gather(x, group, dim=1):
+    """Every rank's x joined along dimension `dim`, in rank order (_shard's adjoint)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
 
-    @staticmethod
-    def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=-1), None
+def _all_reduce(x, group):
+    """The sum over the ranks, in place of x (made contiguous)."""
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def copy_to_group(x, group):
-    return _CopyToGroup.apply(x, group) if group is not None else x
+    """Forward: identity, every rank holds the whole input. Backward: all-reduce, because each
+    rank's column shard contributed only part of the input's gradient."""
+    return _Exchange.apply(x, group, lambda x, group: x, _all_reduce) if group is not None else x
 
 
 def reduce_from_group(x, group):
-    return _ReduceFromGroup.apply(x, group) if group is not None else x
+    """Forward: all-reduce the ranks' partial results (into a copy, leaving x as autograd saw it).
+    Backward: identity, the sum's gradient reaches every term unchanged."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _all_reduce(x.contiguous().clone(), group), lambda g, _: g)
 
 
 def gather_last_dim(x, group):
-    return _GatherLastDim.apply(x, group) if group is not None else x
+    """Forward: all-gather shards along the last dimension (e.g. vocabulary-split logits for
+    sampling). Backward: keep this rank's slice of the gradient."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _all_gather(x, group, -1), lambda g, group: _shard(g, group, -1))
 
 
 def split_last_dim(x, group):
-    return _SplitLastDim.apply(x, group) if group is not None else x
+    """Forward: keep this rank's slice of the last dimension. Backward: all-gather the gradient."""
+    if group is None:
+        return x
+    return _Exchange.apply(x, group, lambda x, group: _shard(x, group, -1), lambda g, group: _all_gather(g, group, -1))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -1094,15 +1074,13 @@ def tensor_parallel(model: nn.Module, group, index_device: Optional[torch.device
     family = config.model_type
 
     def split_mlp(up_names, down_name, mlp):
-        size = getattr(mlp, down_name).weight.shape[1] if family != "gpt2" else getattr(mlp, down_name).weight.shape[0]
-        rows = rank_rows(size)
-        for name in up_names:
-            layer = getattr(mlp, name)
-            weight = layer.weight.t() if family == "gpt2" else layer.weight  # GPT-2's Conv1D stores [in, out]
-            setattr(mlp, name, ColumnParallelLinear(weight, layer.bias, rows, group, conv1d=family == "gpt2"))
-        layer = getattr(mlp, down_name)
-        weight = layer.weight.t() if family == "gpt2" else layer.weight
-        setattr(mlp, down_name, RowParallelLinear(weight, layer.bias, rows, group, conv1d=family == "gpt2"))
+        conv1d = family == "gpt2"  # GPT-2's Conv1D stores [in, out]
+        layers = {name: getattr(mlp, name) for name in (*up_names, down_name)}
+        weights = {name: layer.weight.t() if conv1d else layer.weight for name, layer in layers.items()}
+        rows = rank_rows(weights[down_name].shape[1])  # the intermediate features
+        for name, layer in layers.items():
+            split = RowParallelLinear if name == down_name else ColumnParallelLinear
+            setattr(mlp, name, split(weights[name], layer.bias, rows, group, conv1d=conv1d))
 
     if family == "gpt2":
         for block in model.transformer.h:
@@ -1239,17 +1217,6 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 # each cp rank (the head is one matmul against the layers' dozens) and every statistic is the same
 # on each. A pass that builds or reads a KV cache (sampling) is not split: cp ranks hold whole
 # weights and sample like data-parallel ranks.
-def _seq_shard(x, group, dim=1):
-    """This rank's contiguous 1/N of dimension `dim` (the sequence, for [batch, sequence, ...])."""
-    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
-
-
-def _seq_all_gather(x, group):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
-
-
 def _seq_reduce_scatter(x, group):
     parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
     out = torch.empty_like(parts[0])
@@ -1257,45 +1224,30 @@ def _seq_reduce_scatter(x, group):
     return out
 
 
-class _Exchange(torch.autograd.Function):
-    """Forward: forward(x, group); backward: backward(grad, group), its adjoint. Every crossing
-    below is one: sequence parallel's pairs of _seq_shard, _seq_all_gather and _seq_reduce_scatter,
-    context parallel's all-to-all."""
-
-    @staticmethod
-    def forward(ctx, x, group, forward, backward):
-        ctx.group, ctx.backward = group, backward
-        return forward(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.backward(grad, ctx.group), None, None, None
-
-
 def _split_sequence(x, group):
     """Forward: keep this rank's slice of the sequence (entering a split region from one where
     every rank holds the whole sequence). Backward: all-gather the gradient."""
-    return _Exchange.apply(x, group, _seq_shard, _seq_all_gather)
+    return _Exchange.apply(x, group, _shard, _all_gather)
 
 
 def _gather_sequence(x, group, grad_scale: float = 1.0):
     """Forward: all-gather the sequence (leaving a split region: every rank then computes the same
     thing from the whole sequence). Backward: keep this rank's slice of the gradient, which is the
     same on every rank, times grad_scale (see _gather_outputs for why cp needs one)."""
-    return _Exchange.apply(x, group, _seq_all_gather, lambda grad, group: _seq_shard(grad, group) * grad_scale)
+    return _Exchange.apply(x, group, _all_gather, lambda grad, group: _shard(grad, group) * grad_scale)
 
 
 def _gather_sequence_to_columns(x, group):
     """Forward: all-gather the sequence, the whole input column-parallel layers need. Backward:
     reduce-scatter: each rank's column shard gave part of every position's gradient, and each rank
     keeps the sum for its own positions."""
-    return _Exchange.apply(x, group, _seq_all_gather, _seq_reduce_scatter)
+    return _Exchange.apply(x, group, _all_gather, _seq_reduce_scatter)
 
 
 def _reduce_scatter_sequence(x, group):
     """Forward: sum a row-parallel layer's partial products and keep this rank's positions.
     Backward: all-gather the gradient, which every rank's partial product needs whole."""
-    return _Exchange.apply(x, group, _seq_reduce_scatter, _seq_all_gather)
+    return _Exchange.apply(x, group, _seq_reduce_scatter, _all_gather)
 
 
 def _all_to_all(x, group, scatter: int = 1, gather: int = 2):
@@ -1388,7 +1340,7 @@ def _split_inputs(trunk, args, kwargs):
             attention_mask=mask.bool(),
             device=mask.device,
         )
-        input_ids, positions, mask = _seq_shard(input_ids, split.cp_group), _seq_shard(positions, split.cp_group), None
+        input_ids, positions, mask = _shard(input_ids, split.cp_group), _shard(positions, split.cp_group), None
     kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return args, kwargs
 
@@ -1771,6 +1723,7 @@ class _Runner:
         )
         self.micro_batches, self.loss_fn, self.timings = micro_batches, loss_fn, timings
         self.backwards_left = len(micro_batches)
+        self.inputs, self.outputs = {}, {}  # of the micro-batches between their forward and backward
         self.total_loss = None
         self.busy, self.order = 0.0, []
         self.start = self._clock()
@@ -1791,7 +1744,8 @@ class _Runner:
         return x.requires_grad_()
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The stage's output for micro-batch `index` (on the last stage: its loss)."""
+        """The stage's output for micro-batch `index` (on the last stage: its loss), kept with x
+        for its backward."""
         micro_batch = self.micro_batches[index]
         began = self._clock()
         self.order.append(("F", index))
@@ -1803,14 +1757,14 @@ class _Runner:
             loss = y.detach()
             self.total_loss = loss if self.total_loss is None else self.total_loss + loss
         self.busy += self._clock() - began
+        self.inputs[index], self.outputs[index] = x, y
         return y
 
-    def backward(
-        self, index: int, x: torch.Tensor, y: torch.Tensor, grad: Optional[torch.Tensor]
-    ) -> Optional[torch.Tensor]:
+    def backward(self, index: int, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Backward of micro-batch `index` from its output (the loss on the last stage, else the
         hidden states with the gradient the next stage sent); returns the input's gradient, or
-        None on the first stage."""
+        None on the first stage. The graph of a micro-batch dies with its backward."""
+        x, y = self.inputs.pop(index), self.outputs.pop(index)
         self.order.append(("B", index))
         self.backwards_left -= 1
         sync = self.backwards_left == 0 or not hasattr(self.wrapper, "no_sync")
@@ -1822,6 +1776,22 @@ class _Runner:
         if self.stage.is_first:
             return None
         return x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def forwards(self, indices):
+        """The forwards of micro-batches `indices` in turn, each output sent on to the next stage."""
+        for index in indices:
+            y = self.forward(index, self.receive_forward(index))
+            if not self.stage.is_last:
+                _p2p(self.stage, send_next=y.detach())
+
+    def backwards(self, indices):
+        """The backwards of micro-batches `indices` in turn, each from the gradient the next stage
+        sends back, each input's gradient sent to the previous stage."""
+        for index in indices:
+            grad = None
+            if not self.stage.is_last:
+                _, grad = _p2p(self.stage, recv_next=self.stage.activation(self.micro_batches[index]))
+            _p2p(self.stage, send_prev=self.backward(index, grad))
 
     def finish(self, broadcast_loss: bool) -> Optional[torch.Tensor]:
         """Tied embedding gradients, the loss, the timings."""
@@ -1875,21 +1845,8 @@ def pipeline_afab(
     Simple, but stage i keeps the activations of all M micro-batches until the backwards start,
     so memory grows with M."""
     run = _Runner(stage, micro_batches, loss_fn, timings)
-    inputs, outputs = [], []
-    for index in range(len(micro_batches)):
-        x = run.receive_forward(index)
-        y = run.forward(index, x)
-        if not run.stage.is_last:
-            _p2p(run.stage, send_next=y.detach())
-        inputs.append(x)
-        outputs.append(y)
-    for index in range(len(micro_batches)):
-        grad = None
-        if not run.stage.is_last:
-            _, grad = _p2p(run.stage, recv_next=run.stage.activation(micro_batches[index]))
-        dx = run.backward(index, inputs[index], outputs[index], grad)
-        inputs[index] = outputs[index] = None  # the graph of a micro-batch dies with its backward
-        _p2p(run.stage, send_prev=dx)
+    run.forwards(range(len(micro_batches)))
+    run.backwards(range(len(micro_batches)))
     return run.finish(broadcast_loss)
 
 
@@ -1908,37 +1865,21 @@ def pipeline_1f1b(
     run = _Runner(stage, micro_batches, loss_fn, timings)
     s, count = run.stage, len(micro_batches)
     warmup = min(s.size - s.rank - 1, count)
-    inputs, outputs = [], []
-    for index in range(warmup):
-        x = run.receive_forward(index)
-        y = run.forward(index, x)
-        if not s.is_last:
-            _p2p(s, send_next=y.detach())
-        inputs.append(x)
-        outputs.append(y)
+    run.forwards(range(warmup))
     steady = count - warmup
     x = run.receive_forward(warmup) if steady > 0 else None
     for step in range(steady):
         index, oldest = warmup + step, step  # forward micro-batch `index`, backward `oldest`
         y = run.forward(index, x)
-        inputs.append(x)
-        outputs.append(y)
         grad = None
         if not s.is_last:
             _, grad = _p2p(s, send_next=y.detach(), recv_next=s.activation(micro_batches[oldest]))
-        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
-        inputs[oldest] = outputs[oldest] = None
+        dx = run.backward(oldest, grad)
         if step < steady - 1:
             x = run.receive_forward(index + 1, send_grad=dx)
         else:
             _p2p(s, send_prev=dx)
-    for oldest in range(steady, count):
-        grad = None
-        if not s.is_last:
-            _, grad = _p2p(s, recv_next=s.activation(micro_batches[oldest]))
-        dx = run.backward(oldest, inputs[oldest], outputs[oldest], grad)
-        inputs[oldest] = outputs[oldest] = None
-        _p2p(s, send_prev=dx)
+    run.backwards(range(steady, count))
     return run.finish(broadcast_loss)
 
 
