@@ -748,7 +748,7 @@ def load_model(name: str, device, dtype=torch.float32, chat_template: Optional[s
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of every log-prob, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return kernels.use_linear(model.to(device)), tokenizer
 
 
 # LoRA, written out (as in ppo.py): y = base(x) + (alpha / r) * B(A(x)), B initialised to zero so
