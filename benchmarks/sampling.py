@@ -7,12 +7,15 @@ ppo.generate samples softmax(logits / T) on the KV cache itself (so that a check
 generation_config cannot change the distribution) and returns each sampled token's log-prob. This
 checks that it costs no speed: both sample the same number of tokens from a randomly initialised
 model of SmolLM2-135M's shape (Llama: 30 layers, hidden 576, 9 heads, 3 KV heads, vocabulary
-49152), with no EOS (every row runs the whole budget), temperature 1, no top-k or top-p. It prints
-one markdown row per setting: tokens per second of each (median of --repeats runs after a warm-up)
-and their ratio, and how many CPU seconds other processes used meanwhile (which spoil a CPU timing).
+49152), with no EOS (every row runs the whole budget), temperature 1, no top-k or top-p. Ours' copy
+of the model computes its linear layers by kernels.linear, as ppo.py loads models; generate() runs
+the model as built. It prints one markdown row per setting: tokens per second of each (median of
+--repeats runs after a warm-up) and their ratio, and how many CPU seconds other processes used
+meanwhile (which spoil a CPU timing).
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -22,6 +25,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
 import ppo  # noqa: E402
 
 
@@ -83,6 +87,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     options = parser.parse_args()
     model = smollm2_shaped(torch.float32, options.device)
+    ours_model = kernels.use_linear(copy.deepcopy(model))  # as ppo.py loads it; generate() runs the model as loaded
     autocast = torch.autocast(torch.device(options.device).type, dtype=torch.bfloat16, enabled=options.dtype == "bf16")
     # No EOS: a token id that never occurs, so both run the whole budget.
     tokenizer = SimpleNamespace(eos_token_id=-1, pad_token_id=0)
@@ -99,7 +104,9 @@ def main():
 
         def ours():
             with torch.no_grad(), autocast:
-                responses, _ = ppo.generate(model, prompt_ids, prompt_mask, args, tokenizer, [tokenizer.eos_token_id])
+                responses, _ = ppo.generate(
+                    ours_model, prompt_ids, prompt_mask, args, tokenizer, [tokenizer.eos_token_id]
+                )
             assert responses.shape == (batch, options.new_tokens)
 
         def theirs():
