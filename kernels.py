@@ -161,8 +161,10 @@ def _chunk_grad(x, weight, bias, target, temperature, lse, grad_logprob, grad_en
     if grad_entropy is not None:
         # where(): p = 0 at a logit of -inf, whose log p is -inf; its gradient is 0.
         coef = coef + grad_entropy[:, None] * torch.where(p > 0, logp + entropy[:, None], 0.0)
-    hit = torch.arange(z.shape[-1], device=z.device)[None, :] == target[:, None]
-    grad_z = torch.where(hit, grad_logprob[:, None], 0.0) - p * coef
+    # onehot(label) by a scatter into the label's column, where the label is in this block
+    inside = (target >= 0) & (target < z.shape[-1])
+    label_column, label_grad = target.clamp(0, z.shape[-1] - 1)[:, None], torch.where(inside, grad_logprob, 0.0)
+    grad_z = (p * -coef).scatter_add_(1, label_column, label_grad[:, None])
     return grad_z / temperature if temperature != 1.0 else grad_z
 
 
