@@ -241,12 +241,10 @@ def check_args(args: Args, world_size: int) -> Args:
             require(ok(getattr(args, flag)), flag, what)
     if not args.eval_betas:
         fail("--eval-betas needs at least one beta to evaluate with")
+    betas = " ".join(map(str, args.eval_betas))
     for beta in args.eval_betas:
         if not 0 <= beta < math.inf:
-            fail(
-                f"--eval-betas {' '.join(map(str, args.eval_betas))} holds {beta}; "
-                "every beta must be 0 or a positive number"
-            )
+            fail(f"--eval-betas {betas} holds {beta}; every beta must be 0 or a positive number")
     if args.lora_rank > 0 and args.num_layers_unfrozen > 0:
         fail("--num-layers-unfrozen and --lora-rank are two ways to train less of the LM; pick one")
     model_ranks = args.tp * args.pp * args.cp

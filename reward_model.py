@@ -222,8 +222,7 @@ def check_args(args: Args, world_size: int) -> Args:
         share % micro_batch_size == 0,
         "micro_batch_size",
         f"does not divide a rank's share of the batch "
-        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, "
-        "or leave it unset",
+        f"(--batch-size {args.batch_size} / {ranks} rank(s) = {share}); pick a divisor of {share}, or leave it unset",
     )
     if args.task != "randomwalks" and args.model is None and args.resume is None:
         fail(f"--task {args.task} needs --model (a hub name or a local directory)")
@@ -243,7 +242,7 @@ RANDOMWALKS_MAX_NODES = 10  # a walk has at most this many nodes, start included
 
 
 def generate_random_walks(n_walks=1000):
-    """The graph (boolean adjacency [n, n]) and the walks (lists of node indices), drawn exactly as trlX does."""
+    """The graph (boolean adjacency [n, n]) and the walks (strings of node letters), drawn exactly as trlX does."""
     rng = np.random.RandomState(RANDOMWALKS_SEED)
     while True:  # redraw until every node has a way out
         adjacency = rng.rand(RANDOMWALKS_NODES, RANDOMWALKS_NODES) > 0.9
@@ -263,7 +262,7 @@ def generate_random_walks(n_walks=1000):
             walk.append(node)
             if node == 0:
                 break
-        walks.append(walk)
+        walks.append("".join(node_letter(n) for n in walk))
     return adjacency, walks
 
 
@@ -330,7 +329,7 @@ def randomwalks_model(tokenizer) -> GPT2ForSequenceClassification:
     return GPT2ForSequenceClassification(without_dropout(config))
 
 
-def perturb_walk(walk: list, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NODES) -> list:
+def perturb_walk(walk: str, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NODES) -> str:
     """A corrupted copy of a walk: a node replaced by a random one (usually a missing edge), or the
     walk cut before its end (usually never reaching the goal). Gives the reward model bad walks
     of the kind a policy produces, which the random-walk data alone has too few of."""
@@ -338,7 +337,7 @@ def perturb_walk(walk: list, rng: np.random.RandomState, n_nodes=RANDOMWALKS_NOD
         return walk
     if rng.rand() < 0.5:
         position = rng.randint(1, len(walk))
-        return walk[:position] + [rng.randint(n_nodes)] + walk[position + 1 :]
+        return walk[:position] + node_letter(rng.randint(n_nodes)) + walk[position + 1 :]
     return walk[: rng.randint(1, len(walk))]
 
 
@@ -348,8 +347,7 @@ def randomwalks_pairs(walks: list, n_pairs: int, adjacency, shortest, rng: np.ra
     pool = walks + [perturb_walk(walk, rng) for walk in walks]
     by_start = {}
     for walk in pool:
-        letters = "".join(node_letter(n) for n in walk)
-        by_start.setdefault(letters[0], []).append((letters, walk_optimality(letters, adjacency, shortest)))
+        by_start.setdefault(walk[0], []).append((walk, walk_optimality(walk, adjacency, shortest)))
     starts = sorted(s for s, group in by_start.items() if len({score for _, score in group}) > 1)
     if not starts:  # a handful of walks, when --eval-fraction leaves one side almost none
         fail(
@@ -614,10 +612,8 @@ def sample_sentiment_pairs(prompts: list, args: Args, grid, device) -> list:
     mine = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for number, start in tqdm.tqdm(my_batches, desc="sampling pairs", dynamic_ncols=True, disable=not grid.is_main):
-            torch.manual_seed(
-                int.from_bytes(hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()[:8], "little")
-                & (2**63 - 1)
-            )
+            digest = hashlib.sha256(f"{args.seed}/sentiment pairs/{number}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
             chunk = prompt_ids[start : start + args.generation_batch_size]
             input_ids, attention_mask, _ = pad_batch(chunk, tokenizer.pad_token_id, device, side="left")
             batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -882,16 +878,14 @@ def sequence_scores(head_output: torch.Tensor, micro_batch: dict) -> torch.Tenso
 
 
 @torch.no_grad()
-def score(
-    model, tokenizer, prompts: list, responses: list, batch_size: int = 32, max_length: Optional[int] = None
-) -> torch.Tensor:
+def score(model, tokenizer, prompts: list, responses: list, batch_size: int = 32) -> torch.Tensor:
     """Raw reward-model scores of each (prompt, response text), as a tensor on the CPU (fp32; fp64 for
     an fp64 model), tokenized as training tokenized its pairs: a prompt that is a message list and
     the response as the assistant's reply are rendered by the tokenizer's chat template. Normalise
     with the statistics in the model's config: (score - config.reward_mean) / config.reward_std."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    max_length = max_length or model_context(model.config) or 1 << 30
+    max_length = model_context(model.config) or 1 << 30
     device, sequences = next(model.parameters()).device, []
     for prompt, response in zip(prompts, responses):
         prompt_ids, [response_ids] = tokenize_prompt(tokenizer, prompt, [completion_of(prompt, response)])
@@ -965,11 +959,6 @@ def share(items: list, rank: int, ranks: int) -> list:
 def model_context(config):
     """Longest sequence the model's position embeddings allow (None when the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def spearman(x, y) -> float:
@@ -1052,9 +1041,7 @@ def evaluate(model, eval_sequences: list, tokenizer, args: Args, grid, autocast,
     return metrics, both
 
 
-def optimality_correlation(
-    model, tokenizer, eval_walks: list, perturbed_walks: list, graph, args: Args, grid, dtype
-) -> dict:
+def optimality_correlation(model, tokenizer, eval_walks: list, perturbed_walks: list, graph, args: Args, grid) -> dict:
     """Spearman correlation of the scores of held-out walks with their true optimality. Corrupted
     walks are mostly invalid: a block of ties at optimality 0 that the model, rightly, still
     grades (a walk that breaks one edge scores above one that wanders), so their correlation is
@@ -1065,7 +1052,7 @@ def optimality_correlation(
         scorer = parallel.pipeline_gathered_model(model.module, grid.tp_group) if args.pp > 1 else model.module
         for name, evaluated in (("", eval_walks), ("_with_perturbed", eval_walks + perturbed_walks)):
             mine = share(evaluated, grid.dp_rank, grid.dp_size)
-            scores = torch.zeros(0, dtype=dtype)  # a rank left without a share
+            scores = torch.zeros(0, dtype=param_dtype(args))  # a rank left without a share
             if mine:
                 scores = score(scorer, tokenizer, [w[0] for w in mine], [w[1:] for w in mine], batch_size=256)
             scores = torch.cat(parallel.all_gather_objects(scores, grid.dp_group))
@@ -1104,9 +1091,8 @@ def preference_pairs(args: Args, grid, checkpoint: Optional[str]) -> tuple:
             walks[:n_eval_walks], max(1, int(args.randomwalks_pairs * args.eval_fraction)), adjacency, shortest, rng
         )
         # Held-out walks, and corrupted copies of them, scored against their true optimality after training.
-        eval_walks = ["".join(node_letter(n) for n in walk) for walk in walks[:n_eval_walks]]
-        perturbed_walks = ["".join(node_letter(n) for n in perturb_walk(walk, rng)) for walk in walks[:n_eval_walks]]
-        walks_to_score = (eval_walks, perturbed_walks, (adjacency, shortest))
+        eval_walks = walks[:n_eval_walks]
+        walks_to_score = (eval_walks, [perturb_walk(walk, rng) for walk in eval_walks], (adjacency, shortest))
     elif args.task == "sentiment":
         # The held-out pairs are those of held-out openings (with the same seed, the first of the
         # openings ppo.py holds out), so no evaluated continuation shares a prompt with training.
@@ -1209,7 +1195,9 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        shuffled = epoch_order(len(train_sequences), args.seed, epoch)
+        # The epoch's shuffled order is a function of (seed, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        shuffled = torch.randperm(len(train_sequences), generator=generator).tolist()
         batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
         totals = accumulate_gradients(
@@ -1274,7 +1262,7 @@ def main(args: Args):
     model.module.config.reward_mean = summary["eval/score_mean"]
     model.module.config.reward_std = summary["eval/score_std"]
     if walks_to_score is not None:
-        summary.update(optimality_correlation(model, tokenizer, *walks_to_score, args, grid, dtype))
+        summary.update(optimality_correlation(model, tokenizer, *walks_to_score, args, grid))
     parallel.save_final(run_dir, grid, {"model": parallel.dense_tensors(saved, model, grid)}, (saved, tokenizer))
     if not grid.is_main:
         return

@@ -854,10 +854,8 @@ class Reward:
         if args.task == "randomwalks":
             self.adjacency = randomwalks_graph()
             self.shortest = shortest_path_nodes(self.adjacency)
-        self.model = (
-            load_reward_model(args.reward_model, device, tokenizer, verbose, dtype) if args.reward_model else None
-        )
-        self.same_tokenizer = self.model is not None and self.model[1].get_vocab() == tokenizer.get_vocab()
+        self.model = args.reward_model and load_reward_model(args.reward_model, device, tokenizer, verbose, dtype)
+        self.same_tokenizer = bool(self.model) and self.model[1].get_vocab() == tokenizer.get_vocab()
         self.fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
         self.env_class = CalculatorEnv if args.env == "calculator" else args.env and load_reward_fn(args.env, "--env")
         if args.task == "arithmetic" and self.fn is None:
@@ -869,7 +867,7 @@ class Reward:
         """One float (NaN: a --reward-fn's None) per response of one generation chunk: `records` the prompt records,
         `texts` the replies before their end-of-turn id, `sequences` the prompt's and reply's token ids as sampled,
         which a reward model with the policy's tokenizer reads."""
-        if self.model is not None:
+        if self.model:
             return reward_model_scores(*self.model, records, texts, sequences if self.same_tokenizer else None)
         if self.fn is not None:
             return checked_scores(call_reward_fn(self.fn, records, texts), len(texts), f"--reward-fn {self.source}")
@@ -966,14 +964,14 @@ def sample_and_score(model, prompts, prompt_ids, copies, temperature, stream, re
             with torch.random.fork_rng(devices=[grid.device] if grid.device.type == "cuda" else []):
                 torch.manual_seed(chunk_seed(args.seed, stream, chunk))
                 records, openings = [prompts[row] for row in chunk_rows], [prompt_ids[row] for row in chunk_rows]
-                played.append(
-                    play_episodes(model.module, records, openings, temperature, reward, tokenizer, args, grid.device)
+                episodes = play_episodes(
+                    model.module, records, openings, temperature, reward, tokenizer, args, grid.device
                 )
+                played.append((chunk, records, *episodes))
     local = []
-    for (chunk, chunk_rows), (samples, texts, scores) in zip(chunks, played):
+    for chunk, records, samples, texts, scores in played:
         if not reward.env_class:  # scored here, outside the sampling's autocast
-            sequences = [prompt + response for prompt, response, _ in samples]
-            scores = reward([prompts[row] for row in chunk_rows], texts, sequences)
+            scores = reward(records, texts, [prompt + response for prompt, response, _ in samples])
         local.append((chunk, samples, texts, scores))
     gathered = sorted(
         (part for share in parallel.all_gather_objects(local, grid.dp_cp_group) for part in share), key=lambda p: p[0]
@@ -1153,19 +1151,6 @@ def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarr
     }
 
 
-def wandb_extras(scores: np.ndarray, thresholds: np.ndarray, eval_rows: list, kept_rows: list) -> dict:
-    """The round's histograms and sample tables, for --track."""
-    import wandb
-
-    columns = ["prompt", "response", "score"]
-    return {
-        "samples/scores": wandb.Histogram(scores[~np.isnan(scores)]),
-        "samples/thresholds": wandb.Histogram(thresholds),
-        "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
-        "eval/greedy": wandb.Table(columns=columns, data=eval_rows),
-    }
-
-
 def round_line(metrics: dict) -> str:
     """The progress line of a round: what was kept, from what, and where the policy stands."""
     keys = ("samples/percentile", "samples/threshold_mean", "samples/kept_fraction", "samples/score_mean", "train/loss")
@@ -1280,9 +1265,18 @@ def main(args: Args):
         progress.update(1)
         if grid.is_main:
             progress.write(f"round {round_index}: " + round_line(metrics))
-        if wandb_run:
+        if wandb_run:  # with the round's histograms and sample tables
+            import wandb
+
             kept_rows = [[str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]]
-            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_rows)}, step=round_index)
+            columns = ["prompt", "response", "score"]
+            extras = {
+                "samples/scores": wandb.Histogram(scores[~np.isnan(scores)]),
+                "samples/thresholds": wandb.Histogram(thresholds),
+                "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
+                "eval/greedy": wandb.Table(columns=columns, data=table),
+            }
+            wandb_run.log({**metrics, **extras}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:

@@ -603,11 +603,6 @@ def accumulate_gradients(model, micro_batches: list, batch_tokens: int, ranks: i
     return batch_loss
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """Shuffled example order of one epoch; a function of (seed, epoch) alone, so a resumed run replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
 def model_context(config):
     """Longest sequence the model's position embeddings allow (None when the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -701,9 +696,7 @@ def load_model(name: str, device, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def evaluate(
-    model, step: int, eval_sequences: list, eval_prompts: list, tokenizer, graph, args: Args, grid, autocast
-) -> tuple:
+def evaluate(model, step: int, eval_sequences: list, tokenizer, graph, args: Args, grid, autocast) -> tuple:
     """Eval loss on the held-out split; randomwalks also samples walks and scores their optimality.
     Each rank evaluates a share and the sums are reduced. Sampling runs on a forked RNG with a
     fixed seed per rank: evaluation never perturbs training, and every evaluation draws
@@ -747,7 +740,8 @@ def evaluate(
                     metrics[f"eval/valid_walks_{name}"] = float(np.mean([s > 0 for _, s in scored]))
                     if name == "greedy":
                         rows = [[step, w[0], w[1:], s] for w, s in scored]
-            elif grid.dp_rank == 0 and eval_prompts:  # with its tensor-parallel partners, which run the same forwards
+            elif grid.dp_rank == 0 and args.eval_generations:  # with its tensor-parallel partners (same forwards)
+                eval_prompts = [ids[: mask.index(1)] for ids, mask in eval_sequences[: args.eval_generations]]
                 completions = generate(sampler, tokenizer, eval_prompts, args.max_new_tokens, 0.0, device)
                 rows = [
                     [step, tokenizer.decode(p), tokenizer.decode(c, skip_special_tokens=True), None]
@@ -816,7 +810,6 @@ def main(args: Args):
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = max(1, int(len(sequences) * args.eval_fraction))
     eval_sequences, train_sequences = [sequences[i] for i in order[:n_eval]], [sequences[i] for i in order[n_eval:]]
-    eval_prompts = [ids[: mask.index(1)] for ids, mask in eval_sequences[: args.eval_generations]]
     steps_per_epoch = len(train_sequences) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} exceeds the {len(train_sequences)} training examples; lower it")
@@ -862,7 +855,9 @@ def main(args: Args):
     parallel.catch_stop_signals()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        shuffled = epoch_order(len(train_sequences), args.seed, epoch)
+        # The epoch's shuffled order is a function of (seed, epoch) alone, so a resumed run replays it.
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        shuffled = torch.randperm(len(train_sequences), generator=generator).tolist()
         batch = [train_sequences[i] for i in shuffled[position * args.batch_size : (position + 1) * args.batch_size]]
         batch_tokens = sum(sum(mask[1:]) for _, mask in batch)
         rank_share = batch[grid.dp_rank * local_batch_size : (grid.dp_rank + 1) * local_batch_size]
@@ -895,9 +890,7 @@ def main(args: Args):
             "time/steps_per_s": (step - start_step) / (time.time() - started),
         }
         if step % args.eval_every == 0 or step == total_steps:
-            eval_metrics, rows = evaluate(
-                model, step, eval_sequences, eval_prompts, tokenizer, graph, args, grid, autocast
-            )
+            eval_metrics, rows = evaluate(model, step, eval_sequences, tokenizer, graph, args, grid, autocast)
             metrics.update(eval_metrics)
             if grid.is_main:
                 progress.write(
