@@ -52,6 +52,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import kernels
 import parallel
 
 
@@ -813,7 +814,7 @@ def load_model(name: str, device, seed: int, dtype=torch.float32, chat_template:
     model.config.pad_token_id = tokenizer.pad_token_id
     if not is_reward_model:
         init_head(model, seed)
-    return model.to(device), tokenizer
+    return kernels.use_linear(model.to(device)), tokenizer
 
 
 def pad_batch(sequences: list, pad_token_id: int, device, side: str = "right"):

@@ -78,6 +78,7 @@ import tqdm
 import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import kernels
 import parallel
 
 
@@ -780,7 +781,7 @@ def load_reward_model(path: str, device, policy_tokenizer, verbose: bool, dtype=
             "note: the reward model's tokenizer differs from the policy's; responses are decoded to text and "
             "rendered for it (with its chat template, if it has one)"
         )
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    return kernels.use_linear(model.to(device).eval().requires_grad_(False)), tokenizer
 
 
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
@@ -1131,7 +1132,7 @@ def load_model(name: str, device, dtype=torch.float32):
         fail(f"the tokenizer of {name!r} has no EOS token; responses need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of the loss, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return kernels.use_linear(model.to(device)), tokenizer
 
 
 def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarray, percentile: float) -> dict:
@@ -1148,6 +1149,19 @@ def selection_metrics(scores: np.ndarray, kept: np.ndarray, thresholds: np.ndarr
         "samples/score_min": float(np.nanmin(scores)),
         "samples/score_max": float(np.nanmax(scores)),
         "samples/unscored_fraction": float(np.isnan(scores).mean()),
+    }
+
+
+def wandb_extras(scores: np.ndarray, thresholds: np.ndarray, eval_rows: list, kept_rows: list) -> dict:
+    """The round's histograms and sample tables, for --track."""
+    import wandb
+
+    columns = ["prompt", "response", "score"]
+    return {
+        "samples/scores": wandb.Histogram(scores[~np.isnan(scores)]),
+        "samples/thresholds": wandb.Histogram(thresholds),
+        "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
+        "eval/greedy": wandb.Table(columns=columns, data=eval_rows),
     }
 
 
@@ -1265,18 +1279,9 @@ def main(args: Args):
         progress.update(1)
         if grid.is_main:
             progress.write(f"round {round_index}: " + round_line(metrics))
-        if wandb_run:  # with the round's histograms and sample tables
-            import wandb
-
+        if wandb_run:
             kept_rows = [[str(train_prompts[rows[i]]["prompt"]), texts[i], scores.flat[i]] for i in kept_indices[:32]]
-            columns = ["prompt", "response", "score"]
-            extras = {
-                "samples/scores": wandb.Histogram(scores[~np.isnan(scores)]),
-                "samples/thresholds": wandb.Histogram(thresholds),
-                "samples/kept_samples": wandb.Table(columns=columns, data=kept_rows),
-                "eval/greedy": wandb.Table(columns=columns, data=table),
-            }
-            wandb_run.log({**metrics, **extras}, step=round_index)
+            wandb_run.log({**metrics, **wandb_extras(scores, thresholds, table, kept_rows)}, step=round_index)
         # SIGTERM stops at the end of the round: a checkpoint in the middle would need its samples.
         stop = round_index < args.rounds and parallel.stop_requested(grid)
         if stop or args.save_every and round_index % args.save_every == 0 and round_index < args.rounds:

@@ -38,6 +38,7 @@ import tqdm
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+import kernels
 import parallel
 
 
@@ -690,7 +691,7 @@ def load_model(name: str, device, dtype=torch.float32):
         fail(f"the tokenizer of {name!r} has no EOS token; completions need one to end")
     if tokenizer.pad_token_id is None:  # padding is masked out of the loss, so EOS serves as pad
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return kernels.use_linear(model.to(device)), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
