@@ -1675,11 +1675,6 @@ def build_models(args: Args, grid, policy, states, device, dtype) -> Models:
         reference = copy_model(policy).requires_grad_(False).eval()
         if args.dtype == "bf16":
             reference = parallel.cast_matmul_weights(reference, torch.bfloat16)
-    embedding = policy.get_input_embeddings()
-    if not pipelined and embedding.weight.requires_grad and embedding.weight is policy.get_output_embeddings().weight:
-        # A tied embedding's gradient as the rows looked up, added into the head's dense one (every backward here
-        # goes through the head), instead of a zeroed [vocab, hidden] tensor the size of the head's per backward.
-        embedding.sparse = True
     value_head = critic = None
     if args.advantage == "gae" and args.value_model:
         critic = Critic(args.value_model, dtype).to(device)

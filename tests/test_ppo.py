@@ -17,7 +17,6 @@ import pytest
 import torch
 import tyro
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -714,43 +713,6 @@ def test_sampler_old_logprobs_skip_the_policy_pass_and_train_as_the_trainer_ones
     start = AutoModelForCausalLM.from_pretrained(walk_policy).state_dict()
     assert max((start[k].double() - actual_weights[k]).abs().max().item() for k in start if k in actual_weights) > 1e-3
     expect_error(quick_args(tmp_path, walk_policy, old_logprobs="sampler", top_k=3), "drop --top-k/p")
-
-
-def test_a_tied_embedding_adds_the_rows_it_looked_up_into_the_heads_gradient(
-    tmp_path, walk_policy, text_reward, monkeypatch
-):
-    """GPT-2's embedding is its head: the embedding's gradient is the rows looked up, added into the head's dense
-    one, so no backward zeroes a [vocab, hidden] tensor for it. In fp64 the run equals one with a dense
-    embedding gradient to SAME_MATH (the same terms, summed in another order)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountDenseBackwards(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.embedding_dense_backward.default:
-                calls[mode, args[2]] += 1  # the embedding's number of rows
-            return func(*args, **(kwargs or {}))
-
-    build_models, calls, runs = ppo.build_models, collections.Counter(), {}
-
-    def dense_embedding_gradient(*a, **k):
-        models = build_models(*a, **k)
-        models.policy.get_input_embeddings().sparse = False
-        return models
-
-    for mode in ("sparse", "dense"):
-        if mode == "dense":
-            monkeypatch.setattr(ppo, "build_models", dense_embedding_gradient)
-        args = quick_args(tmp_path / mode, walk_policy, dtype="fp64", reward_fn=text_reward, learning_rate=1e-3)
-        with CountDenseBackwards():
-            ppo.main(args)
-        runs[mode] = metrics_and_weights(args.output_dir)
-    vocab = AutoConfig.from_pretrained(walk_policy).vocab_size  # GPT-2's position embedding stays dense
-    assert calls["sparse", vocab] == 0 and calls["dense", vocab] > 0
-    (expected, expected_weights), (actual, actual_weights) = runs["dense"], runs["sparse"]
-    assert actual == pytest.approx(expected, rel=SAME_MATH, abs=SAME_MATH)
-    assert max((expected_weights[k] - actual_weights[k]).abs().max().item() for k in expected_weights) < SAME_MATH
-    start = AutoModelForCausalLM.from_pretrained(walk_policy).state_dict()["transformer.wte.weight"].double()
-    assert (start - actual_weights["transformer.wte.weight"]).abs().max().item() > 1e-4
 
 
 @pytest.mark.parametrize("correction", ["tis", "mis"])
