@@ -16,12 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 import tyro
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 import kernels
 import parallel
