@@ -58,6 +58,7 @@ How much each layout needs for a given model is arithmetic: `python benchmarks/p
 """
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import itertools
@@ -133,6 +134,8 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()
     split = tp * pp * cp
     flags = f"--tp {tp} --pp {pp}" + (f" --cp {cp}" if cp > 1 else "")
     if world_size == 1:
@@ -176,6 +179,18 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
             if rank in ranks:
                 groups[name] = group
     return Grid(rank, world_size, local_rank, device, dp, pp, tp, cp, dp_rank, pp_rank, tp_rank, cp_rank, **groups)
+
+
+def keep_freed_memory():
+    """On CPU, keep freed memory in the process for the next tensor, as CUDA's caching allocator keeps it on a GPU.
+    glibc hands a large block straight back to the OS when it is freed (every gradient, each step), and the OS then
+    faults in and zeroes every 4 KiB page of the next one: on a VM that costs more than the matmuls that fill them
+    (benchmarks/vs_trl.py). So no block is mmapped on its own, and the heap's free top is returned above 2 GiB only.
+    Nothing outside glibc's mallopt changes; elsewhere this does nothing."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-4, 0)  # M_MMAP_MAX: no mmapped blocks
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the heap's top
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:

@@ -7,7 +7,9 @@ also recomputes the single-process reference inside the worker, on the whole glo
 
 import io
 import os
+import resource
 import socket
+import sys
 import time
 
 import pytest
@@ -314,6 +316,19 @@ def test_zero3_holds_a_world_fraction_of_the_state():
         assert per_parameter[1] == pytest.approx(8 + 8 + 16 / world, rel=0.02)
         assert per_parameter[2] == pytest.approx(8 + (8 + 16) / world, rel=0.02)
         assert per_parameter[3] == pytest.approx((8 + 8 + 16) / world, rel=0.02)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_a_cpu_process_reuses_freed_memory_without_page_faults():
+    """A large block freed and asked for again comes back from the process's own heap, as CUDA's caching allocator
+    would give it: glibc's default returns it to the OS, and each of its pages then faults anew."""
+    parallel.init_distributed("cpu")
+    faults = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(64, 2**18)  # 64 MiB, above glibc's largest mmap threshold, freed at once
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert faults[-1] < 0.05 * 2**26 / resource.getpagesize(), faults  # one 64 MiB block: 16384 pages of 4 KiB
 
 
 def test_dead_rank_gives_a_clear_error_within_the_timeout():
