@@ -183,14 +183,14 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
 
 def keep_freed_memory():
     """On CPU, keep freed memory in the process for the next tensor, as CUDA's caching allocator keeps it on a GPU.
-    glibc hands a large block straight back to the OS when it is freed (every gradient, each step), and the OS then
-    faults in and zeroes every 4 KiB page of the next one: on a VM that costs more than the matmuls that fill them
-    (benchmarks/vs_trl.py). So no block is mmapped on its own, and the heap's free top is returned above 2 GiB only.
-    Nothing outside glibc's mallopt changes; elsewhere this does nothing."""
+    By default glibc gives the free top of its heap back to the OS once it passes twice the largest block freed so far,
+    which a step's gradients do, and the OS then faults in and zeroes every 4 KiB page of the next step's: on a VM that
+    cost a fifth of a PPO update (benchmarks/README.md). So the heap keeps up to 2 GiB free at its top, and only blocks
+    over 32 MiB (an embedding's gradient) are mapped on their own and returned when freed. Elsewhere, a no-op."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
     if mallopt is not None:
-        mallopt(-4, 0)  # M_MMAP_MAX: no mmapped blocks
-        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the heap's top
+        mallopt(-3, 2**25)  # M_MMAP_THRESHOLD, fixed: blocks over 32 MiB get their own mapping
+        mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: the heap's free top goes back to the OS past 2 GiB only
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:

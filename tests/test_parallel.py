@@ -320,15 +320,16 @@ def test_zero3_holds_a_world_fraction_of_the_state():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
 def test_a_cpu_process_reuses_freed_memory_without_page_faults():
-    """A large block freed and asked for again comes back from the process's own heap, as CUDA's caching allocator
-    would give it: glibc's default returns it to the OS, and each of its pages then faults anew."""
+    """Blocks freed and asked for again, as a step's gradients are, come back from the process's own heap, as CUDA's
+    caching allocator would give them: glibc's default returns them to the OS, and each page then faults anew."""
     parallel.init_distributed("cpu")
     faults = []
     for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(64, 2**18)  # 64 MiB, above glibc's largest mmap threshold, freed at once
+        blocks = [torch.ones(2**21) for _ in range(8)]  # 8 MiB each, 64 MiB in all, then freed together
+        del blocks
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    assert faults[-1] < 0.05 * 2**26 / resource.getpagesize(), faults  # one 64 MiB block: 16384 pages of 4 KiB
+    assert faults[-1] < 0.05 * 2**26 / resource.getpagesize(), faults  # 64 MiB: 16384 pages of 4 KiB
 
 
 def test_dead_rank_gives_a_clear_error_within_the_timeout():

@@ -188,6 +188,22 @@ def test_running_moments_match_the_whole_sample():
     assert moments.std == pytest.approx(everything.std().item(), rel=1e-12)
 
 
+def test_adamw_state_made_before_the_loop_is_the_one_its_first_step_makes():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    eager, lazy = (torch.optim.AdamW(ws, lr=0.1, weight_decay=0.0, fused=True) for ws in (weights, twins))
+    ppo.allocate_adamw_state(eager)
+    for _ in range(3):  # the same gradients into both: every weight and moment stays bitwise the same
+        for w, twin in zip(weights, twins):
+            w.grad, twin.grad = (torch.randn(w.shape),) * 2
+        eager.step(), lazy.step()
+        for w, twin in zip(weights, twins):
+            assert torch.equal(w, twin)
+            for key, value in lazy.state[twin].items():
+                assert value.dtype == eager.state[w][key].dtype and torch.equal(value, eager.state[w][key]), key
+
+
 def test_truncate_at_eos():
     eos, pad = 9, 0
     responses = torch.tensor([[3, 9, 4, 9], [3, 4, 5, 6], [9, 2, 2, 2]])
