@@ -196,7 +196,8 @@ def test_adamw_state_made_before_the_loop_is_the_one_its_first_step_makes():
     ppo.allocate_adamw_state(eager)
     for _ in range(3):  # the same gradients into both: every weight and moment stays bitwise the same
         for w, twin in zip(weights, twins):
-            w.grad, twin.grad = (torch.randn(w.shape),) * 2
+            w.grad = torch.randn(w.shape)
+            twin.grad = w.grad.clone()
         eager.step(), lazy.step()
         for w, twin in zip(weights, twins):
             assert torch.equal(w, twin)
