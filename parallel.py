@@ -184,9 +184,10 @@ def init_distributed(device: str = "auto", tp: int = 1, pp: int = 1, timeout_s: 
 def keep_freed_memory():
     """On CPU, keep freed memory in the process for the next tensor, as CUDA's caching allocator keeps it on a GPU.
     By default glibc gives the free top of its heap back to the OS once it passes twice the largest block freed so far,
-    which a step's gradients do, and the OS then faults in and zeroes every 4 KiB page of the next step's: on the VM of
-    benchmarks/README.md that cost about 8% of a PPO update. So the heap keeps up to 2 GiB free at its top, and only
-    blocks over 32 MiB (an embedding's gradient) are mapped on their own and returned when freed. Elsewhere, a no-op."""
+    which a step's gradients do, and the OS then faults in and zeroes every 4 KiB page of the next step's: on the VM
+    of benchmarks/README.md that slowed every update (vs_trl, fourth round). So the heap keeps up to 2 GiB free at its
+    top, and only blocks over 32 MiB (an embedding's gradient) are mapped on their own and returned when freed.
+    Elsewhere, a no-op."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
     if mallopt is not None:
         mallopt(-3, 2**25)  # M_MMAP_THRESHOLD, fixed: blocks over 32 MiB get their own mapping
