@@ -70,8 +70,8 @@ def _maybe_compile(fn, compile):
 # linear layers on a CPU
 #
 # For y = x W^T, F.linear asks oneMKL's sgemm for y in rows; (W x^T)^T asks for the same dot products
-# with the operands' roles swapped. On the AMD EPYC measured, oneMKL runs that 1.3x to 2.5x as fast on
-# a decode step's 16 rows, and a micro-batch's forward and backward about as fast:
+# with the operands' roles swapped. On the two AMD EPYCs measured, oneMKL runs that 1.2x to 2.5x as fast
+# on a decode step's 16 rows, and a micro-batch's forward and backward about as fast:
 # `python benchmarks/kernels.py --only linear` prints the ratios on your CPU. One row, bf16 (another
 # kernel), autocast and other devices keep F.linear.
 

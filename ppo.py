@@ -2035,7 +2035,7 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 def allocate_adamw_state(optimizer: torch.optim.AdamW):
     """A fused AdamW's state, made before the loop as its first step would make it. Allocated before what every update
-    frees and takes back, it keeps those from fragmenting a CPU heap (a lower peak, benchmarks/README.md)."""
+    frees and takes back, it keeps those from fragmenting a CPU heap around it."""
     for parameter in (p for group in optimizer.param_groups for p in group["params"]):
         zeros = dict(exp_avg=torch.zeros_like(parameter), exp_avg_sq=torch.zeros_like(parameter))
         optimizer.state[parameter].update(step=torch.zeros((), dtype=torch.float32, device=parameter.device), **zeros)
