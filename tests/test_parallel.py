@@ -330,12 +330,17 @@ def freed_memory_experiment(grid):
 
     mallinfo2 = ctypes.CDLL(None).mallinfo2
     mallinfo2.restype = Mallinfo2
+
+    def from_os():
+        counts = mallinfo2()
+        return counts.arena + counts.hblkhd
+
     held_and_freed = []
     for _ in range(4):
         blocks = [torch.ones(2**21) for _ in range(8)]  # 8 MiB each, 64 MiB in all, then freed together
-        held = mallinfo2().arena + mallinfo2().hblkhd
+        held = from_os()
         del blocks
-        held_and_freed.append((held, mallinfo2().arena + mallinfo2().hblkhd))
+        held_and_freed.append((held, from_os()))
     return held_and_freed
 
 
